@@ -1,0 +1,4 @@
+"""``python -m dynstore`` runs the command line."""
+from dynstore.cli import main
+
+main()

@@ -1,0 +1,175 @@
+"""dynstore's own SQL functions, registered like any user function.
+
+Types depend on the store (its id types, its encoder's dimension), so they
+are given as callables of the store. Functions that take a user or item id
+are vectorised (Arrow in, Arrow out): ``SELECT recommend(user_id, 10) FROM
+users`` runs one matrix product per batch, not one per row.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+
+from .functions import sql_function
+
+__all__: list[str] = []
+
+
+def _uid(store) -> str:
+    return "VARCHAR" if store.config.id_types.get("user") == "string" else "BIGINT"
+
+
+def _iid(store) -> str:
+    return "VARCHAR" if store.config.id_types.get("item") == "string" else "BIGINT"
+
+
+def _dim(store) -> int:
+    from .semantic import encoder_info
+
+    return encoder_info(store)[1]
+
+
+def _vec(store) -> str:
+    return f"FLOAT[{_dim(store)}]"
+
+
+def _ranked(store) -> str:
+    return f"STRUCT(item_id {_iid(store)}, score DOUBLE)[]"
+
+
+def _arrow_ranked(store, lists: list[list[dict] | None]) -> pa.Array:
+    item_t = pa.string() if _iid(store) == "VARCHAR" else pa.int64()
+    return pa.array(lists, type=pa.list_(pa.struct([("item_id", item_t), ("score", pa.float64())])))
+
+
+def _vectors(rows: list[np.ndarray | None], dim: int) -> pa.Array:
+    flat = np.zeros((len(rows), dim), np.float32)
+    valid = np.zeros(len(rows), bool)
+    for n, r in enumerate(rows):
+        if r is not None:
+            flat[n] = r
+            valid[n] = True
+    values = pa.array(flat.reshape(-1), pa.float32())
+    arr = pa.FixedSizeListArray.from_arrays(values, dim)
+    if valid.all():
+        return arr
+    return pa.FixedSizeListArray.from_arrays(values, dim, mask=pa.array(~valid))
+
+
+def _py(arr) -> list:
+    return arr.to_pylist()
+
+
+def _first_const(arr, name: str):
+    vals = {v for v in _py(arr) if v is not None}
+    return vals
+
+
+@sql_function("_dynstore_recommend", lambda s: [_uid(s), "BIGINT", "BIGINT"], _ranked)
+def _recommend(store, user_ids, ks, versions):
+    from .recommend import recommend_many
+
+    users, ks, versions = _py(user_ids), _py(ks), _py(versions)
+    out: list[list[dict] | None] = [None] * len(users)
+    groups: dict[tuple, list[int]] = {}
+    for n, (u, k, v) in enumerate(zip(users, ks, versions)):
+        if u is not None and k is not None:
+            groups.setdefault((k, v), []).append(n)
+    for (k, v), rows in groups.items():
+        lists = recommend_many(store, [users[n] for n in rows], k, version=v)
+        for n, lst in zip(rows, lists):
+            out[n] = lst
+    return _arrow_ranked(store, out)
+
+
+@sql_function("recommend_among", lambda s: [_uid(s), "BIGINT", f"{_iid(s)}[]"], _ranked)
+def _recommend_among(store, user_ids, ks, candidates):
+    """Top-k restricted to candidate items: exactly k when k unseen candidates exist."""
+    from .recommend import recommend_many
+
+    users, ks, cands = _py(user_ids), _py(ks), _py(candidates)
+    out: list[list[dict] | None] = [None] * len(users)
+    groups: dict[tuple, list[int]] = {}
+    for n, (u, k, c) in enumerate(zip(users, ks, cands)):
+        if u is not None and k is not None and c is not None:
+            groups.setdefault((k, tuple(c)), []).append(n)
+    for (k, c), rows in groups.items():
+        lists = recommend_many(store, [users[n] for n in rows], k, candidates=c)
+        for n, lst in zip(rows, lists):
+            out[n] = lst
+    return _arrow_ranked(store, out)
+
+
+@sql_function("score", lambda s: [_uid(s), _iid(s)], "DOUBLE")
+def _score(store, user_ids, item_ids):
+    from .recommend import scores
+
+    return pa.array(scores(store, _py(user_ids), _py(item_ids)), pa.float64())
+
+
+@sql_function("similar_items", lambda s: [_iid(s), "BIGINT"], _ranked)
+def _similar(store, item_ids, ks):
+    from .recommend import similar_items
+
+    return _arrow_ranked(store, [None if i is None or k is None else similar_items(store, i, k)
+                                 for i, k in zip(_py(item_ids), _py(ks))])
+
+
+@sql_function("recommend_from_examples", lambda s: [f"{_iid(s)}[]", f"{_iid(s)}[]", "BIGINT"], _ranked)
+def _from_examples(store, positives, negatives, ks):
+    from .recommend import recommend_from_examples
+
+    return _arrow_ranked(store, [None if k is None else recommend_from_examples(store, p or [], n or [], k)
+                                 for p, n, k in zip(_py(positives), _py(negatives), _py(ks))])
+
+
+@sql_function("embed", ["VARCHAR"], _vec)
+def _embed(store, texts):
+    from .semantic import store_encoder
+
+    values = _py(texts)
+    vecs = store_encoder(store).encode(values)
+    return _vectors([None if t is None else v for t, v in zip(values, vecs)], _dim(store))
+
+
+@sql_function("semantic_vector", lambda s: [_iid(s)], _vec)
+def _semantic_vector(store, item_ids):
+    from .semantic import semantic_vectors
+
+    ids = _py(item_ids)
+    vecs, found = semantic_vectors(store, ids)
+    return _vectors([v if ok else None for v, ok in zip(vecs, found)], _dim(store))
+
+
+@sql_function("_dynstore_item_vector", lambda s: [_iid(s), "BIGINT"], _vec)
+def _item_vector(store, item_ids, versions):
+    from .recommend import serving_state
+
+    ids, vers = _py(item_ids), _py(versions)
+    out: list[np.ndarray | None] = []
+    for i, v in zip(ids, vers):
+        state = serving_state(store, v)
+        r = state.row.get(i)
+        out.append(None if r is None else state.Wf[r])
+    return _vectors(out, _dim(store))
+
+
+@sql_function("user_vector", lambda s: [_uid(s)], _vec)
+def _user_vector(store, user_ids):
+    from .recommend import serving_state, user_vectors
+
+    ids = _py(user_ids)
+    X = user_vectors(serving_state(store), [u for u in ids])
+    return _vectors([None if u is None else x for u, x in zip(ids, X)], _dim(store))
+
+
+@sql_function("log_impressions", lambda s: [_uid(s), f"{_iid(s)}[]"], "BIGINT", side_effects=True)
+def _log_impressions(store, user_ids, item_lists):
+    """Append one ``impression`` interaction per shown item; returns rows written."""
+    from .feedback import log_impressions
+
+    counts = [None if u is None or items is None else log_impressions(store, u, items)
+              for u, items in zip(_py(user_ids), _py(item_lists))]
+    return pa.array(counts, pa.int64())

@@ -1,0 +1,109 @@
+"""The store's ``dynstore.toml``: format version, id types, rules, encoder.
+
+The file is tiny and rewritten whole through a temporary file and
+``os.replace`` so that a crash never leaves half a config behind.
+"""
+from __future__ import annotations
+
+import json
+import os
+import tomllib
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from .errors import StoreFormatError
+
+__all__ = ["FORMAT_VERSION", "CONFIG_NAME", "StoreConfig"]
+
+FORMAT_VERSION = 1
+CONFIG_NAME = "dynstore.toml"
+
+DEFAULT_POSITIVE = "value > 0"
+DEFAULT_NEGATIVE = "value <= 0"
+
+
+@dataclass
+class StoreConfig:
+    """Everything a store remembers about itself besides its data.
+
+    Examples
+    --------
+    >>> StoreConfig().positive
+    'value > 0'
+    """
+
+    format_version: int = FORMAT_VERSION
+    created: str = ""
+    #: "int" or "string" per id kind, recorded on first ingest.
+    id_types: dict[str, str] = field(default_factory=dict)
+    positive: str = DEFAULT_POSITIVE
+    negative: str = DEFAULT_NEGATIVE
+    #: SQL expression over item columns; empty means "every text-like column as name: value".
+    item_text: str = ""
+    behaviour_summary: bool = False
+    model: str = "minilm"
+    max_length: int = 256
+
+    @classmethod
+    def load(cls, path: Path) -> "StoreConfig":
+        try:
+            raw = tomllib.loads(path.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
+            raise StoreFormatError(f"{path}: unreadable store config ({exc})") from None
+        version = raw.get("format_version")
+        if not isinstance(version, int):
+            raise StoreFormatError(f"{path}: missing format_version; not a dynstore config")
+        if version > FORMAT_VERSION:
+            raise StoreFormatError(
+                f"{path.parent}: store format {version} is newer than this dynstore "
+                f"understands ({FORMAT_VERSION}); upgrade dynstore"
+            )
+        known = {f for f in cls.__dataclass_fields__}
+        labels = raw.get("labels", {})
+        docs = raw.get("documents", {})
+        enc = raw.get("encoder", {})
+        values = {
+            "format_version": version,
+            "created": raw.get("created", ""),
+            "id_types": dict(raw.get("ids", {})),
+            "positive": labels.get("positive", DEFAULT_POSITIVE),
+            "negative": labels.get("negative", DEFAULT_NEGATIVE),
+            "item_text": docs.get("item_text", ""),
+            "behaviour_summary": bool(docs.get("behaviour_summary", False)),
+            "model": enc.get("model", "minilm"),
+            "max_length": int(enc.get("max_length", 256)),
+        }
+        return cls(**{k: v for k, v in values.items() if k in known})
+
+    def save(self, path: Path) -> None:
+        q = json.dumps  # a JSON string literal is a valid TOML basic string
+        lines = [
+            "# dynstore store configuration; edit with `dynstore config`.",
+            f"format_version = {self.format_version}",
+            f"created = {q(self.created)}",
+            "",
+            "[ids]",
+            *[f"{k} = {q(v)}" for k, v in sorted(self.id_types.items())],
+            "",
+            "[labels]",
+            f"positive = {q(self.positive)}",
+            f"negative = {q(self.negative)}",
+            "",
+            "[documents]",
+            f"item_text = {q(self.item_text)}",
+            f"behaviour_summary = {'true' if self.behaviour_summary else 'false'}",
+            "",
+            "[encoder]",
+            f"model = {q(self.model)}",
+            f"max_length = {int(self.max_length)}",
+            "",
+        ]
+        tmp = path.with_name(path.name + ".tmp")
+        with open(tmp, "w", encoding="utf-8") as fh:
+            fh.write("\n".join(lines))
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+
+    def as_dict(self) -> dict:
+        return asdict(self)

@@ -1,0 +1,463 @@
+"""Loading interactions, items and users into the store's Lance datasets.
+
+Every ingest is one Lance commit: either the whole source lands or nothing
+does. Sources are read through DuckDB (CSV, TSV, Parquet, JSON/NDJSON) or
+taken from Arrow / Polars / pandas objects, normalised by one SQL projection
+that also computes, per row, the first thing wrong with it (``__bad``), and
+streamed in batches so memory follows the batch size, not the file size.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable, Iterator
+
+import duckdb
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from .errors import IdTypeError, IngestError
+
+__all__ = ["KINDS", "ingest"]
+
+KINDS = {"interactions": ("user_id", "item_id"), "items": ("item_id",), "users": ("user_id",)}
+FORMATS = ("csv", "tsv", "parquet", "json", "ndjson")
+BATCH_ROWS = 64 * 1024
+
+_INT_TYPES = {"TINYINT", "SMALLINT", "INTEGER", "BIGINT", "HUGEINT", "UTINYINT", "USMALLINT",
+              "UINTEGER", "UBIGINT", "UHUGEINT"}
+_FLOAT_TYPES = {"FLOAT", "DOUBLE", "REAL"}
+_STRING_TYPES = {"VARCHAR"}
+
+
+def q(name: str) -> str:
+    """Quote an SQL identifier."""
+    return '"' + name.replace('"', '""') + '"'
+
+
+def lit(value: str) -> str:
+    """Quote an SQL string literal."""
+    return "'" + value.replace("'", "''") + "'"
+
+
+@dataclass
+class Source:
+    """One input, opened as a DuckDB relation named ``name`` in ``con``."""
+
+    label: str          # what error messages call it: the file path or "<DataFrame>"
+    relation: str       # SQL name of the registered relation
+    columns: dict[str, str]  # column -> DuckDB type, after --map renames
+    renames: dict[str, str]  # new -> old column name
+
+
+def _detect_format(path: Path, fmt: str | None) -> str:
+    if fmt:
+        if fmt not in FORMATS:
+            raise IngestError(f"{path}: unknown format {fmt!r}; use one of {', '.join(FORMATS)}")
+        return fmt
+    name = path.name.lower()
+    for suffix in (".gz", ".zst"):
+        if name.endswith(suffix):
+            name = name[: -len(suffix)]
+    ext = name.rsplit(".", 1)[-1] if "." in name else ""
+    mapping = {"csv": "csv", "tsv": "tsv", "tab": "tsv", "txt": "csv", "parquet": "parquet",
+               "pq": "parquet", "json": "json", "ndjson": "ndjson", "jsonl": "ndjson"}
+    if ext not in mapping:
+        raise IngestError(f"{path}: cannot tell the format from the extension; pass --format")
+    return mapping[ext]
+
+
+def _open_source(con: duckdb.DuckDBPyConnection, src: Any, index: int, fmt: str | None,
+                 mapping: dict[str, str], force_varchar: set[str]) -> Source:
+    """Register ``src`` in ``con`` and describe its columns."""
+    rel_name = f"__src{index}"
+    if isinstance(src, (str, os.PathLike)):
+        path = Path(src)
+        label = str(src)
+        if not path.exists():
+            raise IngestError(f"{label}: no such file")
+        kind = _detect_format(path, fmt)
+        p = lit(str(path))
+        # Id columns are read as text when the store's ids are strings, so
+        # "007" stays "007" instead of being auto-detected as the integer 7.
+        old_names = {mapping.get(c, c) for c in force_varchar}
+        if kind in ("csv", "tsv"):
+            opts = ["header=true"]
+            if kind == "tsv":
+                opts.append("delim='\\t'")
+            if old_names:
+                opts.append("types={" + ", ".join(f"{lit(c)}: 'VARCHAR'" for c in sorted(old_names)) + "}")
+            sql = f"read_csv({p}, {', '.join(opts)})"
+        elif kind == "parquet":
+            sql = f"read_parquet({p})"
+        else:
+            fmt_opt = "newline_delimited" if kind == "ndjson" else "auto"
+            sql = f"read_json({p}, format={lit(fmt_opt)})"
+        try:
+            con.execute(f"CREATE OR REPLACE TEMP VIEW {rel_name} AS SELECT * FROM {sql}")
+            described = con.execute(f"DESCRIBE {rel_name}").fetchall()
+        except duckdb.Error as exc:
+            raise IngestError(f"{label}: cannot read as {kind}: {_one_line(exc)}") from None
+    else:
+        label, table = _to_arrow(src)
+        con.register(rel_name + "_arrow", table)
+        con.execute(f"CREATE OR REPLACE TEMP VIEW {rel_name} AS SELECT * FROM {rel_name}_arrow")
+        described = con.execute(f"DESCRIBE {rel_name}").fetchall()
+    raw_cols = {row[0]: row[1] for row in described}
+    renames = {}
+    for new, old in mapping.items():
+        if old in raw_cols:
+            renames[new] = old
+        elif new not in raw_cols:
+            raise IngestError(f"{label}: --map {new}={old}: no column {old!r} (columns: {', '.join(raw_cols)})")
+    columns: dict[str, str] = {}
+    renamed_old = set(renames.values())
+    for name, typ in raw_cols.items():
+        if name in renamed_old:
+            continue
+        columns[name] = typ
+    for new, old in renames.items():
+        columns[new] = raw_cols[old]
+    return Source(label=label, relation=rel_name, columns=columns, renames=renames)
+
+
+def _to_arrow(src: Any) -> tuple[str, pa.Table]:
+    if isinstance(src, pa.Table):
+        return "<arrow table>", src
+    if isinstance(src, pa.RecordBatch):
+        return "<arrow batch>", pa.Table.from_batches([src])
+    mod = type(src).__module__
+    if mod.startswith("polars"):
+        return "<polars DataFrame>", src.to_arrow()
+    if mod.startswith("pandas"):
+        return "<pandas DataFrame>", pa.Table.from_pandas(src, preserve_index=False)
+    raise IngestError(
+        f"cannot ingest a {type(src).__name__}: pass a file path, a Polars or pandas DataFrame, or an Arrow table"
+    )
+
+
+def _one_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0] if text else type(exc).__name__
+
+
+def _col(src: Source, name: str) -> str:
+    return q(src.renames.get(name, name))
+
+
+def _id_expr(src: Source, col: str, store_type: str | None) -> tuple[str, str, str]:
+    """Return (expression, bad-row check, resulting id type) for an id column."""
+    raw = _col(src, col)
+    typ = src.columns[col].upper()
+    bad_null = f"WHEN {raw} IS NULL THEN {lit(col + ': missing (NULL) id')} "
+    if typ in _INT_TYPES:
+        if store_type == "string":
+            raise IdTypeError(
+                f"{src.label}: column {col} holds integer ids but this store's {col} values are strings; "
+                "convert the column to text first"
+            )
+        return f"CAST({raw} AS BIGINT)", bad_null, "int"
+    if typ in _STRING_TYPES:
+        if store_type == "int":
+            expr = f"TRY_CAST({raw} AS BIGINT)"
+            bad = bad_null + (f"WHEN {expr} IS NULL THEN {lit(col + ': ')} || {raw} || "
+                              f"{lit(' is not an integer id (this store uses integer ids)')} ")
+            return expr, bad, "int"
+        bad = bad_null + f"WHEN trim({raw}) = '' THEN {lit(col + ': empty id')} "
+        return f"CAST({raw} AS VARCHAR)", bad, "string"
+    raise IdTypeError(f"{src.label}: column {col} has type {typ}; ids must be integers or strings")
+
+
+def _ts_expr(src: Source) -> tuple[str, str]:
+    raw = _col(src, "ts")
+    typ = src.columns["ts"].upper()
+    if typ in _INT_TYPES:
+        expr = f"make_timestamp(CAST({raw} AS BIGINT) * 1000000)"
+    elif typ in _FLOAT_TYPES or typ.startswith("DECIMAL"):
+        expr = f"make_timestamp(CAST(round({raw} * 1000000) AS BIGINT))"
+    elif typ == "DATE" or typ.startswith("TIMESTAMP") and "TIME ZONE" not in typ:
+        expr = f"CAST({raw} AS TIMESTAMP)"
+    elif typ == "TIMESTAMP WITH TIME ZONE":
+        expr = f"timezone('UTC', {raw})"
+    elif typ in _STRING_TYPES:
+        # Epoch seconds written as text, else ISO text with or without offset
+        # (offsets are honoured, naive times are taken as UTC).
+        expr = (f"CASE WHEN regexp_full_match(trim({raw}), '-?[0-9]{{1,12}}') "
+                f"THEN make_timestamp(CAST(trim({raw}) AS BIGINT) * 1000000) "
+                f"ELSE timezone('UTC', TRY_CAST({raw} AS TIMESTAMPTZ)) END")
+    else:
+        raise IngestError(f"{src.label}: column ts has type {typ}; use ISO timestamps, dates or epoch seconds")
+    bad = (f"WHEN {raw} IS NULL THEN 'ts: missing (NULL) timestamp' "
+           f"WHEN ({expr}) IS NULL THEN 'ts: ' || CAST({raw} AS VARCHAR) || ' is not a timestamp' ")
+    return expr, bad
+
+
+def build_projection(src: Source, kind: str, id_types: dict[str, str],
+                     target: dict[str, str] | None) -> tuple[str, dict[str, str]]:
+    """SQL that normalises ``src`` for ``kind`` plus the ``__bad`` column.
+
+    ``target`` is the existing dataset's column -> DuckDB type; columns of
+    ``src`` are cast to those types so every batch matches the dataset.
+    Returns the query and the id types it implies.
+    """
+    required = KINDS[kind] + (("ts",) if kind == "interactions" else ())
+    missing = [c for c in required if c not in src.columns]
+    if missing:
+        have = ", ".join(src.columns) or "none"
+        raise IngestError(f"{src.label}: missing required column {missing[0]} (columns: {have}); "
+                          "rename one with --map")
+    target = target or {}
+    selects: list[str] = []
+    bad = ""
+    new_types: dict[str, str] = {}
+    handled = set()
+    for col in KINDS[kind]:
+        kind_key = col[:-3]  # "user" / "item"
+        expr, b, t = _id_expr(src, col, id_types.get(kind_key))
+        selects.append(f"{expr} AS {q(col)}")
+        bad += b
+        new_types[kind_key] = t
+        handled.add(col)
+    if kind == "interactions":
+        expr, b = _ts_expr(src)
+        selects.append(f"{expr} AS ts")
+        bad += b
+        handled.add("ts")
+        if "event" in src.columns:
+            selects.append(f"CAST({_col(src, 'event')} AS VARCHAR) AS event")
+        else:
+            selects.append("CAST(NULL AS VARCHAR) AS event")
+        if "value" in src.columns:
+            raw = _col(src, "value")
+            # An explicit NULL stays NULL (e.g. logged impressions); only a
+            # missing column defaults to 1.
+            selects.append(f"TRY_CAST({raw} AS DOUBLE) AS value")
+            bad += (f"WHEN {raw} IS NOT NULL AND TRY_CAST({raw} AS DOUBLE) IS NULL "
+                    f"THEN 'value: ' || CAST({raw} AS VARCHAR) || ' is not a number' ")
+        else:
+            selects.append("1.0::DOUBLE AS value")
+        handled |= {"event", "value"}
+    for col, typ in src.columns.items():
+        if col in handled or col.startswith("__"):
+            continue
+        raw = _col(src, col)
+        want = target.get(col)
+        if want and want.upper() != typ.upper():
+            expr = f"TRY_CAST({raw} AS {want})"
+            selects.append(f"{expr} AS {q(col)}")
+            bad += (f"WHEN {raw} IS NOT NULL AND {expr} IS NULL THEN "
+                    f"{lit(col + ': ')} || CAST({raw} AS VARCHAR) || {lit(' does not fit the stored type ' + want)} ")
+        else:
+            selects.append(f"{raw} AS {q(col)}")
+    bad_col = f"CASE {bad}END AS __bad" if bad else "CAST(NULL AS VARCHAR) AS __bad"
+    return f"SELECT {', '.join(selects)}, {bad_col} FROM {src.relation}", new_types
+
+
+def checked_batches(reader: pa.RecordBatchReader, label: str, errors: list,
+                    start_row: int = 1) -> Iterator[pa.RecordBatch]:
+    """Yield batches without ``__bad``; stop at the first bad row.
+
+    On a bad row the error is appended to ``errors`` and a plain exception is
+    raised so the Lance writer aborts without committing.
+    """
+    row = start_row
+    for batch in reader:
+        bad = batch.column(batch.schema.get_field_index("__bad"))
+        if bad.null_count != len(bad):
+            idx = pc.index(pc.is_valid(bad), True).as_py()
+            message = bad[idx].as_py()
+            column, _, what = message.partition(": ")
+            errors.append(IngestError(f"{label}: row {row + idx}, column {column}: {what}"))
+            raise _Abort()
+        row += batch.num_rows
+        yield batch.drop_columns(["__bad"])
+
+
+class _Abort(Exception):
+    """Raised inside a batch stream to make the Lance writer abort."""
+
+
+def describe_target(con: duckdb.DuckDBPyConnection, dataset) -> dict[str, str]:
+    """DuckDB types of an existing Lance dataset's columns."""
+    if dataset is None:
+        return {}
+    con.register("__target", dataset.to_table(limit=0))
+    out = {row[0]: row[1] for row in con.execute("DESCRIBE __target").fetchall()}
+    con.unregister("__target")
+    return out
+
+
+def ingest(store, kind: str, sources: Iterable[Any], *, mapping: dict[str, str] | None = None,
+           fmt: str | None = None) -> dict:
+    """Validate and commit ``sources`` into the ``kind`` dataset of ``store``.
+
+    Interactions are appended; items and users are upserted by id. Returns a
+    summary ``{"kind", "rows", "total", "version"}``.
+    """
+    import lance
+
+    if kind not in KINDS:
+        raise IngestError(f"unknown table {kind!r}; use one of {', '.join(KINDS)}")
+    mapping = dict(mapping or {})
+    sources = list(sources)
+    if not sources:
+        raise IngestError("nothing to ingest: no source given")
+    con = duckdb.connect(config={"threads": max(1, os.cpu_count() or 1)})
+    con.execute("SET TimeZone = 'UTC'")
+    try:
+        dataset = store._dataset(kind)
+        target = describe_target(con, dataset)
+        force_varchar = {c for c in KINDS[kind] if store.config.id_types.get(c[:-3]) == "string"}
+        opened = [_open_source(con, s, i, fmt, mapping, force_varchar) for i, s in enumerate(sources)]
+        id_types = dict(store.config.id_types)
+        queries = []
+        for src in opened:
+            sql, types = build_projection(src, kind, id_types, target)
+            for key, t in types.items():
+                if id_types.get(key, t) != t:
+                    raise IdTypeError(f"{src.label}: {key}_id values are {t}s but earlier sources gave {id_types[key]}s")
+                id_types[key] = t
+            queries.append((src, sql))
+        uri = store._dataset_uri(kind)
+        errors: list[IngestError] = []
+        if kind == "interactions":
+            stream, schema, mode = _append_stream(con, queries, dataset, errors)
+        else:
+            stream, schema, mode = _merged_stream(con, kind, queries, dataset, errors)
+        reader = pa.RecordBatchReader.from_batches(schema, stream)
+        try:
+            lance.write_dataset(reader, uri, schema=schema, mode=mode,
+                                max_rows_per_file=4 * 1024 * 1024)
+        except _Abort:
+            raise errors[0] from None
+        except Exception as exc:  # the writer wraps our abort in its own error type
+            if errors:
+                raise errors[0] from None
+            if isinstance(exc, IngestError):
+                raise
+            raise IngestError(f"{kind}: write failed, nothing was committed: {_one_line(exc)}") from None
+        rows = stream.rows
+    finally:
+        con.close()
+    store._record_id_types(id_types)
+    ds = lance.dataset(uri)
+    return {"kind": kind, "rows": rows, "total": ds.count_rows(), "version": ds.version}
+
+
+def _cast_to(batch: pa.RecordBatch, schema: pa.Schema) -> pa.RecordBatch:
+    cols = []
+    for field in schema:
+        idx = batch.schema.get_field_index(field.name)
+        if idx < 0:
+            cols.append(pa.nulls(batch.num_rows, field.type))
+        else:
+            col = batch.column(idx)
+            cols.append(col if col.type == field.type else col.cast(field.type))
+    return pa.RecordBatch.from_arrays(cols, schema=schema)
+
+
+class _Stream:
+    """Iterator over batches that knows how many new rows it carries."""
+
+    def __init__(self, batches, rows: int | None = None):
+        self.batches = batches
+        self.fixed = rows
+        self.rows = rows or 0
+
+    def __iter__(self):
+        for batch in self.batches:
+            if self.fixed is None:
+                self.rows += batch.num_rows
+            yield batch
+
+
+def _query_schema(con, sql: str) -> pa.Schema:
+    schema = con.sql(f"SELECT * FROM ({sql}) LIMIT 0").to_arrow_table().schema
+    return schema.remove(schema.get_field_index("__bad"))
+
+
+def _append_stream(con, queries, dataset, errors):
+    """Interactions: stream checked batches straight into the Lance writer.
+
+    When a source brings new columns the dataset is rewritten (old rows with
+    NULLs in the new columns, then the new rows) in the same single commit.
+    """
+    fields = list(dataset.schema) if dataset is not None else []
+    names = {f.name for f in fields}
+    for _, sql in queries:
+        for f in _query_schema(con, sql):
+            if f.name not in names:
+                fields.append(f)
+                names.add(f.name)
+    schema = pa.schema(fields)
+    rewrite = dataset is not None and len(fields) > len(dataset.schema)
+
+    def gen():
+        if rewrite:
+            for batch in dataset.to_batches(batch_size=BATCH_ROWS):
+                yield _cast_to(batch, schema)
+        for src, sql in queries:
+            reader = con.sql(sql).to_arrow_reader(BATCH_ROWS)
+            for batch in checked_batches(reader, src.label, errors):
+                yield _cast_to(batch, schema)
+
+    mode = "create" if dataset is None else ("overwrite" if rewrite else "append")
+    return _Stream(gen()), schema, mode
+
+
+def _merged_stream(con, kind, queries, dataset, errors):
+    """Items/users: validate every source, then stream the upserted table.
+
+    The new rows are held in memory (item and user tables are small next to
+    interactions); the merged result replaces the dataset in one commit.
+    """
+    id_col = KINDS[kind][0]
+    merge = duckdb.connect()
+    parts = []
+    for i, (src, sql) in enumerate(queries):
+        reader = con.sql(sql).to_arrow_reader(BATCH_ROWS)
+        try:
+            batches = list(checked_batches(reader, src.label, errors))
+        except _Abort:
+            raise errors[0] from None
+        table = pa.Table.from_batches(batches, schema=_query_schema(con, sql))
+        merge.register(f"__new{i}", table)
+        parts.append(f"SELECT * FROM __new{i}")
+    merge.execute(f"CREATE VIEW __new AS {' UNION ALL BY NAME '.join(parts)}")
+    dup = merge.execute(
+        f"SELECT {q(id_col)}, count(*) FROM __new GROUP BY 1 HAVING count(*) > 1 LIMIT 1"
+    ).fetchall()
+    dup = dup[0] if dup else None
+    if dup is not None:
+        rows = _rows_of(con, queries, id_col, dup[0])
+        raise IngestError(f"{rows}, column {id_col}: duplicate id {dup[0]!r} in one {kind} ingest")
+    if dataset is not None and dataset.count_rows():
+        merge.register("__old", dataset)
+        # Merge: columns the new source has win (NULLs included); columns it
+        # lacks keep their stored values; untouched rows stay as they were.
+        new_cols = [r[0] for r in merge.execute("DESCRIBE __new").fetchall()]
+        old_cols = [f.name for f in dataset.schema]
+        keep_sql = "".join(f", o.{q(c)}" for c in old_cols if c not in new_cols)
+        sql = (f"SELECT n.*{keep_sql} FROM __new n LEFT JOIN __old o USING ({q(id_col)}) "
+               f"UNION ALL BY NAME SELECT * FROM __old WHERE {q(id_col)} NOT IN (SELECT {q(id_col)} FROM __new)")
+        extra = [r[0] for r in merge.execute(f"DESCRIBE {sql}").fetchall() if r[0] not in old_cols]
+        sql = f"SELECT {', '.join(q(c) for c in old_cols + extra)} FROM ({sql})"
+    else:
+        sql = "SELECT * FROM __new"
+    n_new = merge.execute("SELECT count(*) FROM __new").fetchall()[0][0]
+    reader = merge.sql(sql).to_arrow_reader(BATCH_ROWS)
+    mode = "create" if dataset is None else "overwrite"
+    return _Stream(reader, rows=n_new), reader.schema, mode
+
+
+def _rows_of(con, queries, id_col, value) -> str:
+    """Name the file and rows where ``value`` occurs (for duplicate messages)."""
+    for src, sql in queries:
+        hits = con.execute(
+            f"SELECT rn FROM (SELECT row_number() OVER () AS rn, {q(id_col)} FROM ({sql})) "
+            f"WHERE {q(id_col)} = ? ORDER BY rn LIMIT 2", [value]
+        ).fetchall()
+        if hits:
+            return f"{src.label}: rows {' and '.join(str(h[0]) for h in hits)}"
+    return queries[0][0].label

@@ -1,0 +1,780 @@
+"""The fusion + user model: fused item vectors and biases, history-based user vectors.
+
+Every term, and why it is there
+-------------------------------
+Item side (computed once per version and stored with the item rows)::
+
+    w_i = v_i + alpha * W a_i + r_i
+    b_i = b0 + bv . v_i + ba . a_i + rb_i
+
+* ``v_i`` -- the L2-normalised semantic vector of the item's document (MiniLM: d=384).
+  It is fixed (never trained here), so a new item is recommendable as soon as it is
+  encoded, and two items with similar documents score alike.
+* ``alpha * W a_i`` -- attribute features (:mod:`dynstore.features`) projected into the
+  semantic space; ``alpha`` is a learned scalar started at ``config.alpha_init`` so the
+  attribute term begins as a small correction of the text.
+* ``r_i`` -- learned collaborative residual, **only** for items with at least
+  ``config.min_history`` training positives; zero otherwise, so cold items are scored
+  from content alone and a residual never memorises two clicks.
+* ``b_i`` -- item bias ("liked in general"). On temporal splits most test users are new
+  and only this prior carries them; it is predicted from text (``bv``) and attributes
+  (``ba``) so a *cold* item gets a sensible prior, plus a residual ``rb_i`` for warm items.
+  ``config.residual_dropout`` hides the residuals of random warm targets during training
+  so ``bv``/``ba`` learn to stand in for them (the cold-item case).
+
+User side (computed at query time from the user's latest history -- no retraining)::
+
+    x_u = u0 + U a_u + g_pos * agg_pos(w_j) + g_neg * agg_neg(w_j)
+
+* ``u0`` -- global taste direction; with the biases it is the new-user recommendation.
+* ``U a_u`` -- user-attribute (segment) term: popularity *within a segment* for new users.
+* ``agg_pos`` -- recency-weighted mean of the fused vectors of the user's positives:
+  weight ``exp(-rank / half_life)`` with rank 0 the most recent, over the most recent
+  ``max_history`` positives (ties in time: later in the input is more recent).
+* ``agg_neg`` -- the same over explicit negatives and shown-but-ignored impressions;
+  ``g_neg`` is learned (negative when dislikes predict dislikes). The ablation
+  ``use_negatives=False`` drops these events entirely (``g_neg = 0``).
+
+Score: ``p_ui = sigmoid(w_i . x_u + b_i)``; serving ranks ``Wf @ x_u + bias``.
+
+Training
+--------
+Each training event (a positive, an explicit negative or an impression) is scored from
+the user's history *strictly before the event's timestamp* -- exactly what serving does
+for the next event, so the model learns to predict the future from the past, and a
+user's first events (empty history) train the new-user path ``u0 + U a_u`` + bias.
+Aggregating the *fixed* part of the history (``v_j`` and ``a_j``) and the residual part
+with ``embedding_bag`` makes an epoch cost O(total history length x d) with no padding.
+Loss: weighted BCE on logits -- positives (weight 1), explicit negatives
+(``neg_weight``), impressions (``impression_weight``) and, per positive,
+``n_sampled_negatives`` uniformly sampled items (a shared pool of ``sample_pool`` items
+per batch, so they cost one matmul). Uniform sampling lets the biases learn popularity.
+``time_decay_days`` optionally down-weights old events so the biases follow *recent*
+popularity. AdamW with decoupled weight decay; CPU runs are deterministic for a seed.
+
+Examples
+--------
+>>> import numpy as np
+>>> rng = np.random.default_rng(0)
+>>> V = rng.normal(size=(50, 8)).astype(np.float32); A = np.zeros((50, 0), np.float32)
+>>> m = FusionModel.untrained(V, A, fu=0, popularity=np.arange(50.0))
+>>> Wf, bias = m.item_side(V, A, m.residuals)
+>>> X = m.user_vectors(None, np.array([0, 0]), np.zeros(0, np.int64), np.zeros(0, np.int8),
+...                    np.zeros(0, np.int64), Wf)
+>>> int(np.argmax(Wf @ X[0] + bias))      # a new user gets the most popular item
+49
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import asdict, dataclass, fields
+from typing import Any, Callable
+
+import numpy as np
+
+__all__ = ["ModelConfig", "TrainingData", "FusionModel", "build_histories", "evaluate"]
+
+_FORMAT = "dynstore.fusion/1"
+_SCALARS = ("alpha", "b0", "g_pos", "g_neg")
+
+
+def _torch():
+    import torch  # lazy: importing dynstore must not pay for torch
+
+    return torch
+
+
+@dataclass
+class ModelConfig:
+    """Hyper-parameters of :class:`FusionModel` (all JSON-able; saved with each version).
+
+    Attributes
+    ----------
+    alpha_init : float
+        Initial weight of the attribute term ``W a_i``.
+    min_history : int
+        Training positives an item needs to get a residual ``r_i, rb_i``.
+    half_life : float
+        History weights decay as ``exp(-rank / half_life)`` (rank 0 = most recent).
+    max_history : int
+        Only the most recent events of each kind enter a user vector.
+    epochs, batch_size, lr : training schedule (AdamW).
+    weight_decay : float
+        Decoupled weight decay of the shared parameters (``W, bv, ba, U, u0``).
+    residual_decay : float
+        Decoupled weight decay of the per-item residuals ``r_i, rb_i``.
+    n_sampled_negatives : float
+        Total loss weight of uniformly sampled negatives per positive.
+    sample_pool : int
+        Sampled items shared by a batch (each positive is scored against all of them).
+    neg_weight, impression_weight : float
+        Loss weights of explicit negatives (label -1) and impressions (label 0).
+    residual_dropout : float
+        Probability that a warm target's residuals are hidden in a training step.
+    time_decay_days : float or None
+        Half-life (days before the newest event) of event weights; None = no decay.
+    seed : int
+    use_negatives : bool
+        False is the ablation that ignores explicit negatives and impressions
+        (in the loss and in the user vector).
+    """
+
+    alpha_init: float = 0.1
+    min_history: int = 5
+    half_life: float = 20.0
+    max_history: int = 200
+    epochs: int = 10
+    batch_size: int = 1024
+    lr: float = 0.01
+    weight_decay: float = 1e-4
+    residual_decay: float = 1e-3
+    n_sampled_negatives: float = 16.0
+    sample_pool: int = 256
+    neg_weight: float = 1.0
+    impression_weight: float = 0.3
+    residual_dropout: float = 0.0
+    time_decay_days: float | None = None
+    seed: int = 0
+    use_negatives: bool = True
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "ModelConfig":
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in known})
+
+
+@dataclass
+class TrainingData:
+    """Everything :meth:`FusionModel.fit` needs, as aligned numpy arrays.
+
+    Attributes
+    ----------
+    V : float32 [n_items, d]
+        Semantic vectors (normalised by the model if they are not).
+    A : float32 [n_items, fa]
+        Item attribute features.
+    UA : float32 [n_users, fu]
+        User attribute features.
+    user, item : int64 [n]
+        Row indices into ``UA`` and ``V``/``A``.
+    ts : int64 [n]
+        Event time, epoch seconds.
+    label : int8 [n]
+        1 positive, -1 explicit negative, 0 shown-but-ignored impression.
+    """
+
+    V: np.ndarray
+    A: np.ndarray
+    UA: np.ndarray
+    user: np.ndarray
+    item: np.ndarray
+    ts: np.ndarray
+    label: np.ndarray
+
+    def __post_init__(self) -> None:
+        self.V = np.ascontiguousarray(self.V, dtype=np.float32)
+        self.A = np.ascontiguousarray(self.A, dtype=np.float32).reshape(self.V.shape[0], -1)
+        self.UA = np.ascontiguousarray(self.UA, dtype=np.float32)
+        if self.UA.ndim == 1:
+            self.UA = self.UA.reshape(-1, 0) if self.UA.size == 0 else self.UA[:, None]
+        self.user = np.asarray(self.user, dtype=np.int64)
+        self.item = np.asarray(self.item, dtype=np.int64)
+        self.ts = np.asarray(self.ts, dtype=np.int64)
+        self.label = np.asarray(self.label, dtype=np.int8)
+        n = self.user.shape[0]
+        if not (self.item.shape[0] == self.ts.shape[0] == self.label.shape[0] == n):
+            raise ValueError("user, item, ts and label must have the same length")
+        if n and (self.item.min() < 0 or self.item.max() >= self.V.shape[0]):
+            raise ValueError("item index out of range of V")
+        if n and (self.user.min() < 0 or self.user.max() >= self.UA.shape[0]):
+            raise ValueError("user index out of range of UA")
+
+
+def _normalise(V: np.ndarray) -> np.ndarray:
+    V = np.asarray(V, dtype=np.float32)
+    norm = np.linalg.norm(V, axis=1, keepdims=True)
+    return np.divide(V, norm, out=np.zeros_like(V), where=norm > 0)
+
+
+def _decay_weights(rank: np.ndarray, length: np.ndarray, half_life: float) -> np.ndarray:
+    """``exp(-rank/h)`` normalised over a bag of ``length`` events (closed-form sum)."""
+    q = math.exp(-1.0 / half_life)
+    total = (1.0 - q ** length.astype(np.float64)) / (1.0 - q)
+    return (q ** rank.astype(np.float64) / total).astype(np.float32)
+
+
+def _ranges(start: np.ndarray, end: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Concatenate ``arange(start[b], end[b])`` for all b -> (indices, offsets [n_bags])."""
+    lens = np.maximum(end - start, 0)
+    offsets = np.zeros(lens.size, dtype=np.int64)
+    np.cumsum(lens[:-1], out=offsets[1:])
+    total = int(lens.sum())
+    idx = np.arange(total, dtype=np.int64) - np.repeat(offsets - start, lens)
+    return idx, offsets
+
+
+def build_histories(
+    users: np.ndarray,
+    ev_user: np.ndarray,
+    ev_item: np.ndarray,
+    ev_label: np.ndarray,
+    ev_ts: np.ndarray,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """CSR histories of ``users`` from an event log, for :meth:`FusionModel.user_vectors`.
+
+    Returns ``(hist_ptr [m+1], hist_item, hist_label, hist_ts)``; within a user, events keep
+    their order in the log (which breaks ties in time). Users without events get an empty row.
+
+    >>> build_histories(np.array([7, 3]), np.array([3, 7, 3]), np.array([0, 1, 2]),
+    ...                 np.array([1, 1, -1]), np.array([5, 6, 7]))[0]
+    array([0, 1, 3])
+    """
+    users = np.asarray(users, dtype=np.int64)
+    ev_user = np.asarray(ev_user, dtype=np.int64)
+    order = np.argsort(ev_user, kind="stable")
+    su = ev_user[order]
+    lo = np.searchsorted(su, users, side="left")
+    hi = np.searchsorted(su, users, side="right")
+    idx, _ = _ranges(lo, hi)
+    sel = order[idx]
+    ptr = np.zeros(users.size + 1, dtype=np.int64)
+    np.cumsum(hi - lo, out=ptr[1:])
+    return (
+        ptr,
+        np.asarray(ev_item, dtype=np.int64)[sel],
+        np.asarray(ev_label, dtype=np.int8)[sel],
+        np.asarray(ev_ts, dtype=np.int64)[sel],
+    )
+
+
+class FusionModel:
+    """Fused item embeddings + history-based user vectors (see the module docstring).
+
+    Parameters
+    ----------
+    d : int
+        Semantic vector width.
+    fa, fu : int
+        Item and user attribute feature widths (0 allowed).
+    config : ModelConfig, optional
+
+    Examples
+    --------
+    >>> m = FusionModel(d=4, fa=2, fu=0)
+    >>> sorted(m.state()[0])
+    ['U', 'W', 'alpha', 'b0', 'ba', 'bv', 'g_neg', 'g_pos', 'u0']
+    """
+
+    def __init__(self, d: int, fa: int, fu: int, config: ModelConfig | None = None):
+        self.d, self.fa, self.fu = int(d), int(fa), int(fu)
+        self.config = config or ModelConfig()
+        rng = np.random.default_rng(self.config.seed)
+        # each attribute starts as a random unit direction: a small, seeded projection
+        W = rng.normal(size=(self.fa, self.d))
+        W /= np.maximum(np.linalg.norm(W, axis=1, keepdims=True), 1e-12)
+        self.params: dict[str, np.ndarray] = {
+            "W": W.astype(np.float32),
+            "alpha": np.array([self.config.alpha_init], np.float32),
+            "b0": np.zeros(1, np.float32),
+            "bv": np.zeros(self.d, np.float32),
+            "ba": np.zeros(self.fa, np.float32),
+            "u0": np.zeros(self.d, np.float32),
+            "U": np.zeros((self.fu, self.d), np.float32),
+            "g_pos": np.ones(1, np.float32),
+            "g_neg": np.array([-0.5 if self.config.use_negatives else 0.0], np.float32),
+        }
+        self._residuals: tuple[np.ndarray, np.ndarray] | None = None
+
+    # ----------------------------------------------------------- construction
+    @classmethod
+    def untrained(
+        cls,
+        V: np.ndarray,
+        A: np.ndarray,
+        fu: int,
+        popularity: np.ndarray | None,
+        config: ModelConfig | None = None,
+    ) -> "FusionModel":
+        """The documented version-1 model, before any training.
+
+        Seeded random ``W``, ``alpha = alpha_init``, ``u0 = 0``, ``U = 0``, ``g_pos = 1``,
+        ``g_neg = -0.5``; the item bias is the standardised ``log(1 + popularity)`` and is
+        carried as the residual bias ``rb`` (``.residuals`` = ``(zeros, bias)``), so pass
+        ``model.residuals`` to :meth:`item_side`. A new user gets the popular items; a
+        user with history gets items similar to what they liked, plus the prior.
+
+        >>> import numpy as np
+        >>> m = FusionModel.untrained(np.eye(3, dtype=np.float32), np.zeros((3, 0)), 0, None)
+        >>> m.residuals[1].tolist()
+        [0.0, 0.0, 0.0]
+        """
+        V = np.asarray(V, dtype=np.float32)
+        A = np.asarray(A, dtype=np.float32).reshape(V.shape[0], -1)
+        m = cls(V.shape[1], A.shape[1], fu, config)
+        n = V.shape[0]
+        rb = np.zeros(n, np.float32)
+        if popularity is not None and n:
+            lp = np.log1p(np.maximum(np.asarray(popularity, dtype=np.float64), 0.0))
+            sd = lp.std()
+            rb = ((lp - lp.mean()) / (sd if sd > 0 else 1.0)).astype(np.float32)
+        m._residuals = (np.zeros((n, m.d), np.float32), rb)
+        return m
+
+    # ----------------------------------------------------------------- serving
+    @property
+    def residuals(self) -> tuple[np.ndarray, np.ndarray] | None:
+        """``(R [n_items, d], rb [n_items])`` of the last :meth:`fit` (zero rows for items
+        below ``min_history``), aligned with that fit's items; None before any fit."""
+        return self._residuals
+
+    def item_side(
+        self,
+        V: np.ndarray,
+        A: np.ndarray,
+        residuals: tuple[np.ndarray, np.ndarray] | None = None,
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Fused item matrix ``Wf [n, d]`` and bias ``[n]`` (float32).
+
+        ``residuals=None`` means no residuals (every item scored as cold).
+
+        >>> import numpy as np
+        >>> m = FusionModel(d=2, fa=0, fu=0)
+        >>> m.item_side(np.array([[3.0, 4.0]]), np.zeros((1, 0)))[0].tolist()
+        [[0.6000000238418579, 0.800000011920929]]
+        """
+        p = self.params
+        V = _normalise(V)
+        A = np.asarray(A, dtype=np.float32).reshape(V.shape[0], -1)
+        if A.shape[1] != self.fa or V.shape[1] != self.d:
+            raise ValueError(f"expected V [n, {self.d}] and A [n, {self.fa}]")
+        Wf = V + p["alpha"][0] * (A @ p["W"])
+        bias = p["b0"][0] + V @ p["bv"] + A @ p["ba"]
+        if residuals is not None:
+            R, rb = residuals
+            Wf = Wf + np.asarray(R, dtype=np.float32)
+            bias = bias + np.asarray(rb, dtype=np.float32)
+        return Wf.astype(np.float32), bias.astype(np.float32)
+
+    def user_vectors(
+        self,
+        UA_rows: np.ndarray | None,
+        hist_ptr: np.ndarray,
+        hist_item: np.ndarray,
+        hist_label: np.ndarray,
+        hist_ts: np.ndarray,
+        Wf: np.ndarray,
+    ) -> np.ndarray:
+        """User vectors ``X [m, d]`` from CSR histories (see :func:`build_histories`).
+
+        Parameters
+        ----------
+        UA_rows : float32 [m, fu] or None
+            User attribute rows (None or zeros for unknown users).
+        hist_ptr : int64 [m+1]
+            User ``u``'s events are ``hist_*[hist_ptr[u]:hist_ptr[u+1]]``.
+        hist_item : int64
+            Row indices into ``Wf``.
+        hist_label : int8
+            1 positive, -1 explicit negative, 0 impression.
+        hist_ts : int64
+            Event times; the most recent ``max_history`` of each kind count, recency-weighted.
+        Wf : float32 [n_items, d]
+            Fused item matrix from :meth:`item_side`.
+
+        Examples
+        --------
+        >>> import numpy as np
+        >>> m = FusionModel(d=2, fa=0, fu=0)
+        >>> Wf = np.eye(2, dtype=np.float32)
+        >>> m.user_vectors(None, np.array([0, 1]), np.array([1]), np.array([1]),
+        ...                np.array([0]), Wf).tolist()
+        [[0.0, 1.0]]
+        """
+        torch = _torch()
+        p = self.params
+        hist_ptr = np.asarray(hist_ptr, dtype=np.int64)
+        m = hist_ptr.size - 1
+        items = np.asarray(hist_item, dtype=np.int64)
+        labels = np.asarray(hist_label, dtype=np.int8)
+        ts = np.asarray(hist_ts, dtype=np.int64)
+        user_of = np.repeat(np.arange(m, dtype=np.int64), np.diff(hist_ptr))
+        keep = (labels == 1) | (self.config.use_negatives & (labels <= 0))
+        grp = (labels != 1).astype(np.int64)
+        pos = np.arange(items.size, dtype=np.int64)
+        user_of, items, grp, ts, pos = (a[keep] for a in (user_of, items, grp, ts, pos))
+        # bag = (user, kind); inside a bag most recent first (later position wins ties)
+        order = np.lexsort((-pos, -ts, grp, user_of))
+        bag = (user_of * 2 + grp)[order]
+        items = items[order]
+        counts = np.bincount(bag, minlength=2 * m)
+        starts = np.zeros(2 * m, dtype=np.int64)
+        np.cumsum(counts[:-1], out=starts[1:])
+        rank = np.arange(bag.size, dtype=np.int64) - starts[bag]
+        cut = rank < self.config.max_history
+        eff = np.minimum(counts, self.config.max_history)
+        w = _decay_weights(rank[cut], eff[bag[cut]], self.config.half_life)
+        bag, items = bag[cut], items[cut]
+        offsets = np.zeros(2 * m, dtype=np.int64)
+        np.cumsum(eff[:-1], out=offsets[1:])
+        with torch.no_grad():
+            H = torch.nn.functional.embedding_bag(
+                torch.from_numpy(items),
+                torch.from_numpy(np.ascontiguousarray(Wf, dtype=np.float32)),
+                torch.from_numpy(offsets),
+                mode="sum",
+                per_sample_weights=torch.from_numpy(w),
+            ).numpy().reshape(m, 2, -1)
+        X = p["u0"][None, :] + p["g_pos"][0] * H[:, 0] + p["g_neg"][0] * H[:, 1]
+        if UA_rows is not None and self.fu:
+            X = X + np.asarray(UA_rows, dtype=np.float32).reshape(m, self.fu) @ p["U"]
+        return np.ascontiguousarray(X, dtype=np.float32)
+
+    def score(
+        self,
+        data: "TrainingData",
+        users: np.ndarray,
+        residuals: tuple[np.ndarray, np.ndarray] | None = None,
+    ) -> np.ndarray:
+        """Logits ``[len(users), n_items]`` for users of ``data`` from their events in it.
+
+        A convenience for evaluation (serving computes the same from stored ``Wf``).
+        """
+        Wf, bias = self.item_side(data.V, data.A, residuals)
+        ptr, it, lab, ts = build_histories(users, data.user, data.item, data.label, data.ts)
+        X = self.user_vectors(data.UA[np.asarray(users)], ptr, it, lab, ts, Wf)
+        return X @ Wf.T + bias[None, :]
+
+    # ---------------------------------------------------------------- training
+    def _prepare(self, data: TrainingData) -> dict[str, np.ndarray]:
+        """Sort events and find each event's history prefix (strictly earlier events)."""
+        cfg = self.config
+        label = data.label
+        keep = (label == 1) | (cfg.use_negatives & (label <= 0))
+        idx = np.flatnonzero(keep)
+        # dense time rank keeps the (user, time) key inside int64 for any epoch range
+        _, trank = np.unique(data.ts[idx], return_inverse=True)
+        span = int(trank.max(initial=0)) + 2
+        key = data.user[idx] * span + trank
+        order = np.lexsort((idx, key))  # by user, time, then log position
+        ev = idx[order]
+        key = key[order]
+        lab = label[ev]
+        is_pos = lab == 1
+        out: dict[str, np.ndarray] = {"ev": ev, "label": lab}
+        for name, sel in (("pos", is_pos), ("neg", ~is_pos)):
+            k = key[sel]
+            items = data.item[ev[sel]]
+            end = np.searchsorted(k, key, side="left")  # strictly before this event's time
+            first = np.searchsorted(k, data.user[ev] * span, side="left")
+            start = np.maximum(first, end - cfg.max_history)
+            out[name + "_items"] = items
+            out[name + "_start"] = start
+            out[name + "_end"] = end
+        w = np.where(lab == 1, 1.0, np.where(lab < 0, cfg.neg_weight, cfg.impression_weight))
+        if cfg.time_decay_days:
+            age = (data.ts[ev].max(initial=0) - data.ts[ev]) / 86400.0
+            w = w * np.power(0.5, age / cfg.time_decay_days)
+        out["weight"] = w.astype(np.float32)
+        return out
+
+    def fit(
+        self,
+        data: TrainingData,
+        *,
+        epochs: int | None = None,
+        device: str = "cpu",
+        progress: Callable[[int, int], Any] | None = None,
+        init_residuals: tuple[np.ndarray, np.ndarray] | None = None,
+    ) -> dict:
+        """Train from the model's current parameters (warm start) on ``data``.
+
+        Parameters
+        ----------
+        data : TrainingData
+        epochs : int, optional
+            Defaults to ``config.epochs``.
+        device : str
+            Torch device ("cpu", "cuda").
+        progress : callable(done_steps, total_steps), optional
+        init_residuals : (R [n_items, d], rb [n_items]), optional
+            Residuals to start from, aligned with ``data``'s items (e.g. the previous
+            version's, re-aligned by the store); zeros otherwise.
+
+        Returns
+        -------
+        dict
+            ``loss`` (last epoch's mean), ``epochs``, ``n_positive``, ``n_negative``,
+            ``n_impression``, ``n_warm_items``, ``seconds``.
+        """
+        torch = _torch()
+        cfg = self.config
+        t_start = time.perf_counter()
+        epochs = cfg.epochs if epochs is None else int(epochs)
+        V = _normalise(data.V)
+        A = data.A
+        if V.shape[1] != self.d or A.shape[1] != self.fa or data.UA.shape[1] != self.fu:
+            raise ValueError(
+                f"data dims (d={V.shape[1]}, fa={A.shape[1]}, fu={data.UA.shape[1]}) do not "
+                f"match the model (d={self.d}, fa={self.fa}, fu={self.fu})"
+            )
+        n_items = V.shape[0]
+        prep = self._prepare(data)
+        ev, lab = prep["ev"], prep["label"]
+        n_pos_item = np.bincount(data.item[data.label == 1], minlength=n_items)
+        warm = n_pos_item >= cfg.min_history
+        n_warm = int(warm.sum())
+        wmap = np.full(n_items, n_warm, dtype=np.int64)  # n_warm = the constant zero row
+        wmap[warm] = np.arange(n_warm)
+        R0 = np.zeros((n_warm, self.d), np.float32)
+        rb0 = np.zeros(n_warm, np.float32)
+        if init_residuals is not None:
+            R0 = np.asarray(init_residuals[0], np.float32)[warm].copy()
+            rb0 = np.asarray(init_residuals[1], np.float32)[warm].copy()
+
+        torch.manual_seed(cfg.seed)
+        rng = np.random.default_rng(cfg.seed)
+        dev = torch.device(device)
+        f32 = torch.float32
+
+        def t(x):
+            return torch.as_tensor(np.ascontiguousarray(x), dtype=f32, device=dev)
+
+        VA = t(np.concatenate([V, A], axis=1))  # constants: only W, biases, residuals learn
+        UA = t(data.UA)
+        P = {k: t(v).clone().requires_grad_(True) for k, v in self.params.items()}
+        if not cfg.use_negatives:
+            P["g_neg"].requires_grad_(False)
+            P["g_neg"].data.zero_()
+        R = t(R0).requires_grad_(True)
+        rb = t(rb0).requires_grad_(True)
+        zero_row = torch.zeros(1, self.d, dtype=f32, device=dev)
+        zero_b = torch.zeros(1, dtype=f32, device=dev)
+        shared = [P[k] for k in ("W", "bv", "ba", "u0", "U")]
+        scalars = [P[k] for k in _SCALARS if P[k].requires_grad]
+        opt = torch.optim.AdamW(
+            [
+                {"params": shared, "weight_decay": cfg.weight_decay},
+                {"params": scalars, "weight_decay": 0.0},
+                {"params": [R, rb], "weight_decay": cfg.residual_decay},
+            ],
+            lr=cfg.lr,
+        )
+        tl = lambda x: torch.as_tensor(x, dtype=torch.long, device=dev)  # noqa: E731
+        ev_user = data.user[ev]
+        ev_item = data.item[ev]
+        y_all = (lab == 1).astype(np.float32)
+        n_ev = ev.size
+        bs = max(1, int(cfg.batch_size))
+        n_batches = max(1, math.ceil(n_ev / bs))
+        total_steps = epochs * n_batches
+        d = self.d
+        hl = cfg.half_life
+        neg_scale = cfg.n_sampled_negatives / max(1, cfg.sample_pool)
+        last_loss = float("nan")
+
+        def history(kind: str, b: np.ndarray, Rx):
+            start, end = prep[kind + "_start"][b], prep[kind + "_end"][b]
+            j, offsets = _ranges(start, end)
+            lens = np.maximum(end - start, 0)
+            rank = np.repeat(end - 1, lens) - j
+            w = torch.as_tensor(_decay_weights(rank, np.repeat(lens, lens), hl), device=dev)
+            items = prep[kind + "_items"][j]
+            off = tl(offsets)
+            with torch.no_grad():
+                hva = torch.nn.functional.embedding_bag(
+                    tl(items), VA, off, mode="sum", per_sample_weights=w
+                )
+            hr = torch.nn.functional.embedding_bag(
+                tl(wmap[items]), Rx, off, mode="sum", per_sample_weights=w
+            )
+            return hva[:, :d] + P["alpha"] * (hva[:, d:] @ P["W"]) + hr
+
+        step = 0
+        for _epoch in range(epochs):
+            perm = rng.permutation(n_ev)
+            tot, cnt = 0.0, 0.0
+            for bi in range(n_batches):
+                b = perm[bi * bs : (bi + 1) * bs]
+                Rx = torch.cat([R, zero_row])
+                rbx = torch.cat([rb, zero_b])
+                X = P["u0"] + UA[tl(ev_user[b])] @ P["U"] + P["g_pos"] * history("pos", b, Rx)
+                if cfg.use_negatives:
+                    X = X + P["g_neg"] * history("neg", b, Rx)
+                # targets: the events themselves
+                ti = ev_item[b]
+                wrow = wmap[ti]
+                if cfg.residual_dropout > 0:
+                    drop = rng.random(b.size) < cfg.residual_dropout
+                    wrow = np.where(drop, n_warm, wrow)
+                va = VA[tl(ti)]
+                wt = va[:, :d] + P["alpha"] * (va[:, d:] @ P["W"]) + Rx[tl(wrow)]
+                bt = P["b0"] + va[:, :d] @ P["bv"] + va[:, d:] @ P["ba"] + rbx[tl(wrow)]
+                logit = (wt * X).sum(1) + bt
+                y = torch.as_tensor(y_all[b], device=dev)
+                wb = torch.as_tensor(prep["weight"][b], device=dev)
+                loss_ev = torch.nn.functional.binary_cross_entropy_with_logits(
+                    logit, y, weight=wb, reduction="sum"
+                )
+                # sampled negatives: one shared uniform pool scored against every positive
+                is_p = y_all[b] > 0
+                loss_s = torch.zeros((), device=dev)
+                if cfg.n_sampled_negatives > 0 and is_p.any():
+                    si = rng.integers(0, n_items, size=cfg.sample_pool)
+                    sw = wmap[si]
+                    vs = VA[tl(si)]
+                    ws = vs[:, :d] + P["alpha"] * (vs[:, d:] @ P["W"]) + Rx[tl(sw)]
+                    bsm = P["b0"] + vs[:, :d] @ P["bv"] + vs[:, d:] @ P["ba"] + rbx[tl(sw)]
+                    pm = tl(np.flatnonzero(is_p))
+                    ls = X[pm] @ ws.T + bsm
+                    sp = torch.nn.functional.softplus(ls).sum(1)  # BCE with label 0
+                    loss_s = neg_scale * (sp * wb[pm]).sum()
+                denom = float(prep["weight"][b].sum()) or 1.0
+                loss = (loss_ev + loss_s) / denom
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                tot += float(loss.detach()) * denom
+                cnt += denom
+                step += 1
+                if progress is not None:
+                    progress(step, total_steps)
+            last_loss = tot / max(cnt, 1e-12)
+
+        with torch.no_grad():
+            for k in self.params:
+                self.params[k] = P[k].detach().cpu().numpy().astype(np.float32).reshape(
+                    self.params[k].shape
+                )
+            Rf = np.zeros((n_items, self.d), np.float32)
+            rbf = np.zeros(n_items, np.float32)
+            Rf[warm] = R.detach().cpu().numpy()
+            rbf[warm] = rb.detach().cpu().numpy()
+        self._residuals = (Rf, rbf)
+        return {
+            "loss": float(last_loss),
+            "epochs": epochs,
+            "n_positive": int((lab == 1).sum()),
+            "n_negative": int((lab < 0).sum()),
+            "n_impression": int((lab == 0).sum()),
+            "n_warm_items": n_warm,
+            "seconds": time.perf_counter() - t_start,
+        }
+
+    # ------------------------------------------------------------- persistence
+    def state(self) -> tuple[dict[str, np.ndarray], dict]:
+        """``(tensors, meta)``: float32 arrays for safetensors and JSON-able metadata.
+
+        Residuals are per item and not included (the store keeps them with the items).
+
+        >>> t, meta = FusionModel(d=3, fa=1, fu=2).state()
+        >>> t["U"].shape, meta["d"]
+        ((2, 3), 3)
+        """
+        tensors = {k: np.ascontiguousarray(v, dtype=np.float32) for k, v in self.params.items()}
+        meta = {
+            "format": _FORMAT,
+            "d": self.d,
+            "fa": self.fa,
+            "fu": self.fu,
+            "config": self.config.to_dict(),
+        }
+        return tensors, meta
+
+    @classmethod
+    def from_state(cls, tensors: dict[str, np.ndarray], meta: dict) -> "FusionModel":
+        """Inverse of :meth:`state`."""
+        if meta.get("format", _FORMAT) != _FORMAT:
+            raise ValueError(f"unsupported model format {meta.get('format')!r}")
+        m = cls(int(meta["d"]), int(meta["fa"]), int(meta["fu"]),
+                ModelConfig.from_dict(meta.get("config", {})))
+        for k, v in m.params.items():
+            if k not in tensors:
+                raise ValueError(f"model state lacks tensor {k!r}")
+            arr = np.asarray(tensors[k], dtype=np.float32)
+            if arr.size != v.size:
+                raise ValueError(f"tensor {k!r} has shape {arr.shape}, expected {v.shape}")
+            m.params[k] = arr.reshape(v.shape).copy()
+        return m
+
+
+def evaluate(
+    model: FusionModel,
+    train: TrainingData,
+    holdout_user: np.ndarray,
+    holdout_item: np.ndarray,
+    holdout_label: np.ndarray | None = None,
+    *,
+    residuals: tuple[np.ndarray, np.ndarray] | None = None,
+    k: int = 10,
+    exclude_seen: bool = True,
+    candidates: np.ndarray | None = None,
+    batch_users: int = 1024,
+) -> dict:
+    """Recall@k, NDCG@k and per-user AUC of ``model`` on a holdout.
+
+    Users are ranked from their events in ``train`` (all items, or the boolean
+    ``candidates`` mask); ``exclude_seen`` removes their training positives from the
+    candidates. Relevant items are the holdout positives (``holdout_label == 1``, all rows
+    when None). ``residuals`` default to ``model.residuals`` when those match ``train``.
+
+    Returns
+    -------
+    dict
+        ``{"recall@k", "ndcg@k", "auc", "n_users"}`` (means over users with a relevant item).
+    """
+    from .metrics import ndcg_at_k, recall_at_k, top_k, user_auc
+
+    hu = np.asarray(holdout_user, dtype=np.int64)
+    hi = np.asarray(holdout_item, dtype=np.int64)
+    if holdout_label is not None:
+        pos = np.asarray(holdout_label) == 1
+        hu, hi = hu[pos], hi[pos]
+    n_items = train.V.shape[0]
+    if candidates is not None:
+        cand = np.asarray(candidates, dtype=bool)
+        keep = cand[hi]
+        hu, hi = hu[keep], hi[keep]
+    users = np.unique(hu)
+    if residuals is None and model.residuals is not None and len(model.residuals[1]) == n_items:
+        residuals = model.residuals
+    Wf, bias = model.item_side(train.V, train.A, residuals)
+    order = np.argsort(hu, kind="stable")
+    hu_s, hi_s = hu[order], hi[order]
+    ranked_all, rel_all, auc_vals = [], [], []
+    tpos = train.label == 1
+    for s in range(0, users.size, batch_users):
+        ub = users[s : s + batch_users]
+        ptr, it, lab, ts = build_histories(ub, train.user, train.item, train.label, train.ts)
+        X = model.user_vectors(train.UA[ub], ptr, it, lab, ts, Wf)
+        S = X @ Wf.T + bias[None, :]
+        if candidates is not None:
+            S[:, ~cand] = -np.inf
+        seen = None
+        if exclude_seen:
+            sp, sit, _, _ = build_histories(ub, train.user[tpos], train.item[tpos],
+                                            train.label[tpos], train.ts[tpos])
+            seen = [sit[sp[i] : sp[i + 1]] for i in range(ub.size)]
+        lo = np.searchsorted(hu_s, ub, "left")
+        up = np.searchsorted(hu_s, ub, "right")
+        rel = [hi_s[a:b_] for a, b_ in zip(lo, up)]
+        ranked_all.append(top_k(S, k, seen))
+        rel_all += rel
+        excl = [np.concatenate([x, np.flatnonzero(~cand)]) for x in (seen or [np.zeros(0, np.int64)] * ub.size)] \
+            if candidates is not None else seen
+        auc_vals.append((user_auc(S, rel, excl), ub.size))
+    if not users.size:
+        return {f"recall@{k}": float("nan"), f"ndcg@{k}": float("nan"), "auc": float("nan"),
+                "n_users": 0}
+    ranked = np.concatenate(ranked_all)
+    a = sum(v * n for v, n in auc_vals) / sum(n for _, n in auc_vals)
+    return {
+        f"recall@{k}": recall_at_k(ranked, rel_all, k),
+        f"ndcg@{k}": ndcg_at_k(ranked, rel_all, k),
+        "auc": float(a),
+        "n_users": int(users.size),
+    }

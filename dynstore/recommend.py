@@ -1,0 +1,258 @@
+"""Serving: user vectors, top-k, similar items, scores.
+
+A version's item matrix is loaded once per process and extended in memory
+with items added since the version was built (encoded on demand, fused with
+the version's parameters), so new items are recommendable at once. User
+vectors are computed at query time from the user's attributes and latest
+history, so a new interaction changes recommendations at once, without a
+refresh.
+
+Cold start: a user with no history and no attributes gets ``x_u = u0``,
+which ranks items by their bias plus ``w_i · u0`` (in the untrained version:
+recent popularity); with known attributes, ``U a_u`` turns that into
+popularity within the user's segment.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Iterable, Sequence
+
+import numpy as np
+
+from .errors import DynstoreError
+
+__all__ = ["recommend", "recommend_many", "serving_state", "MAX_K"]
+
+MAX_K = 10_000
+BATCH_USERS = 512
+
+
+@dataclass
+class ServingState:
+    version: int
+    model: Any
+    ids: list
+    row: dict
+    Wf: np.ndarray
+    bias: np.ndarray
+    user_row: dict          # user_id -> index into ptr / UA
+    ptr: np.ndarray         # CSR over users' history, ordered by ts
+    hist_item: np.ndarray
+    hist_label: np.ndarray
+    hist_ts: np.ndarray
+    UA: np.ndarray          # [n_known_users, fu]
+    ua_row: dict            # user_id -> row of UA
+    pos_ptr: np.ndarray     # CSR of positives, for exclusion
+    pos_item: np.ndarray
+
+
+def check_k(k: Any) -> int:
+    try:
+        k = int(k)
+    except (TypeError, ValueError):
+        raise DynstoreError(f"k must be an integer between 1 and {MAX_K}, got {k!r}") from None
+    if not 1 <= k <= MAX_K:
+        raise DynstoreError(f"k must be between 1 and {MAX_K}, got {k}")
+    return k
+
+
+def serving_state(store, version: int | None = None) -> ServingState:
+    from .versions import load_version
+
+    lv = load_version(store, version)
+    items = store._dataset("items")
+    inter = store._dataset("interactions")
+    users = store._dataset("users")
+    key = (lv.version, id(lv), *(d.version if d is not None else 0 for d in (items, inter, users)))
+    cached = store._cache.get("serving")
+    if cached is not None and cached[0] == key:
+        return cached[1]
+    ids, row, Wf, bias = list(lv.ids), dict(lv.row), lv.Wf, lv.bias
+    if items is not None:
+        table = items.to_table()
+        all_ids = table.column("item_id").to_pylist()
+        new_pos = [n for n, i in enumerate(all_ids) if i not in row]
+        if new_pos:
+            from .semantic import semantic_vectors
+
+            new_ids = [all_ids[n] for n in new_pos]
+            V, _ = semantic_vectors(store, new_ids)
+            A = lv.item_spec.transform(table.take(new_pos))
+            Wn, bn = lv.model.item_side(V, A, None)
+            Wf = np.vstack([Wf, Wn.astype(np.float32)])
+            bias = np.concatenate([bias, bn.astype(np.float32)])
+            for i in new_ids:
+                row[i] = len(ids)
+                ids.append(i)
+    user_row: dict = {}
+    ptr = np.zeros(1, np.int64)
+    hist_item = np.zeros(0, np.int64)
+    hist_label = np.zeros(0, np.int8)
+    hist_ts = np.zeros(0, np.int64)
+    pos_ptr = np.zeros(1, np.int64)
+    pos_item = np.zeros(0, np.int64)
+    if inter is not None:
+        con = store.connection()
+        try:
+            t = con.sql(
+                "SELECT user_id, item_id, epoch(ts)::BIGINT AS ts, "
+                "CASE WHEN event = 'impression' THEN 0 ELSE label END AS label FROM interactions"
+            ).to_arrow_table()
+        finally:
+            con.close()
+        u_ids = t.column("user_id").to_pylist()
+        it = t.column("item_id").to_pylist()
+        item_idx = np.fromiter((row.get(i, -1) for i in it), np.int64, len(it))
+        uniq = {}
+        u_idx = np.fromiter((uniq.setdefault(u, len(uniq)) for u in u_ids), np.int64, len(u_ids))
+        ts = t.column("ts").to_numpy(zero_copy_only=False)
+        lab = t.column("label").to_numpy(zero_copy_only=False).astype(np.int8)
+        keep = item_idx >= 0
+        u_idx, item_idx, ts, lab = u_idx[keep], item_idx[keep], ts[keep], lab[keep]
+        order = np.lexsort((ts, u_idx))
+        u_idx, item_idx, ts, lab = u_idx[order], item_idx[order], ts[order], lab[order]
+        counts = np.bincount(u_idx, minlength=len(uniq))
+        ptr = np.concatenate([[0], np.cumsum(counts)])
+        hist_item, hist_label, hist_ts = item_idx, lab, ts
+        user_row = uniq
+        pos = lab == 1
+        pos_counts = np.bincount(u_idx[pos], minlength=len(uniq))
+        pos_ptr = np.concatenate([[0], np.cumsum(pos_counts)])
+        pos_item = item_idx[pos]
+    fu = lv.user_spec.width
+    UA = np.zeros((0, fu), np.float32)
+    ua_row: dict = {}
+    if users is not None and fu:
+        ut = users.to_table()
+        UA = np.asarray(lv.user_spec.transform(ut), np.float32)
+        ua_row = {u: n for n, u in enumerate(ut.column("user_id").to_pylist())}
+    state = ServingState(lv.version, lv.model, ids, row, np.ascontiguousarray(Wf, np.float32),
+                         np.asarray(bias, np.float32), user_row, ptr, hist_item, hist_label, hist_ts,
+                         UA, ua_row, pos_ptr, pos_item)
+    store._cache["serving"] = (key, state)
+    return state
+
+
+def _gather(ptr: np.ndarray, rows: np.ndarray, *arrays: np.ndarray):
+    """CSR slices of ``rows`` (-1 = empty) concatenated: (new_ptr, *values)."""
+    starts = np.where(rows >= 0, ptr[np.maximum(rows, 0)], 0)
+    ends = np.where(rows >= 0, ptr[np.maximum(rows, 0) + 1], 0)
+    lens = ends - starts
+    new_ptr = np.concatenate([[0], np.cumsum(lens)])
+    idx = np.repeat(starts - new_ptr[:-1], lens) + np.arange(new_ptr[-1])
+    return (new_ptr, *(a[idx] for a in arrays))
+
+
+def user_vectors(state: ServingState, user_ids: Sequence[Any]) -> np.ndarray:
+    rows = np.array([state.user_row.get(u, -1) for u in user_ids], np.int64)
+    hptr, hitem, hlab, hts = _gather(state.ptr, rows, state.hist_item, state.hist_label, state.hist_ts)
+    UA = np.zeros((len(user_ids), state.UA.shape[1]), np.float32)
+    if state.UA.shape[1]:
+        for n, u in enumerate(user_ids):
+            r = state.ua_row.get(u)
+            if r is not None:
+                UA[n] = state.UA[r]
+    return np.asarray(state.model.user_vectors(UA, hptr, hitem, hlab, hts, state.Wf), np.float32)
+
+
+def _topk(scores: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    import torch
+
+    t = torch.from_numpy(scores)
+    k = min(k, scores.shape[1])
+    val, idx = torch.topk(t, k, dim=1)
+    return val.numpy(), idx.numpy()
+
+
+def recommend_many(store, user_ids: Sequence[Any], k: int, *, version: int | None = None,
+                   candidates: Iterable[Any] | None = None) -> list[list[dict]]:
+    """Top-``k`` lists for many users: one matrix product per batch of users.
+
+    Items the user already interacted with positively are excluded. With
+    ``candidates`` only those items are ranked, so exactly ``k`` come back
+    whenever ``k`` unseen candidates exist.
+    """
+    k = check_k(k)
+    state = serving_state(store, version)
+    W, b = state.Wf, state.bias
+    cand_rows = None
+    if candidates is not None:
+        cand_rows = np.array(sorted({state.row[c] for c in candidates if c in state.row}), np.int64)
+        W, b = W[cand_rows], b[cand_rows]
+    out: list[list[dict]] = []
+    ids = state.ids
+    for start in range(0, len(user_ids), BATCH_USERS):
+        batch = list(user_ids[start:start + BATCH_USERS])
+        X = user_vectors(state, batch)
+        logits = X @ W.T + b
+        rows = np.array([state.user_row.get(u, -1) for u in batch], np.int64)
+        pptr, pitem = _gather(state.pos_ptr, rows, state.pos_item)
+        r = np.repeat(np.arange(len(batch)), np.diff(pptr))
+        if cand_rows is None:
+            logits[r, pitem] = -np.inf
+        elif len(pitem):
+            where = np.searchsorted(cand_rows, pitem)
+            hit = (where < len(cand_rows)) & (cand_rows[np.minimum(where, len(cand_rows) - 1)] == pitem)
+            logits[r[hit], where[hit]] = -np.inf
+        val, idx = _topk(logits, k)
+        prob = 1.0 / (1.0 + np.exp(-val.astype(np.float64)))
+        for n in range(len(batch)):
+            ok = np.isfinite(val[n])
+            cols = idx[n][ok] if cand_rows is None else cand_rows[idx[n][ok]]
+            out.append([{"item_id": ids[c], "score": float(p)} for c, p in zip(cols, prob[n][ok])])
+    return out
+
+
+def recommend(store, user_id: Any, k: int = 10, *, version: int | None = None,
+              candidates: Iterable[Any] | None = None) -> list[dict]:
+    """Top-``k`` for one user; see :func:`recommend_many`."""
+    return recommend_many(store, [user_id], k, version=version, candidates=candidates)[0]
+
+
+def scores(store, user_ids: Sequence[Any], item_ids: Sequence[Any]) -> list[float | None]:
+    """``p_ui`` for pairs; None where the item is unknown."""
+    state = serving_state(store)
+    X = user_vectors(state, user_ids)
+    out: list[float | None] = []
+    for n, item in enumerate(item_ids):
+        r = state.row.get(item)
+        if r is None or user_ids[n] is None:
+            out.append(None)
+            continue
+        z = float(X[n] @ state.Wf[r] + state.bias[r])
+        out.append(1.0 / (1.0 + np.exp(-z)))
+    return out
+
+
+def similar_items(store, item_id: Any, k: int) -> list[dict] | None:
+    """Items whose fused vectors are closest (cosine) to ``item_id``'s."""
+    k = check_k(k)
+    state = serving_state(store)
+    r = state.row.get(item_id)
+    if r is None:
+        return None
+    W = state.Wf
+    norms = np.linalg.norm(W, axis=1) + 1e-12
+    sims = (W @ W[r]) / (norms * norms[r])
+    sims[r] = -np.inf
+    val, idx = _topk(sims[None, :].astype(np.float32), k)
+    return [{"item_id": state.ids[c], "score": float(v)} for c, v in zip(idx[0], val[0]) if np.isfinite(v)]
+
+
+def recommend_from_examples(store, positive: Sequence[Any], negative: Sequence[Any], k: int) -> list[dict]:
+    """Rank items for a user described only by liked and disliked examples."""
+    k = check_k(k)
+    state = serving_state(store)
+    pos = [state.row[i] for i in (positive or []) if i in state.row]
+    neg = [state.row[i] for i in (negative or []) if i in state.row]
+    hist_item = np.array(pos + neg, np.int64)
+    hist_label = np.array([1] * len(pos) + [-1] * len(neg), np.int8)
+    hist_ts = np.zeros(len(hist_item), np.int64)
+    UA = np.zeros((1, state.UA.shape[1]), np.float32)
+    X = np.asarray(state.model.user_vectors(UA, np.array([0, len(hist_item)]), hist_item, hist_label,
+                                            hist_ts, state.Wf), np.float32)
+    logits = X @ state.Wf.T + state.bias
+    logits[0, hist_item] = -np.inf
+    val, idx = _topk(logits.astype(np.float32), k)
+    prob = 1.0 / (1.0 + np.exp(-val[0].astype(np.float64)))
+    return [{"item_id": state.ids[c], "score": float(p)} for c, p, v in zip(idx[0], prob, val[0]) if np.isfinite(v)]

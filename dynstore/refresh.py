@@ -1,0 +1,227 @@
+"""``refresh``: retrain from recent positives and negatives, publish a version.
+
+Steps: pin a snapshot; encode stale items; build training events from the
+window (positives and explicit negatives by the labelling rules, plus
+shown-but-ignored impressions: an ``impression`` with no positive from the
+same user on the same item at or after it); hold out the most recent 10% by
+time; warm-start the fusion and user model from the current version and
+train; evaluate candidate and current on the holdout; write version N+1 and
+promote it unless its NDCG@10 is worse than current's beyond a tolerance.
+
+A refresh that finds no interaction or item commit since the version it
+would replace is a no-op (``status: "noop"``), so cron can run it often.
+"""
+from __future__ import annotations
+
+import datetime as _dt
+import re
+import sys
+import time
+from typing import Any
+
+import numpy as np
+
+from .errors import ConfigError, DynstoreError
+
+__all__ = ["refresh", "evaluate_version", "parse_since"]
+
+TOLERANCE = 0.01   # relative NDCG@10 drop still promoted
+HOLDOUT = 0.10
+
+
+def parse_since(since: str | None, newest: _dt.datetime) -> _dt.datetime | None:
+    """Start of the training window; relative windows count back from ``newest``.
+
+    Examples
+    --------
+    >>> import datetime as dt
+    >>> parse_since("7d", dt.datetime(2025, 1, 8))
+    datetime.datetime(2025, 1, 1, 0, 0)
+    >>> parse_since("all", dt.datetime(2025, 1, 8)) is None
+    True
+    """
+    if since is None or str(since).lower() == "all":
+        return None
+    m = re.fullmatch(r"\s*(\d+)\s*([hdw])\s*", str(since))
+    if m:
+        n, unit = int(m.group(1)), m.group(2)
+        return newest - _dt.timedelta(hours=n) if unit == "h" else newest - _dt.timedelta(days=n * (7 if unit == "w" else 1))
+    try:
+        return _dt.datetime.fromisoformat(str(since))
+    except ValueError:
+        raise ConfigError(f"--since {since!r}: use e.g. 30d, 12w, 48h, a date like 2025-01-31, or 'all'") from None
+
+
+def _events(con, cutoff: _dt.datetime | None):
+    """Training events as Arrow: user_id, item_id, ts (epoch s), label (1/-1/0)."""
+    where = "" if cutoff is None else "WHERE ts >= ?"
+    params = [] if cutoff is None else [cutoff]
+    return con.sql(f"""
+        WITH w AS (SELECT user_id, item_id, ts, coalesce(event, '') AS event, label
+                   FROM interactions {where}),
+             pos AS (SELECT user_id, item_id, max(ts) AS last_pos FROM w WHERE label = 1 GROUP BY ALL)
+        SELECT w.user_id, w.item_id, epoch(w.ts)::BIGINT AS ts,
+               CAST(CASE WHEN w.event = 'impression' THEN 0 ELSE w.label END AS TINYINT) AS label
+        FROM w LEFT JOIN pos USING (user_id, item_id)
+        WHERE (w.event = 'impression' AND (pos.last_pos IS NULL OR pos.last_pos < w.ts))
+           OR (w.event <> 'impression' AND w.label <> 0)
+        ORDER BY w.ts
+    """, params=params or None).to_arrow_table()
+
+
+class _Prepared:
+    """Items, users and events of one snapshot mapped to matrix rows."""
+
+    def __init__(self, store, lv, con, cutoff):
+        from .semantic import semantic_vectors
+        from .versions import items_table, users_table
+
+        items = items_table(store)
+        self.items = items
+        self.ids = items.column("item_id").to_pylist()
+        self.item_row = {i: n for n, i in enumerate(self.ids)}
+        self.V, _ = semantic_vectors(store, self.ids)
+        self.A = np.asarray(lv.item_spec.transform(items), np.float32)
+        users = users_table(store)
+        self.user_ids = users.column("user_id").to_pylist()
+        self.user_row = {u: n for n, u in enumerate(self.user_ids)}
+        ev = _events(con, cutoff)
+        u = ev.column("user_id").to_pylist()
+        for x in u:
+            if x not in self.user_row:
+                self.user_row[x] = len(self.user_ids)
+                self.user_ids.append(x)
+        UA = np.asarray(lv.user_spec.transform(users), np.float32) if lv.user_spec.width else np.zeros((len(users), 0), np.float32)
+        self.UA = np.vstack([UA, np.zeros((len(self.user_ids) - len(UA), UA.shape[1]), np.float32)])
+        it = np.fromiter((self.item_row.get(i, -1) for i in ev.column("item_id").to_pylist()), np.int64)
+        us = np.fromiter((self.user_row[x] for x in u), np.int64, len(u))
+        keep = it >= 0
+        self.user, self.item = us[keep], it[keep]
+        self.ts = ev.column("ts").to_numpy(zero_copy_only=False)[keep].astype(np.int64)
+        self.label = ev.column("label").to_numpy(zero_copy_only=False)[keep].astype(np.int8)
+
+    def split(self, holdout: float = HOLDOUT):
+        """Train on all but the most recent ``holdout`` share of events."""
+        from .model import TrainingData
+
+        if len(self.ts) == 0:
+            cut = 0
+        else:
+            cut = np.quantile(self.ts, 1.0 - holdout, method="lower")
+        tr = self.ts < cut if len(self.ts) else np.zeros(0, bool)
+        if tr.sum() == 0 or (~tr).sum() == 0:
+            raise DynstoreError("not enough interactions in the window to train and evaluate; widen --since")
+        train = TrainingData(V=self.V, A=self.A, UA=self.UA, user=self.user[tr], item=self.item[tr],
+                             ts=self.ts[tr], label=self.label[tr])
+        return train, (self.user[~tr], self.item[~tr], self.label[~tr])
+
+    def residuals_of(self, lv) -> tuple[np.ndarray, np.ndarray]:
+        """The current version's per-item residuals, recovered from its rows."""
+        base_w, base_b = lv.model.item_side(self.V, self.A, None)
+        R = np.zeros_like(base_w)
+        rb = np.zeros(len(self.ids), np.float32)
+        for n, i in enumerate(self.ids):
+            r = lv.row.get(i)
+            if r is not None:
+                R[n] = lv.Wf[r] - base_w[n]
+                rb[n] = lv.bias[r] - base_b[n]
+        return R, rb
+
+
+def refresh(store, *, since: str | None = "30d", epochs: int | None = None, promote: bool = True,
+            finetune_encoder: bool = False, seed: int = 0, progress: bool = False, device: str | None = None,
+            tolerance: float = TOLERANCE, use_negatives: bool = True, force: bool = False) -> dict:
+    """Retrain, evaluate and publish a new embedding version (see module doc).
+
+    Returns ``{"version", "status", "metrics": {"candidate", "current"}, "counts", "durations"}``
+    or ``{"status": "noop", "reason"}``.
+    """
+    from .model import FusionModel, evaluate
+    from .semantic import encode
+    from .versions import build_version, list_versions, load_version
+    from .lock import writer_lock
+
+    if finetune_encoder:
+        raise ConfigError("--finetune-encoder is not supported by this version of dynstore")
+    parse_since(since, _dt.datetime.now())  # a bad --since fails before any work
+    timings: dict[str, float] = {}
+    t0 = time.perf_counter()
+    say = (lambda msg: print(msg, file=sys.stderr)) if progress else (lambda msg: None)
+    snap = store.snapshot()
+    if snap["interactions"] == 0:
+        return {"status": "noop", "reason": "no interactions ingested yet"}
+    rows = list_versions(store)
+    cur_row = next((r for r in rows if r["status"] == "current"), None)
+    latest = rows[0] if rows else None
+    if latest and not force and latest["snapshot"].get("interactions") == snap["interactions"] \
+            and latest["snapshot"].get("items") == snap["items"] and latest["snapshot"].get("since") == since:
+        return {"status": "noop", "reason": f"no new data since version {latest['version']}",
+                "version": latest["version"]}
+    say("encoding stale items ...")
+    with writer_lock(store.path, "encode", wait=60):
+        enc = encode(store, progress=progress)
+    timings["encode_s"] = enc["seconds"]
+    lv = load_version(store)
+    con = store.connection()
+    try:
+        newest = con.execute("SELECT max(ts) FROM interactions").fetchall()[0][0]
+        cutoff = parse_since(since, newest)
+        t1 = time.perf_counter()
+        prep = _Prepared(store, lv, con, cutoff)
+    finally:
+        con.close()
+    train, (hu, hi, hl) = prep.split()
+    timings["prepare_s"] = round(time.perf_counter() - t1, 3)
+    tensors, meta = lv.model.state()
+    meta = dict(meta, config=dict(meta["config"], seed=seed, use_negatives=use_negatives))
+    model = FusionModel.from_state(tensors, meta)
+    R0, rb0 = prep.residuals_of(lv)
+    say(f"training on {len(train.label)} events ({int((train.label == 1).sum())} positives) ...")
+    t2 = time.perf_counter()
+    dev = device
+    if dev is None:
+        from .encoder import probe_device
+
+        dev = probe_device(None)
+    stats = model.fit(train, epochs=epochs, device=dev, init_residuals=(R0, rb0))
+    timings["train_s"] = round(time.perf_counter() - t2, 3)
+    t3 = time.perf_counter()
+    m_cand = evaluate(model, train, hu, hi, hl, k=10)
+    m_cur = evaluate(lv.model, train, hu, hi, hl, residuals=(R0, rb0), k=10)
+    timings["eval_s"] = round(time.perf_counter() - t3, 3)
+    better = m_cand["ndcg@10"] >= m_cur["ndcg@10"] * (1.0 - tolerance)
+    status = "current" if (promote and better) else ("candidate" if better else "rejected")
+    R, rb = model.residuals if model.residuals is not None else (R0, rb0)
+    has = np.abs(rb) > 0
+    has |= np.abs(R).sum(axis=1) > 0
+    residuals = {prep.ids[n]: (R[n], rb[n]) for n in np.flatnonzero(has)}
+    counts = {"events": int(len(prep.label)), "train": int(len(train.label)), "holdout": int(len(hl)),
+              "positives": int((prep.label == 1).sum()), "negatives": int((prep.label == -1).sum()),
+              "impressions": int((prep.label == 0).sum()), "items": len(prep.ids), "users": len(prep.user_ids)}
+    window = "all" if cutoff is None else f"{cutoff:%Y-%m-%d %H:%M} .. {newest:%Y-%m-%d %H:%M}"
+    snap = dict(snap, since=since)
+    number = build_version(store, model, lv.item_spec, lv.user_spec, parent=lv.version, status=status,
+                           train_window=window, counts=counts,
+                           metrics={"candidate": m_cand, "current": m_cur, "train": stats},
+                           residuals=residuals, snapshot=snap, items=prep.items)
+    timings["total_s"] = round(time.perf_counter() - t0, 3)
+    return {"version": number, "parent": lv.version, "status": status,
+            "promoted": status == "current", "metrics": {"candidate": m_cand, "current": m_cur},
+            "counts": counts, "durations": timings, "window": window}
+
+
+def evaluate_version(store, *, version: int | None = None, k: int = 10, holdout: float = HOLDOUT) -> dict:
+    """Recall@k, NDCG@k and AUC of a version on the latest ``holdout`` slice."""
+    from .model import evaluate
+    from .versions import load_version
+
+    lv = load_version(store, version)
+    con = store.connection()
+    try:
+        prep = _Prepared(store, lv, con, None)
+    finally:
+        con.close()
+    train, (hu, hi, hl) = prep.split(holdout)
+    R, rb = prep.residuals_of(lv)
+    out = evaluate(lv.model, train, hu, hi, hl, residuals=(R, rb), k=k)
+    return {"version": lv.version, **out}

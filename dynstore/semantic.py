@@ -1,0 +1,223 @@
+"""Semantic vectors: the cache, stale detection and incremental encoding.
+
+The cache is one Lance dataset per encoder (``cache/<encoder-id>.lance``)
+keyed by the hash of the document text, so identical documents are encoded
+once, an item whose document did not change is never re-encoded, and a new
+encoder starts an empty cache while the old vectors stay. Encoding commits
+every chunk, so an interrupted run loses at most one chunk and a rerun
+resumes with what is still stale.
+"""
+from __future__ import annotations
+
+import re
+import sys
+import time
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+
+__all__ = ["encode", "store_encoder", "semantic_vectors", "register_cache"]
+
+CHUNK = 2048
+
+
+def store_encoder(store, device: str | None = None):
+    """The store's encoder (loaded once per process)."""
+    from .encoder import get_encoder
+
+    return get_encoder(store.config.model, device=device, max_length=store.config.max_length)
+
+
+def encoder_info(store) -> tuple[str, int]:
+    """(id, dim) of the store's encoder (loaded once per process, then cached)."""
+    key = (store.config.model, store.config.max_length)
+    hit = _INFO.get(key)
+    if hit is None:
+        enc = store_encoder(store)
+        hit = _INFO[key] = (enc.id, int(enc.dim))
+    return hit
+
+
+_INFO: dict[tuple, tuple[str, int]] = {}
+
+
+def cache_uri(store, encoder_id: str) -> str:
+    slug = re.sub(r"[^A-Za-z0-9._-]+", "_", encoder_id)
+    return str(store.path / "cache" / f"{slug}.lance")
+
+
+def cache_dataset(store, encoder_id: str | None = None):
+    import lance
+    import os
+
+    uri = cache_uri(store, encoder_id or encoder_info(store)[0])
+    return lance.dataset(uri) if os.path.isdir(os.path.join(uri, "_versions")) else None
+
+
+def _cache_schema(dim: int) -> pa.Schema:
+    return pa.schema([("doc_hash", pa.string()), ("vector", pa.list_(pa.float32(), dim))])
+
+
+def register_cache(store, con) -> None:
+    """Expose the current encoder's cache to SQL as ``_dynstore_semantic``."""
+    enc_id, dim = encoder_info(store)
+    ds = cache_dataset(store, enc_id)
+    con.register("_dynstore_semantic", ds if ds is not None else _cache_schema(dim).empty_table())
+
+
+def _write_cache(store, enc_id: str, hashes: list[str], vectors: np.ndarray) -> None:
+    import lance
+
+    dim = vectors.shape[1]
+    table = pa.table({"doc_hash": pa.array(hashes, pa.string()),
+                      "vector": pa.FixedSizeListArray.from_arrays(pa.array(vectors.reshape(-1), pa.float32()), dim)},
+                     schema=_cache_schema(dim))
+    ds = cache_dataset(store, enc_id)
+    if ds is None:
+        lance.write_dataset(table, cache_uri(store, enc_id), mode="create")
+    else:
+        # Upsert: `encode --all` rewrites vectors of documents already cached.
+        ds.merge_insert("doc_hash").when_matched_update_all().when_not_matched_insert_all().execute(table)
+
+
+def encode(store, *, all: bool = False, batch_size: int = 64, device: str | None = None,
+           progress: bool = False) -> dict:
+    """Encode the stale items of ``store`` (every item with ``all``).
+
+    Returns counts: ``items`` (total), ``stale``, ``encoded`` (distinct
+    documents sent to the encoder), ``reused`` (items served from the cache),
+    plus ``seconds`` and ``items_per_s``.
+
+    Examples
+    --------
+    >>> import tempfile, dynstore, polars as pl
+    >>> store = dynstore.init(tempfile.mkdtemp() + "/s", model="fake")
+    >>> _ = store.ingest("items", pl.DataFrame({"item_id": [1, 2], "title": ["red shoe", "red shoe"]}))
+    >>> r = store.encode()
+    >>> (r["stale"], r["encoded"])
+    (2, 1)
+    """
+    t0 = time.perf_counter()
+    enc = store_encoder(store, device=device)
+    con = store.connection()
+    try:
+        total = con.execute("SELECT count(*) FROM item_documents").fetchall()[0][0]
+        view = "item_documents" if all else "stale_items"
+        stale = con.execute(f"SELECT count(*) FROM {view}").fetchall()[0][0]
+        docs = con.execute(
+            f"SELECT doc_hash, any_value(document) FROM {view} GROUP BY doc_hash ORDER BY doc_hash"
+        ).fetchall()
+    finally:
+        con.close()
+    bar = None
+    if progress and docs:
+        from tqdm import tqdm
+
+        bar = tqdm(total=len(docs), unit="doc", desc="encoding", file=sys.stderr, dynamic_ncols=True)
+    try:
+        for start in range(0, len(docs), CHUNK):
+            part = docs[start:start + CHUNK]
+            vecs = enc.encode([d for _, d in part], batch_size=batch_size,
+                              progress=bar.update if bar is not None else None)
+            _write_cache(store, enc.id, [h for h, _ in part], np.asarray(vecs, dtype=np.float32))
+    finally:
+        if bar is not None:
+            bar.close()
+    ds = cache_dataset(store, enc.id)
+    if ds is not None and len(ds.get_fragments()) > 32:
+        ds.optimize.compact_files()
+    seconds = time.perf_counter() - t0
+    out = {"items": total, "stale": stale, "encoded": len(docs), "reused": total - stale,
+           "encoder": enc.id, "device": getattr(enc, "device", "cpu"), "seconds": round(seconds, 3),
+           "items_per_s": round(len(docs) / seconds, 1) if seconds > 0 else None}
+    from .versions import ensure_first_version
+
+    version = ensure_first_version(store)
+    if version is not None:
+        out["version"] = version
+    return out
+
+
+class SemanticIndex:
+    """In-memory view of the cache for fast lookups (one per cache version)."""
+
+    def __init__(self, ds, dim: int):
+        if ds is None:
+            self.hashes: dict[str, int] = {}
+            self.vectors = np.zeros((0, dim), np.float32)
+            return
+        t = ds.to_table(columns=["doc_hash", "vector"])
+        self.vectors = t.column("vector").combine_chunks().flatten().to_numpy(zero_copy_only=False).reshape(-1, dim)
+        self.hashes = {h: i for i, h in enumerate(t.column("doc_hash").to_pylist())}
+
+
+def _index(store) -> SemanticIndex:
+    enc_id, dim = encoder_info(store)
+    ds = cache_dataset(store, enc_id)
+    key = ("semantic", enc_id, ds.version if ds is not None else 0)
+    idx = store._cache.get("semantic")
+    if idx is None or idx[0] != key:
+        idx = (key, SemanticIndex(ds, dim))
+        store._cache["semantic"] = idx
+    return idx[1]
+
+
+def semantic_vectors(store, item_ids: list[Any], *, encode_missing: bool = True) -> tuple[np.ndarray, np.ndarray]:
+    """Semantic vectors of ``item_ids`` and a mask of which items exist.
+
+    Stale items are encoded on demand and, unless the store is read-only,
+    written to the cache. Unknown items get a zero row and ``False``.
+    """
+    enc_id, dim = encoder_info(store)
+    docs = item_docs(store)
+    idx = _index(store)
+    out = np.zeros((len(item_ids), dim), np.float32)
+    found = np.zeros(len(item_ids), bool)
+    missing: dict[str, list[int]] = {}
+    texts: dict[str, str | None] = {}
+    for pos, item in enumerate(item_ids):
+        entry = docs.get(item)
+        if entry is None:
+            continue
+        found[pos] = True
+        h, text = entry
+        row = idx.hashes.get(h)
+        if row is not None:
+            out[pos] = idx.vectors[row]
+        elif encode_missing:
+            missing.setdefault(h, []).append(pos)
+            texts[h] = text
+    if missing:
+        hashes = list(missing)
+        vecs = np.asarray(store_encoder(store).encode([texts[h] for h in hashes]), np.float32)
+        for h, v in zip(hashes, vecs):
+            out[missing[h]] = v
+        if not store.read_only:
+            from .errors import StoreBusy
+            from .lock import writer_lock
+
+            try:
+                with writer_lock(store.path, "encode", wait=0.2):
+                    _write_cache(store, enc_id, hashes, vecs)
+            except StoreBusy:
+                pass  # a running `encode` will store them; the result is the same
+    return out, found
+
+
+def item_docs(store) -> dict[Any, tuple[str, str | None]]:
+    """item_id -> (doc_hash, document) for the latest items (cached per items version)."""
+    items = store._dataset("items")
+    inter = store._dataset("interactions") if store.config.behaviour_summary else None
+    key = (items.version if items is not None else 0, inter.version if inter is not None else 0,
+           store.config.item_text, store.config.behaviour_summary)
+    cached = store._cache.get("docs")
+    if cached is None or cached[0] != key:
+        con = store.connection()
+        try:
+            rows = con.execute("SELECT item_id, doc_hash, document FROM item_documents").fetchall()
+        finally:
+            con.close()
+        cached = (key, {r[0]: (r[1], r[2]) for r in rows})
+        store._cache["docs"] = cached
+    return cached[1]

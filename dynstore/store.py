@@ -1,0 +1,408 @@
+"""The store: a directory of Lance datasets plus ``dynstore.toml``.
+
+Layout of a store directory::
+
+    dynstore.toml            format version, id types, rules, encoder
+    tables/<name>.lance      interactions, items, users (Lance, MVCC)
+    cache/semantic.lance     semantic vectors keyed by (doc_hash, encoder)
+    embeddings.lance         fused item embeddings, one row per version x item
+    versions.lance           the version registry
+    models/v<N>.safetensors  per-version model parameters (+ v<N>.json)
+    locks/<kind>.lock        writer locks (flock; released when a process dies)
+
+DuckDB is only the SQL engine: every connection is in-memory and scans the
+Lance datasets through Arrow, so a reader never holds a file lock that could
+keep a cron ``refresh`` out.
+"""
+from __future__ import annotations
+
+import datetime as _dt
+import os
+from importlib import resources
+from pathlib import Path
+from typing import Any, Iterable
+
+os.environ.setdefault("LANCE_LOG", "error")  # Lance warns on every first write
+
+import duckdb
+
+from . import functions
+from .config import CONFIG_NAME, StoreConfig
+from .errors import ConfigError, ReadOnlyError, StoreExists, StoreNotFound
+from .lock import writer_lock
+
+__all__ = ["connect", "init", "Store"]
+
+TABLES = ("interactions", "items", "users")
+
+
+def _sql_text(name: str) -> str:
+    return resources.files("dynstore.sql").joinpath(name).read_text(encoding="utf-8")
+
+
+def init(path: str | os.PathLike, *, positive: str | None = None, negative: str | None = None,
+         item_text: str | None = None, model: str | None = None, max_length: int | None = None) -> "Store":
+    """Create a new, empty store at ``path`` and open it.
+
+    Parameters
+    ----------
+    path : str or path-like
+        A directory that does not exist yet or is empty.
+    positive, negative : str, optional
+        SQL boolean expressions over interaction columns that label a row as
+        positive (1) or negative (-1); defaults ``value > 0`` / ``value <= 0``.
+    item_text : str, optional
+        SQL expression over item columns rendering an item's document.
+    model : str, optional
+        Encoder: a registered name (default ``"minilm"``) or a local Hugging Face path.
+
+    Examples
+    --------
+    >>> import tempfile, dynstore
+    >>> store = dynstore.init(tempfile.mkdtemp() + "/shop", positive="event = 'click'")
+    >>> store.sql("SELECT count(*) FROM interactions").fetchall()[0]
+    (0,)
+    """
+    root = Path(path)
+    if root.exists() and (not root.is_dir() or any(root.iterdir())):
+        raise StoreExists(f"{root}: already exists and is not empty; choose a new directory")
+    cfg = StoreConfig(created=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"))
+    if positive is not None:
+        cfg.positive = positive
+    if negative is not None:
+        cfg.negative = negative
+    if item_text is not None:
+        cfg.item_text = item_text
+    if model is not None:
+        cfg.model = str(model)
+    if max_length is not None:
+        cfg.max_length = int(max_length)
+    validate_rules(cfg)
+    if cfg.model not in ("minilm",) and not cfg.model.startswith("fake"):
+        from .encoder import get_encoder  # fail at init, not at the first encode
+
+        get_encoder(cfg.model, max_length=cfg.max_length)
+    root.mkdir(parents=True, exist_ok=True)
+    for sub in ("tables", "cache", "models", "locks"):
+        (root / sub).mkdir(exist_ok=True)
+    # The config is written last: a store without it is not a store, so a
+    # crash mid-init leaves a directory that `init` may simply be run on again
+    # after removing it, never a half-store that opens.
+    cfg.save(root / CONFIG_NAME)
+    return Store(root)
+
+
+def validate_rules(cfg: StoreConfig) -> None:
+    """Check labelling rules and the item document against DuckDB."""
+    con = duckdb.connect()
+    con.execute("CREATE TABLE interactions (user_id BIGINT, item_id BIGINT, ts TIMESTAMP, "
+                "event VARCHAR, value DOUBLE)")
+    for name, expr in (("positive", cfg.positive), ("negative", cfg.negative)):
+        if not expr or not expr.strip():
+            raise ConfigError(f"--{name}: empty rule")
+        try:
+            con.execute(f"SELECT CAST(({expr}) AS BOOLEAN) FROM interactions")
+        except duckdb.Error as exc:
+            first = str(exc).strip().splitlines()[0]
+            raise ConfigError(f"--{name} {expr!r} is not a valid rule over interaction columns "
+                              f"(user_id, item_id, ts, event, value): {first}") from None
+    con.close()
+
+
+def connect(path: str | os.PathLike, *, read_only: bool = False) -> "Store":
+    """Open the store at ``path``.
+
+    Parameters
+    ----------
+    path : str or path-like
+        A directory created by :func:`init` (``dynstore init``).
+    read_only : bool
+        Refuse every write and run SQL with DuckDB's external access disabled,
+        so queries cannot read or write files outside the store.
+
+    Examples
+    --------
+    >>> import tempfile, dynstore
+    >>> path = tempfile.mkdtemp() + "/s"
+    >>> _ = dynstore.init(path)
+    >>> with dynstore.connect(path) as store:
+    ...     store.sql("SELECT count(*) FROM items").fetchall()[0]
+    (0,)
+    """
+    return Store(Path(path), read_only=read_only)
+
+
+class Store:
+    """An open store. Cheap to create; holds no lock while idle."""
+
+    def __init__(self, path: Path, *, read_only: bool = False):
+        self.path = Path(path)
+        cfg_path = self.path / CONFIG_NAME
+        if not cfg_path.is_file():
+            why = "does not exist" if not self.path.exists() else "is not a dynstore store (no dynstore.toml)"
+            raise StoreNotFound(f"{self.path}: {why}; create one with `dynstore init`")
+        self.config = StoreConfig.load(cfg_path)
+        self.read_only = read_only
+        self._con: duckdb.DuckDBPyConnection | None = None
+        self._con_state: tuple | None = None
+        self._cache: dict[str, Any] = {}
+
+    # -- lifecycle -----------------------------------------------------------------
+    def __enter__(self) -> "Store":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        if self._con is not None:
+            self._con.close()
+            self._con = None
+        self._cache.clear()
+
+    def __repr__(self) -> str:
+        return f"<dynstore.Store {str(self.path)!r}{' read-only' if self.read_only else ''}>"
+
+    # -- datasets ------------------------------------------------------------------
+    def _dataset_uri(self, name: str) -> str:
+        if name in TABLES:
+            return str(self.path / "tables" / f"{name}.lance")
+        return str(self.path / f"{name}.lance")
+
+    def _dataset(self, name: str, version: int | None = None):
+        """The latest (or a pinned) version of a Lance dataset, or None."""
+        import lance
+
+        uri = self._dataset_uri(name)
+        if not os.path.isdir(os.path.join(uri, "_versions")):
+            return None
+        return lance.dataset(uri, version=version)
+
+    def _require_writable(self, what: str) -> None:
+        if self.read_only:
+            raise ReadOnlyError(f"{self.path}: opened read-only; cannot {what}")
+
+    def _reload_config(self) -> None:
+        self.config = StoreConfig.load(self.path / CONFIG_NAME)
+
+    def _save_config(self) -> None:
+        self._require_writable("change the config")
+        self.config.save(self.path / CONFIG_NAME)
+        self._con_state = None
+
+    def _record_id_types(self, id_types: dict[str, str]) -> None:
+        with writer_lock(self.path, "config"):
+            self._reload_config()
+            if self.config.id_types != {**self.config.id_types, **id_types}:
+                self.config.id_types.update(id_types)
+                self.config.save(self.path / CONFIG_NAME)
+        self._con_state = None
+
+    def snapshot(self) -> dict[str, int]:
+        """Latest committed version of every dataset (what a new query sees)."""
+        out = {}
+        for name in TABLES + ("embeddings", "versions", "semantic"):
+            ds = self._dataset(name) if name != "semantic" else self._semantic_dataset()
+            out[name] = ds.version if ds is not None else 0
+        return out
+
+    def _semantic_dataset(self):
+        import lance
+
+        uri = str(self.path / "cache" / "semantic.lance")
+        return lance.dataset(uri) if os.path.isdir(os.path.join(uri, "_versions")) else None
+
+    # -- SQL -----------------------------------------------------------------------
+    def connection(self) -> duckdb.DuckDBPyConnection:
+        """A new in-process DuckDB connection with every view and function.
+
+        The views see the datasets as of this call; open a new connection (or
+        use :meth:`sql`, which follows new commits) to see later writes.
+
+        Examples
+        --------
+        >>> import tempfile, dynstore
+        >>> store = dynstore.init(tempfile.mkdtemp() + "/s")
+        >>> con = store.connection()
+        >>> con.sql("SELECT count(*) FROM users").fetchall()[0]
+        (0,)
+        """
+        con = duckdb.connect(config={"threads": max(1, os.cpu_count() or 1)})
+        con.execute("SET TimeZone = 'UTC'")
+        self._register_datasets(con)
+        functions.apply(self, con)
+        for name in ("views.sql", "macros.sql"):
+            con.execute(self._render_sql(_sql_text(name)))
+        if self.read_only:
+            # Set last: the views above needed no file access, and once
+            # locked, SQL cannot turn external access back on.
+            con.execute("SET enable_external_access = false")
+            con.execute("SET lock_configuration = true")
+        return con
+
+    def _render_sql(self, text: str) -> str:
+        from .documents import item_document_sql
+
+        cfg = self.config
+        repl = {
+            "{{positive}}": cfg.positive,
+            "{{negative}}": cfg.negative,
+            "{{item_document}}": item_document_sql(self),
+        }
+        for key, val in repl.items():
+            text = text.replace(key, val)
+        return text
+
+    def _register_datasets(self, con: duckdb.DuckDBPyConnection) -> None:
+        import pyarrow as pa
+
+        id_type = {"int": pa.int64(), "string": pa.string()}
+        user_t = id_type.get(self.config.id_types.get("user"), pa.int64())
+        item_t = id_type.get(self.config.id_types.get("item"), pa.int64())
+        empties = {
+            "interactions": pa.schema([("user_id", user_t), ("item_id", item_t), ("ts", pa.timestamp("us")),
+                                       ("event", pa.string()), ("value", pa.float64())]),
+            "items": pa.schema([("item_id", item_t)]),
+            "users": pa.schema([("user_id", user_t)]),
+        }
+        for name in TABLES:
+            ds = self._dataset(name)
+            con.register(f"_dynstore_{name}", ds if ds is not None else empties[name].empty_table())
+        from .semantic import register_cache
+        from .versions import register_versions
+
+        register_cache(self, con)
+        register_versions(self, con)
+
+    def _connection_state(self) -> tuple:
+        cfg_mtime = os.stat(self.path / CONFIG_NAME).st_mtime_ns
+        return (cfg_mtime, tuple(sorted(self.snapshot().items())))
+
+    def sql(self, query: str, params: Iterable[Any] | None = None) -> duckdb.DuckDBPyRelation:
+        """Run SQL on the latest committed state; returns a DuckDB relation.
+
+        Examples
+        --------
+        >>> import tempfile, dynstore
+        >>> store = dynstore.init(tempfile.mkdtemp() + "/s")
+        >>> store.sql("SELECT 1 + 1 AS two").pl()["two"][0]
+        2
+        """
+        state = self._connection_state()
+        if self._con is None or state != self._con_state:
+            if state[0] != (self._con_state or (None,))[0]:
+                self._reload_config()
+            if self._con is not None:
+                self._con.close()
+            self._con = self.connection()
+            self._con_state = state
+        return self._con.sql(query, params=None if params is None else list(params))
+
+    # -- writes --------------------------------------------------------------------
+    def ingest(self, kind: str, source: Any, *, mapping: dict[str, str] | None = None,
+               format: str | None = None) -> dict:
+        """Load rows into ``interactions`` (append) or ``items``/``users`` (upsert).
+
+        ``source`` is a file path (CSV, TSV, Parquet, JSON/NDJSON), a list of
+        paths, a Polars or pandas DataFrame, or an Arrow table. The whole
+        source is validated and committed at once, or rejected with an
+        :class:`~dynstore.errors.IngestError` naming file, row and column.
+
+        Examples
+        --------
+        >>> import tempfile, dynstore, polars as pl
+        >>> store = dynstore.init(tempfile.mkdtemp() + "/s")
+        >>> store.ingest("items", pl.DataFrame({"item_id": [1, 2], "title": ["a", "b"]}))["rows"]
+        2
+        """
+        from .ingest import ingest
+
+        self._require_writable("ingest")
+        sources = list(source) if isinstance(source, (list, tuple)) else [source]
+        with writer_lock(self.path, f"ingest-{kind}" if kind in TABLES else "ingest"):
+            result = ingest(self, kind, sources, mapping=mapping, fmt=format)
+        self._con_state = None
+        return result
+
+    def configure(self, **changes: Any) -> StoreConfig:
+        """Change labelling rules, the item document or the encoder.
+
+        Examples
+        --------
+        >>> import tempfile, dynstore
+        >>> store = dynstore.init(tempfile.mkdtemp() + "/s")
+        >>> store.configure(positive="value >= 4").positive
+        'value >= 4'
+        """
+        self._require_writable("change the config")
+        allowed = {"positive", "negative", "item_text", "behaviour_summary", "model", "max_length"}
+        unknown = set(changes) - allowed
+        if unknown:
+            raise ConfigError(f"unknown setting {sorted(unknown)[0]!r}; settable: {', '.join(sorted(allowed))}")
+        with writer_lock(self.path, "config"):
+            self._reload_config()
+            new = StoreConfig(**self.config.as_dict())
+            for key, val in changes.items():
+                if val is not None:
+                    setattr(new, key, val)
+            validate_rules(new)
+            if "model" in changes and changes["model"]:
+                from .encoder import get_encoder
+
+                get_encoder(new.model, max_length=new.max_length)
+            old, self.config = self.config, new
+            try:
+                from .documents import check_item_text
+
+                check_item_text(self)
+            except Exception:
+                self.config = old
+                raise
+            self.config.save(self.path / CONFIG_NAME)
+        self._con_state = None
+        return self.config
+
+    # -- the recommender (implemented in their own modules) -------------------------
+    def encode(self, *, all: bool = False, batch_size: int = 64, device: str | None = None,
+               progress: bool = False) -> dict:
+        """Encode stale items (or every item with ``all=True``); see :mod:`dynstore.semantic`."""
+        from .semantic import encode
+
+        self._require_writable("encode")
+        with writer_lock(self.path, "encode"):
+            out = encode(self, all=all, batch_size=batch_size, device=device, progress=progress)
+        self._con_state = None
+        return out
+
+    def recommend(self, user_id: Any, k: int = 10, *, version: int | None = None,
+                  candidates: Iterable[Any] | None = None) -> list[dict]:
+        """Top-``k`` items for ``user_id`` as ``[{"item_id", "score"}, ...]``, best first."""
+        from .recommend import recommend
+
+        return recommend(self, user_id, k, version=version, candidates=candidates)
+
+    def refresh(self, **options: Any) -> dict:
+        """Retrain from recent positives and negatives; see :func:`dynstore.refresh.refresh`."""
+        from .refresh import refresh
+
+        self._require_writable("refresh")
+        with writer_lock(self.path, "refresh"):
+            out = refresh(self, **options)
+        self._con_state = None
+        return out
+
+    def versions(self) -> list[dict]:
+        """Every embedding version, newest first."""
+        from .versions import list_versions
+
+        return list_versions(self)
+
+    def rollback(self, version: int) -> dict:
+        """Make an older version ``current`` again."""
+        from .versions import rollback
+
+        self._require_writable("roll back")
+        with writer_lock(self.path, "refresh"):
+            out = rollback(self, version)
+        self._con_state = None
+        return out

@@ -1,0 +1,296 @@
+"""Embedding versions: the registry, fused item embeddings and parameters.
+
+A version is (1) a row in ``versions.lance``, (2) one row per item in
+``embeddings.lance`` holding the fused vector ``w_i`` and bias ``b_i``, and
+(3) ``models/v<N>.safetensors`` + ``models/v<N>.json`` with the fusion and
+user-model parameters and the attribute-feature specs. Embeddings and
+parameters are written first and the registry row last, in one Lance
+commit, so a reader (or a crash) sees the whole version or none of it.
+The registry is tiny and rewritten whole on every change, which makes a
+promotion (old current -> retired, new -> current) a single atomic commit.
+"""
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+
+from .errors import VersionNotFound
+
+__all__ = ["list_versions", "current_version", "build_version", "ensure_first_version", "rollback",
+           "load_version", "register_versions"]
+
+STATUSES = ("current", "candidate", "rejected", "retired")
+
+REGISTRY_SCHEMA = pa.schema([
+    ("version", pa.int64()), ("parent", pa.int64()), ("status", pa.string()),
+    ("created", pa.timestamp("us")), ("encoder", pa.string()), ("alpha", pa.float64()),
+    ("train_window", pa.string()), ("counts", pa.string()), ("metrics", pa.string()),
+    ("snapshot", pa.string()),
+])
+
+
+def _registry(store, pinned: int | None = None) -> pa.Table:
+    ds = store._dataset("versions", version=pinned)
+    return ds.to_table() if ds is not None else REGISTRY_SCHEMA.empty_table()
+
+
+def list_versions(store) -> list[dict]:
+    """Every version, newest first, with ``counts`` and ``metrics`` parsed.
+
+    Examples
+    --------
+    >>> import tempfile, dynstore
+    >>> dynstore.init(tempfile.mkdtemp() + "/s").versions()
+    []
+    """
+    rows = _registry(store).to_pylist()
+    for r in rows:
+        for key in ("counts", "metrics", "snapshot"):
+            r[key] = json.loads(r[key]) if r[key] else {}
+    return sorted(rows, key=lambda r: -r["version"])
+
+
+def current_version(store) -> int | None:
+    for r in list_versions(store):
+        if r["status"] == "current":
+            return r["version"]
+    return None
+
+
+def _write_registry(store, rows: list[dict]) -> None:
+    import lance
+
+    table = pa.Table.from_pylist(rows, schema=REGISTRY_SCHEMA)
+    lance.write_dataset(table, store._dataset_uri("versions"),
+                        mode="overwrite" if store._dataset("versions") is not None else "create")
+
+
+def _embedding_schema(store, dim: int) -> pa.Schema:
+    item_t = pa.string() if store.config.id_types.get("item") == "string" else pa.int64()
+    return pa.schema([("version", pa.int64()), ("item_id", item_t), ("doc_hash", pa.string()),
+                      ("vector", pa.list_(pa.float32(), dim)), ("bias", pa.float32())])
+
+
+def register_versions(store, con) -> None:
+    """Expose the registry and embeddings to SQL (empty until the first version)."""
+    from .semantic import encoder_info
+
+    ds = store._dataset("versions")
+    con.register("_dynstore_versions", ds if ds is not None else REGISTRY_SCHEMA.empty_table())
+    emb = store._dataset("embeddings")
+    if emb is None:
+        emb = _embedding_schema(store, encoder_info(store)[1]).empty_table()
+    con.register("_dynstore_embeddings", emb)
+
+
+def _next_version(store) -> int:
+    reg = _registry(store)
+    top = max(reg.column("version").to_pylist(), default=0)
+    emb = store._dataset("embeddings")
+    if emb is not None and emb.count_rows():
+        # Rows of a version whose registry commit never happened (a crash)
+        # are orphans: never reuse their number.
+        import pyarrow.compute as pc
+
+        top = max(top, pc.max(emb.to_table(columns=["version"]).column("version")).as_py() or 0)
+    return top + 1
+
+
+def items_table(store) -> pa.Table:
+    ds = store._dataset("items")
+    return ds.to_table() if ds is not None else pa.table({"item_id": pa.array([], pa.int64())})
+
+
+def users_table(store) -> pa.Table:
+    ds = store._dataset("users")
+    return ds.to_table() if ds is not None else pa.table({"user_id": pa.array([], pa.int64())})
+
+
+def build_version(store, model, item_spec, user_spec, *, parent: int | None, status: str,
+                  train_window: str = "", counts: dict | None = None, metrics: dict | None = None,
+                  residuals: dict | None = None, snapshot: dict | None = None,
+                  items: pa.Table | None = None) -> int:
+    """Write a new version (embeddings, parameters, registry row); return its number.
+
+    ``residuals`` maps item_id -> (residual vector, residual bias) for items
+    with enough history; other items are fused from content alone.
+    """
+    import lance
+    from safetensors.numpy import save_file
+
+    from .lock import writer_lock
+    from .semantic import encoder_info, item_docs, semantic_vectors
+
+    items = items if items is not None else items_table(store)
+    ids = items.column("item_id").to_pylist()
+    V, _ = semantic_vectors(store, ids)
+    A = item_spec.transform(items)
+    res = None
+    if residuals:
+        R = np.zeros_like(V)
+        rb = np.zeros(len(ids), np.float32)
+        for pos, item in enumerate(ids):
+            hit = residuals.get(item)
+            if hit is not None:
+                R[pos], rb[pos] = hit
+        res = (R, rb)
+    Wf, bias = model.item_side(V, A, res)
+    docs = item_docs(store)
+    enc_id, dim = encoder_info(store)
+    with writer_lock(store.path, "versions", wait=30):
+        number = _next_version(store)
+        tensors, meta = model.state()
+        meta = {"model": meta, "item_features": item_spec.to_dict(), "user_features": user_spec.to_dict(),
+                "encoder": enc_id, "version": number}
+        models = store.path / "models"
+        models.mkdir(exist_ok=True)
+        save_file({k: np.ascontiguousarray(v, dtype=np.float32) for k, v in tensors.items()},
+                  str(models / f"v{number}.safetensors"))
+        (models / f"v{number}.json").write_text(json.dumps(meta, indent=1))
+        schema = _embedding_schema(store, Wf.shape[1])
+        table = pa.table({
+            "version": pa.array(np.full(len(ids), number, np.int64)),
+            "item_id": pa.array(ids, schema.field("item_id").type),
+            "doc_hash": pa.array([docs.get(i, (None,))[0] for i in ids], pa.string()),
+            "vector": pa.FixedSizeListArray.from_arrays(pa.array(Wf.astype(np.float32).reshape(-1)), Wf.shape[1]),
+            "bias": pa.array(bias.astype(np.float32)),
+        }, schema=schema)
+        emb = store._dataset("embeddings")
+        lance.write_dataset(table, store._dataset_uri("embeddings"), mode="append" if emb is not None else "create")
+        rows = _registry(store).to_pylist()
+        if status == "current":
+            for r in rows:
+                if r["status"] == "current":
+                    r["status"] = "retired"
+        rows.append({
+            "version": number, "parent": parent, "status": status,
+            "created": _dt.datetime.now(_dt.timezone.utc).replace(tzinfo=None),
+            "encoder": enc_id, "alpha": float(meta["model"].get("alpha", tensors.get("alpha", [0])[0] if "alpha" in tensors else 0.0)),
+            "train_window": train_window, "counts": json.dumps(counts or {}),
+            "metrics": json.dumps(metrics or {}), "snapshot": json.dumps(snapshot or {}),
+        })
+        _write_registry(store, rows)
+    store._con_state = None
+    return number
+
+
+def ensure_first_version(store) -> int | None:
+    """Create version 1 with the untrained fusion once items are encoded.
+
+    The untrained fusion (documented in :meth:`FusionModel.untrained`) uses a
+    fixed seeded projection of the attributes, item biases from recent
+    popularity, and user vectors from liked/disliked items, so a store
+    recommends sensibly before its first ``refresh``.
+    """
+    if store._dataset("versions") is not None or store._dataset("items") is None:
+        return None
+    from .features import FeatureSpec
+    from .model import FusionModel
+    from .semantic import semantic_vectors
+
+    items = items_table(store)
+    if items.num_rows == 0:
+        return None
+    ids = items.column("item_id").to_pylist()
+    V, _ = semantic_vectors(store, ids)
+    item_spec = FeatureSpec.fit(items, "item_id")
+    user_spec = FeatureSpec.fit(users_table(store), "user_id")
+    A = item_spec.transform(items)
+    pop = recent_popularity(store, ids)
+    model = FusionModel.untrained(V, A, user_spec.width, pop)
+    return build_version(store, model, item_spec, user_spec, parent=None, status="current",
+                         train_window="untrained", counts={"items": len(ids)}, items=items)
+
+
+def recent_popularity(store, ids: list[Any], days: int = 30) -> np.ndarray:
+    """Positive interactions per item in the last ``days`` before the newest one."""
+    if store._dataset("interactions") is None:
+        return np.zeros(len(ids), np.float32)
+    con = store.connection()
+    try:
+        rows = con.execute(
+            "SELECT item_id, count(*) FROM interactions WHERE label = 1 AND "
+            f"ts >= (SELECT max(ts) FROM interactions) - INTERVAL '{int(days)} days' GROUP BY item_id"
+        ).fetchall()
+    finally:
+        con.close()
+    counts = dict(rows)
+    return np.array([counts.get(i, 0) for i in ids], np.float32)
+
+
+def rollback(store, version: int) -> dict:
+    """Make ``version`` current; the previous current becomes ``retired``."""
+    from .lock import writer_lock
+
+    with writer_lock(store.path, "versions", wait=30):
+        rows = _registry(store).to_pylist()
+        if not any(r["version"] == version for r in rows):
+            have = ", ".join(str(r["version"]) for r in sorted(rows, key=lambda r: r["version"])) or "none"
+            raise VersionNotFound(f"no version {version} in {store.path} (versions: {have})")
+        previous = None
+        for r in rows:
+            if r["status"] == "current":
+                previous = r["version"]
+                r["status"] = "retired"
+        for r in rows:
+            if r["version"] == version:
+                r["status"] = "current"
+        _write_registry(store, rows)
+    store._con_state = None
+    return {"version": version, "previous": previous, "status": "current"}
+
+
+@dataclass
+class LoadedVersion:
+    """A version's item matrix and parameters, loaded once per process."""
+
+    version: int
+    model: Any
+    item_spec: Any
+    user_spec: Any
+    ids: list
+    row: dict
+    Wf: np.ndarray
+    bias: np.ndarray
+
+
+def load_version(store, version: int | None = None) -> LoadedVersion:
+    """Load (and cache) ``version`` or the current one."""
+    from safetensors.numpy import load_file
+
+    from .features import FeatureSpec
+    from .model import FusionModel
+
+    if version is None:
+        version = current_version(store)
+        if version is None:
+            raise VersionNotFound(f"{store.path}: no embedding version yet; run `dynstore encode` first")
+    emb = store._dataset("embeddings")
+    key = (int(version), emb.version if emb is not None else 0)
+    cache = store._cache.setdefault("versions", {})
+    if key in cache:
+        return cache[key]
+    if not any(r["version"] == version for r in list_versions(store)):
+        raise VersionNotFound(f"no version {version} in {store.path}")
+    meta = json.loads((store.path / "models" / f"v{version}.json").read_text())
+    tensors = load_file(str(store.path / "models" / f"v{version}.safetensors"))
+    model = FusionModel.from_state(tensors, meta["model"])
+    t = emb.to_table(columns=["item_id", "vector", "bias"], filter=f"version = {int(version)}")
+    dim = t.schema.field("vector").type.list_size
+    Wf = t.column("vector").combine_chunks().flatten().to_numpy(zero_copy_only=False).reshape(-1, dim)
+    ids = t.column("item_id").to_pylist()
+    loaded = LoadedVersion(version=int(version), model=model,
+                           item_spec=FeatureSpec.from_dict(meta["item_features"]),
+                           user_spec=FeatureSpec.from_dict(meta["user_features"]),
+                           ids=ids, row={i: n for n, i in enumerate(ids)}, Wf=np.array(Wf, np.float32),
+                           bias=t.column("bias").to_numpy().astype(np.float32))
+    while len(cache) >= 4:  # a few versions side by side (current, a candidate, a rollback)
+        cache.pop(next(iter(cache)))
+    cache[key] = loaded
+    return loaded

@@ -1,0 +1,1 @@
+"""SQL files (schema, views, macros, examples) loaded by dynstore connections."""

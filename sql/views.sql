@@ -1,0 +1,36 @@
+-- Views over the store's Lance datasets. Loaded by every dynstore connection;
+-- {{...}} placeholders are filled from dynstore.toml.
+
+-- label: 1 positive, -1 negative, 0 neither, by the store's labelling rules.
+CREATE OR REPLACE VIEW interactions AS
+SELECT *,
+       CAST(CASE WHEN ({{positive}}) THEN 1 WHEN ({{negative}}) THEN -1 ELSE 0 END AS TINYINT) AS label
+FROM _dynstore_interactions;
+
+CREATE OR REPLACE VIEW items AS SELECT * FROM _dynstore_items;
+
+CREATE OR REPLACE VIEW users AS SELECT * FROM _dynstore_users;
+
+-- Each item's document (the text the encoder sees) and its hash.
+CREATE OR REPLACE VIEW item_documents AS
+SELECT item_id, document, md5(coalesce(document, '')) AS doc_hash
+FROM ({{item_document}});
+
+-- Items whose current document has no cached vector for the store's encoder.
+CREATE OR REPLACE VIEW stale_items AS
+SELECT d.item_id, d.document, d.doc_hash
+FROM item_documents d
+ANTI JOIN _dynstore_semantic c ON c.doc_hash = d.doc_hash;
+
+CREATE OR REPLACE VIEW versions AS
+SELECT version, parent, status, created, encoder, alpha, train_window, counts, metrics
+FROM _dynstore_versions;
+
+-- Fused item embeddings of every version, and of the current one.
+CREATE OR REPLACE VIEW item_embeddings_all AS
+SELECT version, item_id, vector, bias FROM _dynstore_embeddings;
+
+CREATE OR REPLACE VIEW item_embeddings AS
+SELECT e.item_id, e.vector, e.bias
+FROM _dynstore_embeddings e
+WHERE e.version = (SELECT max(version) FROM _dynstore_versions WHERE status = 'current');

@@ -1,0 +1,67 @@
+"""Shared fixtures: temporary stores, sample data, a CLI runner."""
+from __future__ import annotations
+
+import os
+
+import pytest
+
+os.environ.setdefault("LANCE_LOG", "error")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+from dynstore.demo import DEMO_RULES as SHOP_RULES
+
+
+@pytest.fixture
+def store_path(tmp_path):
+    return tmp_path / "store"
+
+
+@pytest.fixture
+def store(store_path):
+    """An empty store using the tiny fake encoder."""
+    import dynstore
+
+    s = dynstore.init(store_path, model="fake", **SHOP_RULES)
+    yield s
+    s.close()
+
+
+@pytest.fixture(scope="session")
+def shop_frames():
+    from dynstore.samples import shop
+
+    return shop.generate("tiny", seed=0)
+
+
+@pytest.fixture(scope="session")
+def shop_files(tmp_path_factory, shop_frames):
+    """The tiny sample shop as files: users.parquet, items.csv, interactions.parquet."""
+    d = tmp_path_factory.mktemp("shop")
+    shop_frames["users"].write_parquet(d / "users.parquet")
+    shop_frames["items"].write_csv(d / "items.csv")
+    shop_frames["interactions"].write_parquet(d / "interactions.parquet")
+    return d
+
+
+@pytest.fixture
+def loaded(store, shop_files):
+    """A fake-encoder store with the tiny shop ingested."""
+    store.ingest("users", shop_files / "users.parquet")
+    store.ingest("items", shop_files / "items.csv")
+    store.ingest("interactions", shop_files / "interactions.parquet")
+    return store
+
+
+@pytest.fixture
+def encoded(loaded):
+    """The tiny shop store, encoded (version 1 exists)."""
+    loaded.encode()
+    return loaded
+
+
+@pytest.fixture
+def runner():
+    from click.testing import CliRunner
+
+    return CliRunner()
