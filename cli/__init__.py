@@ -192,9 +192,7 @@ def recommend(store, user_id, k, version, log_impressions, as_json):
         uid = _coerce_id(s, "user", user_id)
         recs = s.recommend(uid, k, version=version)
         if log_impressions:
-            from dynstore.feedback import log_impressions as log
-
-            log(s, uid, [r["item_id"] for r in recs])
+            s.log_impressions(uid, [r["item_id"] for r in recs])
         titles = _title_map(s, [r["item_id"] for r in recs])
     if as_json:
         click.echo(_json([{"rank": n + 1, **r, "title": titles.get(r["item_id"])} for n, r in enumerate(recs)]))

@@ -62,11 +62,6 @@ def _py(arr) -> list:
     return arr.to_pylist()
 
 
-def _first_const(arr, name: str):
-    vals = {v for v in _py(arr) if v is not None}
-    return vals
-
-
 @sql_function("_dynstore_recommend", lambda s: [_uid(s), "BIGINT", "BIGINT"], _ranked)
 def _recommend(store, user_ids, ks, versions):
     from .recommend import recommend_many
@@ -168,8 +163,6 @@ def _user_vector(store, user_ids):
 @sql_function("log_impressions", lambda s: [_uid(s), f"{_iid(s)}[]"], "BIGINT", side_effects=True)
 def _log_impressions(store, user_ids, item_lists):
     """Append one ``impression`` interaction per shown item; returns rows written."""
-    from .feedback import log_impressions
-
-    counts = [None if u is None or items is None else log_impressions(store, u, items)
+    counts = [None if u is None or items is None else store.log_impressions(u, items)
               for u, items in zip(_py(user_ids), _py(item_lists))]
     return pa.array(counts, pa.int64())

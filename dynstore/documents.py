@@ -80,11 +80,14 @@ def check_item_text(store) -> None:
     """Fail with :class:`ConfigError` if the document expression does not bind."""
     if not store.config.item_text.strip():
         return
+    import duckdb
+
     con = store.connection()
     try:
-        con.execute("SELECT * FROM item_documents LIMIT 0")
-    except Exception as exc:
+        con.sql("SELECT document FROM item_documents LIMIT 1").fetchall()
+    except duckdb.Error as exc:
         first = str(exc).strip().splitlines()[0]
+        first = first.split("does not bind: ", 1)[-1]
         raise ConfigError(f"--item-text {store.config.item_text!r} is not a valid expression over item "
                           f"columns: {first}") from None
     finally:

@@ -40,6 +40,21 @@ def _sql_text(name: str) -> str:
     return resources.files("dynstore.sql").joinpath(name).read_text(encoding="utf-8")
 
 
+def _statements(text: str) -> list[str]:
+    """Split one of dynstore's own .sql files into statements (';' ends a line)."""
+    out, buf = [], []
+    for line in text.splitlines():
+        if line.lstrip().startswith("--") and not buf:
+            continue
+        buf.append(line)
+        if line.rstrip().endswith(";"):
+            out.append("\n".join(buf))
+            buf = []
+    if "".join(buf).strip():
+        out.append("\n".join(buf))
+    return out
+
+
 def init(path: str | os.PathLike, *, positive: str | None = None, negative: str | None = None,
          item_text: str | None = None, model: str | None = None, max_length: int | None = None) -> "Store":
     """Create a new, empty store at ``path`` and open it.
@@ -200,17 +215,15 @@ class Store:
 
     def snapshot(self) -> dict[str, int]:
         """Latest committed version of every dataset (what a new query sees)."""
+        from .semantic import cache_dataset
+
         out = {}
-        for name in TABLES + ("embeddings", "versions", "semantic"):
-            ds = self._dataset(name) if name != "semantic" else self._semantic_dataset()
+        for name in TABLES + ("embeddings", "versions"):
+            ds = self._dataset(name)
             out[name] = ds.version if ds is not None else 0
+        cache = cache_dataset(self)
+        out["semantic"] = cache.version if cache is not None else 0
         return out
-
-    def _semantic_dataset(self):
-        import lance
-
-        uri = str(self.path / "cache" / "semantic.lance")
-        return lance.dataset(uri) if os.path.isdir(os.path.join(uri, "_versions")) else None
 
     # -- SQL -----------------------------------------------------------------------
     def connection(self) -> duckdb.DuckDBPyConnection:
@@ -232,13 +245,32 @@ class Store:
         self._register_datasets(con)
         functions.apply(self, con)
         for name in ("views.sql", "macros.sql"):
-            con.execute(self._render_sql(_sql_text(name)))
+            for stmt in _statements(self._render_sql(_sql_text(name))):
+                try:
+                    con.execute(stmt)
+                except duckdb.Error as exc:
+                    if "VIEW item_documents" not in stmt:
+                        raise
+                    # A document expression that no longer binds (a column was
+                    # never ingested) must not make the whole store unusable:
+                    # only queries that need documents fail, with the reason.
+                    con.execute(self._broken_documents_view(exc))
         if self.read_only:
             # Set last: the views above needed no file access, and once
             # locked, SQL cannot turn external access back on.
             con.execute("SET enable_external_access = false")
             con.execute("SET lock_configuration = true")
         return con
+
+    def _broken_documents_view(self, exc: Exception) -> str:
+        from .ingest import lit
+
+        first = str(exc).strip().splitlines()[0]
+        msg = f"item document expression {self.config.item_text!r} does not bind: {first}"
+        id_t = "VARCHAR" if self.config.id_types.get("item") == "string" else "BIGINT"
+        return (f"CREATE OR REPLACE VIEW item_documents AS SELECT CAST(NULL AS {id_t}) AS item_id, "
+                f"CAST(error({lit(msg)}) AS VARCHAR) AS document, CAST(NULL AS VARCHAR) AS doc_hash "
+                "WHERE (SELECT count(*) FROM items) > 0")
 
     def _render_sql(self, text: str) -> str:
         from .documents import item_document_sql
@@ -292,8 +324,8 @@ class Store:
         if self._con is None or state != self._con_state:
             if state[0] != (self._con_state or (None,))[0]:
                 self._reload_config()
-            if self._con is not None:
-                self._con.close()
+            # The old connection is not closed: relations a caller still holds
+            # (they are lazy in DuckDB) keep working on their snapshot.
             self._con = self.connection()
             self._con_state = state
         return self._con.sql(query, params=None if params is None else list(params))
@@ -390,6 +422,13 @@ class Store:
             out = refresh(self, **options)
         self._con_state = None
         return out
+
+    def log_impressions(self, user_id: Any, items: Iterable[Any]) -> int:
+        """Record that ``items`` were shown to ``user_id`` (see :mod:`dynstore.feedback`)."""
+        from .feedback import log_impressions
+
+        self._require_writable("log impressions")
+        return log_impressions(self, user_id, list(items))
 
     def versions(self) -> list[dict]:
         """Every embedding version, newest first."""

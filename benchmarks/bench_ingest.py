@@ -1,0 +1,93 @@
+"""Ingest speed: dynstore vs writing the same rows straight to Lance.
+
+Baseline (same run): ``lance.write_dataset`` on DuckDB's ``read_parquet``
+Arrow stream. Query: ``GROUP BY event`` through a dynstore connection vs
+DuckDB on the raw Parquet file.
+
+    python benchmarks/bench_ingest.py --rows 1000000
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("LANCE_LOG", "error")
+
+
+def best_of(fn, repeat: int) -> float:
+    times = []
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return min(times)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--rows", type=int, default=1_000_000)
+    ap.add_argument("--repeat", type=int, default=3)
+    args = ap.parse_args()
+
+    import duckdb
+    import lance
+
+    import dynstore
+    from dynstore.samples import shop
+
+    work = Path(tempfile.mkdtemp(prefix="bench-ingest-"))
+    try:
+        frames = shop.generate(args.rows, seed=0)
+        parquet = work / "interactions.parquet"
+        frames["interactions"].write_parquet(parquet)
+        n = frames["interactions"].height
+        print(f"{n} interaction rows, {parquet.stat().st_size / 1e6:.1f} MB parquet")
+
+        def baseline():
+            out = work / "raw.lance"
+            shutil.rmtree(out, ignore_errors=True)
+            con = duckdb.connect()
+            reader = con.sql(f"SELECT * FROM read_parquet('{parquet}')").to_arrow_reader(64 * 1024)
+            lance.write_dataset(reader, out, mode="create", max_rows_per_file=4 * 1024 * 1024)
+
+        def ours() -> float:
+            d = work / "store"
+            shutil.rmtree(d, ignore_errors=True)
+            store = dynstore.init(d, model="fake")  # creating the store is not ingest
+            t0 = time.perf_counter()
+            store.ingest("interactions", parquet)
+            return time.perf_counter() - t0
+
+        t_base = best_of(baseline, args.repeat)
+        t_ours = min(ours() for _ in range(args.repeat))
+        print(f"ingest   lance.write_dataset: {t_base:.3f}s ({n / t_base:,.0f} rows/s)")
+        print(f"ingest   dynstore ingest:     {t_ours:.3f}s ({n / t_ours:,.0f} rows/s)")
+        print(f"ingest   ratio dynstore/baseline: {t_ours / t_base:.2f}x (target <= 1.3x)")
+
+        q = "SELECT event, count(*), avg(value) FROM {} GROUP BY event ORDER BY event"
+        raw = duckdb.connect()
+        store = dynstore.connect(work / "store")
+        con = store.connection()
+        assert sorted(raw.sql(q.format(f"read_parquet('{parquet}')")).fetchall()) == sorted(
+            con.sql(q.format("interactions")).fetchall())
+        t_raw = best_of(lambda: raw.sql(q.format(f"read_parquet('{parquet}')")).fetchall(), 5)
+        t_q = best_of(lambda: con.sql(q.format("interactions")).fetchall(), 5)
+        print(f"query    GROUP BY event on parquet: {t_raw * 1000:.1f} ms; through dynstore: {t_q * 1000:.1f} ms")
+        print(f"query    ratio dynstore/parquet: {t_q / t_raw:.2f}x (target <= 2x)")
+        print()
+        print("| benchmark | dynstore | baseline | ratio | target |")
+        print("|---|---|---|---|---|")
+        print(f"| ingest {n:,} interactions (Parquet) | {t_ours:.2f} s | {t_base:.2f} s (lance.write_dataset) | "
+              f"{t_ours / t_base:.2f}x | <= 1.3x |")
+        print(f"| `GROUP BY event` query | {t_q * 1000:.0f} ms | {t_raw * 1000:.0f} ms (DuckDB on Parquet) | "
+              f"{t_q / t_raw:.2f}x | <= 2x |")
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,164 @@
+"""Versions, fused embeddings and the recommend family of SQL functions."""
+from __future__ import annotations
+
+import datetime as dt
+
+import numpy as np
+import polars as pl
+import pyarrow as pa
+import pytest
+
+import dynstore
+from dynstore.errors import DynstoreError, VersionNotFound
+
+
+def ids_of(recs):
+    return [r["item_id"] for r in recs]
+
+
+def test_first_version_after_encode(encoded):
+    rows = encoded.sql("SELECT version, status, train_window FROM versions").fetchall()
+    assert rows == [(1, "current", "untrained")]
+    n = encoded.sql("SELECT count(*) FROM item_embeddings").fetchall()[0][0]
+    assert n == 80
+    dim = encoded.sql("SELECT len(vector) FROM item_embeddings LIMIT 1").fetchall()[0][0]
+    assert dim == 32
+    assert (encoded.path / "models" / "v1.safetensors").exists()
+    assert not list((encoded.path / "models").glob("*.pt")) and not list((encoded.path / "models").glob("*.bin"))
+
+
+def test_recommend_sql_matches_api_and_excludes_positives(encoded):
+    user = encoded.sql("SELECT user_id FROM interactions WHERE label = 1 GROUP BY 1 ORDER BY count(*) DESC "
+                       "LIMIT 1").fetchall()[0][0]
+    api = encoded.recommend(user, 10)
+    sql = encoded.sql(f"SELECT recommend({user}, 10)").fetchall()[0][0]
+    assert ids_of(api) == [r["item_id"] for r in sql]
+    assert [r["score"] for r in api] == sorted([r["score"] for r in api], reverse=True)
+    assert all(0 < r["score"] < 1 for r in api)
+    liked = {r[0] for r in encoded.sql(f"SELECT item_id FROM interactions WHERE user_id = {user} AND label = 1").fetchall()}
+    assert liked and not liked & set(ids_of(api))
+    table = encoded.sql(f"SELECT rank, item_id FROM recommendations({user}, 5)").fetchall()
+    assert [r[0] for r in table] == [1, 2, 3, 4, 5] and [r[1] for r in table] == ids_of(api)[:5]
+    joined = encoded.sql(f"SELECT r.rank, i.title FROM recommendations({user}, 3) r JOIN items i USING (item_id) "
+                         "ORDER BY r.rank").fetchall()
+    assert len(joined) == 3 and all(t for _, t in joined)
+
+
+def test_batch_sql_equals_single_user(encoded):
+    rows = encoded.sql("SELECT user_id, recommend(user_id, 5) AS r FROM users ORDER BY user_id").fetchall()
+    assert len(rows) == 60
+    for uid, recs in rows[:5]:
+        assert [r["item_id"] for r in recs] == ids_of(encoded.recommend(uid, 5))
+
+
+def test_k_validated(encoded):
+    with pytest.raises(DynstoreError, match="between 1 and 10000"):
+        encoded.recommend(1, 0)
+    with pytest.raises(Exception, match="between 1 and 10000"):
+        encoded.sql("SELECT recommend(1, 10001)").fetchall()
+
+
+def test_unknown_user_gets_cold_start_and_unknown_item_null(encoded):
+    cold = encoded.recommend(999_999, 5)
+    assert len(cold) == 5
+    pop = encoded.sql("SELECT item_id FROM interactions WHERE label = 1 GROUP BY 1 ORDER BY count(*) DESC LIMIT 20").fetchall()
+    assert set(ids_of(cold)) & {p[0] for p in pop}, "untrained cold start follows recent popularity"
+    assert encoded.sql("SELECT score(1, 987654), item_vector(987654), semantic_vector(987654)").fetchall()[0] == (None, None, None)
+    assert encoded.sql("SELECT similar_items(987654, 3)").fetchall()[0][0] is None
+
+
+def test_new_interaction_moves_recommendations_at_once(encoded):
+    # A user with no history; after liking an item, similar items rise.
+    user = 777_777
+    before = encoded.recommend(user, 10)
+    liked = 5
+    sims = [r["item_id"] for r in encoded.sql(f"SELECT unnest(similar_items({liked}, 5)) AS s").pl()["s"].to_list()]
+    encoded.ingest("interactions", pa.table({"user_id": [user], "item_id": [liked], "ts": ["2025-05-01T00:00:00"],
+                                             "event": ["purchase"], "value": [1.0]}))
+    after = encoded.recommend(user, 10)
+    assert liked not in ids_of(after)
+    rank = lambda recs: [ids_of(recs).index(s) if s in ids_of(recs) else 99 for s in sims]  # noqa: E731
+    assert sum(rank(after)) < sum(rank(before))
+    assert encoded.sql(f"SELECT score({user}, {sims[0]})").fetchall()[0][0] is not None
+
+
+def test_new_item_recommendable_at_once(encoded):
+    # A user who loves one category gets a brand-new item of that category.
+    fav = encoded.sql("SELECT i.category, count(*) FROM interactions x JOIN items i USING (item_id) "
+                      "WHERE x.label = 1 GROUP BY 1 ORDER BY 2 DESC LIMIT 1").fetchall()[0][0]
+    template = encoded.sql(f"SELECT * FROM items WHERE category = '{fav}' LIMIT 1").pl()
+    new = template.with_columns(pl.lit(10_001).cast(pl.Int64).alias("item_id"))
+    encoded.ingest("items", new)
+    user = 555_555
+    likes = encoded.sql(f"SELECT item_id FROM items WHERE category = '{fav}' AND item_id <> 10001 LIMIT 4").fetchall()
+    encoded.ingest("interactions", pa.table({"user_id": [user] * len(likes), "item_id": [r[0] for r in likes],
+                                             "ts": ["2025-05-01"] * len(likes), "event": ["click"] * len(likes)}))
+    recs = encoded.recommend(user, 10)
+    assert 10_001 in ids_of(recs)
+    assert encoded.sql("SELECT item_vector(10001) IS NOT NULL").fetchall()[0][0]
+
+
+def test_candidates_return_exactly_k(encoded):
+    user = 1
+    cands = encoded.sql("SELECT list(item_id) FROM items WHERE category = "
+                        "(SELECT category FROM items GROUP BY 1 ORDER BY count(*) DESC LIMIT 1)").fetchall()[0][0]
+    seen = {r[0] for r in encoded.sql(f"SELECT item_id FROM interactions WHERE user_id = {user} AND label = 1").fetchall()}
+    k = min(5, len(set(cands) - seen))
+    recs = encoded.sql(f"SELECT recommend_among({user}, {k}, ?)", [cands]).fetchall()[0][0]
+    assert len(recs) == k and all(r["item_id"] in cands for r in recs)
+    api = encoded.recommend(user, k, candidates=cands)
+    assert ids_of(api) == [r["item_id"] for r in recs]
+
+
+def test_recommend_from_examples(encoded):
+    pos = encoded.sql("SELECT list(item_id) FROM (SELECT item_id FROM items ORDER BY item_id LIMIT 3)").fetchall()[0][0]
+    recs = encoded.sql(f"SELECT recommend_from_examples({pos}, [50], 5)").fetchall()[0][0]
+    got = [r["item_id"] for r in recs]
+    assert len(got) == 5 and not set(got) & set(pos + [50])
+
+
+def test_vectors_and_similarity(encoded):
+    a, b = encoded.sql("SELECT item_vector(1), semantic_vector(1)").fetchall()[0]
+    assert len(a) == len(b) == 32
+    assert abs(np.linalg.norm(b) - 1) < 1e-5
+    u = encoded.sql("SELECT user_vector(1)").fetchall()[0][0]
+    assert len(u) == 32
+    sim = encoded.sql("SELECT similar_items(1, 4)").fetchall()[0][0]
+    assert len(sim) == 4 and 1 not in [s["item_id"] for s in sim]
+
+
+def test_versions_and_rollback(encoded):
+    r = encoded.refresh(since="all", epochs=2)
+    assert r["version"] == 2 and r["parent"] == 1
+    assert {v["version"] for v in encoded.versions()} == {1, 2}
+    v1 = ids_of(encoded.recommend(1, 5, version=1))
+    sql_v1 = [x["item_id"] for x in encoded.sql("SELECT recommend(1, 5, 1)").fetchall()[0][0]]
+    assert v1 == sql_v1
+    all_rows = encoded.sql("SELECT version, count(*) FROM item_embeddings_all GROUP BY 1 ORDER BY 1").fetchall()
+    assert all_rows == [(1, 80), (2, 80)]
+    encoded.rollback(1)
+    assert encoded.sql("SELECT version FROM versions WHERE status = 'current'").fetchall() == [(1,)]
+    with pytest.raises(VersionNotFound, match="no version 9"):
+        encoded.rollback(9)
+    with pytest.raises(VersionNotFound):
+        encoded.recommend(1, 5, version=9)
+
+
+def test_log_impressions_feeds_refresh(encoded):
+    n = encoded.sql("SELECT log_impressions(1, [2, 3, 4])").fetchall()[0][0]
+    assert n == 3
+    rows = encoded.sql("SELECT item_id, event, label FROM interactions WHERE user_id = 1 AND event = 'impression' "
+                       "AND value IS NULL ORDER BY item_id").fetchall()
+    assert rows == [(2, "impression", 0), (3, "impression", 0), (4, "impression", 0)]
+
+
+def test_string_ids_end_to_end(tmp_path):
+    s = dynstore.init(tmp_path / "s", model="fake")
+    s.ingest("items", pl.DataFrame({"item_id": ["a", "b", "c"], "title": ["red shoe", "blue shoe", "green hat"]}))
+    s.ingest("interactions", pl.DataFrame({"user_id": ["u1", "u2"], "item_id": ["a", "b"],
+                                           "ts": ["2025-01-01", "2025-01-02"]}))
+    s.encode()
+    recs = s.sql("SELECT recommend('u1', 2)").fetchall()[0][0]
+    assert [r["item_id"] for r in recs] and all(isinstance(r["item_id"], str) for r in recs)
+    assert "a" not in [r["item_id"] for r in recs]
+    s.close()
