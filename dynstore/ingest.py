@@ -138,8 +138,16 @@ def _to_arrow(src: Any) -> tuple[str, pa.Table]:
 
 
 def _one_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return text[0] if text else type(exc).__name__
+    """The useful part of a (multi-line) DuckDB or Lance error, on one line."""
+    lines = [l.strip() for l in str(exc).strip().splitlines() if l.strip()]
+    if not lines:
+        return type(exc).__name__
+    head = lines[0]
+    # DuckDB's CSV errors put the reason on a later line, after the raw line.
+    reason = next((l for l in lines[1:] if not l.startswith(("Original Line", "Possible Solution", "file =",
+                                                             "delimiter", "quote", "escape"))
+                   and "=" not in l[:20]), None)
+    return f"{head}: {reason}" if reason and "CSV Error" in head else head
 
 
 def _col(src: Source, name: str) -> str:
@@ -262,7 +270,15 @@ def checked_batches(reader: pa.RecordBatchReader, label: str, errors: list,
     raised so the Lance writer aborts without committing.
     """
     row = start_row
-    for batch in reader:
+    batches = iter(reader)
+    while True:
+        try:
+            batch = next(batches)
+        except StopIteration:
+            return
+        except (duckdb.Error, pa.ArrowException) as exc:  # a parse error deep inside the file
+            errors.append(IngestError(f"{label}: {_one_line(exc)}"))
+            raise _Abort() from None
         bad = batch.column(batch.schema.get_field_index("__bad"))
         if bad.null_count != len(bad):
             idx = pc.index(pc.is_valid(bad), True).as_py()

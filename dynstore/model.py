@@ -135,6 +135,9 @@ class ModelConfig:
     neg_weight: float = 1.0
     impression_weight: float = 0.3
     residual_dropout: float = 0.0
+    history_dropout: float = 0.1
+    history_stride: int = 8
+    scalar_lr_mult: float = 10.0
     time_decay_days: float | None = None
     seed: int = 0
     use_negatives: bool = True
@@ -450,8 +453,14 @@ class FusionModel:
         return X @ Wf.T + bias[None, :]
 
     # ---------------------------------------------------------------- training
-    def _prepare(self, data: TrainingData) -> dict[str, np.ndarray]:
-        """Sort events and find each event's history prefix (strictly earlier events)."""
+    def _prepare(self, data: TrainingData, n_warm: int, wmap: np.ndarray) -> dict:
+        """Sort events into history snapshots ("bags") and precompute their fixed parts.
+
+        Events of a user are taken in time order in runs of ``history_stride``; a run shares
+        one history: the user's events strictly before the run's first timestamp (so no
+        event of the run, nor anything later, leaks into its own input).
+        """
+        torch = _torch()
         cfg = self.config
         label = data.label
         keep = (label == 1) | (cfg.use_negatives & (label <= 0))
@@ -461,20 +470,47 @@ class FusionModel:
         span = int(trank.max(initial=0)) + 2
         key = data.user[idx] * span + trank
         order = np.lexsort((idx, key))  # by user, time, then log position
-        ev = idx[order]
-        key = key[order]
+        ev, key = idx[order], key[order]
+        user = data.user[ev]
         lab = label[ev]
+        # bags: consecutive runs of `stride` events of one user
+        new_user = np.r_[True, user[1:] != user[:-1]]
+        user_start = np.maximum.accumulate(np.where(new_user, np.arange(ev.size), 0))
+        pos_in_user = np.arange(ev.size) - user_start
+        stride = max(1, int(cfg.history_stride))
+        bag_first = new_user | (pos_in_user % stride == 0)
+        bag_of = np.cumsum(bag_first) - 1
+        first = np.flatnonzero(bag_first)
+        n_bags = first.size
+        bag_ptr = np.r_[first, ev.size].astype(np.int64)
+        bag_user = user[first]
+        bag_key = key[first]
+        out: dict = {"ev": ev, "label": lab, "bag_ptr": bag_ptr, "bag_user": bag_user,
+                     "n_bags": n_bags}
         is_pos = lab == 1
-        out: dict[str, np.ndarray] = {"ev": ev, "label": lab}
+        VA = np.concatenate([_normalise(data.V), data.A], axis=1).astype(np.float32)
         for name, sel in (("pos", is_pos), ("neg", ~is_pos)):
             k = key[sel]
             items = data.item[ev[sel]]
-            end = np.searchsorted(k, key, side="left")  # strictly before this event's time
-            first = np.searchsorted(k, data.user[ev] * span, side="left")
-            start = np.maximum(first, end - cfg.max_history)
-            out[name + "_items"] = items
-            out[name + "_start"] = start
-            out[name + "_end"] = end
+            end = np.searchsorted(k, bag_key, side="left")  # strictly before the run
+            lo = np.searchsorted(k, bag_user * span, side="left")
+            start = np.maximum(lo, end - cfg.max_history)
+            j, offsets = _ranges(start, end)
+            lens = np.maximum(end - start, 0)
+            w = _decay_weights(np.repeat(end - 1, lens) - j, np.repeat(lens, lens),
+                               cfg.half_life)
+            hist_items = items[j]
+            with torch.no_grad():  # the text/attribute part of a history never changes
+                hva = torch.nn.functional.embedding_bag(
+                    torch.from_numpy(hist_items), torch.from_numpy(VA),
+                    torch.from_numpy(offsets), mode="sum",
+                    per_sample_weights=torch.from_numpy(w)).numpy()
+            # residual part: only warm items carry a residual, so only they are kept
+            wr = wmap[hist_items] < n_warm
+            bag_of_entry = np.repeat(np.arange(n_bags), lens)[wr]
+            r_ptr = np.zeros(n_bags + 1, np.int64)
+            np.cumsum(np.bincount(bag_of_entry, minlength=n_bags), out=r_ptr[1:])
+            out[name] = (hva, r_ptr, wmap[hist_items[wr]], w[wr])
         w = np.where(lab == 1, 1.0, np.where(lab < 0, cfg.neg_weight, cfg.impression_weight))
         if cfg.time_decay_days:
             age = (data.ts[ev].max(initial=0) - data.ts[ev]) / 86400.0
@@ -508,8 +544,19 @@ class FusionModel:
         Returns
         -------
         dict
-            ``loss`` (last epoch's mean), ``epochs``, ``n_positive``, ``n_negative``,
-            ``n_impression``, ``n_warm_items``, ``seconds``.
+            ``loss`` (last epoch's weighted mean), ``epochs``, ``n_positive``,
+            ``n_negative``, ``n_impression``, ``n_warm_items``, ``seconds``.
+
+        Examples
+        --------
+        >>> import numpy as np
+        >>> rng = np.random.default_rng(0)
+        >>> data = TrainingData(V=rng.normal(size=(20, 4)), A=np.zeros((20, 0)),
+        ...     UA=np.zeros((5, 0)), user=rng.integers(0, 5, 100), item=rng.integers(0, 20, 100),
+        ...     ts=np.arange(100), label=np.ones(100, np.int8))
+        >>> stats = FusionModel(4, 0, 0, ModelConfig(epochs=2)).fit(data)
+        >>> stats["n_positive"]
+        100
         """
         torch = _torch()
         cfg = self.config
@@ -523,13 +570,13 @@ class FusionModel:
                 f"match the model (d={self.d}, fa={self.fa}, fu={self.fu})"
             )
         n_items = V.shape[0]
-        prep = self._prepare(data)
-        ev, lab = prep["ev"], prep["label"]
         n_pos_item = np.bincount(data.item[data.label == 1], minlength=n_items)
         warm = n_pos_item >= cfg.min_history
         n_warm = int(warm.sum())
-        wmap = np.full(n_items, n_warm, dtype=np.int64)  # n_warm = the constant zero row
+        wmap = np.full(n_items, n_warm, dtype=np.int64)  # row n_warm = constant zero row
         wmap[warm] = np.arange(n_warm)
+        prep = self._prepare(data, n_warm, wmap)
+        ev, lab = prep["ev"], prep["label"]
         R0 = np.zeros((n_warm, self.d), np.float32)
         rb0 = np.zeros(n_warm, np.float32)
         if init_residuals is not None:
@@ -544,6 +591,10 @@ class FusionModel:
         def t(x):
             return torch.as_tensor(np.ascontiguousarray(x), dtype=f32, device=dev)
 
+        def tl(x):
+            return torch.as_tensor(np.asarray(x), dtype=torch.long, device=dev)
+
+        d = self.d
         VA = t(np.concatenate([V, A], axis=1))  # constants: only W, biases, residuals learn
         UA = t(data.UA)
         P = {k: t(v).clone().requires_grad_(True) for k, v in self.params.items()}
@@ -552,89 +603,96 @@ class FusionModel:
             P["g_neg"].data.zero_()
         R = t(R0).requires_grad_(True)
         rb = t(rb0).requires_grad_(True)
-        zero_row = torch.zeros(1, self.d, dtype=f32, device=dev)
+        zero_row = torch.zeros(1, d, dtype=f32, device=dev)
         zero_b = torch.zeros(1, dtype=f32, device=dev)
-        shared = [P[k] for k in ("W", "bv", "ba", "u0", "U")]
-        scalars = [P[k] for k in _SCALARS if P[k].requires_grad]
         opt = torch.optim.AdamW(
             [
-                {"params": shared, "weight_decay": cfg.weight_decay},
-                {"params": scalars, "weight_decay": 0.0},
+                {"params": [P[k] for k in ("W", "bv", "ba", "u0", "U")],
+                 "weight_decay": cfg.weight_decay},
+                # scalars set the scale of whole terms: let them move faster
+                {"params": [P[k] for k in _SCALARS if P[k].requires_grad],
+                 "weight_decay": 0.0, "lr": cfg.lr * cfg.scalar_lr_mult},
                 {"params": [R, rb], "weight_decay": cfg.residual_decay},
             ],
             lr=cfg.lr,
         )
-        tl = lambda x: torch.as_tensor(x, dtype=torch.long, device=dev)  # noqa: E731
-        ev_user = data.user[ev]
-        ev_item = data.item[ev]
+        hist = {k: (t(prep[k][0]), prep[k][1], prep[k][2], prep[k][3])
+                for k in (("pos", "neg") if cfg.use_negatives else ("pos",))}
+        bag_ptr, n_bags = prep["bag_ptr"], prep["n_bags"]
+        bag_size = np.diff(bag_ptr)
+        ev_user, ev_item = data.user[ev], data.item[ev]
         y_all = (lab == 1).astype(np.float32)
-        n_ev = ev.size
-        bs = max(1, int(cfg.batch_size))
-        n_batches = max(1, math.ceil(n_ev / bs))
-        total_steps = epochs * n_batches
-        d = self.d
-        hl = cfg.half_life
+        weight_all = prep["weight"]
         neg_scale = cfg.n_sampled_negatives / max(1, cfg.sample_pool)
-        last_loss = float("nan")
+        bs = max(1, int(cfg.batch_size))
 
-        def history(kind: str, b: np.ndarray, Rx):
-            start, end = prep[kind + "_start"][b], prep[kind + "_end"][b]
-            j, offsets = _ranges(start, end)
-            lens = np.maximum(end - start, 0)
-            rank = np.repeat(end - 1, lens) - j
-            w = torch.as_tensor(_decay_weights(rank, np.repeat(lens, lens), hl), device=dev)
-            items = prep[kind + "_items"][j]
-            off = tl(offsets)
-            with torch.no_grad():
-                hva = torch.nn.functional.embedding_bag(
-                    tl(items), VA, off, mode="sum", per_sample_weights=w
-                )
-            hr = torch.nn.functional.embedding_bag(
-                tl(wmap[items]), Rx, off, mode="sum", per_sample_weights=w
-            )
-            return hva[:, :d] + P["alpha"] * (hva[:, d:] @ P["W"]) + hr
+        def residual_part(kind: str, bags: np.ndarray, keep: np.ndarray, Rx):
+            _, r_ptr, r_idx, r_w = hist[kind]
+            lo = np.where(keep, r_ptr[bags], 0)
+            hi = np.where(keep, r_ptr[bags + 1], 0)
+            j, offsets = _ranges(lo, hi)
+            return torch.nn.functional.embedding_bag(
+                tl(r_idx[j]), Rx, tl(offsets), mode="sum",
+                per_sample_weights=t(r_w[j]))
 
+        def vectors(Rx, rbx, items: np.ndarray, drop: np.ndarray | None = None):
+            rows = wmap[items]
+            if drop is not None:
+                rows = np.where(drop, n_warm, rows)
+            va = VA[tl(items)]
+            w = va[:, :d] + P["alpha"] * (va[:, d:] @ P["W"]) + Rx[tl(rows)]
+            b = P["b0"] + va[:, :d] @ P["bv"] + va[:, d:] @ P["ba"] + rbx[tl(rows)]
+            return w, b
+
+        # batches are runs of whole bags, so each history snapshot is built once a step
+        steps_per_epoch = max(1, math.ceil(ev.size / bs))
+        total_steps = epochs * steps_per_epoch
         step = 0
+        last_loss = float("nan")
         for _epoch in range(epochs):
-            perm = rng.permutation(n_ev)
+            perm = rng.permutation(n_bags)
+            batch_of = np.cumsum(bag_size[perm]) // bs
+            cuts = np.flatnonzero(np.r_[True, batch_of[1:] != batch_of[:-1], True])
+            keep_hist = rng.random(n_bags) >= cfg.history_dropout
             tot, cnt = 0.0, 0.0
-            for bi in range(n_batches):
-                b = perm[bi * bs : (bi + 1) * bs]
+            for c0, c1 in zip(cuts[:-1], cuts[1:]):
+                bags = perm[c0:c1]
+                kb = keep_hist[bags]
+                e_idx, _ = _ranges(bag_ptr[bags], bag_ptr[bags + 1])
+                e_bag = np.repeat(np.arange(bags.size), bag_size[bags])
                 Rx = torch.cat([R, zero_row])
                 rbx = torch.cat([rb, zero_b])
-                X = P["u0"] + UA[tl(ev_user[b])] @ P["U"] + P["g_pos"] * history("pos", b, Rx)
-                if cfg.use_negatives:
-                    X = X + P["g_neg"] * history("neg", b, Rx)
-                # targets: the events themselves
-                ti = ev_item[b]
-                wrow = wmap[ti]
+                Xb = P["u0"] + UA[tl(prep["bag_user"][bags])] @ P["U"]
+                kbt = t(kb)[:, None]
+                for kind, g in (("pos", "g_pos"), ("neg", "g_neg")):
+                    if kind not in hist:
+                        continue
+                    hva = hist[kind][0][tl(bags)] * kbt
+                    h = hva[:, :d] + P["alpha"] * (hva[:, d:] @ P["W"])
+                    h = h + residual_part(kind, bags, kb, Rx)
+                    Xb = Xb + P[g] * h
+                X = Xb[tl(e_bag)]
+                ti = ev_item[e_idx]
+                drop = None
                 if cfg.residual_dropout > 0:
-                    drop = rng.random(b.size) < cfg.residual_dropout
-                    wrow = np.where(drop, n_warm, wrow)
-                va = VA[tl(ti)]
-                wt = va[:, :d] + P["alpha"] * (va[:, d:] @ P["W"]) + Rx[tl(wrow)]
-                bt = P["b0"] + va[:, :d] @ P["bv"] + va[:, d:] @ P["ba"] + rbx[tl(wrow)]
+                    drop = rng.random(ti.size) < cfg.residual_dropout
+                wt, bt = vectors(Rx, rbx, ti, drop)
                 logit = (wt * X).sum(1) + bt
-                y = torch.as_tensor(y_all[b], device=dev)
-                wb = torch.as_tensor(prep["weight"][b], device=dev)
-                loss_ev = torch.nn.functional.binary_cross_entropy_with_logits(
-                    logit, y, weight=wb, reduction="sum"
-                )
-                # sampled negatives: one shared uniform pool scored against every positive
-                is_p = y_all[b] > 0
-                loss_s = torch.zeros((), device=dev)
+                y = t(y_all[e_idx])
+                wb_np = weight_all[e_idx]
+                wb = t(wb_np)
+                loss = torch.nn.functional.binary_cross_entropy_with_logits(
+                    logit, y, weight=wb, reduction="sum")
+                is_p = y_all[e_idx] > 0
                 if cfg.n_sampled_negatives > 0 and is_p.any():
+                    # one shared uniform pool, scored against every positive with one matmul
                     si = rng.integers(0, n_items, size=cfg.sample_pool)
-                    sw = wmap[si]
-                    vs = VA[tl(si)]
-                    ws = vs[:, :d] + P["alpha"] * (vs[:, d:] @ P["W"]) + Rx[tl(sw)]
-                    bsm = P["b0"] + vs[:, :d] @ P["bv"] + vs[:, d:] @ P["ba"] + rbx[tl(sw)]
+                    ws, bsm = vectors(Rx, rbx, si)
                     pm = tl(np.flatnonzero(is_p))
-                    ls = X[pm] @ ws.T + bsm
-                    sp = torch.nn.functional.softplus(ls).sum(1)  # BCE with label 0
-                    loss_s = neg_scale * (sp * wb[pm]).sum()
-                denom = float(prep["weight"][b].sum()) or 1.0
-                loss = (loss_ev + loss_s) / denom
+                    sp = torch.nn.functional.softplus(X[pm] @ ws.T + bsm).sum(1)  # BCE, y=0
+                    loss = loss + neg_scale * (sp * wb[pm]).sum()
+                denom = float(wb_np.sum()) or 1.0
+                loss = loss / denom
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
@@ -642,15 +700,14 @@ class FusionModel:
                 cnt += denom
                 step += 1
                 if progress is not None:
-                    progress(step, total_steps)
+                    progress(min(step, total_steps), total_steps)
             last_loss = tot / max(cnt, 1e-12)
 
         with torch.no_grad():
             for k in self.params:
                 self.params[k] = P[k].detach().cpu().numpy().astype(np.float32).reshape(
-                    self.params[k].shape
-                )
-            Rf = np.zeros((n_items, self.d), np.float32)
+                    self.params[k].shape)
+            Rf = np.zeros((n_items, d), np.float32)
             rbf = np.zeros(n_items, np.float32)
             Rf[warm] = R.detach().cpu().numpy()
             rbf[warm] = rb.detach().cpu().numpy()

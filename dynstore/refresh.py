@@ -65,7 +65,7 @@ def _events(con, cutoff: _dt.datetime | None):
         FROM w LEFT JOIN pos USING (user_id, item_id)
         WHERE (w.event = 'impression' AND (pos.last_pos IS NULL OR pos.last_pos < w.ts))
            OR (w.event <> 'impression' AND w.label <> 0)
-        ORDER BY w.ts
+        ORDER BY w.ts, w.user_id, w.item_id, label
     """, params=params or None).to_arrow_table()
 
 

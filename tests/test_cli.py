@@ -143,30 +143,24 @@ def test_config_cli(runner, store):
 
 
 def test_busy_store_exits_3(runner, loaded):
-    from dynstore.lock import writer_lock
-    import multiprocessing as mp
+    import subprocess
+    import sys
 
-    ready, release = mp.Event(), mp.Event()
-    proc = mp.get_context("spawn").Process(target=_hold, args=(str(loaded.path), ready, release))
-    proc.start()
+    code = (
+        "import pathlib, time\n"
+        "from dynstore.lock import writer_lock\n"
+        f"with writer_lock(pathlib.Path({str(loaded.path)!r}), 'encode'):\n"
+        "    print('held', flush=True)\n"
+        "    time.sleep(30)\n"
+    )
+    holder = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
     try:
-        assert ready.wait(10)
-        r = run(runner, "encode", loaded.path)
-        assert "busy" in one_line_error(r, code=3)
+        assert holder.stdout.readline().strip() == "held"
+        msg = one_line_error(run(runner, "encode", loaded.path), code=3)
+        assert "busy" in msg and "another encode" in msg
     finally:
-        release.set()
-        proc.join(10)
-    assert writer_lock  # imported for the child
-
-
-def _hold(path, ready, release):
-    from pathlib import Path
-
-    from dynstore.lock import writer_lock
-
-    with writer_lock(Path(path), "encode"):
-        ready.set()
-        release.wait(20)
+        holder.kill()
+        holder.wait()
 
 
 def test_demo_cli(runner, tmp_path):

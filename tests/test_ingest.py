@@ -161,3 +161,18 @@ def test_roundtrip_hypothesis(tmp_path_factory, data):
     back = s.sql("SELECT user_id, item_id, ts, value FROM interactions").fetchall()
     assert sorted(back, key=repr) == sorted(zip(users, items, stamps, values), key=repr)
     s.close()
+
+
+def test_invalid_utf8_and_format_override(store, tmp_path):
+    bad = tmp_path / "items.csv"
+    bad.write_bytes(b"item_id,title\n1,ok\n2,bad\xff\xfeend\n")
+    with pytest.raises(IngestError, match=r"items\.csv: .*Line: 3.*utf-8") as info:
+        store.ingest("items", bad)
+    assert "\n" not in str(info.value)
+    assert counts(store)["items"] == 0
+    odd = tmp_path / "items.data"
+    odd.write_text("item_id\ttitle\n1\tok\n")
+    with pytest.raises(IngestError, match="pass --format"):
+        store.ingest("items", odd)
+    store.ingest("items", odd, format="tsv")
+    assert store.sql("SELECT title FROM items").fetchall() == [("ok",)]

@@ -1,0 +1,112 @@
+"""refresh: training events, holdout evaluation, promotion, no-op, determinism."""
+from __future__ import annotations
+
+import datetime as dt
+import json
+
+import numpy as np
+import pyarrow as pa
+import pytest
+
+import dynstore
+from dynstore.errors import ConfigError
+from dynstore.refresh import _events, parse_since
+
+
+def test_parse_since_counts_back_from_newest():
+    newest = dt.datetime(2025, 3, 31, 12)
+    assert parse_since("30d", newest) == dt.datetime(2025, 3, 1, 12)
+    assert parse_since("2w", newest) == dt.datetime(2025, 3, 17, 12)
+    assert parse_since("6h", newest) == dt.datetime(2025, 3, 31, 6)
+    assert parse_since("2025-02-01", newest) == dt.datetime(2025, 2, 1)
+    assert parse_since("all", newest) is None
+    with pytest.raises(ConfigError, match="--since"):
+        parse_since("last tuesday", newest)
+
+
+def test_training_events_mark_shown_but_ignored(store):
+    t = lambda h: dt.datetime(2025, 1, 1, h)  # noqa: E731
+    rows = [
+        (1, 10, t(1), "impression"), (1, 10, t(2), "click"),       # shown then clicked: not a negative
+        (1, 11, t(1), "impression"),                               # shown, ignored: hard negative
+        (1, 12, t(3), "skip"),                                     # explicit negative
+        (2, 10, t(4), "purchase"), (2, 13, t(5), "impression"),
+        (2, 13, t(1), "click"),                                    # clicked before the impression: still ignored
+    ]
+    store.ingest("interactions", pa.table({"user_id": [r[0] for r in rows], "item_id": [r[1] for r in rows],
+                                           "ts": pa.array([r[2] for r in rows], pa.timestamp("us")),
+                                           "event": [r[3] for r in rows]}))
+    con = store.connection()
+    ev = _events(con, None).to_pylist()
+    got = sorted((e["user_id"], e["item_id"], e["label"]) for e in ev)
+    assert got == [(1, 10, 1), (1, 11, 0), (1, 12, -1), (2, 10, 1), (2, 13, 0), (2, 13, 1)]
+    recent = _events(con, dt.datetime(2025, 1, 1, 3)).to_pylist()
+    assert sorted((e["user_id"], e["item_id"]) for e in recent) == [(1, 12), (2, 10), (2, 13)]
+
+
+def test_refresh_publishes_evaluated_version(encoded):
+    out = encoded.refresh(since="all", epochs=3)
+    assert out["version"] == 2 and out["parent"] == 1
+    assert out["status"] in ("current", "rejected")
+    for side in ("candidate", "current"):
+        m = out["metrics"][side]
+        assert set(m) >= {"recall@10", "ndcg@10", "auc"} and 0 <= m["ndcg@10"] <= 1
+    assert out["counts"]["impressions"] > 0 and out["counts"]["negatives"] > 0
+    row = encoded.sql("SELECT status, metrics, parent FROM versions WHERE version = 2").fetchall()[0]
+    assert json.loads(row[1])["candidate"]["ndcg@10"] == pytest.approx(out["metrics"]["candidate"]["ndcg@10"])
+    assert (encoded.path / "models" / "v2.safetensors").exists()
+
+
+def test_second_refresh_without_new_data_is_noop(encoded, runner=None):
+    encoded.refresh(since="all", epochs=1)
+    again = encoded.refresh(since="all", epochs=1)
+    assert again["status"] == "noop" and "no new data" in again["reason"]
+    encoded.ingest("interactions", pa.table({"user_id": [1], "item_id": [2], "ts": ["2025-06-01"],
+                                             "event": ["click"]}))
+    third = encoded.refresh(since="all", epochs=1)
+    assert third["status"] != "noop" and third["version"] == 3
+
+
+def test_no_promote_keeps_candidate_and_current(encoded):
+    out = encoded.refresh(since="all", epochs=1, promote=False)
+    assert out["status"] in ("candidate", "rejected")
+    assert encoded.sql("SELECT version FROM versions WHERE status = 'current'").fetchall() == [(1,)]
+    # a candidate stays queryable by number
+    assert encoded.recommend(1, 3, version=out["version"])
+
+
+def test_refresh_is_deterministic_for_a_seed(shop_files, tmp_path):
+    from dynstore.demo import DEMO_RULES
+
+    results = []
+    for name in ("a", "b"):
+        s = dynstore.init(tmp_path / name, model="fake", **DEMO_RULES)
+        s.ingest("items", shop_files / "items.csv")
+        s.ingest("interactions", shop_files / "interactions.parquet")
+        s.encode()
+        s.refresh(since="all", epochs=2, seed=7)
+        results.append(s.sql("SELECT item_id, vector FROM item_embeddings_all WHERE version = 2 ORDER BY item_id").fetchall())
+        s.close()
+    assert results[0] == results[1]
+
+
+def test_refresh_without_interactions_is_noop(store):
+    assert store.refresh()["status"] == "noop"
+
+
+def test_refresh_learns_planted_preferences(tmp_path):
+    """On the small shop, the trained version beats the untrained one on the holdout."""
+    from dynstore.demo import DEMO_RULES
+    from dynstore.samples import shop
+
+    frames = shop.generate("small", seed=1)
+    s = dynstore.init(tmp_path / "s", model="fake", **DEMO_RULES)
+    s.ingest("users", frames["users"])
+    s.ingest("items", frames["items"])
+    s.ingest("interactions", frames["interactions"])
+    s.encode()
+    out = s.refresh(since="all", epochs=4)
+    cand, cur = out["metrics"]["candidate"], out["metrics"]["current"]
+    assert cand["ndcg@10"] > cur["ndcg@10"] and cand["auc"] > cur["auc"]
+    assert out["status"] == "current"
+    s.close()
