@@ -30,6 +30,8 @@ def main() -> None:
     ap.add_argument("--history", type=int, default=10, help="positives per user")
     ap.add_argument("--dim", type=int, default=384)
     ap.add_argument("--latency-queries", type=int, default=200)
+    ap.add_argument("--index-items", type=int, default=1_000_000,
+                    help="catalogue size for the vector-index latency run (0 skips it)")
     args = ap.parse_args()
 
     import polars as pl
@@ -40,22 +42,34 @@ def main() -> None:
 
     rng = np.random.default_rng(0)
     work = Path(tempfile.mkdtemp(prefix="bench-rec-"))
-    try:
-        store = dynstore.init(work / "s", model=f"fake:{args.dim}")
-        words = np.array([f"w{i}" for i in range(5000)])
-        titles = [" ".join(words[rng.integers(0, 5000, 8)]) for _ in range(args.items)]
-        store.ingest("items", pl.DataFrame({"item_id": np.arange(1, args.items + 1), "title": titles,
-                                            "category": rng.choice(["a", "b", "c", "d"], args.items)}))
-        n = args.users * args.history
+
+    def build(path, n_items, n_users, index_min_items=None):
+        store = dynstore.init(path, model=f"fake:{args.dim}")
+        if index_min_items is not None:
+            store.configure(index_min_items=index_min_items)
+        # 300 topics with their own vocabularies, so item vectors cluster as real ones do
+        words = np.array([f"w{i}" for i in range(6000)])
+        topic = rng.integers(0, 300, n_items)
+        picks = topic[:, None] * 20 + rng.integers(0, 20, (n_items, 6))
+        noise = rng.integers(0, 6000, (n_items, 2))
+        titles = [" ".join(words[np.concatenate([a, b])]) for a, b in zip(picks, noise)]
+        store.ingest("items", pl.DataFrame({"item_id": np.arange(1, n_items + 1), "title": titles,
+                                            "category": rng.choice(["a", "b", "c", "d"], n_items)}))
+        n = n_users * args.history
         store.ingest("interactions", pl.DataFrame({
-            "user_id": np.repeat(np.arange(1, args.users + 1), args.history),
-            "item_id": rng.integers(1, args.items + 1, n),
-            "ts": np.datetime64("2025-01-01T00:00:00", "us") + (rng.integers(0, 86400 * 60, n) * 1_000_000).astype("timedelta64[us]"),
+            "user_id": np.repeat(np.arange(1, n_users + 1), args.history),
+            "item_id": rng.integers(1, n_items + 1, n),
+            "ts": np.datetime64("2025-01-01T00:00:00", "us")
+            + (rng.integers(0, 86400 * 60, n) * 1_000_000).astype("timedelta64[us]"),
             "value": np.ones(n)}))
-        store.ingest("users", pl.DataFrame({"user_id": np.arange(1, args.users + 1)}))
+        store.ingest("users", pl.DataFrame({"user_id": np.arange(1, n_users + 1)}))
         t0 = time.perf_counter()
         store.encode()
-        print(f"setup: {args.items} items encoded (fake:{args.dim}) in {time.perf_counter() - t0:.1f}s")
+        print(f"setup: {n_items} items encoded (fake:{args.dim}) and version 1 built in {time.perf_counter() - t0:.1f}s")
+        return store
+
+    try:
+        store = build(work / "s", args.items, args.users, index_min_items=args.items + 1)  # exact path
         con = store.connection()
         con.sql("SELECT recommend(1, 10)").fetchall()  # loads the version once per process
 
@@ -92,6 +106,7 @@ def main() -> None:
               f"ratio {t_sql / t_np:.2f}x (target <= 1.5x); identical top-10 lists: {same}/{len(rows)} "
               f"(torch threads {torch_threads})")
 
+        p = lambda xs, q: 1000 * float(np.percentile(xs, q))  # noqa: E731
         lat_api, lat_sql = [], []
         for u in rng.integers(1, args.users + 1, args.latency_queries):
             t0 = time.perf_counter()
@@ -100,7 +115,6 @@ def main() -> None:
             t0 = time.perf_counter()
             con.sql(f"SELECT recommend({int(u)}, 10)").fetchall()
             lat_sql.append(time.perf_counter() - t0)
-        p = lambda xs, q: 1000 * float(np.percentile(xs, q))  # noqa: E731
         print(f"single user at {args.items} items: API p50 {p(lat_api, 50):.1f} ms, p99 {p(lat_api, 99):.1f} ms; "
               f"SQL p50 {p(lat_sql, 50):.1f} ms, p99 {p(lat_sql, 99):.1f} ms")
         print()
@@ -112,6 +126,27 @@ def main() -> None:
               f"p99 {p(lat_api, 99):.1f} / {p(lat_sql, 99):.1f} ms | | | |")
         con.close()
         store.close()
+        if args.index_items:
+            big = build(work / "big", args.index_items, 2000, index_min_items=args.index_items)
+            from dynstore.recommend import serving_state as ss
+
+            assert ss(big).index is not None, "no vector index was built"
+            lat_ix, lat_ex, recall = [], [], []
+            for u in rng.integers(1, 2001, args.latency_queries // 2):
+                t0 = time.perf_counter()
+                approx = big.recommend(int(u), 10)
+                lat_ix.append(time.perf_counter() - t0)
+                t0 = time.perf_counter()
+                exact = big.recommend(int(u), 10, exact=True)
+                lat_ex.append(time.perf_counter() - t0)
+                recall.append(len({r["item_id"] for r in approx} & {r["item_id"] for r in exact}) / 10)
+            print(f"single user at {args.index_items} items: index p50 {p(lat_ix, 50):.1f} ms, p99 {p(lat_ix, 99):.1f} ms; "
+                  f"exact p50 {p(lat_ex, 50):.1f} ms, p99 {p(lat_ex, 99):.1f} ms; index recall@10 vs exact "
+                  f"{np.mean(recall):.3f} (target >= 0.95)")
+            print(f"| one user, {args.index_items:,} items (vector index / exact) | p50 {p(lat_ix, 50):.1f} ms, "
+                  f"p99 {p(lat_ix, 99):.1f} ms | p50 {p(lat_ex, 50):.1f} ms, p99 {p(lat_ex, 99):.1f} ms (exact) | "
+                  f"{p(lat_ix, 50) / p(lat_ex, 50):.2f}x | recall@10 {np.mean(recall):.3f} (>= 0.95) |")
+            big.close()
     finally:
         shutil.rmtree(work, ignore_errors=True)
 

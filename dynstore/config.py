@@ -43,6 +43,9 @@ class StoreConfig:
     behaviour_summary: bool = False
     model: str = "minilm"
     max_length: int = 256
+    #: Versions with at least this many items get a Lance vector index for
+    #: single-user queries (exact brute force below it).
+    index_min_items: int = 200_000
 
     @classmethod
     def load(cls, path: Path) -> "StoreConfig":
@@ -72,6 +75,7 @@ class StoreConfig:
             "behaviour_summary": bool(docs.get("behaviour_summary", False)),
             "model": enc.get("model", "minilm"),
             "max_length": int(enc.get("max_length", 256)),
+            "index_min_items": int(raw.get("serving", {}).get("index_min_items", 200_000)),
         }
         return cls(**{k: v for k, v in values.items() if k in known})
 
@@ -96,6 +100,9 @@ class StoreConfig:
             "[encoder]",
             f"model = {q(self.model)}",
             f"max_length = {int(self.max_length)}",
+            "",
+            "[serving]",
+            f"index_min_items = {int(self.index_min_items)}",
             "",
         ]
         tmp = path.with_name(path.name + ".tmp")

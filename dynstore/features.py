@@ -24,7 +24,7 @@ long free text          skipped: mean length > 40 characters, or more than half 
                         (>= 20) non-null values are unique and there are more than
                         ``max_onehot`` of them. Text belongs to the document encoder.
 numeric                 standardised; ``log1p`` first when the column is non-negative
-                        and right-skewed (sample skewness > 2, e.g. prices, counts);
+                        and right-skewed (sample skewness > 1, e.g. prices, counts);
                         clipped to +-5
 boolean                 0/1
 timestamp / date        days since the Unix epoch, standardised and clipped like a
@@ -69,7 +69,7 @@ _CLIP = 5.0
 _TEXT_MEAN_LEN = 40.0
 _TEXT_UNIQUE_RATIO = 0.5
 _TEXT_MIN_ROWS = 20
-_SKEW_LOG = 2.0
+_SKEW_LOG = 1.0
 _SEP = "|"
 
 

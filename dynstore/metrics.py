@@ -63,9 +63,10 @@ def _hits(ranked: np.ndarray, relevant: Sequence, k: int) -> tuple[np.ndarray, n
     user_of = np.repeat(np.arange(n_users, dtype=np.int64), n_rel)
     rel_keys = user_of * span + items  # already sorted: users ascending, items sorted
     q = np.arange(n_users, dtype=np.int64)[:, None] * span + ranked
-    pos = np.searchsorted(rel_keys, q)
-    hit = (pos < rel_keys.size) & (rel_keys[np.minimum(pos, rel_keys.size - 1)] == q)
-    hit &= ranked >= 0
+    if rel_keys.size == 0:
+        return np.zeros(ranked.shape, dtype=bool), n_rel
+    pos = np.minimum(np.searchsorted(rel_keys, q), rel_keys.size - 1)
+    hit = (rel_keys[pos] == q) & (ranked >= 0)
     return hit, n_rel
 
 

@@ -135,7 +135,8 @@ class ModelConfig:
     neg_weight: float = 1.0
     impression_weight: float = 0.3
     residual_dropout: float = 0.0
-    history_dropout: float = 0.1
+    history_dropout: float = 0.0
+    prior_weight: float = 1.0
     history_stride: int = 8
     scalar_lr_mult: float = 10.0
     time_decay_days: float | None = None
@@ -576,16 +577,34 @@ class FusionModel:
         wmap = np.full(n_items, n_warm, dtype=np.int64)  # row n_warm = constant zero row
         wmap[warm] = np.arange(n_warm)
         prep = self._prepare(data, n_warm, wmap)
+        dev = torch.device(device)
+        threads = torch.get_num_threads()
+        if dev.type == "cpu":
+            # the ops are small gathers and ~1k x d matmuls: extra threads only add sync
+            # overhead (badly so on a shared machine), and one thread makes CPU results
+            # bit-identical whatever the core count
+            torch.set_num_threads(1)
+        try:
+            return self._fit(data, prep, warm, wmap, epochs, dev, progress, init_residuals,
+                             t_start)
+        finally:
+            torch.set_num_threads(threads)
+
+    def _fit(self, data, prep, warm, wmap, epochs, dev, progress, init_residuals, t_start):
+        torch = _torch()
+        cfg = self.config
+        V = _normalise(data.V)
+        A = data.A
+        n_items = V.shape[0]
+        n_warm = int(warm.sum())
         ev, lab = prep["ev"], prep["label"]
         R0 = np.zeros((n_warm, self.d), np.float32)
         rb0 = np.zeros(n_warm, np.float32)
         if init_residuals is not None:
             R0 = np.asarray(init_residuals[0], np.float32)[warm].copy()
             rb0 = np.asarray(init_residuals[1], np.float32)[warm].copy()
-
         torch.manual_seed(cfg.seed)
         rng = np.random.default_rng(cfg.seed)
-        dev = torch.device(device)
         f32 = torch.float32
 
         def t(x):
@@ -662,7 +681,8 @@ class FusionModel:
                 e_bag = np.repeat(np.arange(bags.size), bag_size[bags])
                 Rx = torch.cat([R, zero_row])
                 rbx = torch.cat([rb, zero_b])
-                Xb = P["u0"] + UA[tl(prep["bag_user"][bags])] @ P["U"]
+                X0b = P["u0"] + UA[tl(prep["bag_user"][bags])] @ P["U"]  # new-user path
+                Xb = X0b
                 kbt = t(kb)[:, None]
                 for kind, g in (("pos", "g_pos"), ("neg", "g_neg")):
                     if kind not in hist:
@@ -677,20 +697,31 @@ class FusionModel:
                 if cfg.residual_dropout > 0:
                     drop = rng.random(ti.size) < cfg.residual_dropout
                 wt, bt = vectors(Rx, rbx, ti, drop)
-                logit = (wt * X).sum(1) + bt
                 y = t(y_all[e_idx])
                 wb_np = weight_all[e_idx]
                 wb = t(wb_np)
-                loss = torch.nn.functional.binary_cross_entropy_with_logits(
-                    logit, y, weight=wb, reduction="sum")
                 is_p = y_all[e_idx] > 0
-                if cfg.n_sampled_negatives > 0 and is_p.any():
+                pm = tl(np.flatnonzero(is_p))
+                sampled = cfg.n_sampled_negatives > 0 and is_p.any()
+                if sampled:
                     # one shared uniform pool, scored against every positive with one matmul
                     si = rng.integers(0, n_items, size=cfg.sample_pool)
                     ws, bsm = vectors(Rx, rbx, si)
-                    pm = tl(np.flatnonzero(is_p))
-                    sp = torch.nn.functional.softplus(X[pm] @ ws.T + bsm).sum(1)  # BCE, y=0
-                    loss = loss + neg_scale * (sp * wb[pm]).sum()
+                paths = [(X, 1.0)]
+                if cfg.prior_weight > 0:
+                    # the same events scored as if the user were new: keeps the biases (and
+                    # u0, U) the *marginal* popularity that new users need, instead of
+                    # whatever the history term leaves unexplained
+                    paths.append((X0b[tl(e_bag)], cfg.prior_weight))
+                loss = torch.zeros((), device=dev)
+                for Xp, lam in paths:
+                    logit = (wt * Xp).sum(1) + bt
+                    lp = torch.nn.functional.binary_cross_entropy_with_logits(
+                        logit, y, weight=wb, reduction="sum")
+                    if sampled:
+                        sp = torch.nn.functional.softplus(Xp[pm] @ ws.T + bsm).sum(1)  # y=0
+                        lp = lp + neg_scale * (sp * wb[pm]).sum()
+                    loss = loss + lam * lp
                 denom = float(wb_np.sum()) or 1.0
                 loss = loss / denom
                 opt.zero_grad(set_to_none=True)

@@ -14,6 +14,7 @@ popularity within the user's segment.
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from typing import Any, Iterable, Sequence
 
@@ -25,6 +26,7 @@ __all__ = ["recommend", "recommend_many", "serving_state", "MAX_K"]
 
 MAX_K = 10_000
 BATCH_USERS = 512
+NPROBES_SHARE = 0.2  # share of IVF partitions probed per query (recall vs latency)
 
 
 @dataclass
@@ -44,6 +46,9 @@ class ServingState:
     ua_row: dict            # user_id -> row of UA
     pos_ptr: np.ndarray     # CSR of positives, for exclusion
     pos_item: np.ndarray
+    index: Any = None       # Lance dataset with an IVF index over the version's rows, if built
+    n_indexed: int = 0      # rows [0, n_indexed) are in the index; later rows are new items
+    nprobes: int = 1
 
 
 def check_k(k: Any) -> int:
@@ -126,9 +131,18 @@ def serving_state(store, version: int | None = None) -> ServingState:
         ut = users.to_table()
         UA = np.asarray(lv.user_spec.transform(ut), np.float32)
         ua_row = {u: n for n, u in enumerate(ut.column("user_id").to_pylist())}
+    index = None
+    from .versions import index_uri
+
+    uri = index_uri(store, lv.version)
+    if os.path.isdir(os.path.join(uri, "_versions")):
+        import lance
+
+        index = lance.dataset(uri)
     state = ServingState(lv.version, lv.model, ids, row, np.ascontiguousarray(Wf, np.float32),
                          np.asarray(bias, np.float32), user_row, ptr, hist_item, hist_label, hist_ts,
-                         UA, ua_row, pos_ptr, pos_item)
+                         UA, ua_row, pos_ptr, pos_item, index, len(lv.ids),
+                         max(8, int(max(16, np.sqrt(len(lv.ids))) * NPROBES_SHARE)))
     store._cache["serving"] = (key, state)
     return state
 
@@ -164,16 +178,35 @@ def _topk(scores: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     return val.numpy(), idx.numpy()
 
 
+def _indexed_one(state: ServingState, user_id: Any, k: int) -> list[dict]:
+    """One user's top-k from the version's vector index (plus items added since)."""
+    x = user_vectors(state, [user_id])[0]
+    r = state.user_row.get(user_id, -1)
+    seen = state.pos_item[state.pos_ptr[r]:state.pos_ptr[r + 1]] if r >= 0 else np.zeros(0, np.int64)
+    q = np.concatenate([x, [1.0, 0.0]]).astype(np.float32)  # see versions.build_index
+    hits = state.index.to_table(nearest={"column": "vector", "q": q, "k": k + len(np.unique(seen)),
+                                         "nprobes": state.nprobes}, columns=["row"])
+    cand = np.concatenate([hits.column("row").to_numpy(), np.arange(state.n_indexed, len(state.ids))])
+    cand = np.setdiff1d(cand, seen)
+    logits = state.Wf[cand] @ x + state.bias[cand]
+    order = np.argsort(-logits, kind="stable")[:k]
+    prob = 1.0 / (1.0 + np.exp(-logits[order].astype(np.float64)))
+    return [{"item_id": state.ids[cand[o]], "score": float(p)} for o, p in zip(order, prob)]
+
+
 def recommend_many(store, user_ids: Sequence[Any], k: int, *, version: int | None = None,
-                   candidates: Iterable[Any] | None = None) -> list[list[dict]]:
+                   candidates: Iterable[Any] | None = None, exact: bool = False) -> list[list[dict]]:
     """Top-``k`` lists for many users: one matrix product per batch of users.
 
     Items the user already interacted with positively are excluded. With
     ``candidates`` only those items are ranked, so exactly ``k`` come back
-    whenever ``k`` unseen candidates exist.
+    whenever ``k`` unseen candidates exist. A single user on a version with a
+    vector index (large catalogues) is served from the index unless ``exact``.
     """
     k = check_k(k)
     state = serving_state(store, version)
+    if state.index is not None and not exact and candidates is None and len(user_ids) == 1:
+        return [_indexed_one(state, user_ids[0], k)]
     W, b = state.Wf, state.bias
     cand_rows = None
     if candidates is not None:
@@ -204,9 +237,9 @@ def recommend_many(store, user_ids: Sequence[Any], k: int, *, version: int | Non
 
 
 def recommend(store, user_id: Any, k: int = 10, *, version: int | None = None,
-              candidates: Iterable[Any] | None = None) -> list[dict]:
+              candidates: Iterable[Any] | None = None, exact: bool = False) -> list[dict]:
     """Top-``k`` for one user; see :func:`recommend_many`."""
-    return recommend_many(store, [user_id], k, version=version, candidates=candidates)[0]
+    return recommend_many(store, [user_id], k, version=version, candidates=candidates, exact=exact)[0]
 
 
 def scores(store, user_ids: Sequence[Any], item_ids: Sequence[Any]) -> list[float | None]:

@@ -367,7 +367,7 @@ class Store:
         'value >= 4'
         """
         self._require_writable("change the config")
-        allowed = {"positive", "negative", "item_text", "behaviour_summary", "model", "max_length"}
+        allowed = {"positive", "negative", "item_text", "behaviour_summary", "model", "max_length", "index_min_items"}
         unknown = set(changes) - allowed
         if unknown:
             raise ConfigError(f"unknown setting {sorted(unknown)[0]!r}; settable: {', '.join(sorted(allowed))}")
@@ -407,11 +407,14 @@ class Store:
         return out
 
     def recommend(self, user_id: Any, k: int = 10, *, version: int | None = None,
-                  candidates: Iterable[Any] | None = None) -> list[dict]:
-        """Top-``k`` items for ``user_id`` as ``[{"item_id", "score"}, ...]``, best first."""
+                  candidates: Iterable[Any] | None = None, exact: bool = False) -> list[dict]:
+        """Top-``k`` items for ``user_id`` as ``[{"item_id", "score"}, ...]``, best first.
+
+        Large catalogues are served from the version's vector index unless ``exact``.
+        """
         from .recommend import recommend
 
-        return recommend(self, user_id, k, version=version, candidates=candidates)
+        return recommend(self, user_id, k, version=version, candidates=candidates, exact=exact)
 
     def refresh(self, **options: Any) -> dict:
         """Retrain from recent positives and negatives; see :func:`dynstore.refresh.refresh`."""

@@ -163,6 +163,8 @@ def build_version(store, model, item_spec, user_spec, *, parent: int | None, sta
         }, schema=schema)
         emb = store._dataset("embeddings")
         lance.write_dataset(table, store._dataset_uri("embeddings"), mode="append" if emb is not None else "create")
+        if len(ids) >= store.config.index_min_items:
+            build_index(store, number, Wf, bias)
         rows = _registry(store).to_pylist()
         if status == "current":
             for r in rows:
@@ -178,6 +180,31 @@ def build_version(store, model, item_spec, user_spec, *, parent: int | None, sta
         _write_registry(store, rows)
     store._con_state = None
     return number
+
+
+def index_uri(store, version: int) -> str:
+    return str(store.path / "index" / f"v{version}.lance")
+
+
+def build_index(store, version: int, Wf: np.ndarray, bias: np.ndarray) -> None:
+    """A Lance IVF index for maximum inner-product search over ``[w_i, b_i]``.
+
+    Scoring is ``w_i · x_u + b_i = [w_i, b_i] · [x_u, 1]``. IVF partitions
+    are L2 k-means cells, so the vectors get one more coordinate
+    ``sqrt(M² - |[w_i, b_i]|²)`` (M the largest norm): then the L2 distance to
+    ``[x_u, 1, 0]`` is smallest exactly where the score is largest.
+    """
+    import lance
+
+    aug = np.hstack([Wf, bias[:, None]]).astype(np.float64)
+    sq = (aug ** 2).sum(axis=1)
+    aug = np.hstack([aug, np.sqrt(np.maximum(sq.max() - sq, 0.0))[:, None]]).astype(np.float32)
+    table = pa.table({"row": pa.array(np.arange(len(aug), dtype=np.int64)),
+                      "vector": pa.FixedSizeListArray.from_arrays(pa.array(aug.reshape(-1)), aug.shape[1])})
+    (store.path / "index").mkdir(exist_ok=True)
+    ds = lance.write_dataset(table, index_uri(store, version), mode="overwrite")
+    ds.create_index("vector", index_type="IVF_FLAT", metric="L2", replace=True,
+                    num_partitions=max(16, int(np.sqrt(len(aug)))))
 
 
 def ensure_first_version(store) -> int | None:

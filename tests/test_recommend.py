@@ -162,3 +162,20 @@ def test_string_ids_end_to_end(tmp_path):
     assert [r["item_id"] for r in recs] and all(isinstance(r["item_id"], str) for r in recs)
     assert "a" not in [r["item_id"] for r in recs]
     s.close()
+
+
+def test_vector_index_serves_large_catalogues(loaded):
+    loaded.configure(index_min_items=50)  # tiny threshold: the 80-item shop gets an index
+    loaded.encode()
+    assert (loaded.path / "index" / "v1.lance").is_dir()
+    from dynstore.recommend import serving_state
+
+    assert serving_state(loaded).index is not None
+    agree = []
+    for user in range(1, 31):
+        exact = ids_of(loaded.recommend(user, 10, exact=True))
+        approx = ids_of(loaded.recommend(user, 10))
+        liked = {r[0] for r in loaded.sql(f"SELECT item_id FROM interactions WHERE user_id = {user} AND label = 1").fetchall()}
+        assert not liked & set(approx)
+        agree.append(len(set(exact) & set(approx)) / max(1, len(exact)))
+    assert np.mean(agree) >= 0.95

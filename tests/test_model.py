@@ -1,0 +1,329 @@
+"""Tests of dynstore.model (fusion + user model) and dynstore.metrics on planted problems."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from dynstore.metrics import auc, ndcg_at_k, recall_at_k, top_k, user_auc
+from dynstore.model import (
+    FusionModel,
+    ModelConfig,
+    TrainingData,
+    build_histories,
+    evaluate,
+)
+
+D = 16
+
+
+def planted(seed=0, n_users=240, n_items=300, n_pairs=4, events_per_user=36):
+    """Topics come in similar pairs (2k, 2k+1): each user likes one topic and dislikes its
+    twin, which is close in text space -- content similarity alone recommends both."""
+    rng = np.random.default_rng(seed)
+    n_topics = 2 * n_pairs
+    base = rng.normal(size=(n_pairs, D))
+    centers = np.repeat(base, 2, axis=0) + 0.35 * rng.normal(size=(n_topics, D))
+    topic = rng.integers(0, n_topics, n_items)
+    V = centers[topic] + 0.5 * rng.normal(size=(n_items, D))
+    V = (V / np.linalg.norm(V, axis=1, keepdims=True)).astype(np.float32)
+    quality = rng.normal(size=n_items)
+    A = np.zeros((n_items, n_topics + 1), np.float32)
+    A[np.arange(n_items), topic] = 1.0
+    A[:, -1] = quality + 0.3 * rng.normal(size=n_items)
+    like = rng.integers(0, n_topics, n_users)
+    dislike = like ^ 1
+    UA = np.zeros((n_users, n_pairs), np.float32)
+    UA[np.arange(n_users), like // 2] = 1.0
+    users, items, ts, labels = [], [], [], []
+    for u in range(n_users):
+        t0 = int(rng.integers(0, 10**6))
+        logits = 1.5 * quality + 3.0 * (topic == like[u]) + 2.0 * (topic == dislike[u])
+        p = np.exp(logits - logits.max())
+        chosen = rng.choice(n_items, size=events_per_user, replace=False, p=p / p.sum())
+        for j, i in enumerate(chosen):
+            if topic[i] == like[u] or (topic[i] != dislike[u] and rng.random() < 0.3):
+                lab = 1
+            elif topic[i] == dislike[u]:
+                lab = -1
+            else:
+                lab = 0
+            users.append(u)
+            items.append(i)
+            ts.append(t0 + 1000 * j)
+            labels.append(lab)
+    ev = {k: np.asarray(v) for k, v in
+          dict(user=users, item=items, ts=ts, label=labels).items()}
+    # hold out the last 25 % of each user's events
+    n = events_per_user
+    held = np.tile(np.arange(n) >= int(0.75 * n), n_users)
+    train = TrainingData(V, A, UA, ev["user"][~held], ev["item"][~held], ev["ts"][~held],
+                         ev["label"][~held].astype(np.int8))
+    hold = (ev["user"][held], ev["item"][held], ev["label"][held])
+    return dict(train=train, hold=hold, topic=topic, like=like, dislike=dislike)
+
+
+@pytest.fixture(scope="module")
+def problem():
+    return planted()
+
+
+@pytest.fixture(scope="module")
+def trained(problem):
+    tr = problem["train"]
+    m = FusionModel(D, tr.A.shape[1], tr.UA.shape[1], ModelConfig(epochs=8, seed=0))
+    stats = m.fit(tr)
+    return m, stats
+
+
+@pytest.fixture(scope="module")
+def ablation(problem):
+    tr = problem["train"]
+    m = FusionModel(D, tr.A.shape[1], tr.UA.shape[1],
+                    ModelConfig(epochs=8, seed=0, use_negatives=False))
+    m.fit(tr)
+    return m
+
+
+def _popularity(tr):
+    return np.bincount(tr.item[tr.label == 1], minlength=tr.V.shape[0])
+
+
+# ----------------------------------------------------------------------- quality
+def test_fit_beats_untrained_and_popularity(problem, trained):
+    tr, (hu, hi, hl) = problem["train"], problem["hold"]
+    model, stats = trained
+    assert stats["n_positive"] == int((tr.label == 1).sum())
+    assert stats["n_negative"] > 0 and stats["n_impression"] > 0 and stats["seconds"] > 0
+    fitted = evaluate(model, tr, hu, hi, hl, k=10)
+    pop = _popularity(tr)
+    untrained = FusionModel.untrained(tr.V, tr.A, tr.UA.shape[1], pop)
+    base = evaluate(untrained, tr, hu, hi, hl, k=10)
+    popular = FusionModel.untrained(tr.V, tr.A, tr.UA.shape[1], pop)
+    popular.params["g_pos"][:] = 0.0  # bias only = popularity ranking
+    popular.params["g_neg"][:] = 0.0
+    popr = evaluate(popular, tr, hu, hi, hl, k=10)
+    assert fitted["n_users"] == base["n_users"] > 100
+    assert fitted["recall@10"] > 1.5 * base["recall@10"]
+    assert fitted["recall@10"] > 1.5 * popr["recall@10"]
+    assert fitted["ndcg@10"] > popr["ndcg@10"] and fitted["auc"] > popr["auc"]
+
+
+def test_negatives_push_disliked_twin_topic_down(problem, trained, ablation):
+    """The disliked topic is the liked topic's text twin: only negatives can separate them."""
+    tr = problem["train"]
+    users = np.arange(tr.UA.shape[0])
+    topic, dislike = problem["topic"], problem["dislike"]
+
+    def disliked_share(model):
+        S = model.score(tr, users, model.residuals)
+        seen = build_histories(users, tr.user, tr.item, tr.label, tr.ts)
+        excl = [seen[1][seen[0][u]: seen[0][u + 1]] for u in users]
+        top = top_k(S, 10, excl)
+        return float(np.mean(topic[top] == dislike[users][:, None]))
+
+    with_neg, without = disliked_share(trained[0]), disliked_share(ablation)
+    assert with_neg < 0.5 * without, (with_neg, without)
+    assert trained[0].params["g_neg"][0] < 0 and ablation.params["g_neg"][0] == 0
+
+
+def test_new_interaction_moves_top_list_without_retraining(problem, trained):
+    model, _ = trained
+    tr, topic = problem["train"], problem["topic"]
+    Wf, bias = model.item_side(tr.V, tr.A, model.residuals)
+    u = 0
+    other = (problem["like"][u] + 2) % 8  # a topic outside the user's twin pair
+    ptr, it, lab, ts = build_histories(np.array([u]), tr.user, tr.item, tr.label, tr.ts)
+    before = model.user_vectors(tr.UA[[u]], ptr, it, lab, ts, Wf)[0]
+    new_items = np.flatnonzero(topic == other)[:3]
+    it2 = np.r_[it, new_items]
+    lab2 = np.r_[lab, np.ones(3, np.int8)]
+    ts2 = np.r_[ts, np.full(3, ts.max() + 10)]
+    after = model.user_vectors(tr.UA[[u]], np.array([0, it2.size]), it2, lab2, ts2, Wf)[0]
+    excl = [it2]
+    top_before = top_k((Wf @ before + bias)[None], 10, excl)[0]
+    top_after = top_k((Wf @ after + bias)[None], 10, excl)[0]
+    assert (topic[top_after] == other).sum() > (topic[top_before] == other).sum()
+
+
+def test_cold_items_scored_from_content(problem):
+    """Items with no training events: zero residual, still ranked by text + attributes."""
+    tr, (hu, hi, hl) = problem["train"], problem["hold"]
+    cold = np.zeros(tr.V.shape[0], bool)
+    cold[::5] = True
+    keep = ~cold[tr.item]
+    tr2 = TrainingData(tr.V, tr.A, tr.UA, tr.user[keep], tr.item[keep], tr.ts[keep],
+                       tr.label[keep])
+    m = FusionModel(D, tr.A.shape[1], tr.UA.shape[1], ModelConfig(epochs=6))
+    m.fit(tr2)
+    R, rb = m.residuals
+    assert np.all(R[cold] == 0) and np.all(rb[cold] == 0)
+    res = evaluate(m, tr2, hu, hi, hl, k=10, candidates=cold)
+    assert res["n_users"] > 50
+    assert res["auc"] > 0.75
+    n_cold = int(cold.sum())
+    assert res["recall@10"] > 2.0 * 10 / n_cold  # random picks 10 of n_cold
+
+
+def test_residuals_only_for_items_with_history(problem, trained):
+    tr = problem["train"]
+    model, stats = trained
+    R, rb = model.residuals
+    n_pos = np.bincount(tr.item[tr.label == 1], minlength=tr.V.shape[0])
+    few = n_pos < model.config.min_history
+    assert few.any() and np.all(R[few] == 0) and np.all(rb[few] == 0)
+    assert stats["n_warm_items"] == int((~few).sum())
+    assert np.abs(R[~few]).sum() > 0
+
+
+# ------------------------------------------------------------- training mechanics
+def _small(problem):
+    tr = problem["train"]
+    sel = tr.user < 80
+    return TrainingData(tr.V, tr.A, tr.UA, tr.user[sel], tr.item[sel], tr.ts[sel],
+                        tr.label[sel])
+
+
+def test_deterministic_for_a_seed(problem):
+    data = _small(problem)
+    runs = []
+    for _ in range(2):
+        m = FusionModel(D, data.A.shape[1], data.UA.shape[1], ModelConfig(epochs=2, seed=3))
+        runs.append((m.fit(data)["loss"], m.state()[0], m.residuals))
+    assert runs[0][0] == runs[1][0]
+    for k in runs[0][1]:
+        np.testing.assert_array_equal(runs[0][1][k], runs[1][1][k])
+    np.testing.assert_array_equal(runs[0][2][0], runs[1][2][0])
+    other = FusionModel(D, data.A.shape[1], data.UA.shape[1], ModelConfig(epochs=2, seed=4))
+    assert other.fit(data)["loss"] != runs[0][0]
+
+
+def test_warm_start_continues(problem):
+    data = _small(problem)
+    cfg = ModelConfig(epochs=4)
+    m = FusionModel(D, data.A.shape[1], data.UA.shape[1], cfg)
+    m.fit(data)
+    tensors, meta = m.state()
+    m2 = FusionModel.from_state(tensors, json.loads(json.dumps(meta)))
+    cont = m2.fit(data, epochs=1, init_residuals=m.residuals)["loss"]
+    scratch = FusionModel(D, data.A.shape[1], data.UA.shape[1], cfg).fit(data, epochs=1)["loss"]
+    assert cont < scratch
+
+
+def test_progress_and_dimension_check(problem):
+    data = _small(problem)
+    calls = []
+    m = FusionModel(D, data.A.shape[1], data.UA.shape[1], ModelConfig(epochs=1))
+    m.fit(data, progress=lambda done, total: calls.append((done, total)))
+    assert calls and calls[-1][0] == calls[-1][1]
+    with pytest.raises(ValueError):
+        FusionModel(D + 1, data.A.shape[1], data.UA.shape[1]).fit(data)
+
+
+def test_state_round_trip_through_safetensors(tmp_path, problem, trained):
+    from safetensors.numpy import load_file, save_file
+
+    model, _ = trained
+    tr = problem["train"]
+    tensors, meta = model.state()
+    assert "R" not in tensors and all(v.dtype == np.float32 for v in tensors.values())
+    path = tmp_path / "v1.safetensors"
+    save_file(tensors, str(path), metadata={"meta": json.dumps(meta)})
+    from safetensors import safe_open
+
+    with safe_open(str(path), "np") as f:
+        meta2 = json.loads(f.metadata()["meta"])
+    again = FusionModel.from_state(load_file(str(path)), meta2)
+    assert again.config == model.config
+    users = np.arange(20)
+    np.testing.assert_array_equal(again.score(tr, users, model.residuals),
+                                  model.score(tr, users, model.residuals))
+
+
+def test_untrained_version_one():
+    rng = np.random.default_rng(1)
+    V = rng.normal(size=(40, D)).astype(np.float32)
+    A = rng.normal(size=(40, 3)).astype(np.float32)
+    pop = rng.integers(0, 100, 40)
+    m = FusionModel.untrained(V, A, 2, pop, ModelConfig(seed=7))
+    assert m.params["alpha"][0] == pytest.approx(0.1)
+    assert m.params["g_pos"][0] == 1 and m.params["g_neg"][0] == -0.5
+    assert not m.params["U"].any() and not m.params["u0"].any()
+    Wf, bias = m.item_side(V, A, m.residuals)
+    empty = np.zeros(0, np.int64)
+    X = m.user_vectors(np.ones((1, 2), np.float32), np.array([0, 0]), empty,
+                       empty.astype(np.int8), empty, Wf)
+    order = np.argsort(-(Wf @ X[0] + bias), kind="stable")
+    np.testing.assert_array_equal(order[:5], np.argsort(-pop, kind="stable")[:5])
+    # a user who liked item 3 gets items like item 3 above equally popular ones
+    X3 = m.user_vectors(None, np.array([0, 1]), np.array([3]), np.array([1], np.int8),
+                        np.array([0]), Wf)
+    sim = Wf @ Wf[3]
+    s = Wf @ X3[0]
+    assert np.corrcoef(sim, s)[0, 1] > 0.99
+    # seeded projection
+    m2 = FusionModel.untrained(V, A, 2, pop, ModelConfig(seed=7))
+    np.testing.assert_array_equal(m.params["W"], m2.params["W"])
+
+
+def test_user_vectors_weights_and_truncation():
+    cfg = ModelConfig(half_life=1.0, max_history=2)
+    m = FusionModel(3, 0, 0, cfg)
+    Wf = np.eye(3, dtype=np.float32)
+    # user 0: positives 0 (oldest), 1, 2 (newest) -> only 1 and 2 count, 2 weighs e x 1
+    # user 1: no history; user 2: one explicit negative on item 0
+    ptr = np.array([0, 3, 3, 4])
+    items = np.array([0, 1, 2, 0])
+    labels = np.array([1, 1, 1, -1], np.int8)
+    ts = np.array([10, 20, 30, 5])
+    X = m.user_vectors(None, ptr, items, labels, ts, Wf)
+    e = np.e
+    np.testing.assert_allclose(X[0], [0, 1 / (1 + e), e / (1 + e)], rtol=1e-6)
+    np.testing.assert_allclose(X[1], 0)
+    np.testing.assert_allclose(X[2], [-0.5, 0, 0])
+    # ties in time: the later event in the input is the more recent
+    X = m.user_vectors(None, np.array([0, 2]), np.array([0, 1]), np.array([1, 1], np.int8),
+                       np.array([7, 7]), Wf)
+    assert X[0, 1] > X[0, 0]
+    # the ablation ignores negatives at serving time too
+    abl = FusionModel(3, 0, 0, ModelConfig(use_negatives=False))
+    X = abl.user_vectors(None, np.array([0, 1]), np.array([0]), np.array([-1], np.int8),
+                         np.array([0]), Wf)
+    np.testing.assert_allclose(X, 0)
+
+
+def test_user_vectors_vectorised_many_users():
+    rng = np.random.default_rng(0)
+    n_items, m = 500, 20000
+    Wf = rng.normal(size=(n_items, 8)).astype(np.float32)
+    lens = rng.integers(0, 30, m)
+    ptr = np.r_[0, np.cumsum(lens)]
+    nnz = int(ptr[-1])
+    model = FusionModel(8, 0, 0)
+    X = model.user_vectors(None, ptr, rng.integers(0, n_items, nnz),
+                           rng.choice(np.array([1, 0, -1], np.int8), nnz),
+                           rng.integers(0, 10**9, nnz), Wf)
+    assert X.shape == (m, 8) and np.isfinite(X).all()
+    assert np.all(X[lens == 0] == 0)
+
+
+# ----------------------------------------------------------------------- metrics
+def test_metrics_hand_computed():
+    ranked = np.array([[3, 1, 2, 0], [0, 1, 2, 3], [5, 6, -1, -1]])
+    rel = [{1, 9}, {3}, set()]
+    # user 0: hit at rank 2 of 2 relevant; user 1: hit at rank 4 (outside k=3); user 2 ignored
+    assert recall_at_k(ranked, rel, 3) == pytest.approx((0.5 + 0.0) / 2)
+    # ndcg user 0: (1/log2(3)) / (1 + 1/log2(3)); user 1: 0
+    ideal = 1 + 1 / np.log2(3)
+    assert ndcg_at_k(ranked, rel, 3) == pytest.approx((1 / np.log2(3)) / ideal / 2)
+    assert ndcg_at_k(ranked, rel, 4) == pytest.approx(((1 / np.log2(3)) / ideal + 1 / np.log2(5)) / 2)
+    assert recall_at_k(ranked, [set(), set(), set()], 3) != recall_at_k(ranked, rel, 3)
+    assert auc(np.array([3.0, 1.0]), np.array([2.0, 0.0, 1.0])) == pytest.approx(
+        (3 + 1.5) / 6)
+    S = np.array([[0.9, 0.1, 0.5, 0.3]])
+    assert user_auc(S, [{2}], exclude=[{0}]) == pytest.approx(1.0)
+    assert user_auc(S, [{2}]) == pytest.approx(2 / 3)
+    np.testing.assert_array_equal(top_k(S, 3, exclude=[{0}]), [[2, 3, 1]])
+    np.testing.assert_array_equal(top_k(S, 6), [[0, 2, 3, 1, -1, -1]])
