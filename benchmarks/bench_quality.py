@@ -270,7 +270,7 @@ def fit_dynstore(split: Split, cat: Catalogue, config: ModelConfig | None = None
     data = training_data(split, cat)
     pop = np.bincount(data.item[data.label == 1], minlength=cat.n_items)
     model = FusionModel.untrained(cat.V, cat.A, cat.UA.shape[1], pop, config)
-    st = model.fit(data)
+    st = model.fit(data, init_residuals=model.residuals)
     if stats is not None:
         stats.update(st)
     Wf, bias = model.item_side(cat.V, cat.A, model.residuals)

@@ -197,7 +197,8 @@ def _ts_expr(src: Source) -> tuple[str, str]:
     else:
         raise IngestError(f"{src.label}: column ts has type {typ}; use ISO timestamps, dates or epoch seconds")
     bad = (f"WHEN {raw} IS NULL THEN 'ts: missing (NULL) timestamp' "
-           f"WHEN ({expr}) IS NULL THEN 'ts: ' || CAST({raw} AS VARCHAR) || ' is not a timestamp' ")
+           f"WHEN ({expr}) IS NULL THEN 'ts: ' || CAST({raw} AS VARCHAR) || ' is not a timestamp' "
+           f"WHEN NOT isfinite({expr}) THEN 'ts: ' || CAST({raw} AS VARCHAR) || ' is not a finite timestamp' ")
     return expr, bad
 
 

