@@ -7,7 +7,6 @@ users`` runs one matrix product per batch, not one per row.
 """
 from __future__ import annotations
 
-from typing import Any
 
 import numpy as np
 import pyarrow as pa

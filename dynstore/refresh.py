@@ -17,7 +17,6 @@ import datetime as _dt
 import re
 import sys
 import time
-from typing import Any
 
 import numpy as np
 
@@ -151,7 +150,6 @@ def refresh(store, *, since: str | None = "30d", epochs: int | None = None, prom
     if snap["interactions"] == 0:
         return {"status": "noop", "reason": "no interactions ingested yet"}
     rows = list_versions(store)
-    cur_row = next((r for r in rows if r["status"] == "current"), None)
     latest = rows[0] if rows else None
     if latest and not force and latest["snapshot"].get("interactions") == snap["interactions"] \
             and latest["snapshot"].get("items") == snap["items"] and latest["snapshot"].get("since") == since:

@@ -3,8 +3,6 @@ from __future__ import annotations
 
 import json
 
-import pyarrow as pa
-import pytest
 
 import dynstore
 from dynstore.cli import main

@@ -1,7 +1,6 @@
 """Versions, fused embeddings and the recommend family of SQL functions."""
 from __future__ import annotations
 
-import datetime as dt
 
 import numpy as np
 import polars as pl

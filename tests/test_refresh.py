@@ -4,7 +4,6 @@ from __future__ import annotations
 import datetime as dt
 import json
 
-import numpy as np
 import pyarrow as pa
 import pytest
 

@@ -1,7 +1,6 @@
 """The reliability contract: readers vs writers, kill -9, busy writers."""
 from __future__ import annotations
 
-import os
 import signal
 import subprocess
 import sys
