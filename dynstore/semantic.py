@@ -48,11 +48,7 @@ def cache_uri(store, encoder_id: str) -> str:
 
 
 def cache_dataset(store, encoder_id: str | None = None):
-    import lance
-    import os
-
-    uri = cache_uri(store, encoder_id or encoder_info(store)[0])
-    return lance.dataset(uri) if os.path.isdir(os.path.join(uri, "_versions")) else None
+    return store._open_dataset(cache_uri(store, encoder_id or encoder_info(store)[0]))
 
 
 def _cache_schema(dim: int) -> pa.Schema:

@@ -161,6 +161,7 @@ class Store:
         self._con: duckdb.DuckDBPyConnection | None = None
         self._con_state: tuple | None = None
         self._cache: dict[str, Any] = {}
+        self._open: dict[str, tuple[int, Any]] = {}
 
     # -- lifecycle -----------------------------------------------------------------
     def __enter__(self) -> "Store":
@@ -186,12 +187,24 @@ class Store:
 
     def _dataset(self, name: str, version: int | None = None):
         """The latest (or a pinned) version of a Lance dataset, or None."""
+        return self._open_dataset(self._dataset_uri(name), version)
+
+    def _open_dataset(self, uri: str, version: int | None = None):
         import lance
 
-        uri = self._dataset_uri(name)
-        if not os.path.isdir(os.path.join(uri, "_versions")):
+        try:
+            # A commit adds a manifest to _versions/, which changes the
+            # directory's mtime: a cheap way to reuse the open dataset
+            # until someone commits.
+            stamp = os.stat(os.path.join(uri, "_versions")).st_mtime_ns
+        except FileNotFoundError:
             return None
-        return lance.dataset(uri, version=version)
+        if version is not None:
+            return lance.dataset(uri, version=version)
+        hit = self._open.get(uri)
+        if hit is None or hit[0] != stamp:
+            hit = self._open[uri] = (stamp, lance.dataset(uri))
+        return hit[1]
 
     def _require_writable(self, what: str) -> None:
         if self.read_only:

@@ -48,11 +48,16 @@ def list_versions(store) -> list[dict]:
     >>> dynstore.init(tempfile.mkdtemp() + "/s").versions()
     []
     """
-    rows = _registry(store).to_pylist()
-    for r in rows:
-        for key in ("counts", "metrics", "snapshot"):
-            r[key] = json.loads(r[key]) if r[key] else {}
-    return sorted(rows, key=lambda r: -r["version"])
+    ds = store._dataset("versions")
+    key = ds.version if ds is not None else 0
+    hit = store._cache.get("registry")
+    if hit is None or hit[0] != key:
+        rows = _registry(store).to_pylist()
+        for r in rows:
+            for field in ("counts", "metrics", "snapshot"):
+                r[field] = json.loads(r[field]) if r[field] else {}
+        hit = store._cache["registry"] = (key, sorted(rows, key=lambda r: -r["version"]))
+    return [dict(r) for r in hit[1]]
 
 
 def current_version(store) -> int | None:
