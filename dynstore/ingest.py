@@ -80,14 +80,20 @@ def _open_source(con: duckdb.DuckDBPyConnection, src: Any, index: int, fmt: str 
         kind = _detect_format(path, fmt)
         p = lit(str(path))
         # Id columns are read as text when the store's ids are strings, so
-        # "007" stays "007" instead of being auto-detected as the integer 7.
-        old_names = {mapping.get(c, c) for c in force_varchar}
+        # "007" stays "007" instead of being auto-detected as the integer 7;
+        # ts is always text in CSV, parsed by our rules rather than sniffed
+        # (a lone "T" would otherwise become a BOOLEAN column).
+        old_names = {mapping.get(c, c) for c in force_varchar | {"ts"}}
         if kind in ("csv", "tsv"):
             opts = ["header=true"]
             if kind == "tsv":
                 opts.append("delim='\\t'")
-            if old_names:
-                opts.append("types={" + ", ".join(f"{lit(c)}: 'VARCHAR'" for c in sorted(old_names)) + "}")
+            try:
+                header = {r[0] for r in con.execute(f"DESCRIBE SELECT * FROM read_csv({p}, {', '.join(opts)})").fetchall()}
+            except duckdb.Error as exc:
+                raise IngestError(f"{label}: cannot read as {kind}: {_one_line(exc)}") from None
+            if old_names & header:
+                opts.append("types={" + ", ".join(f"{lit(c)}: 'VARCHAR'" for c in sorted(old_names & header)) + "}")
             sql = f"read_csv({p}, {', '.join(opts)})"
         elif kind == "parquet":
             sql = f"read_parquet({p})"
