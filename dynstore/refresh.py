@@ -114,6 +114,14 @@ class _Prepared:
                              ts=self.ts[tr], label=self.label[tr])
         return train, (self.user[~tr], self.item[~tr], self.label[~tr])
 
+    def untrained_at_cut(self, train, lv, days: int = 30):
+        """The untrained fusion with popularity counted before the holdout only."""
+        from .model import FusionModel
+
+        recent = (train.label == 1) & (train.ts >= train.ts.max() - days * 86400)
+        pop = np.bincount(train.item[recent], minlength=len(self.ids)).astype(np.float32)
+        return FusionModel.untrained(self.V, self.A, self.UA.shape[1], pop, lv.model.config)
+
     def residuals_of(self, lv) -> tuple[np.ndarray, np.ndarray]:
         """The current version's per-item residuals, recovered from its rows."""
         base_w, base_b = lv.model.item_side(self.V, self.A, None)
@@ -170,10 +178,22 @@ def refresh(store, *, since: str | None = "30d", epochs: int | None = None, prom
         con.close()
     train, (hu, hi, hl) = prep.split()
     timings["prepare_s"] = round(time.perf_counter() - t1, 3)
+    span_days = (train.ts.max() - train.ts.min()) / 86400.0 if len(train.ts) else 0.0
     tensors, meta = lv.model.state()
-    meta = dict(meta, config=dict(meta["config"], seed=seed, use_negatives=use_negatives))
+    meta = dict(meta, config=dict(meta["config"], seed=seed, use_negatives=use_negatives,
+                                  # recent popularity matters most: events a quarter of the
+                                  # window old count half (a year at most, a week at least)
+                                  time_decay_days=float(np.clip(span_days / 4, 7, 365))))
     model = FusionModel.from_state(tensors, meta)
-    R0, rb0 = prep.residuals_of(lv)
+    current = lv.model
+    if next((r for r in list_versions(store) if r["version"] == lv.version), {}).get("train_window") == "untrained":
+        # The untrained version's popularity prior was counted over all data,
+        # the holdout included: compare with (and start from) the same rule
+        # applied at the holdout cut, or the comparison would favour it.
+        current = prep.untrained_at_cut(train, lv)
+        R0, rb0 = current.residuals
+    else:
+        R0, rb0 = prep.residuals_of(lv)
     say(f"training on {len(train.label)} events ({int((train.label == 1).sum())} positives) ...")
     t2 = time.perf_counter()
     dev = device
@@ -185,14 +205,11 @@ def refresh(store, *, since: str | None = "30d", epochs: int | None = None, prom
     timings["train_s"] = round(time.perf_counter() - t2, 3)
     t3 = time.perf_counter()
     m_cand = evaluate(model, train, hu, hi, hl, k=10)
-    m_cur = evaluate(lv.model, train, hu, hi, hl, residuals=(R0, rb0), k=10)
+    m_cur = evaluate(current, train, hu, hi, hl, residuals=(R0, rb0), k=10)
     timings["eval_s"] = round(time.perf_counter() - t3, 3)
     better = m_cand["ndcg@10"] >= m_cur["ndcg@10"] * (1.0 - tolerance)
     status = "current" if (promote and better) else ("candidate" if better else "rejected")
-    R, rb = model.residuals if model.residuals is not None else (R0, rb0)
-    has = np.abs(rb) > 0
-    has |= np.abs(R).sum(axis=1) > 0
-    residuals = {prep.ids[n]: (R[n], rb[n]) for n in np.flatnonzero(has)}
+    residuals = model.residuals if model.residuals is not None else (R0, rb0)
     counts = {"events": int(len(prep.label)), "train": int(len(train.label)), "holdout": int(len(hl)),
               "positives": int((prep.label == 1).sum()), "negatives": int((prep.label == -1).sum()),
               "impressions": int((prep.label == 0).sum()), "items": len(prep.ids), "users": len(prep.user_ids)}

@@ -118,12 +118,13 @@ def users_table(store) -> pa.Table:
 
 def build_version(store, model, item_spec, user_spec, *, parent: int | None, status: str,
                   train_window: str = "", counts: dict | None = None, metrics: dict | None = None,
-                  residuals: dict | None = None, snapshot: dict | None = None,
+                  residuals: tuple | None = None, snapshot: dict | None = None,
                   items: pa.Table | None = None) -> int:
     """Write a new version (embeddings, parameters, registry row); return its number.
 
-    ``residuals`` maps item_id -> (residual vector, residual bias) for items
-    with enough history; other items are fused from content alone.
+    ``residuals`` is ``(R, rb)`` aligned with the rows of ``items``: the
+    collaborative residuals (and version 1's popularity prior in ``rb``);
+    None fuses every item from content alone.
     """
     import lance
     from safetensors.numpy import save_file
@@ -135,16 +136,7 @@ def build_version(store, model, item_spec, user_spec, *, parent: int | None, sta
     ids = items.column("item_id").to_pylist()
     V, _ = semantic_vectors(store, ids)
     A = item_spec.transform(items)
-    res = None
-    if residuals:
-        R = np.zeros_like(V)
-        rb = np.zeros(len(ids), np.float32)
-        for pos, item in enumerate(ids):
-            hit = residuals.get(item)
-            if hit is not None:
-                R[pos], rb[pos] = hit
-        res = (R, rb)
-    Wf, bias = model.item_side(V, A, res)
+    Wf, bias = model.item_side(V, A, residuals)
     docs = item_docs(store)
     enc_id, dim = encoder_info(store)
     with writer_lock(store.path, "versions", wait=30):
@@ -177,7 +169,7 @@ def build_version(store, model, item_spec, user_spec, *, parent: int | None, sta
         rows.append({
             "version": number, "parent": parent, "status": status,
             "created": _dt.datetime.now(_dt.timezone.utc).replace(tzinfo=None),
-            "encoder": enc_id, "alpha": float(meta["model"].get("alpha", tensors.get("alpha", [0])[0] if "alpha" in tensors else 0.0)),
+            "encoder": enc_id, "alpha": float(np.ravel(tensors["alpha"])[0]) if "alpha" in tensors else None,
             "train_window": train_window, "counts": json.dumps(counts or {}),
             "metrics": json.dumps(metrics or {}), "snapshot": json.dumps(snapshot or {}),
         })
@@ -236,7 +228,8 @@ def ensure_first_version(store) -> int | None:
     pop = recent_popularity(store, ids)
     model = FusionModel.untrained(V, A, user_spec.width, pop)
     return build_version(store, model, item_spec, user_spec, parent=None, status="current",
-                         train_window="untrained", counts={"items": len(ids)}, items=items)
+                         train_window="untrained", counts={"items": len(ids)}, items=items,
+                         residuals=model.residuals)
 
 
 def recent_popularity(store, ids: list[Any], days: int = 30) -> np.ndarray:
