@@ -737,6 +737,10 @@ class HFEncoder:
                 start = tok0 = 0
                 while start < len(order):
                     width = int(lens[start])  # longest in batch: sorted descending
+                    if width == 0:  # a tokenizer without special tokens produced nothing: zero rows
+                        if progress is not None:
+                            progress(len(order) - start)
+                        break
                     stop = min(len(order), start + max(1, budget // max(width, 1)))
                     blens = lens[start:stop]
                     mask_np = np.arange(width) < blens[:, None]
@@ -868,6 +872,8 @@ def get_encoder(
     with _LOCK:
         factory = _REGISTRY.get(name) if isinstance(spec, str) else None
         if factory is not None:
+            if factory is _minilm_factory:
+                device = probe_device(device)  # None and "cpu" share one loaded model on a CPU machine
             key = (name, device, max_length)
             if key not in _CACHE:
                 _CACHE[key] = _call_factory(factory, device, max_length)
