@@ -114,13 +114,22 @@ class _Prepared:
                              ts=self.ts[tr], label=self.label[tr])
         return train, (self.user[~tr], self.item[~tr], self.label[~tr])
 
-    def untrained_at_cut(self, train, lv, days: int = 30):
+    def untrained_at_cut(self, train, lv):
         """The untrained fusion with popularity counted before the holdout only."""
         from .model import FusionModel
+        from .versions import popularity_window
 
-        recent = (train.label == 1) & (train.ts >= train.ts.max() - days * 86400)
+        window = popularity_window(float(train.ts.min()), float(train.ts.max()))
+        recent = (train.label == 1) & (train.ts >= train.ts.max() - window)
         pop = np.bincount(train.item[recent], minlength=len(self.ids)).astype(np.float32)
         return FusionModel.untrained(self.V, self.A, self.UA.shape[1], pop, lv.model.config)
+
+    def all_events(self):
+        """Every event of the window (train and holdout) as training data."""
+        from .model import TrainingData
+
+        return TrainingData(V=self.V, A=self.A, UA=self.UA, user=self.user, item=self.item,
+                            ts=self.ts, label=self.label)
 
     def residuals_of(self, lv) -> tuple[np.ndarray, np.ndarray]:
         """The current version's per-item residuals, recovered from its rows."""
@@ -137,7 +146,8 @@ class _Prepared:
 
 def refresh(store, *, since: str | None = "30d", epochs: int | None = None, promote: bool = True,
             finetune_encoder: bool = False, seed: int = 0, progress: bool = False, device: str | None = None,
-            tolerance: float = TOLERANCE, use_negatives: bool = True, force: bool = False) -> dict:
+            tolerance: float = TOLERANCE, use_negatives: bool = True, force: bool = False,
+            refit: bool = True) -> dict:
     """Retrain, evaluate and publish a new embedding version (see module doc).
 
     Returns ``{"version", "status", "metrics": {"candidate", "current"}, "counts", "durations"}``
@@ -209,6 +219,14 @@ def refresh(store, *, since: str | None = "30d", epochs: int | None = None, prom
     timings["eval_s"] = round(time.perf_counter() - t3, 3)
     better = m_cand["ndcg@10"] >= m_cur["ndcg@10"] * (1.0 - tolerance)
     status = "current" if (promote and better) else ("candidate" if better else "rejected")
+    if status != "rejected" and refit:
+        # The holdout decided; the published model also learns from it, so
+        # the newest events (the most telling ones) are not left out.
+        say(f"refitting on all {len(prep.label)} events ...")
+        t4 = time.perf_counter()
+        model = FusionModel.from_state(tensors, meta)
+        model.fit(prep.all_events(), epochs=epochs, device=dev, init_residuals=(R0, rb0))
+        timings["refit_s"] = round(time.perf_counter() - t4, 3)
     residuals = model.residuals if model.residuals is not None else (R0, rb0)
     counts = {"events": int(len(prep.label)), "train": int(len(train.label)), "holdout": int(len(hl)),
               "positives": int((prep.label == 1).sum()), "negatives": int((prep.label == -1).sum()),

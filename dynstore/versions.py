@@ -232,15 +232,29 @@ def ensure_first_version(store) -> int | None:
                          residuals=model.residuals)
 
 
-def recent_popularity(store, ids: list[Any], days: int = 30) -> np.ndarray:
-    """Positive interactions per item in the last ``days`` before the newest one."""
+POPULARITY_DAYS = 30
+POPULARITY_SHARE = 0.1
+
+
+def popularity_window(first_ts: float, last_ts: float) -> float:
+    """Seconds of history the popularity prior counts: the last 30 days, or the
+    newest 10% of the time span when that is longer (sparse, long-running data)."""
+    return max(POPULARITY_DAYS * 86400.0, POPULARITY_SHARE * (last_ts - first_ts))
+
+
+def recent_popularity(store, ids: list[Any]) -> np.ndarray:
+    """Positive interactions per item in the :func:`popularity_window` before the newest one."""
     if store._dataset("interactions") is None:
         return np.zeros(len(ids), np.float32)
     con = store.connection()
     try:
+        lo, hi = con.execute("SELECT epoch(min(ts)), epoch(max(ts)) FROM interactions").fetchall()[0]
+        if hi is None:
+            return np.zeros(len(ids), np.float32)
+        seconds = int(popularity_window(lo, hi))
         rows = con.execute(
             "SELECT item_id, count(*) FROM interactions WHERE label = 1 AND "
-            f"ts >= (SELECT max(ts) FROM interactions) - INTERVAL '{int(days)} days' GROUP BY item_id"
+            f"ts >= (SELECT max(ts) FROM interactions) - to_seconds({seconds}) GROUP BY item_id"
         ).fetchall()
     finally:
         con.close()
