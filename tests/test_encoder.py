@@ -347,14 +347,13 @@ def test_minilm_semantic_sanity(minilm):
 
 
 @pytest.mark.slow
-def test_minilm_huge_text_is_truncated_fast(minilm):
-    import time
-
+def test_minilm_huge_text_is_truncated(minilm):
     huge = "wireless headphones with deep bass " * 30_000  # ~1 MB
     assert len(huge) > 1_000_000
-    t0 = time.perf_counter()
     v = minilm.encode([huge, "wireless headphones with deep bass"])
-    assert time.perf_counter() - t0 < 30
+    # past max_length tokens nothing counts: the 1 MB text encodes like its first few KB
+    head = minilm.encode([huge[:20_000]])[0]
+    assert float(v[0] @ head) > 0.9999
     _assert_unit_or_zero(v)
     assert v[0] @ v[1] > 0.5
 
