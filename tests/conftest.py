@@ -65,3 +65,30 @@ def runner():
     from click.testing import CliRunner
 
     return CliRunner()
+
+
+@pytest.fixture
+def hold_lock():
+    """``with hold_lock(store_path, kind):`` — another process holds that writer lock."""
+    import contextlib
+    import subprocess
+    import sys
+
+    @contextlib.contextmanager
+    def hold(path, kind):
+        code = (
+            "import pathlib, time\n"
+            "from dynstore.lock import writer_lock\n"
+            f"with writer_lock(pathlib.Path({str(path)!r}), {kind!r}):\n"
+            "    print('held', flush=True)\n"
+            "    time.sleep(60)\n"
+        )
+        holder = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+        try:
+            assert holder.stdout.readline().strip() == "held"
+            yield
+        finally:
+            holder.kill()
+            holder.wait()
+
+    return hold

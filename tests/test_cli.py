@@ -140,25 +140,10 @@ def test_config_cli(runner, store):
     assert "is not a valid rule" in one_line_error(run(runner, "config", store.path, "--positive", "1 +"))
 
 
-def test_busy_store_exits_3(runner, loaded):
-    import subprocess
-    import sys
-
-    code = (
-        "import pathlib, time\n"
-        "from dynstore.lock import writer_lock\n"
-        f"with writer_lock(pathlib.Path({str(loaded.path)!r}), 'encode'):\n"
-        "    print('held', flush=True)\n"
-        "    time.sleep(30)\n"
-    )
-    holder = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
-    try:
-        assert holder.stdout.readline().strip() == "held"
+def test_busy_store_exits_3(runner, loaded, hold_lock):
+    with hold_lock(loaded.path, "encode"):
         msg = one_line_error(run(runner, "encode", loaded.path), code=3)
         assert "busy" in msg and "another encode" in msg
-    finally:
-        holder.kill()
-        holder.wait()
 
 
 def test_demo_cli(runner, tmp_path):

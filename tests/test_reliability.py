@@ -79,17 +79,8 @@ def test_kill_9_during_encode_resumes(loaded, monkeypatch):
     assert out["stale"] == stale and loaded.sql("SELECT count(*) FROM stale_items").fetchall()[0][0] == 0
 
 
-def test_second_writer_waits_then_exits_3(loaded):
-    code = (
-        "import sys, time, pathlib\n"
-        "from dynstore.lock import writer_lock\n"
-        f"with writer_lock(pathlib.Path({str(loaded.path)!r}), 'ingest-items'):\n"
-        "    print('held', flush=True)\n"
-        "    time.sleep(30)\n"
-    )
-    holder = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
-    try:
-        assert holder.stdout.readline().strip() == "held"
+def test_second_writer_waits_then_exits_3(loaded, hold_lock):
+    with hold_lock(loaded.path, "ingest-items"):
         items = loaded.path.parent / "items.csv"
         items.write_text("item_id,title\n1,x\n")
         proc = _dynstore("ingest", loaded.path, "items", items)
@@ -101,9 +92,6 @@ def test_second_writer_waits_then_exits_3(loaded):
         ev.write_text("user_id,item_id,ts\n1,1,2025-01-01\n")
         proc = _dynstore("ingest", loaded.path, "interactions", ev)
         assert proc.wait(timeout=120) == 0
-    finally:
-        holder.kill()
-        holder.wait()
 
 
 def test_readers_see_whole_versions(encoded):
