@@ -303,24 +303,33 @@ def _repl(s, fmt):
 @click.option("--since", default="30d", show_default=True, help="Training window: 30d, 12w, a date, or 'all'.")
 @click.option("--epochs", type=int, default=None)
 @click.option("--no-promote", is_flag=True, help="Keep the new version as a candidate.")
-@click.option("--finetune-encoder", is_flag=True, help="Also fine-tune the text encoder (slow without a GPU).")
+@click.option("--finetune-encoder", is_flag=True,
+              help="Also fine-tune the last layers of the text encoder on the same events, then re-encode "
+                   "every item (minutes on a CPU; uses the GPU when there is one).")
+@click.option("--finetune-steps", type=click.IntRange(min=1), default=None,
+              help="Fine-tuning steps of 32 events [default: one pass over the positives, "
+                   "at most 300 on a CPU, 3000 on a GPU].")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--json", "as_json", is_flag=True)
 @handle_errors
-def refresh(store, since, epochs, no_promote, finetune_encoder, seed, as_json):
+def refresh(store, since, epochs, no_promote, finetune_encoder, finetune_steps, seed, as_json):
     """Retrain from recent positives and negatives; publish a new version.
 
     A refresh with no new interactions since the last one does nothing and
-    exits 0, so it is safe to run from cron.
+    exits 0, so it is safe to run from cron. With --finetune-encoder the
+    store switches to the fine-tuned encoder only if the version is promoted.
 
     \b
     Examples:
       dynstore refresh shop
       dynstore refresh shop --since all --epochs 5 --json
+      dynstore refresh shop --finetune-encoder --finetune-steps 200
     """
+    if finetune_steps is not None and not finetune_encoder:
+        raise click.UsageError("--finetune-steps needs --finetune-encoder")
     with _api().connect(store) as s:
         out = s.refresh(since=since, epochs=epochs, promote=not no_promote, finetune_encoder=finetune_encoder,
-                        seed=seed, progress=not as_json)
+                        finetune_steps=finetune_steps, seed=seed, progress=not as_json)
     if as_json:
         click.echo(_json(out))
         return
@@ -331,6 +340,11 @@ def refresh(store, since, epochs, no_promote, finetune_encoder, seed, as_json):
     for name, m in out.get("metrics", {}).items():
         if isinstance(m, dict):
             click.echo(f"  {name:<10} " + "  ".join(f"{k}={v:.4f}" for k, v in m.items() if isinstance(v, float)))
+    ft = out.get("finetune")
+    if ft:
+        kept = "now the store's encoder" if out["status"] == "current" else "not used (version not promoted)"
+        click.echo(f"  encoder    {ft['encoder']} ({ft['steps']} steps, loss {ft['loss_before']:.4f} -> "
+                   f"{ft['loss_after']:.4f}); {kept}")
 
 
 @main.command()

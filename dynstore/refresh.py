@@ -145,13 +145,19 @@ class _Prepared:
 
 
 def refresh(store, *, since: str | None = "30d", epochs: int | None = None, promote: bool = True,
-            finetune_encoder: bool = False, seed: int = 0, progress: bool = False, device: str | None = None,
-            tolerance: float = TOLERANCE, use_negatives: bool = True, force: bool = False,
-            refit: bool = True) -> dict:
+            finetune_encoder: bool = False, finetune_steps: int | None = None, seed: int = 0,
+            progress: bool = False, device: str | None = None, tolerance: float = TOLERANCE,
+            use_negatives: bool = True, force: bool = False, refit: bool = True) -> dict:
     """Retrain, evaluate and publish a new embedding version (see module doc).
 
+    With ``finetune_encoder`` the last layers of the text encoder are also
+    fine-tuned on the training events (:mod:`dynstore.finetune`), every item
+    is re-encoded with the result (a new encoder id and cache), and the fusion
+    is trained again on the new vectors before the evaluation. The store
+    switches to the fine-tuned encoder only if the version is promoted.
+
     Returns ``{"version", "status", "metrics": {"candidate", "current"}, "counts", "durations"}``
-    or ``{"status": "noop", "reason"}``.
+    (plus ``"finetune"`` when fine-tuning) or ``{"status": "noop", "reason"}``.
     """
     from .model import FusionModel, evaluate
     from .semantic import encode
@@ -159,7 +165,12 @@ def refresh(store, *, since: str | None = "30d", epochs: int | None = None, prom
     from .lock import writer_lock
 
     if finetune_encoder:
-        raise ConfigError("--finetune-encoder is not supported by this version of dynstore")
+        from .encoder import HFEncoder
+        from .semantic import store_encoder
+
+        if not isinstance(store_encoder(store), HFEncoder):
+            raise ConfigError("--finetune-encoder needs a Hugging Face encoder; this store uses "
+                              f"{store.config.model!r} (see `dynstore config --model`)")
     parse_since(since, _dt.datetime.now())  # a bad --since fails before any work
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
@@ -213,8 +224,21 @@ def refresh(store, *, since: str | None = "30d", epochs: int | None = None, prom
         dev = probe_device(None)
     stats = model.fit(train, epochs=epochs, device=dev, init_residuals=(R0, rb0))
     timings["train_s"] = round(time.perf_counter() - t2, 3)
+    ft = None
+    cand_train = train
+    old_model = store.config.model
+    if finetune_encoder:
+        ft, cand_train = _finetune(store, prep, train, model, steps=finetune_steps,
+                                   seed=seed, device=dev, progress=progress, say=say, timings=timings)
+        # The same training as above, from the same start, on the fine-tuned
+        # vectors: the comparison with current then measures the encoder.
+        say("training the fusion on the fine-tuned vectors ...")
+        t = time.perf_counter()
+        model = FusionModel.from_state(tensors, meta)
+        stats = model.fit(cand_train, epochs=epochs, device=dev, init_residuals=(R0, rb0))
+        timings["train_s"] = round(timings["train_s"] + time.perf_counter() - t, 3)
     t3 = time.perf_counter()
-    m_cand = evaluate(model, train, hu, hi, hl, k=10)
+    m_cand = evaluate(model, cand_train, hu, hi, hl, k=10)
     m_cur = evaluate(current, train, hu, hi, hl, residuals=(R0, rb0), k=10)
     timings["eval_s"] = round(time.perf_counter() - t3, 3)
     better = m_cand["ndcg@10"] >= m_cur["ndcg@10"] * (1.0 - tolerance)
@@ -233,14 +257,99 @@ def refresh(store, *, since: str | None = "30d", epochs: int | None = None, prom
               "impressions": int((prep.label == 0).sum()), "items": len(prep.ids), "users": len(prep.user_ids)}
     window = "all" if cutoff is None else f"{cutoff:%Y-%m-%d %H:%M} .. {newest:%Y-%m-%d %H:%M}"
     snap = dict(snap, since=since)
-    number = build_version(store, model, lv.item_spec, lv.user_spec, parent=lv.version, status=status,
-                           train_window=window, counts=counts,
-                           metrics={"candidate": m_cand, "current": m_cur, "train": stats},
-                           residuals=residuals, snapshot=snap, items=prep.items)
+    try:
+        number = build_version(store, model, lv.item_spec, lv.user_spec, parent=lv.version, status=status,
+                               train_window=window, counts=counts,
+                               metrics={"candidate": m_cand, "current": m_cur, "train": stats,
+                                        **({"finetune": ft} if ft else {})},
+                               residuals=residuals, snapshot=snap, items=prep.items)
+    finally:
+        if ft is not None:
+            _settle_encoder(store, old_model, keep_new=status == "current")
     timings["total_s"] = round(time.perf_counter() - t0, 3)
-    return {"version": number, "parent": lv.version, "status": status,
-            "promoted": status == "current", "metrics": {"candidate": m_cand, "current": m_cur},
-            "counts": counts, "durations": timings, "window": window}
+    out = {"version": number, "parent": lv.version, "status": status,
+           "promoted": status == "current", "metrics": {"candidate": m_cand, "current": m_cur},
+           "counts": counts, "durations": timings, "window": window}
+    if ft is not None:
+        out["finetune"] = ft
+    return out
+
+
+def _finetune(store, prep, train, model, *, steps, seed, device, progress, say, timings):
+    """Fine-tune the encoder and re-encode every item; return the training data on the new vectors.
+
+    Switches ``store.config.model`` in memory to the new encoder (saved to the
+    config file only on promotion, by :func:`_settle_encoder`); on failure the
+    old encoder is restored and the half-made encoder directory stays out of use.
+    """
+    from dataclasses import replace
+
+    from .finetune import finetune_encoder
+    from .lock import writer_lock
+    from .semantic import encode, item_docs, semantic_vectors, store_encoder
+
+    docs_of = item_docs(store)
+    docs = [docs_of.get(i, (None, None))[1] for i in prep.ids]
+    residuals = model.residuals if model.residuals is not None else None
+    say("fine-tuning the encoder ...")
+    t = time.perf_counter()
+    bar = None
+    if progress:
+        from tqdm import tqdm
+
+        bar = tqdm(desc="fine-tuning", unit="step", file=sys.stderr, dynamic_ncols=True)
+
+    def step(done: int, total: int) -> None:
+        bar.total = total
+        bar.update(1)
+
+    try:
+        ft = finetune_encoder(store_encoder(store, device=device), docs, train, model, residuals,
+                              store.path / "encoders", steps=steps, seed=seed, device=device,
+                              progress=step if bar is not None else None)
+    finally:
+        if bar is not None:
+            bar.close()
+    timings["finetune_s"] = round(time.perf_counter() - t, 3)
+    old_model = store.config.model
+    store.config.model = _rel(store, ft["path"])
+    store._con_state = None
+    try:
+        say("re-encoding every item with the fine-tuned encoder ...")
+        t = time.perf_counter()
+        with writer_lock(store.path, "encode", wait=60):
+            enc = encode(store, progress=progress, device=device)
+        timings["reencode_s"] = round(time.perf_counter() - t, 3)
+        ft["encoder"] = enc.get("encoder")
+        prep.V, _ = semantic_vectors(store, prep.ids)
+        new_train = replace(train, V=prep.V)
+    except BaseException:
+        store.config.model = old_model
+        store._con_state = None
+        raise
+    return ft, new_train
+
+
+def _rel(store, path: str) -> str:
+    from pathlib import Path
+
+    return Path(path).resolve().relative_to(store.path.resolve()).as_posix()
+
+
+def _settle_encoder(store, old_model: str, *, keep_new: bool) -> None:
+    """Persist the fine-tuned encoder in the config (promoted), or go back to the old one."""
+    from .config import CONFIG_NAME
+    from .lock import writer_lock
+
+    new_model = store.config.model
+    if keep_new:
+        with writer_lock(store.path, "config"):
+            store._reload_config()
+            store.config.model = new_model
+            store.config.save(store.path / CONFIG_NAME)
+    else:
+        store.config.model = old_model
+    store._con_state = None
 
 
 def evaluate_version(store, *, version: int | None = None, k: int = 10, holdout: float = HOLDOUT) -> dict:

@@ -26,12 +26,12 @@ def store_encoder(store, device: str | None = None):
     """The store's encoder (loaded once per process)."""
     from .encoder import get_encoder
 
-    return get_encoder(store.config.model, device=device, max_length=store.config.max_length)
+    return get_encoder(store.config.encoder_spec(store.path), device=device, max_length=store.config.max_length)
 
 
 def encoder_info(store) -> tuple[str, int]:
     """(id, dim) of the store's encoder (loaded once per process, then cached)."""
-    key = (store.config.model, store.config.max_length)
+    key = (store.config.encoder_spec(store.path), store.config.max_length)
     hit = _INFO.get(key)
     if hit is None:
         enc = store_encoder(store)

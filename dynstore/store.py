@@ -394,7 +394,7 @@ class Store:
             if "model" in changes and changes["model"]:
                 from .encoder import get_encoder
 
-                get_encoder(new.model, max_length=new.max_length)
+                get_encoder(new.encoder_spec(self.path), max_length=new.max_length)
             old, self.config = self.config, new
             try:
                 from .documents import check_item_text

@@ -143,7 +143,7 @@ def build_version(store, model, item_spec, user_spec, *, parent: int | None, sta
         number = _next_version(store)
         tensors, meta = model.state()
         meta = {"model": meta, "item_features": item_spec.to_dict(), "user_features": user_spec.to_dict(),
-                "encoder": enc_id, "version": number}
+                "encoder": enc_id, "encoder_model": store.config.model, "version": number}
         models = store.path / "models"
         models.mkdir(exist_ok=True)
         save_file({k: np.ascontiguousarray(v, dtype=np.float32) for k, v in tensors.items()},
@@ -279,9 +279,26 @@ def rollback(store, version: int) -> dict:
         for r in rows:
             if r["version"] == version:
                 r["status"] = "current"
+        _restore_encoder(store, version)
         _write_registry(store, rows)
     store._con_state = None
     return {"version": version, "previous": previous, "status": "current"}
+
+
+def _restore_encoder(store, version: int) -> None:
+    """Point the config at the encoder ``version`` was built with (it may be
+    a fine-tuned one), so new items are encoded into the same space."""
+    from .config import CONFIG_NAME
+    from .lock import writer_lock
+
+    meta_file = store.path / "models" / f"v{version}.json"
+    model = json.loads(meta_file.read_text()).get("encoder_model") if meta_file.is_file() else None
+    if not model or model == store.config.model:
+        return
+    with writer_lock(store.path, "config"):
+        store._reload_config()
+        store.config.model = model
+        store.config.save(store.path / CONFIG_NAME)
 
 
 @dataclass

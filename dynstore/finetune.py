@@ -1,0 +1,263 @@
+"""``refresh --finetune-encoder``: adapt the text encoder to the store's feedback.
+
+The fusion model is trained first, with the encoder's vectors fixed. Then the
+last ``layers`` transformer layers of a *copy* of the encoder are trained on
+the same examples, with everything else of the trained model held fixed::
+
+    logit(u, i) = (v_i(θ) + c_i) · x_u + bv · v_i(θ) + d_i
+
+where ``v_i(θ)`` is the pooled, normalised encoder output for item ``i``'s
+document, ``c_i = alpha W a_i + r_i`` and ``d_i = b0 + ba · a_i + rb_i`` come
+from the trained model, and ``x_u`` is the user's vector from their training
+history. Positives are pushed up; explicit negatives, shown-but-ignored
+impressions and one in-batch sampled item per positive are pushed down
+(weighted like the fusion loss). So the encoder learns which words predict
+what *these* users pick, while the fusion it feeds stays the same shape.
+
+The copy is saved as a Hugging Face directory (safetensors weights, the
+tokenizer and the sentence-transformers pooling files) under
+``<store>/encoders/``; its content hash gives it a new encoder id, so every
+item is re-encoded into a new cache and the old vectors stay.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import shutil
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+from .errors import ConfigError
+
+__all__ = ["finetune_encoder", "FINETUNE_LAYERS"]
+
+FINETUNE_LAYERS = 2
+LR = 3e-5
+BATCH = 32
+# One pass over the positives, capped: on a CPU a step of MiniLM over
+# ~100-token documents costs seconds (forward through every layer), on a GPU
+# milliseconds; --finetune-steps overrides the cap.
+MAX_STEPS_CPU = 60
+MAX_STEPS_GPU = 3000
+_ST_FILES = ("modules.json", "sentence_bert_config.json", "config_sentence_transformers.json")
+
+
+def _layers_of(model) -> list:
+    """The transformer blocks of a BERT-family model, first to last."""
+    for path in ("encoder.layer", "transformer.layer", "layers", "encoder.layers"):
+        obj = model
+        try:
+            for part in path.split("."):
+                obj = getattr(obj, part)
+        except AttributeError:
+            continue
+        if len(obj):
+            return list(obj)
+    raise ConfigError(f"--finetune-encoder: cannot find the transformer layers of {type(model).__name__}")
+
+
+def _new_dir(root: Path) -> Path:
+    root.mkdir(parents=True, exist_ok=True)
+    n = 1 + max((int(p.name[3:]) for p in root.glob("ft-*") if p.name[3:].isdigit()), default=0)
+    return root / f"ft-{n}"
+
+
+def finetune_encoder(encoder, docs: list[str | None], train, model, residuals, out_root: Path, *,
+                     layers: int = FINETUNE_LAYERS, steps: int | None = None, lr: float = LR,
+                     batch_size: int = BATCH, seed: int = 0, device: str = "cpu",
+                     progress: Callable[[int, int], Any] | None = None) -> dict:
+    """Fine-tune a copy of ``encoder`` on ``train``; save it under ``out_root``.
+
+    Parameters
+    ----------
+    encoder : HFEncoder
+        The store's encoder; it is not modified (a deep copy is trained).
+    docs : list of str or None
+        Item documents, aligned with the rows of ``train.V``.
+    train : TrainingData
+        The refresh's training events (the holdout is not in it).
+    model : FusionModel
+        The trained candidate; its parameters are held fixed.
+    residuals : (R, rb)
+        Per-item residuals aligned with ``train.V``.
+    out_root : Path
+        Parent directory; the encoder goes to ``out_root / "ft-<n>"``.
+    layers, steps, lr, batch_size, seed, device
+        Last ``layers`` transformer layers are trained for ``steps`` AdamW
+        steps of ``batch_size`` events (default: one pass over the positives,
+        capped at 300 steps on a CPU, 3000 on a GPU).
+
+    Returns
+    -------
+    dict
+        ``path`` (the saved encoder), ``steps``, ``layers``, ``examples``,
+        ``loss_before`` / ``loss_after`` (the objective on a fixed sample of
+        training events, before and after), ``seconds``.
+    """
+    import torch
+
+    from .encoder import HFEncoder
+    from .model import build_histories
+
+    if not isinstance(encoder, HFEncoder):
+        raise ConfigError(f"--finetune-encoder needs a Hugging Face encoder; this store uses {encoder.id!r}")
+    t0 = time.perf_counter()
+    cfg = model.config
+    use = (train.label == 1) | (cfg.use_negatives & (train.label <= 0))
+    ev_user, ev_item, ev_label = train.user[use], train.item[use], train.label[use]
+    rows_kept, texts, _ = encoder._prepare([d or "" for d in docs])  # cleaned, lower-cased like inference
+    text_of = dict(zip(rows_kept, texts))
+    has_doc = np.fromiter((int(i) in text_of for i in ev_item), bool, ev_item.size)
+    ev_user, ev_item, ev_label = ev_user[has_doc], ev_item[has_doc], ev_label[has_doc]
+    if not (ev_label == 1).any():
+        raise ConfigError("--finetune-encoder: no positive events with a document in the training window")
+    weight = np.where(ev_label == 1, 1.0, np.where(ev_label == -1, cfg.neg_weight, cfg.impression_weight))
+    target = (ev_label == 1).astype(np.float32)
+
+    # What the fine-tune holds fixed: the trained item side minus its text part, and user vectors.
+    p = model.params
+    Vn = train.V / np.maximum(np.linalg.norm(train.V, axis=1, keepdims=True), 1e-12)
+    Wf, bias = model.item_side(train.V, train.A, residuals)
+    C = Wf - Vn
+    D = bias - Vn @ p["bv"]
+    users = np.unique(ev_user)
+    ptr, hit, hl, hts = build_histories(users, train.user, train.item, train.label, train.ts)
+    X = model.user_vectors(train.UA[users], ptr, hit, hl, hts, Wf)
+    urow = np.full(int(train.UA.shape[0]), -1, np.int64)
+    urow[users] = np.arange(users.size)
+
+    rng = np.random.default_rng(seed)
+    torch.manual_seed(seed)
+    dev = torch.device(device)
+    net = copy.deepcopy(encoder._model).float().to(dev)
+    net.train()
+    for prm in net.parameters():
+        prm.requires_grad_(False)
+    blocks = _layers_of(net)
+    layers = max(1, min(int(layers), len(blocks)))
+    trainable = [prm for blk in blocks[-layers:] for prm in blk.parameters()]
+    for prm in trainable:
+        prm.requires_grad_(True)
+    opt = torch.optim.AdamW(trainable, lr=lr, weight_decay=0.0)
+    tok = encoder._tokenizer
+    Xt = torch.from_numpy(X).to(dev)
+    Ct = torch.from_numpy(np.ascontiguousarray(C, np.float32)).to(dev)
+    Dt = torch.from_numpy(np.ascontiguousarray(D, np.float32)).to(dev)
+    bvt = torch.from_numpy(np.ascontiguousarray(p["bv"], np.float32)).to(dev)
+
+    def vectors(items: np.ndarray) -> "torch.Tensor":
+        enc = tok([text_of[int(i)] for i in items], truncation=True, max_length=encoder.max_length,
+                  padding=True, return_tensors="pt", return_token_type_ids=False)
+        ids, mask = enc["input_ids"].to(dev), enc["attention_mask"].to(dev)
+        hidden = net(input_ids=ids, attention_mask=mask)[0]
+        return encoder._pool(hidden, mask.bool(), mask.sum(dim=1))
+
+    def loss_of(rows: np.ndarray, neg_items: np.ndarray | None) -> "torch.Tensor":
+        items = ev_item[rows]
+        uniq, inv = np.unique(items if neg_items is None else np.r_[items, neg_items], return_inverse=True)
+        v = vectors(uniq)
+        inv_t = torch.from_numpy(inv).to(dev)
+        ut = torch.from_numpy(urow[ev_user[rows]]).to(dev)
+        x = Xt[ut]
+        uq = torch.from_numpy(uniq).to(dev)
+        w_all = v + Ct[uq]
+        b_all = v @ bvt + Dt[uq]
+        n = rows.size
+        it = inv_t[:n]
+        logit = (w_all[it] * x).sum(1) + b_all[it]
+        y = torch.from_numpy(target[rows]).to(dev)
+        wt = torch.from_numpy(weight[rows].astype(np.float32)).to(dev)
+        loss = (torch.nn.functional.binary_cross_entropy_with_logits(logit, y, reduction="none") * wt).sum()
+        norm = wt.sum()
+        if neg_items is not None:
+            pos = torch.from_numpy(ev_label[rows] == 1).to(dev)
+            nt = inv_t[n:]
+            nlogit = (w_all[nt] * x).sum(1) + b_all[nt]
+            sw = pos.float() * float(min(cfg.n_sampled_negatives, 4.0))
+            loss = loss + (torch.nn.functional.softplus(nlogit) * sw).sum()
+            norm = norm + sw.sum()
+        return loss / norm.clamp(min=1e-6)
+
+    probe = rng.choice(ev_item.size, size=min(128, ev_item.size), replace=False)
+    probe_neg = rng.integers(0, train.V.shape[0], probe.size)
+    probe_neg = np.array([j if j in text_of else int(ev_item[r]) for j, r in zip(probe_neg, probe)], np.int64)
+
+    def probe_loss() -> float:
+        net.eval()
+        with torch.no_grad(), amp():
+            out = float(sum(loss_of(probe[s:s + 64], probe_neg[s:s + 64]).item() * len(probe[s:s + 64])
+                            for s in range(0, probe.size, 64)) / probe.size)
+        net.train()
+        return out
+
+    # bf16 where the hardware runs it natively (what the encoder itself uses on
+    # such CPUs; any CUDA GPU with bf16): about twice the speed, no loss scaling needed
+    import contextlib
+
+    if dev.type == "cuda" and torch.cuda.is_bf16_supported():
+        amp = lambda: torch.autocast("cuda", dtype=torch.bfloat16)  # noqa: E731
+    elif dev.type == "cpu" and getattr(encoder, "precision", "fp32") == "bf16":
+        amp = lambda: torch.autocast("cpu", dtype=torch.bfloat16)  # noqa: E731
+    else:
+        amp = contextlib.nullcontext
+    before = probe_loss()
+    n_pos = int((ev_label == 1).sum())
+    if steps is None:
+        cap = MAX_STEPS_GPU if dev.type == "cuda" else MAX_STEPS_CPU
+        steps = int(min(cap, max(1, -(-n_pos // batch_size))))
+    steps = max(1, int(steps))
+    candidates = np.fromiter(text_of, np.int64)
+    order = rng.permutation(ev_item.size)
+    for step in range(steps):
+        s = (step * batch_size) % order.size
+        rows = order[s:s + batch_size]
+        if rows.size < batch_size and order.size >= batch_size:
+            rows = np.r_[rows, order[: batch_size - rows.size]]
+        neg = candidates[rng.integers(0, candidates.size, rows.size)]
+        opt.zero_grad(set_to_none=True)
+        with amp():
+            loss = loss_of(rows, neg)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(trainable, 1.0)
+        opt.step()
+        if progress is not None:
+            progress(step + 1, steps)
+    after = probe_loss()
+
+    out = _new_dir(Path(out_root))
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    net.eval()
+    import transformers
+
+    bar_was_on = transformers.utils.logging.is_progress_bar_enabled()
+    transformers.utils.logging.disable_progress_bar()  # no "Writing model shards" bar in CLI output
+    try:
+        net.to("cpu").save_pretrained(str(tmp), safe_serialization=True)
+        tok.save_pretrained(str(tmp))
+    finally:
+        if bar_was_on:
+            transformers.utils.logging.enable_progress_bar()
+    src = Path(encoder.path)
+    for name in _ST_FILES:
+        if (src / name).is_file():
+            shutil.copy2(src / name, tmp / name)
+    if (src / "modules.json").is_file():
+        for module in json.loads((src / "modules.json").read_text()):
+            sub = str(module.get("path", ""))
+            if sub and (src / sub).is_dir():
+                shutil.copytree(src / sub, tmp / sub, dirs_exist_ok=True)
+    (tmp / "dynstore_finetune.json").write_text(json.dumps({
+        "base": encoder.id, "layers": layers, "steps": steps, "lr": lr, "batch_size": batch_size,
+        "seed": seed, "loss_before": before, "loss_after": after}, indent=1))
+    for f in tmp.iterdir():  # save_pretrained may add pickles on some versions: never keep them
+        if f.suffix in (".bin", ".pt", ".pth", ".pkl"):
+            f.unlink()
+    tmp.rename(out)
+    return {"path": str(out), "steps": steps, "layers": layers, "examples": int(ev_item.size),
+            "loss_before": round(before, 6), "loss_after": round(after, 6),
+            "seconds": round(time.perf_counter() - t0, 3)}
