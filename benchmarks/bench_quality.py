@@ -1,10 +1,8 @@
-"""Quality benchmark on MovieLens (ml-latest-small), temporal split, per segment.
+"""Quality benchmark: MovieLens (ml-latest-small) and the generated shop, temporal split.
 
-Protocol
---------
-* Ratings sorted by time; the last 20 % are the test period. Rating >= 4 is a positive,
-  <= 2 an explicit negative; 2.5-3.5 ("watched, lukewarm") is kept as a shown-but-not-liked
-  event (label 0) for the models that read negatives and dropped for the others.
+Protocol (both datasets)
+------------------------
+* Interactions sorted by time; the last 20 % are the test period.
 * 10 % of the items with a test positive (seeded) become cold-start items: all their
   training interactions are removed. "Cold" items are all items without training
   interactions (these + items first seen in the test period); "warm" are the others.
@@ -16,9 +14,50 @@ Protocol
   from the end of the training period with the same protocol -- never on the test period.
 
 Methods: popularity, implicit ALS, content-only (mean MiniLM vector of the user's training
-positives), dynstore (:func:`fit_dynstore`), dynstore without negatives (ablation).
+positives), dynstore (:func:`fit_dynstore`), dynstore without negatives (ablation), and --
+unless ``--no-store`` -- the product path (:func:`fit_dynstore_store`: a real store,
+``ingest``, ``encode``, ``refresh(since="all")``, scored through the serving path), with
+and without negatives.
 
-Run: ``python benchmarks/bench_quality.py [--movielens DIR] [--json OUT]``.
+MovieLens (``../shared/data/ml-latest-small``; skipped with a message when absent)
+---------------------------------------------------------------------------------
+Rating >= 4 is a positive, <= 2 an explicit negative; 2.5-3.5 ("watched, lukewarm") is
+kept as a shown-but-not-liked event (label 0) for the models that read negatives and
+dropped for the others. Item text: title, genres and tags written before the test period.
+No user attributes.
+
+Shop (``samples.shop.generate(--shop-size, --seed)``)
+------------------------------------------------------
+The log's own events (impression 0, click 1, purchase 1, skip -1) labelled by the store's
+*default* rules (``value > 0`` positive, ``value <= 0`` negative), and, as ``refresh``
+does, an impression becomes label 0 (shown, ignored) unless the same user has a positive
+on the same item at or after it (then it is dropped) -- decided within each period, so
+test events decide nothing about training rows. The 80/20 cut is on the raw log
+(impressions included). Item text: the store's default document (every text-like item
+column as ``name: value``, read back from a store), MiniLM-encoded; item and user
+attributes (category, brand, price, tags, created_ts; age, gender, region, signup_ts)
+as a store's :class:`FeatureSpec` sees them. The store runs ingest users, items and the
+training rows; the benchmark checks that the store's training events equal its own. An
+extra line compares new users (all of whom have attributes) with popularity.
+
+Drift recovery (shop, :func:`drift_recovery`): one store gets the training rows before
+``samples.shop.DRIFT_START`` and a ``refresh``; then the post-drift training rows up to
+the test period (all after the drift) arrive. On the test period: (a) the version the
+store serves after the first refresh, with the new rows in the histories; (a') that
+refresh's own version when it was not promoted; (b) the version of a second ``refresh``
+on everything. Printed: what the store serves before/after the second refresh (a
+rejected (b) leaves (a) serving), (b)/(a), and (b)/(a').
+
+Run (from the repository root)::
+
+    python benchmarks/bench_quality.py                       # MovieLens, then shop
+    python benchmarks/bench_quality.py --dataset shop [--shop-size 100000] [--seed 0]
+    python benchmarks/bench_quality.py --dataset movielens [--movielens DIR]
+    options: --no-grid (default hyper-parameters), --no-store (skip the store runs and
+    the drift part), --json OUT. MiniLM vectors are cached in /tmp by a hash of the texts.
+
+The shop part at the default size takes ~4.5 min on 2 CPU cores (+~1 min to encode the
+documents the first time); MovieLens ~5 min.
 """
 
 from __future__ import annotations
@@ -28,24 +67,23 @@ import hashlib
 import json
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from dynstore.features import FeatureSpec  # noqa: E402
-from dynstore.metrics import ndcg_at_k, recall_at_k, top_k  # noqa: E402
-from dynstore.model import (  # noqa: E402
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from dynstore.features import FeatureSpec
+from dynstore.metrics import ndcg_at_k, recall_at_k, top_k
+from dynstore.model import (
     FusionModel,
     ModelConfig,
     TrainingData,
     build_histories,
 )
 
+ROOT = Path(__file__).resolve().parents[1]
 K = 10
 SEED = 0
 
@@ -167,14 +205,19 @@ def label_of(rating: np.ndarray) -> np.ndarray:
 
 
 def temporal_split(events, n_items: int, frac: float = 0.8, cold_frac: float = 0.1,
-                   seed: int = SEED) -> Split:
+                   seed: int = SEED, cut: int | None = None) -> Split:
+    """Training = the first ``frac`` of the events (or the first ``cut``), test = the rest.
+
+    ``cut`` is for data whose period boundary was decided on other rows (the shop's
+    raw log, where impressions followed by a positive are dropped per period).
+    """
     u, it, ts, lab = events  # time-sorted, labels as in TrainingData
-    cut = int(len(ts) * frac)
+    cut = int(len(ts) * frac) if cut is None else int(cut)
     tr = slice(0, cut)
     te_pos = np.arange(cut, len(ts))[lab[cut:] == 1]
     test_pos_items = np.unique(it[te_pos])
     rng = np.random.default_rng(seed)
-    n_cold = int(round(cold_frac * test_pos_items.size))
+    n_cold = round(cold_frac * test_pos_items.size)
     forced = rng.choice(test_pos_items, size=n_cold, replace=False)
     keep = ~np.isin(it[tr], forced)
     cold = np.ones(n_items, dtype=bool)
@@ -223,7 +266,7 @@ def evaluate_scorer(score: Scorer, split: Split, n_items: int) -> dict:
 
 # ---------------------------------------------------------------------- methods
 def fit_popularity(split: Split, cat: Catalogue) -> Scorer:
-    pu, pi = split.positives()
+    _, pi = split.positives()
     pop = np.bincount(pi, minlength=cat.n_items).astype(np.float64)
     return lambda users: np.broadcast_to(pop, (len(users), cat.n_items))
 
@@ -292,52 +335,70 @@ def fit_dynstore(split: Split, cat: Catalogue, config: ModelConfig | None = None
     return score
 
 
-def fit_dynstore_store(split: Split, cat: Catalogue, *, use_negatives: bool = True,
-                       stats: dict | None = None) -> Scorer:
-    """The product path: a real store, ``encode``, then ``refresh``; score what it serves.
+@dataclass
+class StoreInput:
+    """What a benchmark store is made of (see :func:`fit_dynstore_store`).
 
-    Items are ingested with their text and attributes (genres, year); the
-    semantic cache is pre-filled with the benchmark's MiniLM vectors of the same
-    documents (same encoder id, so nothing is re-encoded); training events are
-    ingested as interactions (rating >= 4 positive, <= 2 negative, 2.5-3.5 as an
-    ``impression``: shown, not chosen). Scores come from the store's serving path
-    (current version after the refresh; a rejected candidate is not served).
+    Ids in the frames are the benchmark's indices (``item_id`` = item row of the
+    :class:`Catalogue`, ``user_id`` = user row), so served scores line up with them.
     """
-    import hashlib
-    import shutil
-    import tempfile
 
+    init: dict  # dynstore.init keyword arguments: labelling rules, item_text
+    items: object  # polars.DataFrame of item attributes (and text)
+    interactions: object | None = None  # polars.DataFrame: the training period
+    users: object | None = None  # polars.DataFrame of user attributes, or None
+
+
+def movielens_store_input(split: Split, cat: Catalogue) -> StoreInput:
+    """MovieLens as a store sees it: items with their text and attributes (genres,
+    year), training ratings as interactions (rating >= 4 positive, <= 2 negative,
+    2.5-3.5 as an ``impression``: shown, not chosen); no user attributes."""
     import polars as pl
 
-    import dynstore
-    from dynstore.recommend import serving_state, user_vectors
-    from dynstore.semantic import _write_cache, store_encoder
-
-    work = Path(tempfile.mkdtemp(prefix="bench-quality-"))
-    try:
-        store = dynstore.init(work / "s", positive="value >= 4", negative="value <= 2", item_text="text")
-        store.ingest("items", pl.DataFrame({"item_id": np.arange(cat.n_items), "text": cat.texts,
-                                            "genres": cat.genres, "year": cat.year}))
-        enc = store_encoder(store)
-        hashes = [hashlib.md5(t.encode()).hexdigest() for t in cat.texts]
-        _write_cache(store, enc.id, hashes, cat.V.astype(np.float32))
-        value = np.where(split.label == 1, 5.0, np.where(split.label == -1, 1.0, 3.0))
-        store.ingest("interactions", pl.DataFrame({
+    value = np.where(split.label == 1, 5.0, np.where(split.label == -1, 1.0, 3.0))
+    return StoreInput(
+        init={"positive": "value >= 4", "negative": "value <= 2", "item_text": "text"},
+        items=pl.DataFrame({"item_id": np.arange(cat.n_items), "text": cat.texts,
+                            "genres": cat.genres, "year": cat.year}),
+        interactions=pl.DataFrame({
             "user_id": split.user, "item_id": split.item,
             "ts": (split.ts * 1_000_000).astype("datetime64[us]"),
             "event": np.where(split.label == 0, "impression", "rating"), "value": value}))
-        encoded = store.encode()
-        assert encoded["encoded"] == 0, "the cache should hold every document"
-        out = store.refresh(since="all", use_negatives=use_negatives)
-        if stats is not None:
-            stats.update(status=out["status"], version=out["version"], durations=out["durations"])
-        state = serving_state(store)
-        col = np.array(state.ids, np.int64)  # store row -> benchmark item index
-        W = np.zeros_like(state.Wf)
-        b = np.zeros(cat.n_items, np.float32)
-        W[col], b[col] = state.Wf, state.bias
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
+
+
+def bench_store(path: Path, cat: Catalogue, data: StoreInput):
+    """A new store at ``path`` with the items (and users) of ``data`` ingested.
+
+    The semantic cache is pre-filled with the benchmark's MiniLM vectors of the
+    same documents (``cat.texts`` are the documents the store renders; same
+    encoder id), so ``encode`` finds nothing stale and re-encodes nothing.
+    Users are ingested before the first ``encode`` because version 1 fixes the
+    user-attribute features that every later version inherits.
+    """
+    import dynstore
+    from dynstore.semantic import _write_cache, store_encoder
+
+    store = dynstore.init(path, **data.init)
+    store.ingest("items", data.items)
+    if data.users is not None:
+        store.ingest("users", data.users)
+    enc = store_encoder(store)
+    hashes = [hashlib.md5(t.encode()).hexdigest() for t in cat.texts]
+    _write_cache(store, enc.id, hashes, cat.V.astype(np.float32))
+    return store
+
+
+def store_scorer(store, cat: Catalogue, version: int | None = None) -> Scorer:
+    """Scores from the store's serving path (``version``, default the current one):
+    user vectors from the user's attributes and ingested history, item vectors and
+    biases of the version. Holds everything in memory, so the store may go."""
+    from dynstore.recommend import serving_state, user_vectors
+
+    state = serving_state(store, version)
+    col = np.array(state.ids, np.int64)  # store row -> benchmark item index
+    W = np.zeros((cat.n_items, state.Wf.shape[1]), np.float32)
+    b = np.zeros(cat.n_items, np.float32)
+    W[col], b[col] = state.Wf, state.bias
 
     def score(users):
         X = user_vectors(state, [int(u) for u in users])
@@ -346,9 +407,241 @@ def fit_dynstore_store(split: Split, cat: Catalogue, *, use_negatives: bool = Tr
     return score
 
 
+def fit_dynstore_store(split: Split, cat: Catalogue, *, use_negatives: bool = True,
+                       stats: dict | None = None, data: StoreInput | None = None,
+                       full: dict | None = None) -> Scorer:
+    """The product path: a real store, ``encode``, then ``refresh``; score what it serves.
+
+    ``data`` says what goes in (default: :func:`movielens_store_input`): items
+    (with users, if any) through :func:`bench_store`, then the training events as
+    interactions; the store labels them by its own rules. Scores come from the
+    store's serving path (current version after the refresh; a rejected
+    candidate is not served). ``stats`` gets status, version and durations of the
+    refresh, ``full`` its whole answer (metrics, counts).
+    """
+    import shutil
+    import tempfile
+
+    data = data or movielens_store_input(split, cat)
+    work = Path(tempfile.mkdtemp(prefix="bench-quality-"))
+    try:
+        store = bench_store(work / "s", cat, data)
+        store.ingest("interactions", data.interactions)
+        encoded = store.encode()
+        assert encoded["encoded"] == 0, "the cache should hold every document"
+        out = store.refresh(since="all", use_negatives=use_negatives)
+        if stats is not None:
+            stats.update(status=out["status"], version=out["version"], durations=out["durations"])
+        if full is not None:
+            full.update(out)
+        score = store_scorer(store, cat)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return score
+
+
+# -------------------------------------------------------------------- shop data
+SHOP_SIZE = "100000"  # log rows; samples.shop interpolates 3.4k users, 2.3k items
+
+
+@dataclass
+class ShopLog:
+    """The generated interaction log, time-sorted, with benchmark indices and labels.
+
+    ``frame`` is what a store ingests (ids already benchmark indices); ``label`` is
+    the store's default labelling rules evaluated on each row (impressions too:
+    ``value <= 0`` makes them -1 here; see :func:`shop_events` for what training
+    makes of them).
+    """
+
+    frame: object  # polars.DataFrame: user_id, item_id, ts, event, value
+    user: np.ndarray
+    item: np.ndarray
+    ts_us: np.ndarray  # microseconds (the store's resolution)
+    label: np.ndarray  # 1 / 0 / -1 by the store's rules
+    impression: np.ndarray  # bool: event = 'impression'
+
+    def __len__(self) -> int:
+        return len(self.ts_us)
+
+    def rows(self, rows: np.ndarray):
+        """The ``rows`` of the log as a frame to ingest."""
+        import polars as pl
+
+        return self.frame.with_row_index("_row").filter(pl.col("_row").is_in(rows)).drop("_row")
+
+
+def store_labels(frame) -> tuple[np.ndarray, str, str]:
+    """Labels of every row by the store's *default* rules (evaluated by DuckDB)."""
+    import duckdb
+
+    from dynstore.config import DEFAULT_NEGATIVE, DEFAULT_POSITIVE
+
+    con = duckdb.connect()
+    con.register("interactions", frame.with_row_index("_row").to_arrow())
+    lab = con.sql(f"SELECT CAST(CASE WHEN ({DEFAULT_POSITIVE}) THEN 1 WHEN ({DEFAULT_NEGATIVE}) "
+                  f"THEN -1 ELSE 0 END AS TINYINT) AS label FROM interactions ORDER BY _row"
+                  ).fetchnumpy()["label"]
+    con.close()
+    return np.asarray(lab, np.int8), DEFAULT_POSITIVE, DEFAULT_NEGATIVE
+
+
+def shop_events(user, item, ts_us, label, impression) -> tuple[np.ndarray, np.ndarray]:
+    """What ``refresh`` trains on, for one period of the log: ``(keep, label)``.
+
+    As in :mod:`dynstore.refresh`: an impression is a shown-but-ignored event
+    (label 0) unless the same user has a positive on the same item at or after it
+    (then it is dropped: the positive says it all); other rows are kept when the
+    rules give them a label. Applied per period, so no test event decides anything
+    about training rows.
+    """
+    import polars as pl
+
+    df = pl.DataFrame({"u": user, "i": item, "t": ts_us})
+    last = (df.filter(pl.Series(label == 1)).group_by("u", "i").agg(last=pl.col("t").max()))
+    lp = (df.with_row_index("_row").join(last, on=["u", "i"], how="left").sort("_row")["last"]
+          .fill_null(np.iinfo(np.int64).min).to_numpy())
+    keep = np.where(impression, lp < ts_us, label != 0)
+    return keep, np.where(impression, 0, label).astype(np.int8)
+
+
+def shop_split(log: ShopLog, rows: np.ndarray, n_items: int, frac: float = 0.8,
+               seed: int = SEED) -> tuple[Split, np.ndarray]:
+    """The protocol on ``rows`` of the log: the first ``frac`` of the rows (time-sorted,
+    impressions included) are training, the rest the test period; 10 % of the
+    test-positive items become cold (:func:`temporal_split`).
+
+    Returns the split and the log rows of its training period (cold items removed):
+    what a store ingests to see exactly the split's training events.
+    """
+    u, it, tus, lab, imp = (a[rows] for a in (log.user, log.item, log.ts_us, log.label,
+                                               log.impression))
+    cut = int(len(rows) * frac)
+    k_tr, l_tr = shop_events(u[:cut], it[:cut], tus[:cut], lab[:cut], imp[:cut])
+    k_te, l_te = shop_events(u[cut:], it[cut:], tus[cut:], lab[cut:], imp[cut:])
+    keep = np.concatenate([k_tr, k_te])
+    lab2 = np.concatenate([l_tr, l_te])
+    events = (u[keep], it[keep], tus[keep] // 1_000_000, lab2[keep])
+    split = temporal_split(events, n_items, seed=seed, cut=int(k_tr.sum()))
+    train_rows = rows[:cut][~split.cold[it[:cut]]]
+    return split, train_rows
+
+
+def shop_documents(items) -> list[str]:
+    """Each item's document exactly as a store renders it by default (every text-like
+    column as ``name: value``): read back from a scratch store's ``item_documents``."""
+    import shutil
+    import tempfile
+
+    import dynstore
+
+    work = Path(tempfile.mkdtemp(prefix="bench-quality-docs-"))
+    try:
+        store = dynstore.init(work / "s")
+        store.ingest("items", items)
+        d = store.sql("SELECT item_id, document, doc_hash FROM item_documents ORDER BY item_id").fetchall()
+        store.close()
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    assert [r[0] for r in d] == list(range(len(d))), "item ids must be 0..n-1"
+    docs = [r[1] or "" for r in d]
+    assert all(hashlib.md5(t.encode()).hexdigest() == r[2] for t, r in zip(docs, d))
+    return docs
+
+
+def build_shop(size: str, seed: int):
+    """Catalogue, log and store frames of ``samples.shop.generate(size, seed)``.
+
+    Ids become 0-based benchmark indices. Item text: the store's default
+    document; attributes: :class:`FeatureSpec` of the item and user tables, as
+    a store's version 1 fits them.
+    """
+    import polars as pl
+
+    from samples.shop import generate
+
+    frames = generate(int(size) if str(size).isdigit() else size, seed)
+    items = frames["items"].with_columns(pl.col("item_id") - 1).sort("item_id")
+    users = frames["users"].with_columns(pl.col("user_id") - 1).sort("user_id")
+    inter = frames["interactions"].with_columns(pl.col("user_id") - 1, pl.col("item_id") - 1)
+    assert items["item_id"].to_list() == list(range(items.height))
+    assert users["user_id"].to_list() == list(range(users.height))
+    label, pos, neg = store_labels(inter)
+    log = ShopLog(inter, inter["user_id"].to_numpy().astype(np.int64),
+                  inter["item_id"].to_numpy().astype(np.int64),
+                  inter["ts"].cast(pl.Int64).to_numpy(), label,
+                  (inter["event"] == "impression").to_numpy())
+    assert np.all(np.diff(log.ts_us) >= 0), "the log must be time-sorted"
+    docs = shop_documents(items)
+    V, how = encode_texts(docs)
+    ispec = FeatureSpec.fit(items.to_arrow(), "item_id")
+    uspec = FeatureSpec.fit(users.to_arrow(), "user_id")
+    cat = Catalogue(users.height, items.height, V, ispec.transform(items.to_arrow()),
+                    uspec.transform(users.to_arrow()), docs)
+    info = {"rules": (pos, neg), "item_spec": ispec, "user_spec": uspec, "vectors": how,
+            "events": dict(inter["event"].value_counts().sort("event").rows())}
+    return cat, log, items, users, info
+
+
+def drift_recovery(cat: Catalogue, log: ShopLog, test: Split, train_rows: np.ndarray,
+                   items, users, log_fn) -> dict:
+    """Does a ``refresh`` after the drift recover quality on the post-drift test period?
+
+    One store (items, users) gets the training rows before ``DRIFT_START`` and a
+    ``refresh(since="all")``: version (a). Then the post-drift training rows up to
+    the test period are ingested. Scored on the split's test period:
+
+    * ``pre-drift version, pre-drift history``: the store before the new rows;
+    * (a) ``pre-drift version``: the same version, served with the new rows in the
+      user histories (serving reads them without a refresh);
+    * (b) ``after refresh``: a second ``refresh(since="all")`` on everything.
+    """
+    import shutil
+    import tempfile
+
+    from samples.shop import DRIFT_START
+
+    drift_us = int(np.datetime64(DRIFT_START, "us").astype(np.int64))
+    ts = log.ts_us[train_rows]
+    pre, post = train_rows[ts < drift_us], train_rows[ts >= drift_us]
+    out: dict = {"results": {}, "refresh": {}}
+    work = Path(tempfile.mkdtemp(prefix="bench-quality-drift-"))
+    try:
+        store = bench_store(work / "s", cat, StoreInput(init={}, items=items, users=users))
+        store.ingest("interactions", log.rows(pre))
+        store.encode()
+        t0 = time.perf_counter()
+        ra = store.refresh(since="all")
+        va = next(r["version"] for r in store.versions() if r["status"] == "current")
+        log_fn(f"drift: refresh on {pre.size} pre-drift rows -> v{ra['version']} {ra['status']}, "
+               f"serving v{va} ({time.perf_counter() - t0:.0f}s)")
+        res = out["results"]
+        res["pre-drift version, pre-drift history"] = evaluate_scorer(
+            store_scorer(store, cat, va), test, cat.n_items)
+        store.ingest("interactions", log.rows(post))
+        res["(a) pre-drift version"] = evaluate_scorer(store_scorer(store, cat, va), test, cat.n_items)
+        if ra["version"] != va:  # not promoted: also score what that refresh trained
+            res[f"(a') pre-drift refresh's v{ra['version']} ({ra['status']})"] = evaluate_scorer(
+                store_scorer(store, cat, ra["version"]), test, cat.n_items)
+        t0 = time.perf_counter()
+        rb = store.refresh(since="all")
+        log_fn(f"drift: refresh with {post.size} post-drift rows -> v{rb['version']} {rb['status']} "
+               f"({time.perf_counter() - t0:.0f}s)")
+        res["(b) after refresh"] = evaluate_scorer(store_scorer(store, cat, rb["version"]), test,
+                                                   cat.n_items)
+        out["serving"] = {"pre-drift": va, "post-drift": next(
+            r["version"] for r in store.versions() if r["status"] == "current")}
+        for name, r in (("pre-drift", ra), ("post-drift", rb)):
+            out["refresh"][name] = {k: r[k] for k in ("version", "status", "metrics", "counts", "window")}
+        out["rows"] = {"pre": int(pre.size), "post": int(post.size)}
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return out
+
+
 # ------------------------------------------------------------------------ driver
 ALS_GRID = [
-    dict(factors=f, regularization=r, alpha=a)
+    {"factors": f, "regularization": r, "alpha": a}
     for f in (32, 64, 128) for r in (0.01, 0.1) for a in (1.0, 10.0)
 ]
 # dynstore: defaults plus a few single changes, chosen on the validation slice
@@ -390,28 +683,15 @@ def fmt_table(results: dict, segments: list[str], baselines: list[str]) -> str:
     return "\n".join(lines)
 
 
-def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--movielens", default=str(ROOT.parent / "shared/data/ml-latest-small"))
-    ap.add_argument("--json", help="write the results here")
-    ap.add_argument("--no-grid", action="store_true", help="skip the validation grids")
-    ap.add_argument("--no-store", action="store_true", help="skip the runs through a real store and refresh")
-    args = ap.parse_args(argv)
-    path = Path(args.movielens)
-    if not (path / "ratings.csv").exists():
-        print(f"MovieLens not found at {path}; benchmark skipped.")
-        return 0
-    t_all = time.perf_counter()
-    log = lambda s: print(s, flush=True)  # noqa: E731
-    cat, events, how, spec = build(path)
-    log(f"items {cat.n_items}, users {cat.n_users}, events {len(events[0])}, "
-        f"attributes {spec}, vectors: {how}")
-    test = temporal_split(events, cat.n_items)
-    # validation: the same protocol inside the training period (no test data involved)
-    val = temporal_split((test.user, test.item, test.ts, test.label), cat.n_items, frac=0.875)
-    log(f"test: {len(np.unique(test.test_user))} users, {test.test_user.size} positives, "
-        f"{int(test.cold.sum())} cold items; val: {len(np.unique(val.test_user))} users")
+SEGMENTS = ["overall", "warm items", "cold items", "returning users", "new users"]
+BASELINES = ["popularity", "ALS", "content-only"]
 
+
+def compare(cat: Catalogue, test: Split, val: Split, args, log,
+            store_data: StoreInput | None = None) -> dict:
+    """Choose hyper-parameters on ``val``, then fit every method on ``test``'s training
+    period and evaluate it on the test period. ``store_data``: what the store runs
+    ingest (default: :func:`movielens_store_input` of ``test``)."""
     als_params = ALS_GRID[3]
     dyn_params: dict = {}
     if not args.no_grid:
@@ -429,29 +709,174 @@ def main(argv=None) -> int:
         "dynstore (no negatives)": lambda s, c: fit_dynstore(
             s, c, replace(cfg, use_negatives=False)),
     }
+    store_stats: dict = {}
+    store_full: dict = {}
+    store_full_nn: dict = {}
     if not args.no_store:
         # what a user of the product gets: a store, `encode`, `refresh` (which
         # trains on the first 90% of the window and checks the last 10%)
-        store_stats: dict = {}
-        methods["dynstore store+refresh"] = lambda s, c: fit_dynstore_store(s, c, stats=store_stats)
+        methods["dynstore store+refresh"] = lambda s, c: fit_dynstore_store(
+            s, c, stats=store_stats, data=store_data, full=store_full)
         methods["dynstore store+refresh (no negatives)"] = lambda s, c: fit_dynstore_store(
-            s, c, use_negatives=False)
+            s, c, use_negatives=False, data=store_data, full=store_full_nn)
     results = {}
     for name, fit in methods.items():
         t0 = time.perf_counter()
         results[name] = evaluate_scorer(fit(test, cat), test, cat.n_items)
         log(f"test {name}: {time.perf_counter() - t0:.1f}s")
-    segments = ["overall", "warm items", "cold items", "returning users", "new users"]
+    return {"results": results, "als": als_params, "dynstore": dyn_params,
+            "store_stats": store_stats, "store_refresh": store_full,
+            "store_refresh_nn": store_full_nn}
+
+
+def run_movielens(args, log) -> dict | None:
+    path = Path(args.movielens)
+    if not (path / "ratings.csv").exists():
+        print(f"MovieLens not found at {path}; benchmark skipped.")
+        return None
+    t_all = time.perf_counter()
+    cat, events, how, spec = build(path)
+    log(f"items {cat.n_items}, users {cat.n_users}, events {len(events[0])}, "
+        f"attributes {spec}, vectors: {how}")
+    test = temporal_split(events, cat.n_items, seed=args.seed)
+    # validation: the same protocol inside the training period (no test data involved)
+    val = temporal_split((test.user, test.item, test.ts, test.label), cat.n_items, frac=0.875)
+    log(f"test: {len(np.unique(test.test_user))} users, {test.test_user.size} positives, "
+        f"{int(test.cold.sum())} cold items; val: {len(np.unique(val.test_user))} users")
+    out = compare(cat, test, val, args, log)
+    results = out["results"]
     print()
-    print(fmt_table(results, segments, ["popularity", "ALS", "content-only"]))
+    print(fmt_table(results, SEGMENTS, BASELINES))
     print()
-    print("users per segment:", {s: results["dynstore"][s]["users"] for s in segments})
+    print("users per segment:", {s: results["dynstore"][s]["users"] for s in SEGMENTS})
     if not args.no_store:
-        print("store refresh:", store_stats)
+        print("store refresh:", out["store_stats"])
     print(f"total {time.perf_counter() - t_all:.0f}s")
+    return {k: out[k] for k in ("results", "als", "dynstore")}
+
+
+def _ratio(a: float, b: float) -> str:
+    return f"{a / b:.2f}x" if b > 0 else "n/a"
+
+
+def run_shop(args, log) -> dict:
+    from samples.shop import DRIFT_START
+
+    t_all = time.perf_counter()
+    cat, slog, items, users, info = build_shop(args.shop_size, args.seed)
+    log(f"shop size {args.shop_size!r} seed {args.seed}: items {cat.n_items}, users {cat.n_users}, "
+        f"log rows {len(slog)} {info['events']}; default rules: positive {info['rules'][0]!r}, "
+        f"negative {info['rules'][1]!r}")
+    log(f"item attributes {info['item_spec']}; user attributes {info['user_spec']}; "
+        f"vectors: {info['vectors']}")
+    test, train_rows = shop_split(slog, np.arange(len(slog)), cat.n_items, seed=args.seed)
+    # validation: the same protocol on the training rows (no test data involved)
+    val, _ = shop_split(slog, train_rows, cat.n_items, frac=0.875, seed=args.seed)
+    test_start = slog.ts_us[int(len(slog) * 0.8)]
+    log(f"test period from {np.datetime64(int(test_start), 'us')} (drift from {DRIFT_START}): "
+        f"{len(np.unique(test.test_user))} users, {test.test_user.size} positives, "
+        f"{int(test.cold.sum())} cold items; training events {test.label.size} "
+        f"(+1 {int((test.label == 1).sum())}, -1 {int((test.label == -1).sum())}, "
+        f"0 {int((test.label == 0).sum())}); val: {len(np.unique(val.test_user))} users")
+    data = StoreInput(init={}, items=items, users=users, interactions=slog.rows(train_rows))
+    out = compare(cat, test, val, args, log, store_data=data)
+    results = out["results"]
+    print()
+    print(fmt_table(results, SEGMENTS, BASELINES))
+    print()
+    print("users per segment:", {s: results["dynstore"][s]["users"] for s in SEGMENTS})
+    pop = results["popularity"]["new users"]
+    for name in ("dynstore", "dynstore store+refresh"):
+        if name in results:
+            r = results[name]["new users"]
+            print(f"new users (with attributes): {name} vs popularity: "
+                  f"NDCG@{K} {r['ndcg']:.4f} / {pop['ndcg']:.4f} = {_ratio(r['ndcg'], pop['ndcg'])}, "
+                  f"Recall@{K} {r['recall']:.4f} / {pop['recall']:.4f} = "
+                  f"{_ratio(r['recall'], pop['recall'])}")
+    drift = None
+    if not args.no_store:
+        full = out["store_refresh"]
+        print("store refresh:", out["store_stats"])
+        for name, r in (("store+refresh", full), ("store+refresh (no negatives)",
+                                                  out["store_refresh_nn"])):
+            m = r["metrics"]
+            print(f"  {name}: v{r['version']} {r['status']}; its holdout (newest 10 % of "
+                  f"training): candidate ndcg@10 {m['candidate']['ndcg@10']:.4f} vs current "
+                  f"{m['current']['ndcg@10']:.4f}")
+        c = full["counts"]
+        mine = {"positives": int((test.label == 1).sum()), "negatives": int((test.label == -1).sum()),
+                "impressions": int((test.label == 0).sum())}
+        same = all(c[k] == v for k, v in mine.items())
+        print(f"  store's training events {({k: c[k] for k in mine})} "
+              f"{'==' if same else '!='} the benchmark's {mine}")
+        print()
+        drift = drift_recovery(cat, slog, test, train_rows, items, users, log)
+        dres = drift["results"]
+        print()
+        after_drift = np.datetime64(int(test_start), "us") >= np.datetime64(DRIFT_START, "us")
+        print(f"drift recovery (test period from {np.datetime64(int(test_start), 'us')}, "
+              f"{'all after' if after_drift else 'NOT all after (this size or seed)'} the "
+              f"drift at {DRIFT_START}; {drift['rows']['pre']} pre-drift + {drift['rows']['post']} "
+              f"post-drift training rows):")
+        print(fmt_table(dres, SEGMENTS, ["(a) pre-drift version"]))
+        ra, rb = drift["refresh"]["pre-drift"], drift["refresh"]["post-drift"]
+        va, served = drift["serving"]["pre-drift"], drift["serving"]["post-drift"]
+        a = dres["(a) pre-drift version"]["overall"]
+        b = dres["(b) after refresh"]["overall"]
+        after = b if served == rb["version"] else a  # a rejected v(b) leaves v(a) serving
+        trained = next((v["overall"] for k, v in dres.items() if k.startswith("(a')")), a)
+
+        def line(what, x, y):
+            print(f"{what}: NDCG@{K} {x['ndcg']:.4f} -> {y['ndcg']:.4f} "
+                  f"({_ratio(y['ndcg'], x['ndcg'])}), Recall@{K} {x['recall']:.4f} -> "
+                  f"{y['recall']:.4f} ({_ratio(y['recall'], x['recall'])})")
+
+        line(f"drift, what the store serves: v{va} before the post-drift refresh, v{served} "
+             f"after it (v{rb['version']} {rb['status']})", a, after)
+        line(f"drift, the refreshed version itself: (b) v{rb['version']} vs (a) v{va}", a, b)
+        if ra["version"] != va:
+            line(f"drift, trained vs trained: (b) v{rb['version']} vs (a') v{ra['version']}",
+                 trained, b)
+        for name, r in drift["refresh"].items():
+            mm = r["metrics"]
+            print(f"  {name} refresh v{r['version']} {r['status']}: holdout ndcg@10 candidate "
+                  f"{mm['candidate']['ndcg@10']:.4f} vs current {mm['current']['ndcg@10']:.4f}; "
+                  f"window {r['window']}")
+    print(f"shop total {time.perf_counter() - t_all:.0f}s")
+    return {k: out[k] for k in ("results", "als", "dynstore")} | {
+        "size": args.shop_size, "seed": args.seed,
+        "drift": drift}
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--dataset", choices=("movielens", "shop", "all"), default="all")
+    ap.add_argument("--movielens", default=str(ROOT.parent / "shared/data/ml-latest-small"))
+    ap.add_argument("--shop-size", default=SHOP_SIZE,
+                    help="samples.shop size: tiny, small, medium, large or a number of log rows "
+                         f"(default {SHOP_SIZE})")
+    ap.add_argument("--seed", type=int, default=SEED,
+                    help="shop generator seed and the draw of cold items")
+    ap.add_argument("--json", help="write the results here")
+    ap.add_argument("--no-grid", action="store_true", help="skip the validation grids")
+    ap.add_argument("--no-store", action="store_true", help="skip the runs through a real store and refresh")
+    args = ap.parse_args(argv)
+
+    def log(s):
+        print(s, flush=True)
+
+    both = args.dataset == "all"
+    out: dict = {}
+    if args.dataset in ("movielens", "all"):
+        if both:
+            log("== MovieLens ==")
+        out.update(run_movielens(args, log) or {})
+    if args.dataset in ("shop", "all"):
+        if both:
+            log("\n== shop (samples.shop) ==")
+        out["shop"] = run_shop(args, log)
     if args.json:
-        Path(args.json).write_text(json.dumps({"results": results, "als": als_params,
-                                               "dynstore": dyn_params}, indent=2))
+        Path(args.json).write_text(json.dumps(out, indent=2, default=str))
     return 0
 
 

@@ -340,6 +340,10 @@ def refresh(store, since, epochs, no_promote, finetune_encoder, finetune_steps, 
     for name, m in out.get("metrics", {}).items():
         if isinstance(m, dict):
             click.echo(f"  {name:<10} " + "  ".join(f"{k}={v:.4f}" for k, v in m.items() if isinstance(v, float)))
+    pub = out.get("published")
+    if pub:
+        click.echo(f"version {pub['version']}: current (the {pub['kind']}, recounted on the window: "
+                   f"it beat version {out['parent']} on the holdout and version {out['version']} did not)")
     ft = out.get("finetune")
     if ft:
         kept = "now the store's encoder" if out["status"] == "current" else "not used (version not promoted)"

@@ -115,14 +115,15 @@ class _Prepared:
         return train, (self.user[~tr], self.item[~tr], self.label[~tr])
 
     def untrained_at_cut(self, train, lv):
-        """The untrained fusion with popularity counted before the holdout only."""
+        """The untrained fusion with popularity counted from ``train``'s events only
+        (before the holdout; or over the whole window with :meth:`all_events`)."""
         from .model import FusionModel
         from .versions import popularity_window
 
         window = popularity_window(float(train.ts.min()), float(train.ts.max()))
         recent = (train.label == 1) & (train.ts >= train.ts.max() - window)
         pop = np.bincount(train.item[recent], minlength=len(self.ids)).astype(np.float32)
-        return FusionModel.untrained(self.V, self.A, self.UA.shape[1], pop, lv.model.config)
+        return FusionModel.untrained(train.V, self.A, self.UA.shape[1], pop, lv.model.config)
 
     def all_events(self):
         """Every event of the window (train and holdout) as training data."""
@@ -207,7 +208,9 @@ def refresh(store, *, since: str | None = "30d", epochs: int | None = None, prom
                                   time_decay_days=float(np.clip(span_days / 4, 7, 365))))
     model = FusionModel.from_state(tensors, meta)
     current = lv.model
-    if next((r for r in list_versions(store) if r["version"] == lv.version), {}).get("train_window") == "untrained":
+    current_is_rule = next((r for r in list_versions(store) if r["version"] == lv.version),
+                           {}).get("train_window") == "untrained"
+    if current_is_rule:
         # The untrained version's popularity prior was counted over all data,
         # the holdout included: compare with (and start from) the same rule
         # applied at the holdout cut, or the comparison would favour it.
@@ -240,6 +243,11 @@ def refresh(store, *, since: str | None = "30d", epochs: int | None = None, prom
     t3 = time.perf_counter()
     m_cand = evaluate(model, cand_train, hu, hi, hl, k=10)
     m_cur = evaluate(current, train, hu, hi, hl, residuals=(R0, rb0), k=10)
+    if current_is_rule:
+        m_rule = m_cur
+    else:
+        rule_at_cut = prep.untrained_at_cut(train, lv)
+        m_rule = evaluate(rule_at_cut, train, hu, hi, hl, residuals=rule_at_cut.residuals, k=10)
     timings["eval_s"] = round(time.perf_counter() - t3, 3)
     better = m_cand["ndcg@10"] >= m_cur["ndcg@10"] * (1.0 - tolerance)
     status = "current" if (promote and better) else ("candidate" if better else "rejected")
@@ -266,10 +274,26 @@ def refresh(store, *, since: str | None = "30d", epochs: int | None = None, prom
     finally:
         if ft is not None:
             _settle_encoder(store, old_model, keep_new=status == "current")
+    published = None
+    if status == "rejected" and promote and (current_is_rule or m_rule["ndcg@10"] > m_cur["ndcg@10"]):
+        # The trained model lost, but the popularity rule it was compared with
+        # is data, not a model: counted again up to the newest event it is
+        # what the store should serve (after a drift, the stale counts of
+        # the current version are exactly what stopped working).
+        say("publishing the popularity rule recounted on the window ...")
+        data = prep.all_events()
+        data.V = train.V  # the store's encoder (a rejected fine-tune is not used)
+        rule = prep.untrained_at_cut(data, lv)
+        published = build_version(store, rule, lv.item_spec, lv.user_spec, parent=lv.version,
+                                  status="current", train_window="untrained", counts=counts,
+                                  metrics={"current": m_cur, "rule": m_rule, "rejected": number},
+                                  residuals=rule.residuals, snapshot=snap, items=prep.items)
     timings["total_s"] = round(time.perf_counter() - t0, 3)
     out = {"version": number, "parent": lv.version, "status": status,
-           "promoted": status == "current", "metrics": {"candidate": m_cand, "current": m_cur},
+           "promoted": status == "current", "metrics": {"candidate": m_cand, "current": m_cur, "rule": m_rule},
            "counts": counts, "durations": timings, "window": window}
+    if published is not None:
+        out["published"] = {"version": published, "status": "current", "kind": "popularity rule"}
     if ft is not None:
         out["finetune"] = ft
     return out

@@ -124,7 +124,8 @@ def test_refresh_eval_cli(runner, encoded):
     r = run(runner, "refresh", p, "--since", "all", "--epochs", 2, "--json")
     assert r.exit_code == 0, r.output
     out = json.loads(r.output)
-    assert out["version"] == 2 and set(out["metrics"]) == {"candidate", "current"}
+    assert out["version"] == 2 and set(out["metrics"]) == {"candidate", "current", "rule"}
+    assert ("published" in out) == (out["status"] == "rejected")
     r = run(runner, "refresh", p, "--since", "all", "--json")
     assert r.exit_code == 0 and json.loads(r.output)["status"] == "noop"
     r = run(runner, "eval", p, "--version", 1, "--json")

@@ -64,7 +64,7 @@ def test_second_refresh_without_new_data_is_noop(encoded, runner=None):
     encoded.ingest("interactions", pa.table({"user_id": [1], "item_id": [2], "ts": ["2025-06-01"],
                                              "event": ["click"]}))
     third = encoded.refresh(since="all", epochs=1)
-    assert third["status"] != "noop" and third["version"] == 3
+    assert third["status"] != "noop" and third["version"] == again["version"] + 1
 
 
 def test_no_promote_keeps_candidate_and_current(encoded):
@@ -112,6 +112,38 @@ def test_refresh_promotes_only_when_not_worse(tmp_path):
     not_worse = cand["ndcg@10"] >= cur["ndcg@10"] * (1 - TOLERANCE)
     assert out["status"] == ("current" if not_worse else "rejected")
     current = s.sql("SELECT version FROM versions WHERE status = 'current'").fetchall()[0][0]
-    assert current == (2 if not_worse else 1)
+    # a rejected candidate leaves the popularity rule, recounted on the window, serving
+    assert current == (2 if not_worse else 3)
+    assert ("published" in out) == (not not_worse)
     assert len(s.recommend(1, 5, version=2)) == 5
     s.close()
+
+
+def test_rejected_refresh_publishes_the_recounted_popularity_rule(encoded):
+    """After a drift the stale counts of version 1 stop working: a refresh whose
+    trained candidate loses still publishes the rule counted up to the newest event."""
+    top_v1 = encoded.recommend("nobody", 1)[0]["item_id"]
+    rare = encoded.sql("SELECT item_id FROM items WHERE item_id <> ? ORDER BY item_id DESC LIMIT 1",
+                       params=[top_v1]).fetchall()[0][0]
+    newest = encoded.sql("SELECT max(ts) FROM interactions").fetchall()[0][0]
+    burst = [newest + dt.timedelta(hours=1, minutes=m) for m in range(40)]
+    encoded.ingest("interactions", pa.table({"user_id": list(range(1000, 1040)), "item_id": [rare] * 40,
+                                             "ts": pa.array(burst, pa.timestamp("us")),
+                                             "event": ["purchase"] * 40}))
+    out = encoded.refresh(since="all", epochs=1, tolerance=-10.0)  # force the candidate out
+    assert out["status"] == "rejected"
+    pub = out["published"]
+    assert pub["version"] == out["version"] + 1 and pub["kind"] == "popularity rule"
+    rows = dict(encoded.sql("SELECT version, status FROM versions").fetchall())
+    assert rows[out["version"]] == "rejected" and rows[pub["version"]] == "current"
+    assert encoded.recommend("nobody", 1)[0]["item_id"] == rare
+    assert encoded.recommend("nobody", 1, version=1)[0]["item_id"] == top_v1
+    # the published rule is a rule again: the next refresh compares with it at its own cut
+    assert encoded.sql("SELECT train_window FROM versions WHERE version = ?",
+                       params=[pub["version"]]).fetchall()[0][0] == "untrained"
+
+
+def test_no_promote_never_publishes_the_rule(encoded):
+    out = encoded.refresh(since="all", epochs=1, tolerance=-10.0, promote=False)
+    assert out["status"] == "rejected" and "published" not in out
+    assert encoded.sql("SELECT version FROM versions WHERE status = 'current'").fetchall() == [(1,)]
