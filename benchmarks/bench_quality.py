@@ -68,7 +68,7 @@ import json
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -82,6 +82,7 @@ from dynstore.model import (
     TrainingData,
     build_histories,
 )
+from dynstore.refresh import time_decay_days
 
 ROOT = Path(__file__).resolve().parents[1]
 K = 10
@@ -311,15 +312,17 @@ def training_data(split: Split, cat: Catalogue) -> TrainingData:
     return TrainingData(cat.V, cat.A, cat.UA, split.user, split.item, split.ts, split.label)
 
 
-def fit_dynstore(split: Split, cat: Catalogue, config: ModelConfig | None = None,
+def fit_dynstore(split: Split, cat: Catalogue, params: dict | None = None,
                  stats: dict | None = None) -> Scorer:
-    """The dynstore method: one function so it can later go through ``dynstore.connect``.
+    """The dynstore model fitted directly on the whole training period.
 
     Version 1 starts as :meth:`FusionModel.untrained` (popularity prior) and ``fit``
-    warm-starts from it, exactly as a store's first ``refresh`` would.
+    warm-starts from it, as a store's first ``refresh`` would; ``params`` are
+    :class:`ModelConfig` fields, the event half-life defaulting to refresh's rule.
     """
-    config = config or ModelConfig()
     data = training_data(split, cat)
+    span_days = (data.ts.max() - data.ts.min()) / 86400.0
+    config = ModelConfig(**{"time_decay_days": time_decay_days(span_days), **(params or {})})
     pop = np.bincount(data.item[data.label == 1], minlength=cat.n_items)
     model = FusionModel.untrained(cat.V, cat.A, cat.UA.shape[1], pop, config)
     st = model.fit(data, init_residuals=model.residuals)
@@ -629,8 +632,11 @@ def drift_recovery(cat: Catalogue, log: ShopLog, test: Split, train_rows: np.nda
                f"({time.perf_counter() - t0:.0f}s)")
         res["(b) after refresh"] = evaluate_scorer(store_scorer(store, cat, rb["version"]), test,
                                                    cat.n_items)
-        out["serving"] = {"pre-drift": va, "post-drift": next(
-            r["version"] for r in store.versions() if r["status"] == "current")}
+        served = next(r["version"] for r in store.versions() if r["status"] == "current")
+        if served not in (rb["version"], va):  # a rejected candidate: the recounted rule serves
+            res[f"(b') served after refresh: v{served} (popularity rule recounted)"] = evaluate_scorer(
+                store_scorer(store, cat, served), test, cat.n_items)
+        out["serving"] = {"pre-drift": va, "post-drift": served}
         for name, r in (("pre-drift", ra), ("post-drift", rb)):
             out["refresh"][name] = {k: r[k] for k in ("version", "status", "metrics", "counts", "window")}
         out["rows"] = {"pre": int(pre.size), "post": int(post.size)}
@@ -648,8 +654,10 @@ ALS_GRID = [
 DYN_GRID: list[dict] = [
     {},
     {"time_decay_days": 180.0},
+    {"time_decay_days": 730.0},
     {"half_life": 50.0},
     {"user_transform": False},
+    {"epochs": 3},
 ]
 
 
@@ -698,16 +706,15 @@ def compare(cat: Catalogue, test: Split, val: Split, args, log,
         als_params = select("als", ALS_GRID, fit_als, val, cat, log)
         dyn_params = select("dynstore",
                             DYN_GRID,
-                            lambda s, c, **p: fit_dynstore(s, c, ModelConfig(**p)), val, cat, log)
+                            lambda s, c, **p: fit_dynstore(s, c, p), val, cat, log)
     log(f"chosen on validation: als {als_params}, dynstore {dyn_params}")
-    cfg = ModelConfig(**dyn_params)
     methods = {
         "popularity": lambda s, c: fit_popularity(s, c),
         "ALS": lambda s, c: fit_als(s, c, **als_params),
         "content-only": lambda s, c: fit_content(s, c),
-        "dynstore": lambda s, c: fit_dynstore(s, c, cfg),
+        "dynstore": lambda s, c: fit_dynstore(s, c, dyn_params),
         "dynstore (no negatives)": lambda s, c: fit_dynstore(
-            s, c, replace(cfg, use_negatives=False)),
+            s, c, dict(dyn_params, use_negatives=False)),
     }
     store_stats: dict = {}
     store_full: dict = {}
@@ -823,7 +830,10 @@ def run_shop(args, log) -> dict:
         va, served = drift["serving"]["pre-drift"], drift["serving"]["post-drift"]
         a = dres["(a) pre-drift version"]["overall"]
         b = dres["(b) after refresh"]["overall"]
-        after = b if served == rb["version"] else a  # a rejected v(b) leaves v(a) serving
+        # what serves after the second refresh: its version, the recounted rule it
+        # published instead, or (neither) the version from before
+        after = b if served == rb["version"] else next(
+            (v["overall"] for k, v in dres.items() if k.startswith("(b')")), a)
         trained = next((v["overall"] for k, v in dres.items() if k.startswith("(a')")), a)
 
         def line(what, x, y):

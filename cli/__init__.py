@@ -301,7 +301,8 @@ def _repl(s, fmt):
 @main.command()
 @click.argument("store", type=click.Path(file_okay=False))
 @click.option("--since", default="30d", show_default=True, help="Training window: 30d, 12w, a date, or 'all'.")
-@click.option("--epochs", type=int, default=None)
+@click.option("--epochs", type=click.IntRange(min=1), default=None,
+              help="Most training epochs [default: 10]; training stops early once the holdout stops improving.")
 @click.option("--no-promote", is_flag=True, help="Keep the new version as a candidate.")
 @click.option("--finetune-encoder", is_flag=True,
               help="Also fine-tune the last layers of the text encoder on the same events, then re-encode "

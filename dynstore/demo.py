@@ -99,8 +99,13 @@ def _metrics(r: dict) -> str:
     if r.get("status") == "noop":
         return f"no-op: {r['reason']}"
     c, p = r["metrics"]["candidate"], r["metrics"]["current"]
-    return (f"version {r['version']} ({r['status']}): holdout ndcg@10 {p['ndcg@10']:.4f} -> {c['ndcg@10']:.4f}, "
-            f"recall@10 {p['recall@10']:.4f} -> {c['recall@10']:.4f}, auc {p['auc']:.3f} -> {c['auc']:.3f}")
+    out = (f"version {r['version']} ({r['status']}): holdout ndcg@10 {p['ndcg@10']:.4f} -> {c['ndcg@10']:.4f}, "
+           f"recall@10 {p['recall@10']:.4f} -> {c['recall@10']:.4f}, auc {p['auc']:.3f} -> {c['auc']:.3f}")
+    if r.get("published"):
+        rule = r["metrics"]["rule"]
+        out += (f"\nversion {r['published']['version']} (current): the popularity rule recounted up to the "
+                f"newest event (holdout ndcg@10 {rule['ndcg@10']:.4f} at the cut)")
+    return out
 
 
 def _fmt(rel) -> str:

@@ -557,6 +557,8 @@ class FusionModel:
         device: str = "cpu",
         progress: Callable[[int, int], Any] | None = None,
         init_residuals: tuple[np.ndarray, np.ndarray] | None = None,
+        holdout: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None,
+        patience: int = 2,
     ) -> dict:
         """Train from the model's current parameters (warm start) on ``data``.
 
@@ -573,12 +575,20 @@ class FusionModel:
             version's, re-aligned by the store). Default: ``R = 0`` and ``rb`` = the
             standardised ``log(1 + positives)`` of :meth:`untrained`. Rows of items below
             ``min_history`` are ignored (their residuals are zero after the fit).
+        holdout : (user, item, label), optional
+            Early stopping: after every epoch NDCG@10 on these later events (users
+            ranked from their events in ``data``, as :func:`evaluate` does) is measured;
+            training stops after ``patience`` epochs without a new best, and the best
+            epoch's parameters are kept. How many epochs help depends on the data
+            (impressions multiply the steps per epoch; a drift shortens what is worth
+            learning), so a fixed count either under- or over-fits somewhere.
 
         Returns
         -------
         dict
-            ``loss`` (last epoch's weighted mean), ``epoch_losses``, ``epochs``, ``n_positive``,
-            ``n_negative``, ``n_impression``, ``n_warm_items``, ``seconds``.
+            ``loss`` (last epoch's weighted mean), ``epoch_losses``, ``epochs`` (run), ``n_positive``,
+            ``n_negative``, ``n_impression``, ``n_warm_items``, ``seconds``; with ``holdout``
+            also ``epoch_ndcg@10`` and ``best_epoch``.
 
         Examples
         --------
@@ -618,11 +628,12 @@ class FusionModel:
             torch.set_num_threads(1)
         try:
             return self._fit(data, prep, warm, wmap, epochs, dev, progress, init_residuals,
-                             t_start)
+                             t_start, holdout, patience)
         finally:
             torch.set_num_threads(threads)
 
-    def _fit(self, data, prep, warm, wmap, epochs, dev, progress, init_residuals, t_start):
+    def _fit(self, data, prep, warm, wmap, epochs, dev, progress, init_residuals, t_start,
+             holdout=None, patience=2):
         torch = _torch()
         cfg = self.config
         V = _normalise(data.V)
@@ -701,6 +712,19 @@ class FusionModel:
             b = P["b0"] + va[:, :d] @ P["bv"] + va[:, d:] @ P["ba"] + rbx[tl(rows)]
             return w, b
 
+        def export():
+            with torch.no_grad():
+                for k in self.params:
+                    self.params[k] = P[k].detach().cpu().numpy().astype(np.float32).reshape(
+                        self.params[k].shape)
+                Rf = np.zeros((n_items, d), np.float32)
+                rbf = np.zeros(n_items, np.float32)
+                Rf[warm] = R.detach().cpu().numpy()
+                rbf[warm] = rb.detach().cpu().numpy()
+            self._residuals = (Rf, rbf)
+
+        best = None
+        epoch_scores: list[float] = []
         # batches are runs of whole bags, so each history snapshot is built once a step
         steps_per_epoch = max(1, math.ceil(ev.size / bs))
         total_steps = epochs * steps_per_epoch
@@ -785,20 +809,25 @@ class FusionModel:
                     progress(min(step, total_steps), total_steps)
             last_loss = tot / max(cnt, 1e-12)
             epoch_losses.append(last_loss)
+            if holdout is not None:
+                export()
+                score = evaluate(self, data, *holdout, k=10)["ndcg@10"]
+                epoch_scores.append(float(score))
+                if best is None or score > best[0]:
+                    best = (score, _epoch + 1, {k: v.copy() for k, v in self.params.items()},
+                            self._residuals)
+                elif _epoch + 1 - best[1] >= patience:
+                    break
 
-        with torch.no_grad():
-            for k in self.params:
-                self.params[k] = P[k].detach().cpu().numpy().astype(np.float32).reshape(
-                    self.params[k].shape)
-            Rf = np.zeros((n_items, d), np.float32)
-            rbf = np.zeros(n_items, np.float32)
-            Rf[warm] = R.detach().cpu().numpy()
-            rbf[warm] = rb.detach().cpu().numpy()
-        self._residuals = (Rf, rbf)
+        if best is not None:
+            self.params, self._residuals = best[2], best[3]
+        else:
+            export()
         return {
             "loss": float(last_loss),
             "epoch_losses": [float(x) for x in epoch_losses],
-            "epochs": epochs,
+            **({"epoch_ndcg@10": epoch_scores, "best_epoch": best[1]} if best is not None else {}),
+            "epochs": len(epoch_losses),
             "n_positive": int((lab == 1).sum()),
             "n_negative": int((lab < 0).sum()),
             "n_impression": int((lab == 0).sum()),

@@ -5,8 +5,13 @@ window (positives and explicit negatives by the labelling rules, plus
 shown-but-ignored impressions: an ``impression`` with no positive from the
 same user on the same item at or after it); hold out the most recent 10% by
 time; warm-start the fusion and user model from the current version and
-train; evaluate candidate and current on the holdout; write version N+1 and
-promote it unless its NDCG@10 is worse than current's beyond a tolerance.
+train, stopping early when the holdout's NDCG@10 stops improving; evaluate
+candidate and current on the holdout; write version N+1 and promote it unless
+its NDCG@10 is worse than current's beyond a tolerance, then refit it on the
+whole window for the epochs that were best. A rejected candidate stays
+queryable; the store then serves the popularity rule recounted up to the
+newest event (a new version) when that rule beats the current version on the
+holdout or the current version is itself the rule.
 
 A refresh that finds no interaction or item commit since the version it
 would replace is a no-op (``status: "noop"``), so cron can run it often.
@@ -49,6 +54,18 @@ def parse_since(since: str | None, newest: _dt.datetime) -> _dt.datetime | None:
         return _dt.datetime.fromisoformat(str(since))
     except ValueError:
         raise ConfigError(f"--since {since!r}: use e.g. 30d, 12w, 48h, a date like 2025-01-31, or 'all'") from None
+
+
+def time_decay_days(span_days: float) -> float:
+    """Half-life of event weights for a window of ``span_days``.
+
+    Recent behaviour matters most: events a quarter of the window old count
+    half (a year at most, a week at least).
+
+    >>> time_decay_days(120.0), time_decay_days(10_000.0)
+    (30.0, 365.0)
+    """
+    return float(np.clip(span_days / 4, 7, 365))
 
 
 def _events(con, cutoff: _dt.datetime | None):
@@ -203,9 +220,7 @@ def refresh(store, *, since: str | None = "30d", epochs: int | None = None, prom
     span_days = (train.ts.max() - train.ts.min()) / 86400.0 if len(train.ts) else 0.0
     tensors, meta = lv.model.state()
     meta = dict(meta, config=dict(meta["config"], seed=seed, use_negatives=use_negatives,
-                                  # recent popularity matters most: events a quarter of the
-                                  # window old count half (a year at most, a week at least)
-                                  time_decay_days=float(np.clip(span_days / 4, 7, 365))))
+                                  time_decay_days=time_decay_days(span_days)))
     model = FusionModel.from_state(tensors, meta)
     current = lv.model
     current_is_rule = next((r for r in list_versions(store) if r["version"] == lv.version),
@@ -225,7 +240,10 @@ def refresh(store, *, since: str | None = "30d", epochs: int | None = None, prom
         from .encoder import probe_device
 
         dev = probe_device(None)
-    stats = model.fit(train, epochs=epochs, device=dev, init_residuals=(R0, rb0))
+    # early stopping on the holdout: how many epochs help depends on the data
+    # (impressions multiply the steps of an epoch; a drift shortens what is
+    # worth learning), and the refit below reuses the best count
+    stats = model.fit(train, epochs=epochs, device=dev, init_residuals=(R0, rb0), holdout=(hu, hi, hl))
     timings["train_s"] = round(time.perf_counter() - t2, 3)
     ft = None
     cand_train = train
@@ -238,7 +256,7 @@ def refresh(store, *, since: str | None = "30d", epochs: int | None = None, prom
         say("training the fusion on the fine-tuned vectors ...")
         t = time.perf_counter()
         model = FusionModel.from_state(tensors, meta)
-        stats = model.fit(cand_train, epochs=epochs, device=dev, init_residuals=(R0, rb0))
+        stats = model.fit(cand_train, epochs=epochs, device=dev, init_residuals=(R0, rb0), holdout=(hu, hi, hl))
         timings["train_s"] = round(timings["train_s"] + time.perf_counter() - t, 3)
     t3 = time.perf_counter()
     m_cand = evaluate(model, cand_train, hu, hi, hl, k=10)
@@ -257,7 +275,7 @@ def refresh(store, *, since: str | None = "30d", epochs: int | None = None, prom
         say(f"refitting on all {len(prep.label)} events ...")
         t4 = time.perf_counter()
         model = FusionModel.from_state(tensors, meta)
-        model.fit(prep.all_events(), epochs=epochs, device=dev, init_residuals=(R0, rb0))
+        model.fit(prep.all_events(), epochs=stats["best_epoch"], device=dev, init_residuals=(R0, rb0))
         timings["refit_s"] = round(time.perf_counter() - t4, 3)
     residuals = model.residuals if model.residuals is not None else (R0, rb0)
     counts = {"events": int(len(prep.label)), "train": int(len(train.label)), "holdout": int(len(hl)),

@@ -113,7 +113,10 @@ def test_refresh_finetune_rejected_keeps_old_encoder(bert_store, tiny_bert):
     assert bert_store.config.model == str(tiny_bert)
     assert dynstore.connect(bert_store.path).config.model == str(tiny_bert)
     # the rejected version stays queryable by number, with its fine-tuned encoder recorded
-    assert bert_store.versions()[0]["encoder"] == out["finetune"]["encoder"]
+    by_number = {v["version"]: v for v in bert_store.versions()}
+    assert by_number[out["version"]]["encoder"] == out["finetune"]["encoder"]
+    # the popularity rule published in its place uses the store's (old) encoder
+    assert by_number[out["published"]["version"]]["encoder"] != out["finetune"]["encoder"]
     assert len(bert_store.recommend(1, 3, version=out["version"])) == 3
 
 

@@ -342,3 +342,17 @@ def test_metrics_hand_computed():
     assert user_auc(S, [{2}]) == pytest.approx(2 / 3)
     np.testing.assert_array_equal(top_k(S, 3, exclude=[{0}]), [[2, 3, 1]])
     np.testing.assert_array_equal(top_k(S, 6), [[0, 2, 3, 1, -1, -1]])
+
+
+def test_early_stopping_keeps_the_best_epoch(problem):
+    tr, (hu, hi, hl) = problem["train"], problem["hold"]
+    # a learning rate far too high for the last epochs to keep improving
+    m = FusionModel(D, tr.A.shape[1], tr.UA.shape[1], ModelConfig(epochs=12, seed=0, **dict(SMALL, lr=0.2)))
+    stats = m.fit(tr, holdout=(hu, hi, hl), patience=2)
+    curve = stats["epoch_ndcg@10"]
+    best = int(np.argmax(curve))
+    assert stats["best_epoch"] == best + 1
+    # stopped `patience` epochs after the best one (or at the end)
+    assert len(curve) == min(12, best + 1 + 2) == stats["epochs"]
+    # the parameters kept are the best epoch's, not the last one's
+    assert evaluate(m, tr, hu, hi, hl, k=10)["ndcg@10"] == pytest.approx(curve[best])
