@@ -341,6 +341,9 @@ def refresh(store, since, epochs, no_promote, finetune_encoder, finetune_steps, 
     for name, m in out.get("metrics", {}).items():
         if isinstance(m, dict):
             click.echo(f"  {name:<10} " + "  ".join(f"{k}={v:.4f}" for k, v in m.items() if isinstance(v, float)))
+    judged = out.get("holdout")
+    if judged:
+        click.echo(f"  holdout    {judged['events']} events, judged on {judged['judged_on']}")
     pub = out.get("published")
     if pub:
         click.echo(f"version {pub['version']}: current (the {pub['kind']}, recounted on the window: "

@@ -6,7 +6,9 @@ shown-but-ignored impressions: an ``impression`` with no positive from the
 same user on the same item at or after it); hold out the most recent 10% by
 time; warm-start the fusion and user model from the current version and
 train, stopping early when the holdout's NDCG@10 stops improving; evaluate
-candidate and current on the holdout; write version N+1 and promote it unless
+candidate and current on the holdout (only on its events newer than what a
+trained current version learned from, when there are enough of them: see
+:func:`_unseen_by_current`); write version N+1 and promote it unless
 its NDCG@10 is worse than current's beyond a tolerance, then refit it on the
 whole window for the epochs that were best. A rejected candidate stays
 queryable; the store then serves the popularity rule recounted up to the
@@ -31,6 +33,7 @@ __all__ = ["refresh", "evaluate_version", "parse_since"]
 
 TOLERANCE = 0.01   # relative NDCG@10 drop still promoted
 HOLDOUT = 0.10
+MIN_EVAL_USERS = 30  # users with a positive needed to judge on the events current never saw
 
 
 def parse_since(since: str | None, newest: _dt.datetime) -> _dt.datetime | None:
@@ -129,6 +132,7 @@ class _Prepared:
             raise DynstoreError("not enough interactions in the window to train and evaluate; widen --since")
         train = TrainingData(V=self.V, A=self.A, UA=self.UA, user=self.user[tr], item=self.item[tr],
                              ts=self.ts[tr], label=self.label[tr])
+        self.hold_ts = self.ts[~tr]
         return train, (self.user[~tr], self.item[~tr], self.label[~tr])
 
     def untrained_at_cut(self, train, lv):
@@ -223,8 +227,10 @@ def refresh(store, *, since: str | None = "30d", epochs: int | None = None, prom
                                   time_decay_days=time_decay_days(span_days)))
     model = FusionModel.from_state(tensors, meta)
     current = lv.model
-    current_is_rule = next((r for r in list_versions(store) if r["version"] == lv.version),
-                           {}).get("train_window") == "untrained"
+    lv_row = next((r for r in list_versions(store) if r["version"] == lv.version), {})
+    current_is_rule = lv_row.get("train_window") == "untrained"
+    hu, hi, hl, judged = _unseen_by_current(prep, hu, hi, hl, None if current_is_rule
+                                            else lv_row.get("snapshot", {}).get("trained_until"))
     if current_is_rule:
         # The untrained version's popularity prior was counted over all data,
         # the holdout included: compare with (and start from) the same rule
@@ -282,11 +288,12 @@ def refresh(store, *, since: str | None = "30d", epochs: int | None = None, prom
               "positives": int((prep.label == 1).sum()), "negatives": int((prep.label == -1).sum()),
               "impressions": int((prep.label == 0).sum()), "items": len(prep.ids), "users": len(prep.user_ids)}
     window = "all" if cutoff is None else f"{cutoff:%Y-%m-%d %H:%M} .. {newest:%Y-%m-%d %H:%M}"
-    snap = dict(snap, since=since)
+    trained_until = int(prep.ts.max() if status != "rejected" and refit else train.ts.max())
+    snap = dict(snap, since=since, trained_until=trained_until)
     try:
         number = build_version(store, model, lv.item_spec, lv.user_spec, parent=lv.version, status=status,
                                train_window=window, counts=counts,
-                               metrics={"candidate": m_cand, "current": m_cur, "train": stats,
+                               metrics={"candidate": m_cand, "current": m_cur, "train": stats, "holdout": judged,
                                         **({"finetune": ft} if ft else {})},
                                residuals=residuals, snapshot=snap, items=prep.items)
     finally:
@@ -305,16 +312,41 @@ def refresh(store, *, since: str | None = "30d", epochs: int | None = None, prom
         published = build_version(store, rule, lv.item_spec, lv.user_spec, parent=lv.version,
                                   status="current", train_window="untrained", counts=counts,
                                   metrics={"current": m_cur, "rule": m_rule, "rejected": number},
-                                  residuals=rule.residuals, snapshot=snap, items=prep.items)
+                                  residuals=rule.residuals, snapshot=dict(snap, trained_until=int(prep.ts.max())),
+                                  items=prep.items)
     timings["total_s"] = round(time.perf_counter() - t0, 3)
     out = {"version": number, "parent": lv.version, "status": status,
            "promoted": status == "current", "metrics": {"candidate": m_cand, "current": m_cur, "rule": m_rule},
-           "counts": counts, "durations": timings, "window": window}
+           "counts": counts, "durations": timings, "window": window, "holdout": judged}
     if published is not None:
         out["published"] = {"version": published, "status": "current", "kind": "popularity rule"}
     if ft is not None:
         out["finetune"] = ft
     return out
+
+
+def _unseen_by_current(prep, hu, hi, hl, trained_until):
+    """The holdout events to judge on, and how they were chosen.
+
+    A trained current version was refitted on its whole window, so part of
+    this holdout may be events it learned from (a daily refresh over 30 days
+    adds ~3% new events, the holdout is the newest 10%). Judged on those, the
+    current version would look better than it is and a better candidate could
+    never win; so the comparison uses only the events newer than what current
+    saw, when they hold at least ``MIN_EVAL_USERS`` users with a positive.
+    """
+    info = {"events": int(len(hl)), "seen_by_current": 0.0, "judged_on": "all"}
+    if trained_until is None or not len(hl):
+        return hu, hi, hl, info
+    unseen = prep.hold_ts > int(trained_until)
+    info["seen_by_current"] = round(float(1.0 - unseen.mean()), 4)
+    if unseen.all():
+        return hu, hi, hl, info
+    if len(np.unique(hu[unseen & (hl == 1)])) >= MIN_EVAL_USERS:
+        info.update(judged_on="unseen by current", events=int(unseen.sum()))
+        return hu[unseen], hi[unseen], hl[unseen], info
+    info["judged_on"] = "all (too few unseen events; biased towards current)"
+    return hu, hi, hl, info
 
 
 def _finetune(store, prep, train, model, *, steps, seed, device, progress, say, timings):

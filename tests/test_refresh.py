@@ -147,3 +147,31 @@ def test_no_promote_never_publishes_the_rule(encoded):
     out = encoded.refresh(since="all", epochs=1, tolerance=-10.0, promote=False)
     assert out["status"] == "rejected" and "published" not in out
     assert encoded.sql("SELECT version FROM versions WHERE status = 'current'").fetchall() == [(1,)]
+
+
+def test_trained_current_is_judged_on_events_it_never_saw(encoded):
+    """A promoted version learned from its whole window; the next refresh's holdout
+    overlaps that window, so the comparison uses only the newer events."""
+    first = encoded.refresh(since="all", epochs=1, tolerance=1.0)  # force a trained current
+    assert first["status"] == "current"
+    until = encoded.versions()[0]["snapshot"]["trained_until"]
+    newest = encoded.sql("SELECT max(ts) FROM interactions").fetchall()[0][0]
+    assert until == encoded.sql("SELECT epoch(max(ts))::BIGINT FROM interactions").fetchall()[0][0]
+    # too few new events: judged on the whole holdout, and the output says so
+    encoded.ingest("interactions", pa.table({"user_id": [1], "item_id": [2], "ts": [newest + dt.timedelta(hours=1)],
+                                             "event": ["click"]}))
+    out = encoded.refresh(since="all", epochs=1)
+    assert out["holdout"]["judged_on"].startswith("all (too few") and 0 < out["holdout"]["seen_by_current"] < 1
+    # enough new events from enough users: judged on those only
+    rows = [(u, 1 + (u * 7) % 20, newest + dt.timedelta(days=2, minutes=u)) for u in range(1, 61)]
+    encoded.ingest("interactions", pa.table({"user_id": [r[0] for r in rows], "item_id": [r[1] for r in rows],
+                                             "ts": pa.array([r[2] for r in rows], pa.timestamp("us")),
+                                             "event": ["purchase"] * len(rows)}))
+    current = next(v for v in encoded.versions() if v["status"] == "current")
+    unseen = encoded.sql("SELECT count(*), count(DISTINCT user_id) FROM interactions WHERE epoch(ts)::BIGINT > ?",
+                         params=[current["snapshot"]["trained_until"]]).fetchall()[0]
+    assert len(rows) <= unseen[0] <= len(rows) + 1  # + the click above unless a version learned it
+    out = encoded.refresh(since="all", epochs=1)
+    judged = out["holdout"]
+    assert judged["judged_on"] == "unseen by current" and judged["events"] == unseen[0]
+    assert out["metrics"]["current"]["n_users"] == unseen[1]
