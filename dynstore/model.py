@@ -126,6 +126,10 @@ class ModelConfig:
         Sampled items shared by a batch (each positive is scored against all of them).
     neg_weight, impression_weight : float
         Loss weights of explicit negatives (label -1) and impressions (label 0).
+        Impressions weigh little (0.1, chosen on the validation slices of both
+        quality benchmarks: +10 % NDCG@10 on the shop, neutral on MovieLens):
+        they are many (8 per positive in the shop) and an often-shown item is
+        ignored often because it is shown often.
     residual_dropout : float
         Probability that a warm target's residuals are hidden in a training step.
     prior_weight : float
@@ -161,7 +165,7 @@ class ModelConfig:
     n_sampled_negatives: float = 16.0
     sample_pool: int = 2048
     neg_weight: float = 1.0
-    impression_weight: float = 0.3
+    impression_weight: float = 0.1
     residual_dropout: float = 0.0
     prior_weight: float = 1.0
     history_stride: int = 8
