@@ -146,11 +146,6 @@ class ModelConfig:
     use_negatives : bool
         False is the ablation that ignores explicit negatives and impressions
         (in the loss and in the user vector).
-    exposure_aware : bool
-        Negatives (explicit and impressions) train only the personal part of the
-        score, ``w_i · (x_u - u0)``; the marginal part ``w_i · u0 + b_i`` learns from
-        positives against sampled items. An item is shown (and so ignored) more the
-        more popular it is: without this, impressions teach that popular items are bad.
     """
 
     alpha_init: float = 0.1
@@ -174,7 +169,6 @@ class ModelConfig:
     time_decay_days: float | None = 365.0
     seed: int = 0
     use_negatives: bool = True
-    exposure_aware: bool = False
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -783,18 +777,8 @@ class FusionModel:
                     paths.append((X0b, cfg.prior_weight, wb * y))
                 loss = torch.zeros((), device=dev)
                 eb = tl(e_bag)
-                if cfg.exposure_aware:
-                    is_neg = t(y_all[e_idx] == 0) > 0
-                    marginal = (wt * P["u0"]).sum(1) + bt
-                    # a shown-and-ignored item was *shown*: its ignore says what this
-                    # user prefers among what is shown, not that the item is
-                    # unpopular, so negatives do not push its marginal appeal down
-                    marginal = torch.where(is_neg, marginal.detach(), marginal)
                 for Xp, lam, wp in paths:
-                    if cfg.exposure_aware:
-                        logit = (wt * (Xp[eb] - P["u0"])).sum(1) + marginal
-                    else:
-                        logit = (wt * Xp[eb]).sum(1) + bt
+                    logit = (wt * Xp[eb]).sum(1) + bt
                     lp = torch.nn.functional.binary_cross_entropy_with_logits(
                         logit, y, weight=wp, reduction="sum")
                     if sampled:

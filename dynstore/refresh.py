@@ -364,7 +364,6 @@ def _finetune(store, prep, train, model, *, steps, seed, device, progress, say, 
 
     docs_of = item_docs(store)
     docs = [docs_of.get(i, (None, None))[1] for i in prep.ids]
-    residuals = model.residuals if model.residuals is not None else None
     say("fine-tuning the encoder ...")
     t = time.perf_counter()
     bar = None
@@ -378,7 +377,7 @@ def _finetune(store, prep, train, model, *, steps, seed, device, progress, say, 
         bar.update(1)
 
     try:
-        ft = finetune_encoder(store_encoder(store, device=device), docs, train, model, residuals,
+        ft = finetune_encoder(store_encoder(store, device=device), docs, train, model, model.residuals,
                               store.path / "encoders", steps=steps, seed=seed, device=device,
                               progress=step if bar is not None else None)
     finally:
@@ -412,18 +411,11 @@ def _rel(store, path: str) -> str:
 
 def _settle_encoder(store, old_model: str, *, keep_new: bool) -> None:
     """Persist the fine-tuned encoder in the config (promoted), or go back to the old one."""
-    from .config import CONFIG_NAME
-    from .lock import writer_lock
-
-    new_model = store.config.model
     if keep_new:
-        with writer_lock(store.path, "config"):
-            store._reload_config()
-            store.config.model = new_model
-            store.config.save(store.path / CONFIG_NAME)
+        store._set_encoder_model(store.config.model)
     else:
         store.config.model = old_model
-    store._con_state = None
+        store._con_state = None
 
 
 def evaluate_version(store, *, version: int | None = None, k: int = 10, holdout: float = HOLDOUT) -> dict:

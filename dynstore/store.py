@@ -213,6 +213,14 @@ class Store:
     def _reload_config(self) -> None:
         self.config = StoreConfig.load(self.path / CONFIG_NAME)
 
+    def _set_encoder_model(self, model: str) -> None:
+        """Point the config file at ``model`` (a fine-tuned encoder, or back)."""
+        with writer_lock(self.path, "config"):
+            self._reload_config()
+            self.config.model = model
+            self.config.save(self.path / CONFIG_NAME)
+        self._con_state = None
+
     def _save_config(self) -> None:
         self._require_writable("change the config")
         self.config.save(self.path / CONFIG_NAME)

@@ -288,17 +288,10 @@ def rollback(store, version: int) -> dict:
 def _restore_encoder(store, version: int) -> None:
     """Point the config at the encoder ``version`` was built with (it may be
     a fine-tuned one), so new items are encoded into the same space."""
-    from .config import CONFIG_NAME
-    from .lock import writer_lock
-
     meta_file = store.path / "models" / f"v{version}.json"
     model = json.loads(meta_file.read_text()).get("encoder_model") if meta_file.is_file() else None
-    if not model or model == store.config.model:
-        return
-    with writer_lock(store.path, "config"):
-        store._reload_config()
-        store.config.model = model
-        store.config.save(store.path / CONFIG_NAME)
+    if model and model != store.config.model:
+        store._set_encoder_model(model)
 
 
 @dataclass
