@@ -14,6 +14,8 @@ from pathlib import Path
 
 import click
 
+from dynstore import finetune as _ft  # constants only: torch loads when fine-tuning starts
+
 __all__ = ["main"]
 
 EXIT_USER, EXIT_USAGE, EXIT_BUSY = 1, 2, 3
@@ -308,8 +310,8 @@ def _repl(s, fmt):
               help="Also fine-tune the last layers of the text encoder on the same events, then re-encode "
                    "every item (minutes on a CPU; uses the GPU when there is one).")
 @click.option("--finetune-steps", type=click.IntRange(min=1), default=None,
-              help="Fine-tuning steps of 32 events [default: one pass over the positives, "
-                   "at most 300 on a CPU, 3000 on a GPU].")
+              help=f"Fine-tuning steps of {_ft.BATCH} events [default: one pass over the positives, "
+                   f"at most {_ft.MAX_STEPS_CPU} on a CPU, {_ft.MAX_STEPS_GPU} on a GPU].")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--json", "as_json", is_flag=True)
 @handle_errors

@@ -88,7 +88,7 @@ def finetune_encoder(encoder, docs: list[str | None], train, model, residuals, o
     layers, steps, lr, batch_size, seed, device
         Last ``layers`` transformer layers are trained for ``steps`` AdamW
         steps of ``batch_size`` events (default: one pass over the positives,
-        capped at 300 steps on a CPU, 3000 on a GPU).
+        capped at ``MAX_STEPS_CPU`` on a CPU, ``MAX_STEPS_GPU`` on a GPU).
 
     Returns
     -------
