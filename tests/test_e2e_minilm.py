@@ -37,3 +37,32 @@ def test_real_encoder_end_to_end(tmp_path, shop_frames):
     again = store.encode()
     assert (again["stale"], again["encoded"]) == (1, 1)
     store.close()
+
+
+@pytest.mark.slow
+def test_real_encoder_finetune(tmp_path, shop_frames):
+    """`refresh --finetune-encoder` on the real default encoder: a MiniLM copy with
+    a new id, saved as safetensors, every item re-encoded with it."""
+    from safetensors.numpy import load_file
+
+    from dynstore.semantic import store_encoder
+
+    store = dynstore.init(tmp_path / "s", **DEMO_RULES)
+    for kind in ("users", "items", "interactions"):
+        store.ingest(kind, shop_frames[kind])
+    store.encode()
+    base = store_encoder(store)
+    out = store.refresh(since="all", epochs=2, finetune_encoder=True, finetune_steps=3, tolerance=1.0)
+    ft = out["finetune"]
+    assert out["status"] == "current" and ft["steps"] == 3 and ft["encoder"] != base.id
+    saved = load_file(ft["path"] + "/model.safetensors")
+    original = load_file(str(base.path / "model.safetensors"))
+    changed = {k for k in saved if not np.array_equal(saved[k], original[k])}
+    assert changed and all(".layer.4." in k or ".layer.5." in k for k in changed)
+    assert store.config.model == "encoders/ft-1"
+    assert store.sql("SELECT count(*) FROM stale_items").fetchall()[0][0] == 0
+    # the fine-tuned encoder embeds text, and close to the original (3 small steps)
+    v = np.array(store.sql("SELECT embed('red running shoes')").fetchall()[0][0])
+    cos = float(v @ base.encode(["red running shoes"])[0])
+    assert 0.9 < cos < 0.99999
+    store.close()
