@@ -100,7 +100,7 @@ def finetune_encoder(encoder, docs: list[str | None], train, model, residuals, o
     import torch
 
     from .encoder import HFEncoder
-    from .model import build_histories
+    from .model import _normalise, build_histories
 
     if not isinstance(encoder, HFEncoder):
         raise ConfigError(f"--finetune-encoder needs a Hugging Face encoder; this store uses {encoder.id!r}")
@@ -119,7 +119,7 @@ def finetune_encoder(encoder, docs: list[str | None], train, model, residuals, o
 
     # What the fine-tune holds fixed: the trained item side minus its text part, and user vectors.
     p = model.params
-    Vn = train.V / np.maximum(np.linalg.norm(train.V, axis=1, keepdims=True), 1e-12)
+    Vn = _normalise(train.V)  # what item_side adds to
     Wf, bias = model.item_side(train.V, train.A, residuals)
     C = Wf - Vn
     D = bias - Vn @ p["bv"]
@@ -155,9 +155,9 @@ def finetune_encoder(encoder, docs: list[str | None], train, model, residuals, o
         hidden = net(input_ids=ids, attention_mask=mask)[0]
         return encoder._pool(hidden, mask.bool(), mask.sum(dim=1))
 
-    def loss_of(rows: np.ndarray, neg_items: np.ndarray | None) -> "torch.Tensor":
-        items = ev_item[rows]
-        uniq, inv = np.unique(items if neg_items is None else np.r_[items, neg_items], return_inverse=True)
+    def loss_of(rows: np.ndarray, neg_items: np.ndarray) -> "torch.Tensor":
+        """Weighted BCE of the events ``rows``, plus one sampled item per positive."""
+        uniq, inv = np.unique(np.r_[ev_item[rows], neg_items], return_inverse=True)
         v = vectors(uniq)
         inv_t = torch.from_numpy(inv).to(dev)
         ut = torch.from_numpy(urow[ev_user[rows]]).to(dev)
@@ -171,15 +171,23 @@ def finetune_encoder(encoder, docs: list[str | None], train, model, residuals, o
         y = torch.from_numpy(target[rows]).to(dev)
         wt = torch.from_numpy(weight[rows].astype(np.float32)).to(dev)
         loss = (torch.nn.functional.binary_cross_entropy_with_logits(logit, y, reduction="none") * wt).sum()
-        norm = wt.sum()
-        if neg_items is not None:
-            pos = torch.from_numpy(ev_label[rows] == 1).to(dev)
-            nt = inv_t[n:]
-            nlogit = (w_all[nt] * x).sum(1) + b_all[nt]
-            sw = pos.float() * float(min(cfg.n_sampled_negatives, 4.0))
-            loss = loss + (torch.nn.functional.softplus(nlogit) * sw).sum()
-            norm = norm + sw.sum()
-        return loss / norm.clamp(min=1e-6)
+        pos = torch.from_numpy(ev_label[rows] == 1).to(dev)
+        nt = inv_t[n:]
+        nlogit = (w_all[nt] * x).sum(1) + b_all[nt]
+        sw = pos.float() * float(min(cfg.n_sampled_negatives, 4.0))
+        loss = loss + (torch.nn.functional.softplus(nlogit) * sw).sum()  # BCE with y = 0
+        return loss / (wt.sum() + sw.sum()).clamp(min=1e-6)
+
+    # bf16 where the hardware runs it natively (what the encoder itself uses on
+    # such CPUs; any CUDA GPU with bf16): about twice the speed, no loss scaling needed
+    import contextlib
+
+    if dev.type == "cuda" and torch.cuda.is_bf16_supported():
+        amp = lambda: torch.autocast("cuda", dtype=torch.bfloat16)  # noqa: E731
+    elif dev.type == "cpu" and getattr(encoder, "precision", "fp32") == "bf16":
+        amp = lambda: torch.autocast("cpu", dtype=torch.bfloat16)  # noqa: E731
+    else:
+        amp = contextlib.nullcontext
 
     probe = rng.choice(ev_item.size, size=min(128, ev_item.size), replace=False)
     probe_neg = rng.integers(0, train.V.shape[0], probe.size)
@@ -193,16 +201,6 @@ def finetune_encoder(encoder, docs: list[str | None], train, model, residuals, o
         net.train()
         return out
 
-    # bf16 where the hardware runs it natively (what the encoder itself uses on
-    # such CPUs; any CUDA GPU with bf16): about twice the speed, no loss scaling needed
-    import contextlib
-
-    if dev.type == "cuda" and torch.cuda.is_bf16_supported():
-        amp = lambda: torch.autocast("cuda", dtype=torch.bfloat16)  # noqa: E731
-    elif dev.type == "cpu" and getattr(encoder, "precision", "fp32") == "bf16":
-        amp = lambda: torch.autocast("cpu", dtype=torch.bfloat16)  # noqa: E731
-    else:
-        amp = contextlib.nullcontext
     before = probe_loss()
     n_pos = int((ev_label == 1).sum())
     if steps is None:
