@@ -102,6 +102,8 @@ class Catalogue:
     texts: list
     genres: list | None = None
     year: list | None = None
+    UK: np.ndarray | None = None  # [n_users, segment columns] user segment keys (-1: none)
+    segments: tuple = ()  # keys per segment column
 
 
 @dataclass
@@ -309,7 +311,8 @@ def fit_content(split: Split, cat: Catalogue) -> Scorer:
 
 
 def training_data(split: Split, cat: Catalogue) -> TrainingData:
-    return TrainingData(cat.V, cat.A, cat.UA, split.user, split.item, split.ts, split.label)
+    return TrainingData(cat.V, cat.A, cat.UA, split.user, split.item, split.ts, split.label,
+                        UK=cat.UK)
 
 
 def fit_dynstore(split: Split, cat: Catalogue, params: dict | None = None,
@@ -580,7 +583,9 @@ def build_shop(size: str, seed: int):
     ispec = FeatureSpec.fit(items.to_arrow(), "item_id")
     uspec = FeatureSpec.fit(users.to_arrow(), "user_id")
     cat = Catalogue(users.height, items.height, V, ispec.transform(items.to_arrow()),
-                    uspec.transform(users.to_arrow()), docs)
+                    uspec.transform(users.to_arrow()), docs,
+                    UK=uspec.segments(users.to_arrow()),
+                    segments=tuple(n for _, n in uspec.segment_columns()))
     info = {"rules": (pos, neg), "item_spec": ispec, "user_spec": uspec, "vectors": how,
             "events": dict(inter["event"].value_counts().sort("event").rows())}
     return cat, log, items, users, info

@@ -25,10 +25,13 @@ long free text          skipped: mean length > 40 characters, or more than half 
                         ``max_onehot`` of them. Text belongs to the document encoder.
 numeric                 standardised; ``log1p`` first when the column is non-negative
                         and right-skewed (sample skewness > 1, e.g. prices, counts);
-                        clipped to +-5
+                        clipped to +-5; plus one-hot quantile buckets (up to
+                        ``buckets``, edges fitted on the table) so that a non-linear
+                        effect -- a release-year band, a price range, an age band --
+                        is learnable, not only one slope
 boolean                 0/1
-timestamp / date        days since the Unix epoch, standardised and clipped like a
-                        numeric column. Standardising makes this the item's *age*
+timestamp / date        days since the Unix epoch, standardised, clipped and bucketed
+                        like a numeric column. Standardising makes this the item's *age*
                         relative to the fitted catalogue (an affine map of age in
                         days) while staying independent of the wall clock, so a
                         transform is reproducible.
@@ -71,6 +74,8 @@ _TEXT_UNIQUE_RATIO = 0.5
 _TEXT_MIN_ROWS = 20
 _SKEW_LOG = 1.0
 _SEP = "|"
+BUCKETS = 8
+_BUCKET_ROWS = 10
 
 
 def stable_hash(value: str, width: int) -> int:
@@ -203,6 +208,7 @@ class FeatureSpec:
     columns: list[dict] = field(default_factory=list)
     max_onehot: int = 32
     hash_width: int = 64
+    buckets: int = BUCKETS
 
     # ------------------------------------------------------------------ fit
     @classmethod
@@ -214,6 +220,7 @@ class FeatureSpec:
         exclude: Iterable[str] = (),
         max_onehot: int = 32,
         hash_width: int = 64,
+        buckets: int = BUCKETS,
     ) -> "FeatureSpec":
         """Decide a rule for every column of ``table``.
 
@@ -228,6 +235,8 @@ class FeatureSpec:
             Categorical columns with at most this many distinct values are one-hot.
         hash_width : int
             Buckets for hashed categorical columns.
+        buckets : int
+            Quantile buckets of numeric and time columns (0: none).
 
         Examples
         --------
@@ -246,15 +255,16 @@ class FeatureSpec:
             kind = _kind_of(arr.type)
             rule = None
             if kind in ("numeric", "bool", "time"):
-                rule = cls._fit_numeric(name, arr, kind)
+                rule = cls._fit_numeric(name, arr, kind, buckets)
             elif kind in ("string", "list"):
                 rule = cls._fit_categorical(name, arr, kind, max_onehot, hash_width)
             if rule is not None:
                 cols.append(rule)
-        return cls(id_column=id_column, columns=cols, max_onehot=max_onehot, hash_width=hash_width)
+        return cls(id_column=id_column, columns=cols, max_onehot=max_onehot, hash_width=hash_width,
+                   buckets=buckets)
 
     @staticmethod
-    def _fit_numeric(name: str, arr: pa.ChunkedArray, kind: str) -> dict | None:
+    def _fit_numeric(name: str, arr: pa.ChunkedArray, kind: str, buckets: int = 0) -> dict | None:
         x = _to_float(arr, kind)
         ok = np.isfinite(x)
         if not ok.any():
@@ -263,6 +273,10 @@ class FeatureSpec:
         if kind == "bool":
             return {"name": name, "kind": "bool", "missing": has_missing}
         v = x[ok]
+        edges: list[float] = []
+        buckets = min(buckets, v.size // _BUCKET_ROWS)  # a bucket needs rows to learn from
+        if buckets > 1 and np.unique(v).size > 2:
+            edges = np.unique(np.quantile(v, np.linspace(0.0, 1.0, buckets + 1)[1:-1])).tolist()
         log = False
         if kind == "numeric" and v.min() >= 0 and v.size > 2:
             sd = v.std()
@@ -279,6 +293,7 @@ class FeatureSpec:
             "mean": mean,
             "std": std if std > 0 else 1.0,
             "missing": has_missing,
+            "edges": edges,
         }
 
     @staticmethod
@@ -332,7 +347,8 @@ class FeatureSpec:
             return len(rule["vocab"]) + 1
         if k.endswith("hash"):
             return int(rule["width"])
-        return 1 + int(rule.get("missing", False))
+        edges = rule.get("edges") or []
+        return 1 + int(rule.get("missing", False)) + (len(edges) + 1 if edges else 0)
 
     @property
     def width(self) -> int:
@@ -357,6 +373,10 @@ class FeatureSpec:
                 names.append(n)
                 if r.get("missing"):
                     names.append(f"{n}<missing>")
+                edges = r.get("edges") or []
+                if edges:
+                    names += [f"{n}<{edges[0]:g}"] + [f"{n}[{a:g},{b:g})" for a, b in zip(edges, edges[1:])]
+                    names.append(f"{n}>={edges[-1]:g}")
         return names
 
     def transform(self, table: Any) -> np.ndarray:
@@ -399,8 +419,14 @@ class FeatureSpec:
                 val = np.clip((v - rule["mean"]) / rule["std"], -_CLIP, _CLIP)
                 val = np.where(ok, val, 0.0)
             block[:, 0] = val
+            col = 1
             if rule.get("missing"):
                 block[:, 1] = (~ok).astype(np.float32)
+                col = 2
+            bucket = self._bucket(rule, x, ok)
+            if bucket is not None:
+                rows = np.flatnonzero(bucket >= 0)
+                block[rows, col + bucket[rows]] = 1.0
             return
         # categorical
         if kind.startswith("multi_"):
@@ -432,6 +458,75 @@ class FeatureSpec:
         # multi-hot is a set: repeated tokens light the slot once
         block[rows, codes[inv]] = 1.0
 
+    @staticmethod
+    def _bucket(rule: dict, x: np.ndarray, ok: np.ndarray) -> np.ndarray | None:
+        """Quantile bucket of each value (-1 where missing); None without buckets."""
+        edges = rule.get("edges") or []
+        if not edges:
+            return None
+        return np.where(ok, np.searchsorted(np.asarray(edges), np.where(ok, x, 0.0), side="right"), -1)
+
+    # ------------------------------------------------------------- segments
+    def segment_columns(self) -> list[tuple[str, int]]:
+        """``(name, n_keys)`` of each column that splits rows into segments: one-hot
+        categories and bucketed numbers (an age band, a region ...).
+
+        >>> import pyarrow as pa
+        >>> t = pa.table({"id": range(30), "region": ["n", "s", "n"] * 10, "age": list(range(20, 50))})
+        >>> FeatureSpec.fit(t, "id", buckets=2).segment_columns()
+        [('region', 2), ('age', 2)]
+        """
+        out = []
+        for r in self.columns:
+            if r["kind"] == "onehot":
+                out.append((r["name"], len(r["vocab"])))
+            elif r["kind"] == "bool":
+                out.append((r["name"], 2))
+            elif r["kind"] in ("numeric", "time") and r.get("edges"):
+                out.append((r["name"], len(r["edges"]) + 1))
+        return out
+
+    def segments(self, table: Any) -> np.ndarray:
+        """Segment key of every row in each :meth:`segment_columns` column, ``int64
+        [n_rows, n_columns]``; keys are numbered across columns (column c's keys follow
+        column c-1's), -1 where the value is missing or unknown.
+
+        >>> import pyarrow as pa
+        >>> t = pa.table({"id": range(30), "region": ["n", "s", "n"] * 10, "age": list(range(20, 50))})
+        >>> spec = FeatureSpec.fit(t, "id", buckets=2)
+        >>> spec.segments(pa.table({"region": ["s", "x"], "age": [70, None]})).tolist()
+        [[1, 3], [-1, -1]]
+        """
+        table = _as_table(table)
+        cols = self.segment_columns()
+        out = np.full((table.num_rows, len(cols)), -1, np.int64)
+        rules = {r["name"]: r for r in self.columns}
+        base = 0
+        for c, (name, n_keys) in enumerate(cols):
+            rule = rules[name]
+            if name in table.column_names and table.num_rows:
+                arr = _plain(table.column(name))
+                if rule["kind"] == "onehot":
+                    index = {v: i for i, v in enumerate(rule["vocab"])}
+                    vals = arr.cast(pa.string()).to_pylist() if not pa.types.is_string(arr.type) else arr.to_pylist()
+                    key = np.array([index.get(v, -1) for v in vals], np.int64)
+                else:
+                    src = _kind_of(arr.type)
+                    if src in ("numeric", "bool", "time"):
+                        x = _to_float(arr, src)
+                        ok = np.isfinite(x)
+                        key = (np.where(ok, (x != 0).astype(np.int64), -1) if rule["kind"] == "bool"
+                               else self._bucket(rule, x, ok))
+                    else:
+                        key = np.full(table.num_rows, -1, np.int64)
+                out[:, c] = np.where(key >= 0, key + base, -1)
+            base += n_keys
+        return out
+
+    @property
+    def n_segment_keys(self) -> int:
+        return sum(n for _, n in self.segment_columns())
+
     # ---------------------------------------------------------- persistence
     def to_dict(self) -> dict:
         """JSON-serialisable form (the store keeps it in version metadata).
@@ -446,6 +541,7 @@ class FeatureSpec:
             "id_column": self.id_column,
             "max_onehot": self.max_onehot,
             "hash_width": self.hash_width,
+            "buckets": self.buckets,
             "width": self.width,
             "columns": [dict(r) for r in self.columns],
         }
@@ -461,6 +557,7 @@ class FeatureSpec:
             columns=[dict(r) for r in d["columns"]],
             max_onehot=int(d.get("max_onehot", 32)),
             hash_width=int(d.get("hash_width", 64)),
+            buckets=int(d.get("buckets", 0)),
         )
         if "width" in d and int(d["width"]) != spec.width:
             raise ValueError("feature spec width does not match its columns")

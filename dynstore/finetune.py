@@ -100,7 +100,7 @@ def finetune_encoder(encoder, docs: list[str | None], train, model, residuals, o
     import torch
 
     from .encoder import HFEncoder
-    from .model import _normalise, build_histories
+    from .histories import build_histories, normalise
 
     if not isinstance(encoder, HFEncoder):
         raise ConfigError(f"--finetune-encoder needs a Hugging Face encoder; this store uses {encoder.id!r}")
@@ -119,8 +119,11 @@ def finetune_encoder(encoder, docs: list[str | None], train, model, residuals, o
 
     # What the fine-tune holds fixed: the trained item side minus its text part, and user vectors.
     p = model.params
-    Vn = _normalise(train.V)  # what item_side adds to
+    Vn = normalise(train.V)  # what item_side adds to
     Wf, bias = model.item_side(train.V, train.A, residuals)
+    act = model.activity(train.item, train.ts, train.label, Vn.shape[0])
+    if act is not None:  # behaviour as of the end of the window is held fixed too
+        bias = bias + model.dynamic_bias(act.items.features(np.arange(Vn.shape[0]), act.now()))
     C = Wf - Vn
     D = bias - Vn @ p["bv"]
     users = np.unique(ev_user)

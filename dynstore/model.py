@@ -82,17 +82,19 @@ Examples
 
 from __future__ import annotations
 
-import math
-import time
 from dataclasses import asdict, dataclass, fields
 from typing import Any, Callable
 
 import numpy as np
 
+from .dynamics import SEGMENT_SPEC, DynamicSpec, ItemActivity, SegmentActivity, popularity_prior
+from .histories import build_histories, decay_weights, history_groups, normalise, weighted_bag_sum
+from .itemitem import ItemItem
+from .training import Trainer
+
 __all__ = ["ModelConfig", "TrainingData", "FusionModel", "build_histories", "evaluate"]
 
 _FORMAT = "dynstore.fusion/1"
-_SCALARS = ("alpha", "b0", "g_pos", "g_neg")
 
 
 def _torch():
@@ -115,6 +117,8 @@ class ModelConfig:
         History weights decay as ``exp(-rank / half_life)`` (rank 0 = most recent).
     max_history : int
         Only the most recent events of each kind enter a user vector.
+    short_half_life, short_history : float, int
+        The same for the short-term aggregate of the positives (``g_short``).
     epochs, batch_size, lr : training schedule (AdamW).
     weight_decay : float
         Decoupled weight decay of the shared parameters (``W, bv, ba, U, u0``).
@@ -146,6 +150,25 @@ class ModelConfig:
     use_negatives : bool
         False is the ablation that ignores explicit negatives and impressions
         (in the loss and in the user vector).
+    objective : {"softmax", "bce"}
+        Loss of the positives (see :mod:`dynstore.training`).
+    softmax_weight : float
+        Weight of the sampled-softmax term against the BCE terms.
+    user_weight_power : float
+        Event weights are divided by ``n_user_events ** power``, so heavy users do not
+        dominate (0: every event counts alike; 1: every user counts alike).
+    item_item : bool
+        Fuse the closed-form item-item component (:mod:`dynstore.itemitem`), its weight
+        ``gamma`` chosen on the holdout of a fit.
+    dynamics_epochs, dynamics_lr : int, float
+        The first phase of training: only the weights of the behaviour features learn
+        (see :meth:`dynstore.training.Trainer.fit`).
+    cold_view : float
+        Share of training batches scored as if every item were new (no residuals, no
+        behaviour features), so the text and attribute terms rank cold items well.
+    dynamic : bool
+        Dynamic item features (:mod:`dynstore.dynamics`) in the bias; False is the
+        ablation that learns popularity only as static per-item biases.
     """
 
     alpha_init: float = 0.1
@@ -167,8 +190,18 @@ class ModelConfig:
     scalar_lr_mult: float = 10.0
     user_transform: bool = True
     time_decay_days: float | None = 365.0
+    short_history: int = 10
+    short_half_life: float = 2.0
     seed: int = 0
     use_negatives: bool = True
+    objective: str = "softmax"
+    softmax_weight: float = 1.0
+    cold_view: float = 0.0
+    user_weight_power: float = 0.5
+    item_item: bool = True
+    dynamics_epochs: int = 2
+    dynamics_lr: float = 0.01
+    dynamic: bool = True
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -197,6 +230,8 @@ class TrainingData:
         Event time, epoch seconds.
     label : int8 [n]
         1 positive, -1 explicit negative, 0 shown-but-ignored impression.
+    UK : int64 [n_users, n_segment_columns], optional
+        Segment keys of each user (:meth:`FeatureSpec.segments`; -1: none).
     """
 
     V: np.ndarray
@@ -206,6 +241,7 @@ class TrainingData:
     item: np.ndarray
     ts: np.ndarray
     label: np.ndarray
+    UK: np.ndarray | None = None
 
     def __post_init__(self) -> None:
         self.V = np.ascontiguousarray(self.V, dtype=np.float32)
@@ -217,6 +253,9 @@ class TrainingData:
         self.item = np.asarray(self.item, dtype=np.int64)
         self.ts = np.asarray(self.ts, dtype=np.int64)
         self.label = np.asarray(self.label, dtype=np.int8)
+        if self.UK is None:
+            self.UK = np.zeros((self.UA.shape[0], 0), np.int64)
+        self.UK = np.asarray(self.UK, dtype=np.int64).reshape(self.UA.shape[0], -1)
         n = self.user.shape[0]
         if not (self.item.shape[0] == self.ts.shape[0] == self.label.shape[0] == n):
             raise ValueError("user, item, ts and label must have the same length")
@@ -226,61 +265,15 @@ class TrainingData:
             raise ValueError("user index out of range of UA")
 
 
-def _normalise(V: np.ndarray) -> np.ndarray:
-    V = np.asarray(V, dtype=np.float32)
-    norm = np.linalg.norm(V, axis=1, keepdims=True)
-    return np.divide(V, norm, out=np.zeros_like(V), where=norm > 0)
+@dataclass
+class Activity:
+    """The dynamic-feature indexes of one event log: per item, and per (segment, item)."""
 
+    items: ItemActivity
+    segments: SegmentActivity | None = None
 
-def _decay_weights(rank: np.ndarray, length: np.ndarray, half_life: float) -> np.ndarray:
-    """``exp(-rank/h)`` normalised over a bag of ``length`` events (closed-form sum)."""
-    q = math.exp(-1.0 / half_life)
-    total = (1.0 - q ** length.astype(np.float64)) / (1.0 - q)
-    return (q ** rank.astype(np.float64) / total).astype(np.float32)
-
-
-def _ranges(start: np.ndarray, end: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Concatenate ``arange(start[b], end[b])`` for all b -> (indices, offsets [n_bags])."""
-    lens = np.maximum(end - start, 0)
-    offsets = np.zeros(lens.size, dtype=np.int64)
-    np.cumsum(lens[:-1], out=offsets[1:])
-    total = int(lens.sum())
-    idx = np.arange(total, dtype=np.int64) - np.repeat(offsets - start, lens)
-    return idx, offsets
-
-
-def build_histories(
-    users: np.ndarray,
-    ev_user: np.ndarray,
-    ev_item: np.ndarray,
-    ev_label: np.ndarray,
-    ev_ts: np.ndarray,
-) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """CSR histories of ``users`` from an event log, for :meth:`FusionModel.user_vectors`.
-
-    Returns ``(hist_ptr [m+1], hist_item, hist_label, hist_ts)``; within a user, events keep
-    their order in the log (which breaks ties in time). Users without events get an empty row.
-
-    >>> build_histories(np.array([7, 3]), np.array([3, 7, 3]), np.array([0, 1, 2]),
-    ...                 np.array([1, 1, -1]), np.array([5, 6, 7]))[0]
-    array([0, 1, 3])
-    """
-    users = np.asarray(users, dtype=np.int64)
-    ev_user = np.asarray(ev_user, dtype=np.int64)
-    order = np.argsort(ev_user, kind="stable")
-    su = ev_user[order]
-    lo = np.searchsorted(su, users, side="left")
-    hi = np.searchsorted(su, users, side="right")
-    idx, _ = _ranges(lo, hi)
-    sel = order[idx]
-    ptr = np.zeros(users.size + 1, dtype=np.int64)
-    np.cumsum(hi - lo, out=ptr[1:])
-    return (
-        ptr,
-        np.asarray(ev_item, dtype=np.int64)[sel],
-        np.asarray(ev_label, dtype=np.int8)[sel],
-        np.asarray(ev_ts, dtype=np.int64)[sel],
-    )
+    def now(self) -> int:
+        return self.items.now()
 
 
 class FusionModel:
@@ -298,12 +291,18 @@ class FusionModel:
     --------
     >>> m = FusionModel(d=4, fa=2, fu=0)
     >>> sorted(m.state()[0])
-    ['M', 'U', 'W', 'alpha', 'b0', 'ba', 'bv', 'g_neg', 'g_pos', 'u0']
+    ['M', 'U', 'W', 'alpha', 'b0', 'ba', 'bv', 'g_neg', 'g_pos', 'theta', 'u0']
     """
 
-    def __init__(self, d: int, fa: int, fu: int, config: ModelConfig | None = None):
+    def __init__(self, d: int, fa: int, fu: int, config: ModelConfig | None = None,
+                 dynamic: DynamicSpec | None = None, segments: tuple[int, ...] = ()):
         self.d, self.fa, self.fu = int(d), int(fa), int(fu)
+        #: keys per user segment column (see FeatureSpec.segment_columns)
+        self.segments = tuple(int(n) for n in segments)
         self.config = config or ModelConfig()
+        if dynamic is None and self.config.dynamic:
+            dynamic = DynamicSpec()
+        self.dynamic = dynamic if self.config.dynamic else None
         rng = np.random.default_rng(self.config.seed)
         # each attribute starts as a random unit direction: a small, seeded projection
         W = rng.normal(size=(self.fa, self.d))
@@ -317,9 +316,19 @@ class FusionModel:
             "u0": np.zeros(self.d, np.float32),
             "U": np.zeros((self.fu, self.d), np.float32),
             "g_pos": np.ones(1, np.float32),
+            "g_short": np.zeros(1, np.float32),
             "g_neg": np.array([-0.5 if self.config.use_negatives else 0.0], np.float32),
+            "g_imp": np.array([-0.5 if self.config.use_negatives else 0.0], np.float32),
             "M": np.zeros((self.d, self.d), np.float32),
         }
+        if self.config.item_item:
+            self.params["gamma"] = np.zeros(1, np.float32)
+        #: the closed-form item-item component (set by :meth:`fit`), or None
+        self.item_item: ItemItem | None = None
+        if self.dynamic is not None:
+            self.params["theta"] = np.zeros(self.dynamic.width, np.float32)
+            if self.segments:
+                self.params["theta_seg"] = np.zeros((len(self.segments), SEGMENT_SPEC.width), np.float32)
         self._residuals: tuple[np.ndarray, np.ndarray] | None = None
 
     # ----------------------------------------------------------- construction
@@ -329,31 +338,39 @@ class FusionModel:
         V: np.ndarray,
         A: np.ndarray,
         fu: int,
-        popularity: np.ndarray | None,
+        popularity: np.ndarray | None = None,
         config: ModelConfig | None = None,
+        *,
+        rule: float | None = 30.0,
+        dynamic: DynamicSpec | None = None,
+        segments: tuple[int, ...] = (),
     ) -> "FusionModel":
-        """The documented version-1 model, before any training.
+        """The documented version-1 model, before any training: the popularity rule.
 
         Seeded random ``W``, ``alpha = alpha_init``, ``u0 = 0``, ``U = 0``, ``g_pos = 1``,
-        ``g_neg = -0.5``; the item bias is the standardised ``log(1 + popularity)`` and is
-        carried as the residual bias ``rb`` (``.residuals`` = ``(zeros, bias)``), so pass
-        ``model.residuals`` to :meth:`item_side`. A new user gets the popular items; a
-        user with history gets items similar to what they liked, plus the prior.
+        ``g_neg = -0.5``. With dynamic features (the default) the bias is
+        ``log(1 + positives decayed with half-life rule days)`` as of scoring time
+        (``theta`` = 1 on that feature, 0 elsewhere): recent popularity, recounted at
+        every query. Without (``config.dynamic=False``) it is the standardised
+        ``log(1 + popularity)``, carried as the residual bias ``rb`` (``.residuals`` =
+        ``(zeros, bias)``; pass them to :meth:`item_side`). A new user gets the
+        popular items; a user with history gets items similar to what they liked, plus
+        the prior.
 
         >>> import numpy as np
-        >>> m = FusionModel.untrained(np.eye(3, dtype=np.float32), np.zeros((3, 0)), 0, None)
-        >>> m.residuals[1].tolist()
-        [0.0, 0.0, 0.0]
+        >>> m = FusionModel.untrained(np.eye(3, dtype=np.float32), np.zeros((3, 0)), 0)
+        >>> m.dynamic.names()[int(np.argmax(m.params["theta"]))]
+        'pos@30d'
         """
         V = np.asarray(V, dtype=np.float32)
         A = np.asarray(A, dtype=np.float32).reshape(V.shape[0], -1)
-        m = cls(V.shape[1], A.shape[1], fu, config)
+        m = cls(V.shape[1], A.shape[1], fu, config, dynamic, segments)
         n = V.shape[0]
         rb = np.zeros(n, np.float32)
-        if popularity is not None and n:
-            lp = np.log1p(np.maximum(np.asarray(popularity, dtype=np.float64), 0.0))
-            sd = lp.std()
-            rb = ((lp - lp.mean()) / (sd if sd > 0 else 1.0)).astype(np.float32)
+        if m.dynamic is not None:
+            m.params["theta"][m.dynamic.index("pos", rule)] = 1.0
+        elif popularity is not None and n:
+            rb = popularity_prior(popularity)
         m._residuals = (np.zeros((n, m.d), np.float32), rb)
         return m
 
@@ -380,7 +397,7 @@ class FusionModel:
         [[0.6000000238418579, 0.800000011920929]]
         """
         p = self.params
-        V = _normalise(V)
+        V = normalise(V)
         A = np.asarray(A, dtype=np.float32).reshape(V.shape[0], -1)
         if A.shape[1] != self.fa or V.shape[1] != self.d:
             raise ValueError(f"expected V [n, {self.d}] and A [n, {self.fa}]")
@@ -391,6 +408,65 @@ class FusionModel:
             Wf = Wf + np.asarray(R, dtype=np.float32)
             bias = bias + np.asarray(rb, dtype=np.float32)
         return Wf.astype(np.float32), bias.astype(np.float32)
+
+    def activity(self, item, ts, label, n_items: int, keys=None) -> "Activity | None":
+        """Index an event log for the dynamic features (None when the model has none).
+
+        ``keys`` are the segment keys of each event's user (``[n_events, columns]``).
+        """
+        if self.dynamic is None:
+            return None
+        seg = None
+        if self.segments and keys is not None and np.asarray(keys).size:
+            seg = SegmentActivity(SEGMENT_SPEC, item, ts, label, keys, n_items, sum(self.segments))
+        return Activity(ItemActivity(self.dynamic, item, ts, label, n_items), seg)
+
+    def dynamic_bias(self, features: np.ndarray | None) -> np.ndarray | float:
+        """``theta . f_i(t)``: the part of the bias that moves with behaviour.
+
+        ``features`` is :meth:`ItemActivity.features` of the items at scoring time
+        (0.0 when the model has no dynamic features).
+        """
+        if self.dynamic is None or features is None:
+            return 0.0
+        return (np.asarray(features, np.float32) @ self.params["theta"]).astype(np.float32)
+
+    def key_columns(self) -> np.ndarray:
+        """Segment column of every segment key."""
+        return np.repeat(np.arange(len(self.segments)), self.segments).astype(np.int64)
+
+    def segment_table(self, activity: "Activity | None", items, t) -> np.ndarray | None:
+        """``float32 [n_keys, len(items)]``: what each user segment adds to each item's
+        score at time ``t`` (``theta_seg`` of the key's column on the key's features)."""
+        if activity is None or activity.segments is None or "theta_seg" not in self.params:
+            return None
+        F = activity.segments.key_features(items, t)  # [n_keys, n, width]
+        theta = self.params["theta_seg"][self.key_columns()]  # [n_keys, width]
+        return np.einsum("knf,kf->kn", F, theta).astype(np.float32)
+
+    def item_item_bias(self, hist_ptr, hist_item, hist_label, n_items: int) -> np.ndarray | float:
+        """``gamma`` times the users' standardised item-item scores from their positives
+        (0.0 without the component)."""
+        gamma = float(self.params.get("gamma", np.zeros(1))[0])
+        if self.item_item is None or gamma == 0.0:
+            return 0.0
+        labels = np.asarray(hist_label)
+        keep = labels == 1
+        user_of = np.repeat(np.arange(len(hist_ptr) - 1), np.diff(hist_ptr))[keep]
+        ptr = np.concatenate([[0], np.cumsum(np.bincount(user_of, minlength=len(hist_ptr) - 1))])
+        return gamma * self.item_item.scores(ptr, np.asarray(hist_item)[keep], n_items)
+
+    @staticmethod
+    def segment_bias(table: np.ndarray | None, keys: np.ndarray) -> np.ndarray | float:
+        """Per-user sum of ``table`` rows over the users' keys ``[m, columns]`` -> ``[m, n]``."""
+        if table is None:
+            return 0.0
+        keys = np.asarray(keys, np.int64)
+        out = np.zeros((keys.shape[0], table.shape[1]), np.float32)
+        for c in range(keys.shape[1]):
+            ok = keys[:, c] >= 0
+            out[ok] += table[keys[ok, c]]
+        return out
 
     def user_vectors(
         self,
@@ -427,7 +503,6 @@ class FusionModel:
         ...                np.array([0]), Wf).tolist()
         [[0.0, 1.0]]
         """
-        torch = _torch()
         p = self.params
         hist_ptr = np.asarray(hist_ptr, dtype=np.int64)
         m = hist_ptr.size - 1
@@ -435,33 +510,24 @@ class FusionModel:
         labels = np.asarray(hist_label, dtype=np.int8)
         ts = np.asarray(hist_ts, dtype=np.int64)
         user_of = np.repeat(np.arange(m, dtype=np.int64), np.diff(hist_ptr))
-        keep = (labels == 1) | (self.config.use_negatives & (labels <= 0))
-        grp = (labels != 1).astype(np.int64)
         pos = np.arange(items.size, dtype=np.int64)
-        user_of, items, grp, ts, pos = (a[keep] for a in (user_of, items, grp, ts, pos))
-        # bag = (user, kind); inside a bag most recent first (later position wins ties)
-        order = np.lexsort((-pos, -ts, grp, user_of))
-        bag = (user_of * 2 + grp)[order]
-        items = items[order]
-        counts = np.bincount(bag, minlength=2 * m)
-        starts = np.zeros(2 * m, dtype=np.int64)
-        np.cumsum(counts[:-1], out=starts[1:])
-        rank = np.arange(bag.size, dtype=np.int64) - starts[bag]
-        cut = rank < self.config.max_history
-        eff = np.minimum(counts, self.config.max_history)
-        w = _decay_weights(rank[cut], eff[bag[cut]], self.config.half_life)
-        bag, items = bag[cut], items[cut]
-        offsets = np.zeros(2 * m, dtype=np.int64)
-        np.cumsum(eff[:-1], out=offsets[1:])
-        with torch.no_grad():
-            H = torch.nn.functional.embedding_bag(
-                torch.from_numpy(items),
-                torch.from_numpy(np.ascontiguousarray(Wf, dtype=np.float32)),
-                torch.from_numpy(offsets),
-                mode="sum",
-                per_sample_weights=torch.from_numpy(w),
-            ).numpy().reshape(m, 2, -1)
-        Xh = p["g_pos"][0] * H[:, 0] + p["g_neg"][0] * H[:, 1]
+        # most recent first inside a user (later position wins ties in time)
+        order = np.lexsort((-pos, -ts, user_of))
+        user_of, items, labels = user_of[order], items[order], labels[order]
+        W = np.ascontiguousarray(Wf, dtype=np.float32)
+        Xh = np.zeros((m, self.d), np.float32)
+        for name, label, max_history, half_life in history_groups(self.config):
+            sel = labels == label
+            u, it = user_of[sel], items[sel]
+            counts = np.bincount(u, minlength=m)
+            starts = np.zeros(m, dtype=np.int64)
+            np.cumsum(counts[:-1], out=starts[1:])
+            rank = np.arange(u.size, dtype=np.int64) - starts[u]
+            cut = rank < max_history
+            eff = np.minimum(counts, max_history)
+            w = decay_weights(rank[cut], eff[u[cut]], half_life)
+            H = weighted_bag_sum(W, it[cut], w, u[cut], m)
+            Xh += p[f"g_{name}"][0] * H
         X = p["u0"][None, :] + Xh + Xh @ p["M"]
         if UA_rows is not None and self.fu:
             X = X + np.asarray(UA_rows, dtype=np.float32).reshape(m, self.fu) @ p["U"]
@@ -477,76 +543,31 @@ class FusionModel:
 
         A convenience for evaluation (serving computes the same from stored ``Wf``).
         """
+        return self.scorer(data, residuals)(np.asarray(users))
+
+    def scorer(self, data: "TrainingData",
+               residuals: tuple[np.ndarray, np.ndarray] | None = None) -> Callable:
+        """``users -> logits [len(users), n_items]``, as serving would have scored the users
+        of ``data`` just after its last event: histories and dynamic features from
+        ``data``'s events, item side computed once."""
+        n = data.V.shape[0]
         Wf, bias = self.item_side(data.V, data.A, residuals)
-        ptr, it, lab, ts = build_histories(users, data.user, data.item, data.label, data.ts)
-        X = self.user_vectors(data.UA[np.asarray(users)], ptr, it, lab, ts, Wf)
-        return X @ Wf.T + bias[None, :]
+        act = self.activity(data.item, data.ts, data.label, n, data.UK[data.user])
+        table = None
+        if act is not None:
+            now = act.now()
+            bias = bias + self.dynamic_bias(act.items.features(np.arange(n), now))
+            table = self.segment_table(act, np.arange(n), now)
+
+        def score(users: np.ndarray) -> np.ndarray:
+            ptr, it, lab, ts = build_histories(users, data.user, data.item, data.label, data.ts)
+            X = self.user_vectors(data.UA[users], ptr, it, lab, ts, Wf)
+            return (X @ Wf.T + bias[None, :] + self.segment_bias(table, data.UK[users])
+                    + self.item_item_bias(ptr, it, lab, n))
+
+        return score
 
     # ---------------------------------------------------------------- training
-    def _prepare(self, data: TrainingData, n_warm: int, wmap: np.ndarray) -> dict:
-        """Sort events into history snapshots ("bags") and precompute their fixed parts.
-
-        Events of a user are taken in time order in runs of ``history_stride``; a run shares
-        one history: the user's events strictly before the run's first timestamp (so no
-        event of the run, nor anything later, leaks into its own input).
-        """
-        torch = _torch()
-        cfg = self.config
-        label = data.label
-        keep = (label == 1) | (cfg.use_negatives & (label <= 0))
-        idx = np.flatnonzero(keep)
-        # dense time rank keeps the (user, time) key inside int64 for any epoch range
-        _, trank = np.unique(data.ts[idx], return_inverse=True)
-        span = int(trank.max(initial=0)) + 2
-        key = data.user[idx] * span + trank
-        order = np.lexsort((idx, key))  # by user, time, then log position
-        ev, key = idx[order], key[order]
-        user = data.user[ev]
-        lab = label[ev]
-        # bags: consecutive runs of `stride` events of one user
-        new_user = np.r_[True, user[1:] != user[:-1]]
-        user_start = np.maximum.accumulate(np.where(new_user, np.arange(ev.size), 0))
-        pos_in_user = np.arange(ev.size) - user_start
-        stride = max(1, int(cfg.history_stride))
-        bag_first = new_user | (pos_in_user % stride == 0)
-        first = np.flatnonzero(bag_first)
-        n_bags = first.size
-        bag_ptr = np.r_[first, ev.size].astype(np.int64)
-        bag_user = user[first]
-        bag_key = key[first]
-        out: dict = {"ev": ev, "label": lab, "bag_ptr": bag_ptr, "bag_user": bag_user,
-                     "n_bags": n_bags}
-        is_pos = lab == 1
-        VA = np.concatenate([_normalise(data.V), data.A], axis=1).astype(np.float32)
-        for name, sel in (("pos", is_pos), ("neg", ~is_pos)):
-            k = key[sel]
-            items = data.item[ev[sel]]
-            end = np.searchsorted(k, bag_key, side="left")  # strictly before the run
-            lo = np.searchsorted(k, bag_user * span, side="left")
-            start = np.maximum(lo, end - cfg.max_history)
-            j, offsets = _ranges(start, end)
-            lens = np.maximum(end - start, 0)
-            w = _decay_weights(np.repeat(end - 1, lens) - j, np.repeat(lens, lens),
-                               cfg.half_life)
-            hist_items = items[j]
-            with torch.no_grad():  # the text/attribute part of a history never changes
-                hva = torch.nn.functional.embedding_bag(
-                    torch.from_numpy(hist_items), torch.from_numpy(VA),
-                    torch.from_numpy(offsets), mode="sum",
-                    per_sample_weights=torch.from_numpy(w)).numpy()
-            # residual part: only warm items carry a residual, so only they are kept
-            wr = wmap[hist_items] < n_warm
-            bag_of_entry = np.repeat(np.arange(n_bags), lens)[wr]
-            r_ptr = np.zeros(n_bags + 1, np.int64)
-            np.cumsum(np.bincount(bag_of_entry, minlength=n_bags), out=r_ptr[1:])
-            out[name] = (hva, r_ptr, wmap[hist_items[wr]], w[wr])
-        w = np.where(lab == 1, 1.0, np.where(lab < 0, cfg.neg_weight, cfg.impression_weight))
-        if cfg.time_decay_days:
-            age = (data.ts[ev].max(initial=0) - data.ts[ev]) / 86400.0
-            w = w * np.power(0.5, age / cfg.time_decay_days)
-        out["weight"] = w.astype(np.float32)
-        return out
-
     def fit(
         self,
         data: TrainingData,
@@ -560,6 +581,8 @@ class FusionModel:
     ) -> dict:
         """Train from the model's current parameters (warm start) on ``data``.
 
+        See :mod:`dynstore.training` for the objective.
+
         Parameters
         ----------
         data : TrainingData
@@ -570,16 +593,14 @@ class FusionModel:
         progress : callable(done_steps, total_steps), optional
         init_residuals : (R [n_items, d], rb [n_items]), optional
             Residuals to start from, aligned with ``data``'s items (e.g. the previous
-            version's, re-aligned by the store). Default: ``R = 0`` and ``rb`` = the
-            standardised ``log(1 + positives)`` of :meth:`untrained`. Rows of items below
+            version's, re-aligned by the store). Default: zero (with dynamic features)
+            or the standardised ``log(1 + positives)``. Rows of items below
             ``min_history`` are ignored (their residuals are zero after the fit).
         holdout : (user, item, label), optional
             Early stopping: after every epoch NDCG@10 on these later events (users
             ranked from their events in ``data``, as :func:`evaluate` does) is measured;
             training stops after ``patience`` epochs without a new best, and the best
-            epoch's parameters are kept. How many epochs help depends on the data
-            (impressions multiply the steps per epoch; a drift shortens what is worth
-            learning), so a fixed count either under- or over-fits somewhere.
+            epoch's parameters are kept.
 
         Returns
         -------
@@ -600,228 +621,44 @@ class FusionModel:
         100
         """
         torch = _torch()
-        cfg = self.config
-        t_start = time.perf_counter()
-        epochs = cfg.epochs if epochs is None else int(epochs)
-        V = _normalise(data.V)
-        A = data.A
-        if V.shape[1] != self.d or A.shape[1] != self.fa or data.UA.shape[1] != self.fu:
+        V = data.V
+        if V.shape[1] != self.d or data.A.shape[1] != self.fa or data.UA.shape[1] != self.fu:
             raise ValueError(
-                f"data dims (d={V.shape[1]}, fa={A.shape[1]}, fu={data.UA.shape[1]}) do not "
+                f"data dims (d={V.shape[1]}, fa={data.A.shape[1]}, fu={data.UA.shape[1]}) do not "
                 f"match the model (d={self.d}, fa={self.fa}, fu={self.fu})"
             )
-        n_items = V.shape[0]
-        n_pos_item = np.bincount(data.item[data.label == 1], minlength=n_items)
-        warm = n_pos_item >= cfg.min_history
-        n_warm = int(warm.sum())
-        wmap = np.full(n_items, n_warm, dtype=np.int64)  # row n_warm = constant zero row
-        wmap[warm] = np.arange(n_warm)
-        prep = self._prepare(data, n_warm, wmap)
-        dev = torch.device(device)
+        epochs = self.config.epochs if epochs is None else int(epochs)
+        activity = self.activity(data.item, data.ts, data.label, V.shape[0], data.UK[data.user])
         threads = torch.get_num_threads()
-        if dev.type == "cpu":
+        if torch.device(device).type == "cpu":
             # the ops are small gathers and ~1k x d matmuls: extra threads only add sync
             # overhead (badly so on a shared machine), and one thread makes CPU results
             # bit-identical whatever the core count
             torch.set_num_threads(1)
         try:
-            return self._fit(data, prep, warm, wmap, epochs, dev, progress, init_residuals,
-                             t_start, holdout, patience)
+            trainer = Trainer(self, data, activity, device=device, init_residuals=init_residuals)
+            stats = trainer.fit(epochs, holdout=holdout, patience=patience, progress=progress)
         finally:
             torch.set_num_threads(threads)
-
-    def _fit(self, data, prep, warm, wmap, epochs, dev, progress, init_residuals, t_start,
-             holdout=None, patience=2):
-        torch = _torch()
-        cfg = self.config
-        V = _normalise(data.V)
-        A = data.A
-        n_items = V.shape[0]
-        n_warm = int(warm.sum())
-        ev, lab = prep["ev"], prep["label"]
-        if init_residuals is not None:
-            R0 = np.asarray(init_residuals[0], np.float32)[warm].copy()
-            rb0 = np.asarray(init_residuals[1], np.float32)[warm].copy()
-        else:
-            # start the bias residual at the popularity prior of ``untrained``: per-item
-            # parameters move slowly under sampled negatives
-            R0 = np.zeros((n_warm, self.d), np.float32)
-            lp = np.log1p(np.bincount(data.item[data.label == 1], minlength=n_items))
-            sd = lp.std()
-            rb0 = ((lp - lp.mean()) / (sd if sd > 0 else 1.0)).astype(np.float32)[warm]
-        torch.manual_seed(cfg.seed)
-        rng = np.random.default_rng(cfg.seed)
-        f32 = torch.float32
-
-        def t(x):
-            return torch.as_tensor(np.ascontiguousarray(x), dtype=f32, device=dev)
-
-        def tl(x):
-            return torch.as_tensor(np.asarray(x), dtype=torch.long, device=dev)
-
-        d = self.d
-        VA = t(np.concatenate([V, A], axis=1))  # constants: only W, biases, residuals learn
-        UA = t(data.UA)
-        P = {k: t(v).clone().requires_grad_(True) for k, v in self.params.items()}
-        if not cfg.use_negatives:
-            P["g_neg"].requires_grad_(False)
-            P["g_neg"].data.zero_()
-        if not cfg.user_transform:
-            P["M"].requires_grad_(False)
-        R = t(R0).requires_grad_(True)
-        rb = t(rb0).requires_grad_(True)
-        zero_row = torch.zeros(1, d, dtype=f32, device=dev)
-        zero_b = torch.zeros(1, dtype=f32, device=dev)
-        opt = torch.optim.AdamW(
-            [
-                {"params": [P[k] for k in ("W", "bv", "ba", "u0", "U", "M")
-                            if P[k].requires_grad],
-                 "weight_decay": cfg.weight_decay},
-                # scalars set the scale of whole terms: let them move faster
-                {"params": [P[k] for k in _SCALARS if P[k].requires_grad],
-                 "weight_decay": 0.0, "lr": cfg.lr * cfg.scalar_lr_mult},
-                {"params": [R, rb], "weight_decay": cfg.residual_decay},
-            ],
-            lr=cfg.lr,
-        )
-        hist = {k: (t(prep[k][0]), prep[k][1], prep[k][2], prep[k][3])
-                for k in (("pos", "neg") if cfg.use_negatives else ("pos",))}
-        bag_ptr, n_bags = prep["bag_ptr"], prep["n_bags"]
-        bag_size = np.diff(bag_ptr)
-        ev_item = data.item[ev]
-        y_all = (lab == 1).astype(np.float32)
-        weight_all = prep["weight"]
-        neg_scale = cfg.n_sampled_negatives / max(1, cfg.sample_pool)
-        bs = max(1, int(cfg.batch_size))
-
-        def residual_part(kind: str, bags: np.ndarray, Rx):
-            _, r_ptr, r_idx, r_w = hist[kind]
-            j, offsets = _ranges(r_ptr[bags], r_ptr[bags + 1])
-            return torch.nn.functional.embedding_bag(
-                tl(r_idx[j]), Rx, tl(offsets), mode="sum",
-                per_sample_weights=t(r_w[j]))
-
-        def vectors(Rx, rbx, items: np.ndarray, drop: np.ndarray | None = None):
-            rows = wmap[items]
-            if drop is not None:
-                rows = np.where(drop, n_warm, rows)
-            va = VA[tl(items)]
-            w = va[:, :d] + P["alpha"] * (va[:, d:] @ P["W"]) + Rx[tl(rows)]
-            b = P["b0"] + va[:, :d] @ P["bv"] + va[:, d:] @ P["ba"] + rbx[tl(rows)]
-            return w, b
-
-        def export():
-            with torch.no_grad():
-                for k in self.params:
-                    self.params[k] = P[k].detach().cpu().numpy().astype(np.float32).reshape(
-                        self.params[k].shape)
-                Rf = np.zeros((n_items, d), np.float32)
-                rbf = np.zeros(n_items, np.float32)
-                Rf[warm] = R.detach().cpu().numpy()
-                rbf[warm] = rb.detach().cpu().numpy()
-            self._residuals = (Rf, rbf)
-
-        best = None
-        epoch_scores: list[float] = []
-        # batches are runs of whole bags, so each history snapshot is built once a step
-        steps_per_epoch = max(1, math.ceil(ev.size / bs))
-        total_steps = epochs * steps_per_epoch
-        step = 0
-        last_loss = float("nan")
-        epoch_losses: list[float] = []
-        for _epoch in range(epochs):
-            perm = rng.permutation(n_bags)
-            batch_of = np.cumsum(bag_size[perm]) // bs
-            cuts = np.flatnonzero(np.r_[True, batch_of[1:] != batch_of[:-1], True])
-            tot, cnt = 0.0, 0.0
-            for c0, c1 in zip(cuts[:-1], cuts[1:]):
-                bags = perm[c0:c1]
-                e_idx, _ = _ranges(bag_ptr[bags], bag_ptr[bags + 1])
-                e_bag = np.repeat(np.arange(bags.size), bag_size[bags])
-                Rx = torch.cat([R, zero_row])
-                rbx = torch.cat([rb, zero_b])
-                X0b = P["u0"] + UA[tl(prep["bag_user"][bags])] @ P["U"]  # new-user path
-                Xh = None
-                for kind, g in (("pos", "g_pos"), ("neg", "g_neg")):
-                    if kind not in hist:
-                        continue
-                    hva = hist[kind][0][tl(bags)]
-                    h = hva[:, :d] + P["alpha"] * (hva[:, d:] @ P["W"])
-                    h = P[g] * (h + residual_part(kind, bags, Rx))
-                    Xh = h if Xh is None else Xh + h
-                Xb = X0b + Xh + Xh @ P["M"]
-                ti = ev_item[e_idx]
-                drop = None
-                if cfg.residual_dropout > 0:
-                    drop = rng.random(ti.size) < cfg.residual_dropout
-                wt, bt = vectors(Rx, rbx, ti, drop)
-                y = t(y_all[e_idx])
-                wb_np = weight_all[e_idx]
-                wb = t(wb_np)
-                # events of a bag share one user vector, so sampled negatives are scored
-                # once per bag, weighted by the bag's positive weight
-                pos_w_bag = np.bincount(e_bag, weights=wb_np * y_all[e_idx],
-                                        minlength=bags.size)
-                sampled = cfg.n_sampled_negatives > 0 and pos_w_bag.sum() > 0
-                if sampled:
-                    # one shared uniform pool for the whole batch: one matmul
-                    si = rng.integers(0, n_items, size=cfg.sample_pool)
-                    ws, bsm = vectors(Rx, rbx, si)
-                    pwb = t(pos_w_bag)
-                paths = [(Xb, 1.0, wb)]
-                if cfg.prior_weight > 0:
-                    # the positives scored as if the user were new: keeps the biases (and
-                    # u0, U) the *marginal* popularity that new users need, instead of
-                    # whatever the history term leaves unexplained. Dislikes are about
-                    # personal taste given a history, so they stay out of the prior.
-                    paths.append((X0b, cfg.prior_weight, wb * y))
-                loss = torch.zeros((), device=dev)
-                eb = tl(e_bag)
-                for Xp, lam, wp in paths:
-                    logit = (wt * Xp[eb]).sum(1) + bt
-                    lp = torch.nn.functional.binary_cross_entropy_with_logits(
-                        logit, y, weight=wp, reduction="sum")
-                    if sampled:
-                        sp = torch.nn.functional.softplus(Xp @ ws.T + bsm).sum(1)  # BCE, y=0
-                        lp = lp + neg_scale * (sp * pwb).sum()
-                    loss = loss + lam * lp
-                denom = float(wb_np.sum()) or 1.0
-                loss = loss / denom
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-                tot += float(loss.detach()) * denom
-                cnt += denom
-                step += 1
-                if progress is not None:
-                    progress(min(step, total_steps), total_steps)
-            last_loss = tot / max(cnt, 1e-12)
-            epoch_losses.append(last_loss)
+        if self.config.item_item:
+            pos = data.label == 1
+            self.item_item = ItemItem.fit(data.user[pos], data.item[pos], V.shape[0])
             if holdout is not None:
-                export()
-                score = evaluate(self, data, *holdout, k=10)["ndcg@10"]
-                epoch_scores.append(float(score))
-                if best is None or score > best[0]:
-                    best = (score, _epoch + 1, {k: v.copy() for k, v in self.params.items()},
-                            self._residuals)
-                elif _epoch + 1 - best[1] >= patience:
-                    break
+                stats["gamma"] = self.choose_gamma(data, holdout)
+        return stats
 
-        if best is not None:
-            self.params, self._residuals = best[2], best[3]
-        else:
-            export()
-        return {
-            "loss": float(last_loss),
-            "epoch_losses": [float(x) for x in epoch_losses],
-            **({"epoch_ndcg@10": epoch_scores, "best_epoch": best[1]} if best is not None else {}),
-            "epochs": len(epoch_losses),
-            "n_positive": int((lab == 1).sum()),
-            "n_negative": int((lab < 0).sum()),
-            "n_impression": int((lab == 0).sum()),
-            "n_warm_items": n_warm,
-            "seconds": time.perf_counter() - t_start,
-        }
+    GAMMAS = (0.0, 0.25, 0.5, 1.0, 2.0, 4.0)
+
+    def choose_gamma(self, data: TrainingData, holdout) -> dict:
+        """Set ``gamma`` (the item-item weight) to the value of :attr:`GAMMAS` with the best
+        NDCG@10 on ``holdout``; returns every value's score."""
+        scores = {}
+        for g in self.GAMMAS:
+            self.params["gamma"] = np.array([g], np.float32)
+            scores[g] = float(evaluate(self, data, *holdout, k=10)["ndcg@10"])
+        best = max(scores, key=lambda g: (scores[g], -g))
+        self.params["gamma"] = np.array([best], np.float32)
+        return {"chosen": best, "ndcg@10": scores}
 
     # ------------------------------------------------------------- persistence
     def state(self) -> tuple[dict[str, np.ndarray], dict]:
@@ -834,12 +671,16 @@ class FusionModel:
         ((2, 3), 3)
         """
         tensors = {k: np.ascontiguousarray(v, dtype=np.float32) for k, v in self.params.items()}
+        if self.item_item is not None:
+            tensors.update(self.item_item.tensors())
         meta = {
             "format": _FORMAT,
             "d": self.d,
             "fa": self.fa,
             "fu": self.fu,
             "config": self.config.to_dict(),
+            "dynamic": self.dynamic.to_dict() if self.dynamic is not None else None,
+            "segments": list(self.segments),
         }
         return tensors, meta
 
@@ -848,11 +689,20 @@ class FusionModel:
         """Inverse of :meth:`state`."""
         if meta.get("format", _FORMAT) != _FORMAT:
             raise ValueError(f"unsupported model format {meta.get('format')!r}")
-        m = cls(int(meta["d"]), int(meta["fa"]), int(meta["fu"]),
-                ModelConfig.from_dict(meta.get("config", {})))
+        config = ModelConfig.from_dict(meta.get("config", {}))
+        dyn = meta.get("dynamic")
+        if dyn is None:  # states before dynamic features carry their popularity in rb
+            config.dynamic = False
+        m = cls(int(meta["d"]), int(meta["fa"]), int(meta["fu"]), config,
+                DynamicSpec.from_dict(dyn) if dyn else None, tuple(meta.get("segments", ())))
+        tensors = dict(tensors)
+        if "g_imp" not in tensors and "g_neg" in tensors:
+            # earlier states pooled ignored impressions with the dislikes
+            tensors["g_imp"] = tensors["g_neg"]
+        m.item_item = ItemItem.from_tensors(tensors)
         for k, v in m.params.items():
             if k not in tensors:
-                if k == "M":  # optional: states without it predate the user transform
+                if k in ("M", "g_short", "gamma"):  # optional: earlier states had no such term
                     continue
                 raise ValueError(f"model state lacks tensor {k!r}")
             arr = np.asarray(tensors[k], dtype=np.float32)
@@ -862,81 +712,4 @@ class FusionModel:
         return m
 
 
-def evaluate(
-    model: FusionModel,
-    train: TrainingData,
-    holdout_user: np.ndarray,
-    holdout_item: np.ndarray,
-    holdout_label: np.ndarray | None = None,
-    *,
-    residuals: tuple[np.ndarray, np.ndarray] | None = None,
-    k: int = 10,
-    exclude_seen: bool = True,
-    candidates: np.ndarray | None = None,
-    batch_users: int = 1024,
-) -> dict:
-    """Recall@k, NDCG@k and per-user AUC of ``model`` on a holdout.
-
-    Users are ranked from their events in ``train`` (all items, or the boolean
-    ``candidates`` mask); ``exclude_seen`` removes their training positives from the
-    candidates. Relevant items are the holdout positives (``holdout_label == 1``, all rows
-    when None). ``residuals`` default to ``model.residuals`` when those match ``train``.
-
-    Returns
-    -------
-    dict
-        ``{"recall@k", "ndcg@k", "auc", "n_users"}`` (means over users with a relevant item).
-    """
-    from .metrics import ndcg_at_k, recall_at_k, top_k, user_auc
-
-    hu = np.asarray(holdout_user, dtype=np.int64)
-    hi = np.asarray(holdout_item, dtype=np.int64)
-    if holdout_label is not None:
-        pos = np.asarray(holdout_label) == 1
-        hu, hi = hu[pos], hi[pos]
-    n_items = train.V.shape[0]
-    if candidates is not None:
-        cand = np.asarray(candidates, dtype=bool)
-        keep = cand[hi]
-        hu, hi = hu[keep], hi[keep]
-    users = np.unique(hu)
-    if residuals is None and model.residuals is not None and len(model.residuals[1]) == n_items:
-        residuals = model.residuals
-    Wf, bias = model.item_side(train.V, train.A, residuals)
-    order = np.argsort(hu, kind="stable")
-    hu_s, hi_s = hu[order], hi[order]
-    ranked_all, rel_all, auc_vals = [], [], []
-    tpos = train.label == 1
-    for s in range(0, users.size, batch_users):
-        ub = users[s : s + batch_users]
-        ptr, it, lab, ts = build_histories(ub, train.user, train.item, train.label, train.ts)
-        X = model.user_vectors(train.UA[ub], ptr, it, lab, ts, Wf)
-        S = X @ Wf.T + bias[None, :]
-        if candidates is not None:
-            S[:, ~cand] = -np.inf
-        seen = None
-        if exclude_seen:
-            sp, sit, _, _ = build_histories(ub, train.user[tpos], train.item[tpos],
-                                            train.label[tpos], train.ts[tpos])
-            seen = [sit[sp[i] : sp[i + 1]] for i in range(ub.size)]
-        lo = np.searchsorted(hu_s, ub, "left")
-        up = np.searchsorted(hu_s, ub, "right")
-        rel = [hi_s[a:b_] for a, b_ in zip(lo, up)]
-        ranked_all.append(top_k(S, k, seen))
-        rel_all += rel
-        excl = seen
-        if candidates is not None:  # non-candidates are not negatives for the AUC either
-            others = np.flatnonzero(~cand)
-            excl = [np.r_[x, others] for x in (seen or [others[:0]] * ub.size)]
-        auc_vals.append((user_auc(S, rel, excl), ub.size))
-    if not users.size:
-        return {f"recall@{k}": float("nan"), f"ndcg@{k}": float("nan"), "auc": float("nan"),
-                "n_users": 0}
-    ranked = np.concatenate(ranked_all)
-    a = sum(v * n for v, n in auc_vals) / sum(n for _, n in auc_vals)
-    return {
-        f"recall@{k}": recall_at_k(ranked, rel_all, k),
-        f"ndcg@{k}": ndcg_at_k(ranked, rel_all, k),
-        "auc": float(a),
-        "n_users": int(users.size),
-    }
+from .evaluation import evaluate  # noqa: E402  (re-exported: evaluation uses no model code)

@@ -7,10 +7,17 @@ vectors are computed at query time from the user's attributes and latest
 history, so a new interaction changes recommendations at once, without a
 refresh.
 
+The bias of an item has a static part (stored with the version) and a
+dynamic part: the version's weights on the item's recent behaviour
+(:mod:`dynstore.dynamics`) as of the newest interaction, recomputed whenever
+interactions change, so popularity follows the data without a refresh. A
+user's segments (age band, region ...) add what people in the same segments
+picked lately.
+
 Cold start: a user with no history and no attributes gets ``x_u = u0``,
 which ranks items by their bias plus ``w_i · u0`` (in the untrained version:
-recent popularity); with known attributes, ``U a_u`` turns that into
-popularity within the user's segment.
+recent popularity); with known attributes, ``U a_u`` and the segment term turn
+that into popularity within the user's segments.
 """
 from __future__ import annotations
 
@@ -27,6 +34,7 @@ __all__ = ["recommend", "recommend_many", "serving_state", "MAX_K"]
 MAX_K = 10_000
 BATCH_USERS = 512
 NPROBES_SHARE = 0.2  # share of IVF partitions probed per query (recall vs latency)
+HOT_ITEMS = 200  # items with the largest dynamic lift, re-ranked beside the index's candidates
 
 
 @dataclass
@@ -43,12 +51,29 @@ class ServingState:
     hist_label: np.ndarray
     hist_ts: np.ndarray
     UA: np.ndarray          # [n_known_users, fu]
-    ua_row: dict            # user_id -> row of UA
+    ua_row: dict            # user_id -> row of UA (and of UK)
+    UK: np.ndarray          # [n_known_users, segment columns] segment keys (-1: none)
+    segment_table: Any      # [n_keys, n_items] what each segment adds to each item, or None
     pos_ptr: np.ndarray     # CSR of positives, for exclusion
     pos_item: np.ndarray
     index: Any = None       # Lance dataset with an IVF index over the version's rows, if built
     n_indexed: int = 0      # rows [0, n_indexed) are in the index; later rows are new items
     nprobes: int = 1
+    hot: Any = None         # rows with the highest dynamic bias: index candidates they may miss
+
+    def user_rows(self, user_ids: Sequence[Any]) -> tuple[np.ndarray, np.ndarray]:
+        """Rows into the histories and into the attribute tables (-1: unknown)."""
+        hist = np.array([self.user_row.get(u, -1) for u in user_ids], np.int64)
+        attr = np.array([self.ua_row.get(u, -1) for u in user_ids], np.int64)
+        return hist, attr
+
+    def segment_bias(self, user_ids: Sequence[Any]) -> np.ndarray | float:
+        """``[len(user_ids), n_items]``: what the users' segments add (0.0 without)."""
+        if self.segment_table is None:
+            return 0.0
+        _, attr = self.user_rows(user_ids)
+        keys = np.where(attr[:, None] >= 0, self.UK[np.maximum(attr, 0)], -1)
+        return self.model.segment_bias(self.segment_table, keys)
 
 
 def check_k(k: Any) -> int:
@@ -99,10 +124,8 @@ def serving_state(store, version: int | None = None) -> ServingState:
     if inter is not None:
         con = store.connection()
         try:
-            t = con.sql(
-                "SELECT user_id, item_id, epoch(ts)::BIGINT AS ts, "
-                "CASE WHEN event = 'impression' THEN 0 ELSE label END AS label FROM interactions"
-            ).to_arrow_table()
+            t = con.sql("SELECT user_id, item_id, epoch(ts)::BIGINT AS ts, label FROM labelled_events"
+                        ).to_arrow_table()
         finally:
             con.close()
         u_ids = t.column("user_id").to_pylist()
@@ -126,11 +149,30 @@ def serving_state(store, version: int | None = None) -> ServingState:
         pos_item = item_idx[pos]
     fu = lv.user_spec.width
     UA = np.zeros((0, fu), np.float32)
+    UK = np.zeros((0, len(lv.model.segments)), np.int64)
     ua_row: dict = {}
-    if users is not None and fu:
+    if users is not None and (fu or lv.model.segments):
         ut = users.to_table()
         UA = np.asarray(lv.user_spec.transform(ut), np.float32)
+        UK = lv.user_spec.segments(ut)
         ua_row = {u: n for n, u in enumerate(ut.column("user_id").to_pylist())}
+    # behaviour as of the newest interaction: the dynamic bias and the segment term
+    bias = np.asarray(bias, np.float32)
+    seg_table = hot = None
+    act = None
+    if hist_item.size and lv.model.dynamic is not None:
+        user_keys = None
+        if lv.model.segments and UK.shape[0]:
+            inv_ids = [None] * len(user_row)
+            for u, r in user_row.items():
+                inv_ids[r] = u
+            krow = np.array([ua_row.get(u, -1) for u in inv_ids], np.int64)
+            ev_user = np.repeat(np.arange(len(user_row)), np.diff(ptr))
+            user_keys = np.where(krow[ev_user][:, None] >= 0, UK[np.maximum(krow[ev_user], 0)], -1)
+        act = lv.model.activity(hist_item, hist_ts, hist_label, len(ids), user_keys)
+        rows = np.arange(len(ids))
+        bias = bias + lv.model.dynamic_bias(act.items.features(rows, act.now()))
+        seg_table = lv.model.segment_table(act, rows, act.now())
     index = None
     from .versions import index_uri
 
@@ -139,10 +181,17 @@ def serving_state(store, version: int | None = None) -> ServingState:
         import lance
 
         index = lance.dataset(uri)
+    if index is not None:
+        # the index ranks by the version's static bias: the items that behaviour
+        # (or a segment) lifts most are always re-ranked exactly as well
+        lift = bias - np.concatenate([lv.bias, np.zeros(len(ids) - len(lv.ids), np.float32)])
+        if seg_table is not None:
+            lift = lift + seg_table.max(axis=0)
+        hot = np.argsort(-lift, kind="stable")[:HOT_ITEMS]
     state = ServingState(lv.version, lv.model, ids, row, np.ascontiguousarray(Wf, np.float32),
-                         np.asarray(bias, np.float32), user_row, ptr, hist_item, hist_label, hist_ts,
-                         UA, ua_row, pos_ptr, pos_item, index, len(lv.ids),
-                         max(8, int(max(16, np.sqrt(len(lv.ids))) * NPROBES_SHARE)))
+                         bias, user_row, ptr, hist_item, hist_label, hist_ts,
+                         UA, ua_row, UK, seg_table, pos_ptr, pos_item, index, len(lv.ids),
+                         max(8, int(max(16, np.sqrt(len(lv.ids))) * NPROBES_SHARE)), hot)
     store._cache["serving"] = (key, state)
     return state
 
@@ -157,16 +206,32 @@ def _gather(ptr: np.ndarray, rows: np.ndarray, *arrays: np.ndarray):
     return (new_ptr, *(a[idx] for a in arrays))
 
 
-def user_vectors(state: ServingState, user_ids: Sequence[Any]) -> np.ndarray:
-    rows = np.array([state.user_row.get(u, -1) for u in user_ids], np.int64)
-    hptr, hitem, hlab, hts = _gather(state.ptr, rows, state.hist_item, state.hist_label, state.hist_ts)
+def _histories(state: ServingState, user_ids: Sequence[Any]):
+    rows, _ = state.user_rows(user_ids)
+    return _gather(state.ptr, rows, state.hist_item, state.hist_label, state.hist_ts)
+
+
+def user_vectors(state: ServingState, user_ids: Sequence[Any], histories=None) -> np.ndarray:
+    _, attr = state.user_rows(user_ids)
+    hptr, hitem, hlab, hts = histories or _histories(state, user_ids)
     UA = np.zeros((len(user_ids), state.UA.shape[1]), np.float32)
     if state.UA.shape[1]:
-        for n, u in enumerate(user_ids):
-            r = state.ua_row.get(u)
-            if r is not None:
-                UA[n] = state.UA[r]
+        UA[attr >= 0] = state.UA[attr[attr >= 0]]
     return np.asarray(state.model.user_vectors(UA, hptr, hitem, hlab, hts, state.Wf), np.float32)
+
+
+def user_logits(state: ServingState, user_ids: Sequence[Any], rows: np.ndarray | None = None) -> np.ndarray:
+    """``w_i . x_u + b_i(now)`` plus the segment and item-item terms, for the users (all
+    items, or ``rows``): every term of the score, in one place."""
+    hist = _histories(state, user_ids)
+    X = user_vectors(state, user_ids, hist)
+    extra = state.segment_bias(user_ids)
+    ii = state.model.item_item_bias(hist[0], hist[1], hist[2], len(state.ids))
+    extra = extra + ii if isinstance(ii, np.ndarray) or isinstance(extra, np.ndarray) else extra
+    if rows is None:
+        return X @ state.Wf.T + state.bias + extra
+    extra = extra[:, rows] if isinstance(extra, np.ndarray) else extra
+    return X @ state.Wf[rows].T + state.bias[rows] + extra
 
 
 def _topk(scores: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
@@ -186,9 +251,10 @@ def _indexed_one(state: ServingState, user_id: Any, k: int) -> list[dict]:
     q = np.concatenate([x, [1.0, 0.0]]).astype(np.float32)  # see versions.build_index
     hits = state.index.to_table(nearest={"column": "vector", "q": q, "k": k + len(np.unique(seen)),
                                          "nprobes": state.nprobes}, columns=["row"])
-    cand = np.concatenate([hits.column("row").to_numpy(), np.arange(state.n_indexed, len(state.ids))])
+    cand = np.concatenate([hits.column("row").to_numpy(), np.arange(state.n_indexed, len(state.ids)),
+                           state.hot if state.hot is not None else np.zeros(0, np.int64)])
     cand = np.setdiff1d(cand, seen)
-    logits = state.Wf[cand] @ x + state.bias[cand]
+    logits = user_logits(state, [user_id], cand)[0]
     order = np.argsort(-logits, kind="stable")[:k]
     prob = 1.0 / (1.0 + np.exp(-logits[order].astype(np.float64)))
     return [{"item_id": state.ids[cand[o]], "score": float(p)} for o, p in zip(order, prob)]
@@ -207,17 +273,14 @@ def recommend_many(store, user_ids: Sequence[Any], k: int, *, version: int | Non
     state = serving_state(store, version)
     if state.index is not None and not exact and candidates is None and len(user_ids) == 1:
         return [_indexed_one(state, user_ids[0], k)]
-    W, b = state.Wf, state.bias
     cand_rows = None
     if candidates is not None:
         cand_rows = np.array(sorted({state.row[c] for c in candidates if c in state.row}), np.int64)
-        W, b = W[cand_rows], b[cand_rows]
     out: list[list[dict]] = []
     ids = state.ids
     for start in range(0, len(user_ids), BATCH_USERS):
         batch = list(user_ids[start:start + BATCH_USERS])
-        X = user_vectors(state, batch)
-        logits = X @ W.T + b
+        logits = user_logits(state, batch, cand_rows)
         rows = np.array([state.user_row.get(u, -1) for u in batch], np.int64)
         pptr, pitem = _gather(state.pos_ptr, rows, state.pos_item)
         r = np.repeat(np.arange(len(batch)), np.diff(pptr))
@@ -245,15 +308,16 @@ def recommend(store, user_id: Any, k: int = 10, *, version: int | None = None,
 def scores(store, user_ids: Sequence[Any], item_ids: Sequence[Any]) -> list[float | None]:
     """``p_ui`` for pairs; None where the item is unknown."""
     state = serving_state(store)
-    X = user_vectors(state, user_ids)
     out: list[float | None] = []
-    for n, item in enumerate(item_ids):
-        r = state.row.get(item)
-        if r is None or user_ids[n] is None:
-            out.append(None)
-            continue
-        z = float(X[n] @ state.Wf[r] + state.bias[r])
-        out.append(1.0 / (1.0 + np.exp(-z)))
+    for start in range(0, len(user_ids), BATCH_USERS):
+        users = list(user_ids[start:start + BATCH_USERS])
+        rows = np.array([state.row.get(i, -1) for i in item_ids[start:start + BATCH_USERS]], np.int64)
+        logits = user_logits(state, users)
+        for n, r in enumerate(rows):
+            if r < 0 or users[n] is None:
+                out.append(None)
+            else:
+                out.append(float(1.0 / (1.0 + np.exp(-float(logits[n, r])))))
     return out
 
 

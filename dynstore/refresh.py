@@ -72,19 +72,13 @@ def time_decay_days(span_days: float) -> float:
 
 
 def _events(con, cutoff: _dt.datetime | None):
-    """Training events as Arrow: user_id, item_id, ts (epoch s), label (1/-1/0)."""
+    """Training events as Arrow: user_id, item_id, ts (epoch s), label (1/-1/0), as the
+    ``labelled_events`` view decides them -- the same events serving reads."""
     where = "" if cutoff is None else "WHERE ts >= ?"
     params = [] if cutoff is None else [cutoff]
     return con.sql(f"""
-        WITH w AS (SELECT user_id, item_id, ts, coalesce(event, '') AS event, label
-                   FROM interactions {where}),
-             pos AS (SELECT user_id, item_id, max(ts) AS last_pos FROM w WHERE label = 1 GROUP BY ALL)
-        SELECT w.user_id, w.item_id, epoch(w.ts)::BIGINT AS ts,
-               CAST(CASE WHEN w.event = 'impression' THEN 0 ELSE w.label END AS TINYINT) AS label
-        FROM w LEFT JOIN pos USING (user_id, item_id)
-        WHERE (w.event = 'impression' AND (pos.last_pos IS NULL OR pos.last_pos < w.ts))
-           OR (w.event <> 'impression' AND w.label <> 0)
-        ORDER BY w.ts, w.user_id, w.item_id, label
+        SELECT user_id, item_id, epoch(ts)::BIGINT AS ts, label FROM labelled_events {where}
+        ORDER BY ts, user_id, item_id, label
     """, params=params or None).to_arrow_table()
 
 
@@ -111,7 +105,10 @@ class _Prepared:
                 self.user_row[x] = len(self.user_ids)
                 self.user_ids.append(x)
         UA = np.asarray(lv.user_spec.transform(users), np.float32) if lv.user_spec.width else np.zeros((len(users), 0), np.float32)
-        self.UA = np.vstack([UA, np.zeros((len(self.user_ids) - len(UA), UA.shape[1]), np.float32)])
+        extra = len(self.user_ids) - len(UA)  # users with events but no attributes
+        self.UA = np.vstack([UA, np.zeros((extra, UA.shape[1]), np.float32)])
+        UK = lv.user_spec.segments(users)
+        self.UK = np.vstack([UK, np.full((extra, UK.shape[1]), -1, np.int64)])
         it = np.fromiter((self.item_row.get(i, -1) for i in ev.column("item_id").to_pylist()), np.int64)
         us = np.fromiter((self.user_row[x] for x in u), np.int64, len(u))
         keep = it >= 0
@@ -131,27 +128,28 @@ class _Prepared:
         if tr.sum() == 0 or (~tr).sum() == 0:
             raise DynstoreError("not enough interactions in the window to train and evaluate; widen --since")
         train = TrainingData(V=self.V, A=self.A, UA=self.UA, user=self.user[tr], item=self.item[tr],
-                             ts=self.ts[tr], label=self.label[tr])
+                             ts=self.ts[tr], label=self.label[tr], UK=self.UK)
         self.hold_ts = self.ts[~tr]
         return train, (self.user[~tr], self.item[~tr], self.label[~tr])
 
-    def untrained_at_cut(self, train, lv):
-        """The untrained fusion with popularity counted from ``train``'s events only
-        (before the holdout; or over the whole window with :meth:`all_events`)."""
-        from .model import FusionModel
-        from .versions import popularity_window
+    def rule(self, data, lv):
+        """The popularity rule (an untrained model: decayed positives with the half-life
+        fitted to the span of ``data``), scored as of the end of ``data``."""
+        from .dynamics import DynamicSpec, rule_half_life
+        from .model import FusionModel, ModelConfig
 
-        window = popularity_window(float(train.ts.min()), float(train.ts.max()))
-        recent = (train.label == 1) & (train.ts >= train.ts.max() - window)
-        pop = np.bincount(train.item[recent], minlength=len(self.ids)).astype(np.float32)
-        return FusionModel.untrained(train.V, self.A, self.UA.shape[1], pop, lv.model.config)
+        spec = lv.model.dynamic or DynamicSpec()
+        span = (float(data.ts.max()) - float(data.ts.min())) / 86400.0 if len(data.ts) else 0.0
+        return FusionModel.untrained(data.V, self.A, self.UA.shape[1], None, ModelConfig(),
+                                     rule=rule_half_life(spec, span), dynamic=spec,
+                                     segments=tuple(n for _, n in lv.user_spec.segment_columns()))
 
     def all_events(self):
         """Every event of the window (train and holdout) as training data."""
         from .model import TrainingData
 
         return TrainingData(V=self.V, A=self.A, UA=self.UA, user=self.user, item=self.item,
-                            ts=self.ts, label=self.label)
+                            ts=self.ts, label=self.label, UK=self.UK)
 
     def residuals_of(self, lv) -> tuple[np.ndarray, np.ndarray]:
         """The current version's per-item residuals, recovered from its rows."""
@@ -181,7 +179,7 @@ def refresh(store, *, since: str | None = "30d", epochs: int | None = None, prom
     Returns ``{"version", "status", "metrics": {"candidate", "current"}, "counts", "durations"}``
     (plus ``"finetune"`` when fine-tuning) or ``{"status": "noop", "reason"}``.
     """
-    from .model import FusionModel, evaluate
+    from .model import FusionModel, ModelConfig, evaluate
     from .semantic import encode
     from .versions import build_version, list_versions, load_version
     from .lock import writer_lock
@@ -222,23 +220,28 @@ def refresh(store, *, since: str | None = "30d", epochs: int | None = None, prom
     train, (hu, hi, hl) = prep.split()
     timings["prepare_s"] = round(time.perf_counter() - t1, 3)
     span_days = (train.ts.max() - train.ts.min()) / 86400.0 if len(train.ts) else 0.0
-    tensors, meta = lv.model.state()
-    meta = dict(meta, config=dict(meta["config"], seed=seed, use_negatives=use_negatives,
-                                  time_decay_days=time_decay_days(span_days)))
-    model = FusionModel.from_state(tensors, meta)
-    current = lv.model
+    config = ModelConfig(seed=seed, use_negatives=use_negatives, time_decay_days=time_decay_days(span_days))
     lv_row = next((r for r in list_versions(store) if r["version"] == lv.version), {})
     current_is_rule = lv_row.get("train_window") == "untrained"
     hu, hi, hl, judged = _unseen_by_current(prep, hu, hi, hl, None if current_is_rule
                                             else lv_row.get("snapshot", {}).get("trained_until"))
-    if current_is_rule:
-        # The untrained version's popularity prior was counted over all data,
-        # the holdout included: compare with (and start from) the same rule
-        # applied at the holdout cut, or the comparison would favour it.
-        current = prep.untrained_at_cut(train, lv)
-        R0, rb0 = current.residuals
+    rule_at_cut = prep.rule(train, lv)
+    if current_is_rule or lv.model.dynamic is None:
+        # the rule reads behaviour as of the holdout cut, so it is judged fairly
+        # on the holdout; a version from before dynamic features starts over from it
+        start, R0, rb0 = rule_at_cut, *rule_at_cut.residuals
     else:
+        start = lv.model
         R0, rb0 = prep.residuals_of(lv)
+    current = rule_at_cut if current_is_rule else lv.model
+    tensors, meta = start.state()
+    meta = dict(meta, config=config.to_dict())
+
+    def fresh() -> FusionModel:
+        """The candidate before training: current's parameters (or the rule's), today's settings."""
+        return FusionModel.from_state(tensors, meta)
+
+    model = fresh()
     say(f"training on {len(train.label)} events ({int((train.label == 1).sum())} positives) ...")
     t2 = time.perf_counter()
     dev = device
@@ -261,17 +264,15 @@ def refresh(store, *, since: str | None = "30d", epochs: int | None = None, prom
         # vectors: the comparison with current then measures the encoder.
         say("training the fusion on the fine-tuned vectors ...")
         t = time.perf_counter()
-        model = FusionModel.from_state(tensors, meta)
+        model = fresh()
         stats = model.fit(cand_train, epochs=epochs, device=dev, init_residuals=(R0, rb0), holdout=(hu, hi, hl))
         timings["train_s"] = round(timings["train_s"] + time.perf_counter() - t, 3)
     t3 = time.perf_counter()
     m_cand = evaluate(model, cand_train, hu, hi, hl, k=10)
-    m_cur = evaluate(current, train, hu, hi, hl, residuals=(R0, rb0), k=10)
-    if current_is_rule:
-        m_rule = m_cur
-    else:
-        rule_at_cut = prep.untrained_at_cut(train, lv)
-        m_rule = evaluate(rule_at_cut, train, hu, hi, hl, residuals=rule_at_cut.residuals, k=10)
+    m_cur = evaluate(current, train, hu, hi, hl,
+                     residuals=rule_at_cut.residuals if current_is_rule else prep.residuals_of(lv), k=10)
+    m_rule = m_cur if current_is_rule else evaluate(rule_at_cut, train, hu, hi, hl,
+                                                    residuals=rule_at_cut.residuals, k=10)
     timings["eval_s"] = round(time.perf_counter() - t3, 3)
     better = m_cand["ndcg@10"] >= m_cur["ndcg@10"] * (1.0 - tolerance)
     status = "current" if (promote and better) else ("candidate" if better else "rejected")
@@ -280,8 +281,11 @@ def refresh(store, *, since: str | None = "30d", epochs: int | None = None, prom
         # the newest events (the most telling ones) are not left out.
         say(f"refitting on all {len(prep.label)} events ...")
         t4 = time.perf_counter()
-        model = FusionModel.from_state(tensors, meta)
+        gamma = model.params.get("gamma")
+        model = fresh()
         model.fit(prep.all_events(), epochs=stats["best_epoch"], device=dev, init_residuals=(R0, rb0))
+        if gamma is not None:  # chosen on the holdout; the refit keeps it
+            model.params["gamma"] = gamma
         timings["refit_s"] = round(time.perf_counter() - t4, 3)
     residuals = model.residuals if model.residuals is not None else (R0, rb0)
     counts = {"events": int(len(prep.label)), "train": int(len(train.label)), "holdout": int(len(hl)),
@@ -302,13 +306,12 @@ def refresh(store, *, since: str | None = "30d", epochs: int | None = None, prom
     published = None
     if status == "rejected" and promote and (current_is_rule or m_rule["ndcg@10"] > m_cur["ndcg@10"]):
         # The trained model lost, but the popularity rule it was compared with
-        # is data, not a model: counted again up to the newest event it is
-        # what the store should serve (after a drift, the stale counts of
-        # the current version are exactly what stopped working).
-        say("publishing the popularity rule recounted on the window ...")
+        # beat what the store serves: serve the rule (it reads behaviour as of
+        # every query, so it follows a drift that made current's weights stale).
+        say("publishing the popularity rule ...")
         data = prep.all_events()
         data.V = train.V  # the store's encoder (a rejected fine-tune is not used)
-        rule = prep.untrained_at_cut(data, lv)
+        rule = prep.rule(data, lv)
         published = build_version(store, rule, lv.item_spec, lv.user_spec, parent=lv.version,
                                   status="current", train_window="untrained", counts=counts,
                                   metrics={"current": m_cur, "rule": m_rule, "rejected": number},

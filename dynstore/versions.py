@@ -206,13 +206,15 @@ def build_index(store, version: int, Wf: np.ndarray, bias: np.ndarray) -> None:
 def ensure_first_version(store) -> int | None:
     """Create version 1 with the untrained fusion once items are encoded.
 
-    The untrained fusion (documented in :meth:`FusionModel.untrained`) uses a
-    fixed seeded projection of the attributes, item biases from recent
-    popularity, and user vectors from liked/disliked items, so a store
+    The untrained fusion (documented in :meth:`FusionModel.untrained`) is the
+    popularity rule -- positives decayed with a half-life fitted to the span of
+    the interactions, read as of every query -- plus a fixed seeded projection
+    of the attributes and user vectors from liked/disliked items, so a store
     recommends sensibly before its first ``refresh``.
     """
     if store._dataset("versions") is not None or store._dataset("items") is None:
         return None
+    from .dynamics import DynamicSpec, rule_half_life
     from .features import FeatureSpec
     from .model import FusionModel
     from .semantic import semantic_vectors
@@ -225,41 +227,24 @@ def ensure_first_version(store) -> int | None:
     item_spec = FeatureSpec.fit(items, "item_id")
     user_spec = FeatureSpec.fit(users_table(store), "user_id")
     A = item_spec.transform(items)
-    pop = recent_popularity(store, ids)
-    model = FusionModel.untrained(V, A, user_spec.width, pop)
+    spec = DynamicSpec()
+    model = FusionModel.untrained(V, A, user_spec.width, rule=rule_half_life(spec, _span_days(store)),
+                                  dynamic=spec, segments=tuple(n for _, n in user_spec.segment_columns()))
     return build_version(store, model, item_spec, user_spec, parent=None, status="current",
                          train_window="untrained", counts={"items": len(ids)}, items=items,
                          residuals=model.residuals)
 
 
-POPULARITY_DAYS = 30
-POPULARITY_SHARE = 0.1
-
-
-def popularity_window(first_ts: float, last_ts: float) -> float:
-    """Seconds of history the popularity prior counts: the last 30 days, or the
-    newest 10% of the time span when that is longer (sparse, long-running data)."""
-    return max(POPULARITY_DAYS * 86400.0, POPULARITY_SHARE * (last_ts - first_ts))
-
-
-def recent_popularity(store, ids: list[Any]) -> np.ndarray:
-    """Positive interactions per item in the :func:`popularity_window` before the newest one."""
+def _span_days(store) -> float:
+    """Days between the first and the newest interaction (0 without any)."""
     if store._dataset("interactions") is None:
-        return np.zeros(len(ids), np.float32)
+        return 0.0
     con = store.connection()
     try:
         lo, hi = con.execute("SELECT epoch(min(ts)), epoch(max(ts)) FROM interactions").fetchall()[0]
-        if hi is None:
-            return np.zeros(len(ids), np.float32)
-        seconds = int(popularity_window(lo, hi))
-        rows = con.execute(
-            "SELECT item_id, count(*) FROM interactions WHERE label = 1 AND "
-            f"ts >= (SELECT max(ts) FROM interactions) - to_seconds({seconds}) GROUP BY item_id"
-        ).fetchall()
     finally:
         con.close()
-    counts = dict(rows)
-    return np.array([counts.get(i, 0) for i in ids], np.float32)
+    return 0.0 if hi is None else (hi - lo) / 86400.0
 
 
 def rollback(store, version: int) -> dict:

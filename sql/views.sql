@@ -7,6 +7,20 @@ SELECT *,
        CAST(CASE WHEN ({{positive}}) THEN 1 WHEN ({{negative}}) THEN -1 ELSE 0 END AS TINYINT) AS label
 FROM _dynstore_interactions;
 
+-- The events a model learns from and serves with; the one place that decides it:
+-- labelled positives and negatives, and shown-but-ignored impressions (label 0):
+-- an impression is dropped when the same user has a positive on the same item at
+-- or after it (the positive says it all); other events the rules leave at 0 are
+-- neither liked nor disliked and count for nothing.
+CREATE OR REPLACE VIEW labelled_events AS
+WITH last_pos AS (
+    SELECT user_id, item_id, max(ts) AS ts FROM interactions WHERE label = 1 GROUP BY ALL
+)
+SELECT i.user_id, i.item_id, i.ts,
+       CAST(CASE WHEN i.event = 'impression' THEN 0 ELSE i.label END AS TINYINT) AS label
+FROM interactions i LEFT JOIN last_pos p USING (user_id, item_id)
+WHERE CASE WHEN i.event = 'impression' THEN p.ts IS NULL OR p.ts < i.ts ELSE i.label <> 0 END;
+
 CREATE OR REPLACE VIEW items AS SELECT * FROM _dynstore_items;
 
 CREATE OR REPLACE VIEW users AS SELECT * FROM _dynstore_users;

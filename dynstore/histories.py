@@ -1,0 +1,130 @@
+"""User histories as CSR arrays, and the small array helpers the model and trainer share.
+
+A history is every labelled event of a user (``labelled_events``: 1 positive, -1
+explicit negative, 0 shown-but-ignored impression) in the order the log gives them,
+packed as ``(ptr [m+1], item, label, ts)`` so that user ``u``'s events are
+``item[ptr[u]:ptr[u+1]]``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+__all__ = ["build_histories", "decay_weights", "ranges", "normalise", "weighted_bag_sum"]
+
+
+def normalise(V: np.ndarray) -> np.ndarray:
+    """Rows of ``V`` scaled to unit length (zero rows stay zero), float32.
+
+    >>> normalise(np.array([[3.0, 4.0], [0.0, 0.0]])).tolist()
+    [[0.6000000238418579, 0.800000011920929], [0.0, 0.0]]
+    """
+    V = np.asarray(V, dtype=np.float32)
+    norm = np.linalg.norm(V, axis=1, keepdims=True)
+    return np.divide(V, norm, out=np.zeros_like(V), where=norm > 0)
+
+
+def decay_weights(rank: np.ndarray, length: np.ndarray, half_life: float) -> np.ndarray:
+    """``exp(-rank/h)`` normalised over a bag of ``length`` events (closed-form sum).
+
+    >>> [round(float(x), 3) for x in decay_weights(np.array([0, 1]), np.array([2, 2]), 1.0)]
+    [0.731, 0.269]
+    """
+    q = math.exp(-1.0 / half_life)
+    total = (1.0 - q ** length.astype(np.float64)) / (1.0 - q)
+    return (q ** rank.astype(np.float64) / total).astype(np.float32)
+
+
+def weighted_bag_sum(W: np.ndarray, items: np.ndarray, weights: np.ndarray, bag: np.ndarray,
+                     n_bags: int, chunk: int = 1 << 15) -> np.ndarray:
+    """``out[b] = sum of weights[e] * W[items[e]]`` over entries ``e`` of bag ``b``
+    (``bag`` sorted ascending), float32 ``[n_bags, W.shape[1]]``: numpy's segment sum,
+    so serving never needs torch. Works in chunks of entries to bound memory.
+
+    >>> W = np.eye(3, dtype=np.float32)
+    >>> weighted_bag_sum(W, np.array([0, 2, 1]), np.array([1.0, 2.0, 3.0]), np.array([0, 0, 2]), 3).tolist()
+    [[1.0, 0.0, 2.0], [0.0, 0.0, 0.0], [0.0, 3.0, 0.0]]
+    """
+    out = np.zeros((n_bags, W.shape[1]), np.float32)
+    for a in range(0, items.size, chunk):
+        it, w, b = items[a:a + chunk], weights[a:a + chunk], bag[a:a + chunk]
+        vals = W[it] * np.asarray(w, np.float32)[:, None]
+        first = np.flatnonzero(np.r_[True, b[1:] != b[:-1]])
+        out[b[first]] += np.add.reduceat(vals, first, axis=0)
+    return out
+
+
+def ranges(start: np.ndarray, end: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Concatenate ``arange(start[b], end[b])`` for all b -> (indices, offsets [n_bags]).
+
+    >>> ranges(np.array([2, 7]), np.array([4, 8]))
+    (array([2, 3, 7]), array([0, 2]))
+    """
+    lens = np.maximum(end - start, 0)
+    offsets = np.zeros(lens.size, dtype=np.int64)
+    np.cumsum(lens[:-1], out=offsets[1:])
+    total = int(lens.sum())
+    idx = np.arange(total, dtype=np.int64) - np.repeat(offsets - start, lens)
+    return idx, offsets
+
+
+def build_histories(
+    users: np.ndarray,
+    ev_user: np.ndarray,
+    ev_item: np.ndarray,
+    ev_label: np.ndarray,
+    ev_ts: np.ndarray,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """CSR histories of ``users`` from an event log, for :meth:`FusionModel.user_vectors`.
+
+    Returns ``(hist_ptr [m+1], hist_item, hist_label, hist_ts)``; within a user, events keep
+    their order in the log (which breaks ties in time). Users without events get an empty row.
+
+    >>> build_histories(np.array([7, 3]), np.array([3, 7, 3]), np.array([0, 1, 2]),
+    ...                 np.array([1, 1, -1]), np.array([5, 6, 7]))[0]
+    array([0, 1, 3])
+    """
+    users = np.asarray(users, dtype=np.int64)
+    ev_user = np.asarray(ev_user, dtype=np.int64)
+    order = np.argsort(ev_user, kind="stable")
+    su = ev_user[order]
+    lo = np.searchsorted(su, users, side="left")
+    hi = np.searchsorted(su, users, side="right")
+    idx, _ = ranges(lo, hi)
+    sel = order[idx]
+    ptr = np.zeros(users.size + 1, dtype=np.int64)
+    np.cumsum(hi - lo, out=ptr[1:])
+    return (
+        ptr,
+        np.asarray(ev_item, dtype=np.int64)[sel],
+        np.asarray(ev_label, dtype=np.int8)[sel],
+        np.asarray(ev_ts, dtype=np.int64)[sel],
+    )
+
+
+#: The aggregates of a user's history that make the user vector, one learned scale
+#: ``g_<name>`` each: (name, label of the events, which length/half-life settings).
+#: "short" is the same positives as "pos" with a short memory: what the user is after
+#: right now (a new like moves it at once); "neg" explicit dislikes; "imp" items shown
+#: and ignored.
+HISTORY_GROUPS = (("pos", 1, "long"), ("short", 1, "short"), ("neg", -1, "long"), ("imp", 0, "long"))
+
+
+def history_groups(config) -> list[tuple[str, int, int, float]]:
+    """``(name, label, max_history, half_life)`` of each aggregate ``config`` uses.
+
+    >>> from dynstore.model import ModelConfig
+    >>> [g[0] for g in history_groups(ModelConfig(use_negatives=False))]
+    ['pos', 'short']
+    """
+    out = []
+    for name, label, memory in HISTORY_GROUPS:
+        if label != 1 and not config.use_negatives:
+            continue
+        if memory == "short":
+            out.append((name, label, int(config.short_history), float(config.short_half_life)))
+        else:
+            out.append((name, label, int(config.max_history), float(config.half_life)))
+    return out

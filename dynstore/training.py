@@ -1,0 +1,485 @@
+"""Training the fusion + user model (:class:`dynstore.model.FusionModel`).
+
+The trainer runs ``fit -> epoch -> step``; the model holds parameters and scoring.
+
+Next-events objective
+---------------------
+A user's events are taken in time order in runs of ``history_stride`` ("bags"); every
+event of a bag is scored from the user's history strictly before the bag's first event
+-- what serving does for the events to come. A user's first bag (empty history) trains
+the new-user path.
+
+Time-local batches
+------------------
+Bags are sorted by time and cut into batches of about ``batch_size`` events; the order
+of the batches is shuffled every epoch. Each batch reads the dynamic item features
+(:mod:`dynstore.dynamics`) as of its first bag's time -- strictly before every event in
+it -- for its targets and its sampled items alike, so the model learns how recent
+behaviour predicts the next events without seeing them.
+
+Losses
+------
+* ``objective="softmax"`` (default): every positive is scored against a pool of
+  ``sample_pool`` uniformly drawn items shared by the batch (sampled softmax: the
+  positive must beat the catalogue, which is what a top-k list needs), plus weighted BCE
+  on the labelled events (positives 1; explicit negatives ``neg_weight`` and ignored
+  impressions ``impression_weight`` pushed down) so that ``sigmoid`` stays a probability.
+* ``objective="bce"``: weighted BCE on the labelled events plus, per positive,
+  ``n_sampled_negatives`` of weight spread over the pool (the earlier objective; kept as
+  an ablation).
+
+The *prior path* scores each positive a second time as if its user were new
+(``x = u0 + U a_u``), weighted ``prior_weight``, so the biases and the segment term
+learn what new users need, not what the history term leaves unexplained.
+``time_decay_days`` halves an event's weight every so many days before the newest one.
+
+Cost: the fixed part of each history (``v_j``, ``a_j``) is aggregated once per fit; per
+step only the residual part is aggregated (``embedding_bag``, warm items only). On a CPU
+training is single-threaded (small ops; one thread also makes results bit-identical
+whatever the core count) and deterministic for a seed.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import numpy as np
+
+from .dynamics import popularity_prior
+from .histories import decay_weights, history_groups, normalise, ranges
+
+__all__ = ["Trainer", "SCALARS"]
+
+#: parameters that set the scale of a whole term: they learn faster
+SCALARS = ("alpha", "b0", "g_pos", "g_short", "g_neg", "g_imp", "theta", "theta_seg")
+
+
+def _torch():
+    import torch  # lazy: importing dynstore must not pay for torch
+
+    return torch
+
+
+@dataclass
+class Bags:
+    """Training events grouped into history snapshots, and batches of snapshots."""
+
+    ev: np.ndarray          # event rows (into the data), grouped by bag
+    label: np.ndarray       # labels of ``ev``
+    weight: np.ndarray      # loss weight of each event of ``ev``
+    ptr: np.ndarray         # bag b's events are ev[ptr[b]:ptr[b+1]]
+    user: np.ndarray        # user row of each bag
+    time: np.ndarray        # first event time of each bag
+    hist: dict              # kind -> (fixed part [n_bags, d+fa], r_ptr, r_rows, r_w)
+    has_history: np.ndarray  # bool per bag
+    batches: list           # arrays of bag indices, time-local
+
+    @property
+    def n(self) -> int:
+        return self.user.size
+
+
+def make_bags(model, data, n_warm: int, wmap: np.ndarray, VA: np.ndarray) -> Bags:
+    """Sort events into bags with their histories (strictly before the bag) and batches."""
+    torch = _torch()
+    cfg = model.config
+    label = data.label
+    keep = (label == 1) | (cfg.use_negatives & (label <= 0))
+    idx = np.flatnonzero(keep)
+    # dense time rank keeps the (user, time) key inside int64 for any epoch range
+    _, trank = np.unique(data.ts[idx], return_inverse=True)
+    span = int(trank.max(initial=0)) + 2
+    key = data.user[idx] * span + trank
+    order = np.lexsort((idx, key))  # by user, time, then log position
+    ev, key = idx[order], key[order]
+    user = data.user[ev]
+    lab = label[ev]
+    new_user = np.r_[True, user[1:] != user[:-1]]
+    user_start = np.maximum.accumulate(np.where(new_user, np.arange(ev.size), 0))
+    stride = max(1, int(cfg.history_stride))
+    first = np.flatnonzero(new_user | ((np.arange(ev.size) - user_start) % stride == 0))
+    n_bags = first.size
+    ptr = np.r_[first, ev.size].astype(np.int64)
+    bag_user, bag_key = user[first], key[first]
+    hist: dict = {}
+    has_history = np.zeros(n_bags, bool)
+    for name, group_label, max_history, half_life in history_groups(cfg):
+        sel = lab == group_label
+        k = key[sel]
+        items = data.item[ev[sel]]
+        end = np.searchsorted(k, bag_key, side="left")  # strictly before the bag
+        lo = np.searchsorted(k, bag_user * span, side="left")
+        start = np.maximum(lo, end - max_history)
+        j, offsets = ranges(start, end)
+        lens = np.maximum(end - start, 0)
+        has_history |= lens > 0
+        w = decay_weights(np.repeat(end - 1, lens) - j, np.repeat(lens, lens), half_life)
+        hist_items = items[j]
+        with torch.no_grad():  # the text/attribute part of a history never changes
+            fixed = torch.nn.functional.embedding_bag(
+                torch.from_numpy(hist_items), torch.from_numpy(VA), torch.from_numpy(offsets),
+                mode="sum", per_sample_weights=torch.from_numpy(w)).numpy()
+        # residual part: only warm items carry a residual, so only they are kept
+        wr = wmap[hist_items] < n_warm
+        bag_of_entry = np.repeat(np.arange(n_bags), lens)[wr]
+        r_ptr = np.zeros(n_bags + 1, np.int64)
+        np.cumsum(np.bincount(bag_of_entry, minlength=n_bags), out=r_ptr[1:])
+        hist[name] = (fixed, r_ptr, wmap[hist_items[wr]], w[wr])
+    weight = np.where(lab == 1, 1.0, np.where(lab < 0, cfg.neg_weight, cfg.impression_weight))
+    if cfg.user_weight_power:
+        # the metrics count every user once: a user with thousands of events must not
+        # decide what the model learns for everyone
+        n_user = np.bincount(user, minlength=int(user.max(initial=0)) + 1)
+        weight = weight * np.power(n_user[user].astype(np.float64), -cfg.user_weight_power)
+        weight = weight * (weight.size / weight.sum())
+    if cfg.time_decay_days:
+        age = (data.ts[ev].max(initial=0) - data.ts[ev]) / 86400.0
+        weight = weight * np.power(0.5, age / cfg.time_decay_days)
+    bag_time = data.ts[ev[first]]
+    # time-local batches: consecutive bags in time, about batch_size events each
+    by_time = np.argsort(bag_time, kind="stable")
+    size = np.diff(ptr)[by_time]
+    batch_of = np.cumsum(size) // max(1, int(cfg.batch_size))
+    cuts = np.flatnonzero(np.r_[True, batch_of[1:] != batch_of[:-1], True])
+    batches = [by_time[a:b] for a, b in zip(cuts[:-1], cuts[1:])]
+    return Bags(ev=ev, label=lab, weight=weight.astype(np.float32), ptr=ptr, user=bag_user,
+                time=bag_time, hist=hist, has_history=has_history, batches=batches)
+
+
+class Trainer:
+    """One :meth:`FusionModel.fit` run: prepared data, parameters as tensors, the loss.
+
+    Parameters
+    ----------
+    model : FusionModel
+        Trained in place (its ``params`` and residuals are replaced by the result).
+    data : TrainingData
+    activity : ItemActivity or None
+        Dynamic item features of ``data``'s events (None when the model has none).
+    device : str
+    init_residuals : (R [n_items, d], rb [n_items]) or None
+        Residuals to start from, aligned with ``data``'s items.
+    """
+
+    def __init__(self, model, data, activity, *, device: str = "cpu", init_residuals=None):
+        torch = _torch()
+        self.model, self.data, self.activity = model, data, activity
+        cfg = self.cfg = model.config
+        self.dev = torch.device(device)
+        V = normalise(data.V)
+        self.n_items, self.d = V.shape
+        n_pos_item = np.bincount(data.item[data.label == 1], minlength=self.n_items)
+        self.warm = n_pos_item >= cfg.min_history
+        self.n_warm = int(self.warm.sum())
+        self.wmap = np.full(self.n_items, self.n_warm, dtype=np.int64)  # n_warm = zero row
+        self.wmap[self.warm] = np.arange(self.n_warm)
+        VA = np.concatenate([V, data.A], axis=1).astype(np.float32)
+        self.bags = make_bags(model, data, self.n_warm, self.wmap, VA)
+        self.ev_item = data.item[self.bags.ev]
+        if init_residuals is not None:
+            R0 = np.asarray(init_residuals[0], np.float32)[self.warm].copy()
+            rb0 = np.asarray(init_residuals[1], np.float32)[self.warm].copy()
+        else:
+            R0 = np.zeros((self.n_warm, self.d), np.float32)
+            rb0 = np.zeros(self.n_warm, np.float32)
+            if activity is None:
+                # no dynamic features carry popularity: start the bias residual at the
+                # standardised log popularity (per-item parameters move slowly)
+                rb0 = popularity_prior(n_pos_item)[self.warm]
+        torch.manual_seed(cfg.seed)
+        self.rng = np.random.default_rng(cfg.seed)
+        t = self.tensor
+        self.VA = t(VA)
+        self.UA = t(data.UA)
+        self.P = {k: t(v).clone().requires_grad_(True) for k, v in model.params.items()}
+        frozen = set()
+        if not cfg.use_negatives:
+            frozen |= {"g_neg", "g_imp"}
+            self.P["g_neg"].data.zero_()
+            self.P["g_imp"].data.zero_()
+        if not cfg.user_transform:
+            frozen.add("M")
+        for k in frozen:
+            if k in self.P:
+                self.P[k].requires_grad_(False)
+        self.R = t(R0).requires_grad_(True)
+        self.rb = t(rb0).requires_grad_(True)
+        self.hist = {k: (t(v[0]), v[1], v[2], v[3]) for k, v in self.bags.hist.items()}
+        self.UK = data.UK
+        self.key_col = self.index(model.key_columns())
+        shared = [self.P[k] for k in ("W", "bv", "ba", "u0", "U", "M") if k in self.P and k not in frozen]
+        self.opt = torch.optim.AdamW(
+            [
+                {"params": shared, "weight_decay": cfg.weight_decay},
+                # scalars and the dynamic weights set the scale of whole terms: let them move faster
+                {"params": [self.P[k] for k in SCALARS if k in self.P and k not in frozen],
+                 "weight_decay": 0.0, "lr": cfg.lr * cfg.scalar_lr_mult},
+                {"params": [x for k, x in (("R", self.R), ("rb", self.rb)) if k not in frozen],
+                 "weight_decay": cfg.residual_decay},
+            ],
+            lr=cfg.lr,
+        )
+
+    # ------------------------------------------------------------------ helpers
+    def tensor(self, x):
+        torch = _torch()
+        return torch.as_tensor(np.ascontiguousarray(x), dtype=torch.float32, device=self.dev)
+
+    def index(self, x):
+        torch = _torch()
+        return torch.as_tensor(np.asarray(x), dtype=torch.long, device=self.dev)
+
+    def item_terms(self, Rx, rbx, items: np.ndarray, t_batch: int | None,
+                   drop: np.ndarray | None = None):
+        """Fused vectors and biases of ``items`` (dynamic features as of ``t_batch``; none
+        when it is None); ``drop`` hides the residuals of some items."""
+        P, d = self.P, self.d
+        va = self.VA[self.index(items)]
+        rows = self.wmap[items]
+        rows = self.index(rows if drop is None else np.where(drop, self.n_warm, rows))
+        w = va[:, :d] + P["alpha"] * (va[:, d:] @ P["W"]) + Rx[rows]
+        b = P["b0"] + va[:, :d] @ P["bv"] + va[:, d:] @ P["ba"] + rbx[rows]
+        if self.activity is not None and t_batch is not None:
+            b = b + self.tensor(self.activity.items.features(items, t_batch)) @ P["theta"]
+        return w, b
+
+    def segment_terms(self, bags: np.ndarray, e_bag_np: np.ndarray, items: np.ndarray,
+                      pool: np.ndarray, t_batch: int):
+        """What the users' segments add to the targets ``[events]`` and to the pool
+        ``[bags, pool]`` (zeros when the model has no segment term)."""
+        seg = self.activity.segments if self.activity is not None else None
+        if seg is None or "theta_seg" not in self.P or t_batch is None:
+            return 0.0, 0.0
+        P = self.P
+        keys = self.UK[self.bags.user[bags]]  # [bags, columns]
+        t_items = 0.0
+        for c in range(keys.shape[1]):
+            k = keys[e_bag_np, c]
+            f = self.tensor(seg.pair_features(k, items, t_batch))
+            t_items = t_items + f @ P["theta_seg"][c]
+        uniq, inv = np.unique(keys, return_inverse=True)
+        inv = inv.reshape(keys.shape)
+        F = self.tensor(seg.key_features(pool, t_batch, uniq))  # [u, pool, width]
+        theta = P["theta_seg"][self.key_col[self.index(np.maximum(uniq, 0))]]  # [u, width]
+        G = (F * theta[:, None, :]).sum(2)  # [u, pool]; zero rows for key -1
+        t_pool = 0.0
+        for c in range(keys.shape[1]):
+            t_pool = t_pool + G[self.index(inv[:, c])]
+        return t_items, t_pool
+
+    def user_terms(self, Rx, bags: np.ndarray):
+        """History user vectors ``X`` and new-user vectors ``X0`` of ``bags``."""
+        torch = _torch()
+        P, d = self.P, self.d
+        X0 = P["u0"] + self.UA[self.index(self.bags.user[bags])] @ P["U"]
+        Xh = None
+        for kind, (fixed, r_ptr, r_rows, r_w) in self.hist.items():
+            g = f"g_{kind}"
+            hva = fixed[self.index(bags)]
+            h = hva[:, :d] + P["alpha"] * (hva[:, d:] @ P["W"])
+            j, offsets = ranges(r_ptr[bags], r_ptr[bags + 1])
+            h = h + torch.nn.functional.embedding_bag(
+                self.index(r_rows[j]), Rx, self.index(offsets), mode="sum",
+                per_sample_weights=self.tensor(r_w[j]))
+            Xh = P[g] * h if Xh is None else Xh + P[g] * h
+        return X0 + Xh + Xh @ P["M"], X0
+
+    # --------------------------------------------------------------------- loss
+    def step(self, bags: np.ndarray, opt) -> tuple[float, float]:
+        """One optimiser step on ``bags``; returns (weighted loss sum, weight sum)."""
+        torch = _torch()
+        F = torch.nn.functional
+        cfg, B = self.cfg, self.bags
+        t_batch = int(B.time[bags].min())
+        e_idx, _ = ranges(B.ptr[bags], B.ptr[bags + 1])
+        sizes = B.ptr[bags + 1] - B.ptr[bags]
+        e_bag = self.index(np.repeat(np.arange(bags.size), sizes))
+        zero_row = torch.zeros(1, self.d, device=self.dev)
+        Rx = torch.cat([self.R, zero_row])
+        rbx = torch.cat([self.rb, torch.zeros(1, device=self.dev)])
+        if cfg.cold_view > 0 and self.rng.random() < cfg.cold_view:
+            # the cold view: every item as if it had no history (no residuals, no
+            # behaviour features), so the text and attribute terms learn to rank on their
+            # own -- what a new item gets until people interact with it
+            Rx, rbx = torch.zeros_like(Rx), torch.zeros_like(rbx)
+            t_batch = None
+        X, X0 = self.user_terms(Rx, bags)
+        items = self.ev_item[e_idx]
+        drop = None
+        if cfg.residual_dropout > 0:
+            drop = self.rng.random(items.size) < cfg.residual_dropout
+        wt, bt = self.item_terms(Rx, rbx, items, t_batch, drop)
+        lab_np = B.label[e_idx]
+        y_np = (lab_np == 1).astype(np.float32)
+        w_np = B.weight[e_idx]
+        y, wgt = self.tensor(y_np), self.tensor(w_np)
+        pool = self.rng.integers(0, self.n_items, size=cfg.sample_pool)
+        ws, bs = self.item_terms(Rx, rbx, pool, t_batch)
+        seg_t, seg_p = self.segment_terms(bags, np.repeat(np.arange(bags.size), sizes), items, pool,
+                                          t_batch)
+        pos_w = wgt * y
+        paths = [(X, 1.0, wgt)]
+        if cfg.prior_weight > 0:
+            # dislikes are about personal taste given a history: they stay out of the prior
+            paths.append((X0, cfg.prior_weight, pos_w))
+        loss = torch.zeros((), device=self.dev)
+        if cfg.objective == "softmax":
+            pos = np.flatnonzero(lab_np == 1)
+            if pos.size == 0:
+                return 0.0, 0.0
+            pos_t, bag_of_pos = self.index(pos), e_bag[self.index(pos)]
+            # the bag's other events were shown with (or near) the positive and not
+            # chosen: hard negatives in its softmax. Pairs inside a slate compare items
+            # that were exposed alike, so exposure itself is never penalised
+            slot = e_idx - np.repeat(B.ptr[bags], sizes)
+            offset = np.where(lab_np < 0, math.log(max(cfg.neg_weight, 1e-12)),
+                              math.log(max(cfg.impression_weight, 1e-12)))
+            hard_rows = np.flatnonzero(lab_np != 1)
+            width = int(sizes.max())
+            # the pool stands for the whole catalogue
+            pool_shift = math.log(max(self.n_items / max(cfg.sample_pool, 1), 1.0))
+            for Xp, lam, _ in paths:
+                logit = (wt * Xp[e_bag]).sum(1) + bt + seg_t
+                pool_lse = torch.logsumexp(Xp @ ws.T + bs + seg_p, 1) + pool_shift  # [bags]
+                terms = [logit[pos_t], pool_lse[bag_of_pos]]
+                if hard_rows.size:
+                    hard = torch.full((bags.size, width), -math.inf, device=self.dev)
+                    hr = self.index(hard_rows)
+                    hard = hard.index_put((e_bag[hr], self.index(slot[hard_rows])),
+                                          logit[hr] + self.tensor(offset[hard_rows]))
+                    terms.append(torch.logsumexp(hard, 1)[bag_of_pos])
+                lse = torch.logsumexp(torch.stack(terms, 1), 1)
+                loss = loss + lam * ((lse - logit[pos_t]) * wgt[pos_t]).sum()
+            denom = float(w_np[pos].sum()) or 1.0
+        else:
+            for Xp, lam, wp in paths:
+                logit = (wt * Xp[e_bag]).sum(1) + bt + seg_t
+                part = F.binary_cross_entropy_with_logits(logit, y, weight=wp, reduction="sum")
+                bag_pos = torch.zeros(bags.size, device=self.dev).index_add(0, e_bag, wp * y)
+                scale = cfg.n_sampled_negatives / max(1, cfg.sample_pool)
+                pool_logits = Xp @ ws.T + bs + seg_p  # [bags, pool]
+                part = part + scale * (F.softplus(pool_logits).sum(1) * bag_pos).sum()
+                loss = loss + lam * part
+            denom = float(w_np.sum()) or 1.0
+        loss = loss / denom
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        return float(loss.detach()) * denom, denom
+
+    # ---------------------------------------------------------------- the loop
+    def export(self) -> None:
+        """Copy the parameters back into the model (numpy) and set its residuals."""
+        torch = _torch()
+        m = self.model
+        with torch.no_grad():
+            for k in m.params:
+                m.params[k] = self.P[k].detach().cpu().numpy().astype(np.float32).reshape(
+                    m.params[k].shape)
+            R = np.zeros((self.n_items, self.d), np.float32)
+            rb = np.zeros(self.n_items, np.float32)
+            R[self.warm] = self.R.detach().cpu().numpy()
+            rb[self.warm] = self.rb.detach().cpu().numpy()
+        m._residuals = (R, rb)
+
+    def epoch(self, opt) -> float:
+        """One pass over the batches in a random order; the weighted mean loss."""
+        tot = cnt = 0.0
+        for b in self.rng.permutation(len(self.bags.batches)):
+            s, n = self.step(self.bags.batches[b], opt)
+            tot, cnt = tot + s, cnt + n
+            self.steps_done += 1
+            if self.progress is not None:
+                self.progress(self.steps_done, self.steps_total)
+        return tot / max(cnt, 1e-12)
+
+    def dynamics_optimiser(self):
+        """AdamW over the weights of the behaviour features only (and ``b0``)."""
+        torch = _torch()
+        names = [k for k in ("theta", "theta_seg", "b0") if k in self.P and self.P[k].requires_grad]
+        return torch.optim.AdamW([self.P[k] for k in names], lr=self.cfg.dynamics_lr, weight_decay=0.0)
+
+    def _only(self, names: set | None):
+        """Let only ``names`` learn (None: everything that may learn); returns the undo."""
+        saved = {k: p.requires_grad for k, p in self.P.items()}
+        saved["R"], saved["rb"] = self.R.requires_grad, self.rb.requires_grad
+        if names is not None:
+            for k, p in self.P.items():
+                p.requires_grad_(saved[k] and k in names)
+            self.R.requires_grad_(False)
+            self.rb.requires_grad_(False)
+
+        def undo():
+            for k, p in self.P.items():
+                p.requires_grad_(saved[k])
+            self.R.requires_grad_(saved["R"])
+            self.rb.requires_grad_(saved["rb"])
+        return undo
+
+    def fit(self, epochs: int, *, holdout=None, patience: int = 2,
+            progress: Callable[[int, int], Any] | None = None) -> dict:
+        """Two phases. First the weights of the behaviour features alone learn, for
+        ``config.dynamics_epochs`` epochs: the popularity rule becomes the best mix of
+        recent behaviour. Then everything learns for up to ``epochs`` epochs; with a
+        ``holdout`` the best of (first phase, each epoch) is kept, so a trained version
+        is never worse on the holdout than its behaviour weights alone."""
+        from .evaluation import evaluate
+
+        t_start = time.perf_counter()
+        cfg = self.cfg
+        # epochs = -1: keep the start (what early stopping chose when nothing helped)
+        n_dyn = int(cfg.dynamics_epochs) if self.activity is not None and epochs >= 0 else 0
+        epochs = max(int(epochs), 0)
+        self.progress, self.steps_done = progress, 0
+        self.steps_total = (n_dyn + epochs) * len(self.bags.batches)
+        losses: list[float] = []
+        scores: list[float] = []
+        best = None
+
+        def judge(full_epochs: int) -> bool:
+            """Keep the parameters if they are the best so far; False = stop."""
+            nonlocal best
+            self.export()
+            score = float(evaluate(self.model, self.data, *holdout, k=10)["ndcg@10"])
+            scores.append(score)
+            if best is None or score > best[0]:
+                best = (score, full_epochs, {k: v.copy() for k, v in self.model.params.items()},
+                        self.model.residuals)
+            return full_epochs - best[1] < patience
+
+        if holdout is not None:
+            judge(-1)  # the start (the rule, or the current version) is a candidate too
+        if n_dyn:
+            undo = self._only({"theta", "theta_seg", "b0"})
+            opt = self.dynamics_optimiser()
+            try:
+                for _ in range(n_dyn):
+                    losses.append(self.epoch(opt))
+            finally:
+                undo()
+        if holdout is not None:
+            judge(0)
+        for epoch in range(epochs):
+            losses.append(self.epoch(self.opt))
+            if holdout is not None and not judge(epoch + 1):
+                break
+        if best is not None:
+            self.model.params, self.model._residuals = best[2], best[3]
+        else:
+            self.export()
+        lab = self.bags.label
+        return {
+            "loss": float(losses[-1]) if losses else float("nan"),
+            "epoch_losses": [float(x) for x in losses],
+            **({"epoch_ndcg@10": scores, "best_epoch": best[1]} if best is not None else {}),
+            "dynamics_epochs": n_dyn,
+            "epochs": len(losses) - n_dyn,
+            "n_positive": int((lab == 1).sum()),
+            "n_negative": int((lab < 0).sum()),
+            "n_impression": int((lab == 0).sum()),
+            "n_warm_items": self.n_warm,
+            "seconds": time.perf_counter() - t_start,
+        }
