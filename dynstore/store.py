@@ -399,13 +399,16 @@ class Store:
 
     # -- writes --------------------------------------------------------------------
     def ingest(self, kind: str, source: Any, *, mapping: dict[str, str] | None = None,
-               format: str | None = None) -> dict:
+               format: str | None = None, dedupe: bool | str | list[str] = False) -> dict:
         """Load rows into ``interactions`` (append) or ``items``/``users`` (upsert).
 
         ``source`` is a file path (CSV, TSV, Parquet, JSON/NDJSON), a list of
         paths, a Polars or pandas DataFrame, or an Arrow table. The whole
         source is validated and committed at once, or rejected with an
         :class:`~dynstore.errors.IngestError` naming file, row and column.
+        ``dedupe`` (interactions): ``True`` skips rows already stored (equal
+        in every column), a column name or list compares only those (an
+        ``event_id``); see :func:`dynstore.ingest.ingest`.
 
         Examples
         --------
@@ -419,9 +422,31 @@ class Store:
         self._require_writable("ingest")
         sources = list(source) if isinstance(source, (list, tuple)) else [source]
         with writer_lock(self.path, f"ingest-{kind}" if kind in TABLES else "ingest"):
-            result = ingest(self, kind, sources, mapping=mapping, fmt=format)
+            result = ingest(self, kind, sources, mapping=mapping, fmt=format, dedupe=dedupe)
         self._con_state = None
         return result
+
+    def delete(self, kind: str, where: str, *, dry_run: bool = False) -> dict:
+        """Delete the rows of ``kind`` matching the SQL condition ``where``, in one commit.
+
+        A deleted item is never recommended again (at once) and leaves the
+        next version; see :mod:`dynstore.delete`.
+
+        Examples
+        --------
+        >>> import tempfile, dynstore, polars as pl
+        >>> store = dynstore.init(tempfile.mkdtemp() + "/s")
+        >>> _ = store.ingest("users", pl.DataFrame({"user_id": [1, 2], "region": ["north", "south"]}))
+        >>> store.delete("users", "region = 'north'")["deleted"]
+        1
+        """
+        from .delete import delete_rows
+
+        self._require_writable("delete")
+        with writer_lock(self.path, f"ingest-{kind}" if kind in TABLES else "ingest"):
+            out = delete_rows(self, kind, where, dry_run=dry_run)
+        self._con_state = None
+        return out
 
     def configure(self, **changes: Any) -> StoreConfig:
         """Change labelling rules, the item document or the encoder.
