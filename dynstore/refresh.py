@@ -181,9 +181,10 @@ def refresh(store, *, since: str | None = "30d", epochs: int | None = None, prom
     Returns ``{"version", "status", "metrics": {"candidate", "current"}, "counts", "durations"}``
     (plus ``"finetune"`` when fine-tuning) or ``{"status": "noop", "reason"}``.
     """
+    from .freshness import refresh_plan
     from .model import FusionModel, evaluate
     from .semantic import encode
-    from .versions import build_version, list_versions, load_version
+    from .versions import build_version, is_rule, list_versions, load_version, rule_window
     from .lock import writer_lock
 
     if finetune_encoder:
@@ -198,14 +199,11 @@ def refresh(store, *, since: str | None = "30d", epochs: int | None = None, prom
     t0 = time.perf_counter()
     say = (lambda msg: print(msg, file=sys.stderr)) if progress else (lambda msg: None)
     snap = store.snapshot()
-    if snap["interactions"] == 0:
-        return {"status": "noop", "reason": "no interactions ingested yet"}
-    rows = list_versions(store)
-    latest = rows[0] if rows else None
-    if latest and not force and latest["snapshot"].get("interactions") == snap["interactions"] \
-            and latest["snapshot"].get("items") == snap["items"] and latest["snapshot"].get("since") == since:
-        return {"status": "noop", "reason": f"no new data since version {latest['version']}",
-                "version": latest["version"]}
+    plan = refresh_plan(store, since=since, force=force, snapshot=snap)
+    if not plan["needed"]:
+        return {"status": "noop", "reason": plan["reason"],
+                **({"version": plan["version"]} if plan["version"] is not None else {})}
+    say(f"retraining: {plan['reason']}")
     say("encoding stale items ...")
     with writer_lock(store.path, "encode", wait=60):
         enc = encode(store, progress=progress)
@@ -228,7 +226,7 @@ def refresh(store, *, since: str | None = "30d", epochs: int | None = None, prom
     model = FusionModel.from_state(tensors, meta)
     current = lv.model
     lv_row = next((r for r in list_versions(store) if r["version"] == lv.version), {})
-    current_is_rule = lv_row.get("train_window") == "untrained"
+    current_is_rule = is_rule(lv_row)
     hu, hi, hl, judged = _unseen_by_current(prep, hu, hi, hl, None if current_is_rule
                                             else lv_row.get("snapshot", {}).get("trained_until"))
     if current_is_rule:
@@ -289,7 +287,7 @@ def refresh(store, *, since: str | None = "30d", epochs: int | None = None, prom
               "impressions": int((prep.label == 0).sum()), "items": len(prep.ids), "users": len(prep.user_ids)}
     window = "all" if cutoff is None else f"{cutoff:%Y-%m-%d %H:%M} .. {newest:%Y-%m-%d %H:%M}"
     trained_until = int(prep.ts.max() if status != "rejected" and refit else train.ts.max())
-    snap = dict(snap, since=since, trained_until=trained_until)
+    snap = dict(snap, since=since, trained_until=trained_until, rules=plan["rules"])
     try:
         number = build_version(store, model, lv.item_spec, lv.user_spec, parent=lv.version, status=status,
                                train_window=window, counts=counts,
@@ -310,14 +308,16 @@ def refresh(store, *, since: str | None = "30d", epochs: int | None = None, prom
         data.V = train.V  # the store's encoder (a rejected fine-tune is not used)
         rule = prep.untrained_at_cut(data, lv)
         published = build_version(store, rule, lv.item_spec, lv.user_spec, parent=lv.version,
-                                  status="current", train_window="untrained", counts=counts,
+                                  status="current", counts=counts,
+                                  train_window=rule_window(float(prep.ts.min()), float(prep.ts.max())),
                                   metrics={"current": m_cur, "rule": m_rule, "rejected": number},
                                   residuals=rule.residuals, snapshot=dict(snap, trained_until=int(prep.ts.max())),
-                                  items=prep.items)
+                                  items=prep.items, verdict="rule")
     timings["total_s"] = round(time.perf_counter() - t0, 3)
     out = {"version": number, "parent": lv.version, "status": status,
            "promoted": status == "current", "metrics": {"candidate": m_cand, "current": m_cur, "rule": m_rule},
-           "counts": counts, "durations": timings, "window": window, "holdout": judged}
+           "counts": counts, "durations": timings, "window": window, "holdout": judged,
+           "reasons": plan["reasons"]}
     if published is not None:
         out["published"] = {"version": published, "status": "current", "kind": "popularity rule"}
     if ft is not None:
@@ -419,17 +419,44 @@ def _settle_encoder(store, old_model: str, *, keep_new: bool) -> None:
 
 
 def evaluate_version(store, *, version: int | None = None, k: int = 10, holdout: float = HOLDOUT) -> dict:
-    """Recall@k, NDCG@k and AUC of a version on the latest ``holdout`` slice."""
-    from .model import evaluate
-    from .versions import load_version
+    """Recall@k, NDCG@k and AUC of a version on the newest ``holdout`` share of all interactions.
 
+    The slice is the newest 10% of *every* interaction, whatever window the
+    version was trained on, and the version may have learned from part of
+    it; ``refresh`` instead judges on the newest 10% of its ``--since``
+    window, and only on events the current version never saw. So the two
+    disagree; ``"slice"`` in the result says which events were used and how
+    many of them the version was trained on. A popularity-rule version is
+    recounted before the slice (as refresh does), so it never counts the
+    events it is judged on.
+    """
+    from .model import evaluate
+    from .recommend import check_k
+    from .versions import is_rule, list_versions, load_version
+
+    k = check_k(k)
     lv = load_version(store, version)
+    row = next((r for r in list_versions(store) if r["version"] == lv.version), {})
     con = store.connection()
     try:
         prep = _Prepared(store, lv, con, None)
     finally:
         con.close()
     train, (hu, hi, hl) = prep.split(holdout)
-    R, rb = prep.residuals_of(lv)
-    out = evaluate(lv.model, train, hu, hi, hl, residuals=(R, rb), k=k)
-    return {"version": lv.version, **out}
+    if is_rule(row):
+        model = prep.untrained_at_cut(train, lv)
+        out = evaluate(model, train, hu, hi, hl, residuals=model.residuals, k=k)
+        scored = "the popularity rule recounted on the events before the slice"
+    else:
+        out = evaluate(lv.model, train, hu, hi, hl, residuals=prep.residuals_of(lv), k=k)
+        scored = f"version {lv.version} as stored"
+    ts = prep.hold_ts
+    trained_until = (row.get("snapshot") or {}).get("trained_until")
+    seen = float(np.mean(ts <= int(trained_until))) if trained_until is not None and len(ts) else 0.0
+
+    def iso(t) -> str:
+        return _dt.datetime.fromtimestamp(int(t), _dt.timezone.utc).strftime("%Y-%m-%d %H:%M")
+
+    slice_ = {"events": int(len(hl)), "users": int(len(np.unique(hu))), "from": iso(ts.min()), "to": iso(ts.max()),
+              "share": holdout, "of": "all interactions", "trained_on_share": round(seen, 4), "scored": scored}
+    return {"version": lv.version, **out, "slice": slice_}

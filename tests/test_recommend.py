@@ -16,8 +16,11 @@ def ids_of(recs):
 
 
 def test_first_version_after_encode(encoded):
-    rows = encoded.sql("SELECT version, status, train_window FROM versions").fetchall()
-    assert rows == [(1, "current", "untrained")]
+    rows = encoded.sql("SELECT version, status, verdict FROM versions").fetchall()
+    assert rows == [(1, "current", "initial")]
+    # the popularity rule records the window it counted and its holdout figures
+    (row,) = encoded.versions()
+    assert " .. " in row["train_window"] and set(row["metrics"]["holdout"]) >= {"ndcg@10", "recall@10"}
     n = encoded.sql("SELECT count(*) FROM item_embeddings").fetchall()[0][0]
     assert n == 80
     dim = encoded.sql("SELECT len(vector) FROM item_embeddings LIMIT 1").fetchall()[0][0]

@@ -138,9 +138,13 @@ def test_rejected_refresh_publishes_the_recounted_popularity_rule(encoded):
     assert rows[out["version"]] == "rejected" and rows[pub["version"]] == "current"
     assert encoded.recommend("nobody", 1)[0]["item_id"] == rare
     assert encoded.recommend("nobody", 1, version=1)[0]["item_id"] == top_v1
-    # the published rule is a rule again: the next refresh compares with it at its own cut
-    assert encoded.sql("SELECT train_window FROM versions WHERE version = ?",
-                       params=[pub["version"]]).fetchall()[0][0] == "untrained"
+    # the published rule is a rule again (the next refresh compares with it at its own cut),
+    # with the window it counted and its holdout figures
+    verdict, window, metrics = encoded.sql("SELECT verdict, train_window, metrics FROM versions WHERE version = ?",
+                                           params=[pub["version"]]).fetchall()[0]
+    assert verdict == "rule" and " .. " in window and "ndcg@10" in metrics
+    assert encoded.sql("SELECT verdict FROM versions WHERE version = ?",
+                       params=[out["version"]]).fetchall()[0][0] == "rejected"
 
 
 def test_no_promote_never_publishes_the_rule(encoded):
