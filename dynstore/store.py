@@ -529,6 +529,13 @@ class Store:
         self._require_writable("log impressions")
         return log_impressions(self, user_id, list(items))
 
+    def inspect(self) -> dict:
+        """Counts, sizes, fragments, versions, encoder, stale items, last refresh and
+        what a refresh would do now (JSON-able); see :mod:`dynstore.inspection`."""
+        from .inspection import inspect_store
+
+        return inspect_store(self)
+
     def versions(self) -> list[dict]:
         """Every embedding version, newest first."""
         from .versions import list_versions

@@ -110,7 +110,7 @@ def test_encode_recommend_versions_rollback_cli(runner, loaded):
     recs = json.loads(r.output)
     assert r.exit_code == 0 and [x["rank"] for x in recs] == [1, 2, 3] and recs[0]["title"]
     r = run(runner, "recommend", p, 1, "-k", 0)
-    assert "k must be between 1 and 10000" in one_line_error(r)
+    assert r.exit_code == 2 and "0 is not in the range 1<=x<=10000" in r.output
     r = run(runner, "recommend", p, "abc")
     assert r.exit_code == 2 and "integers" in r.output
     r = run(runner, "versions", p)
@@ -137,7 +137,7 @@ def test_refresh_eval_cli(runner, encoded):
 
 def test_config_cli(runner, store):
     r = run(runner, "config", store.path, "--behaviour-summary")
-    assert r.exit_code == 0 and "behaviour_summary = True" in r.output
+    assert r.exit_code == 0 and "behaviour_summary  True" in r.output
     assert "is not a valid rule" in one_line_error(run(runner, "config", store.path, "--positive", "1 +"))
 
 
