@@ -186,8 +186,10 @@ def ingest(store, kind, files, mapping, input_format, dedupe, keys, as_json, qui
     unknown = out.get("unknown_items")
     if unknown and not as_json:
         examples = ", ".join(repr(x) for x in unknown["examples"])
-        _note(quiet, f"warning: {unknown['rows']} rows name {unknown['ids']} item ids that items does not have "
-                     f"(e.g. {examples}); they are stored, and count once those items are ingested")
+        rows = f"{unknown['rows']} row names" if unknown["rows"] == 1 else f"{unknown['rows']} rows name"
+        ids = "an item id" if unknown["ids"] == 1 else f"{unknown['ids']} item ids"
+        _note(quiet, f"warning: {rows} {ids} not in items (e.g. {examples}); they are stored, and count "
+                     "once those items are ingested")
 
 
 # -------------------------------------------------------------------------- encode

@@ -92,7 +92,8 @@ class StoreCommand(click.Command):
         for param in order:
             if isinstance(param, click.Argument) and param.name in opts:
                 value = opts[param.name]
-                out.extend(value if isinstance(value, (list, tuple)) else [value])
+                values = value if isinstance(value, (list, tuple)) else [value]
+                out.extend(v for v in values if isinstance(v, str))  # click marks missing ones UNSET
         return out + list(extra)
 
 

@@ -179,3 +179,112 @@ def test_trained_current_is_judged_on_events_it_never_saw(encoded):
     judged = out["holdout"]
     assert judged["judged_on"] == "unseen by current" and judged["events"] == unseen[0]
     assert out["metrics"]["current"]["n_users"] == unseen[1]
+
+
+# -------------------------------------------------------------------------- the no-op decision
+
+
+def test_force_retrains_without_new_data(encoded):
+    first = encoded.refresh(since="all", epochs=1)
+    assert encoded.refresh(since="all", epochs=1)["status"] == "noop"
+    forced = encoded.refresh(since="all", epochs=1, force=True)
+    assert forced["status"] != "noop" and forced["reasons"] == ["--force"]
+    assert forced["version"] > first["version"]
+
+
+@pytest.mark.parametrize("change, named", [
+    ({"positive": "event = 'purchase'"}, "positive rule changed: \"event IN ('click', 'purchase')\" -> "
+                                         "\"event = 'purchase'\""),
+    ({"negative": "event IN ('skip', 'impression')"}, "negative rule changed"),
+    ({"item_text": "title"}, "item document changed"),
+    ({"model": "other-fake"}, "encoder changed: 'fake:32:v1' -> 'other:32'"),
+])
+def test_a_rules_or_encoder_change_needs_a_refresh_and_says_so(encoded, change, named):
+    from dynstore.encoder import FakeEncoder, register_encoder
+
+    class Other(FakeEncoder):  # another encoder of the same dimension
+        def __init__(self, **kw):
+            super().__init__(32)
+            self.id = "other:32"
+
+    register_encoder("other-fake", Other)
+    encoded.refresh(since="all", epochs=1)
+    assert encoded.refresh(since="all", epochs=1)["status"] == "noop"
+    encoded.configure(**change)
+    assert encoded.inspect()["refresh"]["needed"]
+    out = encoded.refresh(since="all", epochs=1)
+    assert out["status"] != "noop" and any(named in r for r in out["reasons"]), out["reasons"]
+    again = encoded.refresh(since="all", epochs=1)
+    assert again["status"] == "noop" and "rules and encoder unchanged" in again["reason"]
+
+
+def test_refresh_cli_force_and_reasons(runner, encoded):
+    from dynstore.cli import main
+
+    p = str(encoded.path)
+    assert runner.invoke(main, ["refresh", p, "--since", "all", "--epochs", "1", "-q"]).output == ""
+    r = runner.invoke(main, ["refresh", p, "--since", "all"])
+    assert r.exit_code == 0 and r.output.startswith("nothing to do: no new data since version")
+    assert "--force" in r.output
+    r = runner.invoke(main, ["config", p, "--positive", "event = 'purchase'", "-q"])
+    assert r.exit_code == 0 and r.output == ""
+    r = runner.invoke(main, ["refresh", p, "--since", "all", "--epochs", "1"])
+    assert r.exit_code == 0 and "retrained: positive rule changed" in r.output
+    r = runner.invoke(main, ["refresh", p, "--since", "all", "--epochs", "1", "--force", "--json"])
+    assert r.exit_code == 0 and json.loads(r.output)["reasons"] == ["--force"]
+
+
+# -------------------------------------------------------------------------- verdicts
+
+
+def test_verdict_survives_rollbacks_and_a_rejected_rollback_warns(encoded, runner):
+    from dynstore.cli import main
+
+    out = encoded.refresh(since="all", epochs=1, tolerance=-10.0)  # force the candidate out
+    rejected = out["version"]
+    rows = {r["version"]: (r["status"], r["verdict"]) for r in encoded.versions()}
+    assert rows[rejected] == ("rejected", "rejected")
+    back = encoded.rollback(rejected)
+    assert back["verdict"] == "rejected" and "was rejected by refresh" in back["warning"]
+    encoded.rollback(1)
+    rows = {r["version"]: (r["status"], r["verdict"]) for r in encoded.versions()}
+    assert rows[rejected] == ("retired", "rejected") and rows[1] == ("current", "initial")
+    r = runner.invoke(main, ["rollback", str(encoded.path), str(rejected)])
+    assert r.exit_code == 0 and f"version {rejected} is current" in r.output
+    assert "warning: version" in r.output and "rejected by refresh" in r.output
+    assert encoded.sql("SELECT verdict FROM versions WHERE version = ?", [rejected]).fetchall() == [("rejected",)]
+
+
+def test_registry_written_before_verdicts_still_reads(encoded):
+    """A registry from before the verdict column: verdicts are inferred, the view works."""
+    import lance
+
+    from dynstore.versions import _registry
+
+    table = _registry(encoded)
+    old = table.drop_columns(["verdict"])
+    old = old.set_column(old.schema.get_field_index("train_window"), "train_window",
+                         pa.array(["untrained"] * old.num_rows))
+    lance.write_dataset(old, encoded._dataset_uri("versions"), mode="overwrite")
+    assert encoded.sql("SELECT version, verdict FROM versions").fetchall() == [(1, "initial")]
+    assert encoded.versions()[0]["verdict"] == "initial"
+
+
+def test_eval_says_which_slice(encoded, runner):
+    from dynstore.cli import main
+
+    out = dynstore.connect(encoded.path).refresh(since="all", epochs=1)
+    from dynstore.refresh import evaluate_version
+
+    ev = evaluate_version(encoded, version=out["version"])
+    sl = ev["slice"]
+    assert sl["of"] == "all interactions" and sl["share"] == 0.1 and sl["events"] > 0
+    assert 0.0 <= sl["trained_on_share"] <= 1.0 and sl["from"] <= sl["to"]
+    with pytest.raises(dynstore.DynstoreError, match="k must be between 1"):
+        evaluate_version(encoded, k=0)
+    r = runner.invoke(main, ["eval", str(encoded.path)])
+    assert r.exit_code == 0 and "slice.events" in r.output and "note: judged on" in r.output
+    assert "refresh uses its own window" in r.output
+    for k in ("0", "-1"):
+        r = runner.invoke(main, ["eval", str(encoded.path), "-k", k])
+        assert r.exit_code == 2 and "not in the range" in r.output and "nan" not in r.output
