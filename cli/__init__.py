@@ -147,9 +147,11 @@ def _parse_map(pairs) -> dict[str, str]:
 @click.argument("kind", type=click.Choice(KINDS))
 @click.argument("files", nargs=-1, required=True, type=click.Path())
 @click.option("--map", "mapping", multiple=True, metavar="NEW=OLD", help="Rename a column of the files (repeatable).")
-@click.option("--input-format", "--format", "input_format",
+@click.option("--input-format", "input_format",
               type=click.Choice(["csv", "tsv", "parquet", "json", "ndjson"]), default=None,
               help="Read FILES as this format instead of guessing from the extension.")
+@click.option("--format", "old_format", hidden=True, default=None,  # the name before --input-format
+              type=click.Choice(["csv", "tsv", "parquet", "json", "ndjson"]))
 @click.option("--dedupe", is_flag=True,
               help="Interactions: skip rows equal in every column to a stored row or an earlier row of this ingest.")
 @click.option("--key", "keys", multiple=True, metavar="COLUMN",
@@ -158,7 +160,7 @@ def _parse_map(pairs) -> dict[str, str]:
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 @quiet_option
 @handle_errors
-def ingest(store, kind, files, mapping, input_format, dedupe, keys, as_json, quiet):
+def ingest(store, kind, files, mapping, input_format, old_format, dedupe, keys, as_json, quiet):
     """Load FILES into a table: interactions are appended, items/users upserted by id.
 
     All files land in one commit, or none does: a bad row rejects the whole
@@ -175,7 +177,8 @@ def ingest(store, kind, files, mapping, input_format, dedupe, keys, as_json, qui
     """
     dedupe_on = list(keys) if keys else (True if dedupe else False)
     with _open(store) as s:
-        out = s.ingest(kind, list(files), mapping=_parse_map(mapping), format=input_format, dedupe=dedupe_on)
+        out = s.ingest(kind, list(files), mapping=_parse_map(mapping), format=input_format or old_format,
+                       dedupe=dedupe_on)
     if as_json:
         click.echo(to_json(out))
     elif not quiet:

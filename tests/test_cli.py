@@ -164,7 +164,7 @@ def test_every_option_has_help_and_every_enum_is_a_choice(runner):
 
     for name, cmd in main.commands.items():
         for p in cmd.params:
-            if isinstance(p, click.Option) and p.name != "help":
+            if isinstance(p, click.Option) and p.name != "help" and not p.hidden:
                 record = p.get_help_record(click.Context(cmd))
                 assert record and record[1].strip(), f"{name} {p.opts} has no help text"
             if p.name in ("fmt", "size", "device", "kind", "input_format"):
