@@ -26,7 +26,7 @@ def prepare_directory(directory: str | os.PathLike | None) -> Path:
     >>> d = pathlib.Path(tempfile.mkdtemp())
     >>> (d / "notes.txt").write_text("mine")
     4
-    >>> prepare_directory(d)
+    >>> prepare_directory(d)  # doctest: +ELLIPSIS
     Traceback (most recent call last):
     ...
     dynstore.errors.StoreExists: ...: holds files that dynstore demo did not create (e.g. notes.txt); choose a new or empty directory
