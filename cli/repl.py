@@ -47,21 +47,30 @@ def run_interruptibly(session, statement):
     ``session.interrupt()``.
     """
     box: dict = {}
+    done = threading.Event()  # not Thread.join: a join cut short by Ctrl-C may return early
 
     def work():
         try:
             box["result"] = session.run(statement)
         except BaseException as exc:  # handed to the main thread
             box["error"] = exc
+        finally:
+            done.set()
 
-    worker = threading.Thread(target=work, name="dynstore-sql", daemon=True)
-    worker.start()
+    threading.Thread(target=work, name="dynstore-sql", daemon=True).start()
     try:
-        while worker.is_alive():
-            worker.join(0.05)
+        while not done.wait(0.05):
+            pass
     except KeyboardInterrupt:
-        session.interrupt()
-        worker.join()
+        # Repeated until the worker ends: an interrupt that lands before DuckDB
+        # starts the statement is lost. Further Ctrl-C only waits for it.
+        while True:
+            session.interrupt()
+            try:
+                if done.wait(0.2):
+                    break
+            except KeyboardInterrupt:
+                pass
         raise Interrupted() from None
     if "error" in box:
         raise box["error"]

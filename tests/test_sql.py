@@ -150,3 +150,17 @@ def test_terminal_prompt_dot_commands_continuation_ctrl_c_and_history(prompt):
     entries = history.read_text().split("\n\n")
     assert any("+SELECT 40\n++ 2 AS answer;" in e for e in entries), history.read_text()
     assert "discarded" not in history.read_text()
+
+
+def test_ctrl_c_cancels_a_one_shot_query_and_exits_130(loaded):
+    import signal
+    import subprocess
+
+    proc = subprocess.Popen([sys.executable, "-m", "dynstore", "sql", str(loaded.path), LONG_QUERY],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            cwd=str(Path(__file__).resolve().parents[1]))
+    time.sleep(4)  # start-up, then the query runs
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err
+    assert "Interrupted" in err and "Traceback" not in err
