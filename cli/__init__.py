@@ -89,7 +89,7 @@ def main():
       dynstore sql shop "SELECT recommend(42, 10)"
       export DYNSTORE_STORE=shop; dynstore inspect
 
-    STORE may be left out of every command but init when $DYNSTORE_STORE
+    STORE may be left out of every command but init and demo when $DYNSTORE_STORE
     names a store or the working directory holds a dynstore.toml. Exit codes:
     0 success, 1 error, 2 usage, 3 store busy, 130 interrupted (Ctrl-C).
     """

@@ -124,7 +124,7 @@ def run_demo(directory: str | None = None, *, size: str = "small", model: str = 
     echo(_fmt(store.sql("SELECT item_id, title, category FROM items ORDER BY "
                         "array_cosine_similarity(semantic_vector(item_id), embed('outdoor hiking gear')) DESC LIMIT 3")))
     echo("\n== versions")
-    echo(_fmt(store.sql("SELECT version, status, parent, train_window FROM versions ORDER BY version")))
+    echo(_fmt(store.sql("SELECT version, status, verdict, parent, train_window FROM versions ORDER BY version")))
     echo(f"\ndone in {time.perf_counter() - t0:.1f}s. Try:\n  dynstore sql {store_dir} \"SELECT recommend({user}, 10)\"\n"
          f"  dynstore recommend {store_dir} {user}")
     store.close()
