@@ -298,8 +298,9 @@ def _record_rule_metrics(store, number: int) -> None:
     try:
         m = evaluate_version(store, version=number)
         metrics = {"holdout": {k: v for k, v in m.items() if isinstance(v, float)}, "slice": m["slice"]}
-    except DynstoreError as exc:
-        metrics = {"holdout": {}, "note": str(exc)}
+    except Exception as exc:  # figures are an annotation: never fail the encode that made the version
+        metrics = {"holdout": {}, "note": str(exc) if isinstance(exc, DynstoreError) else
+                   f"not evaluated: {type(exc).__name__}: {exc}"}
     with writer_lock(store.path, "versions", wait=30):
         rows = _registry(store).to_pylist()
         for r in rows:
