@@ -74,6 +74,8 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import peers  # noqa: E402  (the baselines a user would deploy)
 from dynstore.features import FeatureSpec
 from dynstore.metrics import ndcg_at_k, recall_at_k, top_k
 from dynstore.model import (
@@ -104,6 +106,8 @@ class Catalogue:
     year: list | None = None
     UK: np.ndarray | None = None  # [n_users, segment columns] user segment keys (-1: none)
     segments: tuple = ()  # keys per segment column
+    item_features: object = None  # LightFM's item features (identity + attributes), CSR
+    user_features: object = None  # LightFM's user features
 
 
 @dataclass
@@ -199,7 +203,10 @@ def build(path: Path):
     V, how = encode_texts(texts)
     cat = Catalogue(len(user_ids), len(movie_ids), V, A,
                     np.zeros((len(user_ids), 0), np.float32), texts,
-                    items["genres"].to_list(), items["year"].to_list())
+                    items["genres"].to_list(), items["year"].to_list(),
+                    item_features=peers.indicator_features(
+                        items, peers.Columns(multi=("genres",), numeric=("year",)), len(movie_ids)),
+                    user_features=peers.indicator_features(None, None, len(user_ids)))
     return cat, (u, it, ts, label_of(rating)), how, spec
 
 
@@ -317,28 +324,47 @@ def training_data(split: Split, cat: Catalogue) -> TrainingData:
 
 def fit_dynstore(split: Split, cat: Catalogue, params: dict | None = None,
                  stats: dict | None = None) -> Scorer:
-    """The dynstore model fitted directly on the whole training period.
+    """The dynstore model fitted on the training period the way ``refresh`` does.
 
-    Version 1 starts as :meth:`FusionModel.untrained` (popularity prior) and ``fit``
-    warm-starts from it, as a store's first ``refresh`` would; ``params`` are
-    :class:`ModelConfig` fields, the event half-life defaulting to refresh's rule.
+    Start from the untrained version (the popularity rule, half-life by the span of the
+    data); train on all but the newest 10 % of the period, early-stopping on that
+    10 % (the start itself is a candidate) and choosing the item-item weight there;
+    refit on the whole period for the chosen number of epochs. ``params`` are
+    :class:`ModelConfig` fields; ``{"rule": True}`` scores the untrained rule, and
+    ``{"segments": False}`` drops the user-segment term (ablations).
     """
+    from dynstore.dynamics import DynamicSpec, rule_half_life
+
+    params = dict(params or {})
+    only_rule = params.pop("rule", False)
+    segments = cat.segments if params.pop("segments", True) else ()
     data = training_data(split, cat)
     span_days = (data.ts.max() - data.ts.min()) / 86400.0
-    config = ModelConfig(**{"time_decay_days": time_decay_days(span_days), **(params or {})})
-    pop = np.bincount(data.item[data.label == 1], minlength=cat.n_items)
-    model = FusionModel.untrained(cat.V, cat.A, cat.UA.shape[1], pop, config)
-    st = model.fit(data, init_residuals=model.residuals)
-    if stats is not None:
-        stats.update(st)
-    Wf, bias = model.item_side(cat.V, cat.A, model.residuals)
+    config = ModelConfig(**{"time_decay_days": time_decay_days(span_days), **params})
 
-    def score(users):
-        ptr, it, lab, ts = build_histories(users, data.user, data.item, data.label, data.ts)
-        X = model.user_vectors(cat.UA[users], ptr, it, lab, ts, Wf)
-        return X @ Wf.T + bias[None, :]
+    def start() -> FusionModel:
+        pop = np.bincount(data.item[data.label == 1], minlength=cat.n_items)
+        return FusionModel.untrained(cat.V, cat.A, cat.UA.shape[1], pop, config, segments=segments,
+                                     rule=rule_half_life(DynamicSpec(), span_days))
 
-    return score
+    model = start()
+    if not only_rule:
+        cut = np.quantile(data.ts, 0.9, method="lower")
+        tr = data.ts < cut
+        part = TrainingData(data.V, data.A, data.UA, data.user[tr], data.item[tr], data.ts[tr],
+                            data.label[tr], UK=data.UK)
+        st = model.fit(part, init_residuals=model.residuals,
+                       holdout=(data.user[~tr], data.item[~tr], data.label[~tr]))
+        gamma = model.params.get("gamma")
+        model = start()
+        model.fit(data, epochs=st["best_epoch"], init_residuals=model.residuals)
+        if gamma is not None:
+            model.params["gamma"] = gamma
+        if stats is not None:
+            stats.update(best_epoch=st["best_epoch"], gamma=st.get("gamma", {}).get("chosen"),
+                         seconds=round(st["seconds"], 1))
+    score = model.scorer(data, model.residuals)
+    return lambda users: score(np.asarray(users))
 
 
 @dataclass
@@ -398,24 +424,66 @@ def store_scorer(store, cat: Catalogue, version: int | None = None) -> Scorer:
     """Scores from the store's serving path (``version``, default the current one):
     user vectors from the user's attributes and ingested history, item vectors and
     biases of the version. Holds everything in memory, so the store may go."""
-    from dynstore.recommend import serving_state, user_vectors
+    from dynstore.recommend import serving_state, user_logits
 
     state = serving_state(store, version)
     col = np.array(state.ids, np.int64)  # store row -> benchmark item index
-    W = np.zeros((cat.n_items, state.Wf.shape[1]), np.float32)
-    b = np.zeros(cat.n_items, np.float32)
-    W[col], b[col] = state.Wf, state.bias
 
     def score(users):
-        X = user_vectors(state, [int(u) for u in users])
-        return X @ W.T + b[None, :]
+        out = np.full((len(users), cat.n_items), -1e9, np.float32)
+        out[:, col] = user_logits(state, [int(u) for u in users])
+        return out
 
     return score
 
 
+def online_effect(store, split: Split, n_users: int = 200, seed: int = SEED) -> dict:
+    """Does a new like move a returning user's list, without a refresh?
+
+    For ``n_users`` returning users (seeded draw), pick an item X the user has not
+    seen (seeded, among items with a training positive), append 3 positives on the
+    items most similar to X (``similar_items``: the served version's fused vectors)
+    that the user has not seen either, in one ingest just after the newest event; then
+    compare each user's top-10 before and after. "Similar to X" is X and its 20 nearest
+    items other than the 3 liked ones.
+    """
+    import polars as pl
+
+    from dynstore.recommend import recommend_many, similar_items
+
+    rng = np.random.default_rng(seed)
+    pu, pi = split.positives()
+    returning = np.unique(pu)
+    users = rng.choice(returning, size=min(n_users, returning.size), replace=False)
+    seen = {int(u): set() for u in users}
+    for u, i in zip(pu, pi):
+        if int(u) in seen:
+            seen[int(u)].add(int(i))
+    warm = np.unique(pi)
+    before = recommend_many(store, [int(u) for u in users], K)
+    rows, targets = [], {}
+    for u in users:
+        u = int(u)
+        x = int(rng.choice([i for i in warm[rng.permutation(warm.size)[:50]] if int(i) not in seen[u]]))
+        near = [int(r["item_id"]) for r in similar_items(store, x, 60) if int(r["item_id"]) not in seen[u]]
+        liked, rest = near[:3], near[3:23]
+        targets[u] = {x, *rest}
+        rows += [(u, i) for i in liked]
+    newest = store.sql("SELECT max(ts) FROM interactions").fetchall()[0][0]
+    store.ingest("interactions", pl.DataFrame({
+        "user_id": [r[0] for r in rows], "item_id": [r[1] for r in rows],
+        "ts": [newest] * len(rows), "event": ["click"] * len(rows), "value": [5.0] * len(rows)}))
+    after = recommend_many(store, [int(u) for u in users], K)
+    changed = [set(r["item_id"] for r in a) != set(r["item_id"] for r in b) for a, b in zip(after, before)]
+    hit_after = [bool(targets[int(u)] & {r["item_id"] for r in a}) for u, a in zip(users, after)]
+    hit_before = [bool(targets[int(u)] & {r["item_id"] for r in b}) for u, b in zip(users, before)]
+    return {"users": int(users.size), "top10_changed": float(np.mean(changed)),
+            "similar_in_top10": float(np.mean(hit_after)), "similar_in_top10_before": float(np.mean(hit_before))}
+
+
 def fit_dynstore_store(split: Split, cat: Catalogue, *, use_negatives: bool = True,
                        stats: dict | None = None, data: StoreInput | None = None,
-                       full: dict | None = None) -> Scorer:
+                       full: dict | None = None, online: dict | None = None) -> Scorer:
     """The product path: a real store, ``encode``, then ``refresh``; score what it serves.
 
     ``data`` says what goes in (default: :func:`movielens_store_input`): items
@@ -441,6 +509,8 @@ def fit_dynstore_store(split: Split, cat: Catalogue, *, use_negatives: bool = Tr
         if full is not None:
             full.update(out)
         score = store_scorer(store, cat)
+        if online is not None:  # after scoring: it ingests new likes
+            online.update(online_effect(store, split))
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return score
@@ -585,7 +655,12 @@ def build_shop(size: str, seed: int):
     cat = Catalogue(users.height, items.height, V, ispec.transform(items.to_arrow()),
                     uspec.transform(users.to_arrow()), docs,
                     UK=uspec.segments(users.to_arrow()),
-                    segments=tuple(n for _, n in uspec.segment_columns()))
+                    segments=tuple(n for _, n in uspec.segment_columns()),
+                    item_features=peers.indicator_features(items, peers.Columns(
+                        categorical=("category", "brand"), multi=("tags",),
+                        numeric=("price", "created_ts")), items.height),
+                    user_features=peers.indicator_features(users, peers.Columns(
+                        categorical=("gender", "region"), numeric=("age", "signup_ts")), users.height))
     info = {"rules": (pos, neg), "item_spec": ispec, "user_spec": uspec, "vectors": how,
             "events": dict(inter["event"].value_counts().sort("event").rows())}
     return cat, log, items, users, info
@@ -653,16 +728,7 @@ def drift_recovery(cat: Catalogue, log: ShopLog, test: Split, train_rows: np.nda
 # ------------------------------------------------------------------------ driver
 ALS_GRID = [
     {"factors": f, "regularization": r, "alpha": a}
-    for f in (32, 64, 128) for r in (0.01, 0.1) for a in (1.0, 10.0)
-]
-# dynstore: defaults plus a few single changes, chosen on the validation slice
-DYN_GRID: list[dict] = [
-    {},
-    {"time_decay_days": 180.0},
-    {"time_decay_days": 730.0},
-    {"half_life": 50.0},
-    {"user_transform": False},
-    {"epochs": 3},
+    for f in (32, 128) for r in (0.01, 0.1) for a in (1.0, 10.0)
 ]
 
 
@@ -681,64 +747,116 @@ def select(name, grid, fit, val: Split, cat: Catalogue, log) -> dict:
     return best
 
 
-def fmt_table(results: dict, segments: list[str], baselines: list[str]) -> str:
-    lines = ["| method | " + " | ".join(f"{s} R@{K} | {s} N@{K}" for s in segments) + " |",
-             "|---|" + "---|---|" * len(segments)]
-    best = {s: max(results[b][s]["ndcg"] for b in baselines) for s in segments}
-    best_r = {s: max(results[b][s]["recall"] for b in baselines) for s in segments}
+SEGMENTS = ["overall", "warm items", "cold items", "returning users", "new users"]
+#: what a user would deploy instead of dynstore (all-time popularity is shown for reference only)
+PEERS = ["recent popularity", "EASE", "LightFM", "ALS", "content-only"]
+
+
+def best_peers(results: dict, metric: str = "ndcg") -> dict:
+    """Per segment: (name, value) of the best peer."""
+    out = {}
+    for s in SEGMENTS:
+        name = max((p for p in PEERS if p in results), key=lambda p: results[p][s][metric])
+        out[s] = (name, results[name][s][metric])
+    return out
+
+
+def fmt_ratio_table(results: dict, ref: str, metric: str = "ndcg") -> str:
+    """Markdown table of ``metric`` per segment with the ratio to row ``ref``."""
+    lines = ["| version | " + " | ".join(SEGMENTS) + " |", "|---|" + "---|" * len(SEGMENTS)]
     for name, res in results.items():
         cells = []
-        for s in segments:
-            r, n = res[s]["recall"], res[s]["ndcg"]
-            cells.append(f"{r:.4f} ({r / best_r[s]:.2f}x)" if best_r[s] > 0 else f"{r:.4f}")
-            cells.append(f"{n:.4f} ({n / best[s]:.2f}x)" if best[s] > 0 else f"{n:.4f}")
+        for s in SEGMENTS:
+            v, b = res[s][metric], results[ref][s][metric]
+            cells.append(f"{v:.4f}" + (f" ({v / b:.2f}x)" if b > 0 else ""))
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
-SEGMENTS = ["overall", "warm items", "cold items", "returning users", "new users"]
-BASELINES = ["popularity", "ALS", "content-only"]
+def fmt_table(results: dict, metric: str = "ndcg") -> str:
+    """Markdown table of ``metric`` per segment, each cell with its ratio to the best peer
+    of that column (cold items: also to LightFM)."""
+    best = best_peers(results, metric)
+    head = "| method | " + " | ".join(SEGMENTS) + " |"
+    lines = [head, "|---|" + "---|" * len(SEGMENTS)]
+    for name, res in results.items():
+        cells = []
+        for s in SEGMENTS:
+            v = res[s][metric]
+            b = best[s][1]
+            cell = f"{v:.4f}" + (f" ({v / b:.2f}x)" if b > 0 and name not in PEERS else "")
+            if s == "cold items" and name not in PEERS and "LightFM" in results:
+                lf = results["LightFM"][s][metric]
+                cell += f" [{v / lf:.2f}x LightFM]" if lf > 0 else ""
+            cells.append(cell)
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    lines.append("| *best peer* | " + " | ".join(f"{n}" for n, _ in best.values()) + " |")
+    return "\n".join(lines)
+
+
+#: the dynstore rows: the model as refresh fits it, then one ablation per term
+ABLATIONS = {
+    "dynstore model": {},
+    "- rule alone (untrained version 1)": {"rule": True},
+    "- no behaviour features (static popularity bias)": {"dynamic": False},
+    "- no user-segment term": {"segments": False},
+    "- no item-item term": {"item_item": False},
+    "- negatives ignored": {"use_negatives": False},
+    "- BCE objective (before this change)": {"objective": "bce"},
+}
 
 
 def compare(cat: Catalogue, test: Split, val: Split, args, log,
             store_data: StoreInput | None = None) -> dict:
-    """Choose hyper-parameters on ``val``, then fit every method on ``test``'s training
-    period and evaluate it on the test period. ``store_data``: what the store runs
-    ingest (default: :func:`movielens_store_input` of ``test``)."""
-    als_params = ALS_GRID[3]
-    dyn_params: dict = {}
+    """Choose the peers' hyper-parameters on ``val``, then fit every method on ``test``'s
+    training period and evaluate it on the test period. ``store_data``: what the store
+    runs ingest (default: :func:`movielens_store_input` of ``test``)."""
+    n = cat.n_items
+    chosen = {"window": 30, "ease": 500.0, "lightfm": peers.LIGHTFM_GRID[0], "als": ALS_GRID[0]}
     if not args.no_grid:
-        als_params = select("als", ALS_GRID, fit_als, val, cat, log)
-        dyn_params = select("dynstore",
-                            DYN_GRID,
-                            lambda s, c, **p: fit_dynstore(s, c, p), val, cat, log)
-    log(f"chosen on validation: als {als_params}, dynstore {dyn_params}")
+        chosen["window"] = select("recent popularity", [{"window_days": w} for w in peers.POPULARITY_WINDOWS],
+                                  lambda s, c, **p: peers.fit_recent_popularity(s, n, **p), val, cat, log)["window_days"]
+        chosen["ease"] = select("EASE", [{"lam": x} for x in peers.EASE_LAMBDAS],
+                                lambda s, c, **p: peers.fit_ease(s, n, window_days=chosen["window"], **p),
+                                val, cat, log)["lam"]
+        chosen["lightfm"] = select("LightFM", peers.LIGHTFM_GRID, lambda s, c, **p: peers.fit_lightfm(
+            s, n, c.n_users, c.item_features, c.user_features, **p), val, cat, log)
+        chosen["als"] = select("ALS", ALS_GRID, fit_als, val, cat, log)
+    log(f"chosen on validation: {chosen}")
     methods = {
-        "popularity": lambda s, c: fit_popularity(s, c),
-        "ALS": lambda s, c: fit_als(s, c, **als_params),
+        "recent popularity": lambda s, c: peers.fit_recent_popularity(s, n, chosen["window"]),
+        "EASE": lambda s, c: peers.fit_ease(s, n, chosen["ease"], chosen["window"]),
+        "LightFM": lambda s, c: peers.fit_lightfm(s, n, c.n_users, c.item_features, c.user_features,
+                                                  **chosen["lightfm"]),
+        "ALS": lambda s, c: fit_als(s, c, **chosen["als"]),
         "content-only": lambda s, c: fit_content(s, c),
-        "dynstore": lambda s, c: fit_dynstore(s, c, dyn_params),
-        "dynstore (no negatives)": lambda s, c: fit_dynstore(
-            s, c, dict(dyn_params, use_negatives=False)),
+        "all-time popularity (reference)": lambda s, c: fit_popularity(s, c),
     }
+    model_stats: dict = {}
+    for name, params in ABLATIONS.items():
+        if params.get("segments") is False and not cat.segments:
+            continue  # no user attributes: nothing to ablate
+        methods[name] = (lambda p, nm: lambda s, c: fit_dynstore(
+            s, c, p, stats=model_stats.setdefault(nm, {})))(params, name)
     store_stats: dict = {}
     store_full: dict = {}
     store_full_nn: dict = {}
+    online: dict = {}
     if not args.no_store:
         # what a user of the product gets: a store, `encode`, `refresh` (which
         # trains on the first 90% of the window and checks the last 10%)
-        methods["dynstore store+refresh"] = lambda s, c: fit_dynstore_store(
-            s, c, stats=store_stats, data=store_data, full=store_full)
-        methods["dynstore store+refresh (no negatives)"] = lambda s, c: fit_dynstore_store(
+        methods["dynstore store: ingest, encode, refresh"] = lambda s, c: fit_dynstore_store(
+            s, c, stats=store_stats, data=store_data, full=store_full, online=online)
+        methods["- refresh(use_negatives=False)"] = lambda s, c: fit_dynstore_store(
             s, c, use_negatives=False, data=store_data, full=store_full_nn)
     results = {}
     for name, fit in methods.items():
         t0 = time.perf_counter()
         results[name] = evaluate_scorer(fit(test, cat), test, cat.n_items)
-        log(f"test {name}: {time.perf_counter() - t0:.1f}s")
-    return {"results": results, "als": als_params, "dynstore": dyn_params,
+        log(f"test {name}: ndcg@{K} {results[name]['overall']['ndcg']:.4f} ({time.perf_counter() - t0:.1f}s)")
+    return {"results": results, "chosen": chosen, "model_stats": model_stats,
             "store_stats": store_stats, "store_refresh": store_full,
-            "store_refresh_nn": store_full_nn}
+            "store_refresh_nn": store_full_nn, "online": online}
 
 
 def run_movielens(args, log) -> dict | None:
@@ -756,15 +874,77 @@ def run_movielens(args, log) -> dict | None:
     log(f"test: {len(np.unique(test.test_user))} users, {test.test_user.size} positives, "
         f"{int(test.cold.sum())} cold items; val: {len(np.unique(val.test_user))} users")
     out = compare(cat, test, val, args, log)
+    report(out, args)
+    if not args.no_rolling:
+        rolling(cat, test, out["chosen"], log)
+    print(f"total {time.perf_counter() - t_all:.0f}s")
+    return out
+
+
+ROLLING_CUTS = (0.55, 0.62, 0.69, 0.76, 0.83)
+ROLLING_SPAN = 0.08
+
+
+def rolling(cat: Catalogue, test: Split, chosen: dict, log) -> dict:
+    """The same comparison at five earlier cuts of the training period (train on the
+    events before the cut, test on the next 8 %), pooled over the cuts: five times the
+    test users of one cut, so a difference of a few percent means something. The peers
+    keep the hyper-parameters chosen on the validation slice."""
+    n = cat.n_items
+    methods = {
+        "recent popularity": lambda s: peers.fit_recent_popularity(s, n, chosen["window"]),
+        "EASE": lambda s: peers.fit_ease(s, n, chosen["ease"], chosen["window"]),
+        "LightFM": lambda s: peers.fit_lightfm(s, n, cat.n_users, cat.item_features, cat.user_features,
+                                               **chosen["lightfm"]),
+        "dynstore model": lambda s: fit_dynstore(s, cat),
+        "- rule alone": lambda s: fit_dynstore(s, cat, {"rule": True}),
+    }
+    ev = (test.user, test.item, test.ts, test.label)
+    total = {m: {s: [0.0, 0] for s in SEGMENTS} for m in methods}
+    for c in ROLLING_CUTS:
+        end = int(len(test.ts) * (c + ROLLING_SPAN))
+        sp = temporal_split(tuple(a[:end] for a in ev), n, frac=c / (c + ROLLING_SPAN))
+        for name, fit in methods.items():
+            r = evaluate_scorer(fit(sp), sp, n)
+            for seg in SEGMENTS:
+                if r[seg]["users"] and np.isfinite(r[seg]["ndcg"]):
+                    total[name][seg][0] += r[seg]["ndcg"] * r[seg]["users"]
+                    total[name][seg][1] += r[seg]["users"]
+        log(f"rolling cut {c:.2f}: done")
+    out = {m: {seg: {"ndcg": t / max(u, 1), "recall": float("nan"), "users": u} for seg, (t, u) in v.items()}
+           for m, v in total.items()}
+    print()
+    print(f"rolling origin ({len(ROLLING_CUTS)} cuts, {out['recent popularity']['overall']['users']} "
+          f"user-periods), NDCG@{K} pooled over the cuts:")
+    print(fmt_ratio_table(out, "recent popularity"))
+    return out
+
+
+def report(out: dict, args) -> None:
+    """Print the NDCG@10 and Recall@10 tables, the model's choices and the online effect."""
     results = out["results"]
     print()
-    print(fmt_table(results, SEGMENTS, BASELINES))
+    print(f"NDCG@{K} (ratio to the best peer of the column):")
+    print(fmt_table(results, "ndcg"))
     print()
-    print("users per segment:", {s: results["dynstore"][s]["users"] for s in SEGMENTS})
+    print(f"Recall@{K}:")
+    print(fmt_table(results, "recall"))
+    print()
+    print("users per segment:", {s: results["recent popularity"][s]["users"] for s in SEGMENTS})
+    print("model fits (best_epoch -1 = the start kept, gamma = item-item weight):",
+          {k: v for k, v in out["model_stats"].items() if v})
     if not args.no_store:
         print("store refresh:", out["store_stats"])
-    print(f"total {time.perf_counter() - t_all:.0f}s")
-    return {k: out[k] for k in ("results", "als", "dynstore")}
+        r = out["store_refresh"]
+        if r.get("metrics"):
+            m = r["metrics"]
+            print(f"  its holdout: candidate ndcg@10 {m['candidate']['ndcg@10']:.4f}, current "
+                  f"{m['current']['ndcg@10']:.4f}, rule {m['rule']['ndcg@10']:.4f}; status {r['status']}")
+        o = out["online"]
+        if o:
+            print(f"online effect ({o['users']} returning users, 3 new likes similar to an unseen item X, "
+                  f"no refresh): top-10 changed for {o['top10_changed']:.0%}; an item similar to X in the "
+                  f"top-10 for {o['similar_in_top10']:.0%} (before the likes: {o['similar_in_top10_before']:.0%})")
 
 
 def _ratio(a: float, b: float) -> str:
@@ -793,12 +973,9 @@ def run_shop(args, log) -> dict:
     data = StoreInput(init={}, items=items, users=users, interactions=slog.rows(train_rows))
     out = compare(cat, test, val, args, log, store_data=data)
     results = out["results"]
-    print()
-    print(fmt_table(results, SEGMENTS, BASELINES))
-    print()
-    print("users per segment:", {s: results["dynstore"][s]["users"] for s in SEGMENTS})
-    pop = results["popularity"]["new users"]
-    for name in ("dynstore", "dynstore store+refresh"):
+    report(out, args)
+    pop = results["recent popularity"]["new users"]
+    for name in ("dynstore model", "dynstore store: ingest, encode, refresh"):
         if name in results:
             r = results[name]["new users"]
             print(f"new users (with attributes): {name} vs popularity: "
@@ -830,7 +1007,7 @@ def run_shop(args, log) -> dict:
               f"{'all after' if after_drift else 'NOT all after (this size or seed)'} the "
               f"drift at {DRIFT_START}; {drift['rows']['pre']} pre-drift + {drift['rows']['post']} "
               f"post-drift training rows):")
-        print(fmt_table(dres, SEGMENTS, ["(a) pre-drift version"]))
+        print(fmt_ratio_table(dres, "(a) pre-drift version"))
         ra, rb = drift["refresh"]["pre-drift"], drift["refresh"]["post-drift"]
         va, served = drift["serving"]["pre-drift"], drift["serving"]["post-drift"]
         a = dres["(a) pre-drift version"]["overall"]
@@ -858,9 +1035,9 @@ def run_shop(args, log) -> dict:
                   f"{mm['candidate']['ndcg@10']:.4f} vs current {mm['current']['ndcg@10']:.4f}; "
                   f"window {r['window']}")
     print(f"shop total {time.perf_counter() - t_all:.0f}s")
-    return {k: out[k] for k in ("results", "als", "dynstore")} | {
-        "size": args.shop_size, "seed": args.seed,
-        "drift": drift}
+    if not args.no_rolling:
+        rolling(cat, test, out["chosen"], log)
+    return out | {"size": args.shop_size, "seed": args.seed, "drift": drift}
 
 
 def main(argv=None) -> int:
@@ -875,6 +1052,7 @@ def main(argv=None) -> int:
     ap.add_argument("--json", help="write the results here")
     ap.add_argument("--no-grid", action="store_true", help="skip the validation grids")
     ap.add_argument("--no-store", action="store_true", help="skip the runs through a real store and refresh")
+    ap.add_argument("--no-rolling", action="store_true", help="skip the rolling-origin comparison")
     args = ap.parse_args(argv)
 
     def log(s):

@@ -1,38 +1,39 @@
 """The ``dynstore`` command line: a thin layer over the Python API.
 
 Each command opens the store, calls one API method and formats the result;
-a :class:`~dynstore.DynstoreError` becomes a one-line message and exit code
-1 (3 when the store is busy). Progress goes to stderr, results to stdout.
+a :class:`~dynstore.DynstoreError` becomes a one-line ``Error: ...`` and exit
+code 1 (3 when the store is busy, 2 for usage errors, 130 on Ctrl-C).
+Results go to stdout, progress and notes to stderr. Conventions shared by
+every command (the default store, ``--format``, ``-q``) are in
+:mod:`dynstore.cli.options`; importing this module loads neither duckdb nor
+numpy, so ``dynstore --help`` is instant.
 """
 from __future__ import annotations
 
 import functools
-import json
-import os
 import sys
-from pathlib import Path
 
 import click
 
-from dynstore import finetune as _ft  # constants only: torch loads when fine-tuning starts
+from .options import (STORE_HELP, LazyHelpOption, StoreCommand, format_options, is_store, quiet_option,
+                      show_progress, store_argument)
+from .output import key_values, render, to_json
 
 __all__ = ["main"]
 
-EXIT_USER, EXIT_USAGE, EXIT_BUSY = 1, 2, 3
-
-
-def _api():
-    import dynstore
-
-    return dynstore
+EXIT_USER, EXIT_USAGE, EXIT_BUSY, EXIT_INTERRUPTED = 1, 2, 3, 130
+KINDS = ("interactions", "items", "users")
+SIZES = ("tiny", "small", "medium", "large")  # dynstore.samples.shop.SIZES (not imported: numpy)
 
 
 def handle_errors(fn):
-    """Turn DynstoreError into ``Error: <message>`` and an exit code."""
+    """Turn DynstoreError into ``Error: <message>`` and an exit code; Ctrl-C into 130."""
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         from dynstore.errors import DynstoreError, StoreBusy
+
+        from .repl import Interrupted
 
         try:
             return fn(*args, **kwargs)
@@ -42,15 +43,37 @@ def handle_errors(fn):
         except DynstoreError as exc:
             click.echo(f"Error: {exc}", err=True)
             sys.exit(EXIT_USER)
+        except (KeyboardInterrupt, Interrupted):
+            click.echo("Interrupted", err=True)
+            sys.exit(EXIT_INTERRUPTED)
 
     return wrapper
 
 
-def _json(obj) -> str:
-    return json.dumps(obj, indent=2, default=str)
+def _open(store: str, *, read_only: bool = False):
+    from .startup import import_arrow_quickly
+
+    import_arrow_quickly()
+    import dynstore
+
+    return dynstore.connect(store, read_only=read_only)
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+def _fmt(fmt: str, as_json: bool) -> str:
+    return "json" if as_json else fmt
+
+
+def _note(quiet: bool, message: str) -> None:
+    if not quiet:
+        click.echo(message, err=True)
+
+
+def _kind_first(pos: list[str]) -> bool:
+    """For ingest/delete: the positionals start with a store unless the first is a table name."""
+    return not (pos and pos[0] in KINDS and not is_store(pos[0]))
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.version_option(package_name="dynstore")
 def main():
     """dynstore: an embedded store for recommender systems.
@@ -64,7 +87,15 @@ def main():
       dynstore encode shop
       dynstore recommend shop 42 -k 10
       dynstore sql shop "SELECT recommend(42, 10)"
+      export DYNSTORE_STORE=shop; dynstore inspect
+
+    STORE may be left out of every command but init and demo when $DYNSTORE_STORE
+    names a store or the working directory holds a dynstore.toml. Exit codes:
+    0 success, 1 error, 2 usage, 3 store busy, 130 interrupted (Ctrl-C).
     """
+
+
+# -------------------------------------------------------------------------- init
 
 
 @main.command()
@@ -73,9 +104,12 @@ def main():
 @click.option("--positive", default=None, help="SQL rule labelling a positive interaction (default: value > 0).")
 @click.option("--negative", default=None, help="SQL rule labelling a negative interaction (default: value <= 0).")
 @click.option("--item-text", default=None, help="SQL expression over item columns rendering the item document.")
-@click.option("--max-length", type=int, default=None, help="Encoder max tokens per document (default 256).")
+@click.option("--max-length", type=click.IntRange(min=2), default=None,
+              help="Encoder max tokens per document (default 256).")
+@click.option("--json", "as_json", is_flag=True, help="Print the new store's config as JSON.")
+@quiet_option
 @handle_errors
-def init(store, model, positive, negative, item_text, max_length):
+def init(store, model, positive, negative, item_text, max_length, as_json, quiet):
     """Create a new store in STORE (a new or empty directory).
 
     \b
@@ -84,10 +118,18 @@ def init(store, model, positive, negative, item_text, max_length):
       dynstore init shop --positive "event IN ('click','purchase')" --negative "event = 'skip'"
       dynstore init films --item-text "title || ' ' || genres" --model ./my-bert
     """
-    s = _api().init(store, positive=positive, negative=negative, item_text=item_text, model=model,
-                    max_length=max_length)
-    click.echo(f"created store {s.path} (positive: {s.config.positive}; negative: {s.config.negative}; "
-               f"encoder: {s.config.model})")
+    import dynstore
+
+    s = dynstore.init(store, positive=positive, negative=negative, item_text=item_text, model=model,
+                      max_length=max_length)
+    if as_json:
+        click.echo(to_json({"store": str(s.path), **_config_view(s.config)}))
+    elif not quiet:
+        click.echo(f"created store {s.path} (positive: {s.config.positive}; negative: {s.config.negative}; "
+                   f"encoder: {s.config.model})")
+
+
+# -------------------------------------------------------------------------- ingest
 
 
 def _parse_map(pairs) -> dict[str, str]:
@@ -100,67 +142,102 @@ def _parse_map(pairs) -> dict[str, str]:
     return out
 
 
-@main.command()
-@click.argument("store", type=click.Path(file_okay=False))
-@click.argument("kind", type=click.Choice(["interactions", "items", "users"]))
+@main.command(cls=StoreCommand, store_given=_kind_first)
+@store_argument
+@click.argument("kind", type=click.Choice(KINDS))
 @click.argument("files", nargs=-1, required=True, type=click.Path())
 @click.option("--map", "mapping", multiple=True, metavar="NEW=OLD", help="Rename a column of the files (repeatable).")
-@click.option("--format", "fmt", type=click.Choice(["csv", "tsv", "parquet", "json", "ndjson"]), default=None,
-              help="Override format detection from the file extension.")
+@click.option("--input-format", "input_format",
+              type=click.Choice(["csv", "tsv", "parquet", "json", "ndjson"]), default=None,
+              help="Read FILES as this format instead of guessing from the extension.")
+@click.option("--format", "old_format", hidden=True, default=None,  # the name before --input-format
+              type=click.Choice(["csv", "tsv", "parquet", "json", "ndjson"]))
+@click.option("--dedupe", is_flag=True,
+              help="Interactions: skip rows equal in every column to a stored row or an earlier row of this ingest.")
+@click.option("--key", "keys", multiple=True, metavar="COLUMN",
+              help="Interactions: skip rows whose COLUMN value (e.g. event_id) is already stored; repeatable "
+                   "for a key of several columns. Implies --dedupe on those columns.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+@quiet_option
 @handle_errors
-def ingest(store, kind, files, mapping, fmt, as_json):
-    """Load FILES into a table: interactions are appended, items/users upserted.
+def ingest(store, kind, files, mapping, input_format, old_format, dedupe, keys, as_json, quiet):
+    """Load FILES into a table: interactions are appended, items/users upserted by id.
 
     All files land in one commit, or none does: a bad row rejects the whole
-    command with a message naming file, row and column.
+    command with a message naming file, row and column. Running the same
+    interactions ingest twice stores them twice unless --dedupe or --key
+    says what a duplicate is.
 
     \b
     Examples:
       dynstore ingest shop items items.csv
       dynstore ingest shop interactions day1.parquet day2.parquet
-      dynstore ingest films interactions ratings.csv --map user_id=userId --map item_id=movieId --map ts=timestamp --map value=rating
+      dynstore ingest shop interactions day2.parquet --key event_id
+      dynstore ingest films interactions ratings.csv --map user_id=userId --map item_id=movieId --map ts=timestamp
     """
-    with _api().connect(store) as s:
-        out = s.ingest(kind, list(files), mapping=_parse_map(mapping), format=fmt)
+    dedupe_on = list(keys) if keys else (True if dedupe else False)
+    with _open(store) as s:
+        out = s.ingest(kind, list(files), mapping=_parse_map(mapping), format=input_format or old_format,
+                       dedupe=dedupe_on)
     if as_json:
-        click.echo(_json(out))
-    else:
-        click.echo(f"ingested {out['rows']} rows into {kind} ({out['total']} in total, dataset version {out['version']})")
+        click.echo(to_json(out))
+    elif not quiet:
+        line = f"ingested {out['rows']} rows into {kind} ({out['total']} in total, dataset version {out['version']})"
+        if "duplicates_skipped" in out:
+            line += f"; skipped {out['duplicates_skipped']} duplicates (key: {', '.join(out['key'])})"
+        click.echo(line)
+    unknown = out.get("unknown_items")
+    if unknown and not as_json:
+        examples = ", ".join(repr(x) for x in unknown["examples"])
+        rows = f"{unknown['rows']} row names" if unknown["rows"] == 1 else f"{unknown['rows']} rows name"
+        ids = "an item id" if unknown["ids"] == 1 else f"{unknown['ids']} item ids"
+        _note(quiet, f"warning: {rows} {ids} not in items (e.g. {examples}); they are stored, and count "
+                     "once those items are ingested")
 
 
-@main.command()
-@click.argument("store", type=click.Path(file_okay=False))
+# -------------------------------------------------------------------------- encode
+
+
+@main.command(cls=StoreCommand)
+@store_argument
 @click.option("--all", "all_", is_flag=True, help="Re-encode every item, not just stale ones.")
-@click.option("--batch-size", type=int, default=64, show_default=True)
+@click.option("--batch-size", type=click.IntRange(min=1), default=64, show_default=True,
+              help="Sizes each forward pass of the encoder (its token budget).")
 @click.option("--device", type=click.Choice(["cpu", "cuda"]), default=None, help="Default: cuda when present.")
-@click.option("--json", "as_json", is_flag=True)
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+@quiet_option
 @handle_errors
-def encode(store, all_, batch_size, device, as_json):
+def encode(store, all_, batch_size, device, as_json, quiet):
     """Encode stale items (new or changed documents) into semantic vectors.
+
+    Vectors are committed in chunks, so an interrupted run (Ctrl-C, a crash)
+    keeps what it finished and the next run resumes with what is still stale.
 
     \b
     Examples:
       dynstore encode shop
       dynstore encode shop --all --device cuda --json
     """
-    with _api().connect(store) as s:
-        out = s.encode(all=all_, batch_size=batch_size, device=device, progress=not as_json)
+    with _open(store) as s:
+        out = s.encode(all=all_, batch_size=batch_size, device=device, progress=show_progress(quiet))
     if as_json:
-        click.echo(_json(out))
-    else:
+        click.echo(to_json(out))
+    elif not quiet:
         rate = f", {out['items_per_s']} docs/s" if out["encoded"] else ""
         click.echo(f"{out['items']} items: {out['stale']} stale, {out['encoded']} documents encoded, "
                    f"{out['reused']} reused from cache ({out['seconds']}s{rate}, {out['device']})")
         if out.get("version"):
-            click.echo(f"created version {out['version']} (untrained fusion)")
+            click.echo(f"created version {out['version']} (the popularity rule; `dynstore refresh` trains one)")
+
+
+# -------------------------------------------------------------------------- recommend
 
 
 def _title_map(s, ids):
     cols = [r[0] for r in s.sql("DESCRIBE items").fetchall()]
     name = next((c for c in ("title", "name") if c in cols), None)
     if not name or not ids:
-        return {}
+        return None
     rows = s.sql(f'SELECT item_id, "{name}" FROM items WHERE item_id IN (SELECT unnest(?))', [ids]).fetchall()
     return dict(rows)
 
@@ -174,171 +251,211 @@ def _coerce_id(s, kind: str, raw: str):
     return raw
 
 
-@main.command()
-@click.argument("store", type=click.Path(file_okay=False))
+@main.command(cls=StoreCommand)
+@store_argument
 @click.argument("user_id")
-@click.option("-k", type=int, default=10, show_default=True, help="How many items (1-10000).")
-@click.option("--version", "version", type=int, default=None, help="Embedding version (default: current).")
+@click.option("-k", type=click.IntRange(1, 10_000), default=10, show_default=True, help="How many items.")
+@click.option("--version", "version", type=click.IntRange(min=1), default=None,
+              help="Embedding version (default: current).")
 @click.option("--log-impressions", is_flag=True, help="Log the list as shown, for the next refresh.")
-@click.option("--json", "as_json", is_flag=True)
+@format_options
+@quiet_option
 @handle_errors
-def recommend(store, user_id, k, version, log_impressions, as_json):
+def recommend(store, user_id, k, version, log_impressions, fmt, as_json, quiet):
     """Top-k items for USER_ID (unknown users get the cold-start list).
 
     \b
     Examples:
       dynstore recommend shop 42
       dynstore recommend shop 42 -k 5 --version 2 --json
+      dynstore recommend shop u-0042 --format csv --log-impressions
     """
-    with _api().connect(store) as s:
+    with _open(store) as s:
         uid = _coerce_id(s, "user", user_id)
         recs = s.recommend(uid, k, version=version)
         if log_impressions:
             s.log_impressions(uid, [r["item_id"] for r in recs])
         titles = _title_map(s, [r["item_id"] for r in recs])
-    if as_json:
-        click.echo(_json([{"rank": n + 1, **r, "title": titles.get(r["item_id"])} for n, r in enumerate(recs)]))
-        return
-    for n, r in enumerate(recs, 1):
-        title = titles.get(r["item_id"])
-        click.echo(f"{n:>3}  {r['item_id']!s:>10}  {r['score']:.4f}  {title or ''}")
+    columns = ["rank", "item_id", "score"] + (["title"] if titles is not None else [])
+    rows = [(n, r["item_id"], round(r["score"], 6)) + ((titles.get(r["item_id"]),) if titles is not None else ())
+            for n, r in enumerate(recs, 1)]
+    click.echo(render(columns, rows, _fmt(fmt, as_json)))
 
 
-def _print_rel(rel, fmt: str):
-    if rel is None:
-        return
-    cols = rel.columns
-    rows = rel.fetchall()
-    if fmt == "json":
-        click.echo(_json([dict(zip(cols, r)) for r in rows]))
-    elif fmt == "csv":
-        import csv
-
-        w = csv.writer(sys.stdout)
-        w.writerow(cols)
-        w.writerows(rows)
-    else:
-        click.echo(_table(cols, rows))
+# -------------------------------------------------------------------------- sql
 
 
-def _table(cols, rows, limit: int = 60) -> str:
-    def cell(v):
-        text = "NULL" if v is None else str(v)
-        return text if len(text) <= limit else text[: limit - 1] + "…"
-
-    body = [[cell(v) for v in r] for r in rows]
-    widths = [max([len(c)] + [len(r[i]) for r in body]) for i, c in enumerate(cols)]
-    line = "  ".join(c.ljust(w) for c, w in zip(cols, widths))
-    out = [line, "  ".join("-" * w for w in widths)]
-    out += ["  ".join(v.ljust(w) for v, w in zip(r, widths)) for r in body]
-    out.append(f"({len(rows)} row{'s' if len(rows) != 1 else ''})")
-    return "\n".join(out)
+def _sql_store_given(pos: list[str]) -> bool:
+    return len(pos) >= 2 or (len(pos) == 1 and is_store(pos[0]))
 
 
-@main.command()
-@click.argument("store", type=click.Path(file_okay=False))
+@main.command(cls=StoreCommand, store_given=_sql_store_given)
+@store_argument
 @click.argument("query", required=False)
 @click.option("--read-only", is_flag=True, help="No writes to the store, no file access outside it.")
-@click.option("--format", "fmt", type=click.Choice(["table", "csv", "json"]), default="table", show_default=True)
+@format_options
+@quiet_option
 @handle_errors
-def sql(store, query, read_only, fmt):
+def sql(store, query, read_only, fmt, as_json, quiet):
     """Run QUERY with every dynstore view and function, or open a prompt.
+
+    QUERY may hold several statements; each result is printed. Tables you
+    CREATE live in this command's (or prompt's) memory only; the store's own
+    tables are read-only in SQL (use ingest and delete). Ctrl-C cancels a
+    running query. The prompt has DuckDB-style dot commands (.help lists
+    them) and keeps multi-line statements whole in its history
+    (~/.dynstore_history, or $DYNSTORE_HISTORY).
 
     \b
     Examples:
       dynstore sql shop "SELECT recommend(42, 10)"
       dynstore sql shop "SELECT r.rank, i.title FROM recommendations(42, 5) r JOIN items i USING (item_id)"
       dynstore sql shop --read-only --format csv "SELECT * FROM versions"
-      dynstore sql shop            # interactive, with history
+      dynstore sql shop            # interactive: .tables, .schema items, .mode csv, .timer on
     """
-    import duckdb
+    from dynstore.session import SqlSession
 
-    with _api().connect(store, read_only=read_only) as s:
-        if query is not None:
-            try:
-                _print_rel(s.sql(query), fmt)
-            except duckdb.Error as exc:
-                click.echo(f"Error: {_first_line(exc)}", err=True)
-                sys.exit(EXIT_USER)
+    from .repl import Repl, run_interruptibly
+
+    fmt = _fmt(fmt, as_json)
+    with _open(store, read_only=read_only) as s, SqlSession(s) as session:
+        if query is None:
+            Repl(session, fmt, quiet=quiet).loop()
             return
-        _repl(s, fmt)
+        results = []
+        for statement in session.statements(query):
+            results.append(run_interruptibly(session, statement))
+        shown = [r for r in results if r.columns]
+        for n, r in enumerate(shown):
+            if n:
+                click.echo()
+            click.echo(render(r.columns, r.rows, fmt))
+        created = [r.creates for r in results if r.creates]
+        if created:
+            _note(quiet, f"note: {', '.join(created)} existed only while this command ran; tables you CREATE "
+                         "are session-scoped (use the prompt, or COPY ... TO a file, to keep a result)")
 
 
-def _first_line(exc) -> str:
-    text = str(exc).strip().splitlines()
-    return text[0] if text else type(exc).__name__
+# -------------------------------------------------------------------------- delete
 
 
-def _repl(s, fmt):
-    import duckdb
+@main.command(cls=StoreCommand, store_given=_kind_first)
+@store_argument
+@click.argument("kind", type=click.Choice(KINDS))
+@click.option("--where", required=True, metavar="SQL",
+              help="Condition over the table's columns (interactions also have label), as in `dynstore sql`.")
+@click.option("--dry-run", is_flag=True, help="Count the matching rows; delete nothing.")
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+@quiet_option
+@handle_errors
+def delete(store, kind, where, dry_run, as_json, quiet):
+    """Delete the rows of a table matching --where, in one commit.
 
-    history = Path(os.environ.get("DYNSTORE_HISTORY", Path.home() / ".dynstore_history"))
-    if sys.stdin.isatty():
-        from prompt_toolkit import PromptSession
-        from prompt_toolkit.history import FileHistory
+    A deleted item is never recommended again, at once, and its vectors
+    leave the next version; interactions that name it stay as history until
+    you delete them too.
 
-        session = PromptSession(history=FileHistory(str(history)))
-        read = lambda: session.prompt("dynstore> ")  # noqa: E731
-    else:
-        read = lambda: input()  # noqa: E731
-    click.echo(f"dynstore SQL on {s.path}; end statements with ';', quit with .quit or Ctrl-D", err=True)
-    buf = ""
-    while True:
-        try:
-            line = read()
-        except (EOFError, KeyboardInterrupt):
-            break
-        if line.strip() in (".quit", ".exit", "\\q"):
-            break
-        buf += line + "\n"
-        if not buf.strip().endswith(";"):
-            continue
-        try:
-            _print_rel(s.sql(buf), fmt)
-        except duckdb.Error as exc:
-            click.echo(f"Error: {_first_line(exc)}", err=True)
-        buf = ""
+    \b
+    Examples:
+      dynstore delete shop interactions --where "ts < DATE '2024-01-01'"
+      dynstore delete shop items --where "item_id IN ('sku-1', 'sku-2')" --dry-run
+      dynstore delete shop users --where "region IS NULL"
+    """
+    with _open(store) as s:
+        out = s.delete(kind, where, dry_run=dry_run)
+    if as_json:
+        click.echo(to_json(out))
+    elif dry_run:
+        click.echo(f"would delete {out['deleted']} of {out['total']} rows from {kind} (dry run: nothing deleted)")
+    elif not quiet:
+        click.echo(f"deleted {out['deleted']} rows from {kind} ({out['total']} left, dataset version {out['version']})")
+        if kind == "items" and out["deleted"]:
+            _note(quiet, "note: interactions naming the deleted items stay; remove them with "
+                         "`dynstore delete STORE interactions --where \"item_id NOT IN (SELECT item_id FROM items)\"`")
 
 
-@main.command()
-@click.argument("store", type=click.Path(file_okay=False))
-@click.option("--since", default="30d", show_default=True, help="Training window: 30d, 12w, a date, or 'all'.")
+# -------------------------------------------------------------------------- inspect
+
+
+@main.command(cls=StoreCommand)
+@store_argument
+@format_options
+@handle_errors
+def inspect(store, fmt, as_json):
+    """What is in the store and what it needs: counts, sizes, versions, refresh.
+
+    Rows, bytes on disk and Lance fragments of each table, the semantic
+    cache and the embeddings; the encoder; stale items (they need encode);
+    the versions and the last refresh; and what `dynstore refresh` would do
+    now (retrain, and why, or nothing). Reads only.
+
+    \b
+    Examples:
+      dynstore inspect shop
+      dynstore inspect shop --json | jq .refresh
+    """
+    with _open(store, read_only=True) as s:
+        out = s.inspect()
+    click.echo(key_values(out, _fmt(fmt, as_json)))
+
+
+# -------------------------------------------------------------------------- refresh
+
+
+def _finetune_steps_help() -> str:
+    from dynstore import finetune as ft
+
+    return (f"Fine-tuning steps of {ft.BATCH} events [default: one pass over the positives, at most "
+            f"{ft.MAX_STEPS_CPU} on a CPU, {ft.MAX_STEPS_GPU} on a GPU].")
+
+
+@main.command(cls=StoreCommand)
+@store_argument
+@click.option("--since", default="30d", show_default=True, help="Training window: 30d, 12w, 48h, a date, or 'all'.")
 @click.option("--epochs", type=click.IntRange(min=1), default=None,
               help="Most training epochs [default: 10]; training stops early once the holdout stops improving.")
 @click.option("--no-promote", is_flag=True, help="Keep the new version as a candidate.")
+@click.option("--force", is_flag=True, help="Retrain even when nothing changed since the last version.")
 @click.option("--finetune-encoder", is_flag=True,
               help="Also fine-tune the last layers of the text encoder on the same events, then re-encode "
                    "every item (minutes on a CPU; uses the GPU when there is one).")
-@click.option("--finetune-steps", type=click.IntRange(min=1), default=None,
-              help=f"Fine-tuning steps of {_ft.BATCH} events [default: one pass over the positives, "
-                   f"at most {_ft.MAX_STEPS_CPU} on a CPU, {_ft.MAX_STEPS_GPU} on a GPU].")
-@click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--json", "as_json", is_flag=True)
+@click.option("--finetune-steps", cls=LazyHelpOption, lazy_help=_finetune_steps_help,
+              type=click.IntRange(min=1), default=None)
+@click.option("--seed", type=int, default=0, show_default=True, help="Random seed of the training run.")
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON (stable, for cron and scripts).")
+@quiet_option
 @handle_errors
-def refresh(store, since, epochs, no_promote, finetune_encoder, finetune_steps, seed, as_json):
+def refresh(store, since, epochs, no_promote, force, finetune_encoder, finetune_steps, seed, as_json, quiet):
     """Retrain from recent positives and negatives; publish a new version.
 
-    A refresh with no new interactions since the last one does nothing and
-    exits 0, so it is safe to run from cron. With --finetune-encoder the
-    store switches to the fine-tuned encoder only if the version is promoted.
+    A refresh does nothing (exit 0) when nothing changed since the last
+    version: no new or deleted interactions, same items, window, labelling
+    rules, item document and encoder. It then says so; --force retrains
+    anyway. With --finetune-encoder the store switches to the fine-tuned
+    encoder only if the version is promoted.
 
     \b
     Examples:
       dynstore refresh shop
       dynstore refresh shop --since all --epochs 5 --json
+      dynstore refresh shop --force
       dynstore refresh shop --finetune-encoder --finetune-steps 200
     """
     if finetune_steps is not None and not finetune_encoder:
         raise click.UsageError("--finetune-steps needs --finetune-encoder")
-    with _api().connect(store) as s:
+    with _open(store) as s:
         out = s.refresh(since=since, epochs=epochs, promote=not no_promote, finetune_encoder=finetune_encoder,
-                        finetune_steps=finetune_steps, seed=seed, progress=not as_json)
+                        finetune_steps=finetune_steps, seed=seed, force=force, progress=show_progress(quiet))
     if as_json:
-        click.echo(_json(out))
+        click.echo(to_json(out))
+        return
+    if quiet:
         return
     if out.get("status") == "noop":
         click.echo(f"nothing to do: {out.get('reason')}")
         return
+    if out.get("reasons"):
+        click.echo(f"retrained: {'; '.join(out['reasons'])}")
     click.echo(f"version {out['version']}: {out['status']}")
     for name, m in out.get("metrics", {}).items():
         if isinstance(m, dict):
@@ -357,102 +474,176 @@ def refresh(store, since, epochs, no_promote, finetune_encoder, finetune_steps, 
                    f"{ft['loss_after']:.4f}); {kept}")
 
 
-@main.command()
-@click.argument("store", type=click.Path(file_okay=False))
-@click.option("--json", "as_json", is_flag=True)
+# -------------------------------------------------------------------------- versions, rollback, eval
+
+
+@main.command(cls=StoreCommand)
+@store_argument
+@format_options
 @handle_errors
-def versions(store, as_json):
-    """List embedding versions with their status and metrics."""
-    with _api().connect(store) as s:
+def versions(store, fmt, as_json):
+    """List embedding versions: serving status, refresh's verdict, window, holdout metrics.
+
+    status is where a version stands now (current, retired, candidate,
+    rejected); verdict is what refresh decided when it was made (initial,
+    promoted, passed, rejected, rule) and survives rollbacks.
+
+    \b
+    Examples:
+      dynstore versions shop
+      dynstore versions shop --format markdown
+      dynstore versions shop --json | jq '.[0].metrics'
+    """
+    from dynstore.versions import headline_metrics
+
+    with _open(store, read_only=True) as s:
         rows = s.versions()
-    if as_json:
-        click.echo(_json(rows))
+    fmt = _fmt(fmt, as_json)
+    if fmt in ("json", "jsonl"):
+        click.echo(render(list(rows[0]) if rows else [], [list(r.values()) for r in rows], fmt))
         return
-    if not rows:
-        click.echo("no versions yet; run `dynstore encode`")
-        return
-    cols = ["version", "status", "parent", "created", "train_window", "metrics"]
+    cols = ["version", "status", "verdict", "parent", "created", "train_window", "ndcg@10", "recall@10", "auc"]
     body = []
     for r in rows:
-        m = r["metrics"].get("candidate", r["metrics"]) if isinstance(r["metrics"], dict) else {}
-        short = " ".join(f"{k}={v:.3f}" for k, v in m.items() if isinstance(v, float))
-        body.append([r["version"], r["status"], r["parent"], str(r["created"])[:19], r["train_window"], short])
-    click.echo(_table(cols, body, limit=80))
+        m = headline_metrics(r)
+        body.append([r["version"], r["status"], r["verdict"], r["parent"], str(r["created"])[:19], r["train_window"],
+                     *(round(m[k], 4) if isinstance(m.get(k), float) else None for k in cols[-3:])])
+    click.echo(render(cols, body, fmt))
 
 
-@main.command()
-@click.argument("store", type=click.Path(file_okay=False))
-@click.argument("version", type=int)
+@main.command(cls=StoreCommand)
+@store_argument
+@click.argument("version", type=click.IntRange(min=1))
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+@quiet_option
 @handle_errors
-def rollback(store, version):
-    """Make VERSION the current embedding version again."""
-    with _api().connect(store) as s:
+def rollback(store, version, as_json, quiet):
+    """Make VERSION the current embedding version again.
+
+    The version that was current becomes retired; every version keeps its
+    verdict. Rolling back to a version refresh rejected works, with a warning.
+
+    \b
+    Examples:
+      dynstore rollback shop 3
+      dynstore versions shop && dynstore rollback shop 1 --json
+    """
+    with _open(store) as s:
         out = s.rollback(version)
-    click.echo(f"version {out['version']} is current (was {out['previous']})")
+    if as_json:
+        click.echo(to_json(out))
+        return
+    if not quiet:
+        click.echo(f"version {out['version']} is current (was {out['previous']})")
+    if out.get("warning"):
+        _note(quiet, f"warning: {out['warning']}")
 
 
-@main.command(name="eval")
-@click.argument("store", type=click.Path(file_okay=False))
-@click.option("--version", "version", type=int, default=None)
-@click.option("-k", type=int, default=10, show_default=True)
-@click.option("--json", "as_json", is_flag=True)
+@main.command(name="eval", cls=StoreCommand)
+@store_argument
+@click.option("--version", "version", type=click.IntRange(min=1), default=None,
+              help="Version to evaluate (default: current).")
+@click.option("-k", type=click.IntRange(1, 10_000), default=10, show_default=True,
+              help="Cut-off of recall@k and ndcg@k.")
+@format_options
+@quiet_option
 @handle_errors
-def eval_(store, version, k, as_json):
-    """Evaluate a version (default: current) on the latest slice of interactions."""
+def eval_(store, version, k, fmt, as_json, quiet):
+    """Evaluate a version on the newest 10% of all interactions.
+
+    The output's slice says which events were used and how many of them
+    the version was trained on. refresh judges on the newest 10% of its
+    --since window, and only on events the current version never saw, so
+    its figures for the same version differ.
+
+    \b
+    Examples:
+      dynstore eval shop
+      dynstore eval shop --version 3 -k 20 --json
+    """
     from dynstore.refresh import evaluate_version
 
-    with _api().connect(store) as s:
+    with _open(store, read_only=True) as s:
         out = evaluate_version(s, version=version, k=k)
-    if as_json:
-        click.echo(_json(out))
-    else:
-        click.echo(f"version {out['version']} on {out['n_users']} users: " +
-                   "  ".join(f"{key}={v:.4f}" for key, v in out.items() if isinstance(v, float)))
+    click.echo(key_values(out, _fmt(fmt, as_json)))
+    sl = out["slice"]
+    _note(quiet or as_json or fmt != "table",
+          f"note: judged on {sl['events']} events of {sl['users']} users from {sl['from']} to {sl['to']} (the newest "
+          f"{sl['share']:.0%} of all interactions), {sl['trained_on_share']:.0%} of which version {out['version']} "
+          "was trained on; refresh uses its own window and only unseen events, so its figures differ")
 
 
-@main.command()
-@click.argument("store", type=click.Path(file_okay=False))
-@click.option("--positive", default=None)
-@click.option("--negative", default=None)
-@click.option("--item-text", default=None)
+# -------------------------------------------------------------------------- config
+
+
+def _config_view(cfg) -> dict:
+    d = cfg.as_dict()
+    d.pop("encoder_fingerprint", None)  # a cache key, not a setting
+    return d
+
+
+@main.command(cls=StoreCommand)
+@store_argument
+@click.option("--positive", default=None, help="SQL rule labelling a positive interaction.")
+@click.option("--negative", default=None, help="SQL rule labelling a negative interaction.")
+@click.option("--item-text", default=None, help="SQL expression over item columns rendering the item document.")
 @click.option("--behaviour-summary/--no-behaviour-summary", default=None,
               help="Append a summary of recent behaviour to item documents.")
-@click.option("--model", default=None)
-@click.option("--max-length", type=int, default=None)
+@click.option("--model", default=None, help="Encoder: 'minilm', 'fake[:DIM]', or a local Hugging Face path.")
+@click.option("--max-length", type=click.IntRange(min=2), default=None, help="Encoder max tokens per document.")
+@format_options
+@quiet_option
 @handle_errors
-def config(store, **changes):
+def config(store, fmt, as_json, quiet, **changes):
     """Show or change the store's rules, item document and encoder.
+
+    A change of the labelling rules, the item document or the encoder makes
+    the next refresh retrain (and say why).
 
     \b
     Examples:
       dynstore config shop
-      dynstore config shop --item-text "title || ': ' || description"
+      dynstore config shop --positive "event IN ('click', 'purchase')"
+      dynstore config shop --item-text "title || ': ' || description" --json
       dynstore config shop --behaviour-summary
     """
-    with _api().connect(store) as s:
-        changes = {k: v for k, v in changes.items() if v is not None}
+    changes = {k: v for k, v in changes.items() if v is not None}
+    with _open(store, read_only=not changes) as s:
         cfg = s.configure(**changes) if changes else s.config
-    for key, val in cfg.as_dict().items():
-        click.echo(f"{key} = {val}")
+    if changes and quiet and not as_json:
+        return
+    click.echo(key_values(_config_view(cfg), _fmt(fmt, as_json)))
+    if changes.keys() & {"positive", "negative", "item_text", "behaviour_summary", "model", "max_length"}:
+        _note(quiet or as_json, "note: the next `dynstore refresh` retrains on the new settings "
+                                "(items whose document changed are re-encoded first)")
+
+
+# -------------------------------------------------------------------------- demo
 
 
 @main.command()
 @click.argument("directory", required=False, type=click.Path(file_okay=False))
-@click.option("--size", default="small", show_default=True, help="Sample size: tiny, small, medium.")
-@click.option("--model", default="minilm", show_default=True, help="Encoder for the demo store.")
-@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--size", type=click.Choice(SIZES), default="small", show_default=True,
+              help="Sample shop size (tiny runs in seconds).")
+@click.option("--model", default="minilm", show_default=True, help="Encoder for the demo store ('fake' is fastest).")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the generated data.")
+@quiet_option
 @handle_errors
-def demo(directory, size, model, seed):
+def demo(directory, size, model, seed, quiet):
     """Build a sample shop store in DIRECTORY and show it working end to end.
+
+    DIRECTORY must be new, empty, or an earlier demo's (which is rebuilt);
+    anything else is refused. Without it a temporary directory is used.
 
     \b
     Examples:
       dynstore demo
-      dynstore demo /tmp/shop-demo --size tiny
+      dynstore demo /tmp/shop-demo --size tiny --model fake
     """
     from dynstore.demo import run_demo
 
-    run_demo(directory, size=size, model=model, seed=seed, echo=click.echo)
+    run_demo(directory, size=size, model=model, seed=seed, echo=(lambda s: None) if quiet else click.echo,
+             progress=show_progress(quiet))
 
 
 if __name__ == "__main__":  # pragma: no cover

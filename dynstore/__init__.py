@@ -14,11 +14,32 @@ Examples
 """
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from .errors import DynstoreError, StoreBusy, VersionNotFound
-from .functions import register_sql_function, sql_function
-from .store import Store, connect, init
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .functions import register_sql_function, sql_function
+    from .store import Store, connect, init
 
 __version__ = "0.1.0"
+
+# Imported on first use, so that `import dynstore` (and `dynstore --help`)
+# stays cheap: duckdb, Lance and Arrow load with the first store opened,
+# torch and transformers only when a statement needs a vector.
+_LAZY = {"connect": "store", "init": "store", "Store": "store",
+         "sql_function": "functions", "register_sql_function": "functions"}
+
+
+def __getattr__(name: str):
+    mod = _LAZY.get(name)
+    if mod is None:
+        raise AttributeError(f"module 'dynstore' has no attribute {name!r}")
+    import importlib
+
+    value = getattr(importlib.import_module(f".{mod}", __name__), name)
+    globals()[name] = value
+    return value
 
 __all__ = [
     "connect",

@@ -43,6 +43,12 @@ class StoreConfig:
     behaviour_summary: bool = False
     model: str = "minilm"
     max_length: int = 256
+    #: The encoder's id and dimension as a writer last saw them, and the
+    #: fingerprint (spec, max_length, file sizes and mtimes) they are valid
+    #: for: readers take them from here instead of hashing or loading weights.
+    encoder_id: str = ""
+    encoder_dim: int = 0
+    encoder_fingerprint: str = ""
     #: Versions with at least this many items get a Lance vector index for
     #: single-user queries (exact brute force below it).
     index_min_items: int = 200_000
@@ -75,6 +81,9 @@ class StoreConfig:
             "behaviour_summary": bool(docs.get("behaviour_summary", False)),
             "model": enc.get("model", "minilm"),
             "max_length": int(enc.get("max_length", 256)),
+            "encoder_id": str(enc.get("id", "")),
+            "encoder_dim": int(enc.get("dim", 0)),
+            "encoder_fingerprint": str(enc.get("fingerprint", "")),
             "index_min_items": int(raw.get("serving", {}).get("index_min_items", 200_000)),
         }
         return cls(**{k: v for k, v in values.items() if k in known})
@@ -100,6 +109,9 @@ class StoreConfig:
             "[encoder]",
             f"model = {q(self.model)}",
             f"max_length = {int(self.max_length)}",
+            f"id = {q(self.encoder_id)}",
+            f"dim = {int(self.encoder_dim)}",
+            f"fingerprint = {q(self.encoder_fingerprint)}",
             "",
             "[serving]",
             f"index_min_items = {int(self.index_min_items)}",

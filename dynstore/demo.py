@@ -1,24 +1,60 @@
 """``dynstore demo``: a sample shop store, end to end, in one command."""
 from __future__ import annotations
 
+import os
 import shutil
 import tempfile
 import time
 from pathlib import Path
 from typing import Callable
 
+from .errors import ConfigError, StoreExists
+
 __all__ = ["run_demo"]
 
 DEMO_RULES = {"positive": "event IN ('click', 'purchase')", "negative": "event = 'skip'"}
+#: A file the demo leaves in its directory: only such a directory is ever rebuilt.
+MARKER = ".dynstore-demo"
+
+
+def prepare_directory(directory: str | os.PathLike | None) -> Path:
+    """The demo's directory: new, empty, or an earlier demo's (whose store and data are removed).
+
+    Anything else is refused, so a mistyped path never loses a user's files.
+
+    >>> import tempfile, pathlib
+    >>> d = pathlib.Path(tempfile.mkdtemp())
+    >>> (d / "notes.txt").write_text("mine")
+    4
+    >>> prepare_directory(d)  # doctest: +ELLIPSIS
+    Traceback (most recent call last):
+    ...
+    dynstore.errors.StoreExists: ...: holds files that dynstore demo did not create (e.g. notes.txt); choose a new or empty directory
+    """
+    root = Path(directory) if directory else Path(tempfile.mkdtemp(prefix="dynstore-demo-"))
+    if root.exists() and not root.is_dir():
+        raise StoreExists(f"{root}: exists and is not a directory; choose a new or empty directory")
+    if root.exists() and not (root / MARKER).is_file():
+        entries = sorted(p.name for p in root.iterdir())
+        if entries:
+            raise StoreExists(f"{root}: holds files that dynstore demo did not create (e.g. {entries[0]}); "
+                              "choose a new or empty directory")
+    root.mkdir(parents=True, exist_ok=True)
+    (root / MARKER).write_text("made by `dynstore demo`, which may rebuild this directory\n")
+    for sub in ("store", "data"):
+        if (root / sub).exists():
+            shutil.rmtree(root / sub)
+    return root
 
 
 def run_demo(directory: str | None = None, *, size: str = "small", model: str = "minilm", seed: int = 0,
-             echo: Callable[[str], None] = print) -> Path:
+             echo: Callable[[str], None] = print, progress: bool = True) -> Path:
     """Generate shop data, build a store, encode, recommend, refresh; print each step.
 
     Returns the store path. The data before the drift point is ingested first,
     a refresh trains on it, then the drifted tail arrives and a second refresh
-    recovers; the metrics before and after are printed.
+    recovers; the metrics before and after are printed. ``directory`` must be
+    new, empty or an earlier demo's (see :func:`prepare_directory`).
 
     Examples
     --------
@@ -35,11 +71,11 @@ def run_demo(directory: str | None = None, *, size: str = "small", model: str = 
     from dynstore.samples import shop
 
     t0 = time.perf_counter()
-    root = Path(directory) if directory else Path(tempfile.mkdtemp(prefix="dynstore-demo-"))
+    if size not in shop.SIZES:
+        raise ConfigError(f"--size {size!r}: use one of {', '.join(shop.SIZES)}")
+    root = prepare_directory(directory)
     data_dir = root / "data"
     store_dir = root / "store"
-    if store_dir.exists():
-        shutil.rmtree(store_dir)
     data_dir.mkdir(parents=True, exist_ok=True)
     frames = shop.generate(size, seed=seed)
     inter = frames["interactions"]
@@ -63,7 +99,7 @@ def run_demo(directory: str | None = None, *, size: str = "small", model: str = 
     echo("\n== SQL: events by type")
     echo(_fmt(store.sql("SELECT event, count(*) AS n, round(avg(label), 2) AS mean_label "
                         "FROM interactions GROUP BY event ORDER BY n DESC")))
-    enc = store.encode(progress=True)
+    enc = store.encode(progress=progress)
     echo(f"\n$ dynstore encode   -> {enc['stale']} stale items, {enc['encoded']} documents encoded "
          f"({enc['items_per_s']} docs/s on {enc['device']}); version {enc.get('version')} created")
     user = store.sql("SELECT user_id FROM interactions WHERE label = 1 GROUP BY 1 ORDER BY count(*) DESC LIMIT 1").fetchall()[0][0]
@@ -88,7 +124,7 @@ def run_demo(directory: str | None = None, *, size: str = "small", model: str = 
     echo(_fmt(store.sql("SELECT item_id, title, category FROM items ORDER BY "
                         "array_cosine_similarity(semantic_vector(item_id), embed('outdoor hiking gear')) DESC LIMIT 3")))
     echo("\n== versions")
-    echo(_fmt(store.sql("SELECT version, status, parent, train_window FROM versions ORDER BY version")))
+    echo(_fmt(store.sql("SELECT version, status, verdict, parent, train_window FROM versions ORDER BY version")))
     echo(f"\ndone in {time.perf_counter() - t0:.1f}s. Try:\n  dynstore sql {store_dir} \"SELECT recommend({user}, 10)\"\n"
          f"  dynstore recommend {store_dir} {user}")
     store.close()
@@ -109,6 +145,6 @@ def _metrics(r: dict) -> str:
 
 
 def _fmt(rel) -> str:
-    from dynstore.cli import _table
+    from dynstore.cli.output import render
 
-    return _table(rel.columns, rel.fetchall())
+    return render(rel.columns, rel.fetchall(), "table")

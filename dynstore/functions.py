@@ -20,9 +20,7 @@ import functools
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
-import duckdb
-
-__all__ = ["sql_function", "register_sql_function", "apply", "registered"]
+__all__ = ["sql_function", "register_sql_function", "apply", "registered", "generation"]
 
 
 @dataclass(frozen=True)
@@ -36,6 +34,7 @@ class SqlFunction:
 
 
 _REGISTRY: dict[str, SqlFunction] = {}
+_GENERATION = 0  # bumped on every registration: open stores rebuild their connection
 
 
 def register_sql_function(name: str, fn: Callable[..., Any], parameters, return_type, *,
@@ -56,8 +55,10 @@ def register_sql_function(name: str, fn: Callable[..., Any], parameters, return_
     side_effects : bool
         True for functions that write (DuckDB must not cache or fold them).
     """
+    global _GENERATION
     _REGISTRY[name] = SqlFunction(name, fn, tuple(parameters) if not callable(parameters) else parameters,
                                   return_type, vectorized, side_effects)
+    _GENERATION += 1
 
 
 def sql_function(name: str, parameters, return_type, **options) -> Callable:
@@ -76,21 +77,44 @@ def registered() -> list[str]:
     return sorted(_REGISTRY)
 
 
+def generation() -> int:
+    """Changes whenever a function is (re-)registered; part of a store's connection state.
+
+    A function registered after a store was opened reaches that store's next
+    :meth:`~dynstore.Store.sql` call (and the ``dynstore sql`` prompt's next
+    statement), not connections handed out before.
+    """
+    _load_builtins()
+    return _GENERATION
+
+
 def _load_builtins() -> None:
     from . import builtins  # noqa: F401  (registers on import)
 
 
-def apply(store, con: duckdb.DuckDBPyConnection) -> None:
-    """Register every function on ``con``, bound to ``store``."""
+def apply(store, con, *, replace: bool = False) -> None:
+    """Register every function on ``con`` (a DuckDB connection), bound to ``store``.
+
+    With ``replace``, functions ``con`` already has are dropped first.
+    """
+    import duckdb
+
     _load_builtins()
     for f in _REGISTRY.values():
+        if replace:
+            try:
+                con.remove_function(f.name)
+            except duckdb.Error:
+                pass  # not registered on this connection yet
         params = f.parameters(store) if callable(f.parameters) else f.parameters
         ret = f.return_type(store) if callable(f.return_type) else f.return_type
         con.create_function(
             f.name,
             functools.partial(f.fn, store),
-            [duckdb.type(p) for p in params],
-            duckdb.type(ret),
+            # con.type, not duckdb.type: the latter opens DuckDB's default
+            # connection, ~30 ms of every start-up
+            [con.type(p) for p in params],
+            con.type(ret),
             type="arrow" if f.vectorized else "native",
             null_handling="special",
             side_effects=f.side_effects,

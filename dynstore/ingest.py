@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any, Iterable, Iterator, Sequence
 
 import duckdb
 import pyarrow as pa
@@ -77,6 +77,8 @@ def _open_source(con: duckdb.DuckDBPyConnection, src: Any, index: int, fmt: str 
         label = str(src)
         if not path.exists():
             raise IngestError(f"{label}: no such file")
+        if path.is_file() and path.stat().st_size == 0:
+            raise IngestError(f"{label}: the file is empty (0 bytes): no header, no rows")
         kind = _detect_format(path, fmt)
         p = lit(str(path))
         # Id columns are read as text when the store's ids are strings, so
@@ -312,11 +314,19 @@ def describe_target(con: duckdb.DuckDBPyConnection, dataset) -> dict[str, str]:
 
 
 def ingest(store, kind: str, sources: Iterable[Any], *, mapping: dict[str, str] | None = None,
-           fmt: str | None = None) -> dict:
+           fmt: str | None = None, dedupe: bool | str | Sequence[str] = False) -> dict:
     """Validate and commit ``sources`` into the ``kind`` dataset of ``store``.
 
     Interactions are appended; items and users are upserted by id. Returns a
-    summary ``{"kind", "rows", "total", "version"}``.
+    summary ``{"kind", "rows", "total", "version"}``, plus
+    ``"duplicates_skipped"`` and ``"key"`` with ``dedupe``, and
+    ``"unknown_items": {"rows", "ids", "examples"}`` when interactions name
+    items that ``items`` does not have (they are stored all the same).
+
+    ``dedupe`` (interactions only): ``True`` skips rows equal in every column
+    to a stored row or to an earlier row of this ingest; a column name (or a
+    list) compares only those columns, e.g. an ``event_id``. One row per key
+    is kept.
     """
     import lance
 
@@ -344,14 +354,19 @@ def ingest(store, kind: str, sources: Iterable[Any], *, mapping: dict[str, str] 
             queries.append((src, sql))
         uri = store._dataset_uri(kind)
         errors: list[IngestError] = []
+        unknown = None
         if kind == "interactions":
-            stream, schema, mode = _append_stream(con, queries, dataset, errors)
+            unknown = _UnknownItems(store)
+            stream, schema, mode = _append_stream(con, queries, dataset, errors, dedupe=dedupe, unknown=unknown)
         else:
+            if dedupe:
+                raise IngestError(f"--key / --dedupe apply to interactions; {kind} are upserted by id already")
             stream, schema, mode = _merged_stream(con, kind, queries, dataset, errors)
         reader = pa.RecordBatchReader.from_batches(schema, stream)
         try:
-            lance.write_dataset(reader, uri, schema=schema, mode=mode,
-                                max_rows_per_file=4 * 1024 * 1024)
+            if stream.pending != 0:  # nothing new after deduplication: no empty commit for refresh to see
+                lance.write_dataset(reader, uri, schema=schema, mode=mode,
+                                    max_rows_per_file=4 * 1024 * 1024)
         except _Abort:
             raise errors[0] from None
         except Exception as exc:  # the writer wraps our abort in its own error type
@@ -364,8 +379,17 @@ def ingest(store, kind: str, sources: Iterable[Any], *, mapping: dict[str, str] 
     finally:
         con.close()
     store._record_id_types(id_types)
+    if not os.path.isdir(os.path.join(uri, "_versions")):  # a first ingest with nothing new
+        return {"kind": kind, "rows": 0, "total": 0, "version": 0}
     ds = lance.dataset(uri)
-    return {"kind": kind, "rows": rows, "total": ds.count_rows(), "version": ds.version}
+    out = {"kind": kind, "rows": rows, "total": ds.count_rows(), "version": ds.version}
+    if dedupe:
+        out["duplicates_skipped"] = (stream.offered or 0) - rows
+        out["key"] = stream.keys
+    unknown_items = unknown.summary() if unknown is not None else None
+    if unknown_items:
+        out["unknown_items"] = unknown_items
+    return out
 
 
 def _cast_to(batch: pa.RecordBatch, schema: pa.Schema) -> pa.RecordBatch:
@@ -381,18 +405,22 @@ def _cast_to(batch: pa.RecordBatch, schema: pa.Schema) -> pa.RecordBatch:
 
 
 class _Stream:
-    """Iterator over batches that knows how many new rows it carries."""
+    """Iterator over batches that knows how many new rows it carries.
+
+    ``rows`` is either fixed (upserts know it up front) or counted by the
+    producer as it yields new rows; ``offered`` counts the source rows
+    before deduplication.
+    """
 
     def __init__(self, batches, rows: int | None = None):
         self.batches = batches
-        self.fixed = rows
         self.rows = rows or 0
+        self.offered: int | None = None if rows is None else rows
+        self.keys: list[str] | None = None
+        self.pending: int | None = None  # rows to write, when known before writing
 
     def __iter__(self):
-        for batch in self.batches:
-            if self.fixed is None:
-                self.rows += batch.num_rows
-            yield batch
+        yield from self.batches
 
 
 def _query_schema(con, sql: str) -> pa.Schema:
@@ -400,11 +428,69 @@ def _query_schema(con, sql: str) -> pa.Schema:
     return schema.remove(schema.get_field_index("__bad"))
 
 
-def _append_stream(con, queries, dataset, errors):
+def _dedupe_query(con, queries, dataset, dedupe) -> tuple[str, list[str]]:
+    """SQL over every source's rows without the ones whose key is already stored
+    or repeats in this ingest; returns (query, key columns)."""
+    new_cols: list[str] = []
+    for _, sql in queries:
+        for f in _query_schema(con, sql):
+            if f.name not in new_cols:
+                new_cols.append(f.name)
+    if dedupe is True:
+        keys = list(new_cols)
+    else:
+        keys = [dedupe] if isinstance(dedupe, str) else list(dedupe)
+        missing = [k for k in keys if k not in new_cols]
+        if missing:
+            raise IngestError(f"--key {missing[0]}: no such column in the ingested rows "
+                              f"(columns: {', '.join(new_cols)})")
+    union = " UNION ALL BY NAME ".join(f"SELECT * EXCLUDE (__bad) FROM ({sql})" for _, sql in queries)
+    key_sql = ", ".join(q(k) for k in keys)
+    sql = f"SELECT DISTINCT ON ({key_sql}) * FROM ({union}) n"
+    if dataset is not None and dataset.count_rows():
+        con.register("__old", dataset)
+        old_cols = {f.name for f in dataset.schema}
+        # NULL-safe: logged impressions have a NULL value, and a column the
+        # stored rows lack counts as NULL there.
+        match = " AND ".join(f"o.{q(k)} IS NOT DISTINCT FROM n.{q(k)}" if k in old_cols else f"n.{q(k)} IS NULL"
+                             for k in keys)
+        sql += f" WHERE NOT EXISTS (SELECT 1 FROM __old o WHERE {match})"
+    return sql, keys
+
+
+class _UnknownItems:
+    """Counts interaction rows whose item is not in ``items`` (they are kept: items may come later)."""
+
+    def __init__(self, store):
+        items = store._dataset("items")
+        self.known = items.to_table(columns=["item_id"]).column("item_id") if items is not None else None
+        self.rows = 0
+        self.ids: set = set()
+
+    def see(self, batch: pa.RecordBatch) -> None:
+        if self.known is None or not len(self.known) or not batch.num_rows:
+            return
+        col = batch.column(batch.schema.get_field_index("item_id"))
+        unknown = pc.invert(pc.is_in(col, value_set=self.known.cast(col.type)))
+        n = pc.sum(unknown).as_py() or 0
+        if n:
+            self.rows += n
+            if len(self.ids) < 100_000:
+                self.ids.update(pc.unique(col.filter(unknown)).to_pylist())
+
+    def summary(self) -> dict | None:
+        if not self.rows:
+            return None
+        return {"rows": self.rows, "ids": len(self.ids), "examples": sorted(self.ids, key=str)[:3]}
+
+
+def _append_stream(con, queries, dataset, errors, *, dedupe=False, unknown=None):
     """Interactions: stream checked batches straight into the Lance writer.
 
     When a source brings new columns the dataset is rewritten (old rows with
     NULLs in the new columns, then the new rows) in the same single commit.
+    With ``dedupe`` (True: all columns, or key column names) every source is
+    validated first, then only rows whose key is new are streamed.
     """
     fields = list(dataset.schema) if dataset is not None else []
     names = {f.name for f in fields}
@@ -415,18 +501,40 @@ def _append_stream(con, queries, dataset, errors):
                 names.add(f.name)
     schema = pa.schema(fields)
     rewrite = dataset is not None and len(fields) > len(dataset.schema)
+    stream = _Stream(None)
+    if dedupe:
+        stream.offered = 0
+        for src, sql in queries:  # validation pass: a bad row names its own file row
+            reader = con.sql(sql).to_arrow_reader(BATCH_ROWS)
+            try:
+                for batch in checked_batches(reader, src.label, errors):
+                    stream.offered += batch.num_rows
+            except _Abort:
+                raise errors[0] from None
+        deduped, stream.keys = _dedupe_query(con, queries, dataset, dedupe)
+        stream.pending = con.sql(f"SELECT count(*) FROM ({deduped})").fetchall()[0][0]
+
+    def new_batches():
+        if dedupe:
+            yield from con.sql(deduped).to_arrow_reader(BATCH_ROWS)
+            return
+        for src, sql in queries:
+            reader = con.sql(sql).to_arrow_reader(BATCH_ROWS)
+            yield from checked_batches(reader, src.label, errors)
 
     def gen():
         if rewrite:
             for batch in dataset.to_batches(batch_size=BATCH_ROWS):
                 yield _cast_to(batch, schema)
-        for src, sql in queries:
-            reader = con.sql(sql).to_arrow_reader(BATCH_ROWS)
-            for batch in checked_batches(reader, src.label, errors):
-                yield _cast_to(batch, schema)
+        for batch in new_batches():
+            stream.rows += batch.num_rows
+            if unknown is not None:
+                unknown.see(batch)
+            yield _cast_to(batch, schema)
 
+    stream.batches = gen()
     mode = "create" if dataset is None else ("overwrite" if rewrite else "append")
-    return _Stream(gen()), schema, mode
+    return stream, schema, mode
 
 
 def _merged_stream(con, kind, queries, dataset, errors):

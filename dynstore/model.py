@@ -160,6 +160,9 @@ class ModelConfig:
     item_item : bool
         Fuse the closed-form item-item component (:mod:`dynstore.itemitem`), its weight
         ``gamma`` chosen on the holdout of a fit.
+    start_margin : float
+        With a holdout, a trained state replaces the start only if its NDCG@10 is this
+        much (relative) better.
     dynamics_epochs, dynamics_lr : int, float
         The first phase of training: only the weights of the behaviour features learn
         (see :meth:`dynstore.training.Trainer.fit`).
@@ -199,6 +202,7 @@ class ModelConfig:
     cold_view: float = 0.0
     user_weight_power: float = 0.5
     item_item: bool = True
+    start_margin: float = 0.02
     dynamics_epochs: int = 2
     dynamics_lr: float = 0.01
     dynamic: bool = True

@@ -22,6 +22,7 @@ that into popularity within the user's segments.
 from __future__ import annotations
 
 import os
+import sys
 from dataclasses import dataclass
 from typing import Any, Iterable, Sequence
 
@@ -33,6 +34,7 @@ __all__ = ["recommend", "recommend_many", "serving_state", "MAX_K"]
 
 MAX_K = 10_000
 BATCH_USERS = 512
+TORCH_TOPK_ROWS = 64  # user batches at least this large use torch.topk
 NPROBES_SHARE = 0.2  # share of IVF partitions probed per query (recall vs latency)
 HOT_ITEMS = 200  # items with the largest dynamic lift, re-ranked beside the index's candidates
 
@@ -114,6 +116,15 @@ def serving_state(store, version: int | None = None) -> ServingState:
             for i in new_ids:
                 row[i] = len(ids)
                 ids.append(i)
+        # Items deleted since the version was built are never served: unknown
+        # by id, and a bias of -inf keeps them out of every top-k.
+        present = set(all_ids)
+        gone = [n for n, i in enumerate(ids) if i not in present]
+        if gone:
+            bias = np.array(bias, np.float32)
+            bias[gone] = -np.inf
+            for n in gone:
+                row.pop(ids[n], None)
     user_row: dict = {}
     ptr = np.zeros(1, np.int64)
     hist_item = np.zeros(0, np.int64)
@@ -235,10 +246,18 @@ def user_logits(state: ServingState, user_ids: Sequence[Any], rows: np.ndarray |
 
 
 def _topk(scores: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    k = min(k, scores.shape[1])
+    if scores.shape[0] < TORCH_TOPK_ROWS and "torch" not in sys.modules:
+        # A few users: numpy's partition is as fast, and importing torch
+        # would cost seconds of every `dynstore recommend`.
+        part = np.argpartition(-scores, k - 1, axis=1)[:, :k] if k < scores.shape[1] else \
+            np.tile(np.arange(scores.shape[1]), (scores.shape[0], 1))
+        vals = np.take_along_axis(scores, part, axis=1)
+        order = np.argsort(-vals, axis=1, kind="stable")
+        return np.take_along_axis(vals, order, axis=1), np.take_along_axis(part, order, axis=1)
     import torch
 
     t = torch.from_numpy(scores)
-    k = min(k, scores.shape[1])
     val, idx = torch.topk(t, k, dim=1)
     return val.numpy(), idx.numpy()
 
@@ -254,6 +273,7 @@ def _indexed_one(state: ServingState, user_id: Any, k: int) -> list[dict]:
     cand = np.concatenate([hits.column("row").to_numpy(), np.arange(state.n_indexed, len(state.ids)),
                            state.hot if state.hot is not None else np.zeros(0, np.int64)])
     cand = np.setdiff1d(cand, seen)
+    cand = cand[np.isfinite(state.bias[cand])]  # deleted items
     logits = user_logits(state, [user_id], cand)[0]
     order = np.argsort(-logits, kind="stable")[:k]
     prob = 1.0 / (1.0 + np.exp(-logits[order].astype(np.float64)))
@@ -291,7 +311,8 @@ def recommend_many(store, user_ids: Sequence[Any], k: int, *, version: int | Non
             hit = (where < len(cand_rows)) & (cand_rows[np.minimum(where, len(cand_rows) - 1)] == pitem)
             logits[r[hit], where[hit]] = -np.inf
         val, idx = _topk(logits, k)
-        prob = 1.0 / (1.0 + np.exp(-val.astype(np.float64)))
+        with np.errstate(over="ignore"):  # -inf (excluded) rows are dropped below
+            prob = 1.0 / (1.0 + np.exp(-val.astype(np.float64)))
         for n in range(len(batch)):
             ok = np.isfinite(val[n])
             cols = idx[n][ok] if cand_rows is None else cand_rows[idx[n][ok]]
@@ -332,6 +353,7 @@ def similar_items(store, item_id: Any, k: int) -> list[dict] | None:
     norms = np.linalg.norm(W, axis=1) + 1e-12
     sims = (W @ W[r]) / (norms * norms[r])
     sims[r] = -np.inf
+    sims[~np.isfinite(state.bias)] = -np.inf  # deleted items
     val, idx = _topk(sims[None, :].astype(np.float32), k)
     return [{"item_id": state.ids[c], "score": float(v)} for c, v in zip(idx[0], val[0]) if np.isfinite(v)]
 
@@ -351,5 +373,6 @@ def recommend_from_examples(store, positive: Sequence[Any], negative: Sequence[A
     logits = X @ state.Wf.T + state.bias
     logits[0, hist_item] = -np.inf
     val, idx = _topk(logits.astype(np.float32), k)
-    prob = 1.0 / (1.0 + np.exp(-val[0].astype(np.float64)))
+    with np.errstate(over="ignore"):
+        prob = 1.0 / (1.0 + np.exp(-val[0].astype(np.float64)))
     return [{"item_id": state.ids[c], "score": float(p)} for c, p, v in zip(idx[0], prob, val[0]) if np.isfinite(v)]

@@ -179,9 +179,10 @@ def refresh(store, *, since: str | None = "30d", epochs: int | None = None, prom
     Returns ``{"version", "status", "metrics": {"candidate", "current"}, "counts", "durations"}``
     (plus ``"finetune"`` when fine-tuning) or ``{"status": "noop", "reason"}``.
     """
+    from .freshness import refresh_plan
     from .model import FusionModel, ModelConfig, evaluate
     from .semantic import encode
-    from .versions import build_version, list_versions, load_version
+    from .versions import build_version, is_rule, list_versions, load_version, rule_window
     from .lock import writer_lock
 
     if finetune_encoder:
@@ -196,14 +197,11 @@ def refresh(store, *, since: str | None = "30d", epochs: int | None = None, prom
     t0 = time.perf_counter()
     say = (lambda msg: print(msg, file=sys.stderr)) if progress else (lambda msg: None)
     snap = store.snapshot()
-    if snap["interactions"] == 0:
-        return {"status": "noop", "reason": "no interactions ingested yet"}
-    rows = list_versions(store)
-    latest = rows[0] if rows else None
-    if latest and not force and latest["snapshot"].get("interactions") == snap["interactions"] \
-            and latest["snapshot"].get("items") == snap["items"] and latest["snapshot"].get("since") == since:
-        return {"status": "noop", "reason": f"no new data since version {latest['version']}",
-                "version": latest["version"]}
+    plan = refresh_plan(store, since=since, force=force, snapshot=snap)
+    if not plan["needed"]:
+        return {"status": "noop", "reason": plan["reason"],
+                **({"version": plan["version"]} if plan["version"] is not None else {})}
+    say(f"retraining: {plan['reason']}")
     say("encoding stale items ...")
     with writer_lock(store.path, "encode", wait=60):
         enc = encode(store, progress=progress)
@@ -222,18 +220,20 @@ def refresh(store, *, since: str | None = "30d", epochs: int | None = None, prom
     span_days = (train.ts.max() - train.ts.min()) / 86400.0 if len(train.ts) else 0.0
     config = ModelConfig(seed=seed, use_negatives=use_negatives, time_decay_days=time_decay_days(span_days))
     lv_row = next((r for r in list_versions(store) if r["version"] == lv.version), {})
-    current_is_rule = lv_row.get("train_window") == "untrained"
+    current_is_rule = is_rule(lv_row)
     hu, hi, hl, judged = _unseen_by_current(prep, hu, hi, hl, None if current_is_rule
                                             else lv_row.get("snapshot", {}).get("trained_until"))
+    # Every model here reads behaviour as of the end of `train` when it is judged,
+    # so the rule and current are scored on the holdout without having counted it.
     rule_at_cut = prep.rule(train, lv)
-    if current_is_rule or lv.model.dynamic is None:
-        # the rule reads behaviour as of the holdout cut, so it is judged fairly
-        # on the holdout; a version from before dynamic features starts over from it
-        start, R0, rb0 = rule_at_cut, *rule_at_cut.residuals
+    if lv.model.dynamic is None:
+        # a version from before dynamic features: its popularity is a static bias
+        # counted over all data (the holdout included), so the rule stands in for it
+        start = current = rule_at_cut
+        R0, rb0 = rule_at_cut.residuals
     else:
-        start = lv.model
+        start = current = lv.model
         R0, rb0 = prep.residuals_of(lv)
-    current = rule_at_cut if current_is_rule else lv.model
     tensors, meta = start.state()
     meta = dict(meta, config=config.to_dict())
 
@@ -269,10 +269,8 @@ def refresh(store, *, since: str | None = "30d", epochs: int | None = None, prom
         timings["train_s"] = round(timings["train_s"] + time.perf_counter() - t, 3)
     t3 = time.perf_counter()
     m_cand = evaluate(model, cand_train, hu, hi, hl, k=10)
-    m_cur = evaluate(current, train, hu, hi, hl,
-                     residuals=rule_at_cut.residuals if current_is_rule else prep.residuals_of(lv), k=10)
-    m_rule = m_cur if current_is_rule else evaluate(rule_at_cut, train, hu, hi, hl,
-                                                    residuals=rule_at_cut.residuals, k=10)
+    m_cur = evaluate(current, train, hu, hi, hl, residuals=(R0, rb0), k=10)
+    m_rule = evaluate(rule_at_cut, train, hu, hi, hl, residuals=rule_at_cut.residuals, k=10)
     timings["eval_s"] = round(time.perf_counter() - t3, 3)
     better = m_cand["ndcg@10"] >= m_cur["ndcg@10"] * (1.0 - tolerance)
     status = "current" if (promote and better) else ("candidate" if better else "rejected")
@@ -293,7 +291,7 @@ def refresh(store, *, since: str | None = "30d", epochs: int | None = None, prom
               "impressions": int((prep.label == 0).sum()), "items": len(prep.ids), "users": len(prep.user_ids)}
     window = "all" if cutoff is None else f"{cutoff:%Y-%m-%d %H:%M} .. {newest:%Y-%m-%d %H:%M}"
     trained_until = int(prep.ts.max() if status != "rejected" and refit else train.ts.max())
-    snap = dict(snap, since=since, trained_until=trained_until)
+    snap = dict(snap, since=since, trained_until=trained_until, rules=plan["rules"])
     try:
         number = build_version(store, model, lv.item_spec, lv.user_spec, parent=lv.version, status=status,
                                train_window=window, counts=counts,
@@ -304,7 +302,9 @@ def refresh(store, *, since: str | None = "30d", epochs: int | None = None, prom
         if ft is not None:
             _settle_encoder(store, old_model, keep_new=status == "current")
     published = None
-    if status == "rejected" and promote and (current_is_rule or m_rule["ndcg@10"] > m_cur["ndcg@10"]):
+    stale_rule = current_is_rule and lv.model.dynamic is None  # counts frozen at its creation
+    if status == "rejected" and promote and (stale_rule or (not current_is_rule
+                                                            and m_rule["ndcg@10"] > m_cur["ndcg@10"])):
         # The trained model lost, but the popularity rule it was compared with
         # beat what the store serves: serve the rule (it reads behaviour as of
         # every query, so it follows a drift that made current's weights stale).
@@ -313,14 +313,16 @@ def refresh(store, *, since: str | None = "30d", epochs: int | None = None, prom
         data.V = train.V  # the store's encoder (a rejected fine-tune is not used)
         rule = prep.rule(data, lv)
         published = build_version(store, rule, lv.item_spec, lv.user_spec, parent=lv.version,
-                                  status="current", train_window="untrained", counts=counts,
+                                  status="current", counts=counts,
+                                  train_window=rule_window(float(prep.ts.min()), float(prep.ts.max())),
                                   metrics={"current": m_cur, "rule": m_rule, "rejected": number},
                                   residuals=rule.residuals, snapshot=dict(snap, trained_until=int(prep.ts.max())),
-                                  items=prep.items)
+                                  items=prep.items, verdict="rule")
     timings["total_s"] = round(time.perf_counter() - t0, 3)
     out = {"version": number, "parent": lv.version, "status": status,
            "promoted": status == "current", "metrics": {"candidate": m_cand, "current": m_cur, "rule": m_rule},
-           "counts": counts, "durations": timings, "window": window, "holdout": judged}
+           "counts": counts, "durations": timings, "window": window, "holdout": judged,
+           "reasons": plan["reasons"]}
     if published is not None:
         out["published"] = {"version": published, "status": "current", "kind": "popularity rule"}
     if ft is not None:
@@ -422,17 +424,45 @@ def _settle_encoder(store, old_model: str, *, keep_new: bool) -> None:
 
 
 def evaluate_version(store, *, version: int | None = None, k: int = 10, holdout: float = HOLDOUT) -> dict:
-    """Recall@k, NDCG@k and AUC of a version on the latest ``holdout`` slice."""
-    from .model import evaluate
-    from .versions import load_version
+    """Recall@k, NDCG@k and AUC of a version on the newest ``holdout`` share of all interactions.
 
+    The slice is the newest 10% of *every* interaction, whatever window the
+    version was trained on, and the version may have learned from part of
+    it; ``refresh`` instead judges on the newest 10% of its ``--since``
+    window, and only on events the current version never saw. So the two
+    disagree; ``"slice"`` in the result says which events were used and how
+    many of them the version was trained on. A popularity-rule version is
+    recounted before the slice (as refresh does), so it never counts the
+    events it is judged on.
+    """
+    from .model import evaluate
+    from .recommend import check_k
+    from .versions import is_rule, list_versions, load_version
+
+    k = check_k(k)
     lv = load_version(store, version)
+    row = next((r for r in list_versions(store) if r["version"] == lv.version), {})
     con = store.connection()
     try:
         prep = _Prepared(store, lv, con, None)
     finally:
         con.close()
     train, (hu, hi, hl) = prep.split(holdout)
-    R, rb = prep.residuals_of(lv)
-    out = evaluate(lv.model, train, hu, hi, hl, residuals=(R, rb), k=k)
-    return {"version": lv.version, **out}
+    if is_rule(row) and lv.model.dynamic is None:
+        # an early rule version kept its counts as a static bias (over all data)
+        model = prep.rule(train, lv)
+        out = evaluate(model, train, hu, hi, hl, residuals=model.residuals, k=k)
+        scored = "the popularity rule on the events before the slice"
+    else:
+        out = evaluate(lv.model, train, hu, hi, hl, residuals=prep.residuals_of(lv), k=k)
+        scored = f"version {lv.version} as stored"
+    ts = prep.hold_ts
+    trained_until = (row.get("snapshot") or {}).get("trained_until")
+    seen = float(np.mean(ts <= int(trained_until))) if trained_until is not None and len(ts) else 0.0
+
+    def iso(t) -> str:
+        return _dt.datetime.fromtimestamp(int(t), _dt.timezone.utc).strftime("%Y-%m-%d %H:%M")
+
+    slice_ = {"events": int(len(hl)), "users": int(len(np.unique(hu))), "from": iso(ts.min()), "to": iso(ts.max()),
+              "share": holdout, "of": "all interactions", "trained_on_share": round(seen, 4), "scored": scored}
+    return {"version": lv.version, **out, "slice": slice_}

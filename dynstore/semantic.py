@@ -5,7 +5,9 @@ keyed by the hash of the document text, so identical documents are encoded
 once, an item whose document did not change is never re-encoded, and a new
 encoder starts an empty cache while the old vectors stay. Encoding commits
 every chunk, so an interrupted run loses at most one chunk and a rerun
-resumes with what is still stale.
+resumes with what is still stale. Chunks start small and grow to about
+``CHUNK_SECONDS`` of work, so even a few hundred documents on a slow CPU
+are committed in several steps.
 """
 from __future__ import annotations
 
@@ -17,9 +19,11 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-__all__ = ["encode", "store_encoder", "semantic_vectors", "register_cache"]
+__all__ = ["encode", "store_encoder", "encoder_info", "record_encoder", "semantic_vectors", "register_cache"]
 
-CHUNK = 2048
+CHUNK = 2048          # most documents per commit
+FIRST_CHUNK = 64      # the first commit comes early, whatever the encoder's speed
+CHUNK_SECONDS = 10.0  # later chunks are sized to take about this long
 
 
 def store_encoder(store, device: str | None = None):
@@ -30,16 +34,59 @@ def store_encoder(store, device: str | None = None):
 
 
 def encoder_info(store) -> tuple[str, int]:
-    """(id, dim) of the store's encoder (loaded once per process, then cached)."""
-    key = (store.config.encoder_spec(store.path), store.config.max_length)
-    hit = _INFO.get(key)
+    """(id, dim) of the store's encoder, without loading it where possible.
+
+    In order: the id the store config recorded, while its fingerprint (spec,
+    max_length, sizes and mtimes of the model files) still matches; the
+    model's files (:func:`~dynstore.encoder.encoder_identity`: hashes the
+    weights, imports no torch); loading the encoder (a registered factory).
+    """
+    from .encoder import encoder_fingerprint, encoder_identity
+
+    cfg = store.config
+    spec, max_length = cfg.encoder_spec(store.path), cfg.max_length
+    fp = encoder_fingerprint(spec, max_length=max_length)
+    hit = _INFO.get(fp)
     if hit is None:
-        enc = store_encoder(store)
-        hit = _INFO[key] = (enc.id, int(enc.dim))
+        if cfg.encoder_id and cfg.encoder_dim > 0 and cfg.encoder_fingerprint == fp:
+            hit = (cfg.encoder_id, int(cfg.encoder_dim))
+        else:
+            hit = encoder_identity(spec, max_length=max_length)
+            if hit is None:
+                enc = store_encoder(store)
+                hit = (enc.id, int(enc.dim))
+        _INFO[fp] = hit
     return hit
 
 
-_INFO: dict[tuple, tuple[str, int]] = {}
+_INFO: dict[str, tuple[str, int]] = {}
+
+
+def record_encoder(store, identity: tuple[str, int] | None = None) -> None:
+    """Write the encoder's id, dim and fingerprint into the store config (writers only).
+
+    Skipped while the in-memory encoder differs from the config file's
+    (a fine-tuned encoder on trial during ``refresh``).
+    """
+    from .config import CONFIG_NAME, StoreConfig
+    from .encoder import encoder_fingerprint
+    from .lock import writer_lock
+
+    if store.read_only:
+        return
+    cfg = store.config
+    fp = encoder_fingerprint(cfg.encoder_spec(store.path), max_length=cfg.max_length)
+    enc_id, dim = identity or encoder_info(store)
+    if (cfg.encoder_id, cfg.encoder_dim, cfg.encoder_fingerprint) == (enc_id, dim, fp):
+        return
+    with writer_lock(store.path, "config"):
+        disk = StoreConfig.load(store.path / CONFIG_NAME)
+        if (disk.model, disk.max_length) != (cfg.model, cfg.max_length):
+            return
+        disk.encoder_id, disk.encoder_dim, disk.encoder_fingerprint = enc_id, int(dim), fp
+        disk.save(store.path / CONFIG_NAME)
+    store.config = disk
+    store._con_state = None
 
 
 def cache_uri(store, encoder_id: str) -> str:
@@ -94,8 +141,12 @@ def encode(store, *, all: bool = False, batch_size: int = 64, device: str | None
     >>> (r["stale"], r["encoded"])
     (2, 1)
     """
+    from .encoder import _check_batch_size
+
+    _check_batch_size(batch_size)  # before the model loads, not after
     t0 = time.perf_counter()
     enc = store_encoder(store, device=device)
+    record_encoder(store, (enc.id, int(enc.dim)))
     con = store.connection()
     try:
         total = con.execute("SELECT count(*) FROM item_documents").fetchall()[0][0]
@@ -112,11 +163,16 @@ def encode(store, *, all: bool = False, batch_size: int = 64, device: str | None
 
         bar = tqdm(total=len(docs), unit="doc", desc="encoding", file=sys.stderr, dynamic_ncols=True)
     try:
-        for start in range(0, len(docs), CHUNK):
-            part = docs[start:start + CHUNK]
+        start, size = 0, min(FIRST_CHUNK, CHUNK)
+        while start < len(docs):
+            part = docs[start:start + size]
+            t_part = time.perf_counter()
             vecs = enc.encode([d for _, d in part], batch_size=batch_size,
                               progress=bar.update if bar is not None else None)
             _write_cache(store, enc.id, [h for h, _ in part], np.asarray(vecs, dtype=np.float32))
+            start += len(part)
+            rate = len(part) / max(time.perf_counter() - t_part, 1e-3)
+            size = int(min(CHUNK, max(FIRST_CHUNK, rate * CHUNK_SECONDS)))
     finally:
         if bar is not None:
             bar.close()

@@ -104,24 +104,58 @@ def init(path: str | os.PathLike, *, positive: str | None = None, negative: str 
     # crash mid-init leaves a directory that `init` may simply be run on again
     # after removing it, never a half-store that opens.
     cfg.save(root / CONFIG_NAME)
-    return Store(root)
+    store = Store(root)
+    from .semantic import record_encoder
+
+    record_encoder(store)  # readers then know id and dimension without the model
+    return store
+
+
+def expression_error(con: duckdb.DuckDBPyConnection, expr: str, relation: str) -> str | None:
+    """Why ``expr`` is not one SQL expression over ``relation``'s columns, or None.
+
+    The expression is parsed on its own first, so a syntax error quotes only
+    text the user wrote (not the query dynstore wraps it in), and text that
+    would close the wrapper's parentheses (``a) OR (b``) is refused.
+    """
+    if not expr or not expr.strip():
+        return "empty expression"
+    try:
+        parsed = con.extract_statements(f"SELECT {expr}")
+    except duckdb.Error as exc:
+        return _first_line(exc)
+    if len(parsed) != 1:
+        return "expected one expression, found several statements (remove the ';')"
+    try:
+        con.execute(f"SELECT ({expr}) FROM {relation} LIMIT 0")
+    except duckdb.Error as exc:
+        return _first_line(exc)
+    return None
+
+
+def _first_line(exc: BaseException) -> str:
+    lines = [line for line in str(exc).strip().splitlines() if line.strip()]
+    return lines[0] if lines else type(exc).__name__
 
 
 def validate_rules(cfg: StoreConfig) -> None:
-    """Check labelling rules and the item document against DuckDB."""
+    """Check the labelling rules against DuckDB."""
     con = duckdb.connect()
     con.execute("CREATE TABLE interactions (user_id BIGINT, item_id BIGINT, ts TIMESTAMP, "
                 "event VARCHAR, value DOUBLE)")
-    for name, expr in (("positive", cfg.positive), ("negative", cfg.negative)):
-        if not expr or not expr.strip():
-            raise ConfigError(f"--{name}: empty rule")
-        try:
-            con.execute(f"SELECT CAST(({expr}) AS BOOLEAN) FROM interactions")
-        except duckdb.Error as exc:
-            first = str(exc).strip().splitlines()[0]
-            raise ConfigError(f"--{name} {expr!r} is not a valid rule over interaction columns "
-                              f"(user_id, item_id, ts, event, value): {first}") from None
-    con.close()
+    try:
+        for name, expr in (("positive", cfg.positive), ("negative", cfg.negative)):
+            why = expression_error(con, expr, "interactions")
+            if why is None:
+                try:
+                    con.execute(f"SELECT CAST(({expr}) AS BOOLEAN) FROM interactions")
+                except duckdb.Error as exc:
+                    why = _first_line(exc)
+            if why is not None:
+                raise ConfigError(f"--{name} {expr!r} is not a valid rule over interaction columns "
+                                  f"(user_id, item_id, ts, event, value): {why}")
+    finally:
+        con.close()
 
 
 def connect(path: str | os.PathLike, *, read_only: bool = False) -> "Store":
@@ -215,11 +249,14 @@ class Store:
 
     def _set_encoder_model(self, model: str) -> None:
         """Point the config file at ``model`` (a fine-tuned encoder, or back)."""
+        from .semantic import record_encoder
+
         with writer_lock(self.path, "config"):
             self._reload_config()
             self.config.model = model
             self.config.save(self.path / CONFIG_NAME)
         self._con_state = None
+        record_encoder(self)
 
     def _save_config(self) -> None:
         self._require_writable("change the config")
@@ -263,8 +300,23 @@ class Store:
         """
         con = duckdb.connect(config={"threads": max(1, os.cpu_count() or 1)})
         con.execute("SET TimeZone = 'UTC'")
+        self._attach(con)
+        if self.read_only:
+            # Set last: the views above needed no file access, and once
+            # locked, SQL cannot turn external access back on.
+            con.execute("SET enable_external_access = false")
+            con.execute("SET lock_configuration = true")
+        return con
+
+    def _attach(self, con: duckdb.DuckDBPyConnection, *, again: bool = False) -> None:
+        """Register datasets, functions, views and macros on ``con``.
+
+        ``again`` re-attaches an existing connection to the latest commits
+        (see :class:`~dynstore.session.SqlSession`): functions are replaced,
+        views and macros are ``CREATE OR REPLACE``; the session's own tables stay.
+        """
         self._register_datasets(con)
-        functions.apply(self, con)
+        functions.apply(self, con, replace=again)
         for name in ("views.sql", "macros.sql"):
             for stmt in _statements(self._render_sql(_sql_text(name))):
                 try:
@@ -276,12 +328,6 @@ class Store:
                     # never ingested) must not make the whole store unusable:
                     # only queries that need documents fail, with the reason.
                     con.execute(self._broken_documents_view(exc))
-        if self.read_only:
-            # Set last: the views above needed no file access, and once
-            # locked, SQL cannot turn external access back on.
-            con.execute("SET enable_external_access = false")
-            con.execute("SET lock_configuration = true")
-        return con
 
     def _broken_documents_view(self, exc: Exception) -> str:
         from .ingest import lit
@@ -329,7 +375,7 @@ class Store:
 
     def _connection_state(self) -> tuple:
         cfg_mtime = os.stat(self.path / CONFIG_NAME).st_mtime_ns
-        return (cfg_mtime, tuple(sorted(self.snapshot().items())))
+        return (cfg_mtime, tuple(sorted(self.snapshot().items())), functions.generation())
 
     def sql(self, query: str, params: Iterable[Any] | None = None) -> duckdb.DuckDBPyRelation:
         """Run SQL on the latest committed state; returns a DuckDB relation.
@@ -353,13 +399,16 @@ class Store:
 
     # -- writes --------------------------------------------------------------------
     def ingest(self, kind: str, source: Any, *, mapping: dict[str, str] | None = None,
-               format: str | None = None) -> dict:
+               format: str | None = None, dedupe: bool | str | list[str] = False) -> dict:
         """Load rows into ``interactions`` (append) or ``items``/``users`` (upsert).
 
         ``source`` is a file path (CSV, TSV, Parquet, JSON/NDJSON), a list of
         paths, a Polars or pandas DataFrame, or an Arrow table. The whole
         source is validated and committed at once, or rejected with an
         :class:`~dynstore.errors.IngestError` naming file, row and column.
+        ``dedupe`` (interactions): ``True`` skips rows already stored (equal
+        in every column), a column name or list compares only those (an
+        ``event_id``); see :func:`dynstore.ingest.ingest`.
 
         Examples
         --------
@@ -373,9 +422,31 @@ class Store:
         self._require_writable("ingest")
         sources = list(source) if isinstance(source, (list, tuple)) else [source]
         with writer_lock(self.path, f"ingest-{kind}" if kind in TABLES else "ingest"):
-            result = ingest(self, kind, sources, mapping=mapping, fmt=format)
+            result = ingest(self, kind, sources, mapping=mapping, fmt=format, dedupe=dedupe)
         self._con_state = None
         return result
+
+    def delete(self, kind: str, where: str, *, dry_run: bool = False) -> dict:
+        """Delete the rows of ``kind`` matching the SQL condition ``where``, in one commit.
+
+        A deleted item is never recommended again (at once) and leaves the
+        next version; see :mod:`dynstore.delete`.
+
+        Examples
+        --------
+        >>> import tempfile, dynstore, polars as pl
+        >>> store = dynstore.init(tempfile.mkdtemp() + "/s")
+        >>> _ = store.ingest("users", pl.DataFrame({"user_id": [1, 2], "region": ["north", "south"]}))
+        >>> store.delete("users", "region = 'north'")["deleted"]
+        1
+        """
+        from .delete import delete_rows
+
+        self._require_writable("delete")
+        with writer_lock(self.path, f"ingest-{kind}" if kind in TABLES else "ingest"):
+            out = delete_rows(self, kind, where, dry_run=dry_run)
+        self._con_state = None
+        return out
 
     def configure(self, **changes: Any) -> StoreConfig:
         """Change labelling rules, the item document or the encoder.
@@ -413,6 +484,10 @@ class Store:
                 raise
             self.config.save(self.path / CONFIG_NAME)
         self._con_state = None
+        if "model" in changes or "max_length" in changes:
+            from .semantic import record_encoder
+
+            record_encoder(self)
         return self.config
 
     # -- the recommender (implemented in their own modules) -------------------------
@@ -453,6 +528,13 @@ class Store:
 
         self._require_writable("log impressions")
         return log_impressions(self, user_id, list(items))
+
+    def inspect(self) -> dict:
+        """Counts, sizes, fragments, versions, encoder, stale items, last refresh and
+        what a refresh would do now (JSON-able); see :mod:`dynstore.inspection`."""
+        from .inspection import inspect_store
+
+        return inspect_store(self)
 
     def versions(self) -> list[dict]:
         """Every embedding version, newest first."""

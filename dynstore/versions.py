@@ -22,21 +22,69 @@ import pyarrow as pa
 from .errors import VersionNotFound
 
 __all__ = ["list_versions", "current_version", "build_version", "ensure_first_version", "rollback",
-           "load_version", "register_versions"]
+           "load_version", "register_versions", "is_rule", "rule_window", "headline_metrics", "VERDICTS"]
 
+#: Serving status: ``current`` (served), ``retired`` (served before),
+#: ``candidate`` / ``rejected`` (never served yet). It changes with promotions
+#: and rollbacks; the verdict below never does.
 STATUSES = ("current", "candidate", "rejected", "retired")
+#: What produced a version and what refresh decided about it: ``initial``
+#: (version 1, the popularity rule), ``promoted``, ``passed`` (not worse, but
+#: kept as a candidate by ``--no-promote``), ``rejected``, ``rule`` (the
+#: popularity rule recounted after a rejection).
+VERDICTS = ("initial", "promoted", "passed", "rejected", "rule")
+_VERDICT_OF_STATUS = {"current": "promoted", "candidate": "passed", "rejected": "rejected"}
 
 REGISTRY_SCHEMA = pa.schema([
     ("version", pa.int64()), ("parent", pa.int64()), ("status", pa.string()),
     ("created", pa.timestamp("us")), ("encoder", pa.string()), ("alpha", pa.float64()),
     ("train_window", pa.string()), ("counts", pa.string()), ("metrics", pa.string()),
-    ("snapshot", pa.string()),
+    ("snapshot", pa.string()), ("verdict", pa.string()),
 ])
+
+
+def _legacy_verdict(row: dict) -> str:
+    """Registries written before verdicts were kept: the best reading of a row."""
+    if row.get("train_window") == "untrained":
+        return "initial" if row.get("parent") is None else "rule"
+    return {"rejected": "rejected", "candidate": "passed"}.get(row.get("status"), "promoted")
 
 
 def _registry(store, pinned: int | None = None) -> pa.Table:
     ds = store._dataset("versions", version=pinned)
-    return ds.to_table() if ds is not None else REGISTRY_SCHEMA.empty_table()
+    if ds is None:
+        return REGISTRY_SCHEMA.empty_table()
+    table = ds.to_table()
+    if "verdict" not in table.schema.names:
+        verdicts = [_legacy_verdict(r) for r in table.to_pylist()]
+        table = table.append_column("verdict", pa.array(verdicts, pa.string()))
+    return table
+
+
+def is_rule(row: dict) -> bool:
+    """True for a popularity-rule version (version 1, or one published after a rejection)."""
+    return row.get("verdict") in ("initial", "rule") or row.get("train_window") == "untrained"
+
+
+def rule_window(first_ts: float, last_ts: float) -> str:
+    """The span a popularity rule was set up on, as ``train_window`` shows it (epoch
+    seconds in). The rule itself reads behaviour as of every query.
+
+    >>> rule_window(0.0, 86400.0 * 100)
+    '1970-01-01 00:00 .. 1970-04-11 00:00'
+    """
+    start = _dt.datetime.fromtimestamp(first_ts, _dt.timezone.utc)
+    end = _dt.datetime.fromtimestamp(last_ts, _dt.timezone.utc)
+    return f"{start:%Y-%m-%d %H:%M} .. {end:%Y-%m-%d %H:%M}"
+
+
+def headline_metrics(row: dict) -> dict:
+    """The holdout figures that describe a version best (its own, not its rival's)."""
+    m = row.get("metrics") or {}
+    for key in ("candidate", "rule", "holdout"):
+        if isinstance(m.get(key), dict) and any(isinstance(v, float) for v in m[key].values()):
+            return m[key]
+    return {k: v for k, v in m.items() if isinstance(v, float)}
 
 
 def list_versions(store) -> list[dict]:
@@ -86,7 +134,10 @@ def register_versions(store, con) -> None:
     from .semantic import encoder_info
 
     ds = store._dataset("versions")
-    con.register("_dynstore_versions", ds if ds is not None else REGISTRY_SCHEMA.empty_table())
+    if ds is None or "verdict" not in ds.schema.names:
+        con.register("_dynstore_versions", _registry(store))  # tiny; fills in verdicts of old registries
+    else:
+        con.register("_dynstore_versions", ds)
     emb = store._dataset("embeddings")
     if emb is None:
         emb = _embedding_schema(store, encoder_info(store)[1]).empty_table()
@@ -119,8 +170,11 @@ def users_table(store) -> pa.Table:
 def build_version(store, model, item_spec, user_spec, *, parent: int | None, status: str,
                   train_window: str = "", counts: dict | None = None, metrics: dict | None = None,
                   residuals: tuple | None = None, snapshot: dict | None = None,
-                  items: pa.Table | None = None) -> int:
+                  items: pa.Table | None = None, verdict: str | None = None) -> int:
     """Write a new version (embeddings, parameters, registry row); return its number.
+
+    ``verdict`` (see :data:`VERDICTS`) defaults from ``status``: current ->
+    promoted, candidate -> passed, rejected -> rejected.
 
     ``residuals`` is ``(R, rb)`` aligned with the rows of ``items``: the
     collaborative residuals (and version 1's popularity prior in ``rb``);
@@ -172,6 +226,7 @@ def build_version(store, model, item_spec, user_spec, *, parent: int | None, sta
             "encoder": enc_id, "alpha": float(np.ravel(tensors["alpha"])[0]) if "alpha" in tensors else None,
             "train_window": train_window, "counts": json.dumps(counts or {}),
             "metrics": json.dumps(metrics or {}), "snapshot": json.dumps(snapshot or {}),
+            "verdict": verdict or _VERDICT_OF_STATUS.get(status, status),
         })
         _write_registry(store, rows)
     store._con_state = None
@@ -228,46 +283,80 @@ def ensure_first_version(store) -> int | None:
     user_spec = FeatureSpec.fit(users_table(store), "user_id")
     A = item_spec.transform(items)
     spec = DynamicSpec()
-    model = FusionModel.untrained(V, A, user_spec.width, rule=rule_half_life(spec, _span_days(store)),
+    lo, hi = _time_span(store)
+    model = FusionModel.untrained(V, A, user_spec.width, rule=rule_half_life(spec, (hi - lo) / 86400.0),
                                   dynamic=spec, segments=tuple(n for _, n in user_spec.segment_columns()))
-    return build_version(store, model, item_spec, user_spec, parent=None, status="current",
-                         train_window="untrained", counts={"items": len(ids)}, items=items,
-                         residuals=model.residuals)
+    number = build_version(store, model, item_spec, user_spec, parent=None, status="current",
+                           train_window=rule_window(lo, hi) if hi > lo else "", counts={"items": len(ids)},
+                           items=items, residuals=model.residuals, verdict="initial")
+    _record_rule_metrics(store, number)
+    return number
 
 
-def _span_days(store) -> float:
-    """Days between the first and the newest interaction (0 without any)."""
+def _time_span(store) -> tuple[float, float]:
+    """Epoch seconds of the first and the newest interaction ((0, 0) without any)."""
     if store._dataset("interactions") is None:
-        return 0.0
+        return 0.0, 0.0
     con = store.connection()
     try:
         lo, hi = con.execute("SELECT epoch(min(ts)), epoch(max(ts)) FROM interactions").fetchall()[0]
     finally:
         con.close()
-    return 0.0 if hi is None else (hi - lo) / 86400.0
+    return (0.0, 0.0) if hi is None else (float(lo), float(hi))
+
+
+def _record_rule_metrics(store, number: int) -> None:
+    """Holdout figures of version 1, as ``eval`` computes them (the rule scored
+    before the newest 10% of events), so the registry shows how it does."""
+    from .errors import DynstoreError
+    from .lock import writer_lock
+    from .refresh import evaluate_version
+
+    try:
+        m = evaluate_version(store, version=number)
+        metrics = {"holdout": {k: v for k, v in m.items() if isinstance(v, float)}, "slice": m["slice"]}
+    except Exception as exc:  # figures are an annotation: never fail the encode that made the version
+        metrics = {"holdout": {}, "note": str(exc) if isinstance(exc, DynstoreError) else
+                   f"not evaluated: {type(exc).__name__}: {exc}"}
+    with writer_lock(store.path, "versions", wait=30):
+        rows = _registry(store).to_pylist()
+        for r in rows:
+            if r["version"] == number:
+                r["metrics"] = json.dumps(metrics)
+        _write_registry(store, rows)
 
 
 def rollback(store, version: int) -> dict:
-    """Make ``version`` current; the previous current becomes ``retired``."""
+    """Make ``version`` current; the previous current becomes ``retired``.
+
+    Only the serving status changes: each version keeps its verdict, so a
+    rejected version served for a while and retired again still reads
+    ``rejected``. Rolling back to a version refresh rejected returns a
+    ``"warning"`` saying so.
+    """
     from .lock import writer_lock
 
     with writer_lock(store.path, "versions", wait=30):
         rows = _registry(store).to_pylist()
-        if not any(r["version"] == version for r in rows):
+        target = next((r for r in rows if r["version"] == version), None)
+        if target is None:
             have = ", ".join(str(r["version"]) for r in sorted(rows, key=lambda r: r["version"])) or "none"
             raise VersionNotFound(f"no version {version} in {store.path} (versions: {have})")
-        previous = None
+        previous = next((r["version"] for r in rows if r["status"] == "current"), None)
         for r in rows:
             if r["status"] == "current":
-                previous = r["version"]
                 r["status"] = "retired"
-        for r in rows:
-            if r["version"] == version:
-                r["status"] = "current"
+        target["status"] = "current"
         _restore_encoder(store, version)
         _write_registry(store, rows)
     store._con_state = None
-    return {"version": version, "previous": previous, "status": "current"}
+    out = {"version": version, "previous": previous, "status": "current", "verdict": target["verdict"]}
+    if target["verdict"] == "rejected":
+        m = json.loads(target["metrics"] or "{}")
+        cand, cur = (m.get("candidate") or {}).get("ndcg@10"), (m.get("current") or {}).get("ndcg@10")
+        why = f" (holdout NDCG@10 {cand:.4f} against {cur:.4f})" if cand is not None and cur is not None else ""
+        out["warning"] = f"version {version} was rejected by refresh{why}; it is served now all the same"
+    return out
 
 
 def _restore_encoder(store, version: int) -> None:

@@ -36,8 +36,10 @@ SELECT d.item_id, d.document, d.doc_hash
 FROM item_documents d
 ANTI JOIN _dynstore_semantic c ON c.doc_hash = d.doc_hash;
 
+-- status: serving (current, retired, candidate, rejected); verdict: what refresh
+-- decided (initial, promoted, passed, rejected, rule), kept across rollbacks.
 CREATE OR REPLACE VIEW versions AS
-SELECT version, parent, status, created, encoder, alpha, train_window, counts, metrics
+SELECT version, parent, status, verdict, created, encoder, alpha, train_window, counts, metrics
 FROM _dynstore_versions;
 
 -- Fused item embeddings of every version, and of the current one.

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 
 import dynstore
 from dynstore.cli import main
@@ -110,7 +112,7 @@ def test_encode_recommend_versions_rollback_cli(runner, loaded):
     recs = json.loads(r.output)
     assert r.exit_code == 0 and [x["rank"] for x in recs] == [1, 2, 3] and recs[0]["title"]
     r = run(runner, "recommend", p, 1, "-k", 0)
-    assert "k must be between 1 and 10000" in one_line_error(r)
+    assert r.exit_code == 2 and "0 is not in the range 1<=x<=10000" in r.output
     r = run(runner, "recommend", p, "abc")
     assert r.exit_code == 2 and "integers" in r.output
     r = run(runner, "versions", p)
@@ -137,7 +139,7 @@ def test_refresh_eval_cli(runner, encoded):
 
 def test_config_cli(runner, store):
     r = run(runner, "config", store.path, "--behaviour-summary")
-    assert r.exit_code == 0 and "behaviour_summary = True" in r.output
+    assert r.exit_code == 0 and "behaviour_summary  True" in r.output
     assert "is not a valid rule" in one_line_error(run(runner, "config", store.path, "--positive", "1 +"))
 
 
@@ -152,3 +154,137 @@ def test_demo_cli(runner, tmp_path):
     assert r.exit_code == 0, r.output
     for needle in ("dynstore init", "recommendations for user", "refresh", "versions", "semantic search"):
         assert needle in r.output
+
+
+# -------------------------------------------------------------------------- conventions
+
+
+def test_every_option_has_help_and_every_enum_is_a_choice(runner):
+    import click
+
+    for name, cmd in main.commands.items():
+        for p in cmd.params:
+            if isinstance(p, click.Option) and p.name != "help" and not p.hidden:
+                record = p.get_help_record(click.Context(cmd))
+                assert record and record[1].strip(), f"{name} {p.opts} has no help text"
+            if p.name in ("fmt", "size", "device", "kind", "input_format"):
+                assert isinstance(p.type, click.Choice), f"{name} {p.name}"
+        assert "Examples:" in (cmd.help or ""), f"{name} has no examples"
+
+
+def test_formats_have_headers_and_nested_values_as_json(runner, encoded):
+    p = encoded.path
+    q = "SELECT 'a,1' AS id, [1, 2] AS l, {'x': 1.5} AS s, NULL AS n"
+    r = run(runner, "sql", p, q, "--format", "csv")
+    assert r.output.splitlines() == ["id,l,s,n", '"a,1","[1, 2]","{""x"": 1.5}",']
+    r = run(runner, "sql", p, q, "--format", "tsv")
+    assert r.output.splitlines()[0] == "id\tl\ts\tn" and '{""x"": 1.5}' in r.output
+    r = run(runner, "sql", p, q, "--format", "jsonl")
+    assert json.loads(r.output) == {"id": "a,1", "l": [1, 2], "s": {"x": 1.5}, "n": None}
+    r = run(runner, "sql", p, q, "--json")
+    assert json.loads(r.output) == [{"id": "a,1", "l": [1, 2], "s": {"x": 1.5}, "n": None}]
+    r = run(runner, "sql", p, q, "--format", "markdown")
+    assert r.output.splitlines()[:2] == ["| id | l | s | n |", "|---|---|---|---|"]
+    r = run(runner, "sql", p, "SELECT recommend(1, 2) AS recs", "--format", "csv")
+    recs = json.loads(r.output.splitlines()[1].strip('"').replace('""', '"'))
+    assert [set(x) for x in recs] == [{"item_id", "score"}] * 2
+    assert run(runner, "sql", p, "SELECT 1", "--format", "yaml").exit_code == 2
+
+
+def test_recommend_and_versions_print_headers(runner, encoded):
+    r = run(runner, "recommend", encoded.path, 1, "-k", 2)
+    lines = r.output.splitlines()
+    assert r.exit_code == 0 and lines[0].split() == ["rank", "item_id", "score", "title"] and "(2 rows)" in r.output
+    r = run(runner, "recommend", encoded.path, 1, "-k", 2, "--format", "csv")
+    assert r.output.splitlines()[0] == "rank,item_id,score,title"
+    r = run(runner, "versions", encoded.path)
+    assert r.output.split()[:3] == ["version", "status", "verdict"]
+    r = run(runner, "versions", encoded.path, "--json")
+    assert json.loads(r.output)[0]["verdict"] == "initial"
+
+
+def test_config_formats(runner, store):
+    r = run(runner, "config", store.path, "--json")
+    cfg = json.loads(r.output)
+    assert r.exit_code == 0 and cfg["model"] == "fake" and cfg["encoder_dim"] == 32 and "encoder_fingerprint" not in cfg
+    r = run(runner, "config", store.path)
+    assert r.output.split()[:2] == ["key", "value"] and "{" not in r.output.splitlines()[2]
+    r = run(runner, "config", store.path, "--positive", "value >= 4", "--format", "csv")
+    assert "positive,value >= 4" in r.output and "next `dynstore refresh` retrains" in r.output
+
+
+def test_default_store_from_env_and_dynstore_toml(runner, encoded, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    r = run(runner, "versions")
+    assert r.exit_code == 2 and "Missing argument 'STORE'" in r.output and "DYNSTORE_STORE" in r.output
+    monkeypatch.setenv("DYNSTORE_STORE", str(encoded.path))
+    assert "initial" in run(runner, "versions").output
+    assert run(runner, "recommend", 1, "-k", 1, "--json").exit_code == 0
+    assert "80" in run(runner, "sql", "SELECT count(*) FROM items").output
+    assert json.loads(run(runner, "inspect", "--json").output)["tables"]["items"]["rows"] == 80
+    r = run(runner, "ingest", "items", str(tmp_path / "missing.csv"))
+    assert "missing.csv: no such file" in r.output
+    # an explicit store still wins
+    assert run(runner, "sql", encoded.path, "SELECT 1 AS x").exit_code == 0
+    monkeypatch.delenv("DYNSTORE_STORE")
+    (tmp_path / "dynstore.toml").write_text(f'store = "{encoded.path}"\n')  # a pointer file
+    assert "initial" in run(runner, "versions").output
+    monkeypatch.chdir(encoded.path)  # inside the store itself
+    assert "80" in run(runner, "sql", "SELECT count(*) FROM items").output
+
+
+def test_quiet_and_no_progress_in_redirected_output(runner, loaded):
+    r = run(runner, "encode", loaded.path)  # CliRunner's stderr is not a terminal: no progress bar
+    assert r.exit_code == 0 and "encoding" not in r.output and "%|" not in r.output
+    r = run(runner, "ingest", loaded.path, "items", "--help")
+    assert "-q, --quiet" in r.output
+    r = run(runner, "rollback", loaded.path, 1, "-q")
+    assert r.exit_code == 0 and r.output == ""
+
+
+def test_ctrl_c_exits_130(runner, loaded, monkeypatch):
+    def interrupted(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(dynstore.Store, "encode", interrupted)
+    r = runner.invoke(main, ["encode", str(loaded.path)])
+    assert r.exit_code == 130 and "Interrupted" in r.output
+
+
+def test_validation_before_work(runner, loaded, tmp_path):
+    r = run(runner, "encode", loaded.path, "--batch-size", 0)
+    assert r.exit_code == 2 and "0 is not in the range x>=1" in r.output
+    with pytest.raises(dynstore.DynstoreError, match="batch_size"):
+        loaded.encode(batch_size=0)
+    assert loaded.sql("SELECT count(*) FROM stale_items").fetchall()[0][0] == 80  # nothing was done
+    r = run(runner, "demo", tmp_path / "d", "--size", "huge")
+    assert r.exit_code == 2 and "'huge' is not one of" in r.output and "Traceback" not in r.output
+    for rule in ("value >", "value > 0) OR (1 = 1"):
+        msg = one_line_error(run(runner, "init", tmp_path / "x", "--positive", rule))
+        assert "CAST" not in msg and "AS BOOLEAN" not in msg, msg  # only text the user wrote
+    msg = one_line_error(run(runner, "init", tmp_path / "x", "--positive", "event = 'a'; DROP TABLE t"))
+    assert "syntax error" in msg or "one expression" in msg
+    msg = one_line_error(run(runner, "config", loaded.path, "--item-text", "title ||"))
+    assert "--item-text" in msg and "AS document" not in msg
+
+
+def test_sql_errors_are_dynstore_messages(runner, encoded):
+    msg = one_line_error(run(runner, "sql", encoded.path, "SELECT recommend(1, 0)"))
+    assert msg == "Error: k must be between 1 and 10000, got 0"
+    msg = one_line_error(run(runner, "sql", encoded.path, "SELECT item_vector(1, 99)"))
+    assert msg.startswith("Error: no version 99") and "UDF" not in msg
+
+
+def test_demo_refuses_a_directory_it_did_not_create(runner, tmp_path):
+    mine = tmp_path / "mine"
+    (mine / "store").mkdir(parents=True)
+    (mine / "store" / "precious.txt").write_text("keep me")
+    msg = one_line_error(run(runner, "demo", mine, "--size", "tiny", "--model", "fake"))
+    assert "did not create" in msg
+    assert (mine / "store" / "precious.txt").read_text() == "keep me"
+    # an earlier demo's directory is rebuilt
+    d = tmp_path / "d"
+    assert run(runner, "demo", d, "--size", "tiny", "--model", "fake", "-q").exit_code == 0
+    assert (d / ".dynstore-demo").is_file() and (d / "store" / "dynstore.toml").is_file()
+    r = run(runner, "demo", d, "--size", "tiny", "--model", "fake", "-q")
+    assert r.exit_code == 0 and r.output == ""

@@ -134,3 +134,33 @@ def test_null_and_huge_documents(store):
     v = dict(store.sql("SELECT item_id, semantic_vector(item_id) FROM items").fetchall())
     assert list(v[1]) == [0.0] * 32  # documented: an empty document has the zero vector
     assert abs(np.linalg.norm(v[2]) - 1) < 1e-5
+
+
+def test_interrupted_encode_of_a_few_items_resumes(tmp_path, shop_files, runner):
+    """Well under one full chunk (80 items): Ctrl-C keeps what was committed, exit 130, a rerun resumes."""
+    import dynstore
+    from dynstore.cli import main
+    from dynstore.encoder import FakeEncoder, register_encoder
+
+    calls = []
+
+    class Interrupted(FakeEncoder):
+        def __init__(self, **kw):
+            super().__init__(32)
+            self.id = "interrupted:32"
+
+        def encode(self, texts, batch_size=64, progress=None):
+            calls.append(len(texts))
+            if len(calls) == 2:
+                raise KeyboardInterrupt  # Ctrl-C during the second chunk
+            return super().encode(texts, batch_size=batch_size, progress=progress)
+
+    register_encoder("interrupted-fake", Interrupted)
+    s = dynstore.init(tmp_path / "s", model="interrupted-fake")
+    s.ingest("items", shop_files / "items.csv")
+    r = runner.invoke(main, ["encode", str(s.path)])
+    assert r.exit_code == 130 and "Interrupted" in r.output
+    stale = s.sql("SELECT count(*) FROM stale_items").fetchall()[0][0]
+    assert stale == 80 - calls[0] and 0 < stale < 80
+    out = s.encode()
+    assert out["encoded"] == stale and s.sql("SELECT count(*) FROM stale_items").fetchall()[0][0] == 0

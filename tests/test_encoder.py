@@ -376,3 +376,68 @@ def test_cuda_fp16_matches_cpu():
     a, b = gpu.encode(TEXTS), cpu.encode(TEXTS)
     assert ((a * b).sum(1)).min() >= 0.99
     assert gpu.id == cpu.id
+
+
+# --------------------------------------------------------------------------- identity without loading
+
+
+def test_identity_from_files_equals_loaded_tiny_bert(tiny_bert, tmp_path):
+    from dynstore.encoder import encoder_identity, hf_identity
+
+    for max_length in (64, 1000):  # 1000 is capped by the position table (512), like the loaded model
+        before = hf_identity(tiny_bert, max_length=max_length)
+        loaded = HFEncoder(tiny_bert, device="cpu", max_length=max_length)
+        assert before == (loaded.id, loaded.dim)
+    assert hf_identity(tiny_bert, max_length=1000)[0].endswith(":mean:512")
+    # a tokenizer limit below the position table caps it too
+    capped = shutil.copytree(tiny_bert, tmp_path / "capped" / "tiny-bert")
+    cfg = json.loads((capped / "tokenizer_config.json").read_text())
+    (capped / "tokenizer_config.json").write_text(json.dumps({**cfg, "model_max_length": 40}))
+    loaded = HFEncoder(capped, device="cpu", max_length=64)
+    assert hf_identity(capped, max_length=64) == (loaded.id, loaded.dim) and loaded.max_length == 40
+    assert encoder_identity(str(capped), max_length=64) == (loaded.id, loaded.dim)
+    # files that do not say (no hidden_size): only loading can tell
+    odd = shutil.copytree(tiny_bert, tmp_path / "odd")
+    cfg = json.loads((odd / "config.json").read_text())
+    del cfg["hidden_size"]
+    (odd / "config.json").write_text(json.dumps(cfg))
+    assert hf_identity(odd) is None
+
+
+def test_identity_without_torch_in_a_fresh_process(tiny_bert):
+    code = (
+        "import sys\n"
+        "from dynstore.encoder import encoder_identity\n"
+        f"print(encoder_identity({str(tiny_bert)!r}, max_length=64))\n"
+        "print(sorted(m for m in ('torch', 'transformers') if m in sys.modules))\n"
+    )
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, check=True)
+    ident, mods = res.stdout.strip().splitlines()[-2:]
+    loaded = get_encoder(str(tiny_bert), device="cpu", max_length=64)
+    assert ident == repr((loaded.id, loaded.dim)) and mods == "[]"
+
+
+def test_identity_of_fake_and_registered():
+    from dynstore.encoder import encoder_fingerprint, encoder_identity
+
+    assert encoder_identity("fake:12") == ("fake:12:v1", 12)
+    register_encoder("made-up-for-identity", lambda **kw: FakeEncoder(5))
+    assert encoder_identity("made-up-for-identity") is None  # only the factory can tell
+    get_encoder("made-up-for-identity")
+    assert encoder_identity("made-up-for-identity") == ("fake:5:v1", 5)  # loaded: it answers
+    assert encoder_fingerprint("fake:12", max_length=64) != encoder_fingerprint("fake:12", max_length=32)
+
+
+@pytest.mark.slow
+def test_minilm_identity_from_files_equals_loaded():
+    code = (
+        "import sys\n"
+        "from dynstore.encoder import encoder_identity\n"
+        "print(encoder_identity('minilm'))\n"
+        "print(sorted(m for m in ('torch', 'transformers') if m in sys.modules))\n"
+    )
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, check=True)
+    ident, mods = res.stdout.strip().splitlines()[-2:]
+    loaded = get_encoder(DEFAULT_MODEL, device="cpu")
+    assert ident == repr((loaded.id, loaded.dim)) and mods == "[]"
+    assert ident == repr(enc_mod.hf_identity(_minilm_dir()))  # by path: same id

@@ -175,3 +175,33 @@ def test_random_tables_round_trip(cats, nums, max_onehot):
     assert np.isfinite(X).all() and np.abs(X).max(initial=0) <= 5
     again = FeatureSpec.from_dict(json.loads(json.dumps(spec.to_dict())))
     np.testing.assert_array_equal(again.transform(t), X)
+
+
+def test_numeric_buckets_make_non_linear_effects_learnable():
+    """A release year gets quantile buckets beside its standardised value, so a model can
+    prefer one band (recent films, mid prices) rather than only one slope."""
+    years = pa.table({"id": list(range(100)), "year": [1950 + i % 70 for i in range(100)]})
+    spec = FeatureSpec.fit(years, "id", buckets=4)
+    names = spec.feature_names()
+    assert names[0] == "year" and len(names) == 1 + 4
+    X = spec.transform(pa.table({"year": [1951, 2018, None]}))
+    assert X[0, 1] == 1 and X[1, 4] == 1          # lowest and highest band
+    assert X[2].sum() == 0                       # missing: no band
+    assert X[:2, 1:].sum(axis=1).tolist() == [1.0, 1.0]
+    # a spec written before buckets existed reads back without them
+    old = spec.to_dict()
+    old.pop("buckets")
+    for r in old["columns"]:
+        r.pop("edges")
+    old["width"] = 1
+    assert FeatureSpec.from_dict(old).transform(pa.table({"year": [1951]})).shape == (1, 1)
+
+
+def test_segments_of_users():
+    users = pa.table({"user_id": list(range(40)), "region": ["n", "s", "e", "w"] * 10,
+                      "age": list(range(20, 60)), "bio": [f"long free text about person {i}" * 3 for i in range(40)]})
+    spec = FeatureSpec.fit(users, "user_id", buckets=2)
+    assert spec.segment_columns() == [("region", 4), ("age", 2)]
+    keys = spec.segments(pa.table({"region": ["s", "nowhere", None], "age": [21, 59, 40]}))
+    assert keys.tolist() == [[2, 4], [-1, 5], [-1, 5]]  # vocabulary: e, n, s, w (ties by value)
+    assert spec.n_segment_keys == 6

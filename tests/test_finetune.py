@@ -115,8 +115,12 @@ def test_refresh_finetune_rejected_keeps_old_encoder(bert_store, tiny_bert):
     # the rejected version stays queryable by number, with its fine-tuned encoder recorded
     by_number = {v["version"]: v for v in bert_store.versions()}
     assert by_number[out["version"]]["encoder"] == out["finetune"]["encoder"]
-    # the popularity rule published in its place uses the store's (old) encoder
-    assert by_number[out["published"]["version"]]["encoder"] != out["finetune"]["encoder"]
+    # the version still served (the popularity rule: it reads behaviour at every
+    # query, so it is not published again) uses the store's (old) encoder
+    assert "published" not in out
+    current = next(v for v in by_number.values() if v["status"] == "current")
+    assert current["version"] == out["parent"]
+    assert current["encoder"] != out["finetune"]["encoder"]
     assert len(bert_store.recommend(1, 3, version=out["version"])) == 3
 
 

@@ -362,4 +362,4 @@ def test_early_stopping_keeps_the_best_epoch(problem):
     # stopped `patience` epochs after the best one (or at the end)
     assert len(curve) - 2 == min(12, best + 2) == stats["epochs"]
     # the parameters kept are the best epoch's, not the last one's
-    assert evaluate(m, tr, hu, hi, hl, k=10)["ndcg@10"] == pytest.approx(curve[best])
+    assert evaluate(m, tr, hu, hi, hl, k=10)["ndcg@10"] == pytest.approx(curve[best + 1])

@@ -16,8 +16,11 @@ def ids_of(recs):
 
 
 def test_first_version_after_encode(encoded):
-    rows = encoded.sql("SELECT version, status, train_window FROM versions").fetchall()
-    assert rows == [(1, "current", "untrained")]
+    rows = encoded.sql("SELECT version, status, verdict FROM versions").fetchall()
+    assert rows == [(1, "current", "initial")]
+    # the popularity rule records the window it counted and its holdout figures
+    (row,) = encoded.versions()
+    assert " .. " in row["train_window"] and set(row["metrics"]["holdout"]) >= {"ndcg@10", "recall@10"}
     n = encoded.sql("SELECT count(*) FROM item_embeddings").fetchall()[0][0]
     assert n == 80
     dim = encoded.sql("SELECT len(vector) FROM item_embeddings LIMIT 1").fetchall()[0][0]
@@ -99,8 +102,10 @@ def test_new_item_recommendable_at_once(encoded):
     assert 10_001 in ids_of(encoded.recommend(fan, 81))
     score = lambda u: encoded.sql(f"SELECT score({u}, 10001)").fetchall()[0][0]  # noqa: E731
     assert score(fan) > score(other)
+    # among the items of its category, it ranks higher for the fan than for the other user
     same_cat = encoded.sql(f"SELECT list(item_id) FROM items WHERE category = '{cats[0]}'").fetchall()[0][0]
-    assert 10_001 in ids_of(encoded.recommend(fan, 3, candidates=same_cat))
+    rank = lambda u: ids_of(encoded.recommend(u, len(same_cat), candidates=same_cat)).index(10_001)  # noqa: E731
+    assert rank(fan) < rank(other)
     assert encoded.sql("SELECT item_vector(10001) IS NOT NULL").fetchall()[0][0]
 
 

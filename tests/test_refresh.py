@@ -4,6 +4,7 @@ from __future__ import annotations
 import datetime as dt
 import json
 
+import numpy as np
 import polars as pl
 import pyarrow as pa
 import pytest
@@ -119,28 +120,51 @@ def test_refresh_promotes_only_when_not_worse(tmp_path):
     s.close()
 
 
-def test_rejected_refresh_publishes_the_recounted_popularity_rule(encoded):
-    """After a drift the stale counts of version 1 stop working: a refresh whose
-    trained candidate loses still publishes the rule counted up to the newest event."""
+def _burst(store, item, n=40):
+    newest = store.sql("SELECT max(ts) FROM interactions").fetchall()[0][0]
+    ts = [newest + dt.timedelta(hours=1, minutes=m) for m in range(n)]
+    store.ingest("interactions", pa.table({"user_id": list(range(1000, 1000 + n)), "item_id": [item] * n,
+                                           "ts": pa.array(ts, pa.timestamp("us")), "event": ["purchase"] * n}))
+
+
+def test_popularity_rule_follows_a_burst_without_refresh(encoded):
+    """Version 1 is the popularity rule read as of every query: a burst of
+    purchases on a rare item puts it on top at once, with no refresh."""
     top_v1 = encoded.recommend("nobody", 1)[0]["item_id"]
     rare = encoded.sql("SELECT item_id FROM items WHERE item_id <> ? ORDER BY item_id DESC LIMIT 1",
                        params=[top_v1]).fetchall()[0][0]
-    newest = encoded.sql("SELECT max(ts) FROM interactions").fetchall()[0][0]
-    burst = [newest + dt.timedelta(hours=1, minutes=m) for m in range(40)]
-    encoded.ingest("interactions", pa.table({"user_id": list(range(1000, 1040)), "item_id": [rare] * 40,
-                                             "ts": pa.array(burst, pa.timestamp("us")),
-                                             "event": ["purchase"] * 40}))
+    _burst(encoded, rare)
+    assert encoded.recommend("nobody", 1)[0]["item_id"] == rare
+    assert encoded.recommend("nobody", 1, version=1)[0]["item_id"] == rare
+    assert len(encoded.versions()) == 1
+
+
+def test_rejected_refresh_publishes_the_rule_over_a_stale_trained_version(encoded):
+    """When the trained candidate loses and the rule beats what the store serves
+    (here a trained version that learned to avoid popular items), the rule is
+    published as the next version; a rejected refresh over the rule itself adds nothing."""
+    from dynstore.versions import build_version, load_version
+
+    lv = load_version(encoded)
+    bad = type(lv.model).from_state(*lv.model.state())
+    bad.params["theta"] = -np.abs(bad.params["theta"]) - 1.0  # popularity counts against an item
+    build_version(encoded, bad, lv.item_spec, lv.user_spec, parent=1, status="current",
+                  train_window="test", residuals=(np.zeros_like(lv.Wf), np.zeros_like(lv.bias)),
+                  snapshot={"trained_until": 0})
     out = encoded.refresh(since="all", epochs=1, tolerance=-10.0)  # force the candidate out
     assert out["status"] == "rejected"
+    assert out["metrics"]["rule"]["ndcg@10"] > out["metrics"]["current"]["ndcg@10"]
     pub = out["published"]
     assert pub["version"] == out["version"] + 1 and pub["kind"] == "popularity rule"
     rows = dict(encoded.sql("SELECT version, status FROM versions").fetchall())
     assert rows[out["version"]] == "rejected" and rows[pub["version"]] == "current"
-    assert encoded.recommend("nobody", 1)[0]["item_id"] == rare
-    assert encoded.recommend("nobody", 1, version=1)[0]["item_id"] == top_v1
-    # the published rule is a rule again: the next refresh compares with it at its own cut
-    assert encoded.sql("SELECT train_window FROM versions WHERE version = ?",
-                       params=[pub["version"]]).fetchall()[0][0] == "untrained"
+    verdict, window, metrics = encoded.sql("SELECT verdict, train_window, metrics FROM versions WHERE version = ?",
+                                           params=[pub["version"]]).fetchall()[0]
+    assert verdict == "rule" and " .. " in window and "ndcg@10" in metrics
+    # the rule is current now: rejecting the next candidate publishes nothing more
+    _burst(encoded, 1)
+    again = encoded.refresh(since="all", epochs=1, tolerance=-10.0)
+    assert again["status"] == "rejected" and "published" not in again
 
 
 def test_no_promote_never_publishes_the_rule(encoded):
@@ -175,3 +199,112 @@ def test_trained_current_is_judged_on_events_it_never_saw(encoded):
     judged = out["holdout"]
     assert judged["judged_on"] == "unseen by current" and judged["events"] == unseen[0]
     assert out["metrics"]["current"]["n_users"] == unseen[1]
+
+
+# -------------------------------------------------------------------------- the no-op decision
+
+
+def test_force_retrains_without_new_data(encoded):
+    first = encoded.refresh(since="all", epochs=1)
+    assert encoded.refresh(since="all", epochs=1)["status"] == "noop"
+    forced = encoded.refresh(since="all", epochs=1, force=True)
+    assert forced["status"] != "noop" and forced["reasons"] == ["--force"]
+    assert forced["version"] > first["version"]
+
+
+@pytest.mark.parametrize("change, named", [
+    ({"positive": "event = 'purchase'"}, "positive rule changed: \"event IN ('click', 'purchase')\" -> "
+                                         "\"event = 'purchase'\""),
+    ({"negative": "event IN ('skip', 'impression')"}, "negative rule changed"),
+    ({"item_text": "title"}, "item document changed"),
+    ({"model": "other-fake"}, "encoder changed: 'fake:32:v1' -> 'other:32'"),
+])
+def test_a_rules_or_encoder_change_needs_a_refresh_and_says_so(encoded, change, named):
+    from dynstore.encoder import FakeEncoder, register_encoder
+
+    class Other(FakeEncoder):  # another encoder of the same dimension
+        def __init__(self, **kw):
+            super().__init__(32)
+            self.id = "other:32"
+
+    register_encoder("other-fake", Other)
+    encoded.refresh(since="all", epochs=1)
+    assert encoded.refresh(since="all", epochs=1)["status"] == "noop"
+    encoded.configure(**change)
+    assert encoded.inspect()["refresh"]["needed"]
+    out = encoded.refresh(since="all", epochs=1)
+    assert out["status"] != "noop" and any(named in r for r in out["reasons"]), out["reasons"]
+    again = encoded.refresh(since="all", epochs=1)
+    assert again["status"] == "noop" and "rules and encoder unchanged" in again["reason"]
+
+
+def test_refresh_cli_force_and_reasons(runner, encoded):
+    from dynstore.cli import main
+
+    p = str(encoded.path)
+    assert runner.invoke(main, ["refresh", p, "--since", "all", "--epochs", "1", "-q"]).output == ""
+    r = runner.invoke(main, ["refresh", p, "--since", "all"])
+    assert r.exit_code == 0 and r.output.startswith("nothing to do: no new data since version")
+    assert "--force" in r.output
+    r = runner.invoke(main, ["config", p, "--positive", "event = 'purchase'", "-q"])
+    assert r.exit_code == 0 and r.output == ""
+    r = runner.invoke(main, ["refresh", p, "--since", "all", "--epochs", "1"])
+    assert r.exit_code == 0 and "retrained: positive rule changed" in r.output
+    r = runner.invoke(main, ["refresh", p, "--since", "all", "--epochs", "1", "--force", "--json"])
+    assert r.exit_code == 0 and json.loads(r.output)["reasons"] == ["--force"]
+
+
+# -------------------------------------------------------------------------- verdicts
+
+
+def test_verdict_survives_rollbacks_and_a_rejected_rollback_warns(encoded, runner):
+    from dynstore.cli import main
+
+    out = encoded.refresh(since="all", epochs=1, tolerance=-10.0)  # force the candidate out
+    rejected = out["version"]
+    rows = {r["version"]: (r["status"], r["verdict"]) for r in encoded.versions()}
+    assert rows[rejected] == ("rejected", "rejected")
+    back = encoded.rollback(rejected)
+    assert back["verdict"] == "rejected" and "was rejected by refresh" in back["warning"]
+    encoded.rollback(1)
+    rows = {r["version"]: (r["status"], r["verdict"]) for r in encoded.versions()}
+    assert rows[rejected] == ("retired", "rejected") and rows[1] == ("current", "initial")
+    r = runner.invoke(main, ["rollback", str(encoded.path), str(rejected)])
+    assert r.exit_code == 0 and f"version {rejected} is current" in r.output
+    assert "warning: version" in r.output and "rejected by refresh" in r.output
+    assert encoded.sql("SELECT verdict FROM versions WHERE version = ?", [rejected]).fetchall() == [("rejected",)]
+
+
+def test_registry_written_before_verdicts_still_reads(encoded):
+    """A registry from before the verdict column: verdicts are inferred, the view works."""
+    import lance
+
+    from dynstore.versions import _registry
+
+    table = _registry(encoded)
+    old = table.drop_columns(["verdict"])
+    old = old.set_column(old.schema.get_field_index("train_window"), "train_window",
+                         pa.array(["untrained"] * old.num_rows))
+    lance.write_dataset(old, encoded._dataset_uri("versions"), mode="overwrite")
+    assert encoded.sql("SELECT version, verdict FROM versions").fetchall() == [(1, "initial")]
+    assert encoded.versions()[0]["verdict"] == "initial"
+
+
+def test_eval_says_which_slice(encoded, runner):
+    from dynstore.cli import main
+
+    out = dynstore.connect(encoded.path).refresh(since="all", epochs=1)
+    from dynstore.refresh import evaluate_version
+
+    ev = evaluate_version(encoded, version=out["version"])
+    sl = ev["slice"]
+    assert sl["of"] == "all interactions" and sl["share"] == 0.1 and sl["events"] > 0
+    assert 0.0 <= sl["trained_on_share"] <= 1.0 and sl["from"] <= sl["to"]
+    with pytest.raises(dynstore.DynstoreError, match="k must be between 1"):
+        evaluate_version(encoded, k=0)
+    r = runner.invoke(main, ["eval", str(encoded.path)])
+    assert r.exit_code == 0 and "slice.events" in r.output and "note: judged on" in r.output
+    assert "refresh uses its own window" in r.output
+    for k in ("0", "-1"):
+        r = runner.invoke(main, ["eval", str(encoded.path), "-k", k])
+        assert r.exit_code == 2 and "not in the range" in r.output and "nan" not in r.output

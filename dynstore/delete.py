@@ -1,0 +1,99 @@
+"""Deleting rows: ``dynstore delete STORE {interactions,items,users} --where SQL``.
+
+The condition is DuckDB SQL over the table's columns (for interactions also
+``label``, by the store's rules), exactly as in ``dynstore sql``. DuckDB
+finds the matching rows and one Lance ``delete`` removes them in one commit:
+a reader sees all of them gone or none. A deleted item leaves
+recommendations at once (serving drops items that are no longer in
+``items``) and its vector leaves the next version; interactions that name it
+stay as history until they are deleted too.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from .errors import ConfigError
+
+__all__ = ["delete_rows"]
+
+KINDS = ("interactions", "items", "users")
+
+
+def _ranges(ids: np.ndarray) -> str:
+    """A Lance predicate for a set of row ids: runs as BETWEEN, the rest as IN.
+
+    >>> _ranges(np.array([1, 2, 3, 7], np.uint64))
+    '(_rowid BETWEEN 1 AND 3) OR _rowid IN (7)'
+    """
+    ids = np.unique(ids.astype(np.uint64))
+    breaks = np.flatnonzero(np.diff(ids) != 1) + 1
+    parts, singles = [], []
+    for run in np.split(ids, breaks):
+        if len(run) >= 3:
+            parts.append(f"(_rowid BETWEEN {int(run[0])} AND {int(run[-1])})")
+        else:
+            singles.extend(int(x) for x in run)
+    if singles:
+        parts.append("_rowid IN (" + ", ".join(map(str, singles)) + ")")
+    return " OR ".join(parts)
+
+
+def delete_rows(store, kind: str, where: str, *, dry_run: bool = False) -> dict:
+    """Delete the rows of ``kind`` for which ``where`` is true; one commit.
+
+    Returns ``{"kind", "deleted", "total", "version"}`` (``total`` after the
+    delete; with ``dry_run`` nothing is written and ``deleted`` is the count
+    that would go). The caller holds the table's writer lock.
+
+    Examples
+    --------
+    >>> import tempfile, dynstore, polars as pl
+    >>> store = dynstore.init(tempfile.mkdtemp() + "/s", model="fake")
+    >>> _ = store.ingest("items", pl.DataFrame({"item_id": [1, 2, 3], "title": ["a", "b", "c"]}))
+    >>> store.delete("items", "title <> 'b'")["deleted"]
+    2
+    """
+    import duckdb
+
+    from .store import expression_error
+
+    if kind not in KINDS:
+        raise ConfigError(f"unknown table {kind!r}; use one of {', '.join(KINDS)}")
+    if not where or not where.strip():
+        raise ConfigError("--where is empty; to delete every row say so: --where true")
+    ds = store._dataset(kind)
+    if ds is None:
+        return {"kind": kind, "deleted": 0, "total": 0, "version": 0}
+    con = duckdb.connect()
+    try:
+        con.execute("SET TimeZone = 'UTC'")
+        con.register("_dynstore_src", ds.to_table(limit=0))
+        label = ""
+        if kind == "interactions":
+            cfg = store.config
+            label = (f", CAST(CASE WHEN ({cfg.positive}) THEN 1 WHEN ({cfg.negative}) THEN -1 ELSE 0 END "
+                     "AS TINYINT) AS label")
+        con.execute(f"CREATE VIEW {kind} AS SELECT *{label} FROM _dynstore_src")
+        why = expression_error(con, where, kind)
+        if why is None:
+            try:
+                con.execute(f"SELECT CAST(({where}) AS BOOLEAN) FROM {kind} LIMIT 0")
+            except duckdb.Error as exc:
+                why = str(exc).strip().splitlines()[0]
+        if why is not None:
+            cols = ", ".join(r[0] for r in con.execute(f"DESCRIBE {kind}").fetchall())
+            raise ConfigError(f"--where {where!r} is not a condition over {kind} ({cols}): {why}")
+        # Scan with Lance row ids; only the matching ids come back to Python.
+        con.register("_dynstore_src", ds.scanner(with_row_id=True).to_reader())
+        con.execute(f"CREATE OR REPLACE VIEW {kind} AS SELECT *{label} FROM _dynstore_src")
+        ids = con.execute(f"SELECT _rowid FROM {kind} WHERE ({where})").fetchnumpy()["_rowid"]
+    finally:
+        con.close()
+    ids = np.asarray(ids, np.uint64)
+    if len(ids) and not dry_run:
+        ds.delete(_ranges(ids))
+    import lance
+
+    latest = lance.dataset(store._dataset_uri(kind))
+    return {"kind": kind, "deleted": int(len(ids)), "total": latest.count_rows(), "version": latest.version,
+            **({"dry_run": True} if dry_run else {})}

@@ -1,0 +1,98 @@
+"""``dynstore inspect``: what is in a store and what it needs.
+
+Counts, sizes on disk and Lance fragments of every dataset, the versions,
+the encoder, how many items are stale (need ``encode``), the last refresh,
+and what a ``refresh`` would do now. Reads only; loads no encoder.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+__all__ = ["inspect_store"]
+
+
+def _bytes(path: Path) -> int:
+    total = 0
+    for root, _dirs, files in os.walk(path):
+        for name in files:
+            try:
+                total += os.stat(os.path.join(root, name)).st_size
+            except OSError:
+                pass  # a file removed by a concurrent cleanup
+    return total
+
+
+def _dataset_info(ds, uri: str) -> dict:
+    if ds is None:
+        return {"rows": 0, "bytes": 0, "fragments": 0, "dataset_version": 0}
+    return {"rows": ds.count_rows(), "bytes": _bytes(Path(uri)), "fragments": len(ds.get_fragments()),
+            "dataset_version": ds.version}
+
+
+def inspect_store(store) -> dict:
+    """A JSON-able overview of ``store``.
+
+    Examples
+    --------
+    >>> import tempfile, dynstore
+    >>> info = inspect_store(dynstore.init(tempfile.mkdtemp() + "/s", model="fake"))
+    >>> info["tables"]["items"]["rows"], info["refresh"]["needed"]
+    (0, False)
+    """
+    import duckdb
+
+    from .freshness import refresh_plan
+    from .semantic import cache_dataset, cache_uri, encoder_info
+    from .session import error_message
+    from .store import TABLES
+    from .versions import headline_metrics, list_versions
+
+    cfg = store.config
+    enc_id, dim = encoder_info(store)
+    tables = {name: _dataset_info(store._dataset(name), store._dataset_uri(name)) for name in TABLES}
+    for name in TABLES:
+        ds = store._dataset(name)
+        tables[name]["columns"] = [f.name for f in ds.schema] if ds is not None else []
+    stale: int | None = None
+    doc_error = None
+    if tables["items"]["rows"]:
+        try:
+            stale = store.sql("SELECT count(*) FROM stale_items").fetchall()[0][0]
+        except duckdb.Error as exc:
+            doc_error = error_message(exc)
+    else:
+        stale = 0
+    rows = list_versions(store)
+    current = next((r for r in rows if r["status"] == "current"), None)
+    trained = [r for r in rows if r["snapshot"].get("trained_until") is not None]
+    last = trained[0] if trained else None
+    since = (last["snapshot"].get("since") if last else None) or "30d"
+    plan = refresh_plan(store, since=since)
+    by_status: dict[str, int] = {}
+    for r in rows:
+        by_status[r["status"]] = by_status.get(r["status"], 0) + 1
+    out = {
+        "store": str(store.path),
+        "format_version": cfg.format_version,
+        "created": cfg.created,
+        "id_types": dict(cfg.id_types),
+        "bytes": _bytes(store.path),
+        "tables": tables,
+        "encoder": {"model": cfg.model, "id": enc_id, "dim": dim, "max_length": cfg.max_length},
+        "semantic_cache": _dataset_info(cache_dataset(store, enc_id), cache_uri(store, enc_id)),
+        "embeddings": _dataset_info(store._dataset("embeddings"), store._dataset_uri("embeddings")),
+        "items_stale": stale,
+        "versions": {"count": len(rows), "current": current["version"] if current else None,
+                     "latest": rows[0]["version"] if rows else None, "by_status": by_status},
+        "last_refresh": None if last is None else {
+            "version": last["version"], "created": str(last["created"])[:19], "status": last["status"],
+            "verdict": last["verdict"], "train_window": last["train_window"],
+            "ndcg@10": headline_metrics(last).get("ndcg@10")},
+        "refresh": {"since": since, "needed": plan["needed"], "reason": plan["reason"]},
+    }
+    if doc_error:
+        out["document_error"] = doc_error
+    if stale:
+        out["encode"] = f"{stale} item(s) need encoding: run `dynstore encode` (refresh also does it first)"
+    return out

@@ -1,0 +1,218 @@
+"""SQL sessions: one DuckDB connection for a sequence of statements.
+
+``dynstore sql`` (a query given on the command line or the interactive
+prompt) runs every statement through a :class:`SqlSession`:
+
+* before each statement the session follows the store: new commits, a
+  changed config or a function registered since the last statement are
+  attached to the same connection (datasets re-registered, views and macros
+  re-created, functions replaced), so a prompt left open sees what a cron
+  ``refresh`` or ``ingest`` wrote;
+* tables, views and macros a user creates (``CREATE TABLE t AS ...``) are
+  **session-scoped**: they live in this connection's memory, never in the
+  store, and are gone when the session ends;
+* the store's own views (``items``, ``interactions`` ...) are read-only in
+  SQL: ``INSERT``/``UPDATE``/``DELETE`` on them is refused with a message
+  that names the command which changes the data;
+* errors raised by dynstore's functions read as their own message, without
+  DuckDB's "Python exception occurred while executing the UDF" wrapping.
+
+Examples
+--------
+>>> import tempfile, dynstore
+>>> store = dynstore.init(tempfile.mkdtemp() + "/s", model="fake")
+>>> session = SqlSession(store)
+>>> [r.rows for r in session.run_all("CREATE TABLE t AS SELECT 41 AS x; SELECT x + 1 AS y FROM t")]
+[[], [(42,)]]
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import Any, Iterator
+
+from .errors import DynstoreError
+
+__all__ = ["SqlSession", "Result", "error_message", "STORE_VIEWS"]
+
+#: Views every connection gets from the store (see ``sql/views.sql``).
+STORE_VIEWS = ("interactions", "items", "users", "item_documents", "stale_items", "versions",
+               "item_embeddings", "item_embeddings_all")
+
+_UDF = re.compile(r"while executing the UDF: (\w+): (.*)", re.S)
+_WRITES = ("INSERT", "UPDATE", "DELETE", "MERGE_INTO")
+
+
+@dataclass
+class Result:
+    """What one statement returned: column names and rows (none for DDL)."""
+
+    query: str
+    kind: str                       # DuckDB statement type: SELECT, CREATE, INSERT, ...
+    columns: list[str] = field(default_factory=list)
+    rows: list[tuple] = field(default_factory=list)
+    seconds: float = 0.0
+
+    @property
+    def creates(self) -> str | None:
+        """Name of the session object a CREATE made (for the "session only" note)."""
+        if self.kind != "CREATE":
+            return None
+        m = re.search(r"CREATE\s+(?:OR\s+REPLACE\s+)?(?:TEMP(?:ORARY)?\s+)?(?:TABLE|VIEW|MACRO|SEQUENCE|TYPE)\s+"
+                      r"(?:IF\s+NOT\s+EXISTS\s+)?([\w.\"]+)", self.query, re.I)
+        return m.group(1) if m else "the object"
+
+
+def error_message(exc: BaseException) -> str:
+    """One line for a person: dynstore's own message when a function raised it.
+
+    >>> import duckdb
+    >>> error_message(duckdb.InvalidInputException(
+    ...     "Invalid Input Error: Python exception occurred while executing the UDF: "
+    ...     "DynstoreError: k must be between 1 and 10000, got 0"))
+    'k must be between 1 and 10000, got 0'
+    """
+    from . import errors
+
+    text = str(exc).strip()
+    m = _UDF.search(text)
+    if m and m.group(1) in errors.__all__:
+        text = m.group(2).strip()
+    elif isinstance(exc, DynstoreError):
+        text = str(exc)
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    return lines[0] if lines else type(exc).__name__
+
+
+class SqlSession:
+    """A DuckDB connection that follows the store between statements.
+
+    Parameters
+    ----------
+    store : dynstore.Store
+        The open store; ``store.read_only`` makes the session read-only too
+        (no writes, no file access outside the store).
+    """
+
+    def __init__(self, store):
+        self.store = store
+        self.con = store.connection()
+        self._state = store._connection_state()
+
+    def close(self) -> None:
+        self.con.close()
+
+    def __enter__(self) -> "SqlSession":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def _follow(self) -> None:
+        """Attach commits, config changes and new functions made since the last statement."""
+        state = self.store._connection_state()
+        if state == self._state:
+            return
+        if state[0] != self._state[0]:
+            self.store._reload_config()
+        self.store._attach(self.con, again=True)
+        self._state = state
+
+    def statements(self, text: str) -> list[Any]:
+        """Split ``text`` into DuckDB statements (each has ``.query`` and ``.type``)."""
+        import duckdb
+
+        try:
+            return list(self.con.extract_statements(text))
+        except duckdb.Error as exc:
+            raise DynstoreError(error_message(exc)) from None
+
+    def run(self, statement: Any) -> Result:
+        """Run one statement (a string or an item of :meth:`statements`)."""
+        import time
+
+        import duckdb
+
+        if isinstance(statement, str):
+            parsed = self.statements(statement)
+            if len(parsed) != 1:
+                raise DynstoreError(f"expected one statement, got {len(parsed)}")
+            statement = parsed[0]
+        query = statement.query.strip()
+        kind = statement.type.name
+        self._follow()
+        t0 = time.perf_counter()
+        try:
+            cur = self.con.execute(query)
+            # CREATE ... AS reports a row count nobody asked for; INSERT's count is kept
+            columns = [d[0] for d in cur.description] if cur.description and kind != "CREATE" else []
+            rows = cur.fetchall() if columns else []
+        except duckdb.Error as exc:
+            raise DynstoreError(self._explain(exc, kind)) from None
+        return Result(query, kind, columns, rows, time.perf_counter() - t0)
+
+    def run_all(self, text: str) -> Iterator[Result]:
+        """Run every statement of ``text`` in order, yielding each result."""
+        for statement in self.statements(text):
+            yield self.run(statement)
+
+    def interrupt(self) -> None:
+        """Cancel the statement running on this session (from another thread)."""
+        self.con.interrupt()
+
+    def _explain(self, exc: BaseException, kind: str) -> str:
+        msg = error_message(exc)
+        if kind in _WRITES and ("base table" in msg or "is not an table" in msg or "is not a table" in msg):
+            return (f"{msg} — the store's tables are read-only in SQL (session tables are not); change data "
+                    "with `dynstore ingest` or `dynstore delete`")
+        return msg
+
+    # -- what the prompt's dot commands show ------------------------------------------
+    def tables(self) -> list[tuple[str, str]]:
+        """``(name, kind)`` of the store's views and the session's own tables and views."""
+        self._follow()
+        rows = self.con.execute(
+            "SELECT table_name, table_type FROM information_schema.tables "
+            "WHERE table_schema = 'main' AND table_name NOT LIKE '\\_dynstore%' ESCAPE '\\' "
+            "ORDER BY table_name").fetchall()
+        out = []
+        for name, typ in rows:
+            if name in STORE_VIEWS:
+                out.append((name, "store"))
+            else:
+                out.append((name, "session " + ("table" if typ == "BASE TABLE" else "view")))
+        return out
+
+    def describe(self, name: str) -> list[tuple[str, str]]:
+        """``(column, type)`` of a table or view."""
+        import duckdb
+
+        self._follow()
+        try:
+            rows = self.con.execute(
+                "SELECT column_name, data_type FROM information_schema.columns "
+                "WHERE table_schema = 'main' AND table_name = ? ORDER BY ordinal_position", [name]).fetchall()
+        except duckdb.Error as exc:
+            raise DynstoreError(error_message(exc)) from None
+        if not rows:
+            raise DynstoreError(f"no table or view named {name!r}; .tables lists them")
+        return rows
+
+    def functions(self) -> list[tuple[str, str, str]]:
+        """``(name, kind, signature)`` of dynstore's SQL functions and macros."""
+        from .functions import registered
+
+        self._follow()
+        names = [n for n in registered() if not n.startswith("_")] + ["recommend", "recommendations",
+                                                                        "item_vector"]
+        rows = self.con.execute(
+            "SELECT function_name, function_type, parameters, parameter_types, return_type "
+            "FROM duckdb_functions() WHERE function_name IN (SELECT unnest(?)) "
+            "ORDER BY function_name, len(parameters)", [sorted(set(names))]).fetchall()
+        out = []
+        for name, typ, params, types, ret in rows:
+            # Python functions have no parameter names (DuckDB calls them col0, col1 ...): types only
+            args = ", ".join(t if t and re.fullmatch(r"col\d+", p) else (f"{p} {t}" if t else p)
+                             for p, t in zip(params or [], types or [None] * len(params or [])))
+            out.append((name, "macro" if "macro" in typ else "function", f"{name}({args})" + (f" -> {ret}" if ret else "")))
+        return out
