@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 
 from .histories import build_histories
-from .metrics import ndcg_at_k, recall_at_k, top_k, user_auc
+from .metrics import ndcg_per_user, recall_at_k, top_k, user_auc
 
 __all__ = ["evaluate"]
 
@@ -27,6 +27,7 @@ def evaluate(
     exclude_seen: bool = True,
     candidates: np.ndarray | None = None,
     batch_users: int = 1024,
+    per_user: bool = False,
 ) -> dict:
     """Recall@k, NDCG@k and per-user AUC of ``model`` on a holdout.
 
@@ -38,7 +39,8 @@ def evaluate(
     Returns
     -------
     dict
-        ``{"recall@k", "ndcg@k", "auc", "n_users"}`` (means over users with a relevant item).
+        ``{"recall@k", "ndcg@k", "auc", "n_users"}`` (means over users with a relevant item);
+        with ``per_user`` also ``"ndcg_per_user"`` (an array, users in ascending order).
     """
     hu = np.asarray(holdout_user, dtype=np.int64)
     hi = np.asarray(holdout_item, dtype=np.int64)
@@ -80,12 +82,14 @@ def evaluate(
         auc_vals.append((user_auc(S, rel, excl), ub.size))
     if not users.size:
         return {f"recall@{k}": float("nan"), f"ndcg@{k}": float("nan"), "auc": float("nan"),
-                "n_users": 0}
+                "n_users": 0, **({"ndcg_per_user": np.zeros(0)} if per_user else {})}
     ranked = np.concatenate(ranked_all)
     a = sum(v * n for v, n in auc_vals) / sum(n for _, n in auc_vals)
+    nd = ndcg_per_user(ranked, rel_all, k)
     return {
         f"recall@{k}": recall_at_k(ranked, rel_all, k),
-        f"ndcg@{k}": ndcg_at_k(ranked, rel_all, k),
+        f"ndcg@{k}": float(nd.mean()),
         "auc": float(a),
         "n_users": int(users.size),
+        **({"ndcg_per_user": nd} if per_user else {}),
     }

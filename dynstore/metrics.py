@@ -32,7 +32,7 @@ from typing import Sequence
 
 import numpy as np
 
-__all__ = ["recall_at_k", "ndcg_at_k", "auc", "user_auc", "top_k", "to_csr"]
+__all__ = ["recall_at_k", "ndcg_at_k", "ndcg_per_user", "clearly_better", "auc", "user_auc", "top_k", "to_csr"]
 
 
 def to_csr(sets: Sequence) -> tuple[np.ndarray, np.ndarray]:
@@ -100,14 +100,40 @@ def ndcg_at_k(ranked: np.ndarray, relevant: Sequence, k: int) -> float:
     >>> round(ndcg_at_k(np.array([[5, 2]]), [{2}], k=2), 4)   # 1/log2(3)
     0.6309
     """
+    per_user = ndcg_per_user(ranked, relevant, k)
+    return float(np.mean(per_user)) if per_user.size else float("nan")
+
+
+def ndcg_per_user(ranked: np.ndarray, relevant: Sequence, k: int) -> np.ndarray:
+    """Binary NDCG@k of every user with at least one relevant item (in row order), for
+    paired comparisons of two rankings of the same users.
+
+    >>> ndcg_per_user(np.array([[5, 2], [1, 3]]), [{5}, set()], k=2).tolist()
+    [1.0]
+    """
     hit, n_rel = _hits(ranked, relevant, k)
     m = n_rel > 0
-    if not m.any():
-        return float("nan")
     disc = 1.0 / np.log2(np.arange(hit.shape[1]) + 2.0)
     dcg = (hit * disc).sum(1)
     idcg = np.concatenate([[0.0], np.cumsum(disc)])[np.minimum(n_rel, hit.shape[1])]
-    return float(np.mean(dcg[m] / idcg[m]))
+    return dcg[m] / idcg[m]
+
+
+def clearly_better(new: np.ndarray, base: np.ndarray, z: float) -> bool:
+    """Whether per-user scores ``new`` beat ``base`` (same users, same order) by more
+    than ``z`` standard errors of the mean paired difference: a small holdout is noisy,
+    and a choice made on noise is worse than no choice.
+
+    >>> clearly_better(np.array([1.0, 1.0, 1.0]), np.array([0.0, 0.0, 0.0]), 1.64)
+    True
+    >>> clearly_better(np.array([1.0, 0.0, 1.0]), np.array([0.0, 1.0, 0.0]), 1.64)
+    False
+    """
+    d = np.asarray(new, np.float64) - np.asarray(base, np.float64)
+    if d.size < 2:
+        return False
+    se = d.std(ddof=1) / np.sqrt(d.size)
+    return bool(d.mean() > z * se) if se > 0 else bool(d.mean() > 0)
 
 
 def auc(scores_pos: np.ndarray, scores_neg: np.ndarray) -> float:

@@ -90,6 +90,7 @@ import numpy as np
 from .dynamics import SEGMENT_SPEC, DynamicSpec, ItemActivity, SegmentActivity, popularity_prior
 from .histories import build_histories, decay_weights, history_groups, normalise, weighted_bag_sum
 from .itemitem import ItemItem
+from .metrics import clearly_better
 from .training import Trainer
 
 __all__ = ["ModelConfig", "TrainingData", "FusionModel", "build_histories", "evaluate"]
@@ -160,9 +161,10 @@ class ModelConfig:
     item_item : bool
         Fuse the closed-form item-item component (:mod:`dynstore.itemitem`), its weight
         ``gamma`` chosen on the holdout of a fit.
-    start_margin : float
-        With a holdout, a trained state replaces the start only if its NDCG@10 is this
-        much (relative) better.
+    start_z : float
+        With a holdout, a trained state replaces the start (and a non-zero item-item
+        weight replaces none) only if its per-user NDCG@10 beats the start's by more than
+        this many standard errors of the paired difference.
     dynamics_epochs, dynamics_lr : int, float
         The first phase of training: only the weights of the behaviour features learn
         (see :meth:`dynstore.training.Trainer.fit`).
@@ -202,7 +204,7 @@ class ModelConfig:
     cold_view: float = 0.0
     user_weight_power: float = 0.5
     item_item: bool = True
-    start_margin: float = 0.02
+    start_z: float = 1.64
     dynamics_epochs: int = 2
     dynamics_lr: float = 0.01
     dynamic: bool = True
@@ -656,11 +658,15 @@ class FusionModel:
     def choose_gamma(self, data: TrainingData, holdout) -> dict:
         """Set ``gamma`` (the item-item weight) to the value of :attr:`GAMMAS` with the best
         NDCG@10 on ``holdout``; returns every value's score."""
-        scores = {}
+        scores, per_user = {}, {}
         for g in self.GAMMAS:
             self.params["gamma"] = np.array([g], np.float32)
-            scores[g] = float(evaluate(self, data, *holdout, k=10)["ndcg@10"])
-        best = max(scores, key=lambda g: (scores[g], -g))
+            res = evaluate(self, data, *holdout, k=10, per_user=True)
+            scores[g], per_user[g] = float(res["ndcg@10"]), res["ndcg_per_user"]
+        # a weight is used only where the holdout shows it clearly (see start_z)
+        fine = [g for g in self.GAMMAS
+                if g == 0.0 or clearly_better(per_user[g], per_user[0.0], self.config.start_z)]
+        best = max(fine, key=lambda g: (scores[g], -g))
         self.params["gamma"] = np.array([best], np.float32)
         return {"chosen": best, "ndcg@10": scores}
 

@@ -50,6 +50,7 @@ import numpy as np
 
 from .dynamics import popularity_prior
 from .histories import decay_weights, history_groups, normalise, ranges
+from .metrics import clearly_better
 
 __all__ = ["Trainer", "SCALARS"]
 
@@ -439,16 +440,23 @@ class Trainer:
         scores: list[float] = []
         best = None
 
+        start = None  # per-user NDCG of the start on the holdout
+
         def judge(full_epochs: int) -> bool:
-            """Keep the parameters if they are the best so far; False = stop."""
-            nonlocal best
+            """Keep the parameters if they are the best so far; False = stop.
+
+            Leaving the start (the rule, or what the store serves) takes a gain
+            larger than ``start_z`` standard errors over the holdout's users: a
+            small holdout is noisy, and the start is known to work."""
+            nonlocal best, start
             self.export()
-            score = float(evaluate(self.model, self.data, *holdout, k=10)["ndcg@10"])
+            res = evaluate(self.model, self.data, *holdout, k=10, per_user=True)
+            score = float(res["ndcg@10"])
             scores.append(score)
-            # leaving the start (the rule, or what the store serves) takes a clear gain:
-            # a small holdout is noisy, and the start is known to work
-            bar = best[0] * (1.0 + cfg.start_margin) if best is not None and best[1] == -1 else None
-            if best is None or score > (bar if bar is not None else best[0]):
+            if start is None:
+                start = res["ndcg_per_user"]
+            ok = full_epochs == -1 or clearly_better(res["ndcg_per_user"], start, cfg.start_z)
+            if best is None or (ok and score > best[0]):
                 best = (score, full_epochs, {k: v.copy() for k, v in self.model.params.items()},
                         self.model.residuals)
             return full_epochs - best[1] < patience
