@@ -13,11 +13,16 @@ Protocol (both datasets)
 * Hyper-parameters (ALS grid, dynstore config) are chosen on a **validation slice** cut
   from the end of the training period with the same protocol -- never on the test period.
 
-Methods: popularity, implicit ALS, content-only (mean MiniLM vector of the user's training
-positives), dynstore (:func:`fit_dynstore`), dynstore without negatives (ablation), and --
-unless ``--no-store`` -- the product path (:func:`fit_dynstore_store`: a real store,
-``ingest``, ``encode``, ``refresh(since="all")``, scored through the serving path), with
-and without negatives.
+Methods: the peers a user would deploy (:mod:`peers`: recent popularity with its window
+chosen on validation, EASE, LightFM with attributes), implicit ALS, content-only (mean
+MiniLM vector of the user's training positives), all-time popularity (reference); the
+dynstore model fitted as ``refresh`` fits it (:func:`fit_dynstore`) with one ablation
+row per term; and -- unless ``--no-store`` -- the product path
+(:func:`fit_dynstore_store`: a real store, ``ingest``, ``encode``, ``refresh(since="all")``,
+scored through the serving path), with and without negatives, followed by the online
+effect of new likes (:func:`online_effect`). Every cell is reported with its ratio to the
+best peer of its column. A rolling-origin table (:func:`rolling`) repeats the comparison
+at five earlier cuts, pooled, for steadier figures.
 
 MovieLens (``../shared/data/ml-latest-small``; skipped with a message when absent)
 ---------------------------------------------------------------------------------
@@ -54,10 +59,11 @@ Run (from the repository root)::
     python benchmarks/bench_quality.py --dataset shop [--shop-size 100000] [--seed 0]
     python benchmarks/bench_quality.py --dataset movielens [--movielens DIR]
     options: --no-grid (default hyper-parameters), --no-store (skip the store runs and
-    the drift part), --json OUT. MiniLM vectors are cached in /tmp by a hash of the texts.
+    the drift part), --no-rolling, --json OUT. MiniLM vectors are cached in /tmp by a
+    hash of the texts.
 
-The shop part at the default size takes ~4.5 min on 2 CPU cores (+~1 min to encode the
-documents the first time); MovieLens ~5 min.
+Each dataset takes about 5-6 min on 2 CPU cores (+~1 min to encode the shop documents
+the first time).
 """
 
 from __future__ import annotations

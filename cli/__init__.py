@@ -456,7 +456,9 @@ def refresh(store, since, epochs, no_promote, force, finetune_encoder, finetune_
         return
     if out.get("reasons"):
         click.echo(f"retrained: {'; '.join(out['reasons'])}")
-    click.echo(f"version {out['version']}: {out['status']}")
+    click.echo(f"version {out['version']}: {out['status']}"
+               + (" (training did not clearly beat its start on the holdout: same weights)"
+                  if out.get("kept_start") else ""))
     for name, m in out.get("metrics", {}).items():
         if isinstance(m, dict):
             click.echo(f"  {name:<10} " + "  ".join(f"{k}={v:.4f}" for k, v in m.items() if isinstance(v, float)))
@@ -465,8 +467,8 @@ def refresh(store, since, epochs, no_promote, force, finetune_encoder, finetune_
         click.echo(f"  holdout    {judged['events']} events, judged on {judged['judged_on']}")
     pub = out.get("published")
     if pub:
-        click.echo(f"version {pub['version']}: current (the {pub['kind']}, recounted on the window: "
-                   f"it beat version {out['parent']} on the holdout and version {out['version']} did not)")
+        click.echo(f"version {pub['version']}: current (the {pub['kind']}: it beat version "
+                   f"{out['parent']} on the holdout and version {out['version']} did not)")
     ft = out.get("finetune")
     if ft:
         kept = "now the store's encoder" if out["status"] == "current" else "not used (version not promoted)"

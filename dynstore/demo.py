@@ -137,10 +137,13 @@ def _metrics(r: dict) -> str:
     c, p = r["metrics"]["candidate"], r["metrics"]["current"]
     out = (f"version {r['version']} ({r['status']}): holdout ndcg@10 {p['ndcg@10']:.4f} -> {c['ndcg@10']:.4f}, "
            f"recall@10 {p['recall@10']:.4f} -> {c['recall@10']:.4f}, auc {p['auc']:.3f} -> {c['auc']:.3f}")
+    if r.get("kept_start"):
+        out += ("\n  (training did not beat its start clearly on the holdout, so the new version keeps "
+                "the start's weights; the behaviour features still follow every new interaction)")
     if r.get("published"):
         rule = r["metrics"]["rule"]
-        out += (f"\nversion {r['published']['version']} (current): the popularity rule recounted up to the "
-                f"newest event (holdout ndcg@10 {rule['ndcg@10']:.4f} at the cut)")
+        out += (f"\nversion {r['published']['version']} (current): the popularity rule (holdout ndcg@10 "
+                f"{rule['ndcg@10']:.4f}, better than version {r['parent']})")
     return out
 
 

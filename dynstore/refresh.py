@@ -1,19 +1,20 @@
 """``refresh``: retrain from recent positives and negatives, publish a version.
 
 Steps: pin a snapshot; encode stale items; build training events from the
-window (positives and explicit negatives by the labelling rules, plus
-shown-but-ignored impressions: an ``impression`` with no positive from the
-same user on the same item at or after it); hold out the most recent 10% by
-time; warm-start the fusion and user model from the current version and
-train, stopping early when the holdout's NDCG@10 stops improving; evaluate
-candidate and current on the holdout (only on its events newer than what a
+window (the ``labelled_events`` view: positives and explicit negatives by the
+labelling rules, plus shown-but-ignored impressions); hold out the most recent
+10% by time; warm-start from the current version (the popularity rule for a
+store's first refresh) and train -- the behaviour weights first, then
+everything -- keeping the start unless a trained state is clearly better on the
+holdout (:meth:`dynstore.training.Trainer.fit`); evaluate candidate, current
+and the popularity rule on the holdout (only on its events newer than what a
 trained current version learned from, when there are enough of them: see
-:func:`_unseen_by_current`); write version N+1 and promote it unless
-its NDCG@10 is worse than current's beyond a tolerance, then refit it on the
+:func:`_unseen_by_current`); write version N+1 and promote it unless its
+NDCG@10 is worse than current's beyond a tolerance, then refit it on the
 whole window for the epochs that were best. A rejected candidate stays
-queryable; the store then serves the popularity rule recounted up to the
-newest event (a new version) when that rule beats the current version on the
-holdout or the current version is itself the rule.
+queryable; when the rule beats a trained current version on the holdout, the
+store publishes the rule as the next version (the rule reads behaviour as of
+every query, so it follows a drift that made trained weights stale).
 
 A refresh that finds no interaction or item commit since the version it
 would replace is a no-op (``status: "noop"``), so cron can run it often.
@@ -322,7 +323,11 @@ def refresh(store, *, since: str | None = "30d", epochs: int | None = None, prom
     out = {"version": number, "parent": lv.version, "status": status,
            "promoted": status == "current", "metrics": {"candidate": m_cand, "current": m_cur, "rule": m_rule},
            "counts": counts, "durations": timings, "window": window, "holdout": judged,
-           "reasons": plan["reasons"]}
+           "reasons": plan["reasons"],
+           # training never clearly beat its start on the holdout: the version
+           # carries the start's parameters (plus, maybe, an item-item weight)
+           "kept_start": stats.get("best_epoch") == -1,
+           "training": {k: stats[k] for k in ("best_epoch", "epochs", "epoch_ndcg@10", "gamma") if k in stats}}
     if published is not None:
         out["published"] = {"version": published, "status": "current", "kind": "popularity rule"}
     if ft is not None:
@@ -431,9 +436,8 @@ def evaluate_version(store, *, version: int | None = None, k: int = 10, holdout:
     it; ``refresh`` instead judges on the newest 10% of its ``--since``
     window, and only on events the current version never saw. So the two
     disagree; ``"slice"`` in the result says which events were used and how
-    many of them the version was trained on. A popularity-rule version is
-    recounted before the slice (as refresh does), so it never counts the
-    events it is judged on.
+    many of them the version was trained on. Every version reads behaviour as
+    of the slice's start, so none counts the events it is judged on.
     """
     from .model import evaluate
     from .recommend import check_k

@@ -31,7 +31,7 @@ STATUSES = ("current", "candidate", "rejected", "retired")
 #: What produced a version and what refresh decided about it: ``initial``
 #: (version 1, the popularity rule), ``promoted``, ``passed`` (not worse, but
 #: kept as a candidate by ``--no-promote``), ``rejected``, ``rule`` (the
-#: popularity rule recounted after a rejection).
+#: popularity rule published after a rejection).
 VERDICTS = ("initial", "promoted", "passed", "rejected", "rule")
 _VERDICT_OF_STATUS = {"current": "promoted", "candidate": "passed", "rejected": "rejected"}
 
