@@ -209,24 +209,17 @@ class SegmentActivity:
         """``float32 [n_users, n_columns, len(items), width]``: features of ``items`` in each
         segment of each user (``keys [n_users, n_columns]``), as of ``t``; zeros for -1."""
         keys = np.asarray(keys, np.int64).reshape(-1, self.n_columns)
-        items = np.asarray(items, np.int64)
         uniq, inv = np.unique(keys, return_inverse=True)
-        out = np.zeros((uniq.size, items.size, self.spec.width), np.float32)
-        for n, k in enumerate(uniq):
-            if k >= 0:
-                out[n] = self._inner.features(k * self.n_items + items, t)
-        return out[inv.reshape(keys.shape)]
+        return self.key_features(items, t, uniq)[inv.reshape(keys.shape)]
 
     def key_features(self, items, t, keys=None) -> np.ndarray:
         """``float32 [len(keys), len(items), width]``: features of ``items`` in each of
-        ``keys`` (default: every segment)."""
+        ``keys`` (default: every segment); one vectorised query for all pairs."""
         items = np.asarray(items, np.int64)
         keys = np.arange(self.n_keys) if keys is None else np.asarray(keys, np.int64)
-        out = np.zeros((keys.size, items.size, self.spec.width), np.float32)
-        for n, k in enumerate(keys):
-            if k >= 0:
-                out[n] = self._inner.features(k * self.n_items + items, t)
-        return out
+        pk = np.repeat(keys, items.size)
+        pi = np.tile(items, keys.size)
+        return self.pair_features(pk, pi, t).reshape(keys.size, items.size, self.spec.width)
 
     def pair_features(self, keys, items, t) -> np.ndarray:
         """``float32 [len(items), width]``: features of each (segment key, item) pair."""

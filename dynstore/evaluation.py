@@ -28,6 +28,7 @@ def evaluate(
     candidates: np.ndarray | None = None,
     batch_users: int = 1024,
     per_user: bool = False,
+    with_auc: bool = True,
 ) -> dict:
     """Recall@k, NDCG@k and per-user AUC of ``model`` on a holdout.
 
@@ -41,6 +42,8 @@ def evaluate(
     dict
         ``{"recall@k", "ndcg@k", "auc", "n_users"}`` (means over users with a relevant item);
         with ``per_user`` also ``"ndcg_per_user"`` (an array, users in ascending order).
+        ``with_auc=False`` skips the AUC (``nan``): it costs a sort of every user's
+        scores, which early stopping does not need.
     """
     hu = np.asarray(holdout_user, dtype=np.int64)
     hi = np.asarray(holdout_item, dtype=np.int64)
@@ -75,16 +78,17 @@ def evaluate(
         rel = [hi_s[a:b_] for a, b_ in zip(lo, up)]
         ranked_all.append(top_k(S, k, seen))
         rel_all += rel
-        excl = seen
-        if candidates is not None:  # non-candidates are not negatives for the AUC either
-            others = np.flatnonzero(~cand)
-            excl = [np.r_[x, others] for x in (seen or [others[:0]] * ub.size)]
-        auc_vals.append((user_auc(S, rel, excl), ub.size))
+        if with_auc:
+            excl = seen
+            if candidates is not None:  # non-candidates are not negatives for the AUC either
+                others = np.flatnonzero(~cand)
+                excl = [np.r_[x, others] for x in (seen or [others[:0]] * ub.size)]
+            auc_vals.append((user_auc(S, rel, excl), ub.size))
     if not users.size:
         return {f"recall@{k}": float("nan"), f"ndcg@{k}": float("nan"), "auc": float("nan"),
                 "n_users": 0, **({"ndcg_per_user": np.zeros(0)} if per_user else {})}
     ranked = np.concatenate(ranked_all)
-    a = sum(v * n for v, n in auc_vals) / sum(n for _, n in auc_vals)
+    a = sum(v * n for v, n in auc_vals) / sum(n for _, n in auc_vals) if auc_vals else float("nan")
     nd = ndcg_per_user(ranked, rel_all, k)
     return {
         f"recall@{k}": recall_at_k(ranked, rel_all, k),

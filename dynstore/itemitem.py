@@ -45,7 +45,7 @@ class ItemItem:
 
     @classmethod
     def fit(cls, user: np.ndarray, item: np.ndarray, n_items: int, *, lam: float = 250.0,
-            max_items: int = 8000, top_k: int = 64, min_positives: int = 2) -> "ItemItem":
+            max_items: int = 3000, top_k: int = 64, min_positives: int = 2) -> "ItemItem":
         """EASE on the (user, item) positives, kept sparse (see the module docstring)."""
         user = np.asarray(user, np.int64)
         item = np.asarray(item, np.int64)

@@ -433,6 +433,17 @@ class FusionModel:
             seg = SegmentActivity(SEGMENT_SPEC, item, ts, label, keys, n_items, sum(self.segments))
         return Activity(ItemActivity(self.dynamic, item, ts, label, n_items), seg)
 
+    def activity_of(self, data: "TrainingData") -> "Activity | None":
+        """:meth:`activity` of ``data``'s events, built once per data object (early
+        stopping scores the same data after every epoch)."""
+        if self.dynamic is None:
+            return None
+        key = (self.dynamic, self.segments)
+        memo = data.__dict__.setdefault("_activity", {})
+        if key not in memo:
+            memo[key] = self.activity(data.item, data.ts, data.label, data.V.shape[0], data.UK[data.user])
+        return memo[key]
+
     def dynamic_bias(self, features: np.ndarray | None) -> np.ndarray | float:
         """``theta . f_i(t)``: the part of the bias that moves with behaviour.
 
@@ -564,7 +575,7 @@ class FusionModel:
         ``data``'s events, item side computed once."""
         n = data.V.shape[0]
         Wf, bias = self.item_side(data.V, data.A, residuals)
-        act = self.activity(data.item, data.ts, data.label, n, data.UK[data.user])
+        act = self.activity_of(data)
         table = None
         if act is not None:
             now = act.now()
@@ -640,7 +651,7 @@ class FusionModel:
                 f"match the model (d={self.d}, fa={self.fa}, fu={self.fu})"
             )
         epochs = self.config.epochs if epochs is None else int(epochs)
-        activity = self.activity(data.item, data.ts, data.label, V.shape[0], data.UK[data.user])
+        activity = self.activity_of(data)
         threads = torch.get_num_threads()
         if torch.device(device).type == "cpu":
             # the ops are small gathers and ~1k x d matmuls: extra threads only add sync
@@ -667,7 +678,7 @@ class FusionModel:
         scores, per_user = {}, {}
         for g in self.GAMMAS:
             self.params["gamma"] = np.array([g], np.float32)
-            res = evaluate(self, data, *holdout, k=10, per_user=True)
+            res = evaluate(self, data, *holdout, k=10, per_user=True, with_auc=False)
             scores[g], per_user[g] = float(res["ndcg@10"]), res["ndcg_per_user"]
         # a weight is used only where the holdout shows it clearly (see start_z)
         fine = [g for g in self.GAMMAS

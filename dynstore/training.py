@@ -256,11 +256,11 @@ class Trainer:
             return 0.0, 0.0
         P = self.P
         keys = self.UK[self.bags.user[bags]]  # [bags, columns]
-        t_items = 0.0
-        for c in range(keys.shape[1]):
-            k = keys[e_bag_np, c]
-            f = self.tensor(seg.pair_features(k, items, t_batch))
-            t_items = t_items + f @ P["theta_seg"][c]
+        ek = keys[e_bag_np]  # [events, columns]
+        n_cols = keys.shape[1]
+        f = self.tensor(seg.pair_features(ek.T.reshape(-1), np.tile(items, n_cols), t_batch))
+        f = f.reshape(n_cols, items.size, -1)  # [columns, events, width]
+        t_items = (f * P["theta_seg"][:, None, :]).sum(2).sum(0)
         uniq, inv = np.unique(keys, return_inverse=True)
         inv = inv.reshape(keys.shape)
         F = self.tensor(seg.key_features(pool, t_batch, uniq))  # [u, pool, width]
@@ -450,7 +450,7 @@ class Trainer:
             small holdout is noisy, and the start is known to work."""
             nonlocal best, start
             self.export()
-            res = evaluate(self.model, self.data, *holdout, k=10, per_user=True)
+            res = evaluate(self.model, self.data, *holdout, k=10, per_user=True, with_auc=False)
             score = float(res["ndcg@10"])
             scores.append(score)
             if start is None:

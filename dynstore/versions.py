@@ -184,15 +184,11 @@ def build_version(store, model, item_spec, user_spec, *, parent: int | None, sta
     from safetensors.numpy import save_file
 
     from .lock import writer_lock
-    from .semantic import encoder_info, item_docs, semantic_vectors
+    from .semantic import encoder_info
 
     items = items if items is not None else items_table(store)
-    ids = items.column("item_id").to_pylist()
-    V, _ = semantic_vectors(store, ids)
-    A = item_spec.transform(items)
-    Wf, bias = model.item_side(V, A, residuals)
-    docs = item_docs(store)
-    enc_id, dim = encoder_info(store)
+    n_items = items.num_rows
+    enc_id, _ = encoder_info(store)
     with writer_lock(store.path, "versions", wait=30):
         number = _next_version(store)
         tensors, meta = model.state()
@@ -200,21 +196,18 @@ def build_version(store, model, item_spec, user_spec, *, parent: int | None, sta
                 "encoder": enc_id, "encoder_model": store.config.model, "version": number}
         models = store.path / "models"
         models.mkdir(exist_ok=True)
-        save_file({k: np.ascontiguousarray(v, dtype=np.float32) for k, v in tensors.items()},
+        # parameters keep their dtype (the item-item component's indices are integers)
+        save_file({k: np.ascontiguousarray(v) for k, v in tensors.items()},
                   str(models / f"v{number}.safetensors"))
         (models / f"v{number}.json").write_text(json.dumps(meta, indent=1))
-        schema = _embedding_schema(store, Wf.shape[1])
-        table = pa.table({
-            "version": pa.array(np.full(len(ids), number, np.int64)),
-            "item_id": pa.array(ids, schema.field("item_id").type),
-            "doc_hash": pa.array([docs.get(i, (None,))[0] for i in ids], pa.string()),
-            "vector": pa.FixedSizeListArray.from_arrays(pa.array(Wf.astype(np.float32).reshape(-1)), Wf.shape[1]),
-            "bias": pa.array(bias.astype(np.float32)),
-        }, schema=schema)
+        schema = _embedding_schema(store, model.d)
         emb = store._dataset("embeddings")
-        lance.write_dataset(table, store._dataset_uri("embeddings"), mode="append" if emb is not None else "create")
-        if len(ids) >= store.config.index_min_items:
-            build_index(store, number, Wf, bias)
+        # streamed in batches: peak memory follows the batch, not the catalogue
+        batches = _fused_batches(store, model, item_spec, items, residuals, number, schema)
+        lance.write_dataset(pa.RecordBatchReader.from_batches(schema, batches),
+                            store._dataset_uri("embeddings"), mode="append" if emb is not None else "create")
+        if n_items >= store.config.index_min_items:
+            build_index(store, number)
         rows = _registry(store).to_pylist()
         if status == "current":
             for r in rows:
@@ -233,29 +226,78 @@ def build_version(store, model, item_spec, user_spec, *, parent: int | None, sta
     return number
 
 
+BUILD_BATCH = 65536  # items fused and written per batch
+
+
+def _fused_batches(store, model, item_spec, items: pa.Table, residuals, number: int, schema: pa.Schema):
+    """Record batches of a version's rows: each item's fused vector and static bias."""
+    from .semantic import item_docs, semantic_vectors
+
+    docs = item_docs(store)
+    for start in range(0, items.num_rows, BUILD_BATCH):
+        part = items.slice(start, BUILD_BATCH)
+        ids = part.column("item_id").to_pylist()
+        V, _ = semantic_vectors(store, ids)
+        res = None if residuals is None else tuple(np.asarray(r)[start:start + len(ids)] for r in residuals)
+        Wf, bias = model.item_side(V, item_spec.transform(part), res)
+        yield pa.record_batch([
+            pa.array(np.full(len(ids), number, np.int64)),
+            pa.array(ids, schema.field("item_id").type),
+            pa.array([docs.get(i, (None,))[0] for i in ids], pa.string()),
+            pa.FixedSizeListArray.from_arrays(pa.array(Wf.astype(np.float32).reshape(-1)), Wf.shape[1]),
+            pa.array(bias.astype(np.float32)),
+        ], schema=schema)
+
+
 def index_uri(store, version: int) -> str:
     return str(store.path / "index" / f"v{version}.lance")
 
 
-def build_index(store, version: int, Wf: np.ndarray, bias: np.ndarray) -> None:
+def model_dim(emb) -> int:
+    """Width of the fused vectors in the embeddings dataset."""
+    return emb.schema.field("vector").type.list_size
+
+
+def build_index(store, version: int) -> None:
     """A Lance IVF index for maximum inner-product search over ``[w_i, b_i]``.
 
     Scoring is ``w_i · x_u + b_i = [w_i, b_i] · [x_u, 1]``. IVF partitions
     are L2 k-means cells, so the vectors get one more coordinate
     ``sqrt(M² - |[w_i, b_i]|²)`` (M the largest norm): then the L2 distance to
-    ``[x_u, 1, 0]`` is smallest exactly where the score is largest.
+    ``[x_u, 1, 0]`` is smallest exactly where the score is largest. The
+    version's rows are read back in batches, twice (the largest norm, then the
+    vectors), so memory follows a batch, not the catalogue.
     """
     import lance
 
-    aug = np.hstack([Wf, bias[:, None]]).astype(np.float64)
-    sq = (aug ** 2).sum(axis=1)
-    aug = np.hstack([aug, np.sqrt(np.maximum(sq.max() - sq, 0.0))[:, None]]).astype(np.float32)
-    table = pa.table({"row": pa.array(np.arange(len(aug), dtype=np.int64)),
-                      "vector": pa.FixedSizeListArray.from_arrays(pa.array(aug.reshape(-1)), aug.shape[1])})
+    emb = store._dataset("embeddings")
+
+    def rows():
+        for batch in emb.to_batches(columns=["vector", "bias"], filter=f"version = {int(version)}",
+                                    batch_size=BUILD_BATCH):
+            dim = batch.schema.field("vector").type.list_size
+            W = batch.column("vector").flatten().to_numpy(zero_copy_only=False).reshape(-1, dim)
+            b = batch.column("bias").to_numpy(zero_copy_only=False)
+            aug = np.hstack([W, b[:, None]]).astype(np.float32)
+            yield aug, (aug.astype(np.float64) ** 2).sum(axis=1)
+
+    top = max((float(sq.max()) for _, sq in rows() if sq.size), default=0.0)
+    schema = pa.schema([("row", pa.int64()), ("vector", pa.list_(pa.float32(), model_dim(emb) + 2))])
+
+    def augmented():
+        n = 0
+        for aug, sq in rows():
+            full = np.hstack([aug, np.sqrt(np.maximum(top - sq, 0.0)).astype(np.float32)[:, None]])
+            yield pa.record_batch([pa.array(np.arange(n, n + len(full), dtype=np.int64)),
+                                   pa.FixedSizeListArray.from_arrays(pa.array(full.reshape(-1)), full.shape[1])],
+                                  schema=schema)
+            n += len(full)
+
     (store.path / "index").mkdir(exist_ok=True)
-    ds = lance.write_dataset(table, index_uri(store, version), mode="overwrite")
+    ds = lance.write_dataset(pa.RecordBatchReader.from_batches(schema, augmented()),
+                             index_uri(store, version), mode="overwrite")
     ds.create_index("vector", index_type="IVF_FLAT", metric="L2", replace=True,
-                    num_partitions=max(16, int(np.sqrt(len(aug)))))
+                    num_partitions=max(16, int(np.sqrt(ds.count_rows()))))
 
 
 def ensure_first_version(store) -> int | None:
