@@ -153,8 +153,6 @@ class ModelConfig:
         (in the loss and in the user vector).
     objective : {"softmax", "bce"}
         Loss of the positives (see :mod:`dynstore.training`).
-    softmax_weight : float
-        Weight of the sampled-softmax term against the BCE terms.
     user_weight_power : float
         Event weights are divided by ``n_user_events ** power``, so heavy users do not
         dominate (0: every event counts alike; 1: every user counts alike).
@@ -167,14 +165,8 @@ class ModelConfig:
         this many standard errors of the paired difference.
     dynamics_epochs, dynamics_lr, first_phase : int, float, tuple of str
         The first phase of training: only the parameters named in ``first_phase`` learn
-        -- the weights of the behaviour features, and what every item gets from its
-        text and attributes (see :meth:`dynstore.training.Trainer.fit`).
-    cold_view : float
-        Share of training batches scored as if every item were new (no residuals, no
-        behaviour features), so the text and attribute terms rank cold items well.
-    dynamic : bool
-        Dynamic item features (:mod:`dynstore.dynamics`) in the bias; False is the
-        ablation that learns popularity only as static per-item biases.
+        (default: the weights of the behaviour and segment features, and ``b0``), at
+        ``dynamics_lr`` (see :meth:`dynstore.training.Trainer.fit`).
     """
 
     alpha_init: float = 0.1
@@ -201,8 +193,6 @@ class ModelConfig:
     seed: int = 0
     use_negatives: bool = True
     objective: str = "softmax"
-    softmax_weight: float = 1.0
-    cold_view: float = 0.0
     user_weight_power: float = 0.5
     item_item: bool = True
     start_z: float = 1.64

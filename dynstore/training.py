@@ -301,12 +301,6 @@ class Trainer:
         zero_row = torch.zeros(1, self.d, device=self.dev)
         Rx = torch.cat([self.R, zero_row])
         rbx = torch.cat([self.rb, torch.zeros(1, device=self.dev)])
-        if cfg.cold_view > 0 and self.rng.random() < cfg.cold_view:
-            # the cold view: every item as if it had no history (no residuals, no
-            # behaviour features), so the text and attribute terms learn to rank on their
-            # own -- what a new item gets until people interact with it
-            Rx, rbx = torch.zeros_like(Rx), torch.zeros_like(rbx)
-            t_batch = None
         X, X0 = self.user_terms(Rx, bags)
         items = self.ev_item[e_idx]
         drop = None
