@@ -326,13 +326,18 @@ def refresh(store, *, since: str | None = "30d", epochs: int | None = None, prom
            "reasons": plan["reasons"],
            # training never clearly beat its start on the holdout: the version
            # carries the start's parameters (plus, maybe, an item-item weight)
-           "kept_start": stats.get("best_epoch") == -1,
+           "kept_start": stats.get("best_epoch") == -1 and _gamma(model.params) == _gamma(tensors),
            "training": {k: stats[k] for k in ("best_epoch", "epochs", "epoch_ndcg@10", "gamma") if k in stats}}
     if published is not None:
         out["published"] = {"version": published, "status": "current", "kind": "popularity rule"}
     if ft is not None:
         out["finetune"] = ft
     return out
+
+
+def _gamma(params: dict) -> float:
+    """The item-item weight in a parameter dict (0 without one)."""
+    return float(np.ravel(params.get("gamma", [0.0]))[0])
 
 
 def _unseen_by_current(prep, hu, hi, hl, trained_until):
