@@ -170,11 +170,15 @@ def users_table(store) -> pa.Table:
 def build_version(store, model, item_spec, user_spec, *, parent: int | None, status: str,
                   train_window: str = "", counts: dict | None = None, metrics: dict | None = None,
                   residuals: tuple | None = None, snapshot: dict | None = None,
-                  items: pa.Table | None = None, verdict: str | None = None) -> int:
+                  items: pa.Table | None = None, verdict: str | None = None,
+                  switch_encoder: bool = False) -> int:
     """Write a new version (embeddings, parameters, registry row); return its number.
 
     ``verdict`` (see :data:`VERDICTS`) defaults from ``status``: current ->
     promoted, candidate -> passed, rejected -> rejected.
+
+    ``switch_encoder`` makes the encoder in ``store.config.model`` (a fine-tuned
+    one) the store's, in the same registry commit (see :mod:`dynstore.switch`).
 
     ``residuals`` is ``(R, rb)`` aligned with the rows of ``items``: the
     collaborative residuals (and version 1's popularity prior in ``rb``);
@@ -191,9 +195,13 @@ def build_version(store, model, item_spec, user_spec, *, parent: int | None, sta
     V, _ = semantic_vectors(store, ids)
     A = item_spec.transform(items)
     Wf, bias = model.item_side(V, A, residuals)
+    from . import switch
+    from .encoder import encoder_fingerprint
+
     docs = item_docs(store)
     enc_id, dim = encoder_info(store)
     with writer_lock(store.path, "versions", wait=30):
+        switch.settle_keeping(store)
         number = _next_version(store)
         tensors, meta = model.state()
         meta = {"model": meta, "item_features": item_spec.to_dict(), "user_features": user_spec.to_dict(),
@@ -228,7 +236,12 @@ def build_version(store, model, item_spec, user_spec, *, parent: int | None, sta
             "metrics": json.dumps(metrics or {}), "snapshot": json.dumps(snapshot or {}),
             "verdict": verdict or _VERDICT_OF_STATUS.get(status, status),
         })
+        if switch_encoder:
+            fp = encoder_fingerprint(store.config.encoder_spec(store.path), max_length=store.config.max_length)
+            switch.begin(store, number, store.config.model, (enc_id, dim, fp))
         _write_registry(store, rows)
+        if switch_encoder:
+            switch.settle(store)
     store._con_state = None
     return number
 
@@ -297,9 +310,12 @@ def _time_span(store) -> tuple[float, float]:
     """Epoch seconds of the first and the newest interaction ((0, 0) without any)."""
     if store._dataset("interactions") is None:
         return 0.0, 0.0
+    from .refresh import newest_event
+
     con = store.connection()
     try:
-        lo, hi = con.execute("SELECT epoch(min(ts)), epoch(max(ts)) FROM interactions").fetchall()[0]
+        newest = newest_event(con)
+        lo, hi = con.execute("SELECT epoch(min(ts)), epoch(?::TIMESTAMP) FROM interactions", [newest]).fetchall()[0]
     finally:
         con.close()
     return (0.0, 0.0) if hi is None else (float(lo), float(hi))
@@ -312,6 +328,8 @@ def _record_rule_metrics(store, number: int) -> None:
     from .lock import writer_lock
     from .refresh import evaluate_version
 
+    from . import switch
+
     try:
         m = evaluate_version(store, version=number)
         metrics = {"holdout": {k: v for k, v in m.items() if isinstance(v, float)}, "slice": m["slice"]}
@@ -319,6 +337,7 @@ def _record_rule_metrics(store, number: int) -> None:
         metrics = {"holdout": {}, "note": str(exc) if isinstance(exc, DynstoreError) else
                    f"not evaluated: {type(exc).__name__}: {exc}"}
     with writer_lock(store.path, "versions", wait=30):
+        switch.settle_keeping(store)
         rows = _registry(store).to_pylist()
         for r in rows:
             if r["version"] == number:
@@ -334,9 +353,11 @@ def rollback(store, version: int) -> dict:
     ``rejected``. Rolling back to a version refresh rejected returns a
     ``"warning"`` saying so.
     """
+    from . import switch
     from .lock import writer_lock
 
     with writer_lock(store.path, "versions", wait=30):
+        switch.settle_keeping(store)
         rows = _registry(store).to_pylist()
         target = next((r for r in rows if r["version"] == version), None)
         if target is None:
@@ -347,9 +368,15 @@ def rollback(store, version: int) -> dict:
             if r["status"] == "current":
                 r["status"] = "retired"
         target["status"] = "current"
-        _restore_encoder(store, version)
+        switched = _restore_encoder(store, version)
         _write_registry(store, rows)
+        if switched:
+            switch.settle(store)
     store._con_state = None
+    if switched:
+        from .semantic import record_encoder
+
+        record_encoder(store)
     out = {"version": version, "previous": previous, "status": "current", "verdict": target["verdict"]}
     if target["verdict"] == "rejected":
         m = json.loads(target["metrics"] or "{}")
@@ -359,13 +386,22 @@ def rollback(store, version: int) -> dict:
     return out
 
 
-def _restore_encoder(store, version: int) -> None:
-    """Point the config at the encoder ``version`` was built with (it may be
-    a fine-tuned one), so new items are encoded into the same space."""
+def _restore_encoder(store, version: int) -> bool:
+    """Point the config at the encoder ``version`` was built with (it may be a
+    fine-tuned one), so new items are encoded into the same space: pending
+    until the registry commit that follows (see :mod:`dynstore.switch`).
+    Returns whether the encoder changes."""
+    from . import switch
+
     meta_file = store.path / "models" / f"v{version}.json"
-    model = json.loads(meta_file.read_text()).get("encoder_model") if meta_file.is_file() else None
+    try:
+        model = json.loads(meta_file.read_text()).get("encoder_model") if meta_file.is_file() else None
+    except (OSError, ValueError):
+        model = None  # a damaged version file: load_version says so when it is served
     if model and model != store.config.model:
-        store._set_encoder_model(model)
+        switch.begin(store, version, model)
+        return True
+    return False
 
 
 @dataclass
