@@ -184,18 +184,27 @@ def connect(path: str | os.PathLike, *, read_only: bool = False) -> "Store":
 class Store:
     """An open store. Cheap to create; holds no lock while idle."""
 
+    #: set on the pinned view behind connections whose statements dynstore checks
+    #: (Store.sql, SqlSession): only there may write functions run
+    _statements_checked = False
+
     def __init__(self, path: Path, *, read_only: bool = False):
         self.path = Path(path)
         cfg_path = self.path / CONFIG_NAME
         if not cfg_path.is_file():
             why = "does not exist" if not self.path.exists() else "is not a dynstore store (no dynstore.toml)"
             raise StoreNotFound(f"{self.path}: {why}; create one with `dynstore init`")
-        self.config = StoreConfig.load(cfg_path)
+        from .switch import effective
+
+        self.config = effective(self.path, StoreConfig.load(cfg_path))
         self.read_only = read_only
         self._con: duckdb.DuckDBPyConnection | None = None
         self._con_state: tuple | None = None
         self._cache: dict[str, Any] = {}
         self._open: dict[str, tuple[int, Any]] = {}
+        #: uri -> dataset (or None) in a pinned view (see :meth:`pinned`); None: follow the latest
+        self._pins: dict[str, Any] | None = None
+        self._base: "Store" = self
 
     # -- lifecycle -----------------------------------------------------------------
     def __enter__(self) -> "Store":
@@ -226,6 +235,12 @@ class Store:
     def _open_dataset(self, uri: str, version: int | None = None):
         import lance
 
+        if self._pins is not None and version is None:
+            # A pinned view answers every later call with the version it saw
+            # first, so one statement never mixes commits.
+            if uri not in self._pins:
+                self._pins[uri] = self._base._open_dataset(uri)
+            return self._pins[uri]
         try:
             # A commit adds a manifest to _versions/, which changes the
             # directory's mtime: a cheap way to reuse the open dataset
@@ -245,18 +260,9 @@ class Store:
             raise ReadOnlyError(f"{self.path}: opened read-only; cannot {what}")
 
     def _reload_config(self) -> None:
-        self.config = StoreConfig.load(self.path / CONFIG_NAME)
+        from .switch import effective
 
-    def _set_encoder_model(self, model: str) -> None:
-        """Point the config file at ``model`` (a fine-tuned encoder, or back)."""
-        from .semantic import record_encoder
-
-        with writer_lock(self.path, "config"):
-            self._reload_config()
-            self.config.model = model
-            self.config.save(self.path / CONFIG_NAME)
-        self._con_state = None
-        record_encoder(self)
+        self.config = effective(self.path, StoreConfig.load(self.path / CONFIG_NAME))
 
     def _save_config(self) -> None:
         self._require_writable("change the config")
@@ -271,6 +277,42 @@ class Store:
                 self.config.save(self.path / CONFIG_NAME)
         self._con_state = None
 
+    def pinned(self) -> "Store":
+        """A read view of this store frozen at its latest commits.
+
+        Every dataset (tables, registry, embeddings, the semantic cache) is
+        read at the version it had when the view was made, so the views and
+        the functions of one connection -- one statement -- see one snapshot,
+        whatever commits in the meantime. Writes through the view go to the
+        store itself (they never build on a stale snapshot). The view shares
+        the store's caches, which are keyed by dataset versions.
+
+        Examples
+        --------
+        >>> import tempfile, dynstore, polars as pl
+        >>> store = dynstore.init(tempfile.mkdtemp() + "/s", model="fake")
+        >>> _ = store.ingest("users", pl.DataFrame({"user_id": [1]}))
+        >>> view = store.pinned()
+        >>> _ = store.ingest("users", pl.DataFrame({"user_id": [2]}))
+        >>> view._dataset("users").count_rows(), store._dataset("users").count_rows()
+        (1, 2)
+        """
+        from .semantic import cache_dataset
+
+        base = self._base
+        view = _PinnedStore.__new__(_PinnedStore)
+        view.__dict__.update(base.__dict__)
+        view._base = base
+        view._con = None
+        view._con_state = None
+        view._pins = {}
+        view.config = StoreConfig(**base.config.as_dict())
+        view.config.id_types = dict(base.config.id_types)
+        for name in TABLES + ("embeddings", "versions"):
+            view._dataset(name)
+        cache_dataset(view)
+        return view
+
     def snapshot(self) -> dict[str, int]:
         """Latest committed version of every dataset (what a new query sees)."""
         from .semantic import cache_dataset
@@ -284,11 +326,18 @@ class Store:
         return out
 
     # -- SQL -----------------------------------------------------------------------
-    def connection(self) -> duckdb.DuckDBPyConnection:
+    def connection(self, *, _checked: bool = False) -> duckdb.DuckDBPyConnection:
         """A new in-process DuckDB connection with every view and function.
 
-        The views see the datasets as of this call; open a new connection (or
-        use :meth:`sql`, which follows new commits) to see later writes.
+        The connection is pinned to the store's commits as of this call: its
+        views *and* its functions (``recommend``, ``score`` ...) read that one
+        snapshot, whatever other processes commit. Call :meth:`follow` between
+        statements (or open a new connection, or use :meth:`sql`, which follows
+        by itself) to see later writes. Write functions (``log_impressions``)
+        are refused here, since DuckDB may optimise away a call whose result a
+        query does not use; run them through :meth:`sql`, a
+        :class:`~dynstore.session.SqlSession` or ``dynstore sql``, which check
+        where the call stands.
 
         Examples
         --------
@@ -298,15 +347,44 @@ class Store:
         >>> con.sql("SELECT count(*) FROM users").fetchall()[0]
         (0,)
         """
+        view = self if self._pins is not None else self.pinned()
+        view._statements_checked = _checked
         con = duckdb.connect(config={"threads": max(1, os.cpu_count() or 1)})
         con.execute("SET TimeZone = 'UTC'")
-        self._attach(con)
+        view._attach(con)
         if self.read_only:
             # Set last: the views above needed no file access, and once
             # locked, SQL cannot turn external access back on.
             con.execute("SET enable_external_access = false")
             con.execute("SET lock_configuration = true")
         return con
+
+    def follow(self, con: duckdb.DuckDBPyConnection) -> None:
+        """Move a connection from :meth:`connection` to the latest commits.
+
+        Views, macros and functions are re-created on a newly pinned snapshot;
+        tables the connection created stay. Call it between statements.
+
+        Examples
+        --------
+        >>> import tempfile, dynstore, polars as pl
+        >>> store = dynstore.init(tempfile.mkdtemp() + "/s", model="fake")
+        >>> con = store.connection()
+        >>> _ = store.ingest("users", pl.DataFrame({"user_id": [1, 2]}))
+        >>> con.sql("SELECT count(*) FROM users").fetchall()[0][0]
+        0
+        >>> store.follow(con)
+        >>> con.sql("SELECT count(*) FROM users").fetchall()[0][0]
+        2
+        """
+        self._follow(con, checked=False)
+
+    def _follow(self, con: duckdb.DuckDBPyConnection, *, checked: bool) -> None:
+        base = self._base
+        base._reload_config()
+        view = base.pinned()
+        view._statements_checked = checked
+        view._attach(con, again=True)
 
     def _attach(self, con: duckdb.DuckDBPyConnection, *, again: bool = False) -> None:
         """Register datasets, functions, views and macros on ``con``.
@@ -393,13 +471,17 @@ class Store:
                 self._reload_config()
             # The old connection is not closed: relations a caller still holds
             # (they are lazy in DuckDB) keep working on their snapshot.
-            self._con = self.connection()
+            self._con = self.connection(_checked=True)
             self._con_state = state
+        from .functions import check_write_calls
+
+        check_write_calls(query)
         return self._con.sql(query, params=None if params is None else list(params))
 
     # -- writes --------------------------------------------------------------------
     def ingest(self, kind: str, source: Any, *, mapping: dict[str, str] | None = None,
-               format: str | None = None, dedupe: bool | str | list[str] = False) -> dict:
+               format: str | None = None, dedupe: bool | str | list[str] = False,
+               allow_future: bool = False) -> dict:
         """Load rows into ``interactions`` (append) or ``items``/``users`` (upsert).
 
         ``source`` is a file path (CSV, TSV, Parquet, JSON/NDJSON), a list of
@@ -408,7 +490,10 @@ class Store:
         :class:`~dynstore.errors.IngestError` naming file, row and column.
         ``dedupe`` (interactions): ``True`` skips rows already stored (equal
         in every column), a column name or list compares only those (an
-        ``event_id``); see :func:`dynstore.ingest.ingest`.
+        ``event_id``); see :func:`dynstore.ingest.ingest`. Interactions more
+        than a day after the ingest are refused unless ``allow_future``;
+        ``label`` and names starting with ``__`` are reserved (rename them
+        with ``mapping``). A glob pattern (``"day-*.csv"``) names every match.
 
         Examples
         --------
@@ -422,7 +507,8 @@ class Store:
         self._require_writable("ingest")
         sources = list(source) if isinstance(source, (list, tuple)) else [source]
         with writer_lock(self.path, f"ingest-{kind}" if kind in TABLES else "ingest"):
-            result = ingest(self, kind, sources, mapping=mapping, fmt=format, dedupe=dedupe)
+            result = ingest(self, kind, sources, mapping=mapping, fmt=format, dedupe=dedupe,
+                            allow_future=allow_future)
         self._con_state = None
         return result
 
@@ -510,7 +596,8 @@ class Store:
         """
         from .recommend import recommend
 
-        return recommend(self, user_id, k, version=version, candidates=candidates, exact=exact)
+        view = self if self._pins is not None else self.pinned()  # one snapshot per call
+        return recommend(view, user_id, k, version=version, candidates=candidates, exact=exact)
 
     def refresh(self, **options: Any) -> dict:
         """Retrain from recent positives and negatives; see :func:`dynstore.refresh.refresh`."""
@@ -551,3 +638,38 @@ class Store:
             out = rollback(self, version)
         self._con_state = None
         return out
+
+
+class _PinnedStore(Store):
+    """What :meth:`Store.pinned` returns: reads one snapshot, writes through the store."""
+
+    _statements_checked = False
+
+    def pinned(self) -> "Store":
+        return self._base.pinned()
+
+    def ingest(self, *args: Any, **kwargs: Any) -> dict:
+        return self._base.ingest(*args, **kwargs)
+
+    def delete(self, *args: Any, **kwargs: Any) -> dict:
+        return self._base.delete(*args, **kwargs)
+
+    def configure(self, **changes: Any) -> StoreConfig:
+        return self._base.configure(**changes)
+
+    def encode(self, **options: Any) -> dict:
+        return self._base.encode(**options)
+
+    def refresh(self, **options: Any) -> dict:
+        return self._base.refresh(**options)
+
+    def rollback(self, version: int) -> dict:
+        return self._base.rollback(version)
+
+    def log_impressions(self, user_id: Any, items: Iterable[Any]) -> int:
+        return self._base.log_impressions(user_id, items)
+
+    def close(self) -> None:
+        if self._con is not None:
+            self._con.close()
+            self._con = None
