@@ -157,16 +157,21 @@ def _parse_map(pairs) -> dict[str, str]:
 @click.option("--key", "keys", multiple=True, metavar="COLUMN",
               help="Interactions: skip rows whose COLUMN value (e.g. event_id) is already stored; repeatable "
                    "for a key of several columns. Implies --dedupe on those columns.")
+@click.option("--allow-future", is_flag=True,
+              help="Interactions: keep timestamps more than a day after now (refused by default: one "
+                   "row from year 2999 would end every relative refresh window).")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 @quiet_option
 @handle_errors
-def ingest(store, kind, files, mapping, input_format, old_format, dedupe, keys, as_json, quiet):
+def ingest(store, kind, files, mapping, input_format, old_format, dedupe, keys, allow_future, as_json, quiet):
     """Load FILES into a table: interactions are appended, items/users upserted by id.
 
     All files land in one commit, or none does: a bad row rejects the whole
     command with a message naming file, row and column. Running the same
     interactions ingest twice stores them twice unless --dedupe or --key
-    says what a duplicate is.
+    says what a duplicate is. A quoted pattern ('day-*.csv') names every
+    matching file. Columns named label (interactions derive it from the
+    rules) or starting with __ are reserved: rename them with --map.
 
     \b
     Examples:
@@ -178,7 +183,7 @@ def ingest(store, kind, files, mapping, input_format, old_format, dedupe, keys, 
     dedupe_on = list(keys) if keys else (True if dedupe else False)
     with _open(store) as s:
         out = s.ingest(kind, list(files), mapping=_parse_map(mapping), format=input_format or old_format,
-                       dedupe=dedupe_on)
+                       dedupe=dedupe_on, allow_future=allow_future)
     if as_json:
         click.echo(to_json(out))
     elif not quiet:
