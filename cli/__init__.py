@@ -46,6 +46,15 @@ def handle_errors(fn):
         except (KeyboardInterrupt, Interrupted):
             click.echo("Interrupted", err=True)
             sys.exit(EXIT_INTERRUPTED)
+        except Exception as exc:
+            # SQL that DuckDB refuses inside a command (a labelling rule over a missing
+            # column, say) is the user's to fix: one line, no traceback
+            if not type(exc).__module__.lstrip("_").startswith("duckdb"):
+                raise
+            from dynstore.session import error_message
+
+            click.echo(f"Error: {error_message(exc)}", err=True)
+            sys.exit(EXIT_USER)
 
     return wrapper
 
@@ -379,6 +388,52 @@ def delete(store, kind, where, dry_run, as_json, quiet):
                          "`dynstore delete STORE interactions --where \"item_id NOT IN (SELECT item_id FROM items)\"`")
 
 
+# -------------------------------------------------------------------------- compact
+
+
+@main.command(cls=StoreCommand)
+@store_argument
+@click.option("--retain-seconds", type=click.FloatRange(min=0), default=None,
+              help="Keep dataset versions superseded less than this long ago (what a running statement or "
+                   "a pinned connection may still read) [default: the config's retain_seconds, 3600].")
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+@quiet_option
+@handle_errors
+def compact(store, retain_seconds, as_json, quiet):
+    """Merge small fragments and drop old dataset versions and orphans.
+
+    Every ingest and logged impression adds a fragment, every refresh a
+    version's embeddings, every rewrite leaves the previous files for
+    readers still on them. Writers compact a dataset by themselves once it
+    has more than compact_fragments fragments (see `dynstore config`); this
+    command does every dataset now. It also removes the leftovers of a
+    refresh killed before its commit (embedding rows, model files).
+
+    \b
+    Examples:
+      dynstore compact shop
+      dynstore compact shop --retain-seconds 60 --json
+    """
+    with _open(store) as s:
+        out = s.compact(retain_seconds=retain_seconds)
+    if as_json:
+        click.echo(to_json(out))
+        return
+    if quiet:
+        return
+    for name, d in out["datasets"].items():
+        click.echo(f"{name}: {d['fragments'][0]} -> {d['fragments'][1]} fragments, {d['versions'][0]} -> "
+                   f"{d['versions'][1]} versions, {d['bytes'][0]:,} -> {d['bytes'][1]:,} bytes")
+    orphans = out["orphans"]
+    if orphans.get("embedding_rows") or orphans.get("files"):
+        click.echo(f"removed orphans of unfinished versions: {orphans['embedding_rows']} embedding rows, "
+                   f"{len(orphans['files'])} files")
+    if out["encoders_removed"]:
+        click.echo(f"removed unused fine-tuned encoders: {', '.join(out['encoders_removed'])}")
+    for name, why in out["skipped"].items():
+        _note(quiet, f"note: skipped {name}: {why}")
+
+
 # -------------------------------------------------------------------------- inspect
 
 
@@ -596,6 +651,10 @@ def _config_view(cfg) -> dict:
               help="Append a summary of recent behaviour to item documents.")
 @click.option("--model", default=None, help="Encoder: 'minilm', 'fake[:DIM]', or a local Hugging Face path.")
 @click.option("--max-length", type=click.IntRange(min=2), default=None, help="Encoder max tokens per document.")
+@click.option("--compact-fragments", type=click.IntRange(min=0), default=None,
+              help="Writers compact a dataset with more fragments than this (0: only `dynstore compact`).")
+@click.option("--retain-seconds", type=click.IntRange(min=0), default=None,
+              help="Compaction keeps dataset versions superseded less than this long ago.")
 @format_options
 @quiet_option
 @handle_errors

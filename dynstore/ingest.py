@@ -223,7 +223,7 @@ def _one_line(exc: BaseException) -> str:
     lines = [l.strip() for l in str(exc).strip().splitlines() if l.strip()]
     if not lines:
         return type(exc).__name__
-    head = lines[0]
+    head = lines[0].split(", /", 1)[0] if "LanceError" in lines[0] else lines[0]  # no Rust source paths
     # DuckDB's CSV errors put the reason on a later line, after the raw line.
     reason = next((l for l in lines[1:] if not l.startswith(("Original Line", "Possible Solution", "file =",
                                                              "delimiter", "quote", "escape"))

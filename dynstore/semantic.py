@@ -177,9 +177,9 @@ def encode(store, *, all: bool = False, batch_size: int = 64, device: str | None
     finally:
         if bar is not None:
             bar.close()
-    ds = cache_dataset(store, enc.id)
-    if ds is not None and len(ds.get_fragments()) > 32:
-        ds.optimize.compact_files()
+    from .compaction import maybe_compact
+
+    maybe_compact(store, "cache/" + cache_uri(store, enc.id).rsplit("/", 1)[-1])
     seconds = time.perf_counter() - t0
     out = {"items": total, "stale": stale, "encoded": len(docs), "reused": total - stale,
            "encoder": enc.id, "device": getattr(enc, "device", "cpu"), "seconds": round(seconds, 3),

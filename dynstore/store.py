@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import os
+from contextlib import contextmanager
 from importlib import resources
 from pathlib import Path
 from typing import Any, Iterable
@@ -28,7 +29,7 @@ import duckdb
 
 from . import functions
 from .config import CONFIG_NAME, StoreConfig
-from .errors import ConfigError, ReadOnlyError, StoreExists, StoreNotFound
+from .errors import ConfigError, DynstoreError, ReadOnlyError, StorageError, StoreExists, StoreNotFound
 from .lock import writer_lock
 
 __all__ = ["connect", "init", "Store"]
@@ -131,6 +132,17 @@ def expression_error(con: duckdb.DuckDBPyConnection, expr: str, relation: str) -
     except duckdb.Error as exc:
         return _first_line(exc)
     return None
+
+
+def _reason(exc: BaseException) -> str:
+    """An OS or Lance error in a few words: first line, without Rust source locations.
+
+    >>> _reason(OSError("LanceError(IO): File too large (os error 27), /src/writer.rs:254:9"))
+    'File too large (os error 27)'
+    """
+    text = _first_line(exc)
+    text = text.split("LanceError(IO): ", 1)[-1]
+    return text.split(", /", 1)[0].strip()
 
 
 def _first_line(exc: BaseException) -> str:
@@ -254,6 +266,20 @@ class Store:
         if hit is None or hit[0] != stamp:
             hit = self._open[uri] = (stamp, lance.dataset(uri))
         return hit[1]
+
+    @contextmanager
+    def _writing(self, what: str):
+        """Turn a refused write (disk full, read-only files) into :class:`StorageError`:
+        every writer commits atomically, so the last commit stands."""
+        try:
+            yield
+        except DynstoreError:
+            raise
+        except Exception as exc:
+            if not isinstance(exc, OSError) and type(exc).__name__ != "SafetensorError":
+                raise
+            raise StorageError(f"{self.path}: {what} could not write ({_reason(exc)}); the last commit "
+                               "stands: free space or fix permissions, then run it again") from None
 
     def _require_writable(self, what: str) -> None:
         if self.read_only:
@@ -400,12 +426,16 @@ class Store:
                 try:
                     con.execute(stmt)
                 except duckdb.Error as exc:
-                    if "VIEW item_documents" not in stmt:
+                    # A document expression or labelling rule that no longer binds
+                    # (a column was never ingested, a hand-edited config) must not
+                    # make the whole store unusable: only queries that need
+                    # documents (labels) fail, with the reason.
+                    if "VIEW item_documents" in stmt:
+                        con.execute(self._broken_documents_view(exc))
+                    elif "VIEW interactions AS" in stmt:
+                        con.execute(self._broken_labels_view(exc))
+                    else:
                         raise
-                    # A document expression that no longer binds (a column was
-                    # never ingested) must not make the whole store unusable:
-                    # only queries that need documents fail, with the reason.
-                    con.execute(self._broken_documents_view(exc))
 
     def _broken_documents_view(self, exc: Exception) -> str:
         from .ingest import lit
@@ -416,6 +446,15 @@ class Store:
         return (f"CREATE OR REPLACE VIEW item_documents AS SELECT CAST(NULL AS {id_t}) AS item_id, "
                 f"CAST(error({lit(msg)}) AS VARCHAR) AS document, CAST(NULL AS VARCHAR) AS doc_hash "
                 "WHERE (SELECT count(*) FROM items) > 0")
+
+    def _broken_labels_view(self, exc: Exception) -> str:
+        from .ingest import lit
+
+        first = _first_line(exc)
+        msg = (f"labelling rules (positive {self.config.positive!r}, negative {self.config.negative!r}) do not "
+               f"bind to the interactions: {first}; fix them with `dynstore config --positive/--negative`")
+        return (f"CREATE OR REPLACE VIEW interactions AS SELECT *, CAST(error({lit(msg)}) AS TINYINT) AS label "
+                "FROM _dynstore_interactions")
 
     def _render_sql(self, text: str) -> str:
         from .documents import item_document_sql
@@ -506,9 +545,13 @@ class Store:
 
         self._require_writable("ingest")
         sources = list(source) if isinstance(source, (list, tuple)) else [source]
-        with writer_lock(self.path, f"ingest-{kind}" if kind in TABLES else "ingest"):
+        with self._writing("ingest"), writer_lock(self.path, f"ingest-{kind}" if kind in TABLES else "ingest"):
             result = ingest(self, kind, sources, mapping=mapping, fmt=format, dedupe=dedupe,
                             allow_future=allow_future)
+            if kind in TABLES:
+                from .compaction import maybe_compact
+
+                maybe_compact(self, kind)
         self._con_state = None
         return result
 
@@ -529,7 +572,7 @@ class Store:
         from .delete import delete_rows
 
         self._require_writable("delete")
-        with writer_lock(self.path, f"ingest-{kind}" if kind in TABLES else "ingest"):
+        with self._writing("delete"), writer_lock(self.path, f"ingest-{kind}" if kind in TABLES else "ingest"):
             out = delete_rows(self, kind, where, dry_run=dry_run)
         self._con_state = None
         return out
@@ -545,11 +588,12 @@ class Store:
         'value >= 4'
         """
         self._require_writable("change the config")
-        allowed = {"positive", "negative", "item_text", "behaviour_summary", "model", "max_length", "index_min_items"}
+        allowed = {"positive", "negative", "item_text", "behaviour_summary", "model", "max_length", "index_min_items",
+                   "compact_fragments", "retain_seconds"}
         unknown = set(changes) - allowed
         if unknown:
             raise ConfigError(f"unknown setting {sorted(unknown)[0]!r}; settable: {', '.join(sorted(allowed))}")
-        with writer_lock(self.path, "config"):
+        with self._writing("config"), writer_lock(self.path, "config"):
             self._reload_config()
             new = StoreConfig(**self.config.as_dict())
             for key, val in changes.items():
@@ -583,7 +627,7 @@ class Store:
         from .semantic import encode
 
         self._require_writable("encode")
-        with writer_lock(self.path, "encode"):
+        with self._writing("encode"), writer_lock(self.path, "encode"):
             out = encode(self, all=all, batch_size=batch_size, device=device, progress=progress)
         self._con_state = None
         return out
@@ -604,7 +648,7 @@ class Store:
         from .refresh import refresh
 
         self._require_writable("refresh")
-        with writer_lock(self.path, "refresh"):
+        with self._writing("refresh"), writer_lock(self.path, "refresh"):
             out = refresh(self, **options)
         self._con_state = None
         return out
@@ -615,6 +659,23 @@ class Store:
 
         self._require_writable("log impressions")
         return log_impressions(self, user_id, list(items))
+
+    def compact(self, *, retain_seconds: float | None = None) -> dict:
+        """Merge small fragments, drop dataset versions superseded more than
+        ``retain_seconds`` ago (config default: an hour) and orphans of killed
+        refreshes; see :mod:`dynstore.compaction`.
+
+        Examples
+        --------
+        >>> import tempfile, dynstore
+        >>> sorted(dynstore.init(tempfile.mkdtemp() + "/s", model="fake").compact())
+        ['datasets', 'encoders_removed', 'orphans', 'retain_seconds', 'skipped']
+        """
+        from .compaction import compact
+
+        self._require_writable("compact")
+        with self._writing("compact"):
+            return compact(self, retain_seconds=retain_seconds)
 
     def inspect(self) -> dict:
         """Counts, sizes, fragments, versions, encoder, stale items, last refresh and
@@ -634,7 +695,7 @@ class Store:
         from .versions import rollback
 
         self._require_writable("roll back")
-        with writer_lock(self.path, "refresh"):
+        with self._writing("rollback"), writer_lock(self.path, "refresh"):
             out = rollback(self, version)
         self._con_state = None
         return out

@@ -242,6 +242,10 @@ def build_version(store, model, item_spec, user_spec, *, parent: int | None, sta
         _write_registry(store, rows)
         if switch_encoder:
             switch.settle(store)
+        from .compaction import maybe_compact
+
+        maybe_compact(store, "embeddings")
+        maybe_compact(store, "versions")
     store._con_state = None
     return number
 
@@ -419,12 +423,11 @@ class LoadedVersion:
 
 
 def load_version(store, version: int | None = None) -> LoadedVersion:
-    """Load (and cache) ``version`` or the current one."""
-    from safetensors.numpy import load_file
+    """Load (and cache) ``version`` or the current one.
 
-    from .features import FeatureSpec
-    from .model import FusionModel
-
+    A missing or damaged file of the version raises
+    :class:`~dynstore.errors.StoreCorrupt` naming the file and the way out.
+    """
     if version is None:
         version = current_version(store)
         if version is None:
@@ -436,19 +439,74 @@ def load_version(store, version: int | None = None) -> LoadedVersion:
         return cache[key]
     if not any(r["version"] == version for r in list_versions(store)):
         raise VersionNotFound(f"no version {version} in {store.path}")
-    meta = json.loads((store.path / "models" / f"v{version}.json").read_text())
-    tensors = load_file(str(store.path / "models" / f"v{version}.safetensors"))
-    model = FusionModel.from_state(tensors, meta["model"])
-    t = emb.to_table(columns=["item_id", "vector", "bias"], filter=f"version = {int(version)}")
-    dim = t.schema.field("vector").type.list_size
-    Wf = t.column("vector").combine_chunks().flatten().to_numpy(zero_copy_only=False).reshape(-1, dim)
-    ids = t.column("item_id").to_pylist()
-    loaded = LoadedVersion(version=int(version), model=model,
-                           item_spec=FeatureSpec.from_dict(meta["item_features"]),
-                           user_spec=FeatureSpec.from_dict(meta["user_features"]),
-                           ids=ids, row={i: n for n, i in enumerate(ids)}, Wf=np.array(Wf, np.float32),
-                           bias=t.column("bias").to_numpy().astype(np.float32))
+    loaded = _read_version(store, int(version), emb)
     while len(cache) >= 4:  # a few versions side by side (current, a candidate, a rollback)
         cache.pop(next(iter(cache)))
     cache[key] = loaded
     return loaded
+
+
+def _read_version(store, version: int, emb) -> LoadedVersion:
+    """Parameters, specs and rows of ``version``, checked to fit together."""
+    from safetensors import SafetensorError
+    from safetensors.numpy import load_file
+
+    from .errors import StoreCorrupt
+    from .features import FeatureSpec
+    from .model import FusionModel
+
+    way_out = (f"serve another version with `dynstore rollback {store.path} N` or build a new one with "
+               f"`dynstore refresh {store.path} --force`")
+
+    def broken(name: str, why: Any) -> StoreCorrupt:
+        why = str(why).strip().splitlines()[0] if str(why).strip() else type(why).__name__
+        return StoreCorrupt(f"{store.path / name}: version {version} cannot be loaded ({why}); {way_out}")
+
+    meta_name, weights_name = f"models/v{version}.json", f"models/v{version}.safetensors"
+    try:
+        meta = json.loads((store.path / meta_name).read_text(encoding="utf-8"))
+        model_meta, item_meta, user_meta = meta["model"], meta["item_features"], meta["user_features"]
+        item_spec, user_spec = FeatureSpec.from_dict(item_meta), FeatureSpec.from_dict(user_meta)
+    except FileNotFoundError:
+        raise broken(meta_name, "the file is missing") from None
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+        raise broken(meta_name, f"not a version description: {exc}") from None
+    try:
+        tensors = load_file(str(store.path / weights_name))
+    except FileNotFoundError:
+        raise broken(weights_name, "the file is missing") from None
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise broken(weights_name, exc) from None
+    try:
+        model = FusionModel.from_state(tensors, model_meta)
+    except (ValueError, KeyError, TypeError) as exc:
+        raise broken(weights_name, exc) from None
+    if emb is None:
+        raise broken("embeddings.lance", "the embeddings dataset is missing")
+    try:
+        t = emb.to_table(columns=["item_id", "vector", "bias"], filter=f"version = {int(version)}")
+    except (OSError, ValueError, pa.ArrowException) as exc:
+        raise broken("embeddings.lance", exc) from None
+    if t.num_rows == 0:
+        raise broken("embeddings.lance", "it holds no rows of this version")
+    dim = t.schema.field("vector").type.list_size
+    Wf = np.array(t.column("vector").combine_chunks().flatten().to_numpy(zero_copy_only=False).reshape(-1, dim),
+                  np.float32)
+    ids = t.column("item_id").to_pylist()
+    # the parts must fit: a weights file from another store or a truncated spec
+    # fails here, once, not in the middle of every query
+    if dim != model.d or item_spec.width != model.fa or user_spec.width != model.fu:
+        raise broken(weights_name, f"its shapes (d={model.d}, fa={model.fa}, fu={model.fu}) do not fit the "
+                                   f"embeddings (d={dim}) and features (fa={item_spec.width}, "
+                                   f"fu={user_spec.width})")
+    try:
+        model.item_side(np.zeros((1, dim), np.float32), np.zeros((1, model.fa), np.float32))
+        model.user_vectors(np.zeros((1, model.fu), np.float32), np.array([0, 1]), np.array([0]),
+                           np.array([1], np.int8), np.array([0]), Wf[:1])
+        if model.item_item is not None and model.item_item.ptr.size > len(ids) + 1:
+            raise ValueError(f"item-item weights for {model.item_item.ptr.size - 1} items, the version has {len(ids)}")
+    except (ValueError, IndexError) as exc:
+        raise broken(weights_name, exc) from None
+    return LoadedVersion(version=int(version), model=model, item_spec=item_spec, user_spec=user_spec,
+                         ids=ids, row={i: n for n, i in enumerate(ids)}, Wf=Wf,
+                         bias=t.column("bias").to_numpy().astype(np.float32))
