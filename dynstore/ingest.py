@@ -122,12 +122,13 @@ def _open_source(con: duckdb.DuckDBPyConnection, src: Any, index: int, fmt: str 
         old_names = {mapping.get(c, c) for c in force_varchar | {"ts"}}
         if kind in ("csv", "tsv"):
             opts = ["header=true"]
-            if kind == "tsv":
-                opts.append("delim='\\t'")
+            delim = _csv_delimiter(con, path, kind, label)
+            if delim is not None:
+                opts.append(f"delim={lit(delim)}")
             try:
                 header = {r[0] for r in con.execute(f"DESCRIBE SELECT * FROM read_csv({p}, {', '.join(opts)})").fetchall()}
             except duckdb.Error as exc:
-                raise IngestError(f"{label}: cannot read as {kind}: {_one_line(exc)}") from None
+                raise IngestError(f"{label}: cannot read as {kind}: {_unicode_column(path, _one_line(exc), delim)}") from None
             if old_names & header:
                 opts.append("types={" + ", ".join(f"{lit(c)}: 'VARCHAR'" for c in sorted(old_names & header)) + "}")
             sql = f"read_csv({p}, {', '.join(opts)})"
@@ -181,6 +182,66 @@ def check_reserved(src: Source, kind: str) -> None:
         raise IngestError(f"{src.label}: column {name} is reserved ({why}); {fix}")
 
 
+def _csv_delimiter(con, path: Path, kind: str, label: str) -> str | None:
+    """The delimiter to read ``path`` with (None: DuckDB's own guess), after checking
+    the file's shape when DuckDB's sniffer had to bend it.
+
+    DuckDB's sniffer, given a row with more or fewer fields than the header, may
+    take a later line as the header or fall back to one column per line. The
+    header is the first line here: when the sniffer disagrees, the rows are
+    counted and the first one of the wrong width is named.
+    """
+    import csv
+    import gzip
+    import io
+
+    opener = gzip.open if path.name.lower().endswith(".gz") else (open if not path.name.lower().endswith(".zst") else None)
+    if opener is None:
+        return "\t" if kind == "tsv" else None
+    try:
+        with opener(path, "rt", encoding="utf-8", errors="replace", newline="") as fh:
+            first = fh.readline()
+    except OSError as exc:
+        raise IngestError(f"{label}: cannot read as {kind}: {exc}") from None
+    expected = "\t" if kind == "tsv" else ("," if "," in first else None)
+    try:
+        sniff = con.execute("SELECT Delimiter, SkipRows, HasHeader FROM sniff_csv(?)", [str(path)]).fetchall()
+    except duckdb.Error:
+        return expected  # unreadable: the read below names the reason
+    delim, skip, has_header = sniff[0] if sniff else (expected, 0, True)
+    if expected is None or (delim == expected and not skip and has_header):
+        return expected if kind == "tsv" else None
+    with opener(path, "rt", encoding="utf-8", errors="replace", newline="") as fh:
+        reader = csv.reader(fh, delimiter=expected)
+        header = next(reader, [])
+        for row_no, row in enumerate(reader, 1):
+            if row and len(row) != len(header):
+                raise IngestError(f"{label}: row {row_no} (line {reader.line_num}) has {len(row)} fields, the "
+                                  f"header has {len(header)} ({', '.join(header)})")
+    return expected
+
+
+def _unicode_column(path: Path, message: str, delim: str | None) -> str:
+    """Add the column to DuckDB's "invalid unicode" error on ``row N (line L)``."""
+    import re
+
+    m = re.match(r"row (\d+) \(line (\d+)\): Invalid unicode", message)
+    if not m or path.name.lower().endswith((".gz", ".zst")):
+        return message
+    line_no = int(m.group(2))
+    with open(path, "rb") as fh:
+        lines = [fh.readline() for _ in range(line_no)]
+    sep = (delim or ",").encode()
+    header = lines[0].rstrip(b"\r\n").decode("utf-8", "replace").split(delim or ",")
+    for n, field in enumerate(lines[-1].rstrip(b"\r\n").split(sep)):
+        try:
+            field.decode("utf-8")
+        except UnicodeDecodeError:
+            name = header[n] if n < len(header) else f"#{n + 1}"
+            return f"row {m.group(1)} (line {line_no}), column {name}: text is not UTF-8 ({field[:20]!r})"
+    return message
+
+
 def _to_arrow(src: Any) -> tuple[str, pa.Table]:
     if isinstance(src, pa.Table):
         return "<arrow table>", src
@@ -228,7 +289,25 @@ def _one_line(exc: BaseException) -> str:
     reason = next((l for l in lines[1:] if not l.startswith(("Original Line", "Possible Solution", "file =",
                                                              "delimiter", "quote", "escape"))
                    and "=" not in l[:20]), None)
-    return f"{head}: {reason}" if reason and "CSV Error" in head else head
+    text = f"{head}: {reason}" if reason and "CSV Error" in head and reason not in head else head
+    return _csv_row(text)
+
+
+def _csv_row(text: str) -> str:
+    """DuckDB's 'CSV Error on Line: N' as the row (the header is line 1) and column.
+
+    >>> _csv_row('Conversion Error: CSV Error on Line: 7: Error when converting column "item_id". Could not')
+    'row 6 (line 7), column item_id: Error when converting column "item_id". Could not'
+    """
+    import re
+
+    m = re.search(r"CSV Error on Line: (\d+):?\s*(.*)", text)
+    if not m:
+        return text
+    line = int(m.group(1))
+    col = re.search(r'column "([^"]+)"', m.group(2))
+    where = f"row {line - 1} (line {line})" + (f", column {col.group(1)}" if col else "")
+    return f"{where}: {m.group(2)}".rstrip(": ")
 
 
 def _col(src: Source, name: str) -> str:
@@ -249,6 +328,17 @@ def _id_expr(src: Source, col: str, store_type: str | None) -> tuple[str, str, s
         expr = f"TRY_CAST({raw} AS BIGINT)"
         bad = bad_null + (f"WHEN {expr} IS NULL THEN {lit(col + ': ')} || CAST({raw} AS VARCHAR) || "
                           f"{lit(' is outside the 64-bit integer range of ids')} ")
+        return expr, bad, "int"
+    if typ in _FLOAT_TYPES or typ.startswith("DECIMAL"):
+        # a CSV id too long for BIGINT is sniffed as DOUBLE: whole numbers in range are ids
+        if store_type == "string":
+            raise IdTypeError(f"{src.label}: column {col} holds numbers but this store's {col} values are strings; "
+                              "convert the column to text first")
+        expr = f"TRY_CAST({raw} AS BIGINT)"
+        bad = bad_null + (f"WHEN NOT isfinite(CAST({raw} AS DOUBLE)) OR {raw} <> trunc({raw}) THEN "
+                          f"{lit(col + ': ')} || CAST({raw} AS VARCHAR) || {lit(' is not an integer id')} "
+                          f"WHEN abs(CAST({raw} AS DOUBLE)) >= 9.2e18 OR {expr} IS NULL THEN {lit(col + ': ')} || "
+                          f"CAST({raw} AS VARCHAR) || {lit(' is outside the 64-bit integer range of ids')} ")
         return expr, bad, "int"
     if typ in _STRING_TYPES:
         if store_type == "int":
@@ -374,7 +464,7 @@ def checked_batches(reader: pa.RecordBatchReader, label: str, errors: list,
             batch = next(batches)
         except StopIteration:
             return
-        except (duckdb.Error, pa.ArrowException) as exc:  # a parse error deep inside the file
+        except (duckdb.Error, pa.ArrowException, OSError) as exc:  # a parse error deep inside the file
             errors.append(IngestError(f"{label}: {_one_line(exc)}"))
             raise _Abort() from None
         bad = batch.column(batch.schema.get_field_index("__bad"))

@@ -288,7 +288,7 @@ def item_docs(store) -> dict[Any, tuple[str, str | None]]:
            store.config.item_text, store.config.behaviour_summary)
     cached = store._cache.get("docs")
     if cached is None or cached[0] != key:
-        con = store.connection()
+        con = store._views_connection()
         try:
             rows = con.execute("SELECT item_id, doc_hash, document FROM item_documents").fetchall()
         finally:

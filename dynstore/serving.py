@@ -359,7 +359,7 @@ def _build(store, lv, items, inter, users) -> ServingState:
     hist_us = np.zeros(0, np.int64)
     imp_pos: dict = {}
     if inter is not None:
-        con = store.connection()
+        con = store._views_connection()
         try:
             t = con.sql("SELECT user_id, item_id, epoch(ts)::BIGINT AS ts, epoch_us(ts) AS us, label "
                         "FROM labelled_events").to_arrow_table()

@@ -145,15 +145,16 @@ def register_versions(store, con) -> None:
 
 
 def _next_version(store) -> int:
+    """The next version number. Rows of versions whose registry commit never
+    happened (a crash) are removed first: the caller holds the ``versions`` lock,
+    so no other version is being written and those rows can never become whole."""
     reg = _registry(store)
     top = max(reg.column("version").to_pylist(), default=0)
     emb = store._dataset("embeddings")
-    if emb is not None and emb.count_rows():
-        # Rows of a version whose registry commit never happened (a crash)
-        # are orphans: never reuse their number.
-        import pyarrow.compute as pc
+    if emb is not None and emb.count_rows(filter=f"version > {top}"):
+        import lance
 
-        top = max(top, pc.max(emb.to_table(columns=["version"]).column("version")).as_py() or 0)
+        lance.dataset(store._dataset_uri("embeddings")).delete(f"version > {top}")
     return top + 1
 
 
