@@ -75,11 +75,12 @@ def server():
     s.close()
 
 
-def _moments(writes: int, seconds: float, rng: random.Random, count: int) -> list[dict]:
-    """Half at write events (every (write, phase) pair once, in a seeded order, before any
-    repeats), half at seeded points in time of a full run."""
+def _moments(writes: int, seconds: float, rng: random.Random, count: int, first=()) -> list[dict]:
+    """Half at write events (``first``, then every (write, phase) pair once, in a seeded
+    order, before any repeats), half at seeded points in time of a full run."""
     pairs = [(k, p) for k in range(1, writes + 1) for p in ("before", "during", "after")]
     rng.shuffle(pairs)
+    pairs = list(first) + [p for p in pairs if p not in first]
     n_write = (count + 1) // 2
     while len(pairs) < n_write:
         pairs.append((rng.randint(1, writes), "during"))
@@ -89,7 +90,7 @@ def _moments(writes: int, seconds: float, rng: random.Random, count: int) -> lis
 
 
 def _exercise(server, template: Path, work: Path, args: list, *, check, tune=None, log=None, count=MOMENTS,
-              chain: bool = False, lanes: int = 2):
+              chain: bool = False, lanes: int = 2, critical=None):
     """Count the command's writes and time it on a copy, then kill it at ``count`` moments.
 
     Each moment starts from a fresh copy of ``template`` and is followed by a check,
@@ -99,6 +100,7 @@ def _exercise(server, template: Path, work: Path, args: list, *, check, tune=Non
     last) is followed by a complete rerun -- so each kill is followed by a check
     and a rerun that starts from the state it left. ``lanes`` copies go side by
     side (independent stores, one process each: two cores, half the time).
+    ``critical(write names) -> [(k, phase)]`` names moments that must be among them.
     """
     rng = random.Random(f"{SEED}-{args[0]}-{'-'.join(map(str, args[2:]))}")
     probe = work / "probe"
@@ -111,9 +113,10 @@ def _exercise(server, template: Path, work: Path, args: list, *, check, tune=Non
 
     full = server.run(args=argv(probe), count_file=str(count_file), tune=tune, log=logs)
     assert full.get("code") == 0, (full, (log.read_text()[-2000:] if log else ""))
-    writes = len(count_file.read_text().splitlines())
+    names = count_file.read_text().splitlines()
+    writes = len(names)
     assert writes >= 1
-    moments = _moments(writes, full["seconds"], rng, count)
+    moments = _moments(writes, full["seconds"], rng, count, critical(names) if critical else ())
     killed = 0
     spent = {"killed_runs": 0.0, "reruns": 0.0, "checks": 0.0}
     chains = [work / f"chain{n}" for n in range(lanes)]
@@ -262,8 +265,17 @@ def test_kill_refresh_finetune_encoder(server, bert_template, tmp_path):
             assert model == enc0 or model.startswith("encoders/ft-")
         return got
 
+    def critical(names):
+        """Around the registry commit that promotes the fine-tuned encoder: the config
+        names it (pending) before, and is settled after."""
+        registry = max(n for n, name in enumerate(names, 1) if name == "lance.write_dataset")
+        settle = max(n for n, name in enumerate(names, 1) if name == "os.replace")
+        assert settle > registry, names
+        return [(registry, "before"), (registry, "after"), (settle, "before")]
+
     log = tmp_path / "ft.log"
     writes, _ = _exercise(server, bert_template, tmp_path / "ft",
                           ["refresh", "{store}", "--finetune-encoder", "--finetune-steps", "1", "--epochs", "1",
-                           "--since", "all", "--force"], check=check, tune="promote", log=log, chain=True)
+                           "--since", "all", "--force"], check=check, tune="promote", log=log, chain=True,
+                          critical=critical)
     assert writes >= 6  # encoder files, the re-encoded cache, version files, config, registry
