@@ -193,7 +193,6 @@ def _csv_delimiter(con, path: Path, kind: str, label: str) -> str | None:
     """
     import csv
     import gzip
-    import io
 
     opener = gzip.open if path.name.lower().endswith(".gz") else (open if not path.name.lower().endswith(".zst") else None)
     if opener is None:

@@ -192,7 +192,6 @@ class ServingState:
         """``float32 [len(keys), n_items]``: the segment term of each key as of now (the
         rows of ``model.segment_table``), computed on first use."""
         out = np.zeros((len(keys), len(self.ids)), np.float32)
-        c = self.counts
         theta = self.model.params["theta_seg"][self.model.key_columns()]
         for n, k in enumerate(int(k) for k in keys):
             row = self._seg_rows.get(k)

@@ -14,6 +14,21 @@ from pathlib import Path
 import dynstore
 
 
+def shop_store(path, files, *, model: str = "fake", encode: bool = True, interactions=None):
+    """A store at ``path`` with the sample shop's files (``shop_files``) ingested, the
+    shop's labelling rules, and (``encode``) version 1; ``interactions`` replaces the
+    interactions file (a DataFrame). Returns it open."""
+    from dynstore.demo import DEMO_RULES
+
+    s = dynstore.init(path, model=model, **DEMO_RULES)
+    s.ingest("users", files / "users.parquet")
+    s.ingest("items", files / "items.csv")
+    s.ingest("interactions", files / "interactions.parquet" if interactions is None else interactions)
+    if encode:
+        s.encode()
+    return s
+
+
 def table_rows(store, name: str) -> list[tuple]:
     """Every row of a view, in a stable order (to compare contents before and after)."""
     return store.sql(f"SELECT * FROM {name} ORDER BY ALL").fetchall()

@@ -23,20 +23,12 @@ from hypothesis import strategies as st
 
 import dynstore
 from dynstore.errors import DynstoreError
-from store_checks import contents
+from store_checks import contents, shop_store
 
 
 @pytest.fixture(scope="module")
 def shop(tmp_path_factory, shop_files):
-    from dynstore.demo import DEMO_RULES
-
-    path = tmp_path_factory.mktemp("bad") / "s"
-    s = dynstore.init(path, model="fake", **DEMO_RULES)
-    s.ingest("users", shop_files / "users.parquet")
-    s.ingest("items", shop_files / "items.csv")
-    s.ingest("interactions", shop_files / "interactions.parquet")
-    s.encode()
-    return s
+    return shop_store(tmp_path_factory.mktemp("bad") / "s", shop_files)
 
 
 @pytest.fixture(scope="module")

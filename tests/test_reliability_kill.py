@@ -34,8 +34,7 @@ import polars as pl
 import pytest
 
 import dynstore
-from dynstore.demo import DEMO_RULES as SHOP_RULES
-from store_checks import check_store
+from store_checks import check_store, shop_store
 
 pytestmark = pytest.mark.slow
 
@@ -155,11 +154,7 @@ def _exercise(server, template: Path, work: Path, args: list, *, check, tune=Non
 @pytest.fixture(scope="module")
 def shop_template(tmp_path_factory, shop_files):
     path = tmp_path_factory.mktemp("tpl") / "loaded"
-    s = dynstore.init(path, model="fake", **SHOP_RULES)
-    s.ingest("users", shop_files / "users.parquet")
-    s.ingest("items", shop_files / "items.csv")
-    s.ingest("interactions", shop_files / "interactions.parquet")
-    s.close()
+    shop_store(path, shop_files, encode=False).close()
     encoded = path.parent / "encoded"
     shutil.copytree(path, encoded)
     with dynstore.connect(encoded) as s:
@@ -240,13 +235,9 @@ def bert_template(tmp_path_factory, shop_files):
 
     bert = make_bert.__wrapped__(tmp_path_factory)
     path = tmp_path_factory.mktemp("bert") / "s"
-    s = dynstore.init(path, model=str(bert), **SHOP_RULES)
-    s.ingest("users", shop_files / "users.parquet")
-    s.ingest("items", shop_files / "items.csv")
     # the first 700 events: enough to train and judge, and each fine-tuning run stays short
-    s.ingest("interactions", pl.read_parquet(shop_files / "interactions.parquet").sort("ts").head(700))
-    s.encode()
-    s.close()
+    shop_store(path, shop_files, model=str(bert),
+               interactions=pl.read_parquet(shop_files / "interactions.parquet").sort("ts").head(700)).close()
     return path
 
 
