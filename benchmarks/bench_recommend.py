@@ -7,7 +7,14 @@ the same user and item matrices (matrix product, seen-item exclusion,
 ``argpartition``, sort) in the same run, checks the top-10 lists are
 identical, and reports single-user latency p50/p99 through the API and SQL.
 
+Then, on a store with a million interactions (``--commit-interactions``), the
+cost of a commit to the next ``recommend``: the first single-user latency
+after a one-row ingest against the steady one (target: at most 5x), with the
+full rebuild of the serving state beside it (what every commit cost before
+states advanced incrementally).
+
     python benchmarks/bench_recommend.py --users 20000 --items 50000
+    python benchmarks/bench_recommend.py --users 0 --index-items 0    # only the commit run
 """
 from __future__ import annotations
 
@@ -32,13 +39,16 @@ def main() -> None:
     ap.add_argument("--latency-queries", type=int, default=200)
     ap.add_argument("--index-items", type=int, default=1_000_000,
                     help="catalogue size for the vector-index latency run (0 skips it)")
+    ap.add_argument("--commit-interactions", type=int, default=1_000_000,
+                    help="interactions of the commit-cost run (0 skips it)")
+    ap.add_argument("--commit-items", type=int, default=10_000)
+    ap.add_argument("--commits", type=int, default=20, help="one-row commits timed in the commit-cost run")
     args = ap.parse_args()
 
     import polars as pl
     import torch
 
     import dynstore
-    from dynstore.recommend import serving_state, user_vectors
 
     rng = np.random.default_rng(0)
     work = Path(tempfile.mkdtemp(prefix="bench-rec-"))
@@ -69,98 +79,168 @@ def main() -> None:
         return store
 
     try:
-        store = build(work / "s", args.items, args.users, index_min_items=args.items + 1)  # exact path
-        con = store.connection()
-        con.sql("SELECT recommend(1, 10)").fetchall()  # loads the version once per process
-
-        t0 = time.perf_counter()
-        rows = con.sql("SELECT user_id, recommend(user_id, 10) AS r FROM users").fetchall()
-        t_sql = time.perf_counter() - t0
-
-        # The baseline gets the same matrices dynstore serves from.
-        state = serving_state(store)
-        users = [r[0] for r in rows]
-        X = user_vectors(state, users)
-        W, b = state.Wf, state.bias
-        pos_rows = [state.user_row.get(u, -1) for u in users]
-        torch_threads = torch.get_num_threads()
-
-        def numpy_topk():
-            out = []
-            for s in range(0, len(users), 512):
-                S = X[s:s + 512] @ W.T + b
-                for j, r in enumerate(pos_rows[s:s + 512]):
-                    if r >= 0:
-                        S[j, state.pos_item[state.pos_ptr[r]:state.pos_ptr[r + 1]]] = -np.inf
-                top = np.argpartition(-S, 10, axis=1)[:, :10]
-                vals = np.take_along_axis(S, top, 1)
-                order = np.argsort(-vals, axis=1, kind="stable")
-                out.extend(np.take_along_axis(top, order, 1))
-            return out
-
-        t0 = time.perf_counter()
-        base = numpy_topk()
-        t_np = time.perf_counter() - t0
-        same, ties = 0, 0
-        for n_ in range(len(rows)):
-            ours_ids = [x["item_id"] for x in rows[n_][1]]
-            if [state.ids[c] for c in base[n_]] == ours_ids:
-                same += 1
-                continue
-            # a differing list is fine only if the scores are the same (ties ordered differently)
-            ours_rows = [state.row[i] for i in ours_ids]
-            a = np.sort(X[n_] @ W[ours_rows].T + b[ours_rows])
-            c = np.sort(X[n_] @ W[base[n_]].T + b[base[n_]])
-            ties += bool(np.allclose(a, c, rtol=0, atol=1e-5))
-        print(f"all users via SQL: {t_sql:.2f}s ({len(users) / t_sql:,.0f} users/s); numpy brute force: {t_np:.2f}s; "
-              f"ratio {t_sql / t_np:.2f}x (target <= 1.5x); identical top-10 lists: {same}/{len(rows)}, "
-              f"differing only in the order of tied scores: {ties} "
-              f"(torch threads {torch_threads})")
-
-        p = lambda xs, q: 1000 * float(np.percentile(xs, q))  # noqa: E731
-        lat_api, lat_sql = [], []
-        for u in rng.integers(1, args.users + 1, args.latency_queries):
-            t0 = time.perf_counter()
-            store.recommend(int(u), 10)
-            lat_api.append(time.perf_counter() - t0)
-            t0 = time.perf_counter()
-            con.sql(f"SELECT recommend({int(u)}, 10)").fetchall()
-            lat_sql.append(time.perf_counter() - t0)
-        print(f"single user at {args.items} items: API p50 {p(lat_api, 50):.1f} ms, p99 {p(lat_api, 99):.1f} ms; "
-              f"SQL p50 {p(lat_sql, 50):.1f} ms, p99 {p(lat_sql, 99):.1f} ms")
-        print()
-        print("| benchmark | dynstore | baseline | ratio | target |")
-        print("|---|---|---|---|---|")
-        print(f"| all {args.users:,} users x {args.items:,} items, d={args.dim}, top-10 via SQL | {t_sql:.2f} s | "
-              f"{t_np:.2f} s (numpy) | {t_sql / t_np:.2f}x | <= 1.5x, identical lists ({same}/{len(rows)}; "
-              f"ties {ties}) |")
-        print(f"| one user, {args.items:,} items (API / SQL) | p50 {p(lat_api, 50):.1f} / {p(lat_sql, 50):.1f} ms, "
-              f"p99 {p(lat_api, 99):.1f} / {p(lat_sql, 99):.1f} ms | | | |")
-        con.close()
-        store.close()
-        if args.index_items:
-            big = build(work / "big", args.index_items, 2000, index_min_items=args.index_items)
-            from dynstore.recommend import serving_state as ss
-
-            assert ss(big).index is not None, "no vector index was built"
-            lat_ix, lat_ex, recall = [], [], []
-            for u in rng.integers(1, 2001, args.latency_queries // 2):
-                t0 = time.perf_counter()
-                approx = big.recommend(int(u), 10)
-                lat_ix.append(time.perf_counter() - t0)
-                t0 = time.perf_counter()
-                exact = big.recommend(int(u), 10, exact=True)
-                lat_ex.append(time.perf_counter() - t0)
-                recall.append(len({r["item_id"] for r in approx} & {r["item_id"] for r in exact}) / 10)
-            print(f"single user at {args.index_items} items: index p50 {p(lat_ix, 50):.1f} ms, p99 {p(lat_ix, 99):.1f} ms; "
-                  f"exact p50 {p(lat_ex, 50):.1f} ms, p99 {p(lat_ex, 99):.1f} ms; index recall@10 vs exact "
-                  f"{np.mean(recall):.3f} (target >= 0.95)")
-            print(f"| one user, {args.index_items:,} items (vector index / exact) | p50 {p(lat_ix, 50):.1f} ms, "
-                  f"p99 {p(lat_ix, 99):.1f} ms | p50 {p(lat_ex, 50):.1f} ms, p99 {p(lat_ex, 99):.1f} ms (exact) | "
-                  f"{p(lat_ix, 50) / p(lat_ex, 50):.2f}x | recall@10 {np.mean(recall):.3f} (>= 0.95) |")
-            big.close()
+        if args.users:
+            exact_and_index(args, build, work, rng, torch)
+        if args.commit_interactions:
+            commit_cost(args, work, rng)
     finally:
         shutil.rmtree(work, ignore_errors=True)
+
+
+def exact_and_index(args, build, work, rng, torch) -> None:
+    """All users through SQL against numpy; single-user latency; the vector index at scale."""
+    from dynstore.recommend import serving_state, user_vectors
+
+    store = build(work / "s", args.items, args.users, index_min_items=args.items + 1)  # exact path
+    con = store.connection()
+    con.sql("SELECT recommend(1, 10)").fetchall()  # loads the version once per process
+
+    t0 = time.perf_counter()
+    rows = con.sql("SELECT user_id, recommend(user_id, 10) AS r FROM users").fetchall()
+    t_sql = time.perf_counter() - t0
+
+    # The baseline gets the same matrices dynstore serves from.
+    state = serving_state(store)
+    users = [r[0] for r in rows]
+    X = user_vectors(state, users)
+    W, b = state.Wf, state.bias
+    pos_rows = [state.user_row.get(u, -1) for u in users]
+    torch_threads = torch.get_num_threads()
+
+    def numpy_topk():
+        out = []
+        for s in range(0, len(users), 512):
+            S = X[s:s + 512] @ W.T + b
+            for j, r in enumerate(pos_rows[s:s + 512]):
+                if r >= 0:
+                    S[j, state.pos_item[state.pos_ptr[r]:state.pos_ptr[r + 1]]] = -np.inf
+            top = np.argpartition(-S, 10, axis=1)[:, :10]
+            vals = np.take_along_axis(S, top, 1)
+            order = np.argsort(-vals, axis=1, kind="stable")
+            out.extend(np.take_along_axis(top, order, 1))
+        return out
+
+    t0 = time.perf_counter()
+    base = numpy_topk()
+    t_np = time.perf_counter() - t0
+    same, ties = 0, 0
+    for n_ in range(len(rows)):
+        ours_ids = [x["item_id"] for x in rows[n_][1]]
+        if [state.ids[c] for c in base[n_]] == ours_ids:
+            same += 1
+            continue
+        # a differing list is fine only if the scores are the same (ties ordered differently)
+        ours_rows = [state.row[i] for i in ours_ids]
+        a = np.sort(X[n_] @ W[ours_rows].T + b[ours_rows])
+        c = np.sort(X[n_] @ W[base[n_]].T + b[base[n_]])
+        ties += bool(np.allclose(a, c, rtol=0, atol=1e-5))
+    print(f"all users via SQL: {t_sql:.2f}s ({len(users) / t_sql:,.0f} users/s); numpy brute force: {t_np:.2f}s; "
+          f"ratio {t_sql / t_np:.2f}x (target <= 1.5x); identical top-10 lists: {same}/{len(rows)}, "
+          f"differing only in the order of tied scores: {ties} "
+          f"(torch threads {torch_threads})")
+
+    p = lambda xs, q: 1000 * float(np.percentile(xs, q))  # noqa: E731
+    lat_api, lat_sql = [], []
+    for u in rng.integers(1, args.users + 1, args.latency_queries):
+        t0 = time.perf_counter()
+        store.recommend(int(u), 10)
+        lat_api.append(time.perf_counter() - t0)
+        t0 = time.perf_counter()
+        con.sql(f"SELECT recommend({int(u)}, 10)").fetchall()
+        lat_sql.append(time.perf_counter() - t0)
+    print(f"single user at {args.items} items: API p50 {p(lat_api, 50):.1f} ms, p99 {p(lat_api, 99):.1f} ms; "
+          f"SQL p50 {p(lat_sql, 50):.1f} ms, p99 {p(lat_sql, 99):.1f} ms")
+    print()
+    print("| benchmark | dynstore | baseline | ratio | target |")
+    print("|---|---|---|---|---|")
+    print(f"| all {args.users:,} users x {args.items:,} items, d={args.dim}, top-10 via SQL | {t_sql:.2f} s | "
+          f"{t_np:.2f} s (numpy) | {t_sql / t_np:.2f}x | <= 1.5x, identical lists ({same}/{len(rows)}; "
+          f"ties {ties}) |")
+    print(f"| one user, {args.items:,} items (API / SQL) | p50 {p(lat_api, 50):.1f} / {p(lat_sql, 50):.1f} ms, "
+          f"p99 {p(lat_api, 99):.1f} / {p(lat_sql, 99):.1f} ms | | | |")
+    con.close()
+    store.close()
+    if args.index_items:
+        big = build(work / "big", args.index_items, 2000, index_min_items=args.index_items)
+        from dynstore.recommend import serving_state as ss
+
+        assert ss(big).index is not None, "no vector index was built"
+        lat_ix, lat_ex, recall = [], [], []
+        for u in rng.integers(1, 2001, args.latency_queries // 2):
+            t0 = time.perf_counter()
+            approx = big.recommend(int(u), 10)
+            lat_ix.append(time.perf_counter() - t0)
+            t0 = time.perf_counter()
+            exact = big.recommend(int(u), 10, exact=True)
+            lat_ex.append(time.perf_counter() - t0)
+            recall.append(len({r["item_id"] for r in approx} & {r["item_id"] for r in exact}) / 10)
+        print(f"single user at {args.index_items} items: index p50 {p(lat_ix, 50):.1f} ms, p99 {p(lat_ix, 99):.1f} ms; "
+              f"exact p50 {p(lat_ex, 50):.1f} ms, p99 {p(lat_ex, 99):.1f} ms; index recall@10 vs exact "
+              f"{np.mean(recall):.3f} (target >= 0.95)")
+        print(f"| one user, {args.index_items:,} items (vector index / exact) | p50 {p(lat_ix, 50):.1f} ms, "
+              f"p99 {p(lat_ix, 99):.1f} ms | p50 {p(lat_ex, 50):.1f} ms, p99 {p(lat_ex, 99):.1f} ms (exact) | "
+              f"{p(lat_ix, 50) / p(lat_ex, 50):.2f}x | recall@10 {np.mean(recall):.3f} (>= 0.95) |")
+        big.close()
+
+
+def commit_cost(args, work, rng) -> None:
+    """First ``recommend`` after a one-row interactions commit vs the steady latency."""
+    import datetime as dt
+
+    import polars as pl
+
+    import dynstore
+    import dynstore.serving as serving
+
+    n_users = max(1, args.commit_interactions // 20)
+    store = dynstore.init(work / "c", model=f"fake:{args.dim}")
+    store.ingest("items", pl.DataFrame({"item_id": np.arange(1, args.commit_items + 1),
+                                        "title": [f"item {i} w{i % 300} w{i % 71}" for i in range(args.commit_items)]}))
+    store.ingest("users", pl.DataFrame({"user_id": np.arange(1, n_users + 1), "age": rng.integers(18, 80, n_users),
+                                        "region": rng.choice(["north", "south", "east", "west"], n_users)}))
+    n = args.commit_interactions
+    store.ingest("interactions", pl.DataFrame({
+        "user_id": rng.integers(1, n_users + 1, n), "item_id": rng.integers(1, args.commit_items + 1, n),
+        "ts": np.datetime64("2025-01-01T00:00:00", "us")
+        + (np.sort(rng.integers(0, 86400 * 60, n)) * 1_000_000).astype("timedelta64[us]"),
+        "event": rng.choice(["click", "impression", "skip"], n, p=[0.3, 0.6, 0.1]),
+        "value": np.ones(n)}))
+    store.encode()
+    t0 = time.perf_counter()
+    serving.serving_state(store)
+    t_build = time.perf_counter() - t0
+    users = rng.integers(1, n_users + 1, 400)
+    for u in users[:20]:
+        store.recommend(int(u), 10)  # warm
+    steady, first, rebuild = [], [], []
+    for c in range(args.commits):
+        for u in users[20 * c % 380: 20 * c % 380 + 10]:
+            t0 = time.perf_counter()
+            store.recommend(int(u), 10)
+            steady.append(time.perf_counter() - t0)
+        store.ingest("interactions", pl.DataFrame({
+            "user_id": [int(rng.integers(1, n_users + 1))], "item_id": [int(rng.integers(1, args.commit_items + 1))],
+            "ts": [dt.datetime(2025, 3, 2) + dt.timedelta(seconds=c)], "event": ["click"], "value": [1.0]}))
+        u = int(users[(c * 7) % 400])
+        t0 = time.perf_counter()
+        store.recommend(u, 10)
+        first.append(time.perf_counter() - t0)
+    # what a commit cost before: the serving state rebuilt from the whole log
+    for _ in range(3):
+        store._cache.pop("serving_states", None)
+        t0 = time.perf_counter()
+        store.recommend(int(users[0]), 10)
+        rebuild.append(time.perf_counter() - t0)
+    p = lambda xs, q: 1000 * float(np.percentile(xs, q))  # noqa: E731
+    ratio = p(first, 50) / p(steady, 50)
+    print(f"commit cost at {n:,} interactions, {args.commit_items:,} items, {n_users:,} users (d={args.dim}): "
+          f"steady p50 {p(steady, 50):.1f} ms; first after a 1-row commit p50 {p(first, 50):.1f} ms "
+          f"(max {1000 * max(first):.0f} ms), {ratio:.1f}x steady (target <= 5x); full rebuild "
+          f"{1000 * float(np.median(rebuild)):.0f} ms (first build {t_build:.1f} s)")
+    print(f"| first `recommend` after a 1-row commit, {n:,} interactions, {args.commit_items:,} items | "
+          f"p50 {p(first, 50):.1f} ms (max {1000 * max(first):.0f}) | steady p50 {p(steady, 50):.1f} ms; full "
+          f"rebuild {1000 * float(np.median(rebuild)):.0f} ms | {ratio:.1f}x | <= 5x {'✔' if ratio <= 5 else '✘'} |")
+    store.close()
 
 
 if __name__ == "__main__":

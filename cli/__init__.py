@@ -46,6 +46,15 @@ def handle_errors(fn):
         except (KeyboardInterrupt, Interrupted):
             click.echo("Interrupted", err=True)
             sys.exit(EXIT_INTERRUPTED)
+        except Exception as exc:
+            # SQL that DuckDB refuses inside a command (a labelling rule over a missing
+            # column, say) is the user's to fix: one line, no traceback
+            if not type(exc).__module__.lstrip("_").startswith("duckdb"):
+                raise
+            from dynstore.session import error_message
+
+            click.echo(f"Error: {error_message(exc)}", err=True)
+            sys.exit(EXIT_USER)
 
     return wrapper
 
@@ -157,16 +166,21 @@ def _parse_map(pairs) -> dict[str, str]:
 @click.option("--key", "keys", multiple=True, metavar="COLUMN",
               help="Interactions: skip rows whose COLUMN value (e.g. event_id) is already stored; repeatable "
                    "for a key of several columns. Implies --dedupe on those columns.")
+@click.option("--allow-future", is_flag=True,
+              help="Interactions: keep timestamps more than a day after now (refused by default: one "
+                   "row from year 2999 would end every relative refresh window).")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 @quiet_option
 @handle_errors
-def ingest(store, kind, files, mapping, input_format, old_format, dedupe, keys, as_json, quiet):
+def ingest(store, kind, files, mapping, input_format, old_format, dedupe, keys, allow_future, as_json, quiet):
     """Load FILES into a table: interactions are appended, items/users upserted by id.
 
     All files land in one commit, or none does: a bad row rejects the whole
     command with a message naming file, row and column. Running the same
     interactions ingest twice stores them twice unless --dedupe or --key
-    says what a duplicate is.
+    says what a duplicate is. A quoted pattern ('day-*.csv') names every
+    matching file. Columns named label (interactions derive it from the
+    rules) or starting with __ are reserved: rename them with --map.
 
     \b
     Examples:
@@ -178,7 +192,7 @@ def ingest(store, kind, files, mapping, input_format, old_format, dedupe, keys, 
     dedupe_on = list(keys) if keys else (True if dedupe else False)
     with _open(store) as s:
         out = s.ingest(kind, list(files), mapping=_parse_map(mapping), format=input_format or old_format,
-                       dedupe=dedupe_on)
+                       dedupe=dedupe_on, allow_future=allow_future)
     if as_json:
         click.echo(to_json(out))
     elif not quiet:
@@ -372,6 +386,52 @@ def delete(store, kind, where, dry_run, as_json, quiet):
         if kind == "items" and out["deleted"]:
             _note(quiet, "note: interactions naming the deleted items stay; remove them with "
                          "`dynstore delete STORE interactions --where \"item_id NOT IN (SELECT item_id FROM items)\"`")
+
+
+# -------------------------------------------------------------------------- compact
+
+
+@main.command(cls=StoreCommand)
+@store_argument
+@click.option("--retain-seconds", type=click.FloatRange(min=0), default=None,
+              help="Keep dataset versions superseded less than this long ago (what a running statement or "
+                   "a pinned connection may still read) [default: the config's retain_seconds, 3600].")
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+@quiet_option
+@handle_errors
+def compact(store, retain_seconds, as_json, quiet):
+    """Merge small fragments and drop old dataset versions and orphans.
+
+    Every ingest and logged impression adds a fragment, every refresh a
+    version's embeddings, every rewrite leaves the previous files for
+    readers still on them. Writers compact a dataset by themselves once it
+    has more than compact_fragments fragments (see `dynstore config`); this
+    command does every dataset now. It also removes the leftovers of a
+    refresh killed before its commit (embedding rows, model files).
+
+    \b
+    Examples:
+      dynstore compact shop
+      dynstore compact shop --retain-seconds 60 --json
+    """
+    with _open(store) as s:
+        out = s.compact(retain_seconds=retain_seconds)
+    if as_json:
+        click.echo(to_json(out))
+        return
+    if quiet:
+        return
+    for name, d in out["datasets"].items():
+        click.echo(f"{name}: {d['fragments'][0]} -> {d['fragments'][1]} fragments, {d['versions'][0]} -> "
+                   f"{d['versions'][1]} versions, {d['bytes'][0]:,} -> {d['bytes'][1]:,} bytes")
+    orphans = out["orphans"]
+    if orphans.get("embedding_rows") or orphans.get("files"):
+        click.echo(f"removed orphans of unfinished versions: {orphans['embedding_rows']} embedding rows, "
+                   f"{len(orphans['files'])} files")
+    if out["encoders_removed"]:
+        click.echo(f"removed unused fine-tuned encoders: {', '.join(out['encoders_removed'])}")
+    for name, why in out["skipped"].items():
+        _note(quiet, f"note: skipped {name}: {why}")
 
 
 # -------------------------------------------------------------------------- inspect
@@ -593,6 +653,10 @@ def _config_view(cfg) -> dict:
               help="Append a summary of recent behaviour to item documents.")
 @click.option("--model", default=None, help="Encoder: 'minilm', 'fake[:DIM]', or a local Hugging Face path.")
 @click.option("--max-length", type=click.IntRange(min=2), default=None, help="Encoder max tokens per document.")
+@click.option("--compact-fragments", type=click.IntRange(min=0), default=None,
+              help="Writers compact a dataset with more fragments than this (0: only `dynstore compact`).")
+@click.option("--retain-seconds", type=click.IntRange(min=0), default=None,
+              help="Compaction keeps dataset versions superseded less than this long ago.")
 @format_options
 @quiet_option
 @handle_errors

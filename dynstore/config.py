@@ -52,6 +52,19 @@ class StoreConfig:
     #: Versions with at least this many items get a Lance vector index for
     #: single-user queries (exact brute force below it).
     index_min_items: int = 200_000
+    #: An encoder switch in flight (a fine-tuned encoder promoted, a rollback):
+    #: ``model`` counts once the registry makes version ``switch_version``
+    #: current; until then -- a crash in between -- the store's encoder is
+    #: ``switch_from``. See :mod:`dynstore.switch`.
+    switch_version: int = 0
+    switch_from: str = ""
+    #: Automatic compaction: a table, the embeddings or the semantic cache with
+    #: more fragments than this is compacted by the writer that made the last
+    #: one (0: never; ``dynstore compact`` does it on demand).
+    compact_fragments: int = 64
+    #: Compaction keeps old dataset versions (what a long statement or a pinned
+    #: connection may still read) for this many seconds.
+    retain_seconds: int = 3600
 
     @classmethod
     def load(cls, path: Path) -> "StoreConfig":
@@ -68,24 +81,48 @@ class StoreConfig:
                 f"understands ({FORMAT_VERSION}); upgrade dynstore"
             )
         known = {f for f in cls.__dataclass_fields__}
-        labels = raw.get("labels", {})
-        docs = raw.get("documents", {})
-        enc = raw.get("encoder", {})
+
+        def section(name: str) -> dict:
+            value = raw.get(name, {})
+            if not isinstance(value, dict):
+                raise StoreFormatError(f"{path}: [{name}] must be a table of settings, got {value!r}")
+            return value
+
+        def get(table: str, key: str, kind: type, default):
+            value = section(table).get(key, default) if table else raw.get(key, default)
+            ok = isinstance(value, kind) and not (kind is int and isinstance(value, bool))
+            if not ok:
+                where = f"{table}.{key}" if table else key
+                want = {int: "an integer", str: "a string", bool: "true or false"}[kind]
+                raise StoreFormatError(f"{path}: {where} = {value!r} is not {want}; fix it with "
+                                       "`dynstore config` or by editing the file")
+            return value
+
+        ids = section("ids")
+        for key, value in ids.items():
+            if value not in ("int", "string"):
+                raise StoreFormatError(f"{path}: ids.{key} = {value!r} is not 'int' or 'string'")
         values = {
             "format_version": version,
-            "created": raw.get("created", ""),
-            "id_types": dict(raw.get("ids", {})),
-            "positive": labels.get("positive", DEFAULT_POSITIVE),
-            "negative": labels.get("negative", DEFAULT_NEGATIVE),
-            "item_text": docs.get("item_text", ""),
-            "behaviour_summary": bool(docs.get("behaviour_summary", False)),
-            "model": enc.get("model", "minilm"),
-            "max_length": int(enc.get("max_length", 256)),
-            "encoder_id": str(enc.get("id", "")),
-            "encoder_dim": int(enc.get("dim", 0)),
-            "encoder_fingerprint": str(enc.get("fingerprint", "")),
-            "index_min_items": int(raw.get("serving", {}).get("index_min_items", 200_000)),
+            "created": get("", "created", str, ""),
+            "id_types": dict(ids),
+            "positive": get("labels", "positive", str, DEFAULT_POSITIVE),
+            "negative": get("labels", "negative", str, DEFAULT_NEGATIVE),
+            "item_text": get("documents", "item_text", str, ""),
+            "behaviour_summary": get("documents", "behaviour_summary", bool, False),
+            "model": get("encoder", "model", str, "minilm"),
+            "max_length": get("encoder", "max_length", int, 256),
+            "encoder_id": get("encoder", "id", str, ""),
+            "encoder_dim": get("encoder", "dim", int, 0),
+            "encoder_fingerprint": get("encoder", "fingerprint", str, ""),
+            "switch_version": get("encoder", "switch_version", int, 0),
+            "switch_from": get("encoder", "switch_from", str, ""),
+            "index_min_items": get("serving", "index_min_items", int, 200_000),
+            "compact_fragments": get("maintenance", "compact_fragments", int, 64),
+            "retain_seconds": get("maintenance", "retain_seconds", int, 3600),
         }
+        if values["max_length"] < 2:
+            raise StoreFormatError(f"{path}: encoder.max_length = {values['max_length']} must be at least 2")
         return cls(**{k: v for k, v in values.items() if k in known})
 
     def save(self, path: Path) -> None:
@@ -112,9 +149,15 @@ class StoreConfig:
             f"id = {q(self.encoder_id)}",
             f"dim = {int(self.encoder_dim)}",
             f"fingerprint = {q(self.encoder_fingerprint)}",
+            *([f"switch_version = {int(self.switch_version)}", f"switch_from = {q(self.switch_from)}"]
+              if self.switch_version else []),
             "",
             "[serving]",
             f"index_min_items = {int(self.index_min_items)}",
+            "",
+            "[maintenance]",
+            f"compact_fragments = {int(self.compact_fragments)}",
+            f"retain_seconds = {int(self.retain_seconds)}",
             "",
         ]
         tmp = path.with_name(path.name + ".tmp")

@@ -17,6 +17,9 @@ __all__ = [
     "EncoderError",
     "VersionNotFound",
     "ReadOnlyError",
+    "SqlError",
+    "StorageError",
+    "StoreCorrupt",
 ]
 
 
@@ -65,3 +68,15 @@ class VersionNotFound(DynstoreError, KeyError):
 
 class ReadOnlyError(DynstoreError, PermissionError):
     """A write was attempted through a read-only store or connection."""
+
+
+class SqlError(DynstoreError, ValueError):
+    """A statement dynstore will not run as written; the message says what to write instead."""
+
+
+class StorageError(DynstoreError, OSError):
+    """The disk refused a write (full, read-only, too large); the last commit stands."""
+
+
+class StoreCorrupt(StoreFormatError):
+    """A file of the store is missing or damaged; the message names it and the way out."""

@@ -20,7 +20,7 @@ import functools
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
-__all__ = ["sql_function", "register_sql_function", "apply", "registered", "generation"]
+__all__ = ["sql_function", "register_sql_function", "apply", "registered", "generation", "check_write_calls"]
 
 
 @dataclass(frozen=True)
@@ -53,7 +53,12 @@ def register_sql_function(name: str, fn: Callable[..., Any], parameters, return_
         returning them (for types that depend on the store, e.g. its id type
         or the encoder's dimension).
     side_effects : bool
-        True for functions that write (DuckDB must not cache or fold them).
+        True for functions that write. DuckDB drops a call whose result a
+        query does not use (``SELECT count(*) FROM (SELECT f(x))``), so such
+        functions run only in the top-level ``SELECT`` list of a statement
+        given to :meth:`Store.sql <dynstore.Store.sql>`, a
+        :class:`~dynstore.session.SqlSession` or ``dynstore sql`` (see
+        :func:`check_write_calls`), and are refused on raw connections.
     """
     global _GENERATION
     _REGISTRY[name] = SqlFunction(name, fn, tuple(parameters) if not callable(parameters) else parameters,
@@ -88,6 +93,91 @@ def generation() -> int:
     return _GENERATION
 
 
+def _write_names() -> list[str]:
+    _load_builtins()
+    return [f.name for f in _REGISTRY.values() if f.side_effects]
+
+
+def check_write_calls(query: str) -> None:
+    """Refuse ``query`` when a write function appears anywhere but in the select list
+    of a top-level ``SELECT``, where DuckDB might drop the call and the write with it.
+
+    Examples
+    --------
+    >>> check_write_calls("SELECT log_impressions(1, [2, 3])")
+    >>> check_write_calls("SELECT count(*) FROM (SELECT log_impressions(1, [2]))")
+    Traceback (most recent call last):
+    ...
+    dynstore.errors.SqlError: log_impressions(...) writes, so it must stand in the select list of the outermost SELECT (e.g. SELECT log_impressions(user_id, items) FROM shown): DuckDB leaves out calls whose result the query does not use, and the write with them
+    """
+    import json
+
+    import duckdb
+
+    from .errors import SqlError
+
+    low = query.lower()
+    names = [n for n in _write_names() if n.lower() in low]
+    if not names:
+        return
+    con = duckdb.connect()  # only the parser is needed: keep the caller's connection free
+    try:
+        try:
+            statements = con.extract_statements(query)
+        except duckdb.Error:
+            return  # DuckDB reports the syntax error when the statement runs
+        for st in statements:
+            text = st.query
+            called = [n for n in names if n.lower() in text.lower()]
+            if not called:
+                continue
+            why = (f"{called[0]}(...) writes, so it must stand in the select list of the outermost SELECT "
+                   f"(e.g. SELECT {called[0]}(user_id, items) FROM shown): DuckDB leaves out calls whose "
+                   "result the query does not use, and the write with them")
+            if st.type.name != "SELECT":
+                raise SqlError(why)
+            tree = json.loads(con.execute("SELECT json_serialize_sql(?)", [text]).fetchone()[0])
+            if tree.get("error"):
+                continue
+            node = tree["statements"][0]["node"]
+            total = _count_calls(node, called, into_subqueries=True)
+            allowed = (_count_calls(node.get("select_list", []), called, into_subqueries=False)
+                       if node.get("type") == "SELECT_NODE" else 0)
+            if total != allowed:
+                raise SqlError(why)
+    finally:
+        con.close()
+
+
+def _count_calls(tree, names: list[str], *, into_subqueries: bool) -> int:
+    """Calls of ``names`` in a json_serialize_sql tree (subqueries optional)."""
+    if isinstance(tree, list):
+        return sum(_count_calls(x, names, into_subqueries=into_subqueries) for x in tree)
+    if not isinstance(tree, dict):
+        return 0
+    if not into_subqueries and tree.get("class") == "SUBQUERY":
+        return 0
+    own = int(tree.get("class") == "FUNCTION" and str(tree.get("function_name", "")).lower()
+              in {n.lower() for n in names})
+    return own + sum(_count_calls(v, names, into_subqueries=into_subqueries) for v in tree.values()
+                     if isinstance(v, (dict, list)))
+
+
+def _guarded(f: SqlFunction) -> Callable[..., Any]:
+    """``f.fn``, refusing to write unless the statement was checked (see :func:`check_write_calls`)."""
+
+    @functools.wraps(f.fn)  # DuckDB reads the parameters from the signature
+    def call(store, *args):
+        if not getattr(store, "_statements_checked", False):
+            from .errors import SqlError
+
+            raise SqlError(f"{f.name}(...) writes to the store; run it through Store.sql, a SqlSession or "
+                           "`dynstore sql` (raw connections cannot make sure DuckDB keeps the call)")
+        return f.fn(store, *args)
+
+    return call
+
+
 def _load_builtins() -> None:
     from . import builtins  # noqa: F401  (registers on import)
 
@@ -110,7 +200,7 @@ def apply(store, con, *, replace: bool = False) -> None:
         ret = f.return_type(store) if callable(f.return_type) else f.return_type
         con.create_function(
             f.name,
-            functools.partial(f.fn, store),
+            functools.partial(_guarded(f) if f.side_effects else f.fn, store),
             # con.type, not duckdb.type: the latter opens DuckDB's default
             # connection, ~30 ms of every start-up
             [con.type(p) for p in params],

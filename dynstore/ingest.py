@@ -19,11 +19,18 @@ import pyarrow.compute as pc
 
 from .errors import IdTypeError, IngestError
 
-__all__ = ["KINDS", "ingest"]
+__all__ = ["KINDS", "ingest", "RESERVED", "FUTURE_TOLERANCE_S"]
 
 KINDS = {"interactions": ("user_id", "item_id"), "items": ("item_id",), "users": ("user_id",)}
 FORMATS = ("csv", "tsv", "parquet", "json", "ndjson")
 BATCH_ROWS = 64 * 1024
+#: Columns the store's views add to a table (see sql/views.sql): a source may not bring
+#: its own, or the view's would be shadowed. Names starting with "__" or "_dynstore"
+#: are dynstore's own in every table.
+RESERVED = {"interactions": ("label",), "items": (), "users": ()}
+#: Timestamps more than this many seconds after the ingest are refused unless
+#: ``allow_future``: one row from year 2999 would end every relative window.
+FUTURE_TOLERANCE_S = 86400
 
 _INT_TYPES = {"TINYINT", "SMALLINT", "INTEGER", "BIGINT", "HUGEINT", "UTINYINT", "USMALLINT",
               "UINTEGER", "UBIGINT", "UHUGEINT"}
@@ -68,6 +75,29 @@ def _detect_format(path: Path, fmt: str | None) -> str:
     return mapping[ext]
 
 
+def expand_sources(sources: Sequence[Any]) -> list[Any]:
+    """File paths with glob patterns (``day-*.csv``) expanded, each match a source of its own
+    (so messages name the file); a pattern that matches nothing is an error.
+
+    >>> expand_sources(["/no/such/dir/*.csv"])
+    Traceback (most recent call last):
+    ...
+    dynstore.errors.IngestError: /no/such/dir/*.csv: no file matches this pattern
+    """
+    import glob
+
+    out: list[Any] = []
+    for src in sources:
+        if isinstance(src, (str, os.PathLike)) and glob.has_magic(str(src)) and not Path(src).exists():
+            hits = sorted(glob.glob(str(src)))
+            if not hits:
+                raise IngestError(f"{src}: no file matches this pattern")
+            out.extend(hits)
+        else:
+            out.append(src)
+    return out
+
+
 def _open_source(con: duckdb.DuckDBPyConnection, src: Any, index: int, fmt: str | None,
                  mapping: dict[str, str], force_varchar: set[str]) -> Source:
     """Register ``src`` in ``con`` and describe its columns."""
@@ -77,6 +107,10 @@ def _open_source(con: duckdb.DuckDBPyConnection, src: Any, index: int, fmt: str 
         label = str(src)
         if not path.exists():
             raise IngestError(f"{label}: no such file")
+        if path.is_dir():
+            raise IngestError(f"{label}: is a directory; name the files (a pattern such as {label}/*.csv works)")
+        if not os.access(path, os.R_OK):
+            raise IngestError(f"{label}: cannot read the file (permission denied)")
         if path.is_file() and path.stat().st_size == 0:
             raise IngestError(f"{label}: the file is empty (0 bytes): no header, no rows")
         kind = _detect_format(path, fmt)
@@ -88,12 +122,13 @@ def _open_source(con: duckdb.DuckDBPyConnection, src: Any, index: int, fmt: str 
         old_names = {mapping.get(c, c) for c in force_varchar | {"ts"}}
         if kind in ("csv", "tsv"):
             opts = ["header=true"]
-            if kind == "tsv":
-                opts.append("delim='\\t'")
+            delim = _csv_delimiter(con, path, kind, label)
+            if delim is not None:
+                opts.append(f"delim={lit(delim)}")
             try:
                 header = {r[0] for r in con.execute(f"DESCRIBE SELECT * FROM read_csv({p}, {', '.join(opts)})").fetchall()}
             except duckdb.Error as exc:
-                raise IngestError(f"{label}: cannot read as {kind}: {_one_line(exc)}") from None
+                raise IngestError(f"{label}: cannot read as {kind}: {_unicode_column(path, _one_line(exc), delim)}") from None
             if old_names & header:
                 opts.append("types={" + ", ".join(f"{lit(c)}: 'VARCHAR'" for c in sorted(old_names & header)) + "}")
             sql = f"read_csv({p}, {', '.join(opts)})"
@@ -127,7 +162,83 @@ def _open_source(con: duckdb.DuckDBPyConnection, src: Any, index: int, fmt: str 
         columns[name] = typ
     for new, old in renames.items():
         columns[new] = raw_cols[old]
+    if not con.execute(f"SELECT 1 FROM {rel_name} LIMIT 1").fetchall():
+        what = "has a header but no rows" if isinstance(src, (str, os.PathLike)) else "has no rows"
+        raise IngestError(f"{label}: {what}; nothing to ingest")
     return Source(label=label, relation=rel_name, columns=columns, renames=renames)
+
+
+def check_reserved(src: Source, kind: str) -> None:
+    """Refuse a column whose name a view or dynstore itself uses (see :data:`RESERVED`)."""
+    for name in src.columns:
+        own = name.startswith("__") or name.lower().startswith("_dynstore")
+        if not own and name.lower() not in RESERVED[kind]:
+            continue
+        why = ("names starting with '__' or '_dynstore' are dynstore's own" if own else
+               f"the {kind} view derives {name} from the store's labelling rules")
+        old = src.renames.get(name)
+        fix = (f"map another column name to {old!r}, e.g. --map user_{old.strip('_')}={old}" if old else
+               f"rename it, e.g. --map user_{name.strip('_')}={name}")
+        raise IngestError(f"{src.label}: column {name} is reserved ({why}); {fix}")
+
+
+def _csv_delimiter(con, path: Path, kind: str, label: str) -> str | None:
+    """The delimiter to read ``path`` with (None: DuckDB's own guess), after checking
+    the file's shape when DuckDB's sniffer had to bend it.
+
+    DuckDB's sniffer, given a row with more or fewer fields than the header, may
+    take a later line as the header or fall back to one column per line. The
+    header is the first line here: when the sniffer disagrees, the rows are
+    counted and the first one of the wrong width is named.
+    """
+    import csv
+    import gzip
+
+    opener = gzip.open if path.name.lower().endswith(".gz") else (open if not path.name.lower().endswith(".zst") else None)
+    if opener is None:
+        return "\t" if kind == "tsv" else None
+    try:
+        with opener(path, "rt", encoding="utf-8", errors="replace", newline="") as fh:
+            first = fh.readline()
+    except OSError as exc:
+        raise IngestError(f"{label}: cannot read as {kind}: {exc}") from None
+    expected = "\t" if kind == "tsv" else ("," if "," in first else None)
+    try:
+        sniff = con.execute("SELECT Delimiter, SkipRows, HasHeader FROM sniff_csv(?)", [str(path)]).fetchall()
+    except duckdb.Error:
+        return expected  # unreadable: the read below names the reason
+    delim, skip, has_header = sniff[0] if sniff else (expected, 0, True)
+    if expected is None or (delim == expected and not skip and has_header):
+        return expected if kind == "tsv" else None
+    with opener(path, "rt", encoding="utf-8", errors="replace", newline="") as fh:
+        reader = csv.reader(fh, delimiter=expected)
+        header = next(reader, [])
+        for row_no, row in enumerate(reader, 1):
+            if row and len(row) != len(header):
+                raise IngestError(f"{label}: row {row_no} (line {reader.line_num}) has {len(row)} fields, the "
+                                  f"header has {len(header)} ({', '.join(header)})")
+    return expected
+
+
+def _unicode_column(path: Path, message: str, delim: str | None) -> str:
+    """Add the column to DuckDB's "invalid unicode" error on ``row N (line L)``."""
+    import re
+
+    m = re.match(r"row (\d+) \(line (\d+)\): Invalid unicode", message)
+    if not m or path.name.lower().endswith((".gz", ".zst")):
+        return message
+    line_no = int(m.group(2))
+    with open(path, "rb") as fh:
+        lines = [fh.readline() for _ in range(line_no)]
+    sep = (delim or ",").encode()
+    header = lines[0].rstrip(b"\r\n").decode("utf-8", "replace").split(delim or ",")
+    for n, field in enumerate(lines[-1].rstrip(b"\r\n").split(sep)):
+        try:
+            field.decode("utf-8")
+        except UnicodeDecodeError:
+            name = header[n] if n < len(header) else f"#{n + 1}"
+            return f"row {m.group(1)} (line {line_no}), column {name}: text is not UTF-8 ({field[:20]!r})"
+    return message
 
 
 def _to_arrow(src: Any) -> tuple[str, pa.Table]:
@@ -139,10 +250,32 @@ def _to_arrow(src: Any) -> tuple[str, pa.Table]:
     if mod.startswith("polars"):
         return "<polars DataFrame>", src.to_arrow()
     if mod.startswith("pandas"):
-        return "<pandas DataFrame>", pa.Table.from_pandas(src, preserve_index=False)
+        try:
+            return "<pandas DataFrame>", pa.Table.from_pandas(src, preserve_index=False)
+        except (pa.ArrowInvalid, pa.ArrowTypeError, ValueError) as exc:
+            raise IngestError(f"<pandas DataFrame>: {_mixed_column(src) or _one_line(exc)}") from None
     raise IngestError(
         f"cannot ingest a {type(src).__name__}: pass a file path, a Polars or pandas DataFrame, or an Arrow table"
     )
+
+
+def _mixed_column(df) -> str | None:
+    """'row R, column C: ...' for the first object column whose values mix types, or None."""
+    for name in df.columns:
+        col = df[name]
+        if col.dtype != object:
+            continue
+        first = None
+        for n, v in enumerate(col.tolist(), 1):
+            if v is None or (isinstance(v, float) and v != v):
+                continue
+            kind = str if isinstance(v, str) else (int if isinstance(v, int) and not isinstance(v, bool) else type(v))
+            if first is None:
+                first = (kind, v)
+            elif kind is not first[0]:
+                return (f"row {n}, column {name}: {v!r} is a {type(v).__name__} but earlier values are "
+                        f"{type(first[1]).__name__}s (like {first[1]!r}); make the column one type")
+    return None
 
 
 def _one_line(exc: BaseException) -> str:
@@ -150,12 +283,30 @@ def _one_line(exc: BaseException) -> str:
     lines = [l.strip() for l in str(exc).strip().splitlines() if l.strip()]
     if not lines:
         return type(exc).__name__
-    head = lines[0]
+    head = lines[0].split(", /", 1)[0] if "LanceError" in lines[0] else lines[0]  # no Rust source paths
     # DuckDB's CSV errors put the reason on a later line, after the raw line.
     reason = next((l for l in lines[1:] if not l.startswith(("Original Line", "Possible Solution", "file =",
                                                              "delimiter", "quote", "escape"))
                    and "=" not in l[:20]), None)
-    return f"{head}: {reason}" if reason and "CSV Error" in head else head
+    text = f"{head}: {reason}" if reason and "CSV Error" in head and reason not in head else head
+    return _csv_row(text)
+
+
+def _csv_row(text: str) -> str:
+    """DuckDB's 'CSV Error on Line: N' as the row (the header is line 1) and column.
+
+    >>> _csv_row('Conversion Error: CSV Error on Line: 7: Error when converting column "item_id". Could not')
+    'row 6 (line 7), column item_id: Error when converting column "item_id". Could not'
+    """
+    import re
+
+    m = re.search(r"CSV Error on Line: (\d+):?\s*(.*)", text)
+    if not m:
+        return text
+    line = int(m.group(1))
+    col = re.search(r'column "([^"]+)"', m.group(2))
+    where = f"row {line - 1} (line {line})" + (f", column {col.group(1)}" if col else "")
+    return f"{where}: {m.group(2)}".rstrip(": ")
 
 
 def _col(src: Source, name: str) -> str:
@@ -173,7 +324,21 @@ def _id_expr(src: Source, col: str, store_type: str | None) -> tuple[str, str, s
                 f"{src.label}: column {col} holds integer ids but this store's {col} values are strings; "
                 "convert the column to text first"
             )
-        return f"CAST({raw} AS BIGINT)", bad_null, "int"
+        expr = f"TRY_CAST({raw} AS BIGINT)"
+        bad = bad_null + (f"WHEN {expr} IS NULL THEN {lit(col + ': ')} || CAST({raw} AS VARCHAR) || "
+                          f"{lit(' is outside the 64-bit integer range of ids')} ")
+        return expr, bad, "int"
+    if typ in _FLOAT_TYPES or typ.startswith("DECIMAL"):
+        # a CSV id too long for BIGINT is sniffed as DOUBLE: whole numbers in range are ids
+        if store_type == "string":
+            raise IdTypeError(f"{src.label}: column {col} holds numbers but this store's {col} values are strings; "
+                              "convert the column to text first")
+        expr = f"TRY_CAST({raw} AS BIGINT)"
+        bad = bad_null + (f"WHEN NOT isfinite(CAST({raw} AS DOUBLE)) OR {raw} <> trunc({raw}) THEN "
+                          f"{lit(col + ': ')} || CAST({raw} AS VARCHAR) || {lit(' is not an integer id')} "
+                          f"WHEN abs(CAST({raw} AS DOUBLE)) >= 9.2e18 OR {expr} IS NULL THEN {lit(col + ': ')} || "
+                          f"CAST({raw} AS VARCHAR) || {lit(' is outside the 64-bit integer range of ids')} ")
+        return expr, bad, "int"
     if typ in _STRING_TYPES:
         if store_type == "int":
             expr = f"TRY_CAST({raw} AS BIGINT)"
@@ -185,13 +350,18 @@ def _id_expr(src: Source, col: str, store_type: str | None) -> tuple[str, str, s
     raise IdTypeError(f"{src.label}: column {col} has type {typ}; ids must be integers or strings")
 
 
-def _ts_expr(src: Source) -> tuple[str, str]:
+def _ts_expr(src: Source, latest: str | None = None) -> tuple[str, str]:
+    """(timestamp expression, bad-row checks) for the ts column; ``latest`` (an SQL
+    timestamp literal) refuses later times."""
     raw = _col(src, "ts")
     typ = src.columns["ts"].upper()
+    # epoch seconds beyond +-10^11 (year ~5138) are no times: TRY_ keeps the overflow a bad row
     if typ in _INT_TYPES:
-        expr = f"make_timestamp(CAST({raw} AS BIGINT) * 1000000)"
+        expr = (f"CASE WHEN abs(TRY_CAST({raw} AS DOUBLE)) < 1e11 "
+                f"THEN make_timestamp(CAST({raw} AS BIGINT) * 1000000) END")
     elif typ in _FLOAT_TYPES or typ.startswith("DECIMAL"):
-        expr = f"make_timestamp(CAST(round({raw} * 1000000) AS BIGINT))"
+        expr = (f"CASE WHEN abs(CAST({raw} AS DOUBLE)) < 1e11 "
+                f"THEN make_timestamp(CAST(round({raw} * 1000000) AS BIGINT)) END")
     elif typ == "DATE" or typ.startswith("TIMESTAMP") and "TIME ZONE" not in typ:
         expr = f"CAST({raw} AS TIMESTAMP)"
     elif typ == "TIMESTAMP WITH TIME ZONE":
@@ -207,15 +377,20 @@ def _ts_expr(src: Source) -> tuple[str, str]:
     bad = (f"WHEN {raw} IS NULL THEN 'ts: missing (NULL) timestamp' "
            f"WHEN ({expr}) IS NULL THEN 'ts: ' || CAST({raw} AS VARCHAR) || ' is not a timestamp' "
            f"WHEN NOT isfinite({expr}) THEN 'ts: ' || CAST({raw} AS VARCHAR) || ' is not a finite timestamp' ")
+    if latest is not None:
+        bad += (f"WHEN ({expr}) > {latest} THEN 'ts: ' || CAST({raw} AS VARCHAR) || "
+                f"' is more than a day after the ingest ({latest[11:-1]} UTC at the latest); "
+                "fix the clock or the unit, or pass --allow-future to keep it' ")
     return expr, bad
 
 
 def build_projection(src: Source, kind: str, id_types: dict[str, str],
-                     target: dict[str, str] | None) -> tuple[str, dict[str, str]]:
+                     target: dict[str, str] | None, latest: str | None = None) -> tuple[str, dict[str, str]]:
     """SQL that normalises ``src`` for ``kind`` plus the ``__bad`` column.
 
     ``target`` is the existing dataset's column -> DuckDB type; columns of
     ``src`` are cast to those types so every batch matches the dataset.
+    ``latest`` (an SQL timestamp literal) refuses interactions after it.
     Returns the query and the id types it implies.
     """
     required = KINDS[kind] + (("ts",) if kind == "interactions" else ())
@@ -237,7 +412,7 @@ def build_projection(src: Source, kind: str, id_types: dict[str, str],
         new_types[kind_key] = t
         handled.add(col)
     if kind == "interactions":
-        expr, b = _ts_expr(src)
+        expr, b = _ts_expr(src, latest)
         selects.append(f"{expr} AS ts")
         bad += b
         handled.add("ts")
@@ -251,12 +426,15 @@ def build_projection(src: Source, kind: str, id_types: dict[str, str],
             # missing column defaults to 1.
             selects.append(f"TRY_CAST({raw} AS DOUBLE) AS value")
             bad += (f"WHEN {raw} IS NOT NULL AND TRY_CAST({raw} AS DOUBLE) IS NULL "
-                    f"THEN 'value: ' || CAST({raw} AS VARCHAR) || ' is not a number' ")
+                    f"THEN 'value: ' || CAST({raw} AS VARCHAR) || ' is not a number' "
+                    # NaN > 0 is true in SQL: the default rule would call it a positive
+                    f"WHEN NOT isfinite(TRY_CAST({raw} AS DOUBLE)) "
+                    f"THEN 'value: ' || CAST({raw} AS VARCHAR) || ' is not a finite number' ")
         else:
             selects.append("1.0::DOUBLE AS value")
         handled |= {"event", "value"}
     for col, typ in src.columns.items():
-        if col in handled or col.startswith("__"):
+        if col in handled:
             continue
         raw = _col(src, col)
         want = target.get(col)
@@ -285,7 +463,7 @@ def checked_batches(reader: pa.RecordBatchReader, label: str, errors: list,
             batch = next(batches)
         except StopIteration:
             return
-        except (duckdb.Error, pa.ArrowException) as exc:  # a parse error deep inside the file
+        except (duckdb.Error, pa.ArrowException, OSError) as exc:  # a parse error deep inside the file
             errors.append(IngestError(f"{label}: {_one_line(exc)}"))
             raise _Abort() from None
         bad = batch.column(batch.schema.get_field_index("__bad"))
@@ -314,7 +492,8 @@ def describe_target(con: duckdb.DuckDBPyConnection, dataset) -> dict[str, str]:
 
 
 def ingest(store, kind: str, sources: Iterable[Any], *, mapping: dict[str, str] | None = None,
-           fmt: str | None = None, dedupe: bool | str | Sequence[str] = False) -> dict:
+           fmt: str | None = None, dedupe: bool | str | Sequence[str] = False,
+           allow_future: bool = False) -> dict:
     """Validate and commit ``sources`` into the ``kind`` dataset of ``store``.
 
     Interactions are appended; items and users are upserted by id. Returns a
@@ -327,15 +506,25 @@ def ingest(store, kind: str, sources: Iterable[Any], *, mapping: dict[str, str] 
     to a stored row or to an earlier row of this ingest; a column name (or a
     list) compares only those columns, e.g. an ``event_id``. One row per key
     is kept.
+
+    Interactions more than :data:`FUTURE_TOLERANCE_S` after the ingest are
+    refused unless ``allow_future``. Columns in :data:`RESERVED` (and names
+    starting with ``__``) are refused: rename them with ``mapping``.
     """
+    import datetime as _dt
+
     import lance
 
     if kind not in KINDS:
         raise IngestError(f"unknown table {kind!r}; use one of {', '.join(KINDS)}")
     mapping = dict(mapping or {})
-    sources = list(sources)
+    sources = expand_sources(list(sources))
     if not sources:
         raise IngestError("nothing to ingest: no source given")
+    latest = None
+    if kind == "interactions" and not allow_future:
+        when = _dt.datetime.now(_dt.timezone.utc).replace(tzinfo=None) + _dt.timedelta(seconds=FUTURE_TOLERANCE_S)
+        latest = f"TIMESTAMP '{when:%Y-%m-%d %H:%M:%S}'"
     con = duckdb.connect(config={"threads": max(1, os.cpu_count() or 1)})
     con.execute("SET TimeZone = 'UTC'")
     try:
@@ -343,10 +532,12 @@ def ingest(store, kind: str, sources: Iterable[Any], *, mapping: dict[str, str] 
         target = describe_target(con, dataset)
         force_varchar = {c for c in KINDS[kind] if store.config.id_types.get(c[:-3]) == "string"}
         opened = [_open_source(con, s, i, fmt, mapping, force_varchar) for i, s in enumerate(sources)]
+        for src in opened:
+            check_reserved(src, kind)
         id_types = dict(store.config.id_types)
         queries = []
         for src in opened:
-            sql, types = build_projection(src, kind, id_types, target)
+            sql, types = build_projection(src, kind, id_types, target, latest)
             for key, t in types.items():
                 if id_types.get(key, t) != t:
                     raise IdTypeError(f"{src.label}: {key}_id values are {t}s but earlier sources gave {id_types[key]}s")

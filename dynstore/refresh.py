@@ -30,7 +30,7 @@ import numpy as np
 
 from .errors import ConfigError, DynstoreError
 
-__all__ = ["refresh", "evaluate_version", "parse_since"]
+__all__ = ["refresh", "evaluate_version", "parse_since", "newest_event"]
 
 TOLERANCE = 0.01   # relative NDCG@10 drop still promoted
 HOLDOUT = 0.10
@@ -58,6 +58,19 @@ def parse_since(since: str | None, newest: _dt.datetime) -> _dt.datetime | None:
         return _dt.datetime.fromisoformat(str(since))
     except ValueError:
         raise ConfigError(f"--since {since!r}: use e.g. 30d, 12w, 48h, a date like 2025-01-31, or 'all'") from None
+
+
+def newest_event(con) -> _dt.datetime | None:
+    """What relative windows (``--since 30d``) count back from: the newest interaction
+    that is not in the future (a day of clock skew allowed), so one stray timestamp
+    from year 2999 (``ingest --allow-future``) cannot empty every window; the newest
+    of all when every event is in the future.
+    """
+    from .ingest import FUTURE_TOLERANCE_S
+
+    limit = _dt.datetime.now(_dt.timezone.utc).replace(tzinfo=None) + _dt.timedelta(seconds=FUTURE_TOLERANCE_S)
+    return con.execute("SELECT coalesce(max(ts) FILTER (WHERE ts <= ?), max(ts)) FROM interactions",
+                       [limit]).fetchall()[0][0]
 
 
 def time_decay_days(span_days: float) -> float:
@@ -210,7 +223,7 @@ def refresh(store, *, since: str | None = "30d", epochs: int | None = None, prom
     lv = load_version(store)
     con = store.connection()
     try:
-        newest = con.execute("SELECT max(ts) FROM interactions").fetchall()[0][0]
+        newest = newest_event(con)
         cutoff = parse_since(since, newest)
         t1 = time.perf_counter()
         prep = _Prepared(store, lv, con, cutoff)
@@ -294,14 +307,17 @@ def refresh(store, *, since: str | None = "30d", epochs: int | None = None, prom
     trained_until = int(prep.ts.max() if status != "rejected" and refit else train.ts.max())
     snap = dict(snap, since=since, trained_until=trained_until, rules=plan["rules"])
     try:
+        # a promoted fine-tuned encoder becomes the store's in the registry commit itself
         number = build_version(store, model, lv.item_spec, lv.user_spec, parent=lv.version, status=status,
                                train_window=window, counts=counts,
                                metrics={"candidate": m_cand, "current": m_cur, "train": stats, "holdout": judged,
                                         **({"finetune": ft} if ft else {})},
-                               residuals=residuals, snapshot=snap, items=prep.items)
+                               residuals=residuals, snapshot=snap, items=prep.items,
+                               switch_encoder=ft is not None and status == "current")
     finally:
-        if ft is not None:
-            _settle_encoder(store, old_model, keep_new=status == "current")
+        if ft is not None and status != "current":
+            store.config.model = old_model  # not promoted: the store keeps its encoder
+            store._con_state = None
     published = None
     stale_rule = current_is_rule and lv.model.dynamic is None  # counts frozen at its creation
     if status == "rejected" and promote and (stale_rule or (not current_is_rule
@@ -368,7 +384,7 @@ def _finetune(store, prep, train, model, *, steps, seed, device, progress, say, 
     """Fine-tune the encoder and re-encode every item; return the training data on the new vectors.
 
     Switches ``store.config.model`` in memory to the new encoder (saved to the
-    config file only on promotion, by :func:`_settle_encoder`); on failure the
+    config file only on promotion, in the version's registry commit); on failure the
     old encoder is restored and the half-made encoder directory stays out of use.
     """
     from dataclasses import replace
@@ -422,15 +438,6 @@ def _rel(store, path: str) -> str:
     from pathlib import Path
 
     return Path(path).resolve().relative_to(store.path.resolve()).as_posix()
-
-
-def _settle_encoder(store, old_model: str, *, keep_new: bool) -> None:
-    """Persist the fine-tuned encoder in the config (promoted), or go back to the old one."""
-    if keep_new:
-        store._set_encoder_model(store.config.model)
-    else:
-        store.config.model = old_model
-        store._con_state = None
 
 
 def evaluate_version(store, *, version: int | None = None, k: int = 10, holdout: float = HOLDOUT) -> dict:

@@ -19,7 +19,8 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-__all__ = ["encode", "store_encoder", "encoder_info", "record_encoder", "semantic_vectors", "register_cache"]
+__all__ = ["encode", "store_encoder", "encoder_info", "record_encoder", "semantic_vectors", "cached_vectors",
+           "register_cache"]
 
 CHUNK = 2048          # most documents per commit
 FIRST_CHUNK = 64      # the first commit comes early, whatever the encoder's speed
@@ -176,9 +177,9 @@ def encode(store, *, all: bool = False, batch_size: int = 64, device: str | None
     finally:
         if bar is not None:
             bar.close()
-    ds = cache_dataset(store, enc.id)
-    if ds is not None and len(ds.get_fragments()) > 32:
-        ds.optimize.compact_files()
+    from .compaction import maybe_compact
+
+    maybe_compact(store, "cache/" + cache_uri(store, enc.id).rsplit("/", 1)[-1])
     seconds = time.perf_counter() - t0
     out = {"items": total, "stale": stale, "encoded": len(docs), "reused": total - stale,
            "encoder": enc.id, "device": getattr(enc, "device", "cpu"), "seconds": round(seconds, 3),
@@ -218,43 +219,65 @@ def _index(store) -> SemanticIndex:
 def semantic_vectors(store, item_ids: list[Any], *, encode_missing: bool = True) -> tuple[np.ndarray, np.ndarray]:
     """Semantic vectors of ``item_ids`` and a mask of which items exist.
 
-    Stale items are encoded on demand and, unless the store is read-only,
-    written to the cache. Unknown items get a zero row and ``False``.
+    Stale items (no cached vector for their document) are encoded in memory
+    when ``encode_missing``, else left as zero rows; nothing is ever written
+    here: only :func:`encode` (a writer, under its lock) fills the cache, so
+    a reader neither writes nor locks. Unknown items get a zero row and ``False``.
     """
-    enc_id, dim = encoder_info(store)
-    docs = item_docs(store)
-    idx = _index(store)
-    out = np.zeros((len(item_ids), dim), np.float32)
-    found = np.zeros(len(item_ids), bool)
+    out, found, cached = _lookup(store, item_ids)
     missing: dict[str, list[int]] = {}
     texts: dict[str, str | None] = {}
-    for pos, item in enumerate(item_ids):
-        entry = docs.get(item)
-        if entry is None:
-            continue
-        found[pos] = True
-        h, text = entry
-        row = idx.hashes.get(h)
-        if row is not None:
-            out[pos] = idx.vectors[row]
-        elif encode_missing:
-            missing.setdefault(h, []).append(pos)
+    if encode_missing:
+        docs = item_docs(store)
+        for pos in np.flatnonzero(found & ~cached):
+            h, text = docs[item_ids[pos]]
+            missing.setdefault(h, []).append(int(pos))
             texts[h] = text
     if missing:
         hashes = list(missing)
         vecs = np.asarray(store_encoder(store).encode([texts[h] for h in hashes]), np.float32)
         for h, v in zip(hashes, vecs):
             out[missing[h]] = v
-        if not store.read_only:
-            from .errors import StoreBusy
-            from .lock import writer_lock
-
-            try:
-                with writer_lock(store.path, "encode", wait=0.2):
-                    _write_cache(store, enc_id, hashes, vecs)
-            except StoreBusy:
-                pass  # a running `encode` will store them; the result is the same
     return out, found
+
+
+def cached_vectors(store, item_ids: list[Any]) -> tuple[np.ndarray, np.ndarray]:
+    """Cached semantic vectors of ``item_ids`` and a mask of the items that have one
+    (known items whose current document was encoded); never loads the encoder.
+
+    Examples
+    --------
+    >>> import tempfile, dynstore, polars as pl
+    >>> store = dynstore.init(tempfile.mkdtemp() + "/s", model="fake")
+    >>> _ = store.ingest("items", pl.DataFrame({"item_id": [1], "title": ["red shoe"]}))
+    >>> cached_vectors(store, [1, 2])[1].tolist()
+    [False, False]
+    >>> _ = store.encode()
+    >>> cached_vectors(store, [1, 2])[1].tolist()
+    [True, False]
+    """
+    out, _, cached = _lookup(store, item_ids)
+    return out, cached
+
+
+def _lookup(store, item_ids: list[Any]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(vectors, item exists, vector cached) from the semantic cache."""
+    _, dim = encoder_info(store)
+    docs = item_docs(store)
+    idx = _index(store)
+    out = np.zeros((len(item_ids), dim), np.float32)
+    found = np.zeros(len(item_ids), bool)
+    cached = np.zeros(len(item_ids), bool)
+    for pos, item in enumerate(item_ids):
+        entry = docs.get(item)
+        if entry is None:
+            continue
+        found[pos] = True
+        row = idx.hashes.get(entry[0])
+        if row is not None:
+            out[pos] = idx.vectors[row]
+            cached[pos] = True
+    return out, found, cached
 
 
 def item_docs(store) -> dict[Any, tuple[str, str | None]]:
@@ -265,7 +288,7 @@ def item_docs(store) -> dict[Any, tuple[str, str | None]]:
            store.config.item_text, store.config.behaviour_summary)
     cached = store._cache.get("docs")
     if cached is None or cached[0] != key:
-        con = store.connection()
+        con = store._views_connection()
         try:
             rows = con.execute("SELECT item_id, doc_hash, document FROM item_documents").fetchall()
         finally:

@@ -33,7 +33,7 @@ from typing import Any, Iterator
 
 from .errors import DynstoreError
 
-__all__ = ["SqlSession", "Result", "error_message", "STORE_VIEWS"]
+__all__ = ["SqlSession", "Result", "error_message", "error_from", "STORE_VIEWS"]
 
 #: Views every connection gets from the store (see ``sql/views.sql``).
 STORE_VIEWS = ("interactions", "items", "users", "item_documents", "stale_items", "versions",
@@ -61,6 +61,23 @@ class Result:
         m = re.search(r"CREATE\s+(?:OR\s+REPLACE\s+)?(?:TEMP(?:ORARY)?\s+)?(?:TABLE|VIEW|MACRO|SEQUENCE|TYPE)\s+"
                       r"(?:IF\s+NOT\s+EXISTS\s+)?([\w.\"]+)", self.query, re.I)
         return m.group(1) if m else "the object"
+
+
+def error_from(exc: BaseException, message: str | None = None) -> DynstoreError:
+    """The dynstore error a function raised inside DuckDB, as its own class (a
+    :class:`~dynstore.errors.StoreBusy` stays busy: exit 3), else a DynstoreError.
+
+    >>> import duckdb
+    >>> type(error_from(duckdb.InvalidInputException(
+    ...     "Invalid Input Error: Python exception occurred while executing the UDF: "
+    ...     "StoreBusy: store s is busy"))).__name__
+    'StoreBusy'
+    """
+    from . import errors
+
+    m = _UDF.search(str(exc))
+    cls = getattr(errors, m.group(1)) if m and m.group(1) in errors.__all__ else DynstoreError
+    return cls(message if message is not None else error_message(exc))
 
 
 def error_message(exc: BaseException) -> str:
@@ -96,8 +113,8 @@ class SqlSession:
 
     def __init__(self, store):
         self.store = store
-        self.con = store.connection()
         self._state = store._connection_state()
+        self.con = store.connection(_checked=True)
 
     def close(self) -> None:
         self.con.close()
@@ -113,9 +130,7 @@ class SqlSession:
         state = self.store._connection_state()
         if state == self._state:
             return
-        if state[0] != self._state[0]:
-            self.store._reload_config()
-        self.store._attach(self.con, again=True)
+        self.store._follow(self.con, checked=True)
         self._state = state
 
     def statements(self, text: str) -> list[Any]:
@@ -141,6 +156,9 @@ class SqlSession:
         query = statement.query.strip()
         kind = statement.type.name
         self._follow()
+        from .functions import check_write_calls
+
+        check_write_calls(query)
         t0 = time.perf_counter()
         try:
             cur = self.con.execute(query)
@@ -148,7 +166,7 @@ class SqlSession:
             columns = [d[0] for d in cur.description] if cur.description and kind != "CREATE" else []
             rows = cur.fetchall() if columns else []
         except duckdb.Error as exc:
-            raise DynstoreError(self._explain(exc, kind)) from None
+            raise error_from(exc, self._explain(exc, kind)) from None
         return Result(query, kind, columns, rows, time.perf_counter() - t0)
 
     def run_all(self, text: str) -> Iterator[Result]:

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import os
+from contextlib import contextmanager
 from importlib import resources
 from pathlib import Path
 from typing import Any, Iterable
@@ -28,7 +29,7 @@ import duckdb
 
 from . import functions
 from .config import CONFIG_NAME, StoreConfig
-from .errors import ConfigError, ReadOnlyError, StoreExists, StoreNotFound
+from .errors import ConfigError, DynstoreError, ReadOnlyError, StorageError, StoreExists, StoreNotFound
 from .lock import writer_lock
 
 __all__ = ["connect", "init", "Store"]
@@ -133,6 +134,17 @@ def expression_error(con: duckdb.DuckDBPyConnection, expr: str, relation: str) -
     return None
 
 
+def _reason(exc: BaseException) -> str:
+    """An OS or Lance error in a few words: first line, without Rust source locations.
+
+    >>> _reason(OSError("LanceError(IO): File too large (os error 27), /src/writer.rs:254:9"))
+    'File too large (os error 27)'
+    """
+    text = _first_line(exc)
+    text = text.split("LanceError(IO): ", 1)[-1]
+    return text.split(", /", 1)[0].strip()
+
+
 def _first_line(exc: BaseException) -> str:
     lines = [line for line in str(exc).strip().splitlines() if line.strip()]
     return lines[0] if lines else type(exc).__name__
@@ -184,18 +196,27 @@ def connect(path: str | os.PathLike, *, read_only: bool = False) -> "Store":
 class Store:
     """An open store. Cheap to create; holds no lock while idle."""
 
+    #: set on the pinned view behind connections whose statements dynstore checks
+    #: (Store.sql, SqlSession): only there may write functions run
+    _statements_checked = False
+
     def __init__(self, path: Path, *, read_only: bool = False):
         self.path = Path(path)
         cfg_path = self.path / CONFIG_NAME
         if not cfg_path.is_file():
             why = "does not exist" if not self.path.exists() else "is not a dynstore store (no dynstore.toml)"
             raise StoreNotFound(f"{self.path}: {why}; create one with `dynstore init`")
-        self.config = StoreConfig.load(cfg_path)
+        from .switch import effective
+
+        self.config = effective(self.path, StoreConfig.load(cfg_path))
         self.read_only = read_only
         self._con: duckdb.DuckDBPyConnection | None = None
         self._con_state: tuple | None = None
         self._cache: dict[str, Any] = {}
         self._open: dict[str, tuple[int, Any]] = {}
+        #: uri -> dataset (or None) in a pinned view (see :meth:`pinned`); None: follow the latest
+        self._pins: dict[str, Any] | None = None
+        self._base: "Store" = self
 
     # -- lifecycle -----------------------------------------------------------------
     def __enter__(self) -> "Store":
@@ -226,6 +247,12 @@ class Store:
     def _open_dataset(self, uri: str, version: int | None = None):
         import lance
 
+        if self._pins is not None and version is None:
+            # A pinned view answers every later call with the version it saw
+            # first, so one statement never mixes commits.
+            if uri not in self._pins:
+                self._pins[uri] = self._base._open_dataset(uri)
+            return self._pins[uri]
         try:
             # A commit adds a manifest to _versions/, which changes the
             # directory's mtime: a cheap way to reuse the open dataset
@@ -240,23 +267,28 @@ class Store:
             hit = self._open[uri] = (stamp, lance.dataset(uri))
         return hit[1]
 
+    @contextmanager
+    def _writing(self, what: str):
+        """Turn a refused write (disk full, read-only files) into :class:`StorageError`:
+        every writer commits atomically, so the last commit stands."""
+        try:
+            yield
+        except DynstoreError:
+            raise
+        except Exception as exc:
+            if not isinstance(exc, OSError) and type(exc).__name__ != "SafetensorError":
+                raise
+            raise StorageError(f"{self.path}: {what} could not write ({_reason(exc)}); the last commit "
+                               "stands: free space or fix permissions, then run it again") from None
+
     def _require_writable(self, what: str) -> None:
         if self.read_only:
             raise ReadOnlyError(f"{self.path}: opened read-only; cannot {what}")
 
     def _reload_config(self) -> None:
-        self.config = StoreConfig.load(self.path / CONFIG_NAME)
+        from .switch import effective
 
-    def _set_encoder_model(self, model: str) -> None:
-        """Point the config file at ``model`` (a fine-tuned encoder, or back)."""
-        from .semantic import record_encoder
-
-        with writer_lock(self.path, "config"):
-            self._reload_config()
-            self.config.model = model
-            self.config.save(self.path / CONFIG_NAME)
-        self._con_state = None
-        record_encoder(self)
+        self.config = effective(self.path, StoreConfig.load(self.path / CONFIG_NAME))
 
     def _save_config(self) -> None:
         self._require_writable("change the config")
@@ -271,6 +303,42 @@ class Store:
                 self.config.save(self.path / CONFIG_NAME)
         self._con_state = None
 
+    def pinned(self) -> "Store":
+        """A read view of this store frozen at its latest commits.
+
+        Every dataset (tables, registry, embeddings, the semantic cache) is
+        read at the version it had when the view was made, so the views and
+        the functions of one connection -- one statement -- see one snapshot,
+        whatever commits in the meantime. Writes through the view go to the
+        store itself (they never build on a stale snapshot). The view shares
+        the store's caches, which are keyed by dataset versions.
+
+        Examples
+        --------
+        >>> import tempfile, dynstore, polars as pl
+        >>> store = dynstore.init(tempfile.mkdtemp() + "/s", model="fake")
+        >>> _ = store.ingest("users", pl.DataFrame({"user_id": [1]}))
+        >>> view = store.pinned()
+        >>> _ = store.ingest("users", pl.DataFrame({"user_id": [2]}))
+        >>> view._dataset("users").count_rows(), store._dataset("users").count_rows()
+        (1, 2)
+        """
+        from .semantic import cache_dataset
+
+        base = self._base
+        view = _PinnedStore.__new__(_PinnedStore)
+        view.__dict__.update(base.__dict__)
+        view._base = base
+        view._con = None
+        view._con_state = None
+        view._pins = {}
+        view.config = StoreConfig(**base.config.as_dict())
+        view.config.id_types = dict(base.config.id_types)
+        for name in TABLES + ("embeddings", "versions"):
+            view._dataset(name)
+        cache_dataset(view)
+        return view
+
     def snapshot(self) -> dict[str, int]:
         """Latest committed version of every dataset (what a new query sees)."""
         from .semantic import cache_dataset
@@ -284,11 +352,18 @@ class Store:
         return out
 
     # -- SQL -----------------------------------------------------------------------
-    def connection(self) -> duckdb.DuckDBPyConnection:
+    def connection(self, *, _checked: bool = False) -> duckdb.DuckDBPyConnection:
         """A new in-process DuckDB connection with every view and function.
 
-        The views see the datasets as of this call; open a new connection (or
-        use :meth:`sql`, which follows new commits) to see later writes.
+        The connection is pinned to the store's commits as of this call: its
+        views *and* its functions (``recommend``, ``score`` ...) read that one
+        snapshot, whatever other processes commit. Call :meth:`follow` between
+        statements (or open a new connection, or use :meth:`sql`, which follows
+        by itself) to see later writes. Write functions (``log_impressions``)
+        are refused here, since DuckDB may optimise away a call whose result a
+        query does not use; run them through :meth:`sql`, a
+        :class:`~dynstore.session.SqlSession` or ``dynstore sql``, which check
+        where the call stands.
 
         Examples
         --------
@@ -298,15 +373,55 @@ class Store:
         >>> con.sql("SELECT count(*) FROM users").fetchall()[0]
         (0,)
         """
+        view = self if self._pins is not None else self.pinned()
+        view._statements_checked = _checked
         con = duckdb.connect(config={"threads": max(1, os.cpu_count() or 1)})
         con.execute("SET TimeZone = 'UTC'")
-        self._attach(con)
+        view._attach(con)
         if self.read_only:
             # Set last: the views above needed no file access, and once
             # locked, SQL cannot turn external access back on.
             con.execute("SET enable_external_access = false")
             con.execute("SET lock_configuration = true")
         return con
+
+    def _views_connection(self) -> duckdb.DuckDBPyConnection:
+        """A connection with the views only (no functions, no macros), pinned like
+        :meth:`connection`: what dynstore's own reads of the data need, at a third
+        of the cost."""
+        view = self if self._pins is not None else self.pinned()
+        con = duckdb.connect(config={"threads": max(1, os.cpu_count() or 1)})
+        con.execute("SET TimeZone = 'UTC'")
+        view._register_datasets(con)
+        view._create_views(con, ("views.sql",))
+        return con
+
+    def follow(self, con: duckdb.DuckDBPyConnection) -> None:
+        """Move a connection from :meth:`connection` to the latest commits.
+
+        Views, macros and functions are re-created on a newly pinned snapshot;
+        tables the connection created stay. Call it between statements.
+
+        Examples
+        --------
+        >>> import tempfile, dynstore, polars as pl
+        >>> store = dynstore.init(tempfile.mkdtemp() + "/s", model="fake")
+        >>> con = store.connection()
+        >>> _ = store.ingest("users", pl.DataFrame({"user_id": [1, 2]}))
+        >>> con.sql("SELECT count(*) FROM users").fetchall()[0][0]
+        0
+        >>> store.follow(con)
+        >>> con.sql("SELECT count(*) FROM users").fetchall()[0][0]
+        2
+        """
+        self._follow(con, checked=False)
+
+    def _follow(self, con: duckdb.DuckDBPyConnection, *, checked: bool) -> None:
+        base = self._base
+        base._reload_config()
+        view = base.pinned()
+        view._statements_checked = checked
+        view._attach(con, again=True)
 
     def _attach(self, con: duckdb.DuckDBPyConnection, *, again: bool = False) -> None:
         """Register datasets, functions, views and macros on ``con``.
@@ -317,17 +432,24 @@ class Store:
         """
         self._register_datasets(con)
         functions.apply(self, con, replace=again)
-        for name in ("views.sql", "macros.sql"):
+        self._create_views(con, ("views.sql", "macros.sql"))
+
+    def _create_views(self, con: duckdb.DuckDBPyConnection, files: tuple[str, ...]) -> None:
+        for name in files:
             for stmt in _statements(self._render_sql(_sql_text(name))):
                 try:
                     con.execute(stmt)
                 except duckdb.Error as exc:
-                    if "VIEW item_documents" not in stmt:
+                    # A document expression or labelling rule that no longer binds
+                    # (a column was never ingested, a hand-edited config) must not
+                    # make the whole store unusable: only queries that need
+                    # documents (labels) fail, with the reason.
+                    if "VIEW item_documents" in stmt:
+                        con.execute(self._broken_documents_view(exc))
+                    elif "VIEW interactions AS" in stmt:
+                        con.execute(self._broken_labels_view(exc))
+                    else:
                         raise
-                    # A document expression that no longer binds (a column was
-                    # never ingested) must not make the whole store unusable:
-                    # only queries that need documents fail, with the reason.
-                    con.execute(self._broken_documents_view(exc))
 
     def _broken_documents_view(self, exc: Exception) -> str:
         from .ingest import lit
@@ -338,6 +460,15 @@ class Store:
         return (f"CREATE OR REPLACE VIEW item_documents AS SELECT CAST(NULL AS {id_t}) AS item_id, "
                 f"CAST(error({lit(msg)}) AS VARCHAR) AS document, CAST(NULL AS VARCHAR) AS doc_hash "
                 "WHERE (SELECT count(*) FROM items) > 0")
+
+    def _broken_labels_view(self, exc: Exception) -> str:
+        from .ingest import lit
+
+        first = _first_line(exc)
+        msg = (f"labelling rules (positive {self.config.positive!r}, negative {self.config.negative!r}) do not "
+               f"bind to the interactions: {first}; fix them with `dynstore config --positive/--negative`")
+        return (f"CREATE OR REPLACE VIEW interactions AS SELECT *, CAST(error({lit(msg)}) AS TINYINT) AS label "
+                "FROM _dynstore_interactions")
 
     def _render_sql(self, text: str) -> str:
         from .documents import item_document_sql
@@ -393,13 +524,17 @@ class Store:
                 self._reload_config()
             # The old connection is not closed: relations a caller still holds
             # (they are lazy in DuckDB) keep working on their snapshot.
-            self._con = self.connection()
+            self._con = self.connection(_checked=True)
             self._con_state = state
+        from .functions import check_write_calls
+
+        check_write_calls(query)
         return self._con.sql(query, params=None if params is None else list(params))
 
     # -- writes --------------------------------------------------------------------
     def ingest(self, kind: str, source: Any, *, mapping: dict[str, str] | None = None,
-               format: str | None = None, dedupe: bool | str | list[str] = False) -> dict:
+               format: str | None = None, dedupe: bool | str | list[str] = False,
+               allow_future: bool = False) -> dict:
         """Load rows into ``interactions`` (append) or ``items``/``users`` (upsert).
 
         ``source`` is a file path (CSV, TSV, Parquet, JSON/NDJSON), a list of
@@ -408,7 +543,10 @@ class Store:
         :class:`~dynstore.errors.IngestError` naming file, row and column.
         ``dedupe`` (interactions): ``True`` skips rows already stored (equal
         in every column), a column name or list compares only those (an
-        ``event_id``); see :func:`dynstore.ingest.ingest`.
+        ``event_id``); see :func:`dynstore.ingest.ingest`. Interactions more
+        than a day after the ingest are refused unless ``allow_future``;
+        ``label`` and names starting with ``__`` are reserved (rename them
+        with ``mapping``). A glob pattern (``"day-*.csv"``) names every match.
 
         Examples
         --------
@@ -421,8 +559,13 @@ class Store:
 
         self._require_writable("ingest")
         sources = list(source) if isinstance(source, (list, tuple)) else [source]
-        with writer_lock(self.path, f"ingest-{kind}" if kind in TABLES else "ingest"):
-            result = ingest(self, kind, sources, mapping=mapping, fmt=format, dedupe=dedupe)
+        with self._writing("ingest"), writer_lock(self.path, f"ingest-{kind}" if kind in TABLES else "ingest"):
+            result = ingest(self, kind, sources, mapping=mapping, fmt=format, dedupe=dedupe,
+                            allow_future=allow_future)
+            if kind in TABLES:
+                from .compaction import maybe_compact
+
+                maybe_compact(self, kind)
         self._con_state = None
         return result
 
@@ -443,7 +586,7 @@ class Store:
         from .delete import delete_rows
 
         self._require_writable("delete")
-        with writer_lock(self.path, f"ingest-{kind}" if kind in TABLES else "ingest"):
+        with self._writing("delete"), writer_lock(self.path, f"ingest-{kind}" if kind in TABLES else "ingest"):
             out = delete_rows(self, kind, where, dry_run=dry_run)
         self._con_state = None
         return out
@@ -459,11 +602,12 @@ class Store:
         'value >= 4'
         """
         self._require_writable("change the config")
-        allowed = {"positive", "negative", "item_text", "behaviour_summary", "model", "max_length", "index_min_items"}
+        allowed = {"positive", "negative", "item_text", "behaviour_summary", "model", "max_length", "index_min_items",
+                   "compact_fragments", "retain_seconds"}
         unknown = set(changes) - allowed
         if unknown:
             raise ConfigError(f"unknown setting {sorted(unknown)[0]!r}; settable: {', '.join(sorted(allowed))}")
-        with writer_lock(self.path, "config"):
+        with self._writing("config"), writer_lock(self.path, "config"):
             self._reload_config()
             new = StoreConfig(**self.config.as_dict())
             for key, val in changes.items():
@@ -497,7 +641,7 @@ class Store:
         from .semantic import encode
 
         self._require_writable("encode")
-        with writer_lock(self.path, "encode"):
+        with self._writing("encode"), writer_lock(self.path, "encode"):
             out = encode(self, all=all, batch_size=batch_size, device=device, progress=progress)
         self._con_state = None
         return out
@@ -510,14 +654,15 @@ class Store:
         """
         from .recommend import recommend
 
-        return recommend(self, user_id, k, version=version, candidates=candidates, exact=exact)
+        view = self if self._pins is not None else self.pinned()  # one snapshot per call
+        return recommend(view, user_id, k, version=version, candidates=candidates, exact=exact)
 
     def refresh(self, **options: Any) -> dict:
         """Retrain from recent positives and negatives; see :func:`dynstore.refresh.refresh`."""
         from .refresh import refresh
 
         self._require_writable("refresh")
-        with writer_lock(self.path, "refresh"):
+        with self._writing("refresh"), writer_lock(self.path, "refresh"):
             out = refresh(self, **options)
         self._con_state = None
         return out
@@ -528,6 +673,23 @@ class Store:
 
         self._require_writable("log impressions")
         return log_impressions(self, user_id, list(items))
+
+    def compact(self, *, retain_seconds: float | None = None) -> dict:
+        """Merge small fragments, drop dataset versions superseded more than
+        ``retain_seconds`` ago (config default: an hour) and orphans of killed
+        refreshes; see :mod:`dynstore.compaction`.
+
+        Examples
+        --------
+        >>> import tempfile, dynstore
+        >>> sorted(dynstore.init(tempfile.mkdtemp() + "/s", model="fake").compact())
+        ['datasets', 'encoders_removed', 'orphans', 'retain_seconds', 'skipped']
+        """
+        from .compaction import compact
+
+        self._require_writable("compact")
+        with self._writing("compact"):
+            return compact(self, retain_seconds=retain_seconds)
 
     def inspect(self) -> dict:
         """Counts, sizes, fragments, versions, encoder, stale items, last refresh and
@@ -547,7 +709,42 @@ class Store:
         from .versions import rollback
 
         self._require_writable("roll back")
-        with writer_lock(self.path, "refresh"):
+        with self._writing("rollback"), writer_lock(self.path, "refresh"):
             out = rollback(self, version)
         self._con_state = None
         return out
+
+
+class _PinnedStore(Store):
+    """What :meth:`Store.pinned` returns: reads one snapshot, writes through the store."""
+
+    _statements_checked = False
+
+    def pinned(self) -> "Store":
+        return self._base.pinned()
+
+    def ingest(self, *args: Any, **kwargs: Any) -> dict:
+        return self._base.ingest(*args, **kwargs)
+
+    def delete(self, *args: Any, **kwargs: Any) -> dict:
+        return self._base.delete(*args, **kwargs)
+
+    def configure(self, **changes: Any) -> StoreConfig:
+        return self._base.configure(**changes)
+
+    def encode(self, **options: Any) -> dict:
+        return self._base.encode(**options)
+
+    def refresh(self, **options: Any) -> dict:
+        return self._base.refresh(**options)
+
+    def rollback(self, version: int) -> dict:
+        return self._base.rollback(version)
+
+    def log_impressions(self, user_id: Any, items: Iterable[Any]) -> int:
+        return self._base.log_impressions(user_id, items)
+
+    def close(self) -> None:
+        if self._con is not None:
+            self._con.close()
+            self._con = None

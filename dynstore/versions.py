@@ -145,15 +145,16 @@ def register_versions(store, con) -> None:
 
 
 def _next_version(store) -> int:
+    """The next version number. Rows of versions whose registry commit never
+    happened (a crash) are removed first: the caller holds the ``versions`` lock,
+    so no other version is being written and those rows can never become whole."""
     reg = _registry(store)
     top = max(reg.column("version").to_pylist(), default=0)
     emb = store._dataset("embeddings")
-    if emb is not None and emb.count_rows():
-        # Rows of a version whose registry commit never happened (a crash)
-        # are orphans: never reuse their number.
-        import pyarrow.compute as pc
+    if emb is not None and emb.count_rows(filter=f"version > {top}"):
+        import lance
 
-        top = max(top, pc.max(emb.to_table(columns=["version"]).column("version")).as_py() or 0)
+        lance.dataset(store._dataset_uri("embeddings")).delete(f"version > {top}")
     return top + 1
 
 
@@ -170,11 +171,15 @@ def users_table(store) -> pa.Table:
 def build_version(store, model, item_spec, user_spec, *, parent: int | None, status: str,
                   train_window: str = "", counts: dict | None = None, metrics: dict | None = None,
                   residuals: tuple | None = None, snapshot: dict | None = None,
-                  items: pa.Table | None = None, verdict: str | None = None) -> int:
+                  items: pa.Table | None = None, verdict: str | None = None,
+                  switch_encoder: bool = False) -> int:
     """Write a new version (embeddings, parameters, registry row); return its number.
 
     ``verdict`` (see :data:`VERDICTS`) defaults from ``status``: current ->
     promoted, candidate -> passed, rejected -> rejected.
+
+    ``switch_encoder`` makes the encoder in ``store.config.model`` (a fine-tuned
+    one) the store's, in the same registry commit (see :mod:`dynstore.switch`).
 
     ``residuals`` is ``(R, rb)`` aligned with the rows of ``items``: the
     collaborative residuals (and version 1's popularity prior in ``rb``);
@@ -188,8 +193,12 @@ def build_version(store, model, item_spec, user_spec, *, parent: int | None, sta
 
     items = items if items is not None else items_table(store)
     n_items = items.num_rows
-    enc_id, _ = encoder_info(store)
+    from . import switch
+    from .encoder import encoder_fingerprint
+
+    enc_id, dim = encoder_info(store)
     with writer_lock(store.path, "versions", wait=30):
+        switch.settle_keeping(store)
         number = _next_version(store)
         tensors, meta = model.state()
         meta = {"model": meta, "item_features": item_spec.to_dict(), "user_features": user_spec.to_dict(),
@@ -221,7 +230,16 @@ def build_version(store, model, item_spec, user_spec, *, parent: int | None, sta
             "metrics": json.dumps(metrics or {}), "snapshot": json.dumps(snapshot or {}),
             "verdict": verdict or _VERDICT_OF_STATUS.get(status, status),
         })
+        if switch_encoder:
+            fp = encoder_fingerprint(store.config.encoder_spec(store.path), max_length=store.config.max_length)
+            switch.begin(store, number, store.config.model, (enc_id, dim, fp))
         _write_registry(store, rows)
+        if switch_encoder:
+            switch.settle(store)
+        from .compaction import maybe_compact
+
+        maybe_compact(store, "embeddings")
+        maybe_compact(store, "versions")
     store._con_state = None
     return number
 
@@ -339,9 +357,12 @@ def _time_span(store) -> tuple[float, float]:
     """Epoch seconds of the first and the newest interaction ((0, 0) without any)."""
     if store._dataset("interactions") is None:
         return 0.0, 0.0
+    from .refresh import newest_event
+
     con = store.connection()
     try:
-        lo, hi = con.execute("SELECT epoch(min(ts)), epoch(max(ts)) FROM interactions").fetchall()[0]
+        newest = newest_event(con)
+        lo, hi = con.execute("SELECT epoch(min(ts)), epoch(?::TIMESTAMP) FROM interactions", [newest]).fetchall()[0]
     finally:
         con.close()
     return (0.0, 0.0) if hi is None else (float(lo), float(hi))
@@ -354,6 +375,8 @@ def _record_rule_metrics(store, number: int) -> None:
     from .lock import writer_lock
     from .refresh import evaluate_version
 
+    from . import switch
+
     try:
         m = evaluate_version(store, version=number)
         metrics = {"holdout": {k: v for k, v in m.items() if isinstance(v, float)}, "slice": m["slice"]}
@@ -361,6 +384,7 @@ def _record_rule_metrics(store, number: int) -> None:
         metrics = {"holdout": {}, "note": str(exc) if isinstance(exc, DynstoreError) else
                    f"not evaluated: {type(exc).__name__}: {exc}"}
     with writer_lock(store.path, "versions", wait=30):
+        switch.settle_keeping(store)
         rows = _registry(store).to_pylist()
         for r in rows:
             if r["version"] == number:
@@ -376,9 +400,11 @@ def rollback(store, version: int) -> dict:
     ``rejected``. Rolling back to a version refresh rejected returns a
     ``"warning"`` saying so.
     """
+    from . import switch
     from .lock import writer_lock
 
     with writer_lock(store.path, "versions", wait=30):
+        switch.settle_keeping(store)
         rows = _registry(store).to_pylist()
         target = next((r for r in rows if r["version"] == version), None)
         if target is None:
@@ -389,9 +415,15 @@ def rollback(store, version: int) -> dict:
             if r["status"] == "current":
                 r["status"] = "retired"
         target["status"] = "current"
-        _restore_encoder(store, version)
+        switched = _restore_encoder(store, version)
         _write_registry(store, rows)
+        if switched:
+            switch.settle(store)
     store._con_state = None
+    if switched:
+        from .semantic import record_encoder
+
+        record_encoder(store)
     out = {"version": version, "previous": previous, "status": "current", "verdict": target["verdict"]}
     if target["verdict"] == "rejected":
         m = json.loads(target["metrics"] or "{}")
@@ -401,13 +433,22 @@ def rollback(store, version: int) -> dict:
     return out
 
 
-def _restore_encoder(store, version: int) -> None:
-    """Point the config at the encoder ``version`` was built with (it may be
-    a fine-tuned one), so new items are encoded into the same space."""
+def _restore_encoder(store, version: int) -> bool:
+    """Point the config at the encoder ``version`` was built with (it may be a
+    fine-tuned one), so new items are encoded into the same space: pending
+    until the registry commit that follows (see :mod:`dynstore.switch`).
+    Returns whether the encoder changes."""
+    from . import switch
+
     meta_file = store.path / "models" / f"v{version}.json"
-    model = json.loads(meta_file.read_text()).get("encoder_model") if meta_file.is_file() else None
+    try:
+        model = json.loads(meta_file.read_text()).get("encoder_model") if meta_file.is_file() else None
+    except (OSError, ValueError):
+        model = None  # a damaged version file: load_version says so when it is served
     if model and model != store.config.model:
-        store._set_encoder_model(model)
+        switch.begin(store, version, model)
+        return True
+    return False
 
 
 @dataclass
@@ -425,12 +466,11 @@ class LoadedVersion:
 
 
 def load_version(store, version: int | None = None) -> LoadedVersion:
-    """Load (and cache) ``version`` or the current one."""
-    from safetensors.numpy import load_file
+    """Load (and cache) ``version`` or the current one.
 
-    from .features import FeatureSpec
-    from .model import FusionModel
-
+    A missing or damaged file of the version raises
+    :class:`~dynstore.errors.StoreCorrupt` naming the file and the way out.
+    """
     if version is None:
         version = current_version(store)
         if version is None:
@@ -442,19 +482,74 @@ def load_version(store, version: int | None = None) -> LoadedVersion:
         return cache[key]
     if not any(r["version"] == version for r in list_versions(store)):
         raise VersionNotFound(f"no version {version} in {store.path}")
-    meta = json.loads((store.path / "models" / f"v{version}.json").read_text())
-    tensors = load_file(str(store.path / "models" / f"v{version}.safetensors"))
-    model = FusionModel.from_state(tensors, meta["model"])
-    t = emb.to_table(columns=["item_id", "vector", "bias"], filter=f"version = {int(version)}")
-    dim = t.schema.field("vector").type.list_size
-    Wf = t.column("vector").combine_chunks().flatten().to_numpy(zero_copy_only=False).reshape(-1, dim)
-    ids = t.column("item_id").to_pylist()
-    loaded = LoadedVersion(version=int(version), model=model,
-                           item_spec=FeatureSpec.from_dict(meta["item_features"]),
-                           user_spec=FeatureSpec.from_dict(meta["user_features"]),
-                           ids=ids, row={i: n for n, i in enumerate(ids)}, Wf=np.array(Wf, np.float32),
-                           bias=t.column("bias").to_numpy().astype(np.float32))
+    loaded = _read_version(store, int(version), emb)
     while len(cache) >= 4:  # a few versions side by side (current, a candidate, a rollback)
         cache.pop(next(iter(cache)))
     cache[key] = loaded
     return loaded
+
+
+def _read_version(store, version: int, emb) -> LoadedVersion:
+    """Parameters, specs and rows of ``version``, checked to fit together."""
+    from safetensors import SafetensorError
+    from safetensors.numpy import load_file
+
+    from .errors import StoreCorrupt
+    from .features import FeatureSpec
+    from .model import FusionModel
+
+    way_out = (f"serve another version with `dynstore rollback {store.path} N` or build a new one with "
+               f"`dynstore refresh {store.path} --force`")
+
+    def broken(name: str, why: Any) -> StoreCorrupt:
+        why = str(why).strip().splitlines()[0] if str(why).strip() else type(why).__name__
+        return StoreCorrupt(f"{store.path / name}: version {version} cannot be loaded ({why}); {way_out}")
+
+    meta_name, weights_name = f"models/v{version}.json", f"models/v{version}.safetensors"
+    try:
+        meta = json.loads((store.path / meta_name).read_text(encoding="utf-8"))
+        model_meta, item_meta, user_meta = meta["model"], meta["item_features"], meta["user_features"]
+        item_spec, user_spec = FeatureSpec.from_dict(item_meta), FeatureSpec.from_dict(user_meta)
+    except FileNotFoundError:
+        raise broken(meta_name, "the file is missing") from None
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+        raise broken(meta_name, f"not a version description: {exc}") from None
+    try:
+        tensors = load_file(str(store.path / weights_name))
+    except FileNotFoundError:
+        raise broken(weights_name, "the file is missing") from None
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise broken(weights_name, exc) from None
+    try:
+        model = FusionModel.from_state(tensors, model_meta)
+    except (ValueError, KeyError, TypeError) as exc:
+        raise broken(weights_name, exc) from None
+    if emb is None:
+        raise broken("embeddings.lance", "the embeddings dataset is missing")
+    try:
+        t = emb.to_table(columns=["item_id", "vector", "bias"], filter=f"version = {int(version)}")
+    except (OSError, ValueError, pa.ArrowException) as exc:
+        raise broken("embeddings.lance", exc) from None
+    if t.num_rows == 0:
+        raise broken("embeddings.lance", "it holds no rows of this version")
+    dim = t.schema.field("vector").type.list_size
+    Wf = np.array(t.column("vector").combine_chunks().flatten().to_numpy(zero_copy_only=False).reshape(-1, dim),
+                  np.float32)
+    ids = t.column("item_id").to_pylist()
+    # the parts must fit: a weights file from another store or a truncated spec
+    # fails here, once, not in the middle of every query
+    if dim != model.d or item_spec.width != model.fa or user_spec.width != model.fu:
+        raise broken(weights_name, f"its shapes (d={model.d}, fa={model.fa}, fu={model.fu}) do not fit the "
+                                   f"embeddings (d={dim}) and features (fa={item_spec.width}, "
+                                   f"fu={user_spec.width})")
+    try:
+        model.item_side(np.zeros((1, dim), np.float32), np.zeros((1, model.fa), np.float32))
+        model.user_vectors(np.zeros((1, model.fu), np.float32), np.array([0, 1]), np.array([0]),
+                           np.array([1], np.int8), np.array([0]), Wf[:1])
+        if model.item_item is not None and model.item_item.ptr.size > len(ids) + 1:
+            raise ValueError(f"item-item weights for {model.item_item.ptr.size - 1} items, the version has {len(ids)}")
+    except (ValueError, IndexError) as exc:
+        raise broken(weights_name, exc) from None
+    return LoadedVersion(version=int(version), model=model, item_spec=item_spec, user_spec=user_spec,
+                         ids=ids, row={i: n for n, i in enumerate(ids)}, Wf=Wf,
+                         bias=t.column("bias").to_numpy().astype(np.float32))

@@ -42,9 +42,11 @@ CREATE OR REPLACE VIEW versions AS
 SELECT version, parent, status, verdict, created, encoder, alpha, train_window, counts, metrics
 FROM _dynstore_versions;
 
--- Fused item embeddings of every version, and of the current one.
+-- Fused item embeddings of every version, and of the current one. Rows of a
+-- version whose registry commit never happened (a killed refresh) are not shown.
 CREATE OR REPLACE VIEW item_embeddings_all AS
-SELECT version, item_id, vector, bias FROM _dynstore_embeddings;
+SELECT version, item_id, vector, bias FROM _dynstore_embeddings
+WHERE version IN (SELECT version FROM _dynstore_versions);
 
 CREATE OR REPLACE VIEW item_embeddings AS
 SELECT e.item_id, e.vector, e.bias

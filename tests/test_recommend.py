@@ -183,7 +183,7 @@ def test_vector_index_serves_large_catalogues(loaded, monkeypatch):
     assert (loaded.path / "index" / "v1.lance").is_dir()
     # Probing every partition, the inner-product search through the L2 index
     # must find exactly the exact top-k (recall at scale: benchmarks/).
-    monkeypatch.setattr(rec, "NPROBES_SHARE", 1.0)
+    monkeypatch.setattr("dynstore.serving.NPROBES_SHARE", 1.0)
     calls = []
     monkeypatch.setattr(rec, "_indexed_one", lambda *a, _f=rec._indexed_one: calls.append(1) or _f(*a))
     assert rec.serving_state(loaded).index is not None

@@ -1,0 +1,106 @@
+"""Switching the store's encoder as part of a registry commit.
+
+Promoting a version built with a fine-tuned encoder (``refresh
+--finetune-encoder``) and rolling back to a version of another encoder change
+two things: the registry (which version is current) and ``dynstore.toml``
+(which encoder new items are encoded with). They cannot be one file write, so
+the config is written first with the switch *pending* -- the new model, the
+version that makes it real (``switch_version``) and the model it replaces
+(``switch_from``) -- and the registry commit decides:
+
+* every reader resolves a pending switch in memory (:func:`effective`): the new
+  model if the registry's current version is ``switch_version``, else the old
+  one; it never writes;
+* the writer clears the pending switch right after its registry commit, and
+  every registry writer settles a leftover one (a crash in between) before it
+  commits anything (:func:`settle`).
+
+So a ``kill -9`` at any point leaves registry and config agreeing.
+
+Examples
+--------
+>>> from dynstore.config import StoreConfig
+>>> cfg = StoreConfig(model="encoders/ft-3", switch_version=3, switch_from="minilm")
+>>> resolve(cfg, current=2).model, resolve(cfg, current=3).model
+('minilm', 'encoders/ft-3')
+"""
+from __future__ import annotations
+
+from dataclasses import replace
+
+__all__ = ["resolve", "effective", "begin", "settle", "settle_keeping"]
+
+
+def resolve(cfg, current: int | None):
+    """``cfg`` with a pending switch decided by the registry's ``current`` version."""
+    if not cfg.switch_version:
+        return cfg
+    model = cfg.model if current == cfg.switch_version else cfg.switch_from
+    return replace(cfg, model=model, switch_version=0, switch_from="", id_types=dict(cfg.id_types))
+
+
+def _current(path) -> int | None:
+    import lance
+    import pyarrow.compute as pc
+
+    uri = str(path / "versions.lance")
+    try:
+        t = lance.dataset(uri).to_table(columns=["version", "status"])
+    except (FileNotFoundError, ValueError, OSError):
+        return None
+    hit = t.filter(pc.equal(t.column("status"), "current")).column("version").to_pylist()
+    return hit[0] if hit else None
+
+
+def effective(path, cfg):
+    """The config a store at ``path`` runs with: a pending switch resolved (readers: in memory)."""
+    return resolve(cfg, _current(path)) if cfg.switch_version else cfg
+
+
+def begin(store, version: int, model: str, identity: tuple | None = None) -> None:
+    """Write ``model`` into the config, pending until ``version`` is the registry's current one.
+
+    ``identity`` is the new encoder's ``(id, dim, fingerprint)``, recorded with it
+    so readers need not hash its files.
+    """
+    from .config import CONFIG_NAME, StoreConfig
+    from .lock import writer_lock
+
+    with writer_lock(store.path, "config", wait=30):
+        disk = StoreConfig.load(store.path / CONFIG_NAME)
+        old = effective(store.path, disk).model
+        disk.switch_version, disk.switch_from, disk.model = int(version), old, model
+        if identity is not None:
+            disk.encoder_id, disk.encoder_dim, disk.encoder_fingerprint = identity[0], int(identity[1]), identity[2]
+        disk.save(store.path / CONFIG_NAME)
+
+
+def settle(store) -> None:
+    """Clear a pending switch in the config file by what the registry says (writers only)."""
+    from .config import CONFIG_NAME, StoreConfig
+    from .lock import writer_lock
+
+    if store.read_only:
+        return
+    disk = StoreConfig.load(store.path / CONFIG_NAME)
+    if not disk.switch_version:
+        return
+    with writer_lock(store.path, "config", wait=30):
+        disk = StoreConfig.load(store.path / CONFIG_NAME)
+        if disk.switch_version:
+            done = effective(store.path, disk)
+            done.save(store.path / CONFIG_NAME)
+    store._reload_config()
+    store._con_state = None
+
+
+def settle_keeping(store) -> None:
+    """:func:`settle`, keeping the in-memory encoder of a refresh that is trying a
+    fine-tuned one (``store.config.model`` set by the refresh, not by the file)."""
+    from .config import CONFIG_NAME, StoreConfig
+
+    if store.read_only or not StoreConfig.load(store.path / CONFIG_NAME).switch_version:
+        return
+    model = store.config.model
+    settle(store)
+    store.config.model = model
