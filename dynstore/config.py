@@ -43,6 +43,10 @@ class StoreConfig:
     behaviour_summary: bool = False
     model: str = "minilm"
     max_length: int = 256
+    #: Encoder compute precision: "auto" (fp16 on a GPU, bf16 on CPUs that
+    #: have it, else fp32), "fp32", "bf16", "fp16", or "int8" (CPU, own
+    #: encoder id and cache; see dynstore.encoder.HFEncoder).
+    precision: str = "auto"
     #: The encoder's id and dimension as a writer last saw them, and the
     #: fingerprint (spec, max_length, file sizes and mtimes) they are valid
     #: for: readers take them from here instead of hashing or loading weights.
@@ -81,6 +85,7 @@ class StoreConfig:
             "behaviour_summary": bool(docs.get("behaviour_summary", False)),
             "model": enc.get("model", "minilm"),
             "max_length": int(enc.get("max_length", 256)),
+            "precision": str(enc.get("precision", "auto")),
             "encoder_id": str(enc.get("id", "")),
             "encoder_dim": int(enc.get("dim", 0)),
             "encoder_fingerprint": str(enc.get("fingerprint", "")),
@@ -109,6 +114,7 @@ class StoreConfig:
             "[encoder]",
             f"model = {q(self.model)}",
             f"max_length = {int(self.max_length)}",
+            f"precision = {q(self.precision)}",
             f"id = {q(self.encoder_id)}",
             f"dim = {int(self.encoder_dim)}",
             f"fingerprint = {q(self.encoder_fingerprint)}",

