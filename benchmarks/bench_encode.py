@@ -2,20 +2,25 @@
 
 Part 1 (encoder): ``get_encoder(model).encode(texts)`` against
 ``SentenceTransformer(path, device=...).encode(texts, batch_size=64)`` on the
-same product documents; prints items/s of both, the speed-up and the
-min/mean cosine between the two sets of vectors.  The documents are cut into
-``--slices`` slices (default 20, 500 documents each at 10k) and the
-contenders take turns slice by slice, so a burst of load from other
-processes on a shared machine hits both sides alike; each side encodes
-every document once per round, and the best of ``--repeat`` rounds is kept.
-``--slices 1`` times one ``encode(all_texts)`` call per side.
+same product documents; prints items/s of each, the speed-up and the
+min/mean cosine between the sets of vectors.  Contenders: sentence-
+transformers, dynstore's default encoder and its opt-in int8 encoder
+(``precision="int8"``, CPU only; its cosine is also given against dynstore's
+fp32 vectors); ``--fp32`` adds dynstore forced to fp32 where the default
+is not.  The documents are cut into ``--slices`` slices (default 20, 500
+documents each at 10k) and the contenders take turns slice by slice, in an
+order that rotates, so a burst of load from other processes on a shared
+machine hits every side alike; each side encodes every document once per
+round, and the median of ``--repeat`` rounds is reported, with the load
+average at start and end.  ``--slices 1`` times one ``encode(all_texts)``
+call per side.
 
 Part 2 (store): full encode of a store, then 1% of the item texts change
 and ``encode`` runs again; reports how many documents were re-encoded and
 the time ratio (target: <= 5% of the full encode).
 
     python benchmarks/bench_encode.py --n 10000
-    python benchmarks/bench_encode.py --n 2000 --fp32 --skip-store
+    python benchmarks/bench_encode.py --n 2000 --fp32 --skip-store --repeat 3
 """
 from __future__ import annotations
 
@@ -111,6 +116,8 @@ def bench_encoder(args) -> list[str]:
     variants = {"dynstore": ours}
     if args.fp32 and getattr(ours, "precision", "fp32") != "fp32":
         variants["dynstore fp32"] = HFEncoder(path, device=device, max_length=ours.max_length, precision="fp32")
+    if not args.no_int8 and device == "cpu":
+        variants["dynstore int8"] = HFEncoder(path, device="cpu", max_length=ours.max_length, precision="int8")
     if args.threads:
         # Both sides share torch's intra-op pool; one thread is the stable
         # choice on a shared, busy machine (no barrier waits on a preempted core).
@@ -139,28 +146,32 @@ def bench_encoder(args) -> list[str]:
     k = max(1, min(args.slices, len(texts)))
     bounds = np.linspace(0, len(texts), k + 1).astype(int)
     labels = list(encs)
-    best: dict[str, float] = {lab: float("inf") for lab in labels}
+    rounds: dict[str, list[float]] = {lab: [] for lab in labels}
     vecs: dict[str, np.ndarray] = {}
     for r in range(args.repeat):
         spent = dict.fromkeys(labels, 0.0)
         parts: dict[str, list[np.ndarray]] = {lab: [] for lab in labels}
         for s_i in range(k):
             part = texts[bounds[s_i]:bounds[s_i + 1]]
-            for label in (labels if (s_i + r) % 2 == 0 else labels[::-1]):
+            shift = (s_i + r) % len(labels)  # each contender goes first, second, ... in turn
+            order = labels[shift:] + labels[:shift]
+            for label in (order if (s_i + r) % 2 == 0 else order[::-1]):
                 t0 = time.perf_counter()
                 parts[label].append(run(label, part))
                 spent[label] += time.perf_counter() - t0
         for label in labels:
-            best[label] = min(best[label], spent[label])
+            rounds[label].append(spent[label])
             vecs[label] = np.concatenate(parts[label])
             print(f"  round {r + 1}: {label:<22} {spent[label]:8.2f} s  {len(texts) / spent[label]:8.1f} items/s",
                   flush=True)
     print(f"load average at end: {os.getloadavg() if hasattr(os, 'getloadavg') else 'n/a'}")
 
+    best = {label: float(np.median(t)) for label, t in rounds.items()}  # median of the rounds
     base_t = best["sentence-transformers"]
     ref = vecs["sentence-transformers"]
     print()
-    header = "| encoder | device | docs | items/s | sentence-transformers items/s | speed-up | cosine min / mean |"
+    header = ("| encoder | device | docs | items/s | sentence-transformers items/s | speed-up "
+              "| cosine to sentence-transformers min / mean |")
     rows = [header, "|---|---|---:|---:|---:|---:|---|"]
     for label in variants:
         cos = _cosines(vecs[label], ref)
@@ -168,9 +179,15 @@ def bench_encoder(args) -> list[str]:
         print(f"{label}: {len(texts) / best[label]:.1f} items/s vs sentence-transformers "
               f"{len(texts) / base_t:.1f} items/s -> {ratio:.2f}x; cosine min {cos.min():.5f} mean {cos.mean():.5f}")
         prec = getattr(variants[label], "precision", "")
+        vs_fp32 = ""
+        if prec == "int8":
+            fp32_label = "dynstore fp32" if "dynstore fp32" in vecs else "dynstore"
+            c32 = _cosines(vecs[label], vecs[fp32_label])
+            vs_fp32 = f"; to {fp32_label} {c32.min():.4f} / {c32.mean():.4f}"
+            print(f"{label}: cosine to {fp32_label} vectors min {c32.min():.5f} mean {c32.mean():.5f}")
         rows.append(
             f"| {label} ({prec}) | {device} | {len(texts)} | {len(texts) / best[label]:.0f} | "
-            f"{len(texts) / base_t:.0f} | {ratio:.2f}x | {cos.min():.4f} / {cos.mean():.4f} |"
+            f"{len(texts) / base_t:.0f} | {ratio:.2f}x | {cos.min():.4f} / {cos.mean():.4f}{vs_fp32} |"
         )
     return rows
 
@@ -242,12 +259,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--device", default=None, help="cpu, cuda, cuda:N (default: cuda when available)")
     ap.add_argument("--model", default="minilm", help="encoder name or local HF path (default minilm)")
     ap.add_argument("--batch-size", type=int, default=64)
-    ap.add_argument("--repeat", type=int, default=1, help="alternating rounds; the best time is kept")
+    ap.add_argument("--repeat", type=int, default=1, help="alternating rounds; the median time is reported")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--slices", type=int, default=20,
                     help="interleave the contenders over this many slices of the documents (1: one call each)")
     ap.add_argument("--threads", type=int, default=0, help="torch CPU threads for both sides (default: all cores)")
     ap.add_argument("--fp32", action="store_true", help="also time dynstore's encoder forced to fp32")
+    ap.add_argument("--no-int8", action="store_true", help="skip the int8 encoder (precision='int8')")
     ap.add_argument("--skip-store", action="store_true", help="skip part 2 (store-level incremental encode)")
     args = ap.parse_args(argv)
     try:

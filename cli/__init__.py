@@ -24,6 +24,9 @@ __all__ = ["main"]
 EXIT_USER, EXIT_USAGE, EXIT_BUSY, EXIT_INTERRUPTED = 1, 2, 3, 130
 KINDS = ("interactions", "items", "users")
 SIZES = ("tiny", "small", "medium", "large")  # dynstore.samples.shop.SIZES (not imported: numpy)
+PRECISIONS = ("auto", "fp32", "bf16", "fp16", "int8")  # dynstore.encoder.PRECISIONS (not imported: numpy)
+PRECISION_HELP = ("Encoder precision: auto (fp16 on a GPU, bf16 on CPUs with it, else fp32), or int8: "
+                  "CPU only, faster, its own vectors and cache.")
 
 
 def handle_errors(fn):
@@ -115,10 +118,11 @@ def main():
 @click.option("--item-text", default=None, help="SQL expression over item columns rendering the item document.")
 @click.option("--max-length", type=click.IntRange(min=2), default=None,
               help="Encoder max tokens per document (default 256).")
+@click.option("--precision", type=click.Choice(PRECISIONS), default=None, help=PRECISION_HELP)
 @click.option("--json", "as_json", is_flag=True, help="Print the new store's config as JSON.")
 @quiet_option
 @handle_errors
-def init(store, model, positive, negative, item_text, max_length, as_json, quiet):
+def init(store, model, positive, negative, item_text, max_length, precision, as_json, quiet):
     """Create a new store in STORE (a new or empty directory).
 
     \b
@@ -130,7 +134,7 @@ def init(store, model, positive, negative, item_text, max_length, as_json, quiet
     import dynstore
 
     s = dynstore.init(store, positive=positive, negative=negative, item_text=item_text, model=model,
-                      max_length=max_length)
+                      max_length=max_length, precision=precision)
     if as_json:
         click.echo(to_json({"store": str(s.path), **_config_view(s.config)}))
     elif not quiet:
@@ -218,22 +222,28 @@ def ingest(store, kind, files, mapping, input_format, old_format, dedupe, keys, 
 @click.option("--batch-size", type=click.IntRange(min=1), default=64, show_default=True,
               help="Sizes each forward pass of the encoder (its token budget).")
 @click.option("--device", type=click.Choice(["cpu", "cuda"]), default=None, help="Default: cuda when present.")
+@click.option("--precision", type=click.Choice(PRECISIONS), default=None,
+              help=PRECISION_HELP + " Given here, it becomes the store's setting.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 @quiet_option
 @handle_errors
-def encode(store, all_, batch_size, device, as_json, quiet):
+def encode(store, all_, batch_size, device, precision, as_json, quiet):
     """Encode stale items (new or changed documents) into semantic vectors.
 
     Vectors are committed in chunks, so an interrupted run (Ctrl-C, a crash)
     keeps what it finished and the next run resumes with what is still stale.
+    Switching to --precision int8 (about 1.4x faster on a CPU, cosine ~0.997
+    to fp32) starts a separate cache: every item is encoded once more.
 
     \b
     Examples:
       dynstore encode shop
       dynstore encode shop --all --device cuda --json
+      dynstore encode shop --precision int8
     """
     with _open(store) as s:
-        out = s.encode(all=all_, batch_size=batch_size, device=device, progress=show_progress(quiet))
+        out = s.encode(all=all_, batch_size=batch_size, device=device, progress=show_progress(quiet),
+                       precision=precision)
     if as_json:
         click.echo(to_json(out))
     elif not quiet:
@@ -657,6 +667,7 @@ def _config_view(cfg) -> dict:
               help="Writers compact a dataset with more fragments than this (0: only `dynstore compact`).")
 @click.option("--retain-seconds", type=click.IntRange(min=0), default=None,
               help="Compaction keeps dataset versions superseded less than this long ago.")
+@click.option("--precision", type=click.Choice(PRECISIONS), default=None, help=PRECISION_HELP)
 @format_options
 @quiet_option
 @handle_errors
@@ -679,7 +690,7 @@ def config(store, fmt, as_json, quiet, **changes):
     if changes and quiet and not as_json:
         return
     click.echo(key_values(_config_view(cfg), _fmt(fmt, as_json)))
-    if changes.keys() & {"positive", "negative", "item_text", "behaviour_summary", "model", "max_length"}:
+    if changes.keys() & {"positive", "negative", "item_text", "behaviour_summary", "model", "max_length", "precision"}:
         _note(quiet or as_json, "note: the next `dynstore refresh` retrains on the new settings "
                                 "(items whose document changed are re-encoded first)")
 

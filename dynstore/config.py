@@ -43,6 +43,10 @@ class StoreConfig:
     behaviour_summary: bool = False
     model: str = "minilm"
     max_length: int = 256
+    #: Encoder compute precision: "auto" (fp16 on a GPU, bf16 on CPUs that
+    #: have it, else fp32), "fp32", "bf16", "fp16", or "int8" (CPU, own
+    #: encoder id and cache; see dynstore.encoder.HFEncoder).
+    precision: str = "auto"
     #: The encoder's id and dimension as a writer last saw them, and the
     #: fingerprint (spec, max_length, file sizes and mtimes) they are valid
     #: for: readers take them from here instead of hashing or loading weights.
@@ -112,6 +116,7 @@ class StoreConfig:
             "behaviour_summary": get("documents", "behaviour_summary", bool, False),
             "model": get("encoder", "model", str, "minilm"),
             "max_length": get("encoder", "max_length", int, 256),
+            "precision": get("encoder", "precision", str, "auto"),
             "encoder_id": get("encoder", "id", str, ""),
             "encoder_dim": get("encoder", "dim", int, 0),
             "encoder_fingerprint": get("encoder", "fingerprint", str, ""),
@@ -146,6 +151,7 @@ class StoreConfig:
             "[encoder]",
             f"model = {q(self.model)}",
             f"max_length = {int(self.max_length)}",
+            f"precision = {q(self.precision)}",
             f"id = {q(self.encoder_id)}",
             f"dim = {int(self.encoder_dim)}",
             f"fingerprint = {q(self.encoder_fingerprint)}",

@@ -31,7 +31,9 @@ def store_encoder(store, device: str | None = None):
     """The store's encoder (loaded once per process)."""
     from .encoder import get_encoder
 
-    return get_encoder(store.config.encoder_spec(store.path), device=device, max_length=store.config.max_length)
+    cfg = store.config
+    return get_encoder(cfg.encoder_spec(store.path), device=device, max_length=cfg.max_length,
+                       precision=cfg.precision)
 
 
 def encoder_info(store) -> tuple[str, int]:
@@ -46,13 +48,13 @@ def encoder_info(store) -> tuple[str, int]:
 
     cfg = store.config
     spec, max_length = cfg.encoder_spec(store.path), cfg.max_length
-    fp = encoder_fingerprint(spec, max_length=max_length)
+    fp = encoder_fingerprint(spec, max_length=max_length, precision=cfg.precision)
     hit = _INFO.get(fp)
     if hit is None:
         if cfg.encoder_id and cfg.encoder_dim > 0 and cfg.encoder_fingerprint == fp:
             hit = (cfg.encoder_id, int(cfg.encoder_dim))
         else:
-            hit = encoder_identity(spec, max_length=max_length)
+            hit = encoder_identity(spec, max_length=max_length, precision=cfg.precision)
             if hit is None:
                 enc = store_encoder(store)
                 hit = (enc.id, int(enc.dim))
@@ -76,13 +78,13 @@ def record_encoder(store, identity: tuple[str, int] | None = None) -> None:
     if store.read_only:
         return
     cfg = store.config
-    fp = encoder_fingerprint(cfg.encoder_spec(store.path), max_length=cfg.max_length)
+    fp = encoder_fingerprint(cfg.encoder_spec(store.path), max_length=cfg.max_length, precision=cfg.precision)
     enc_id, dim = identity or encoder_info(store)
     if (cfg.encoder_id, cfg.encoder_dim, cfg.encoder_fingerprint) == (enc_id, dim, fp):
         return
     with writer_lock(store.path, "config"):
         disk = StoreConfig.load(store.path / CONFIG_NAME)
-        if (disk.model, disk.max_length) != (cfg.model, cfg.max_length):
+        if (disk.model, disk.max_length, disk.precision) != (cfg.model, cfg.max_length, cfg.precision):
             return
         disk.encoder_id, disk.encoder_dim, disk.encoder_fingerprint = enc_id, int(dim), fp
         disk.save(store.path / CONFIG_NAME)

@@ -57,7 +57,8 @@ def _statements(text: str) -> list[str]:
 
 
 def init(path: str | os.PathLike, *, positive: str | None = None, negative: str | None = None,
-         item_text: str | None = None, model: str | None = None, max_length: int | None = None) -> "Store":
+         item_text: str | None = None, model: str | None = None, max_length: int | None = None,
+         precision: str | None = None) -> "Store":
     """Create a new, empty store at ``path`` and open it.
 
     Parameters
@@ -71,6 +72,9 @@ def init(path: str | os.PathLike, *, positive: str | None = None, negative: str 
         SQL expression over item columns rendering an item's document.
     model : str, optional
         Encoder: a registered name (default ``"minilm"``) or a local Hugging Face path.
+    precision : str, optional
+        Encoder precision (default ``"auto"``); ``"int8"`` is the faster,
+        approximate CPU encoder (see :class:`dynstore.encoder.HFEncoder`).
 
     Examples
     --------
@@ -93,11 +97,15 @@ def init(path: str | os.PathLike, *, positive: str | None = None, negative: str 
         cfg.model = str(model)
     if max_length is not None:
         cfg.max_length = int(max_length)
+    if precision is not None:
+        from .encoder import check_precision
+
+        cfg.precision = check_precision(precision)
     validate_rules(cfg)
     if cfg.model not in ("minilm",) and not cfg.model.startswith("fake"):
         from .encoder import get_encoder  # fail at init, not at the first encode
 
-        get_encoder(cfg.model, max_length=cfg.max_length)
+        get_encoder(cfg.model, max_length=cfg.max_length, precision=cfg.precision)
     root.mkdir(parents=True, exist_ok=True)
     for sub in ("tables", "cache", "models", "locks"):
         (root / sub).mkdir(exist_ok=True)
@@ -602,11 +610,15 @@ class Store:
         'value >= 4'
         """
         self._require_writable("change the config")
-        allowed = {"positive", "negative", "item_text", "behaviour_summary", "model", "max_length", "index_min_items",
+        allowed = {"positive", "negative", "item_text", "behaviour_summary", "model", "max_length", "precision", "index_min_items",
                    "compact_fragments", "retain_seconds"}
         unknown = set(changes) - allowed
         if unknown:
             raise ConfigError(f"unknown setting {sorted(unknown)[0]!r}; settable: {', '.join(sorted(allowed))}")
+        if changes.get("precision") is not None:
+            from .encoder import check_precision
+
+            changes["precision"] = check_precision(changes["precision"])
         with self._writing("config"), writer_lock(self.path, "config"):
             self._reload_config()
             new = StoreConfig(**self.config.as_dict())
@@ -614,10 +626,10 @@ class Store:
                 if val is not None:
                     setattr(new, key, val)
             validate_rules(new)
-            if "model" in changes and changes["model"]:
-                from .encoder import get_encoder
+            if ("model" in changes and changes["model"]) or changes.get("precision") == "int8":
+                from .encoder import get_encoder  # an unusable encoder fails here, not at the next encode
 
-                get_encoder(new.encoder_spec(self.path), max_length=new.max_length)
+                get_encoder(new.encoder_spec(self.path), max_length=new.max_length, precision=new.precision)
             old, self.config = self.config, new
             try:
                 from .documents import check_item_text
@@ -628,7 +640,7 @@ class Store:
                 raise
             self.config.save(self.path / CONFIG_NAME)
         self._con_state = None
-        if "model" in changes or "max_length" in changes:
+        if "model" in changes or "max_length" in changes or "precision" in changes:
             from .semantic import record_encoder
 
             record_encoder(self)
@@ -636,11 +648,21 @@ class Store:
 
     # -- the recommender (implemented in their own modules) -------------------------
     def encode(self, *, all: bool = False, batch_size: int = 64, device: str | None = None,
-               progress: bool = False) -> dict:
-        """Encode stale items (or every item with ``all=True``); see :mod:`dynstore.semantic`."""
+               progress: bool = False, precision: str | None = None) -> dict:
+        """Encode stale items (or every item with ``all=True``); see :mod:`dynstore.semantic`.
+
+        ``precision`` (e.g. ``"int8"``), when given, first becomes the store's
+        encoder precision (as ``configure(precision=...)``): an int8 encoder
+        has its own id and cache, so every item is stale for it once.
+        """
         from .semantic import encode
 
         self._require_writable("encode")
+        if precision is not None:
+            from .encoder import check_precision
+
+            if check_precision(precision) != self.config.precision:
+                self.configure(precision=precision)
         with self._writing("encode"), writer_lock(self.path, "encode"):
             out = encode(self, all=all, batch_size=batch_size, device=device, progress=progress)
         self._con_state = None

@@ -231,7 +231,8 @@ def build_version(store, model, item_spec, user_spec, *, parent: int | None, sta
             "verdict": verdict or _VERDICT_OF_STATUS.get(status, status),
         })
         if switch_encoder:
-            fp = encoder_fingerprint(store.config.encoder_spec(store.path), max_length=store.config.max_length)
+            fp = encoder_fingerprint(store.config.encoder_spec(store.path), max_length=store.config.max_length,
+                                    precision=store.config.precision)
             switch.begin(store, number, store.config.model, (enc_id, dim, fp))
         _write_registry(store, rows)
         if switch_encoder:

@@ -441,3 +441,135 @@ def test_minilm_identity_from_files_equals_loaded():
     loaded = get_encoder(DEFAULT_MODEL, device="cpu")
     assert ident == repr((loaded.id, loaded.dim)) and mods == "[]"
     assert ident == repr(enc_mod.hf_identity(_minilm_dir()))  # by path: same id
+
+
+# --------------------------------------------------------------------------- packed CPU path and int8
+
+
+def _hf_reference(e: HFEncoder, texts: list[str], pooling: str) -> np.ndarray:
+    """Vectors from the plain transformers forward pass (padded, masked), one text at a time."""
+    torch = pytest.importorskip("torch")
+    rows = []
+    with torch.inference_mode():
+        for t in texts:
+            batch = e._tokenizer([t], truncation=True, max_length=e.max_length, return_tensors="pt")
+            hidden = e._model(**batch)[0][0]
+            pooled = {"mean": hidden.mean(0), "cls": hidden[0], "max": hidden.max(0).values,
+                      "mean_sqrt_len": hidden.sum(0) / hidden.shape[0] ** 0.5}[pooling]
+            rows.append(torch.nn.functional.normalize(pooled, dim=0).numpy())
+    return np.stack(rows)
+
+
+@pytest.mark.parametrize("pooling", ["mean", "cls", "max", "mean_sqrt_len"])
+def test_packed_forward_matches_transformers(tiny_bert, pooling):
+    e = HFEncoder(tiny_bert, device="cpu", max_length=64, precision="fp32")
+    assert e._packed is not None  # BERT on the CPU runs packed
+    e._packed.pooling = pooling
+    texts = TEXTS + ["shoe", "red shoe", "red shoe"]  # equal lengths form one attention group
+    np.testing.assert_allclose(e.encode(texts, batch_size=1), _hf_reference(e, texts, pooling), atol=2e-5)
+
+
+def test_packed_threads_give_the_same_vectors_and_restore_torch_threads(tiny_bert):
+    torch = pytest.importorskip("torch")
+    e = HFEncoder(tiny_bert, device="cpu", max_length=64, precision="fp32")
+    texts = [f"item {i} " + "word " * (i % 17) for i in range(200)]
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(3)
+        seen: list[int] = []
+        threaded = e.encode(texts, batch_size=1, progress=seen.append)
+        assert torch.get_num_threads() == 3 and sum(seen) == len(texts)
+        torch.set_num_threads(1)
+        inline = e.encode(texts, batch_size=1)
+    finally:
+        torch.set_num_threads(before)
+    np.testing.assert_allclose(threaded, inline, atol=1e-6)
+
+
+def test_precision_is_validated_with_one_line(tiny_bert):
+    with pytest.raises(EncoderError) as exc:
+        get_encoder("fake:8", precision="half")
+    assert "\n" not in str(exc.value) and "int8" in str(exc.value)
+    with pytest.raises(EncoderError, match="precision must be one of"):
+        HFEncoder(tiny_bert, device="cpu", precision="int4")
+    with pytest.raises(EncoderError) as exc:
+        HFEncoder(tiny_bert, device="cuda", precision="int8")  # refused before any model loads
+    assert "CPU only" in str(exc.value) and "\n" not in str(exc.value)
+    assert enc_mod.check_precision(" Int8 ") == "int8"
+
+
+def test_int8_has_its_own_id_and_stays_close(tiny_bert):
+    fp32 = get_encoder(str(tiny_bert), device="cpu", max_length=64)
+    int8 = get_encoder(str(tiny_bert), max_length=64, precision="int8")  # device None -> CPU
+    assert int8 is not fp32 and int8.device == "cpu" and int8.precision == "int8"
+    assert int8.id == fp32.id + ":int8"
+    assert enc_mod.hf_identity(tiny_bert, max_length=64, precision="int8") == (int8.id, 16)
+    assert enc_mod.encoder_identity(str(tiny_bert), max_length=64, precision="int8") == (int8.id, 16)
+    assert enc_mod.encoder_identity(str(tiny_bert), max_length=64) == (fp32.id, 16)
+    assert (enc_mod.encoder_fingerprint(str(tiny_bert), max_length=64)
+            != enc_mod.encoder_fingerprint(str(tiny_bert), max_length=64, precision="int8"))
+    a, b = fp32.encode(TEXTS), int8.encode(TEXTS)
+    _assert_unit_or_zero(b)
+    cos = (a * b).sum(1)
+    assert cos.min() > 0.95 and not np.allclose(a, b, atol=1e-6)  # quantized: close, not equal
+
+
+def test_int8_needs_a_factory_that_takes_precision():
+    register_encoder("no-precision", lambda device=None, max_length=256: FakeEncoder(4))
+    with pytest.raises(EncoderError, match="does not support precision 'int8'"):
+        get_encoder("no-precision", precision="int8")
+    assert get_encoder("no-precision", precision="fp32").dim == 4  # same vectors: accepted
+
+
+def test_store_encode_precision_switches_cache_and_back(tiny_bert, tmp_path):
+    pl = pytest.importorskip("polars")
+    import dynstore
+    from dynstore.errors import DynstoreError
+
+    store = dynstore.init(tmp_path / "s", model=str(tiny_bert), max_length=64)
+    try:
+        store.ingest("items", pl.DataFrame({"item_id": [1, 2, 3], "title": ["red shoe", "blue mug", "space film"]}))
+        first = store.encode()
+        assert first["encoded"] == 3 and not first["encoder"].endswith(":int8")
+        switched = store.encode(precision="int8")
+        assert switched["stale"] == 3 and switched["encoder"] == first["encoder"] + ":int8"
+        assert store.config.precision == "int8"
+        from dynstore.config import CONFIG_NAME, StoreConfig
+
+        assert StoreConfig.load(tmp_path / "s" / CONFIG_NAME).precision == "int8"
+        assert store.encode()["stale"] == 0
+        back = store.encode(precision="auto")  # the fp32 cache is still there
+        assert back["stale"] == 0 and back["encoder"] == first["encoder"]
+        with pytest.raises(DynstoreError) as exc:
+            store.encode(precision="int3")
+        assert "\n" not in str(exc.value)
+    finally:
+        store.close()
+
+
+def test_cli_encode_precision(tiny_bert, tmp_path):
+    from click.testing import CliRunner
+
+    from dynstore.cli import main
+
+    path = str(tmp_path / "s")
+    runner = CliRunner()
+    assert runner.invoke(main, ["init", path, "--model", str(tiny_bert), "--precision", "int8", "-q"]).exit_code == 0
+    res = runner.invoke(main, ["config", path, "--json"])
+    assert json.loads(res.output)["precision"] == "int8"
+    bad = runner.invoke(main, ["encode", path, "--precision", "int3"])
+    assert bad.exit_code == 2 and "int3" in bad.output
+
+
+@pytest.mark.slow
+def test_minilm_int8_within_cosine_099_of_fp32(minilm):
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        from bench_encode import product_documents
+    finally:
+        sys.path.pop(0)
+    texts = TEXTS + product_documents(300, seed=1)[0]
+    int8 = get_encoder(DEFAULT_MODEL, max_length=256, precision="int8")
+    assert int8.id == minilm.id + ":int8"
+    cos = (int8.encode(texts) * minilm.encode(texts)).sum(1)
+    assert cos.mean() >= 0.995 and cos.min() >= 0.99, (cos.mean(), cos.min())
