@@ -970,8 +970,8 @@ class HFEncoder:
             model.half()  # on CPU fp16 matmuls are emulated: autocast handles it there
         self._model = model
         self._packed: _PackedBert | None = None
-        self._pool: Any = None
-        self._pool_key: tuple[int, int] | None = None
+        self._executor: Any = None
+        self._executor_key: tuple[int, int] | None = None
         if device == "cpu":
             why_not = _packed_support(model)
             if why_not is None:
@@ -1016,7 +1016,8 @@ class HFEncoder:
 
         return contextlib.nullcontext()
 
-    def _pool(self, hidden: torch.Tensor, mask: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+    def pool(self, hidden: torch.Tensor, mask: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        """Sentence vectors from a padded batch's last hidden states (the model's pooling, normalised)."""
         torch = self._torch
         hidden = hidden.float()
         if self.pooling == "cls":
@@ -1072,12 +1073,12 @@ class HFEncoder:
         if n == 1:
             return 1, None
         key = (n, os.getpid())  # a pool inherited through fork has no threads: make a new one
-        if self._pool_key != key:
+        if self._executor_key != key:
             from concurrent.futures import ThreadPoolExecutor
 
-            self._pool = ThreadPoolExecutor(n, thread_name_prefix="dynstore-encode")
-            self._pool_key = key
-        return n, self._pool
+            self._executor = ThreadPoolExecutor(n, thread_name_prefix="dynstore-encode")
+            self._executor_key = key
+        return n, self._executor
 
     def _encode_packed(self, kept: list[str], rows: list[int], out: np.ndarray, batch_size: int,
                        progress: Callable[[int], None] | None) -> None:
@@ -1230,7 +1231,7 @@ class HFEncoder:
                     input_ids = torch.from_numpy(batch_ids).to(self.device, non_blocking=True)
                     mask = torch.from_numpy(mask_np).to(self.device, non_blocking=True)
                     hidden = self._model(input_ids=input_ids, attention_mask=mask.long())[0]
-                    vecs = self._pool(hidden, mask, torch.from_numpy(blens).to(self.device))
+                    vecs = self.pool(hidden, mask, torch.from_numpy(blens).to(self.device))
                     out_t[torch.from_numpy(targets[start:stop])] = vecs.cpu()
                     if progress is not None:
                         progress(stop - start)

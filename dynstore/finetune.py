@@ -156,7 +156,7 @@ def finetune_encoder(encoder, docs: list[str | None], train, model, residuals, o
                   padding=True, return_tensors="pt", return_token_type_ids=False)
         ids, mask = enc["input_ids"].to(dev), enc["attention_mask"].to(dev)
         hidden = net(input_ids=ids, attention_mask=mask)[0]
-        return encoder._pool(hidden, mask.bool(), mask.sum(dim=1))
+        return encoder.pool(hidden, mask.bool(), mask.sum(dim=1))
 
     def loss_of(rows: np.ndarray, neg_items: np.ndarray) -> "torch.Tensor":
         """Weighted BCE of the events ``rows``, plus one sampled item per positive."""

@@ -469,6 +469,15 @@ def test_packed_forward_matches_transformers(tiny_bert, pooling):
     np.testing.assert_allclose(e.encode(texts, batch_size=1), _hf_reference(e, texts, pooling), atol=2e-5)
 
 
+@pytest.mark.parametrize("pooling", ["mean", "cls"])
+def test_padded_path_matches_transformers(tiny_bert, pooling):
+    """The path GPUs and non-BERT encoders take (padded batches) pools like the reference."""
+    e = HFEncoder(tiny_bert, device="cpu", max_length=64, precision="fp32")
+    e._packed, e.pooling = None, pooling
+    texts = TEXTS + ["shoe", "a much longer red shoe with laces"]
+    np.testing.assert_allclose(e.encode(texts, batch_size=4), _hf_reference(e, texts, pooling), atol=2e-5)
+
+
 def test_packed_threads_give_the_same_vectors_and_restore_torch_threads(tiny_bert):
     torch = pytest.importorskip("torch")
     e = HFEncoder(tiny_bert, device="cpu", max_length=64, precision="fp32")
