@@ -35,7 +35,11 @@ __all__ = ["recommend", "recommend_many", "serving_state", "ServingState", "MAX_
 
 MAX_K = 10_000
 BATCH_USERS = 512
+BLOCK_USERS = 1024  # users per matrix product on the all-items path ...
+ITEM_BLOCK = 4096  # ... over blocks of this many items (a block's logits stay in cache)
 TORCH_TOPK_ROWS = 64  # user batches at least this large use torch.topk
+PREFILTER_MIN_ITEMS = 20_000  # single users of catalogues this large: float16 prefilter ...
+PREFILTER_AFTER = 2  # ... from the third call on a catalogue (a one-shot process never builds it)
 
 
 def check_k(k: Any) -> int:
@@ -62,18 +66,135 @@ def user_vectors(state: ServingState, user_ids: Sequence[Any], histories=None) -
     return np.asarray(state.model.user_vectors(UA, hptr, hitem, hlab, hts, state.Wf), np.float32)
 
 
-def user_logits(state: ServingState, user_ids: Sequence[Any], rows: np.ndarray | None = None) -> np.ndarray:
-    """``w_i . x_u + b_i(now)`` plus the segment and item-item terms, for the users (all
-    items, or ``rows``): every term of the score, in one place."""
-    hist = _histories(state, user_ids)
+def score_terms(state: ServingState, user_ids: Sequence[Any], hist=None) -> tuple[np.ndarray, np.ndarray]:
+    """``(X [m, d], B)``: the users' vectors and everything else their score adds per item --
+    the bias as of now (static + dynamic), the segment and the item-item terms -- as
+    ``B [m, n_items]``, or ``[n_items]`` when no term depends on the user. The logit of
+    item ``i`` is ``X @ Wf[i] + B[..., i]``: every term of the score, in one place."""
+    hist = hist if hist is not None else _histories(state, user_ids)
     X = user_vectors(state, user_ids, hist)
     extra = state.segment_bias(user_ids)
     ii = state.model.item_item_bias(hist[0], hist[1], hist[2], len(state.ids))
     extra = extra + ii if isinstance(ii, np.ndarray) or isinstance(extra, np.ndarray) else extra
+    if isinstance(extra, np.ndarray):
+        return X, (state.bias + extra).astype(np.float32, copy=False)
+    return X, state.bias if not extra else state.bias + np.float32(extra)
+
+
+def user_logits(state: ServingState, user_ids: Sequence[Any], rows: np.ndarray | None = None) -> np.ndarray:
+    """``w_i . x_u + b_i(now)`` plus the segment and item-item terms, for the users (all
+    items, or ``rows``); see :func:`score_terms`."""
+    X, B = score_terms(state, user_ids)
     if rows is None:
-        return X @ state.Wf.T + state.bias + extra
-    extra = extra[:, rows] if isinstance(extra, np.ndarray) else extra
-    return X @ state.Wf[rows].T + state.bias[rows] + extra
+        return X @ state.Wf.T + B
+    return X @ state.Wf[rows].T + B[..., rows]
+
+
+def _ranked(rows: np.ndarray, logits: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Top-``k`` of one user's ``logits`` over ``rows``: best first, ties by row (finite only)."""
+    k = min(k, logits.size)
+    if k < logits.size:
+        part = np.argpartition(-logits, k - 1)[:k]
+    else:
+        part = np.arange(logits.size)
+    val = logits[part]
+    order = np.lexsort((rows[part], -val))
+    val, r = val[order], rows[part][order]
+    ok = np.isfinite(val)
+    return val[ok], r[ok]
+
+
+def _half(state: ServingState):
+    """``(Wf in float16 as a torch tensor, row norms)`` once a process has scored single
+    users of this catalogue a few times (None before, for small catalogues, or without torch)."""
+    h = state.prefilter
+    if h.get("matrix") is None:
+        if state.Wf.shape[0] < PREFILTER_MIN_ITEMS or h.get("off"):
+            return None
+        h["calls"] = h.get("calls", 0) + 1
+        if h["calls"] <= PREFILTER_AFTER:
+            return None  # a one-shot process (the CLI) never pays for it
+        try:
+            import torch
+        except ImportError:  # pragma: no cover - torch is a dependency
+            h["off"] = True
+            return None
+        W = state.Wf
+        if not np.isfinite(W).all() or np.abs(W).max() > 6e4:  # beyond float16
+            h["off"] = True
+            return None
+        # a power of two (exact) lifts the entries clear of float16's slow subnormals
+        r = float(2.0 ** np.floor(np.log2(16.0 / max(float(np.abs(W).max()), 1e-30))))
+        h["matrix"] = (torch.from_numpy(W * np.float32(r)).half(), np.linalg.norm(W, axis=1).astype(np.float32), r)
+    return h["matrix"]
+
+
+def _prefiltered(state: ServingState, x: np.ndarray, B: np.ndarray, k: int):
+    """Rows whose exact logit may be in the top ``k``, from a float16 scan (half the
+    memory traffic of float32; a single user's scan is memory-bound), or None.
+
+    ``Wf`` is scaled by a power of two ``r`` first (exact). The half-precision logit ``y``
+    of item ``i`` (of ``r Wf`` and ``x / max|x|``, both in float16) is within ``tol_i`` of the exact one:
+    rounding ``x`` and ``w_i`` to float16 (unit roundoff ``2^-11``) moves the product by at
+    most ``2 * 2^-11 * |x| |w_i|``, the float32 accumulation by ``d * 2^-24 * |x| |w_i|``,
+    and rounding the result by ``2^-11 |y|``; ``tol_i`` takes twice that, plus what
+    float16's subnormals lose (at most ``2^-25`` an entry). Every row whose upper bound reaches the ``k``-th largest
+    lower bound is kept, so the exact top-``k`` is always among them.
+    """
+    half = _half(state)
+    if half is None:
+        return None
+    import torch
+
+    Wh, norms, r = half
+    s = float(np.abs(x).max())
+    if not np.isfinite(s) or s == 0.0:
+        return None
+    xs = torch.from_numpy(np.ascontiguousarray(x / s, np.float32)).half()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # one core streams the matrix as fast as two, without waking a pool
+    try:
+        y = torch.mv(Wh, xs).numpy().astype(np.float32)
+    finally:
+        torch.set_num_threads(threads)
+    if not np.isfinite(y).all():
+        return None
+    xn = x / s
+    nx, d = float(np.linalg.norm(xn)), x.size
+    tol = ((2.0 ** -9 * nx + 2.0 ** -24 * np.sqrt(d)) * (r * norms) + 2.0 ** -10 * np.abs(y)
+           + 2.0 ** -24 * float(np.abs(xn).sum()) + 1e-6)
+    y *= s / r
+    tol *= s / r
+    lo = y + B - tol
+    n = lo.size
+    if k >= n:
+        return None
+    L = np.partition(lo, n - k)[n - k]
+    if not np.isfinite(L):
+        return None
+    cand = np.flatnonzero(y + B + tol >= L)
+    return cand if cand.size <= max(64 * k, n // 16) else None
+
+
+def _exact_one(state: ServingState, user_id: Any, k: int) -> list[dict]:
+    """One user's exact top-``k`` over every item."""
+    hist = _histories(state, [user_id])
+    X, B = score_terms(state, [user_id], hist)
+    x = X[0]
+    B = np.array(B[0] if B.ndim == 2 else B, np.float32)  # a copy: seen items go to -inf
+    seen = state.positives(np.array([state.user_row.get(user_id, -1)], np.int64))[1]
+    B[seen] = -np.inf
+    cand = _prefiltered(state, x, B, k)
+    if cand is None:
+        logits = state.Wf @ x + B
+        rows = np.arange(logits.size)
+    else:
+        logits = state.Wf[cand] @ x + B[cand]
+        rows = cand
+    val, top = _ranked(rows, logits, k)
+    prob = 1.0 / (1.0 + np.exp(-val.astype(np.float64)))
+    ids = state.ids
+    return [{"item_id": ids[c], "score": float(p)} for c, p in zip(top.tolist(), prob.tolist())]
 
 
 def _topk(scores: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
@@ -121,8 +242,10 @@ def recommend_many(store, user_ids: Sequence[Any], k: int, *, version: int | Non
     """
     k = check_k(k)
     state = serving_state(store, version)
-    if state.index is not None and not exact and candidates is None and len(user_ids) == 1:
-        return [_indexed_one(state, user_ids[0], k)]
+    if candidates is None and len(user_ids) == 1:
+        if state.index is not None and not exact:
+            return [_indexed_one(state, user_ids[0], k)]
+        return [_exact_one(state, user_ids[0], k)]
     cand_rows = None
     if candidates is not None:
         cand_rows = np.array(sorted({state.row[c] for c in candidates if c in state.row}), np.int64)
@@ -130,26 +253,73 @@ def recommend_many(store, user_ids: Sequence[Any], k: int, *, version: int | Non
             return [[] for _ in user_ids]
     out: list[list[dict]] = []
     ids = state.ids
-    for start in range(0, len(user_ids), BATCH_USERS):
-        batch = list(user_ids[start:start + BATCH_USERS])
-        logits = user_logits(state, batch, cand_rows)
+    n_items = len(ids)
+    blocked = cand_rows is None and len(user_ids) >= TORCH_TOPK_ROWS
+    step = BATCH_USERS
+    if blocked:
+        # user-dependent terms are dense [users, items]: keep a batch of them near 256 MB
+        dense = state.counts is not None and state.counts.seg_base is not None or state.model.item_item is not None
+        step = max(TORCH_TOPK_ROWS, min(BLOCK_USERS, (1 << 26) // max(n_items, 1))) if dense else BLOCK_USERS
+    for start in range(0, len(user_ids), step):
+        batch = list(user_ids[start:start + step])
         rows = np.array([state.user_row.get(u, -1) for u in batch], np.int64)
         pptr, pitem = state.positives(rows)
         r = np.repeat(np.arange(len(batch)), np.diff(pptr))
-        if cand_rows is None:
-            logits[r, pitem] = -np.inf
-        elif len(pitem):
-            where = np.searchsorted(cand_rows, pitem)
-            hit = (where < len(cand_rows)) & (cand_rows[np.minimum(where, len(cand_rows) - 1)] == pitem)
-            logits[r[hit], where[hit]] = -np.inf
-        val, idx = _topk(logits, k)
+        if blocked:
+            X, B = score_terms(state, batch)
+            val, idx = _blocked_topk(state.Wf, X, B, r, pitem, k)
+        else:
+            logits = user_logits(state, batch, cand_rows)
+            if cand_rows is None:
+                logits[r, pitem] = -np.inf
+            elif len(pitem):
+                where = np.searchsorted(cand_rows, pitem)
+                hit = (where < len(cand_rows)) & (cand_rows[np.minimum(where, len(cand_rows) - 1)] == pitem)
+                logits[r[hit], where[hit]] = -np.inf
+            val, idx = _topk(logits, k)
         with np.errstate(over="ignore"):  # -inf (excluded) rows are dropped below
             prob = 1.0 / (1.0 + np.exp(-val.astype(np.float64)))
-        for n in range(len(batch)):
-            ok = np.isfinite(val[n])
-            cols = idx[n][ok] if cand_rows is None else cand_rows[idx[n][ok]]
-            out.append([{"item_id": ids[c], "score": float(p)} for c, p in zip(cols, prob[n][ok])])
+        ok = np.isfinite(val)
+        cols = idx if cand_rows is None else cand_rows[idx]
+        for c_row, p_row, ok_row in zip(cols.tolist(), prob.tolist(), ok.tolist()):
+            out.append([{"item_id": ids[c], "score": p} for c, p, o in zip(c_row, p_row, ok_row) if o])
     return out
+
+
+def _blocked_topk(W: np.ndarray, X: np.ndarray, B: np.ndarray, r: np.ndarray, item: np.ndarray,
+                  k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Top-``k`` of ``X @ W.T + B`` per row, with ``(r, item)`` pairs excluded, best first
+    (ties by item row): the product runs over blocks of :data:`ITEM_BLOCK` items that stay
+    in cache while the terms are added, the exclusions masked and the block's top-``k``
+    taken, so the logits never make a round trip through memory."""
+    import torch
+
+    n = W.shape[0]
+    k = min(k, n)
+    Xt, Wt, Bt = torch.from_numpy(X), torch.from_numpy(W), torch.from_numpy(np.ascontiguousarray(B))
+    order = np.argsort(item, kind="stable")
+    item_s, r_s = item[order], r[order]
+    edges = np.searchsorted(item_s, np.arange(0, n + ITEM_BLOCK, ITEM_BLOCK))
+    buf = torch.empty((X.shape[0], min(ITEM_BLOCK, n)), dtype=torch.float32)
+    vals, idxs = [], []
+    for j, a in enumerate(range(0, n, ITEM_BLOCK)):
+        e = min(a + ITEM_BLOCK, n)
+        S = buf[:, : e - a]
+        torch.matmul(Xt, Wt[a:e].T, out=S)
+        S += Bt[a:e] if B.ndim == 1 else Bt[:, a:e]
+        lo, hi = edges[j], edges[j + 1]
+        if hi > lo:
+            S[torch.from_numpy(r_s[lo:hi]), torch.from_numpy(item_s[lo:hi] - a)] = -torch.inf
+        v, i = torch.topk(S, min(k, e - a), dim=1)
+        vals.append(v)
+        idxs.append(i + a)
+    V, I = torch.cat(vals, 1), torch.cat(idxs, 1)
+    if V.shape[1] > k:
+        V, j = torch.topk(V, k, dim=1)
+        I = torch.gather(I, 1, j)
+    V, I = V.numpy(), I.numpy()
+    order = np.lexsort((I, -V), axis=1)  # ties: lower row first, as the single-user path
+    return np.take_along_axis(V, order, 1), np.take_along_axis(I, order, 1)
 
 
 def recommend(store, user_id: Any, k: int = 10, *, version: int | None = None,

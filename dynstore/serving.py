@@ -129,6 +129,9 @@ class ServingState:
     source: dict = field(default_factory=dict)   # what the state was built from (see _source)
     _seg_rows: dict = field(default_factory=dict)
     _hot: Any = None
+    # single-user float16 prefilter over Wf (see recommend._half); shared by the states
+    # advanced from this one, which keep Wf
+    prefilter: dict = field(default_factory=dict)
 
     # -- users --------------------------------------------------------------------------
     @property
@@ -369,11 +372,7 @@ def _build(store, lv, items, inter, users) -> ServingState:
                 imp_pos[(u, i)] = us
         finally:
             con.close()
-        u_ids = t.column("user_id").to_pylist()
-        it = t.column("item_id").to_pylist()
-        item_idx = np.fromiter((row.get(i, -1) for i in it), np.int64, len(it))
-        uniq: dict = {}
-        u_idx = np.fromiter((uniq.setdefault(u, len(uniq)) for u in u_ids), np.int64, len(u_ids))
+        item_idx, u_idx, uniq = _map_ids(t, ids, row)
         ts = t.column("ts").to_numpy(zero_copy_only=False).astype(np.int64)
         us = t.column("us").to_numpy(zero_copy_only=False).astype(np.int64)
         lab = t.column("label").to_numpy(zero_copy_only=False).astype(np.int8)
@@ -429,6 +428,30 @@ def _build(store, lv, items, inter, users) -> ServingState:
                         _Rows(user_row), ptr, hist_item, hist_label, hist_ts, UA, ua_row, UK, pos_ptr, pos_item,
                         index, len(lv.ids), max(8, int(max(16, np.sqrt(len(lv.ids))) * NPROBES_SHARE)),
                         static_bias=static, counts=counts, hist_us=hist_us, imp_pos=imp_pos)
+
+
+def _map_ids(t, ids: list, row: dict) -> tuple[np.ndarray, np.ndarray, dict]:
+    """Item rows (-1: not served) and user rows (in order of first appearance) of the
+    events in ``t``, and ``user_id -> row``: hashed by Arrow, not a Python loop per event."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    items = t.column("item_id")
+    item_idx = pc.index_in(items, value_set=pa.array(ids, type=items.type)).to_numpy(zero_copy_only=False)
+    item_idx = np.where(np.isnan(item_idx), -1, item_idx).astype(np.int64) if item_idx.dtype.kind == "f" \
+        else item_idx.astype(np.int64)
+    if len(row) != len(ids):  # items deleted since the version: not served
+        served = np.zeros(len(ids) + 1, bool)
+        served[np.fromiter(row.values(), np.int64, len(row))] = True
+        item_idx = np.where(served[item_idx], item_idx, -1)
+    if t.column("user_id").null_count:  # not from labelled_events: the plain way
+        uniq: dict = {}
+        u_ids = t.column("user_id").to_pylist()
+        return item_idx, np.fromiter((uniq.setdefault(u, len(uniq)) for u in u_ids), np.int64, len(u_ids)), uniq
+    users = t.column("user_id").combine_chunks().dictionary_encode()
+    u_idx = users.indices.to_numpy(zero_copy_only=False).astype(np.int64)
+    uniq = {u: n for n, u in enumerate(users.dictionary.to_pylist())}
+    return item_idx, u_idx, uniq
 
 
 def _event_keys(user_row, ua_row, UK, ptr) -> np.ndarray:
