@@ -45,7 +45,8 @@ def main() -> None:
         parquet = work / "interactions.parquet"
         frames["interactions"].write_parquet(parquet)
         n = frames["interactions"].height
-        print(f"{n} interaction rows, {parquet.stat().st_size / 1e6:.1f} MB parquet")
+        print(f"{n} interaction rows, {parquet.stat().st_size / 1e6:.1f} MB parquet; load average "
+              + " ".join(f"{x:.2f}" for x in os.getloadavg()))
 
         def baseline():
             out = work / "raw.lance"
@@ -78,6 +79,7 @@ def main() -> None:
         t_q = best_of(lambda: con.sql(q.format("interactions")).fetchall(), 5)
         print(f"query    GROUP BY event on parquet: {t_raw * 1000:.1f} ms; through dynstore: {t_q * 1000:.1f} ms")
         print(f"query    ratio dynstore/parquet: {t_q / t_raw:.2f}x (target <= 2x)")
+        print("load average after: " + " ".join(f"{x:.2f}" for x in os.getloadavg()))
         print()
         print("| benchmark | dynstore | baseline | ratio | target |")
         print("|---|---|---|---|---|")

@@ -255,6 +255,10 @@ class Store:
     def _open_dataset(self, uri: str, version: int | None = None):
         import lance
 
+        from .lancescan import enable_dictionary_filters
+
+        enable_dictionary_filters()  # DuckDB's WHERE on dictionary columns (interactions.event)
+
         if self._pins is not None and version is None:
             # A pinned view answers every later call with the version it saw
             # first, so one statement never mixes commits.
