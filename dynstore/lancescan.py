@@ -17,6 +17,13 @@ schema with dictionary columns read as their value type: Lance resolves
 columns by position and compares a dictionary column with a string itself, so
 the filter still runs inside Lance.
 
+DuckDB knows a registered pyarrow Table's row count but not a Dataset's, so
+every Lance scan was planned as one row: a join of ``interactions`` with
+``items`` built its hash table on the million interactions.
+:func:`enable_row_estimates` gives the scan a Lance dataset's ``count_rows()``
+(manifest metadata of the pinned version, no data read), where DuckDB's source
+layer (``duckdb._sources``, DuckDB 2) lets it; elsewhere it does nothing.
+
 >>> import pyarrow as pa
 >>> stored_type("event", pa.string())
 DictionaryType(dictionary<values=string, indices=int32, ordered=0>)
@@ -31,7 +38,8 @@ import sys
 
 import pyarrow as pa
 
-__all__ = ["DICT_STRING", "stored_type", "is_text", "enable_dictionary_filters", "plain_schema"]
+__all__ = ["DICT_STRING", "stored_type", "is_text", "enable_dictionary_filters", "enable_row_estimates",
+           "plain_schema"]
 
 #: How low-cardinality strings of ``interactions`` are stored.
 DICT_STRING = pa.dictionary(pa.int32(), pa.string())
@@ -48,6 +56,7 @@ MAX_DISTINCT = 1000
 MIN_ROWS_PER_VALUE = 20
 
 _enabled = False
+_estimates = False
 
 
 def is_text(typ: pa.DataType) -> bool:
@@ -105,3 +114,30 @@ def enable_dictionary_filters() -> None:
     serialize._dynstore = True
     module._serialize_expression = serialize
     _enabled = True
+
+
+def enable_row_estimates() -> None:
+    """Tell DuckDB how many rows a registered Lance dataset holds (idempotent)."""
+    global _estimates
+    if _estimates:
+        return
+    _estimates = True
+    try:
+        from duckdb._sources.pyarrow import PyArrowDatasetSource
+        from lance.dataset import LanceDataset
+    except ImportError:
+        return
+    original = PyArrowDatasetSource.rows
+    if getattr(original, "_dynstore", False):
+        return
+
+    def rows(self):
+        if isinstance(self.obj, LanceDataset):
+            try:
+                return self.obj.count_rows()
+            except Exception:
+                return None
+        return original(self)
+
+    rows._dynstore = True
+    PyArrowDatasetSource.rows = rows
