@@ -122,3 +122,22 @@ def test_older_store_with_plain_strings_reads_and_appends(store, tmp_path):
     assert store.sql("SELECT count(*) FROM interactions WHERE event = 'buy'").fetchall() == [(4,)]
     frags = lance.dataset(uri).get_fragments()
     assert len(frags) == 2
+
+
+def test_duckdb_plans_lance_scans_with_their_row_counts(store):
+    """A join builds its hash table on the small side: the scan reports the dataset's rows."""
+    import re
+
+    import pytest
+
+    pytest.importorskip("duckdb._sources.pyarrow")
+    store.ingest("items", pl.DataFrame({"item_id": list(range(5)), "category": ["a", "b", "a", "c", "b"]}))
+    store.ingest("interactions", _rows(300, ["click", "view"]))
+    store.delete("interactions", "value < 10")  # a deletion counts too
+    con = store.connection()
+    plan = con.sql("EXPLAIN SELECT category, count(*) FROM interactions JOIN items USING (item_id) "
+                   "GROUP BY category").fetchall()[0][1]
+    estimates = {int(n.replace(",", "")) for n in re.findall(r"~([\d,]+) rows?", plan)}
+    assert {290, 5} <= estimates, plan
+    got = con.sql("SELECT category, count(*) FROM interactions JOIN items USING (item_id) GROUP BY 1 ORDER BY 1")
+    assert got.fetchall() == [("a", 116), ("b", 116), ("c", 58)]
