@@ -688,7 +688,9 @@ def _append_stream(con, queries, dataset, errors, *, dedupe=False, unknown=None)
     for _, sql in queries:
         for f in _query_schema(con, sql):
             if f.name not in names:
-                fields.append(f)
+                # New columns only: a stored column keeps its type (an older store's
+                # plain strings stay plain, and every fragment has one schema).
+                fields.append(f.with_type(_new_column_type(con, sql, f)))
                 names.add(f.name)
     schema = pa.schema(fields)
     rewrite = dataset is not None and len(fields) > len(dataset.schema)
@@ -726,6 +728,23 @@ def _append_stream(con, queries, dataset, errors, *, dedupe=False, unknown=None)
     stream.batches = gen()
     mode = "create" if dataset is None else ("overwrite" if rewrite else "append")
     return stream, schema, mode
+
+
+#: Rows of the creating ingest sampled to decide a new string column's encoding.
+SAMPLE_ROWS = 100_000
+
+
+def _new_column_type(con, sql: str, field: pa.Field) -> pa.DataType:
+    """Storage type of a new interactions column: low-cardinality strings are
+    dictionary-encoded (see :mod:`dynstore.lancescan`)."""
+    from .lancescan import is_text, stored_type
+
+    typ = stored_type(field.name, field.type)
+    if typ != field.type or not is_text(field.type) or field.name in KINDS["interactions"]:
+        return typ
+    distinct, rows = con.sql(f"SELECT count(DISTINCT {q(field.name)}), count({q(field.name)}) "
+                             f"FROM (SELECT {q(field.name)} FROM ({sql}) LIMIT {SAMPLE_ROWS})").fetchall()[0]
+    return stored_type(field.name, field.type, distinct=distinct, rows=rows)
 
 
 def _merged_stream(con, kind, queries, dataset, errors):

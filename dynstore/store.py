@@ -35,6 +35,8 @@ from .lock import writer_lock
 __all__ = ["connect", "init", "Store"]
 
 TABLES = ("interactions", "items", "users")
+#: Default scan options of the tables' Lance datasets (see Store._open_dataset).
+_TABLE_SCAN = {"batch_size": 64 * 1024}
 
 
 def _sql_text(name: str) -> str:
@@ -255,6 +257,11 @@ class Store:
     def _open_dataset(self, uri: str, version: int | None = None):
         import lance
 
+        from .lancescan import enable_dictionary_filters, enable_row_estimates
+
+        enable_dictionary_filters()  # DuckDB's WHERE on dictionary columns (interactions.event)
+        enable_row_estimates()  # DuckDB plans joins knowing each dataset's size
+
         if self._pins is not None and version is None:
             # A pinned view answers every later call with the version it saw
             # first, so one statement never mixes commits.
@@ -268,11 +275,14 @@ class Store:
             stamp = os.stat(os.path.join(uri, "_versions")).st_mtime_ns
         except FileNotFoundError:
             return None
+        # Tables are scanned in batches of 64k rows (Lance's default is 8k): the
+        # batches DuckDB pulls through the Arrow stream, ~1.3x faster scans.
+        options = _TABLE_SCAN if os.path.basename(os.path.dirname(uri)) == "tables" else None
         if version is not None:
-            return lance.dataset(uri, version=version)
+            return lance.dataset(uri, version=version, default_scan_options=options)
         hit = self._open.get(uri)
         if hit is None or hit[0] != stamp:
-            hit = self._open[uri] = (stamp, lance.dataset(uri))
+            hit = self._open[uri] = (stamp, lance.dataset(uri, default_scan_options=options))
         return hit[1]
 
     @contextmanager
