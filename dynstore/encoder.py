@@ -1057,6 +1057,13 @@ class HFEncoder:
             return_token_type_ids=False,
         )["input_ids"]
 
+    def _tokens_longest_first(self, texts: list[str]) -> tuple[list[list[int]], np.ndarray, np.ndarray]:
+        """Token ids of ``texts``, the order that sorts them longest first, and their sorted lengths."""
+        ids = self._token_ids(texts)
+        lens = np.fromiter(map(len, ids), dtype=np.int64, count=len(ids))
+        order = np.argsort(-lens, kind="stable")
+        return ids, order, lens[order]
+
     def _quantize_int8(self) -> None:
         """Make the packed runner int8, calibrated on :data:`_CALIBRATION_TEXTS`."""
         torch = self._torch
@@ -1103,10 +1110,7 @@ class HFEncoder:
         try:
             for c0 in range(0, len(by_chars), _TOKENIZE_CHUNK):
                 chunk = by_chars[c0 : c0 + _TOKENIZE_CHUNK]
-                ids = self._token_ids([kept[j] for j in chunk])
-                lens = np.fromiter(map(len, ids), dtype=np.int64, count=len(ids))
-                order = np.argsort(-lens, kind="stable")
-                lens = lens[order]
+                ids, order, lens = self._tokens_longest_first([kept[j] for j in chunk])
                 n_real = int(np.count_nonzero(lens))  # a tokenizer without special tokens may give nothing
                 if progress is not None and n_real < len(lens):
                     progress(len(lens) - n_real)  # those rows stay zero
@@ -1200,17 +1204,7 @@ class HFEncoder:
         with torch.inference_mode(), self._autocast():
             for c0 in range(0, len(by_chars), _TOKENIZE_CHUNK):
                 chunk = by_chars[c0 : c0 + _TOKENIZE_CHUNK]
-                ids = self._tokenizer(
-                    [kept[j] for j in chunk],
-                    truncation=True,
-                    max_length=self.max_length,
-                    padding=False,
-                    return_attention_mask=False,
-                    return_token_type_ids=False,
-                )["input_ids"]
-                lens = np.fromiter(map(len, ids), dtype=np.int64, count=len(ids))
-                order = np.argsort(-lens, kind="stable")
-                lens = lens[order]
+                ids, order, lens = self._tokens_longest_first([kept[j] for j in chunk])
                 flat = np.fromiter(
                     itertools.chain.from_iterable(ids[k] for k in order), dtype=np.int64, count=int(lens.sum())
                 )
