@@ -218,9 +218,17 @@ def _indexed_one(state: ServingState, user_id: Any, k: int) -> list[dict]:
     """One user's top-k from the version's vector index (plus items added since)."""
     x = user_vectors(state, [user_id])[0]
     seen = state.positives(np.array([state.user_row.get(user_id, -1)], np.int64))[1]
-    q = np.concatenate([x, [1.0, 0.0]]).astype(np.float32)  # see versions.build_index
-    hits = state.index.to_table(nearest={"column": "vector", "q": q, "k": k + len(np.unique(seen)),
-                                         "nprobes": state.nprobes}, columns=["row"])
+    p = state.index_params
+    q = np.zeros(p.get("width", x.size + 2), np.float32)  # [x_u, 1, 0, zero padding]: see versions.build_index
+    q[:x.size], q[x.size] = x, 1.0
+    n_seen = len(np.unique(seen))
+    # the index ranks candidates (approximately, e.g. by PQ codes); they are rescored exactly below
+    nearest = {"column": "vector", "q": q, "k": max(k, int(p.get("candidates", 0))) + n_seen,
+               "nprobes": int(p["nprobes"])}
+    for key in ("refine_factor", "ef"):
+        if p.get(key):
+            nearest[key] = int(p[key])
+    hits = state.index.to_table(nearest=nearest, columns=["row"])
     cand = np.concatenate([hits.column("row").to_numpy(), np.arange(state.n_indexed, len(state.ids)),
                            state.hot if state.hot is not None else np.zeros(0, np.int64)])
     cand = np.setdiff1d(cand, seen)

@@ -35,7 +35,6 @@ __all__ = ["ServingState", "serving_state", "MAX_OVERLAY"]
 
 #: events in the overlay beyond which a state is rebuilt instead of advanced
 MAX_OVERLAY = 200_000
-NPROBES_SHARE = 0.2  # share of IVF partitions probed per query (recall vs latency)
 HOT_ITEMS = 200  # items with the largest dynamic lift, re-ranked beside the index's candidates
 DAY = 86400.0
 
@@ -117,7 +116,7 @@ class ServingState:
     pos_item: np.ndarray
     index: Any = None       # Lance dataset with an IVF index over the version's rows, if built
     n_indexed: int = 0      # rows [0, n_indexed) are in the index; later rows are new items
-    nprobes: int = 1
+    index_params: dict = field(default_factory=dict)  # the index's recorded settings (versions.build_index)
     static_bias: np.ndarray | None = None  # the version's bias (new items fused, deleted -inf)
     counts: _Counts | None = None
     hist_us: np.ndarray | None = None      # event times in microseconds (supersession needs them)
@@ -416,17 +415,20 @@ def _build(store, lv, items, inter, users) -> ServingState:
             counts.seg_base = ItemActivity(SEGMENT_SPEC, keys[r, c] * n_items + hist_item[r], hist_ts[r],
                                            hist_label[r], max(n_keys, 1) * n_items)
         final = _with_dynamic(lv.model, static, C)
-    index = None
-    from .versions import index_uri
+    index, index_params = None, {}
+    from .versions import index_uri, recorded_index_settings
 
     uri = index_uri(store, lv.version)
     if os.path.isdir(os.path.join(uri, "_versions")):
         import lance
 
         index = lance.dataset(uri)
+        # search as recorded when the index was built (nprobes, candidates): not recomputed
+        index_params = recorded_index_settings(index)
+        index_params["width"] = index.schema.field("vector").type.list_size
     return ServingState(lv.version, lv.model, ids, row, np.ascontiguousarray(Wf, np.float32), final,
                         _Rows(user_row), ptr, hist_item, hist_label, hist_ts, UA, ua_row, UK, pos_ptr, pos_item,
-                        index, len(lv.ids), max(8, int(max(16, np.sqrt(len(lv.ids))) * NPROBES_SHARE)),
+                        index, len(lv.ids), index_params,
                         static_bias=static, counts=counts, hist_us=hist_us, imp_pos=imp_pos)
 
 
