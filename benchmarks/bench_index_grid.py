@@ -64,6 +64,7 @@ def main() -> None:
 
     import dynstore
     from dynstore.recommend import serving_state, user_vectors
+    from dynstore.serving import _row_starts
     from dynstore.versions import build_index, create_vector_index, index_uri
 
     store = dynstore.connect(args.store)
@@ -104,7 +105,8 @@ def main() -> None:
         width = ds.schema.field("vector").type.list_size
         state.index = ds
         for search in searches:
-            state.index_params = {**settings, "candidates": 0, **search, "width": width}
+            state.index_params = {**settings, "candidates": 0, **search, "width": width,
+                                  "row_starts": _row_starts(ds)}
             for u in warm:
                 store.recommend(u, 10)
             lat, raw, rec = [], [], []
@@ -123,9 +125,9 @@ def main() -> None:
                     if p.get(key):
                         nearest[key] = p[key]
                 t0 = time.perf_counter()
-                ds.to_table(nearest=nearest, columns=["row"])
+                ds.to_table(nearest=nearest, columns=[], with_row_id=True)
                 raw.append(time.perf_counter() - t0)
-            row = {"index": name, **{k: v for k, v in p.items() if k != "width"},
+            row = {"index": name, **{k: v for k, v in p.items() if k not in ("width", "row_starts")},
                    "p50_ms": round(pct(lat, 50), 2), "p99_ms": round(pct(lat, 99), 2),
                    "raw_p50_ms": round(pct(raw, 50), 2), "raw_p99_ms": round(pct(raw, 99), 2),
                    "recall": round(float(np.mean(rec)), 3), "load": os.getloadavg()}

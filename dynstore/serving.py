@@ -426,10 +426,24 @@ def _build(store, lv, items, inter, users) -> ServingState:
         # search as recorded when the index was built (nprobes, candidates): not recomputed
         index_params = recorded_index_settings(index)
         index_params["width"] = index.schema.field("vector").type.list_size
+        index_params["row_starts"] = _row_starts(index)
     return ServingState(lv.version, lv.model, ids, row, np.ascontiguousarray(Wf, np.float32), final,
                         _Rows(user_row), ptr, hist_item, hist_label, hist_ts, UA, ua_row, UK, pos_ptr, pos_item,
                         index, len(lv.ids), index_params,
                         static_bias=static, counts=counts, hist_us=hist_us, imp_pos=imp_pos)
+
+
+def _row_starts(index) -> np.ndarray:
+    """First ``row`` of each fragment of an index dataset, by fragment id: a row id
+    ``(fragment << 32) | offset`` is row ``starts[fragment] + offset`` (the dataset is
+    written once, in row order, and never deleted from)."""
+    frags = sorted(index.get_fragments(), key=lambda f: f.fragment_id)
+    starts = np.zeros(max((f.fragment_id for f in frags), default=0) + 1, np.int64)
+    n = 0
+    for f in frags:
+        starts[f.fragment_id] = n
+        n += f.count_rows()
+    return starts
 
 
 def _map_ids(t, ids: list, row: dict) -> tuple[np.ndarray, np.ndarray, dict]:

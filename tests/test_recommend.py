@@ -246,6 +246,22 @@ def test_vector_index_records_its_settings_and_serves_them(tmp_path, monkeypatch
     s.close()
 
 
+def test_index_row_ids_map_to_rows(tmp_path):
+    """Row ids from a search over several fragments decode to the ``row`` column."""
+    import lance
+
+    from dynstore.serving import _row_starts
+
+    X = np.random.default_rng(0).standard_normal((1000, 8)).astype(np.float32)
+    t = pa.table({"row": np.arange(1000), "vector": pa.FixedSizeListArray.from_arrays(pa.array(X.reshape(-1)), 8)})
+    ds = lance.write_dataset(t, str(tmp_path / "ix.lance"), max_rows_per_file=300)
+    assert len(ds.get_fragments()) > 1
+    got = ds.to_table(columns=["row"], with_row_id=True)
+    rid = got.column("_rowid").to_numpy()
+    rows = _row_starts(ds)[rid >> 32] + (rid & 0xFFFFFFFF).astype(np.int64)
+    assert rows.tolist() == got.column("row").to_pylist()
+
+
 def test_all_users_sql_equals_single_user_api(encoded):
     """The batched path (one matrix product per batch, fused exclusion, top-k on chunks)
     gives every user the list and the scores the single-user path gives."""
