@@ -9,8 +9,11 @@ refine_factor, HNSW ef) without rebuilding. Per row: p50/p99 of the whole API ca
 (``ds.to_table(nearest=...)``) it makes, and recall@10 against ``exact=True`` (the
 full score, every term). The load average is printed with every figure.
 
-    python benchmarks/bench_index_grid.py /tmp/idx/store --only pq50
-    python benchmarks/bench_index_grid.py /tmp/idx/store --only flat,sq,hnsw_sq
+    python benchmarks/bench_index_grid.py /tmp/idx/store --only sq,pq50,flat
+    python benchmarks/bench_index_grid.py /tmp/idx/store --only default   # build_index's own settings
+
+The store: ``bench_recommend.py``'s 1M-item catalogue (2,000 users with 10 positives,
+fake:384 encoder, ``index_min_items`` at 1M), built once and kept.
 """
 from __future__ import annotations
 
@@ -38,7 +41,7 @@ GRID = {
     "sq": ({"index_type": "IVF_SQ"},
            [{"nprobes": p, "candidates": c} for p in (10, 20, 40) for c in (10, 100)]),
     "hnsw_sq": ({"index_type": "IVF_HNSW_SQ", "num_partitions": 64},
-                [{"nprobes": p, "ef": e, "candidates": c} for p in (2, 4, 8) for e in (50, 150) for c in (10, 100)]),
+                [{"nprobes": p, "ef": e, "candidates": 100} for p in (2, 4, 8) for e in (50, 150)]),
 }
 
 
@@ -50,6 +53,37 @@ def load():
     return "load %.2f %.2f %.2f" % os.getloadavg()
 
 
+def build_store(path: Path, n_items: int, n_users: int = 2000, history: int = 10, dim: int = 384) -> None:
+    """The catalogue of ``bench_recommend.py``'s index run: 300 topics with their own
+    vocabularies (item vectors cluster as real ones do), fake:384 encoder."""
+    import polars as pl
+
+    import dynstore
+
+    rng = np.random.default_rng(0)
+    store = dynstore.init(path, model=f"fake:{dim}")
+    store.configure(index_min_items=n_items)
+    words = np.array([f"w{i}" for i in range(6000)])
+    topic = rng.integers(0, 300, n_items)
+    picks = topic[:, None] * 20 + rng.integers(0, 20, (n_items, 6))
+    noise = rng.integers(0, 6000, (n_items, 2))
+    titles = [" ".join(words[np.concatenate([a, b])]) for a, b in zip(picks, noise)]
+    store.ingest("items", pl.DataFrame({"item_id": np.arange(1, n_items + 1), "title": titles,
+                                        "category": rng.choice(["a", "b", "c", "d"], n_items)}))
+    n = n_users * history
+    store.ingest("interactions", pl.DataFrame({
+        "user_id": np.repeat(np.arange(1, n_users + 1), history),
+        "item_id": rng.integers(1, n_items + 1, n),
+        "ts": np.datetime64("2025-01-01T00:00:00", "us")
+        + (rng.integers(0, 86400 * 60, n) * 1_000_000).astype("timedelta64[us]"),
+        "value": np.ones(n)}))
+    store.ingest("users", pl.DataFrame({"user_id": np.arange(1, n_users + 1)}))
+    t0 = time.perf_counter()
+    store.encode()
+    print(f"store built: {n_items} items in {time.perf_counter() - t0:.0f} s ({load()})", flush=True)
+    store.close()
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("store", type=Path)
@@ -57,6 +91,8 @@ def main() -> None:
     ap.add_argument("--users", type=int, default=200)
     ap.add_argument("--warmup", type=int, default=30)
     ap.add_argument("--partitions", type=int, default=0, help="IVF partitions (0: sqrt(n))")
+    ap.add_argument("--build-items", type=int, default=1_000_000,
+                    help="catalogue size of the store built when STORE does not exist")
     ap.add_argument("--out", type=Path, default=None, help="append result rows (JSON lines) here")
     args = ap.parse_args()
 
@@ -65,8 +101,10 @@ def main() -> None:
     import dynstore
     from dynstore.recommend import serving_state, user_vectors
     from dynstore.serving import _row_starts
-    from dynstore.versions import build_index, create_vector_index, index_uri
+    from dynstore.versions import INDEX_PAD, build_index, create_vector_index, index_settings, index_uri
 
+    if not args.store.exists():
+        build_store(args.store, args.build_items)
     store = dynstore.connect(args.store)
     state = serving_state(store)
     version = state.version
@@ -90,16 +128,19 @@ def main() -> None:
         print(f"exact: p50 {pct(lat, 50):.1f} ms p99 {pct(lat, 99):.1f} ms ({load()})", flush=True)
 
     for name in args.only.split(","):
-        build, searches = GRID[name]
         ds = lance.dataset(uri)
         width = ds.schema.field("vector").type.list_size
         n = ds.count_rows()
-        settings = {"num_partitions": args.partitions or max(16, int(np.sqrt(n))), **build}
-        t0 = time.perf_counter()
-        if width % 16:  # an index written before padding: write the padded vectors once
-            build_index(store, version, {**settings, "nprobes": 1})
+        if name == "default":  # what build_index records for this catalogue
+            settings, searches = index_settings(n, -(-width // INDEX_PAD) * INDEX_PAD), [{}]
         else:
-            create_vector_index(ds, {**settings, "nprobes": 1})
+            build, searches = GRID[name]
+            settings = {"num_partitions": args.partitions or max(16, int(np.sqrt(n))), **build}
+        t0 = time.perf_counter()
+        if width % INDEX_PAD:  # an index written before padding: write the padded vectors once
+            build_index(store, version, {"nprobes": 1, **settings})
+        else:
+            create_vector_index(ds, {"nprobes": 1, **settings})
         print(f"\n== {name}: {settings} built in {time.perf_counter() - t0:.0f} s ({load()})", flush=True)
         ds = lance.dataset(uri)
         width = ds.schema.field("vector").type.list_size
