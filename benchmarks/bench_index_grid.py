@@ -91,6 +91,7 @@ def main() -> None:
     ap.add_argument("--users", type=int, default=200)
     ap.add_argument("--warmup", type=int, default=30)
     ap.add_argument("--partitions", type=int, default=0, help="IVF partitions (0: sqrt(n))")
+    ap.add_argument("--reuse", action="store_true", help="search the index on disk (built by the entry) as is")
     ap.add_argument("--build-items", type=int, default=1_000_000,
                     help="catalogue size of the store built when STORE does not exist")
     ap.add_argument("--out", type=Path, default=None, help="append result rows (JSON lines) here")
@@ -137,7 +138,9 @@ def main() -> None:
             build, searches = GRID[name]
             settings = {"num_partitions": args.partitions or max(16, int(np.sqrt(n))), **build}
         t0 = time.perf_counter()
-        if width % INDEX_PAD:  # an index written before padding: write the padded vectors once
+        if args.reuse:
+            pass
+        elif width % INDEX_PAD:  # an index written before padding: write the padded vectors once
             build_index(store, version, {"nprobes": 1, **settings})
         else:
             create_vector_index(ds, {"nprobes": 1, **settings})
@@ -165,6 +168,8 @@ def main() -> None:
                 for key in ("refine_factor", "ef"):
                     if p.get(key):
                         nearest[key] = p[key]
+                if "ef" in nearest:
+                    nearest["ef"] = max(nearest["ef"], nearest["k"])
                 t0 = time.perf_counter()
                 ds.to_table(nearest=nearest, columns=[], with_row_id=True)
                 raw.append(time.perf_counter() - t0)

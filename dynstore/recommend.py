@@ -230,6 +230,8 @@ def _indexed_one(state: ServingState, user_id: Any, k: int) -> list[dict]:
     for key in ("refine_factor", "ef"):
         if p.get(key):
             nearest[key] = int(p[key])
+    if "ef" in nearest:
+        nearest["ef"] = max(nearest["ef"], nearest["k"])  # HNSW: ef below k is an error
     # row ids straight from the index: reading the ``row`` column back costs a take per query
     rid = state.index.to_table(nearest=nearest, columns=[], with_row_id=True).column("_rowid").to_numpy()
     hits = p["row_starts"][rid >> 32] + (rid & 0xFFFFFFFF).astype(np.int64)
