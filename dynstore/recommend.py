@@ -216,19 +216,33 @@ def _topk(scores: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
 
 def _indexed_one(state: ServingState, user_id: Any, k: int) -> list[dict]:
     """One user's top-k from the version's vector index (plus items added since)."""
-    x = user_vectors(state, [user_id])[0]
+    hist = _histories(state, [user_id])
+    X, B = score_terms(state, [user_id], hist)  # the user's terms once: the query and the rescoring
+    x = X[0]
     seen = state.positives(np.array([state.user_row.get(user_id, -1)], np.int64))[1]
-    q = np.concatenate([x, [1.0, 0.0]]).astype(np.float32)  # see versions.build_index
-    hits = state.index.to_table(nearest={"column": "vector", "q": q, "k": k + len(np.unique(seen)),
-                                         "nprobes": state.nprobes}, columns=["row"])
-    cand = np.concatenate([hits.column("row").to_numpy(), np.arange(state.n_indexed, len(state.ids)),
+    p = state.index_params
+    q = np.zeros(p.get("width", x.size + 2), np.float32)  # [x_u, 1, 0, zero padding]: see versions.build_index
+    q[:x.size], q[x.size] = x, 1.0
+    n_seen = len(np.unique(seen))
+    # the index ranks candidates (approximately, e.g. by PQ codes); they are rescored exactly below
+    nearest = {"column": "vector", "q": q, "k": max(k, int(p.get("candidates", 0))) + n_seen,
+               "nprobes": int(p["nprobes"])}
+    for key in ("refine_factor", "ef"):
+        if p.get(key):
+            nearest[key] = int(p[key])
+    if "ef" in nearest:
+        nearest["ef"] = max(nearest["ef"], nearest["k"])  # HNSW: ef below k is an error
+    # row ids straight from the index: reading the ``row`` column back costs a take per query
+    rid = state.index.to_table(nearest=nearest, columns=[], with_row_id=True).column("_rowid").to_numpy()
+    hits = p["row_starts"][rid >> 32] + (rid & 0xFFFFFFFF).astype(np.int64)
+    cand = np.concatenate([hits, np.arange(state.n_indexed, len(state.ids)),
                            state.hot if state.hot is not None else np.zeros(0, np.int64)])
     cand = np.setdiff1d(cand, seen)
     cand = cand[np.isfinite(state.bias[cand])]  # deleted items
-    logits = user_logits(state, [user_id], cand)[0]
-    order = np.argsort(-logits, kind="stable")[:k]
-    prob = 1.0 / (1.0 + np.exp(-logits[order].astype(np.float64)))
-    return [{"item_id": state.ids[cand[o]], "score": float(p)} for o, p in zip(order, prob)]
+    logits = X[0] @ state.Wf[cand].T + (B[0] if B.ndim == 2 else B)[cand]  # the exact score (user_logits)
+    val, top = _ranked(cand, logits, k)
+    prob = 1.0 / (1.0 + np.exp(-val.astype(np.float64)))
+    return [{"item_id": state.ids[c], "score": float(pr)} for c, pr in zip(top.tolist(), prob.tolist())]
 
 
 def recommend_many(store, user_ids: Sequence[Any], k: int, *, version: int | None = None,

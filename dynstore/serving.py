@@ -35,7 +35,6 @@ __all__ = ["ServingState", "serving_state", "MAX_OVERLAY"]
 
 #: events in the overlay beyond which a state is rebuilt instead of advanced
 MAX_OVERLAY = 200_000
-NPROBES_SHARE = 0.2  # share of IVF partitions probed per query (recall vs latency)
 HOT_ITEMS = 200  # items with the largest dynamic lift, re-ranked beside the index's candidates
 DAY = 86400.0
 
@@ -117,7 +116,7 @@ class ServingState:
     pos_item: np.ndarray
     index: Any = None       # Lance dataset with an IVF index over the version's rows, if built
     n_indexed: int = 0      # rows [0, n_indexed) are in the index; later rows are new items
-    nprobes: int = 1
+    index_params: dict = field(default_factory=dict)  # the index's recorded settings (versions.build_index)
     static_bias: np.ndarray | None = None  # the version's bias (new items fused, deleted -inf)
     counts: _Counts | None = None
     hist_us: np.ndarray | None = None      # event times in microseconds (supersession needs them)
@@ -416,18 +415,35 @@ def _build(store, lv, items, inter, users) -> ServingState:
             counts.seg_base = ItemActivity(SEGMENT_SPEC, keys[r, c] * n_items + hist_item[r], hist_ts[r],
                                            hist_label[r], max(n_keys, 1) * n_items)
         final = _with_dynamic(lv.model, static, C)
-    index = None
-    from .versions import index_uri
+    index, index_params = None, {}
+    from .versions import index_uri, recorded_index_settings
 
     uri = index_uri(store, lv.version)
     if os.path.isdir(os.path.join(uri, "_versions")):
         import lance
 
         index = lance.dataset(uri)
+        # search as recorded when the index was built (nprobes, candidates): not recomputed
+        index_params = recorded_index_settings(index)
+        index_params["width"] = index.schema.field("vector").type.list_size
+        index_params["row_starts"] = _row_starts(index)
     return ServingState(lv.version, lv.model, ids, row, np.ascontiguousarray(Wf, np.float32), final,
                         _Rows(user_row), ptr, hist_item, hist_label, hist_ts, UA, ua_row, UK, pos_ptr, pos_item,
-                        index, len(lv.ids), max(8, int(max(16, np.sqrt(len(lv.ids))) * NPROBES_SHARE)),
+                        index, len(lv.ids), index_params,
                         static_bias=static, counts=counts, hist_us=hist_us, imp_pos=imp_pos)
+
+
+def _row_starts(index) -> np.ndarray:
+    """First ``row`` of each fragment of an index dataset, by fragment id: a row id
+    ``(fragment << 32) | offset`` is row ``starts[fragment] + offset`` (the dataset is
+    written once, in row order, and never deleted from)."""
+    frags = sorted(index.get_fragments(), key=lambda f: f.fragment_id)
+    starts = np.zeros(max((f.fragment_id for f in frags), default=0) + 1, np.int64)
+    n = 0
+    for f in frags:
+        starts[f.fragment_id] = n
+        n += f.count_rows()
+    return starts
 
 
 def _map_ids(t, ids: list, row: dict) -> tuple[np.ndarray, np.ndarray, dict]:

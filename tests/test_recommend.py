@@ -1,6 +1,7 @@
 """Versions, fused embeddings and the recommend family of SQL functions."""
 from __future__ import annotations
 
+import json
 
 import numpy as np
 import polars as pl
@@ -178,12 +179,15 @@ def test_string_ids_end_to_end(tmp_path):
 def test_vector_index_serves_large_catalogues(loaded, monkeypatch):
     import dynstore.recommend as rec
 
+    from dynstore import versions
+
     loaded.configure(index_min_items=50)  # tiny threshold: the 80-item shop gets an index
-    loaded.encode()
-    assert (loaded.path / "index" / "v1.lance").is_dir()
     # Probing every partition, the inner-product search through the L2 index
     # must find exactly the exact top-k (recall at scale: benchmarks/).
-    monkeypatch.setattr("dynstore.serving.NPROBES_SHARE", 1.0)
+    settings = versions.index_settings
+    monkeypatch.setattr(versions, "index_settings", lambda n, w: {**settings(n, w), "nprobes": 10_000})
+    loaded.encode()
+    assert (loaded.path / "index" / "v1.lance").is_dir()
     calls = []
     monkeypatch.setattr(rec, "_indexed_one", lambda *a, _f=rec._indexed_one: calls.append(1) or _f(*a))
     assert rec.serving_state(loaded).index is not None
@@ -195,6 +199,67 @@ def test_vector_index_serves_large_catalogues(loaded, monkeypatch):
         assert not liked & set(approx)
         agree.append(approx == exact)
     assert len(calls) == 30 and all(agree)
+
+
+def test_vector_index_records_its_settings_and_serves_them(tmp_path, monkeypatch):
+    """The PQ index's settings are recorded with it, serving searches with them, and
+    the candidates rescored exactly keep recall@10 vs exact at 0.95 or more."""
+    import lance
+
+    import dynstore
+    import dynstore.recommend as rec
+    from dynstore import versions
+
+    monkeypatch.setattr(versions, "INDEX_PQ_MIN_ROWS", 1000)  # PQ on a small catalogue
+    rng = np.random.default_rng(0)
+    n_items, n_users = 3000, 40
+    s = dynstore.init(tmp_path / "s", model="fake:32")
+    s.configure(index_min_items=1000)
+    words = np.array([f"w{i}" for i in range(600)])
+    topic = rng.integers(0, 30, n_items)
+    titles = [" ".join(words[t * 20 + rng.integers(0, 20, 5)]) for t in topic]
+    s.ingest("items", pl.DataFrame({"item_id": np.arange(1, n_items + 1), "title": titles}))
+    s.ingest("interactions", pl.DataFrame({
+        "user_id": np.repeat(np.arange(1, n_users + 1), 5), "item_id": rng.integers(1, n_items + 1, n_users * 5),
+        "ts": np.datetime64("2025-01-01T00:00:00", "us") + np.arange(n_users * 5).astype("timedelta64[m]"),
+        "value": np.ones(n_users * 5)}))
+    s.encode()
+    recorded = json.loads(lance.dataset(str(s.path / "index" / "v1.lance")).config()[versions.INDEX_SETTINGS_KEY])
+    assert recorded["index_type"] == "IVF_PQ" and recorded["nprobes"] == versions.INDEX_NPROBES
+    assert recorded["candidates"] == versions.INDEX_CANDIDATES and recorded["num_sub_vectors"] >= 1
+    state = rec.serving_state(s)
+    assert state.index is not None and {k: state.index_params[k] for k in recorded} == recorded
+    # serving searches with the recorded settings, not settings computed now
+    monkeypatch.setattr(versions, "INDEX_NPROBES", 1)
+    seen = []
+    to_table = state.index.to_table
+    monkeypatch.setattr(state.index, "to_table", lambda **kw: seen.append(kw["nearest"]) or to_table(**kw))
+    recall = []
+    for user in range(1, n_users + 1):
+        approx = ids_of(s.recommend(user, 10))
+        exact = ids_of(s.recommend(user, 10, exact=True))
+        recall.append(len(set(approx) & set(exact)) / len(exact))
+        scores = [r["score"] for r in s.recommend(user, 10)]
+        assert scores == sorted(scores, reverse=True)  # ranked by the true score
+    assert seen and all(n["nprobes"] == recorded["nprobes"] and n["k"] >= recorded["candidates"] for n in seen)
+    assert np.mean(recall) >= 0.95, np.mean(recall)
+    s.close()
+
+
+def test_index_row_ids_map_to_rows(tmp_path):
+    """Row ids from a search over several fragments decode to the ``row`` column."""
+    import lance
+
+    from dynstore.serving import _row_starts
+
+    X = np.random.default_rng(0).standard_normal((1000, 8)).astype(np.float32)
+    t = pa.table({"row": np.arange(1000), "vector": pa.FixedSizeListArray.from_arrays(pa.array(X.reshape(-1)), 8)})
+    ds = lance.write_dataset(t, str(tmp_path / "ix.lance"), max_rows_per_file=300)
+    assert len(ds.get_fragments()) > 1
+    got = ds.to_table(columns=["row"], with_row_id=True)
+    rid = got.column("_rowid").to_numpy()
+    rows = _row_starts(ds)[rid >> 32] + (rid & 0xFFFFFFFF).astype(np.int64)
+    assert rows.tolist() == got.column("row").to_pylist()
 
 
 def test_all_users_sql_equals_single_user_api(encoded):
