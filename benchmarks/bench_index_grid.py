@@ -56,30 +56,11 @@ def load():
 def build_store(path: Path, n_items: int, n_users: int = 2000, history: int = 10, dim: int = 384) -> None:
     """The catalogue of ``bench_recommend.py``'s index run: 300 topics with their own
     vocabularies (item vectors cluster as real ones do), fake:384 encoder."""
-    import polars as pl
+    from bench_recommend import generated_store
 
-    import dynstore
-
-    rng = np.random.default_rng(0)
-    store = dynstore.init(path, model=f"fake:{dim}")
-    store.configure(index_min_items=n_items)
-    words = np.array([f"w{i}" for i in range(6000)])
-    topic = rng.integers(0, 300, n_items)
-    picks = topic[:, None] * 20 + rng.integers(0, 20, (n_items, 6))
-    noise = rng.integers(0, 6000, (n_items, 2))
-    titles = [" ".join(words[np.concatenate([a, b])]) for a, b in zip(picks, noise)]
-    store.ingest("items", pl.DataFrame({"item_id": np.arange(1, n_items + 1), "title": titles,
-                                        "category": rng.choice(["a", "b", "c", "d"], n_items)}))
-    n = n_users * history
-    store.ingest("interactions", pl.DataFrame({
-        "user_id": np.repeat(np.arange(1, n_users + 1), history),
-        "item_id": rng.integers(1, n_items + 1, n),
-        "ts": np.datetime64("2025-01-01T00:00:00", "us")
-        + (rng.integers(0, 86400 * 60, n) * 1_000_000).astype("timedelta64[us]"),
-        "value": np.ones(n)}))
-    store.ingest("users", pl.DataFrame({"user_id": np.arange(1, n_users + 1)}))
     t0 = time.perf_counter()
-    store.encode()
+    store = generated_store(path, n_items, n_users, np.random.default_rng(0), history=history, dim=dim,
+                            index_min_items=n_items)
     print(f"store built: {n_items} items in {time.perf_counter() - t0:.0f} s ({load()})", flush=True)
     store.close()
 

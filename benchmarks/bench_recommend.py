@@ -47,36 +47,15 @@ def main() -> None:
     ap.add_argument("--commits", type=int, default=20, help="one-row commits timed in the commit-cost run")
     args = ap.parse_args()
 
-    import polars as pl
     import torch
-
-    import dynstore
 
     rng = np.random.default_rng(0)
     work = Path(tempfile.mkdtemp(prefix="bench-rec-"))
 
     def build(path, n_items, n_users, index_min_items=None):
-        store = dynstore.init(path, model=f"fake:{args.dim}")
-        if index_min_items is not None:
-            store.configure(index_min_items=index_min_items)
-        # 300 topics with their own vocabularies, so item vectors cluster as real ones do
-        words = np.array([f"w{i}" for i in range(6000)])
-        topic = rng.integers(0, 300, n_items)
-        picks = topic[:, None] * 20 + rng.integers(0, 20, (n_items, 6))
-        noise = rng.integers(0, 6000, (n_items, 2))
-        titles = [" ".join(words[np.concatenate([a, b])]) for a, b in zip(picks, noise)]
-        store.ingest("items", pl.DataFrame({"item_id": np.arange(1, n_items + 1), "title": titles,
-                                            "category": rng.choice(["a", "b", "c", "d"], n_items)}))
-        n = n_users * args.history
-        store.ingest("interactions", pl.DataFrame({
-            "user_id": np.repeat(np.arange(1, n_users + 1), args.history),
-            "item_id": rng.integers(1, n_items + 1, n),
-            "ts": np.datetime64("2025-01-01T00:00:00", "us")
-            + (rng.integers(0, 86400 * 60, n) * 1_000_000).astype("timedelta64[us]"),
-            "value": np.ones(n)}))
-        store.ingest("users", pl.DataFrame({"user_id": np.arange(1, n_users + 1)}))
         t0 = time.perf_counter()
-        store.encode()
+        store = generated_store(path, n_items, n_users, rng, history=args.history, dim=args.dim,
+                                index_min_items=index_min_items)
         print(f"setup: {n_items} items encoded (fake:{args.dim}) and version 1 built in {time.perf_counter() - t0:.1f}s")
         return store
 
@@ -89,6 +68,36 @@ def main() -> None:
             commit_cost(args, work, rng)
     finally:
         shutil.rmtree(work, ignore_errors=True)
+
+
+def generated_store(path, n_items: int, n_users: int, rng, *, history: int = 10, dim: int = 384,
+                    index_min_items: int | None = None):
+    """A store of ``n_items`` items in 300 topics with their own vocabularies (item vectors
+    cluster as real ones do) and ``history`` positives per user, encoded with ``fake:dim``."""
+    import polars as pl
+
+    import dynstore
+
+    store = dynstore.init(path, model=f"fake:{dim}")
+    if index_min_items is not None:
+        store.configure(index_min_items=index_min_items)
+    words = np.array([f"w{i}" for i in range(6000)])
+    topic = rng.integers(0, 300, n_items)
+    picks = topic[:, None] * 20 + rng.integers(0, 20, (n_items, 6))
+    noise = rng.integers(0, 6000, (n_items, 2))
+    titles = [" ".join(words[np.concatenate([a, b])]) for a, b in zip(picks, noise)]
+    store.ingest("items", pl.DataFrame({"item_id": np.arange(1, n_items + 1), "title": titles,
+                                        "category": rng.choice(["a", "b", "c", "d"], n_items)}))
+    n = n_users * history
+    store.ingest("interactions", pl.DataFrame({
+        "user_id": np.repeat(np.arange(1, n_users + 1), history),
+        "item_id": rng.integers(1, n_items + 1, n),
+        "ts": np.datetime64("2025-01-01T00:00:00", "us")
+        + (rng.integers(0, 86400 * 60, n) * 1_000_000).astype("timedelta64[us]"),
+        "value": np.ones(n)}))
+    store.ingest("users", pl.DataFrame({"user_id": np.arange(1, n_users + 1)}))
+    store.encode()
+    return store
 
 
 def exact_and_index(args, build, work, rng, torch) -> None:
