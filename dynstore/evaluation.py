@@ -15,6 +15,10 @@ from .metrics import ndcg_per_user, recall_at_k, top_k, user_auc
 __all__ = ["evaluate"]
 
 
+#: score cells (users x items) evaluated per batch: 64 MB of float32
+EVAL_CELLS = 1 << 24
+
+
 def evaluate(
     model,
     train,
@@ -63,8 +67,11 @@ def evaluate(
     hu_s, hi_s = hu[order], hi[order]
     ranked_all, rel_all, auc_vals = [], [], []
     tpos = train.label == 1
-    for s in range(0, users.size, batch_users):
-        ub = users[s : s + batch_users]
+    # a batch's score matrix (and the AUC's sort of it) is users x items: bound its cells,
+    # or a million-item catalogue would take gigabytes per batch
+    step = max(1, min(batch_users, EVAL_CELLS // max(n_items, 1)))
+    for s in range(0, users.size, step):
+        ub = users[s : s + step]
         S = scorer(ub)
         if candidates is not None:
             S[:, ~cand] = -np.inf

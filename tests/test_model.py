@@ -96,6 +96,19 @@ def _popularity(tr):
 
 
 # ----------------------------------------------------------------------- quality
+def test_evaluation_does_not_depend_on_its_batch_size(problem, trained, monkeypatch):
+    """Batches are bounded by score cells (a million items: a few users each); the
+    figures must be the same however the users are cut."""
+    import dynstore.evaluation as ev
+
+    tr, (hu, hi, hl) = problem["train"], problem["hold"]
+    whole = evaluate(trained[0], tr, hu, hi, hl, k=10, per_user=True)
+    monkeypatch.setattr(ev, "EVAL_CELLS", 3 * tr.V.shape[0])  # 3 users per batch
+    cut = evaluate(trained[0], tr, hu, hi, hl, k=10, per_user=True)
+    np.testing.assert_allclose(cut["ndcg_per_user"], whole["ndcg_per_user"])
+    assert cut["recall@10"] == pytest.approx(whole["recall@10"]) and cut["auc"] == pytest.approx(whole["auc"])
+
+
 def test_fit_beats_untrained_and_popularity(problem, trained):
     tr, (hu, hi, hl) = problem["train"], problem["hold"]
     model, stats = trained
