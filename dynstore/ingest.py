@@ -309,6 +309,17 @@ def _csv_row(text: str) -> str:
     return f"{where}: {m.group(2)}".rstrip(": ")
 
 
+def _is_number_type(duckdb_type: str) -> bool:
+    """True for DuckDB's numeric types (``DOUBLE``, ``BIGINT``, ``DECIMAL(9,2)`` ...).
+
+    >>> _is_number_type("DECIMAL(9,2)"), _is_number_type("DATE"), _is_number_type("VARCHAR")
+    (True, False, False)
+    """
+    base = duckdb_type.upper().split("(")[0].strip()
+    return base in {"TINYINT", "SMALLINT", "INTEGER", "BIGINT", "HUGEINT", "UTINYINT", "USMALLINT", "UINTEGER",
+                    "UBIGINT", "UHUGEINT", "FLOAT", "DOUBLE", "REAL", "DECIMAL"}
+
+
 def _col(src: Source, name: str) -> str:
     return q(src.renames.get(name, name))
 
@@ -422,6 +433,9 @@ def build_projection(src: Source, kind: str, id_types: dict[str, str],
             selects.append("CAST(NULL AS VARCHAR) AS event")
         if "value" in src.columns:
             raw = _col(src, "value")
+            if not _is_number_type(src.columns["value"]):
+                # judged on its text: a sniffer can read a lone "inf" as DATE 'infinity'
+                raw = f"CAST({raw} AS VARCHAR)"
             # An explicit NULL stays NULL (e.g. logged impressions); only a
             # missing column defaults to 1.
             selects.append(f"TRY_CAST({raw} AS DOUBLE) AS value")
