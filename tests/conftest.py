@@ -9,7 +9,15 @@ os.environ.setdefault("LANCE_LOG", "error")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
+from hypothesis import settings
+
 from dynstore.demo import DEMO_RULES as SHOP_RULES
+
+# CI (`.ci/run` sets CI=1) replays the same examples on every run, so a red run is
+# reproducible; on a developer's machine hypothesis keeps drawing new ones
+settings.register_profile("ci", derandomize=True, print_blob=True)
+if os.environ.get("CI"):
+    settings.load_profile("ci")
 
 
 @pytest.fixture
