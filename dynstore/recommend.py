@@ -90,6 +90,27 @@ def user_logits(state: ServingState, user_ids: Sequence[Any], rows: np.ndarray |
     return X @ state.Wf[rows].T + B[..., rows]
 
 
+def _probability(logits) -> np.ndarray:
+    """``sigmoid(logits)`` in float64 (``-inf`` -> 0, no overflow warning): the served score."""
+    with np.errstate(over="ignore"):
+        return 1.0 / (1.0 + np.exp(-np.asarray(logits, np.float64)))
+
+
+def _one_user(state: ServingState, user_id: Any):
+    """``(x, b, seen)``: one user's vector, the per-item rest of their logit (a 1-D copy) and
+    the rows of their positives, computed once for scoring and for excluding."""
+    X, B = score_terms(state, [user_id])
+    b = np.array(B[0] if B.ndim == 2 else B, np.float32)
+    seen = state.positives(np.array([state.user_row.get(user_id, -1)], np.int64))[1]
+    return X[0], b, seen
+
+
+def _listed(state: ServingState, rows: np.ndarray, logits: np.ndarray, k: int) -> list[dict]:
+    """The top-``k`` of ``logits`` over ``rows`` as served: item ids and scores, best first."""
+    val, top = _ranked(rows, logits, k)
+    return [{"item_id": state.ids[c], "score": float(p)} for c, p in zip(top.tolist(), _probability(val).tolist())]
+
+
 def _ranked(rows: np.ndarray, logits: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     """Top-``k`` of one user's ``logits`` over ``rows``: best first, ties by row (finite only)."""
     k = min(k, logits.size)
@@ -178,23 +199,12 @@ def _prefiltered(state: ServingState, x: np.ndarray, B: np.ndarray, k: int):
 
 def _exact_one(state: ServingState, user_id: Any, k: int) -> list[dict]:
     """One user's exact top-``k`` over every item."""
-    hist = _histories(state, [user_id])
-    X, B = score_terms(state, [user_id], hist)
-    x = X[0]
-    B = np.array(B[0] if B.ndim == 2 else B, np.float32)  # a copy: seen items go to -inf
-    seen = state.positives(np.array([state.user_row.get(user_id, -1)], np.int64))[1]
+    x, B, seen = _one_user(state, user_id)
     B[seen] = -np.inf
     cand = _prefiltered(state, x, B, k)
     if cand is None:
-        logits = state.Wf @ x + B
-        rows = np.arange(logits.size)
-    else:
-        logits = state.Wf[cand] @ x + B[cand]
-        rows = cand
-    val, top = _ranked(rows, logits, k)
-    prob = 1.0 / (1.0 + np.exp(-val.astype(np.float64)))
-    ids = state.ids
-    return [{"item_id": ids[c], "score": float(p)} for c, p in zip(top.tolist(), prob.tolist())]
+        return _listed(state, np.arange(B.size), state.Wf @ x + B, k)
+    return _listed(state, cand, state.Wf[cand] @ x + B[cand], k)
 
 
 def _topk(scores: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
@@ -216,10 +226,7 @@ def _topk(scores: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
 
 def _indexed_one(state: ServingState, user_id: Any, k: int) -> list[dict]:
     """One user's top-k from the version's vector index (plus items added since)."""
-    hist = _histories(state, [user_id])
-    X, B = score_terms(state, [user_id], hist)  # the user's terms once: the query and the rescoring
-    x = X[0]
-    seen = state.positives(np.array([state.user_row.get(user_id, -1)], np.int64))[1]
+    x, B, seen = _one_user(state, user_id)  # the user's terms once: the query and the rescoring
     p = state.index_params
     q = np.zeros(p.get("width", x.size + 2), np.float32)  # [x_u, 1, 0, zero padding]: see versions.build_index
     q[:x.size], q[x.size] = x, 1.0
@@ -239,10 +246,7 @@ def _indexed_one(state: ServingState, user_id: Any, k: int) -> list[dict]:
                            state.hot if state.hot is not None else np.zeros(0, np.int64)])
     cand = np.setdiff1d(cand, seen)
     cand = cand[np.isfinite(state.bias[cand])]  # deleted items
-    logits = X[0] @ state.Wf[cand].T + (B[0] if B.ndim == 2 else B)[cand]  # the exact score (user_logits)
-    val, top = _ranked(cand, logits, k)
-    prob = 1.0 / (1.0 + np.exp(-val.astype(np.float64)))
-    return [{"item_id": state.ids[c], "score": float(pr)} for c, pr in zip(top.tolist(), prob.tolist())]
+    return _listed(state, cand, state.Wf[cand] @ x + B[cand], k)  # the exact score (user_logits)
 
 
 def recommend_many(store, user_ids: Sequence[Any], k: int, *, version: int | None = None,
@@ -291,8 +295,7 @@ def recommend_many(store, user_ids: Sequence[Any], k: int, *, version: int | Non
                 hit = (where < len(cand_rows)) & (cand_rows[np.minimum(where, len(cand_rows) - 1)] == pitem)
                 logits[r[hit], where[hit]] = -np.inf
             val, idx = _topk(logits, k)
-        with np.errstate(over="ignore"):  # -inf (excluded) rows are dropped below
-            prob = 1.0 / (1.0 + np.exp(-val.astype(np.float64)))
+        prob = _probability(val)  # -inf (excluded) rows are dropped below
         ok = np.isfinite(val)
         cols = idx if cand_rows is None else cand_rows[idx]
         for c_row, p_row, ok_row in zip(cols.tolist(), prob.tolist(), ok.tolist()):
@@ -354,7 +357,7 @@ def scores(store, user_ids: Sequence[Any], item_ids: Sequence[Any]) -> list[floa
             if r < 0 or users[n] is None:
                 out.append(None)
             else:
-                out.append(float(1.0 / (1.0 + np.exp(-float(logits[n, r])))))
+                out.append(float(_probability(logits[n, r])))
     return out
 
 
@@ -389,6 +392,5 @@ def recommend_from_examples(store, positive: Sequence[Any], negative: Sequence[A
     logits = X @ state.Wf.T + state.bias
     logits[0, hist_item] = -np.inf
     val, idx = _topk(logits.astype(np.float32), k)
-    with np.errstate(over="ignore"):
-        prob = 1.0 / (1.0 + np.exp(-val[0].astype(np.float64)))
+    prob = _probability(val[0])
     return [{"item_id": state.ids[c], "score": float(p)} for c, p, v in zip(idx[0], prob, val[0]) if np.isfinite(v)]
