@@ -82,15 +82,15 @@ def main() -> None:
 
     import dynstore
     from dynstore.recommend import serving_state, user_vectors
-    from dynstore.serving import _row_starts
-    from dynstore.versions import INDEX_PAD, build_index, create_vector_index, index_settings, index_uri
+    from dynstore.serving import row_starts
+    from dynstore.vindex import INDEX_PAD, build_index, create_vector_index, index_settings
 
     if not args.store.exists():
         build_store(args.store, args.build_items)
     store = dynstore.connect(args.store)
-    state = serving_state(store)
+    state = serving_state(store.catalog)
     version = state.version
-    uri = index_uri(store, version)
+    uri = store.catalog.index_uri(version)
     rng = np.random.default_rng(1)
     known = np.array(list(state.user_row.base))
     users = [int(u) for u in rng.choice(known, args.warmup + args.users, replace=False)]
@@ -122,7 +122,7 @@ def main() -> None:
         if args.reuse:
             pass
         elif width % INDEX_PAD:  # an index written before padding: write the padded vectors once
-            build_index(store, version, {"nprobes": 1, **settings})
+            build_index(store.catalog, version, {"nprobes": 1, **settings})
         else:
             create_vector_index(ds, {"nprobes": 1, **settings})
         print(f"\n== {name}: {settings} built in {time.perf_counter() - t0:.0f} s ({load()})", flush=True)
@@ -131,7 +131,7 @@ def main() -> None:
         state.index = ds
         for search in searches:
             state.index_params = {**settings, "candidates": 0, **search, "width": width,
-                                  "row_starts": _row_starts(ds)}
+                                  "row_starts": row_starts(ds)}
             for u in warm:
                 store.recommend(u, 10)
             lat, raw, rec = [], [], []

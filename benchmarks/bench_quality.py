@@ -90,7 +90,7 @@ from dynstore.model import (
     TrainingData,
     build_histories,
 )
-from dynstore.refresh import time_decay_days
+from dynstore.window import time_decay_days
 
 ROOT = Path(__file__).resolve().parents[1]
 K = 10
@@ -414,15 +414,15 @@ def bench_store(path: Path, cat: Catalogue, data: StoreInput):
     user-attribute features that every later version inherits.
     """
     import dynstore
-    from dynstore.semantic import _write_cache, store_encoder
+    from dynstore.semcache import store_encoder, write_cache
 
     store = dynstore.init(path, **data.init)
     store.ingest("items", data.items)
     if data.users is not None:
         store.ingest("users", data.users)
-    enc = store_encoder(store)
+    enc = store_encoder(store.catalog)
     hashes = [hashlib.md5(t.encode()).hexdigest() for t in cat.texts]
-    _write_cache(store, enc.id, hashes, cat.V.astype(np.float32))
+    write_cache(store, enc.id, hashes, cat.V.astype(np.float32))
     return store
 
 
@@ -432,7 +432,7 @@ def store_scorer(store, cat: Catalogue, version: int | None = None) -> Scorer:
     biases of the version. Holds everything in memory, so the store may go."""
     from dynstore.recommend import serving_state, user_logits
 
-    state = serving_state(store, version)
+    state = serving_state(store.catalog, version)
     col = np.array(state.ids, np.int64)  # store row -> benchmark item index
 
     def score(users):
@@ -466,12 +466,12 @@ def online_effect(store, split: Split, n_users: int = 200, seed: int = SEED) -> 
         if int(u) in seen:
             seen[int(u)].add(int(i))
     warm = np.unique(pi)
-    before = recommend_many(store, [int(u) for u in users], K)
+    before = recommend_many(store.catalog, [int(u) for u in users], K)
     rows, targets = [], {}
     for u in users:
         u = int(u)
         x = int(rng.choice([i for i in warm[rng.permutation(warm.size)[:50]] if int(i) not in seen[u]]))
-        near = [int(r["item_id"]) for r in similar_items(store, x, 60) if int(r["item_id"]) not in seen[u]]
+        near = [int(r["item_id"]) for r in similar_items(store.catalog, x, 60) if int(r["item_id"]) not in seen[u]]
         liked, rest = near[:3], near[3:23]
         targets[u] = {x, *rest}
         rows += [(u, i) for i in liked]
@@ -479,7 +479,7 @@ def online_effect(store, split: Split, n_users: int = 200, seed: int = SEED) -> 
     store.ingest("interactions", pl.DataFrame({
         "user_id": [r[0] for r in rows], "item_id": [r[1] for r in rows],
         "ts": [newest] * len(rows), "event": ["click"] * len(rows), "value": [5.0] * len(rows)}))
-    after = recommend_many(store, [int(u) for u in users], K)
+    after = recommend_many(store.catalog, [int(u) for u in users], K)
     changed = [set(r["item_id"] for r in a) != set(r["item_id"] for r in b) for a, b in zip(after, before)]
     hit_after = [bool(targets[int(u)] & {r["item_id"] for r in a}) for u, a in zip(users, after)]
     hit_before = [bool(targets[int(u)] & {r["item_id"] for r in b}) for u, b in zip(users, before)]

@@ -111,7 +111,7 @@ def exact_and_index(args, build, work, rng, torch) -> None:
     from dynstore.recommend import score_terms
 
     # The baselines get the same matrices dynstore serves from.
-    state = serving_state(store)
+    state = serving_state(store.catalog)
     users = [r[0] for r in con.sql("SELECT user_id FROM users").fetchall()]
     X, B = score_terms(state, users)  # every term of the score (bias, segment, item-item)
     W = state.Wf
@@ -255,7 +255,7 @@ def commit_cost(args, work, rng) -> None:
         "value": np.ones(n)}))
     store.encode()
     t0 = time.perf_counter()
-    serving.serving_state(store)
+    serving.serving_state(store.catalog)
     t_build = time.perf_counter() - t0
     users = rng.integers(1, n_users + 1, 400)
     for u in users[:20]:
@@ -275,7 +275,7 @@ def commit_cost(args, work, rng) -> None:
         first.append(time.perf_counter() - t0)
     # what a commit cost before: the serving state rebuilt from the whole log
     for _ in range(3):
-        store._cache.pop("serving_states", None)
+        store.catalog.memo.invalidate("serving_states")
         t0 = time.perf_counter()
         store.recommend(int(users[0]), 10)
         rebuild.append(time.perf_counter() - t0)

@@ -566,7 +566,7 @@ def versions(store, fmt, as_json):
       dynstore versions shop --format markdown
       dynstore versions shop --json | jq '.[0].metrics'
     """
-    from dynstore.versions import headline_metrics
+    from dynstore.registry import headline_metrics
 
     with _open(store, read_only=True) as s:
         rows = s.versions()
@@ -633,10 +633,8 @@ def eval_(store, version, k, fmt, as_json, quiet):
       dynstore eval shop
       dynstore eval shop --version 3 -k 20 --json
     """
-    from dynstore.refresh import evaluate_version
-
     with _open(store, read_only=True) as s:
-        out = evaluate_version(s, version=version, k=k)
+        out = s.evaluate(version=version, k=k)
     click.echo(key_values(out, _fmt(fmt, as_json)))
     sl = out["slice"]
     _note(quiet or as_json or fmt != "table",

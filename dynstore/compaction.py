@@ -37,6 +37,11 @@ import os
 import shutil
 from typing import Any
 
+from .catalog import TABLES, Catalog
+from .errors import StoreBusy
+from .lock import writer_lock
+from .registry import registry_table
+
 __all__ = ["compact", "maybe_compact", "dataset_stats"]
 
 
@@ -62,14 +67,12 @@ def dataset_stats(ds, uri: str) -> dict:
     return {"fragments": len(ds.get_fragments()), "versions": n_versions, "bytes": _size(uri)}
 
 
-def _datasets(store) -> list[tuple[str, str, str]]:
+def _datasets(catalog: Catalog) -> list[tuple[str, str, str]]:
     """``(name, uri, lock kind)`` of every dataset of the store."""
-    from .store import TABLES
-
-    out = [(t, store._dataset_uri(t), f"ingest-{t}") for t in TABLES]
-    out += [("embeddings", store._dataset_uri("embeddings"), "versions"),
-            ("versions", store._dataset_uri("versions"), "versions")]
-    cache_dir = store.path / "cache"
+    out = [(t, catalog.uri(t), f"ingest-{t}") for t in TABLES]
+    out += [("embeddings", catalog.uri("embeddings"), "versions"),
+            ("versions", catalog.uri("versions"), "versions")]
+    cache_dir = catalog.path / "cache"
     if cache_dir.is_dir():
         for d in sorted(cache_dir.iterdir()):
             if d.suffix == ".lance":
@@ -110,16 +113,14 @@ def _compact_one(uri: str, retain_seconds: float, *, force: bool) -> dict:
             "bytes": [before["bytes"], after["bytes"]]}
 
 
-def _orphans(store) -> dict:
+def _orphans(catalog: Catalog) -> dict:
     """Remove what versions whose registry commit never happened left behind.
     The caller holds the ``versions`` lock (no version is being built)."""
     import lance
 
-    from .versions import _registry, index_uri
-
-    known = set(_registry(store).column("version").to_pylist())
+    known = set(registry_table(catalog).column("version").to_pylist())
     removed: dict[str, Any] = {"embedding_rows": 0, "files": []}
-    emb = store._dataset("embeddings")
+    emb = catalog.dataset("embeddings")
     if emb is not None:
         import pyarrow.compute as pc
 
@@ -127,34 +128,34 @@ def _orphans(store) -> dict:
         orphan = sorted(present - known)
         if orphan:
             n = emb.count_rows(filter=f"version IN ({', '.join(map(str, orphan))})")
-            lance.dataset(store._dataset_uri("embeddings")).delete(f"version IN ({', '.join(map(str, orphan))})")
+            lance.dataset(catalog.uri("embeddings")).delete(f"version IN ({', '.join(map(str, orphan))})")
             removed["embedding_rows"] = n
-    models = store.path / "models"
+    models = catalog.path / "models"
     if models.is_dir():
         for f in sorted(models.iterdir()):
             stem = f.name.split(".")[0]
             if stem.startswith("v") and stem[1:].isdigit() and int(stem[1:]) not in known:
                 f.unlink()
                 removed["files"].append(f"models/{f.name}")
-    idx = store.path / "index"
+    idx = catalog.path / "index"
     if idx.is_dir():
         for d in sorted(idx.iterdir()):
             stem = d.name.split(".")[0]
             if stem.startswith("v") and stem[1:].isdigit() and int(stem[1:]) not in known:
-                shutil.rmtree(index_uri(store, int(stem[1:])), ignore_errors=True)
+                shutil.rmtree(catalog.index_uri(int(stem[1:])), ignore_errors=True)
                 removed["files"].append(f"index/{d.name}")
     return removed
 
 
-def _unused_encoders(store) -> list[str]:
+def _unused_encoders(catalog: Catalog) -> list[str]:
     """Fine-tuned encoders no version and not the config use (a refresh killed while
     fine-tuning, or a candidate that was never promoted and is gone). The caller holds
     the ``refresh`` lock (no fine-tuning is running)."""
-    enc = store.path / "encoders"
+    enc = catalog.path / "encoders"
     if not enc.is_dir():
         return []
-    used = {store.config.model, store.config.switch_from}
-    models = store.path / "models"
+    used = {catalog.config.model, catalog.config.switch_from}
+    models = catalog.path / "models"
     for f in models.glob("v*.json") if models.is_dir() else ():
         try:
             used.add(json.loads(f.read_text()).get("encoder_model"))
@@ -169,60 +170,56 @@ def _unused_encoders(store) -> list[str]:
     return gone
 
 
-def compact(store, *, retain_seconds: float | None = None, wait: float = 2.0) -> dict:
+def compact(catalog: Catalog, *, retain_seconds: float | None = None, wait: float = 2.0) -> dict:
     """Compact every dataset, drop superseded versions and orphans; see the module docstring.
 
     Returns ``{"datasets": {name: {"fragments": [before, after], "versions": [...],
     "bytes": [...]}}, "orphans": {...}, "encoders_removed": [...], "skipped": {name: why}}``.
     """
-    from .errors import StoreBusy
-    from .lock import writer_lock
-
-    retain = store.config.retain_seconds if retain_seconds is None else float(retain_seconds)
+    retain = catalog.config.retain_seconds if retain_seconds is None else float(retain_seconds)
     out: dict[str, Any] = {"datasets": {}, "orphans": {}, "encoders_removed": [], "skipped": {},
                            "retain_seconds": retain}
     try:
-        with writer_lock(store.path, "versions", wait=wait):
-            out["orphans"] = _orphans(store)
+        with writer_lock(catalog.path, "versions", wait=wait):
+            out["orphans"] = _orphans(catalog)
     except StoreBusy:
         out["skipped"]["orphans"] = "a version is being written"
-    for name, uri, lock in _datasets(store):
+    for name, uri, lock in _datasets(catalog):
         if not os.path.isdir(os.path.join(uri, "_versions")):
             continue
         try:
-            with writer_lock(store.path, lock, wait=wait):
+            with writer_lock(catalog.path, lock, wait=wait):
                 out["datasets"][name] = _compact_one(uri, retain, force=True)
         except StoreBusy:
             out["skipped"][name] = f"busy: another {lock} is writing"
     try:
-        with writer_lock(store.path, "refresh", wait=0):
-            out["encoders_removed"] = _unused_encoders(store)
+        with writer_lock(catalog.path, "refresh", wait=0):
+            out["encoders_removed"] = _unused_encoders(catalog)
     except StoreBusy:
         out["skipped"]["encoders"] = "a refresh is running"
-    tmp = store.path / "dynstore.toml.tmp"
+    tmp = catalog.path / "dynstore.toml.tmp"
     if tmp.exists():
         try:
-            with writer_lock(store.path, "config", wait=0):
+            with writer_lock(catalog.path, "config", wait=0):
                 tmp.unlink(missing_ok=True)
         except StoreBusy:
             pass
-    store._con_state = None
     return out
 
 
-def maybe_compact(store, name: str) -> dict | None:
+def maybe_compact(catalog: Catalog, name: str) -> dict | None:
     """After a commit to ``name`` (held under its writer lock by the caller): compact it
     when it has more than ``compact_fragments`` fragments. Never fails the commit."""
-    limit = int(store.config.compact_fragments)
-    if limit <= 0 or store.read_only:
+    limit = int(catalog.config.compact_fragments)
+    if limit <= 0 or catalog.read_only:
         return None
-    uri = store._dataset_uri(name) if not name.startswith("cache/") else str(store.path / name)
-    ds = store._open_dataset(uri)
+    uri = catalog.uri(name) if not name.startswith("cache/") else str(catalog.path / name)
+    ds = catalog.open(uri)
     # rewritten datasets (the registry, upserted items) stay one fragment but pile
     # up versions: every limit-th version cleans those up too
     if ds is None or (len(ds.get_fragments()) <= limit and ds.version % limit):
         return None
     try:
-        return _compact_one(uri, float(store.config.retain_seconds), force=False)
+        return _compact_one(uri, float(catalog.config.retain_seconds), force=False)
     except OSError:
         return None  # a full disk fails compaction, not the write that was committed

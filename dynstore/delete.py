@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from .errors import ConfigError
+from .catalog import Catalog
+from .errors import ConfigError, first_line
+from .rules import expression_error
 
 __all__ = ["delete_rows"]
 
@@ -38,7 +40,7 @@ def _ranges(ids: np.ndarray) -> str:
     return " OR ".join(parts)
 
 
-def delete_rows(store, kind: str, where: str, *, dry_run: bool = False) -> dict:
+def delete_rows(catalog: Catalog, kind: str, where: str, *, dry_run: bool = False) -> dict:
     """Delete the rows of ``kind`` for which ``where`` is true; one commit.
 
     Returns ``{"kind", "deleted", "total", "version"}`` (``total`` after the
@@ -55,13 +57,11 @@ def delete_rows(store, kind: str, where: str, *, dry_run: bool = False) -> dict:
     """
     import duckdb
 
-    from .store import expression_error
-
     if kind not in KINDS:
         raise ConfigError(f"unknown table {kind!r}; use one of {', '.join(KINDS)}")
     if not where or not where.strip():
         raise ConfigError("--where is empty; to delete every row say so: --where true")
-    ds = store._dataset(kind)
+    ds = catalog.dataset(kind)
     if ds is None:
         return {"kind": kind, "deleted": 0, "total": 0, "version": 0}
     con = duckdb.connect()
@@ -70,7 +70,7 @@ def delete_rows(store, kind: str, where: str, *, dry_run: bool = False) -> dict:
         con.register("_dynstore_src", ds.to_table(limit=0))
         label = ""
         if kind == "interactions":
-            cfg = store.config
+            cfg = catalog.config
             label = (f", CAST(CASE WHEN ({cfg.positive}) THEN 1 WHEN ({cfg.negative}) THEN -1 ELSE 0 END "
                      "AS TINYINT) AS label")
         con.execute(f"CREATE VIEW {kind} AS SELECT *{label} FROM _dynstore_src")
@@ -79,7 +79,7 @@ def delete_rows(store, kind: str, where: str, *, dry_run: bool = False) -> dict:
             try:
                 con.execute(f"SELECT CAST(({where}) AS BOOLEAN) FROM {kind} LIMIT 0")
             except duckdb.Error as exc:
-                why = str(exc).strip().splitlines()[0]
+                why = first_line(exc)
         if why is not None:
             cols = ", ".join(r[0] for r in con.execute(f"DESCRIBE {kind}").fetchall())
             raise ConfigError(f"--where {where!r} is not a condition over {kind} ({cols}): {why}")
@@ -94,6 +94,6 @@ def delete_rows(store, kind: str, where: str, *, dry_run: bool = False) -> dict:
         ds.delete(_ranges(ids))
     import lance
 
-    latest = lance.dataset(store._dataset_uri(kind))
+    latest = lance.dataset(catalog.uri(kind))
     return {"kind": kind, "deleted": int(len(ids)), "total": latest.count_rows(), "version": latest.version,
             **({"dry_run": True} if dry_run else {})}

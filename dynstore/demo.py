@@ -111,7 +111,7 @@ def run_demo(directory: str | None = None, *, size: str = "small", model: str = 
     echo(_metrics(r1))
     echo(f"\n== new interactions arrive ({after.height} rows after the drift point)")
     store.ingest("interactions", paths["after"])
-    ev = __import__("dynstore.refresh", fromlist=["evaluate_version"]).evaluate_version(store)
+    ev = store.evaluate()
     echo(f"version {ev['version']} on the newest slice, before retraining: "
          f"ndcg@10={ev['ndcg@10']:.4f} recall@10={ev['recall@10']:.4f}")
     r2 = store.refresh(since="30d")

@@ -1471,3 +1471,6 @@ def encoder_fingerprint(spec: str | os.PathLike[str], *, max_length: int = 256, 
 
 
 register_encoder(DEFAULT_MODEL, _minilm_factory)
+
+
+check_batch_size = _check_batch_size  # public name (issue 12)

@@ -11,29 +11,24 @@ from typing import Any, Sequence
 
 import pyarrow as pa
 
-__all__ = ["log_impressions"]
+__all__ = ["impressions_table"]
 
 
-def log_impressions(store, user_id: Any, items: Sequence[Any], *, ts: _dt.datetime | None = None) -> int:
-    """Append an impression of each of ``items`` for ``user_id``; return the count.
+def impressions_table(user_id: Any, items: Sequence[Any], *, ts: _dt.datetime | None = None) -> pa.Table:
+    """Interaction rows saying ``items`` were shown to ``user_id`` (now, unless ``ts``);
+    :meth:`Store.log_impressions <dynstore.Store.log_impressions>` ingests them.
 
     Examples
     --------
-    >>> import tempfile, dynstore
-    >>> store = dynstore.init(tempfile.mkdtemp() + "/s")
-    >>> log_impressions(store, 1, [10, 11])
-    2
+    >>> impressions_table(1, [10, None, 11]).column("event").to_pylist()
+    ['impression', 'impression']
     """
     items = [i for i in items if i is not None]
-    if not items:
-        return 0
     when = ts or _dt.datetime.now(_dt.timezone.utc).replace(tzinfo=None)
-    table = pa.table({
+    return pa.table({
         "user_id": [user_id] * len(items),
         "item_id": list(items),
         "ts": pa.array([when] * len(items), pa.timestamp("us")),
         "event": ["impression"] * len(items),
         "value": pa.array([None] * len(items), pa.float64()),
     })
-    store.ingest("interactions", table)
-    return len(items)

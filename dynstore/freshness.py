@@ -9,27 +9,29 @@ retrains regardless. ``dynstore inspect`` shows the same decision.
 """
 from __future__ import annotations
 
+from .catalog import Catalog
+from .registry import list_versions
+from .semcache import encoder_info, snapshot as store_snapshot
+
 __all__ = ["current_rules", "refresh_plan"]
 
 _RULE_NAMES = {"positive": "positive rule", "negative": "negative rule", "item_text": "item document",
                "behaviour_summary": "behaviour summary", "encoder": "encoder"}
 
 
-def current_rules(store) -> dict:
+def current_rules(catalog: Catalog) -> dict:
     """What a version's labels and vectors depend on besides the data.
 
     >>> import tempfile, dynstore
     >>> sorted(current_rules(dynstore.init(tempfile.mkdtemp() + "/s", model="fake")))
     ['behaviour_summary', 'encoder', 'item_text', 'negative', 'positive']
     """
-    from .semantic import encoder_info
-
-    cfg = store.config
+    cfg = catalog.config
     return {"positive": cfg.positive, "negative": cfg.negative, "item_text": cfg.item_text,
-            "behaviour_summary": cfg.behaviour_summary, "encoder": encoder_info(store)[0]}
+            "behaviour_summary": cfg.behaviour_summary, "encoder": encoder_info(catalog)[0]}
 
 
-def refresh_plan(store, *, since: str | None, force: bool = False, snapshot: dict | None = None) -> dict:
+def refresh_plan(catalog: Catalog, *, since: str | None, force: bool = False, snapshot: dict | None = None) -> dict:
     """Whether ``refresh(since=...)`` would retrain now, and the reasons.
 
     Returns ``{"needed": bool, "reasons": [str, ...], "reason": str,
@@ -42,14 +44,12 @@ def refresh_plan(store, *, since: str | None, force: bool = False, snapshot: dic
     >>> refresh_plan(dynstore.init(tempfile.mkdtemp() + "/s", model="fake"), since="30d")["reason"]
     'no interactions ingested yet'
     """
-    from .versions import list_versions
-
-    snap = snapshot or store.snapshot()
-    rules = current_rules(store)
+    snap = snapshot or store_snapshot(catalog)
+    rules = current_rules(catalog)
     if snap["interactions"] == 0:
         return {"needed": False, "reasons": [], "reason": "no interactions ingested yet", "version": None,
                 "rules": rules}
-    rows = list_versions(store)
+    rows = list_versions(catalog)
     latest = rows[0] if rows else None
     reasons = ["--force"] if force else []
     if latest is None:

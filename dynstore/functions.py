@@ -18,9 +18,16 @@ from __future__ import annotations
 
 import functools
 from dataclasses import dataclass
-from typing import Any, Callable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
-__all__ = ["sql_function", "register_sql_function", "apply", "registered", "generation", "check_write_calls"]
+import duckdb
+
+from .errors import SqlError
+
+if TYPE_CHECKING:
+    from .store import Store
+
+__all__ = ["sql_function", "register_sql_function", "apply_functions", "registered", "generation", "check_write_calls"]
 
 
 @dataclass(frozen=True)
@@ -78,7 +85,6 @@ def sql_function(name: str, parameters, return_type, **options) -> Callable:
 
 def registered() -> list[str]:
     """Names of every registered SQL function."""
-    _load_builtins()
     return sorted(_REGISTRY)
 
 
@@ -89,12 +95,10 @@ def generation() -> int:
     :meth:`~dynstore.Store.sql` call (and the ``dynstore sql`` prompt's next
     statement), not connections handed out before.
     """
-    _load_builtins()
     return _GENERATION
 
 
 def _write_names() -> list[str]:
-    _load_builtins()
     return [f.name for f in _REGISTRY.values() if f.side_effects]
 
 
@@ -167,10 +171,8 @@ def _guarded(f: SqlFunction) -> Callable[..., Any]:
     """``f.fn``, refusing to write unless the statement was checked (see :func:`check_write_calls`)."""
 
     @functools.wraps(f.fn)  # DuckDB reads the parameters from the signature
-    def call(store, *args):
-        if not getattr(store, "_statements_checked", False):
-            from .errors import SqlError
-
+    def call(store: "Store", *args):
+        if not store.catalog.writes_checked:
             raise SqlError(f"{f.name}(...) writes to the store; run it through Store.sql, a SqlSession or "
                            "`dynstore sql` (raw connections cannot make sure DuckDB keeps the call)")
         return f.fn(store, *args)
@@ -178,18 +180,11 @@ def _guarded(f: SqlFunction) -> Callable[..., Any]:
     return call
 
 
-def _load_builtins() -> None:
-    from . import builtins  # noqa: F401  (registers on import)
-
-
-def apply(store, con, *, replace: bool = False) -> None:
+def apply_functions(store: "Store", con: "duckdb.DuckDBPyConnection", *, replace: bool = False) -> None:
     """Register every function on ``con`` (a DuckDB connection), bound to ``store``.
 
     With ``replace``, functions ``con`` already has are dropped first.
     """
-    import duckdb
-
-    _load_builtins()
     for f in _REGISTRY.values():
         if replace:
             try:

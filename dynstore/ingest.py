@@ -17,7 +17,9 @@ import duckdb
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from .catalog import Catalog
 from .errors import IdTypeError, IngestError
+from .lancescan import is_text, stored_type
 
 __all__ = ["KINDS", "ingest", "RESERVED", "FUTURE_TOLERANCE_S"]
 
@@ -505,7 +507,7 @@ def describe_target(con: duckdb.DuckDBPyConnection, dataset) -> dict[str, str]:
     return out
 
 
-def ingest(store, kind: str, sources: Iterable[Any], *, mapping: dict[str, str] | None = None,
+def ingest(catalog: Catalog, kind: str, sources: Iterable[Any], *, mapping: dict[str, str] | None = None,
            fmt: str | None = None, dedupe: bool | str | Sequence[str] = False,
            allow_future: bool = False) -> dict:
     """Validate and commit ``sources`` into the ``kind`` dataset of ``store``.
@@ -542,13 +544,13 @@ def ingest(store, kind: str, sources: Iterable[Any], *, mapping: dict[str, str] 
     con = duckdb.connect(config={"threads": max(1, os.cpu_count() or 1)})
     con.execute("SET TimeZone = 'UTC'")
     try:
-        dataset = store._dataset(kind)
+        dataset = catalog.dataset(kind)
         target = describe_target(con, dataset)
-        force_varchar = {c for c in KINDS[kind] if store.config.id_types.get(c[:-3]) == "string"}
+        force_varchar = {c for c in KINDS[kind] if catalog.config.id_types.get(c[:-3]) == "string"}
         opened = [_open_source(con, s, i, fmt, mapping, force_varchar) for i, s in enumerate(sources)]
         for src in opened:
             check_reserved(src, kind)
-        id_types = dict(store.config.id_types)
+        id_types = dict(catalog.config.id_types)
         queries = []
         for src in opened:
             sql, types = build_projection(src, kind, id_types, target, latest)
@@ -557,11 +559,11 @@ def ingest(store, kind: str, sources: Iterable[Any], *, mapping: dict[str, str] 
                     raise IdTypeError(f"{src.label}: {key}_id values are {t}s but earlier sources gave {id_types[key]}s")
                 id_types[key] = t
             queries.append((src, sql))
-        uri = store._dataset_uri(kind)
+        uri = catalog.uri(kind)
         errors: list[IngestError] = []
         unknown = None
         if kind == "interactions":
-            unknown = _UnknownItems(store)
+            unknown = _UnknownItems(catalog)
             stream, schema, mode = _append_stream(con, queries, dataset, errors, dedupe=dedupe, unknown=unknown)
         else:
             if dedupe:
@@ -583,7 +585,7 @@ def ingest(store, kind: str, sources: Iterable[Any], *, mapping: dict[str, str] 
         rows = stream.rows
     finally:
         con.close()
-    store._record_id_types(id_types)
+    catalog.record_id_types(id_types)
     if not os.path.isdir(os.path.join(uri, "_versions")):  # a first ingest with nothing new
         return {"kind": kind, "rows": 0, "total": 0, "version": 0}
     ds = lance.dataset(uri)
@@ -666,8 +668,8 @@ def _dedupe_query(con, queries, dataset, dedupe) -> tuple[str, list[str]]:
 class _UnknownItems:
     """Counts interaction rows whose item is not in ``items`` (they are kept: items may come later)."""
 
-    def __init__(self, store):
-        items = store._dataset("items")
+    def __init__(self, catalog: Catalog):
+        items = catalog.dataset("items")
         self.known = items.to_table(columns=["item_id"]).column("item_id") if items is not None else None
         self.rows = 0
         self.ids: set = set()
@@ -751,8 +753,6 @@ SAMPLE_ROWS = 100_000
 def _new_column_type(con, sql: str, field: pa.Field) -> pa.DataType:
     """Storage type of a new interactions column: low-cardinality strings are
     dictionary-encoded (see :mod:`dynstore.lancescan`)."""
-    from .lancescan import is_text, stored_type
-
     typ = stored_type(field.name, field.type)
     if typ != field.type or not is_text(field.type) or field.name in KINDS["interactions"]:
         return typ

@@ -9,6 +9,13 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from .catalog import TABLES, Catalog
+from .errors import error_message
+from .freshness import refresh_plan
+from .registry import headline_metrics, list_versions
+from .semcache import cache_dataset, encoder_info
+from .views import views_connection
+
 __all__ = ["inspect_store"]
 
 
@@ -30,7 +37,7 @@ def _dataset_info(ds, uri: str) -> dict:
             "dataset_version": ds.version}
 
 
-def inspect_store(store) -> dict:
+def inspect_store(catalog: Catalog) -> dict:
     """A JSON-able overview of ``store``.
 
     Examples
@@ -42,46 +49,44 @@ def inspect_store(store) -> dict:
     """
     import duckdb
 
-    from .freshness import refresh_plan
-    from .semantic import cache_dataset, cache_uri, encoder_info
-    from .session import error_message
-    from .store import TABLES
-    from .versions import headline_metrics, list_versions
-
-    cfg = store.config
-    enc_id, dim = encoder_info(store)
-    tables = {name: _dataset_info(store._dataset(name), store._dataset_uri(name)) for name in TABLES}
+    cfg = catalog.config
+    enc_id, dim = encoder_info(catalog)
+    tables = {name: _dataset_info(catalog.dataset(name), catalog.uri(name)) for name in TABLES}
     for name in TABLES:
-        ds = store._dataset(name)
+        ds = catalog.dataset(name)
         tables[name]["columns"] = [f.name for f in ds.schema] if ds is not None else []
     stale: int | None = None
     doc_error = None
     if tables["items"]["rows"]:
         try:
-            stale = store.sql("SELECT count(*) FROM stale_items").fetchall()[0][0]
+            con = views_connection(catalog)
+            try:
+                stale = con.execute("SELECT count(*) FROM stale_items").fetchall()[0][0]
+            finally:
+                con.close()
         except duckdb.Error as exc:
             doc_error = error_message(exc)
     else:
         stale = 0
-    rows = list_versions(store)
+    rows = list_versions(catalog)
     current = next((r for r in rows if r["status"] == "current"), None)
     trained = [r for r in rows if r["snapshot"].get("trained_until") is not None]
     last = trained[0] if trained else None
     since = (last["snapshot"].get("since") if last else None) or "30d"
-    plan = refresh_plan(store, since=since)
+    plan = refresh_plan(catalog, since=since)
     by_status: dict[str, int] = {}
     for r in rows:
         by_status[r["status"]] = by_status.get(r["status"], 0) + 1
     out = {
-        "store": str(store.path),
+        "store": str(catalog.path),
         "format_version": cfg.format_version,
         "created": cfg.created,
         "id_types": dict(cfg.id_types),
-        "bytes": _bytes(store.path),
+        "bytes": _bytes(catalog.path),
         "tables": tables,
         "encoder": {"model": cfg.model, "id": enc_id, "dim": dim, "max_length": cfg.max_length},
-        "semantic_cache": _dataset_info(cache_dataset(store, enc_id), cache_uri(store, enc_id)),
-        "embeddings": _dataset_info(store._dataset("embeddings"), store._dataset_uri("embeddings")),
+        "semantic_cache": _dataset_info(cache_dataset(catalog, enc_id), catalog.cache_uri(enc_id)),
+        "embeddings": _dataset_info(catalog.dataset("embeddings"), catalog.uri("embeddings")),
         "items_stale": stale,
         "versions": {"count": len(rows), "current": current["version"] if current else None,
                      "latest": rows[0]["version"] if rows else None, "by_status": by_status},

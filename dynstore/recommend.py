@@ -29,6 +29,7 @@ from typing import Any, Iterable, Sequence
 import numpy as np
 
 from .errors import DynstoreError
+from .catalog import Catalog
 from .serving import ServingState, serving_state
 
 __all__ = ["recommend", "recommend_many", "serving_state", "ServingState", "MAX_K"]
@@ -249,7 +250,7 @@ def _indexed_one(state: ServingState, user_id: Any, k: int) -> list[dict]:
     return _listed(state, cand, state.Wf[cand] @ x + B[cand], k)  # the exact score (user_logits)
 
 
-def recommend_many(store, user_ids: Sequence[Any], k: int, *, version: int | None = None,
+def recommend_many(catalog: Catalog, user_ids: Sequence[Any], k: int, *, version: int | None = None,
                    candidates: Iterable[Any] | None = None, exact: bool = False) -> list[list[dict]]:
     """Top-``k`` lists for many users: one matrix product per batch of users.
 
@@ -259,7 +260,7 @@ def recommend_many(store, user_ids: Sequence[Any], k: int, *, version: int | Non
     vector index (large catalogues) is served from the index unless ``exact``.
     """
     k = check_k(k)
-    state = serving_state(store, version)
+    state = serving_state(catalog, version)
     if candidates is None and len(user_ids) == 1:
         if state.index is not None and not exact:
             return [_indexed_one(state, user_ids[0], k)]
@@ -339,15 +340,15 @@ def _blocked_topk(W: np.ndarray, X: np.ndarray, B: np.ndarray, r: np.ndarray, it
     return np.take_along_axis(V, order, 1), np.take_along_axis(I, order, 1)
 
 
-def recommend(store, user_id: Any, k: int = 10, *, version: int | None = None,
+def recommend(catalog: Catalog, user_id: Any, k: int = 10, *, version: int | None = None,
               candidates: Iterable[Any] | None = None, exact: bool = False) -> list[dict]:
     """Top-``k`` for one user; see :func:`recommend_many`."""
-    return recommend_many(store, [user_id], k, version=version, candidates=candidates, exact=exact)[0]
+    return recommend_many(catalog, [user_id], k, version=version, candidates=candidates, exact=exact)[0]
 
 
-def scores(store, user_ids: Sequence[Any], item_ids: Sequence[Any]) -> list[float | None]:
+def scores(catalog: Catalog, user_ids: Sequence[Any], item_ids: Sequence[Any]) -> list[float | None]:
     """``p_ui`` for pairs; None where the item is unknown."""
-    state = serving_state(store)
+    state = serving_state(catalog)
     out: list[float | None] = []
     for start in range(0, len(user_ids), BATCH_USERS):
         users = list(user_ids[start:start + BATCH_USERS])
@@ -361,10 +362,10 @@ def scores(store, user_ids: Sequence[Any], item_ids: Sequence[Any]) -> list[floa
     return out
 
 
-def similar_items(store, item_id: Any, k: int) -> list[dict] | None:
+def similar_items(catalog: Catalog, item_id: Any, k: int) -> list[dict] | None:
     """Items whose fused vectors are closest (cosine) to ``item_id``'s."""
     k = check_k(k)
-    state = serving_state(store)
+    state = serving_state(catalog)
     r = state.row.get(item_id)
     if r is None:
         return None
@@ -377,10 +378,10 @@ def similar_items(store, item_id: Any, k: int) -> list[dict] | None:
     return [{"item_id": state.ids[c], "score": float(v)} for c, v in zip(idx[0], val[0]) if np.isfinite(v)]
 
 
-def recommend_from_examples(store, positive: Sequence[Any], negative: Sequence[Any], k: int) -> list[dict]:
+def recommend_from_examples(catalog: Catalog, positive: Sequence[Any], negative: Sequence[Any], k: int) -> list[dict]:
     """Rank items for a user described only by liked and disliked examples."""
     k = check_k(k)
-    state = serving_state(store)
+    state = serving_state(catalog)
     pos = [state.row[i] for i in (positive or []) if i in state.row]
     neg = [state.row[i] for i in (negative or []) if i in state.row]
     hist_item = np.array(pos + neg, np.int64)

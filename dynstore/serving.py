@@ -31,6 +31,15 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from .catalog import Catalog
+from .dynamics import KIND_LABELS, SEGMENT_SPEC, ItemActivity
+from .semantic import cached_vectors
+from .semcache import cache_dataset, encoder_info
+from .sqltext import sql_text, statements
+from .versions import load_version
+from .views import views_connection
+from .vindex import recorded_index_settings
+
 __all__ = ["ServingState", "serving_state", "MAX_OVERLAY"]
 
 #: events in the overlay beyond which a state is rebuilt instead of advanced
@@ -79,8 +88,6 @@ class _Counts:
 def _contributions(spec, label: np.ndarray, ts: np.ndarray, now: int) -> np.ndarray:
     """``float64 [m, spec.width]``: what each event adds to its item's counts at ``now``."""
     out = np.zeros((label.size, spec.width), np.float64)
-    from .dynamics import KIND_LABELS
-
     col = 0
     age = (now - ts.astype(np.float64)) / DAY
     for kind in spec.kinds:
@@ -275,51 +282,45 @@ def _fragments(ds) -> dict:
     return out
 
 
-def _source(store, lv, items, users) -> tuple:
+def _source(catalog: Catalog, lv, items, users) -> tuple:
     """Everything but the interactions a state depends on: a change means a rebuild."""
-    from .semantic import cache_dataset, encoder_info
-
-    cache = cache_dataset(store)
-    cfg = store.config
+    cache = cache_dataset(catalog)
+    cfg = catalog.config
     return (lv.version, id(lv), items.version if items is not None else 0, users.version if users is not None else 0,
-            cache.version if cache is not None else 0, encoder_info(store)[0], cfg.positive, cfg.negative)
+            cache.version if cache is not None else 0, encoder_info(catalog)[0], cfg.positive, cfg.negative)
 
 
-def serving_state(store, version: int | None = None) -> ServingState:
+def serving_state(catalog: Catalog, version: int | None = None) -> ServingState:
     """The serving state of ``version`` (default: current) as of the store's data.
 
     Cached per process: the same snapshot returns the same object; a snapshot
     that only appended interactions advances the last state (see the module
     docstring); anything else rebuilds.
     """
-    from .versions import load_version
-
-    lv = load_version(store, version)
-    items = store._dataset("items")
-    inter = store._dataset("interactions")
-    users = store._dataset("users")
-    src = _source(store, lv, items, users)
+    lv = load_version(catalog, version)
+    items = catalog.dataset("items")
+    inter = catalog.dataset("interactions")
+    users = catalog.dataset("users")
+    src = _source(catalog, lv, items, users)
     key = (src, inter.version if inter is not None else 0)
-    states = store._cache.setdefault("serving_states", [])
+    states = catalog.memo.serving_states
     for k, st in states:
         if k == key:
             return st
     state = None
     prior = next((st for k, st in reversed(states) if k[0] == src), None)
     if prior is not None and inter is not None:
-        state = _advance(store, prior, inter)
+        state = _advance(catalog, prior, inter)
     if state is None:
-        state = _build(store, lv, items, inter, users)
+        state = _build(catalog, lv, items, inter, users)
     state.source.update(key=key, fragments=_fragments(inter))
     states.append((key, state))
     del states[:-3]  # the current state, a pinned older snapshot's, another version's
     return state
 
 
-def _build(store, lv, items, inter, users) -> ServingState:
+def _build(catalog: Catalog, lv, items, inter, users) -> ServingState:
     """A state from scratch: every labelled event of the snapshot."""
-    from .semantic import cached_vectors
-
     ids, row, Wf, bias = list(lv.ids), dict(lv.row), lv.Wf, lv.bias
     if items is not None:
         table = items.to_table()
@@ -327,7 +328,7 @@ def _build(store, lv, items, inter, users) -> ServingState:
         new_pos = [n for n, i in enumerate(all_ids) if i not in row]
         if new_pos:
             new_ids = [all_ids[n] for n in new_pos]
-            V, ok = cached_vectors(store, new_ids)
+            V, ok = cached_vectors(catalog, new_ids)
             # items not encoded yet wait for `encode` (they are in stale_items): a
             # reader never runs the encoder
             keep = np.flatnonzero(ok)
@@ -360,7 +361,7 @@ def _build(store, lv, items, inter, users) -> ServingState:
     hist_us = np.zeros(0, np.int64)
     imp_pos: dict = {}
     if inter is not None:
-        con = store._views_connection()
+        con = views_connection(catalog)
         try:
             t = con.sql("SELECT user_id, item_id, epoch(ts)::BIGINT AS ts, epoch_us(ts) AS us, label "
                         "FROM labelled_events").to_arrow_table()
@@ -404,8 +405,6 @@ def _build(store, lv, items, inter, users) -> ServingState:
         C = act.items.counts(np.arange(n_items), now)
         counts = _Counts(lv.model.dynamic, now, C)
         if lv.model.segments and UK.shape[0] and "theta_seg" in lv.model.params:
-            from .dynamics import SEGMENT_SPEC, ItemActivity
-
             keys = _event_keys(user_row, ua_row, UK, ptr)
             n_keys = int(sum(lv.model.segments))
             ok = keys >= 0
@@ -416,9 +415,7 @@ def _build(store, lv, items, inter, users) -> ServingState:
                                            hist_label[r], max(n_keys, 1) * n_items)
         final = _with_dynamic(lv.model, static, C)
     index, index_params = None, {}
-    from .versions import index_uri, recorded_index_settings
-
-    uri = index_uri(store, lv.version)
+    uri = catalog.index_uri(lv.version)
     if os.path.isdir(os.path.join(uri, "_versions")):
         import lance
 
@@ -426,14 +423,14 @@ def _build(store, lv, items, inter, users) -> ServingState:
         # search as recorded when the index was built (nprobes, candidates): not recomputed
         index_params = recorded_index_settings(index)
         index_params["width"] = index.schema.field("vector").type.list_size
-        index_params["row_starts"] = _row_starts(index)
+        index_params["row_starts"] = row_starts(index)
     return ServingState(lv.version, lv.model, ids, row, np.ascontiguousarray(Wf, np.float32), final,
                         _Rows(user_row), ptr, hist_item, hist_label, hist_ts, UA, ua_row, UK, pos_ptr, pos_item,
                         index, len(lv.ids), index_params,
                         static_bias=static, counts=counts, hist_us=hist_us, imp_pos=imp_pos)
 
 
-def _row_starts(index) -> np.ndarray:
+def row_starts(index) -> np.ndarray:
     """First ``row`` of each fragment of an index dataset, by fragment id: a row id
     ``(fragment << 32) | offset`` is row ``starts[fragment] + offset`` (the dataset is
     written once, in row order, and never deleted from)."""
@@ -496,37 +493,35 @@ def _with_dynamic(model, static: np.ndarray, C: np.ndarray) -> np.ndarray:
 # ----------------------------------------------------------------------------- advancing
 
 
-def _labeller(store):
+def _labeller(catalog: Catalog):
     """A small DuckDB connection that labels rows by the store's rules, as the
     ``interactions`` view of ``sql/views.sql`` does (its own statement, reused)."""
     import duckdb
 
-    from .store import _sql_text, _statements
-
-    cfg = store.config
-    ds = store._dataset("interactions")
+    cfg = catalog.config
+    ds = catalog.dataset("interactions")
     key = (cfg.positive, cfg.negative, tuple(ds.schema.names) if ds is not None else ())
-    hit = store._cache.get("labeller")
+    hit = catalog.memo.labeller
     if hit is not None and hit[0] == key:
         return hit[1]
-    stmt = next(s for s in _statements(_sql_text("views.sql")) if "VIEW interactions AS" in s)
+    stmt = next(s for s in statements(sql_text("views.sql")) if "VIEW interactions AS" in s)
     stmt = stmt.replace("{{positive}}", cfg.positive).replace("{{negative}}", cfg.negative)
     con = duckdb.connect(config={"threads": 1})
     con.execute("SET TimeZone = 'UTC'")
-    con.register("_dynstore_interactions", _empty_interactions(store))
+    con.register("_dynstore_interactions", _empty_interactions(catalog))
     con.execute(stmt)
-    store._cache["labeller"] = (key, con)
+    catalog.memo.labeller = (key, con)
     return con
 
 
-def _empty_interactions(store):
+def _empty_interactions(catalog: Catalog):
     import pyarrow as pa
 
-    ds = store._dataset("interactions")
+    ds = catalog.dataset("interactions")
     return ds.schema.empty_table() if ds is not None else pa.table({"ts": pa.array([], pa.timestamp("us"))})
 
 
-def _advance(store, prior: ServingState, inter) -> ServingState | None:
+def _advance(catalog: Catalog, prior: ServingState, inter) -> ServingState | None:
     """``prior`` plus the interactions appended since, or None when a rebuild is needed."""
     old = prior.source.get("fragments", {})
     now_frags = _fragments(inter)
@@ -541,7 +536,7 @@ def _advance(store, prior: ServingState, inter) -> ServingState | None:
     table = scanner.to_table()
     if sum(len(o[0]) for o in prior.overlay.values()) + table.num_rows > MAX_OVERLAY:
         return None
-    con = _labeller(store)
+    con = _labeller(catalog)
     con.register("_dynstore_interactions", table)
     t = con.sql("SELECT user_id, item_id, epoch(ts)::BIGINT AS ts, epoch_us(ts) AS us, label, "
                 "coalesce(event = 'impression', false) AS imp FROM interactions").to_arrow_table()

@@ -28,18 +28,28 @@ Examples
 from __future__ import annotations
 
 import re
+import time
 from dataclasses import dataclass, field
-from typing import Any, Iterator
+from typing import TYPE_CHECKING, Any, Iterator
 
-from .errors import DynstoreError
+import duckdb
 
-__all__ = ["SqlSession", "Result", "error_message", "error_from", "STORE_VIEWS"]
+from . import builtin_functions  # noqa: F401  (dynstore's own functions register on import)
+from .errors import DynstoreError, error_from, error_message
+from .functions import apply_functions, check_write_calls, generation, registered
+from .semcache import snapshot
+from .views import attach_views, create_views, new_connection
+
+if TYPE_CHECKING:
+    from .store import Store
+
+__all__ = ["SqlSession", "Result", "error_message", "error_from", "STORE_VIEWS", "open_connection", "follow",
+           "connection_state"]
 
 #: Views every connection gets from the store (see ``sql/views.sql``).
 STORE_VIEWS = ("interactions", "items", "users", "item_documents", "stale_items", "versions",
                "item_embeddings", "item_embeddings_all")
 
-_UDF = re.compile(r"while executing the UDF: (\w+): (.*)", re.S)
 _WRITES = ("INSERT", "UPDATE", "DELETE", "MERGE_INTO")
 
 
@@ -63,42 +73,50 @@ class Result:
         return m.group(1) if m else "the object"
 
 
-def error_from(exc: BaseException, message: str | None = None) -> DynstoreError:
-    """The dynstore error a function raised inside DuckDB, as its own class (a
-    :class:`~dynstore.errors.StoreBusy` stays busy: exit 3), else a DynstoreError.
+def open_connection(store: "Store", *, checked: bool = False) -> duckdb.DuckDBPyConnection:
+    """A new DuckDB connection with every view, function and macro, pinned to the
+    store's commits as of this call (see :meth:`Store.connection <dynstore.Store.connection>`).
 
-    >>> import duckdb
-    >>> type(error_from(duckdb.InvalidInputException(
-    ...     "Invalid Input Error: Python exception occurred while executing the UDF: "
-    ...     "StoreBusy: store s is busy"))).__name__
-    'StoreBusy'
+    ``checked``: the caller checks every statement (:func:`check_write_calls`),
+    so write functions may run on this connection.
     """
-    from . import errors
+    view = store if store.catalog.is_pinned else store.pinned()
+    view.catalog.writes_checked = checked
+    con = new_connection()
+    attach(view, con)
+    if store.read_only:
+        # Set last: the views above needed no file access, and once
+        # locked, SQL cannot turn external access back on.
+        con.execute("SET enable_external_access = false")
+        con.execute("SET lock_configuration = true")
+    return con
 
-    m = _UDF.search(str(exc))
-    cls = getattr(errors, m.group(1)) if m and m.group(1) in errors.__all__ else DynstoreError
-    return cls(message if message is not None else error_message(exc))
 
+def attach(view: "Store", con: duckdb.DuckDBPyConnection, *, again: bool = False) -> None:
+    """Register datasets, views, functions and macros of a pinned ``view`` on ``con``.
 
-def error_message(exc: BaseException) -> str:
-    """One line for a person: dynstore's own message when a function raised it.
-
-    >>> import duckdb
-    >>> error_message(duckdb.InvalidInputException(
-    ...     "Invalid Input Error: Python exception occurred while executing the UDF: "
-    ...     "DynstoreError: k must be between 1 and 10000, got 0"))
-    'k must be between 1 and 10000, got 0'
+    ``again`` re-attaches an existing connection to the latest commits:
+    functions are replaced, views and macros are ``CREATE OR REPLACE``; the
+    session's own tables stay.
     """
-    from . import errors
+    attach_views(view.catalog, con)
+    apply_functions(view, con, replace=again)
+    create_views(view.catalog, con, ("macros.sql",))
 
-    text = str(exc).strip()
-    m = _UDF.search(text)
-    if m and m.group(1) in errors.__all__:
-        text = m.group(2).strip()
-    elif isinstance(exc, DynstoreError):
-        text = str(exc)
-    lines = [line.strip() for line in text.splitlines() if line.strip()]
-    return lines[0] if lines else type(exc).__name__
+
+def follow(store: "Store", con: duckdb.DuckDBPyConnection, *, checked: bool) -> None:
+    """Move ``con`` to the latest commits (views, macros and functions re-created)."""
+    base = store.catalog.latest
+    base.reload_config()
+    view = store.pinned()
+    view.catalog.writes_checked = checked
+    attach(view, con, again=True)
+
+
+def connection_state(store: "Store") -> tuple:
+    """What a connection was built from: config, dataset versions, registered functions."""
+    cat = store.catalog.latest
+    return (cat.config_stamp(), tuple(sorted(snapshot(cat).items())), generation())
 
 
 class SqlSession:
@@ -111,10 +129,10 @@ class SqlSession:
         (no writes, no file access outside the store).
     """
 
-    def __init__(self, store):
+    def __init__(self, store: "Store"):
         self.store = store
-        self._state = store._connection_state()
-        self.con = store.connection(_checked=True)
+        self._state = connection_state(store)
+        self.con = open_connection(store, checked=True)
 
     def close(self) -> None:
         self.con.close()
@@ -127,16 +145,14 @@ class SqlSession:
 
     def _follow(self) -> None:
         """Attach commits, config changes and new functions made since the last statement."""
-        state = self.store._connection_state()
+        state = connection_state(self.store)
         if state == self._state:
             return
-        self.store._follow(self.con, checked=True)
+        follow(self.store, self.con, checked=True)
         self._state = state
 
     def statements(self, text: str) -> list[Any]:
         """Split ``text`` into DuckDB statements (each has ``.query`` and ``.type``)."""
-        import duckdb
-
         try:
             return list(self.con.extract_statements(text))
         except duckdb.Error as exc:
@@ -144,10 +160,6 @@ class SqlSession:
 
     def run(self, statement: Any) -> Result:
         """Run one statement (a string or an item of :meth:`statements`)."""
-        import time
-
-        import duckdb
-
         if isinstance(statement, str):
             parsed = self.statements(statement)
             if len(parsed) != 1:
@@ -156,8 +168,6 @@ class SqlSession:
         query = statement.query.strip()
         kind = statement.type.name
         self._follow()
-        from .functions import check_write_calls
-
         check_write_calls(query)
         t0 = time.perf_counter()
         try:
@@ -203,8 +213,6 @@ class SqlSession:
 
     def describe(self, name: str) -> list[tuple[str, str]]:
         """``(column, type)`` of a table or view."""
-        import duckdb
-
         self._follow()
         try:
             rows = self.con.execute(
@@ -218,8 +226,6 @@ class SqlSession:
 
     def functions(self) -> list[tuple[str, str, str]]:
         """``(name, kind, signature)`` of dynstore's SQL functions and macros."""
-        from .functions import registered
-
         self._follow()
         names = [n for n in registered() if not n.startswith("_")] + ["recommend", "recommendations",
                                                                         "item_vector"]

@@ -1,25 +1,13 @@
-"""The store: a directory of Lance datasets plus ``dynstore.toml``.
+"""The store: the public façade over a :class:`~dynstore.catalog.Catalog`.
 
-Layout of a store directory::
-
-    dynstore.toml            format version, id types, rules, encoder
-    tables/<name>.lance      interactions, items, users (Lance, MVCC)
-    cache/semantic.lance     semantic vectors keyed by (doc_hash, encoder)
-    embeddings.lance         fused item embeddings, one row per version x item
-    versions.lance           the version registry
-    models/v<N>.safetensors  per-version model parameters (+ v<N>.json)
-    locks/<kind>.lock        writer locks (flock; released when a process dies)
-
-DuckDB is only the SQL engine: every connection is in-memory and scans the
-Lance datasets through Arrow, so a reader never holds a file lock that could
-keep a cron ``refresh`` out.
+``init`` creates a store directory, ``connect`` opens one; every method of
+:class:`Store` checks that it may write, takes the writer lock of its kind and
+calls one module that does the work (see the README's code map).
 """
 from __future__ import annotations
 
 import datetime as _dt
 import os
-from contextlib import contextmanager
-from importlib import resources
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -27,35 +15,34 @@ os.environ.setdefault("LANCE_LOG", "error")  # Lance warns on every first write
 
 import duckdb
 
-from . import functions
+from .bootstrap import ensure_first_version
+from .catalog import TABLES, Catalog, open_catalog
+from .compaction import compact, maybe_compact
 from .config import CONFIG_NAME, StoreConfig
-from .errors import ConfigError, DynstoreError, ReadOnlyError, StorageError, StoreExists, StoreNotFound
+from .delete import delete_rows
+from .encoder import check_precision, get_encoder
+from .errors import ConfigError, StoreExists
+from .feedback import impressions_table
+from .functions import check_write_calls
+from .holdout import evaluate_version
+from .ingest import ingest
+from .inspection import inspect_store
 from .lock import writer_lock
+from .recommend import recommend
+from .refresh import refresh
+from .registry import list_versions
+from .rules import validate_rules
+from .semantic import encode
+from .semcache import record_encoder, snapshot
+from .session import connection_state, follow, open_connection
+from .versions import rollback
+from .views import check_item_text
 
 __all__ = ["connect", "init", "Store"]
 
-TABLES = ("interactions", "items", "users")
-#: Default scan options of the tables' Lance datasets (see Store._open_dataset).
-_TABLE_SCAN = {"batch_size": 64 * 1024}
-
-
-def _sql_text(name: str) -> str:
-    return resources.files("dynstore.sql").joinpath(name).read_text(encoding="utf-8")
-
-
-def _statements(text: str) -> list[str]:
-    """Split one of dynstore's own .sql files into statements (';' ends a line)."""
-    out, buf = [], []
-    for line in text.splitlines():
-        if line.lstrip().startswith("--") and not buf:
-            continue
-        buf.append(line)
-        if line.rstrip().endswith(";"):
-            out.append("\n".join(buf))
-            buf = []
-    if "".join(buf).strip():
-        out.append("\n".join(buf))
-    return out
+#: What :meth:`Store.configure` may change.
+SETTABLE = frozenset({"positive", "negative", "item_text", "behaviour_summary", "model", "max_length", "precision",
+                      "index_min_items", "compact_fragments", "retain_seconds"})
 
 
 def init(path: str | os.PathLike, *, positive: str | None = None, negative: str | None = None,
@@ -100,14 +87,11 @@ def init(path: str | os.PathLike, *, positive: str | None = None, negative: str 
     if max_length is not None:
         cfg.max_length = int(max_length)
     if precision is not None:
-        from .encoder import check_precision
-
         cfg.precision = check_precision(precision)
     validate_rules(cfg)
     if cfg.model not in ("minilm",) and not cfg.model.startswith("fake"):
-        from .encoder import get_encoder  # fail at init, not at the first encode
-
-        get_encoder(cfg.model, max_length=cfg.max_length, precision=cfg.precision)
+        get_encoder(  # fail at init, not at the first encode
+            cfg.model, max_length=cfg.max_length, precision=cfg.precision)
     root.mkdir(parents=True, exist_ok=True)
     for sub in ("tables", "cache", "models", "locks"):
         (root / sub).mkdir(exist_ok=True)
@@ -115,69 +99,9 @@ def init(path: str | os.PathLike, *, positive: str | None = None, negative: str 
     # crash mid-init leaves a directory that `init` may simply be run on again
     # after removing it, never a half-store that opens.
     cfg.save(root / CONFIG_NAME)
-    store = Store(root)
-    from .semantic import record_encoder
-
-    record_encoder(store)  # readers then know id and dimension without the model
+    store = Store(open_catalog(root))
+    record_encoder(store.catalog)  # readers then know id and dimension without the model
     return store
-
-
-def expression_error(con: duckdb.DuckDBPyConnection, expr: str, relation: str) -> str | None:
-    """Why ``expr`` is not one SQL expression over ``relation``'s columns, or None.
-
-    The expression is parsed on its own first, so a syntax error quotes only
-    text the user wrote (not the query dynstore wraps it in), and text that
-    would close the wrapper's parentheses (``a) OR (b``) is refused.
-    """
-    if not expr or not expr.strip():
-        return "empty expression"
-    try:
-        parsed = con.extract_statements(f"SELECT {expr}")
-    except duckdb.Error as exc:
-        return _first_line(exc)
-    if len(parsed) != 1:
-        return "expected one expression, found several statements (remove the ';')"
-    try:
-        con.execute(f"SELECT ({expr}) FROM {relation} LIMIT 0")
-    except duckdb.Error as exc:
-        return _first_line(exc)
-    return None
-
-
-def _reason(exc: BaseException) -> str:
-    """An OS or Lance error in a few words: first line, without Rust source locations.
-
-    >>> _reason(OSError("LanceError(IO): File too large (os error 27), /src/writer.rs:254:9"))
-    'File too large (os error 27)'
-    """
-    text = _first_line(exc)
-    text = text.split("LanceError(IO): ", 1)[-1]
-    return text.split(", /", 1)[0].strip()
-
-
-def _first_line(exc: BaseException) -> str:
-    lines = [line for line in str(exc).strip().splitlines() if line.strip()]
-    return lines[0] if lines else type(exc).__name__
-
-
-def validate_rules(cfg: StoreConfig) -> None:
-    """Check the labelling rules against DuckDB."""
-    con = duckdb.connect()
-    con.execute("CREATE TABLE interactions (user_id BIGINT, item_id BIGINT, ts TIMESTAMP, "
-                "event VARCHAR, value DOUBLE)")
-    try:
-        for name, expr in (("positive", cfg.positive), ("negative", cfg.negative)):
-            why = expression_error(con, expr, "interactions")
-            if why is None:
-                try:
-                    con.execute(f"SELECT CAST(({expr}) AS BOOLEAN) FROM interactions")
-                except duckdb.Error as exc:
-                    why = _first_line(exc)
-            if why is not None:
-                raise ConfigError(f"--{name} {expr!r} is not a valid rule over interaction columns "
-                                  f"(user_id, item_id, ts, event, value): {why}")
-    finally:
-        con.close()
 
 
 def connect(path: str | os.PathLike, *, read_only: bool = False) -> "Store":
@@ -200,33 +124,38 @@ def connect(path: str | os.PathLike, *, read_only: bool = False) -> "Store":
     ...     store.sql("SELECT count(*) FROM items").fetchall()[0]
     (0,)
     """
-    return Store(Path(path), read_only=read_only)
+    return Store(open_catalog(path, read_only=read_only))
 
 
 class Store:
-    """An open store. Cheap to create; holds no lock while idle."""
+    """An open store. Cheap to create; holds no lock while idle.
 
-    #: set on the pinned view behind connections whose statements dynstore checks
-    #: (Store.sql, SqlSession): only there may write functions run
-    _statements_checked = False
+    Parameters
+    ----------
+    catalog : Catalog
+        Where the store's data lives (:func:`connect` opens it from a path).
+    """
 
-    def __init__(self, path: Path, *, read_only: bool = False):
-        self.path = Path(path)
-        cfg_path = self.path / CONFIG_NAME
-        if not cfg_path.is_file():
-            why = "does not exist" if not self.path.exists() else "is not a dynstore store (no dynstore.toml)"
-            raise StoreNotFound(f"{self.path}: {why}; create one with `dynstore init`")
-        from .switch import effective
-
-        self.config = effective(self.path, StoreConfig.load(cfg_path))
-        self.read_only = read_only
+    def __init__(self, catalog: Catalog | str | os.PathLike, *, read_only: bool = False):
+        self.catalog = catalog if isinstance(catalog, Catalog) else open_catalog(catalog, read_only=read_only)
         self._con: duckdb.DuckDBPyConnection | None = None
         self._con_state: tuple | None = None
-        self._cache: dict[str, Any] = {}
-        self._open: dict[str, tuple[int, Any]] = {}
-        #: uri -> dataset (or None) in a pinned view (see :meth:`pinned`); None: follow the latest
-        self._pins: dict[str, Any] | None = None
-        self._base: "Store" = self
+        self._base: Store = self
+
+    @property
+    def path(self) -> Path:
+        """The store directory."""
+        return self.catalog.path
+
+    @property
+    def config(self) -> StoreConfig:
+        """The config the store runs with."""
+        return self.catalog.config
+
+    @property
+    def read_only(self) -> bool:
+        """True when opened with ``read_only=True``: every write is refused."""
+        return self.catalog.read_only
 
     # -- lifecycle -----------------------------------------------------------------
     def __enter__(self) -> "Store":
@@ -239,87 +168,10 @@ class Store:
         if self._con is not None:
             self._con.close()
             self._con = None
-        self._cache.clear()
+        self.catalog.memo.invalidate()
 
     def __repr__(self) -> str:
         return f"<dynstore.Store {str(self.path)!r}{' read-only' if self.read_only else ''}>"
-
-    # -- datasets ------------------------------------------------------------------
-    def _dataset_uri(self, name: str) -> str:
-        if name in TABLES:
-            return str(self.path / "tables" / f"{name}.lance")
-        return str(self.path / f"{name}.lance")
-
-    def _dataset(self, name: str, version: int | None = None):
-        """The latest (or a pinned) version of a Lance dataset, or None."""
-        return self._open_dataset(self._dataset_uri(name), version)
-
-    def _open_dataset(self, uri: str, version: int | None = None):
-        import lance
-
-        from .lancescan import enable_dictionary_filters, enable_row_estimates
-
-        enable_dictionary_filters()  # DuckDB's WHERE on dictionary columns (interactions.event)
-        enable_row_estimates()  # DuckDB plans joins knowing each dataset's size
-
-        if self._pins is not None and version is None:
-            # A pinned view answers every later call with the version it saw
-            # first, so one statement never mixes commits.
-            if uri not in self._pins:
-                self._pins[uri] = self._base._open_dataset(uri)
-            return self._pins[uri]
-        try:
-            # A commit adds a manifest to _versions/, which changes the
-            # directory's mtime: a cheap way to reuse the open dataset
-            # until someone commits.
-            stamp = os.stat(os.path.join(uri, "_versions")).st_mtime_ns
-        except FileNotFoundError:
-            return None
-        # Tables are scanned in batches of 64k rows (Lance's default is 8k): the
-        # batches DuckDB pulls through the Arrow stream, ~1.3x faster scans.
-        options = _TABLE_SCAN if os.path.basename(os.path.dirname(uri)) == "tables" else None
-        if version is not None:
-            return lance.dataset(uri, version=version, default_scan_options=options)
-        hit = self._open.get(uri)
-        if hit is None or hit[0] != stamp:
-            hit = self._open[uri] = (stamp, lance.dataset(uri, default_scan_options=options))
-        return hit[1]
-
-    @contextmanager
-    def _writing(self, what: str):
-        """Turn a refused write (disk full, read-only files) into :class:`StorageError`:
-        every writer commits atomically, so the last commit stands."""
-        try:
-            yield
-        except DynstoreError:
-            raise
-        except Exception as exc:
-            if not isinstance(exc, OSError) and type(exc).__name__ != "SafetensorError":
-                raise
-            raise StorageError(f"{self.path}: {what} could not write ({_reason(exc)}); the last commit "
-                               "stands: free space or fix permissions, then run it again") from None
-
-    def _require_writable(self, what: str) -> None:
-        if self.read_only:
-            raise ReadOnlyError(f"{self.path}: opened read-only; cannot {what}")
-
-    def _reload_config(self) -> None:
-        from .switch import effective
-
-        self.config = effective(self.path, StoreConfig.load(self.path / CONFIG_NAME))
-
-    def _save_config(self) -> None:
-        self._require_writable("change the config")
-        self.config.save(self.path / CONFIG_NAME)
-        self._con_state = None
-
-    def _record_id_types(self, id_types: dict[str, str]) -> None:
-        with writer_lock(self.path, "config"):
-            self._reload_config()
-            if self.config.id_types != {**self.config.id_types, **id_types}:
-                self.config.id_types.update(id_types)
-                self.config.save(self.path / CONFIG_NAME)
-        self._con_state = None
 
     def pinned(self) -> "Store":
         """A read view of this store frozen at its latest commits.
@@ -329,7 +181,7 @@ class Store:
         the functions of one connection -- one statement -- see one snapshot,
         whatever commits in the meantime. Writes through the view go to the
         store itself (they never build on a stale snapshot). The view shares
-        the store's caches, which are keyed by dataset versions.
+        the store's memo, which is keyed by dataset versions.
 
         Examples
         --------
@@ -338,39 +190,19 @@ class Store:
         >>> _ = store.ingest("users", pl.DataFrame({"user_id": [1]}))
         >>> view = store.pinned()
         >>> _ = store.ingest("users", pl.DataFrame({"user_id": [2]}))
-        >>> view._dataset("users").count_rows(), store._dataset("users").count_rows()
+        >>> view.catalog.dataset("users").count_rows(), store.catalog.dataset("users").count_rows()
         (1, 2)
         """
-        from .semantic import cache_dataset
-
-        base = self._base
-        view = _PinnedStore.__new__(_PinnedStore)
-        view.__dict__.update(base.__dict__)
-        view._base = base
-        view._con = None
-        view._con_state = None
-        view._pins = {}
-        view.config = StoreConfig(**base.config.as_dict())
-        view.config.id_types = dict(base.config.id_types)
-        for name in TABLES + ("embeddings", "versions"):
-            view._dataset(name)
-        cache_dataset(view)
+        view = _PinnedStore(self._base.catalog.pinned(), base=self._base)
+        snapshot(view.catalog)  # pins the semantic cache of the store's encoder too
         return view
 
     def snapshot(self) -> dict[str, int]:
         """Latest committed version of every dataset (what a new query sees)."""
-        from .semantic import cache_dataset
-
-        out = {}
-        for name in TABLES + ("embeddings", "versions"):
-            ds = self._dataset(name)
-            out[name] = ds.version if ds is not None else 0
-        cache = cache_dataset(self)
-        out["semantic"] = cache.version if cache is not None else 0
-        return out
+        return snapshot(self.catalog)
 
     # -- SQL -----------------------------------------------------------------------
-    def connection(self, *, _checked: bool = False) -> duckdb.DuckDBPyConnection:
+    def connection(self) -> duckdb.DuckDBPyConnection:
         """A new in-process DuckDB connection with every view and function.
 
         The connection is pinned to the store's commits as of this call: its
@@ -391,28 +223,7 @@ class Store:
         >>> con.sql("SELECT count(*) FROM users").fetchall()[0]
         (0,)
         """
-        view = self if self._pins is not None else self.pinned()
-        view._statements_checked = _checked
-        con = duckdb.connect(config={"threads": max(1, os.cpu_count() or 1)})
-        con.execute("SET TimeZone = 'UTC'")
-        view._attach(con)
-        if self.read_only:
-            # Set last: the views above needed no file access, and once
-            # locked, SQL cannot turn external access back on.
-            con.execute("SET enable_external_access = false")
-            con.execute("SET lock_configuration = true")
-        return con
-
-    def _views_connection(self) -> duckdb.DuckDBPyConnection:
-        """A connection with the views only (no functions, no macros), pinned like
-        :meth:`connection`: what dynstore's own reads of the data need, at a third
-        of the cost."""
-        view = self if self._pins is not None else self.pinned()
-        con = duckdb.connect(config={"threads": max(1, os.cpu_count() or 1)})
-        con.execute("SET TimeZone = 'UTC'")
-        view._register_datasets(con)
-        view._create_views(con, ("views.sql",))
-        return con
+        return open_connection(self)
 
     def follow(self, con: duckdb.DuckDBPyConnection) -> None:
         """Move a connection from :meth:`connection` to the latest commits.
@@ -432,99 +243,7 @@ class Store:
         >>> con.sql("SELECT count(*) FROM users").fetchall()[0][0]
         2
         """
-        self._follow(con, checked=False)
-
-    def _follow(self, con: duckdb.DuckDBPyConnection, *, checked: bool) -> None:
-        base = self._base
-        base._reload_config()
-        view = base.pinned()
-        view._statements_checked = checked
-        view._attach(con, again=True)
-
-    def _attach(self, con: duckdb.DuckDBPyConnection, *, again: bool = False) -> None:
-        """Register datasets, functions, views and macros on ``con``.
-
-        ``again`` re-attaches an existing connection to the latest commits
-        (see :class:`~dynstore.session.SqlSession`): functions are replaced,
-        views and macros are ``CREATE OR REPLACE``; the session's own tables stay.
-        """
-        self._register_datasets(con)
-        functions.apply(self, con, replace=again)
-        self._create_views(con, ("views.sql", "macros.sql"))
-
-    def _create_views(self, con: duckdb.DuckDBPyConnection, files: tuple[str, ...]) -> None:
-        for name in files:
-            for stmt in _statements(self._render_sql(_sql_text(name))):
-                try:
-                    con.execute(stmt)
-                except duckdb.Error as exc:
-                    # A document expression or labelling rule that no longer binds
-                    # (a column was never ingested, a hand-edited config) must not
-                    # make the whole store unusable: only queries that need
-                    # documents (labels) fail, with the reason.
-                    if "VIEW item_documents" in stmt:
-                        con.execute(self._broken_documents_view(exc))
-                    elif "VIEW interactions AS" in stmt:
-                        con.execute(self._broken_labels_view(exc))
-                    else:
-                        raise
-
-    def _broken_documents_view(self, exc: Exception) -> str:
-        from .ingest import lit
-
-        first = str(exc).strip().splitlines()[0]
-        msg = f"item document expression {self.config.item_text!r} does not bind: {first}"
-        id_t = "VARCHAR" if self.config.id_types.get("item") == "string" else "BIGINT"
-        return (f"CREATE OR REPLACE VIEW item_documents AS SELECT CAST(NULL AS {id_t}) AS item_id, "
-                f"CAST(error({lit(msg)}) AS VARCHAR) AS document, CAST(NULL AS VARCHAR) AS doc_hash "
-                "WHERE (SELECT count(*) FROM items) > 0")
-
-    def _broken_labels_view(self, exc: Exception) -> str:
-        from .ingest import lit
-
-        first = _first_line(exc)
-        msg = (f"labelling rules (positive {self.config.positive!r}, negative {self.config.negative!r}) do not "
-               f"bind to the interactions: {first}; fix them with `dynstore config --positive/--negative`")
-        return (f"CREATE OR REPLACE VIEW interactions AS SELECT *, CAST(error({lit(msg)}) AS TINYINT) AS label "
-                "FROM _dynstore_interactions")
-
-    def _render_sql(self, text: str) -> str:
-        from .documents import item_document_sql
-
-        cfg = self.config
-        repl = {
-            "{{positive}}": cfg.positive,
-            "{{negative}}": cfg.negative,
-            "{{item_document}}": item_document_sql(self),
-        }
-        for key, val in repl.items():
-            text = text.replace(key, val)
-        return text
-
-    def _register_datasets(self, con: duckdb.DuckDBPyConnection) -> None:
-        import pyarrow as pa
-
-        id_type = {"int": pa.int64(), "string": pa.string()}
-        user_t = id_type.get(self.config.id_types.get("user"), pa.int64())
-        item_t = id_type.get(self.config.id_types.get("item"), pa.int64())
-        empties = {
-            "interactions": pa.schema([("user_id", user_t), ("item_id", item_t), ("ts", pa.timestamp("us")),
-                                       ("event", pa.string()), ("value", pa.float64())]),
-            "items": pa.schema([("item_id", item_t)]),
-            "users": pa.schema([("user_id", user_t)]),
-        }
-        for name in TABLES:
-            ds = self._dataset(name)
-            con.register(f"_dynstore_{name}", ds if ds is not None else empties[name].empty_table())
-        from .semantic import register_cache
-        from .versions import register_versions
-
-        register_cache(self, con)
-        register_versions(self, con)
-
-    def _connection_state(self) -> tuple:
-        cfg_mtime = os.stat(self.path / CONFIG_NAME).st_mtime_ns
-        return (cfg_mtime, tuple(sorted(self.snapshot().items())), functions.generation())
+        follow(self, con, checked=False)
 
     def sql(self, query: str, params: Iterable[Any] | None = None) -> duckdb.DuckDBPyRelation:
         """Run SQL on the latest committed state; returns a DuckDB relation.
@@ -536,18 +255,17 @@ class Store:
         >>> store.sql("SELECT 1 + 1 AS two").pl()["two"][0]
         2
         """
-        state = self._connection_state()
+        state = connection_state(self)
         if self._con is None or state != self._con_state:
             if state[0] != (self._con_state or (None,))[0]:
-                self._reload_config()
+                self.catalog.latest.reload_config()
             # The old connection is not closed: relations a caller still holds
             # (they are lazy in DuckDB) keep working on their snapshot.
-            self._con = self.connection(_checked=True)
+            self._con = open_connection(self, checked=True)
             self._con_state = state
-        from .functions import check_write_calls
-
         check_write_calls(query)
         return self._con.sql(query, params=None if params is None else list(params))
+
 
     # -- writes --------------------------------------------------------------------
     def ingest(self, kind: str, source: Any, *, mapping: dict[str, str] | None = None,
@@ -573,18 +291,14 @@ class Store:
         >>> store.ingest("items", pl.DataFrame({"item_id": [1, 2], "title": ["a", "b"]}))["rows"]
         2
         """
-        from .ingest import ingest
-
-        self._require_writable("ingest")
+        cat = self.catalog.latest
+        cat.require_writable("ingest")
         sources = list(source) if isinstance(source, (list, tuple)) else [source]
-        with self._writing("ingest"), writer_lock(self.path, f"ingest-{kind}" if kind in TABLES else "ingest"):
-            result = ingest(self, kind, sources, mapping=mapping, fmt=format, dedupe=dedupe,
+        with cat.writing("ingest"), writer_lock(self.path, f"ingest-{kind}" if kind in TABLES else "ingest"):
+            result = ingest(cat, kind, sources, mapping=mapping, fmt=format, dedupe=dedupe,
                             allow_future=allow_future)
             if kind in TABLES:
-                from .compaction import maybe_compact
-
-                maybe_compact(self, kind)
-        self._con_state = None
+                maybe_compact(cat, kind)
         return result
 
     def delete(self, kind: str, where: str, *, dry_run: bool = False) -> dict:
@@ -601,13 +315,10 @@ class Store:
         >>> store.delete("users", "region = 'north'")["deleted"]
         1
         """
-        from .delete import delete_rows
-
-        self._require_writable("delete")
-        with self._writing("delete"), writer_lock(self.path, f"ingest-{kind}" if kind in TABLES else "ingest"):
-            out = delete_rows(self, kind, where, dry_run=dry_run)
-        self._con_state = None
-        return out
+        cat = self.catalog.latest
+        cat.require_writable("delete")
+        with cat.writing("delete"), writer_lock(self.path, f"ingest-{kind}" if kind in TABLES else "ingest"):
+            return delete_rows(cat, kind, where, dry_run=dry_run)
 
     def configure(self, **changes: Any) -> StoreConfig:
         """Change labelling rules, the item document or the encoder.
@@ -619,42 +330,33 @@ class Store:
         >>> store.configure(positive="value >= 4").positive
         'value >= 4'
         """
-        self._require_writable("change the config")
-        allowed = {"positive", "negative", "item_text", "behaviour_summary", "model", "max_length", "precision", "index_min_items",
-                   "compact_fragments", "retain_seconds"}
-        unknown = set(changes) - allowed
+        cat = self.catalog.latest
+        cat.require_writable("change the config")
+        unknown = set(changes) - SETTABLE
         if unknown:
-            raise ConfigError(f"unknown setting {sorted(unknown)[0]!r}; settable: {', '.join(sorted(allowed))}")
+            raise ConfigError(f"unknown setting {sorted(unknown)[0]!r}; settable: {', '.join(sorted(SETTABLE))}")
         if changes.get("precision") is not None:
-            from .encoder import check_precision
-
             changes["precision"] = check_precision(changes["precision"])
-        with self._writing("config"), writer_lock(self.path, "config"):
-            self._reload_config()
-            new = StoreConfig(**self.config.as_dict())
+        with cat.writing("config"), writer_lock(self.path, "config"):
+            cat.reload_config()
+            new = StoreConfig(**cat.config.as_dict())
             for key, val in changes.items():
                 if val is not None:
                     setattr(new, key, val)
             validate_rules(new)
             if ("model" in changes and changes["model"]) or changes.get("precision") == "int8":
-                from .encoder import get_encoder  # an unusable encoder fails here, not at the next encode
-
+                # an unusable encoder fails here, not at the next encode
                 get_encoder(new.encoder_spec(self.path), max_length=new.max_length, precision=new.precision)
-            old, self.config = self.config, new
+            old, cat.config = cat.config, new
             try:
-                from .documents import check_item_text
-
-                check_item_text(self)
+                check_item_text(cat)
             except Exception:
-                self.config = old
+                cat.config = old
                 raise
-            self.config.save(self.path / CONFIG_NAME)
-        self._con_state = None
-        if "model" in changes or "max_length" in changes or "precision" in changes:
-            from .semantic import record_encoder
-
-            record_encoder(self)
-        return self.config
+            new.save(self.path / CONFIG_NAME)
+        if {"model", "max_length", "precision"} & set(changes):
+            record_encoder(cat)
+        return cat.config
 
     # -- the recommender (implemented in their own modules) -------------------------
     def encode(self, *, all: bool = False, batch_size: int = 64, device: str | None = None,
@@ -665,17 +367,16 @@ class Store:
         encoder precision (as ``configure(precision=...)``): an int8 encoder
         has its own id and cache, so every item is stale for it once.
         """
-        from .semantic import encode
-
-        self._require_writable("encode")
-        if precision is not None:
-            from .encoder import check_precision
-
-            if check_precision(precision) != self.config.precision:
-                self.configure(precision=precision)
-        with self._writing("encode"), writer_lock(self.path, "encode"):
-            out = encode(self, all=all, batch_size=batch_size, device=device, progress=progress)
-        self._con_state = None
+        cat = self.catalog.latest
+        cat.require_writable("encode")
+        if precision is not None and check_precision(precision) != self.config.precision:
+            self.configure(precision=precision)
+        with cat.writing("encode"), writer_lock(self.path, "encode"):
+            out = encode(cat, all=all, batch_size=batch_size, device=device, progress=progress)
+        with cat.writing("encode"):
+            version = ensure_first_version(cat)
+        if version is not None:
+            out["version"] = version
         return out
 
     def recommend(self, user_id: Any, k: int = 10, *, version: int | None = None,
@@ -684,27 +385,23 @@ class Store:
 
         Large catalogues are served from the version's vector index unless ``exact``.
         """
-        from .recommend import recommend
-
-        view = self if self._pins is not None else self.pinned()  # one snapshot per call
+        view = self.catalog if self.catalog.is_pinned else self.catalog.pinned()  # one snapshot per call
         return recommend(view, user_id, k, version=version, candidates=candidates, exact=exact)
 
     def refresh(self, **options: Any) -> dict:
         """Retrain from recent positives and negatives; see :func:`dynstore.refresh.refresh`."""
-        from .refresh import refresh
-
-        self._require_writable("refresh")
-        with self._writing("refresh"), writer_lock(self.path, "refresh"):
-            out = refresh(self, **options)
-        self._con_state = None
-        return out
+        cat = self.catalog.latest
+        cat.require_writable("refresh")
+        with cat.writing("refresh"), writer_lock(self.path, "refresh"):
+            return refresh(cat, **options)
 
     def log_impressions(self, user_id: Any, items: Iterable[Any]) -> int:
         """Record that ``items`` were shown to ``user_id`` (see :mod:`dynstore.feedback`)."""
-        from .feedback import log_impressions
-
-        self._require_writable("log impressions")
-        return log_impressions(self, user_id, list(items))
+        self.catalog.require_writable("log impressions")
+        table = impressions_table(user_id, list(items))
+        if table.num_rows:
+            self.ingest("interactions", table)
+        return table.num_rows
 
     def compact(self, *, retain_seconds: float | None = None) -> dict:
         """Merge small fragments, drop dataset versions superseded more than
@@ -717,66 +414,43 @@ class Store:
         >>> sorted(dynstore.init(tempfile.mkdtemp() + "/s", model="fake").compact())
         ['datasets', 'encoders_removed', 'orphans', 'retain_seconds', 'skipped']
         """
-        from .compaction import compact
-
-        self._require_writable("compact")
-        with self._writing("compact"):
-            return compact(self, retain_seconds=retain_seconds)
+        cat = self.catalog.latest
+        cat.require_writable("compact")
+        with cat.writing("compact"):
+            return compact(cat, retain_seconds=retain_seconds)
 
     def inspect(self) -> dict:
         """Counts, sizes, fragments, versions, encoder, stale items, last refresh and
         what a refresh would do now (JSON-able); see :mod:`dynstore.inspection`."""
-        from .inspection import inspect_store
-
-        return inspect_store(self)
+        return inspect_store(self.catalog)
 
     def versions(self) -> list[dict]:
         """Every embedding version, newest first."""
-        from .versions import list_versions
-
-        return list_versions(self)
+        return list_versions(self.catalog)
 
     def rollback(self, version: int) -> dict:
         """Make an older version ``current`` again."""
-        from .versions import rollback
+        cat = self.catalog.latest
+        cat.require_writable("roll back")
+        with cat.writing("rollback"), writer_lock(self.path, "refresh"):
+            return rollback(cat, version)
 
-        self._require_writable("roll back")
-        with self._writing("rollback"), writer_lock(self.path, "refresh"):
-            out = rollback(self, version)
-        self._con_state = None
-        return out
+    def evaluate(self, *, version: int | None = None, k: int = 10) -> dict:
+        """Recall@k, NDCG@k and AUC of a version (default: current) on the newest
+        10% of interactions; see :func:`dynstore.holdout.evaluate_version`."""
+        view = self.catalog if self.catalog.is_pinned else self.catalog.pinned()
+        return evaluate_version(view, version=version, k=k)
 
 
 class _PinnedStore(Store):
-    """What :meth:`Store.pinned` returns: reads one snapshot, writes through the store."""
+    """What :meth:`Store.pinned` returns: reads one snapshot, writes through the store
+    (every write method works on ``catalog.latest``)."""
 
-    _statements_checked = False
-
-    def pinned(self) -> "Store":
-        return self._base.pinned()
-
-    def ingest(self, *args: Any, **kwargs: Any) -> dict:
-        return self._base.ingest(*args, **kwargs)
-
-    def delete(self, *args: Any, **kwargs: Any) -> dict:
-        return self._base.delete(*args, **kwargs)
-
-    def configure(self, **changes: Any) -> StoreConfig:
-        return self._base.configure(**changes)
-
-    def encode(self, **options: Any) -> dict:
-        return self._base.encode(**options)
-
-    def refresh(self, **options: Any) -> dict:
-        return self._base.refresh(**options)
-
-    def rollback(self, version: int) -> dict:
-        return self._base.rollback(version)
-
-    def log_impressions(self, user_id: Any, items: Iterable[Any]) -> int:
-        return self._base.log_impressions(user_id, items)
+    def __init__(self, catalog: Catalog, *, base: Store):
+        super().__init__(catalog)
+        self._base = base
 
     def close(self) -> None:
         if self._con is not None:
             self._con.close()
-            self._con = None
+            self._con = None  # the memo is the store's: it stays

@@ -27,6 +27,13 @@ Examples
 from __future__ import annotations
 
 from dataclasses import replace
+from typing import TYPE_CHECKING
+
+from .config import CONFIG_NAME, StoreConfig
+from .lock import writer_lock
+
+if TYPE_CHECKING:
+    from .catalog import Catalog
 
 __all__ = ["resolve", "effective", "begin", "settle", "settle_keeping"]
 
@@ -57,50 +64,41 @@ def effective(path, cfg):
     return resolve(cfg, _current(path)) if cfg.switch_version else cfg
 
 
-def begin(store, version: int, model: str, identity: tuple | None = None) -> None:
+def begin(catalog: "Catalog", version: int, model: str, identity: tuple | None = None) -> None:
     """Write ``model`` into the config, pending until ``version`` is the registry's current one.
 
     ``identity`` is the new encoder's ``(id, dim, fingerprint)``, recorded with it
     so readers need not hash its files.
     """
-    from .config import CONFIG_NAME, StoreConfig
-    from .lock import writer_lock
-
-    with writer_lock(store.path, "config", wait=30):
-        disk = StoreConfig.load(store.path / CONFIG_NAME)
-        old = effective(store.path, disk).model
+    with writer_lock(catalog.path, "config", wait=30):
+        disk = StoreConfig.load(catalog.path / CONFIG_NAME)
+        old = effective(catalog.path, disk).model
         disk.switch_version, disk.switch_from, disk.model = int(version), old, model
         if identity is not None:
             disk.encoder_id, disk.encoder_dim, disk.encoder_fingerprint = identity[0], int(identity[1]), identity[2]
-        disk.save(store.path / CONFIG_NAME)
+        disk.save(catalog.path / CONFIG_NAME)
 
 
-def settle(store) -> None:
+def settle(catalog: "Catalog") -> None:
     """Clear a pending switch in the config file by what the registry says (writers only)."""
-    from .config import CONFIG_NAME, StoreConfig
-    from .lock import writer_lock
-
-    if store.read_only:
+    if catalog.read_only:
         return
-    disk = StoreConfig.load(store.path / CONFIG_NAME)
+    disk = StoreConfig.load(catalog.path / CONFIG_NAME)
     if not disk.switch_version:
         return
-    with writer_lock(store.path, "config", wait=30):
-        disk = StoreConfig.load(store.path / CONFIG_NAME)
+    with writer_lock(catalog.path, "config", wait=30):
+        disk = StoreConfig.load(catalog.path / CONFIG_NAME)
         if disk.switch_version:
-            done = effective(store.path, disk)
-            done.save(store.path / CONFIG_NAME)
-    store._reload_config()
-    store._con_state = None
+            done = effective(catalog.path, disk)
+            done.save(catalog.path / CONFIG_NAME)
+    catalog.reload_config()
 
 
-def settle_keeping(store) -> None:
+def settle_keeping(catalog: "Catalog") -> None:
     """:func:`settle`, keeping the in-memory encoder of a refresh that is trying a
     fine-tuned one (``store.config.model`` set by the refresh, not by the file)."""
-    from .config import CONFIG_NAME, StoreConfig
-
-    if store.read_only or not StoreConfig.load(store.path / CONFIG_NAME).switch_version:
+    if catalog.read_only or not StoreConfig.load(catalog.path / CONFIG_NAME).switch_version:
         return
-    model = store.config.model
-    settle(store)
-    store.config.model = model
+    model = catalog.config.model
+    settle(catalog)
+    catalog.config.model = model

@@ -44,14 +44,15 @@ def contents(path) -> dict:
 
 def check_store(path, *, users=(1, 2, 3)) -> dict:
     """Assert the store at ``path`` is whole; return a summary (counts, current version)."""
-    from dynstore.semantic import encoder_info
-    from dynstore.versions import list_versions, load_version
+    from dynstore.semcache import encoder_info
+    from dynstore.registry import list_versions
+    from dynstore.versions import load_version
 
     with dynstore.connect(path) as s:
         assert not getattr(s.config, "switch_version", 0), "an encoder switch is left pending after resolution"
         summary = {t: s.sql(f"SELECT count(*) FROM {t}").fetchall()[0][0] for t in ("interactions", "items", "users")}
         summary["stale"] = s.sql("SELECT count(*) FROM stale_items").fetchall()[0][0]
-        rows = list_versions(s)
+        rows = list_versions(s.catalog)
         summary["versions"] = [r["version"] for r in rows]
         current = [r for r in rows if r["status"] == "current"]
         if not rows:
@@ -75,10 +76,10 @@ def check_store(path, *, users=(1, 2, 3)) -> dict:
             want = r["counts"].get("items")
             if want is not None:
                 assert per_version[r["version"]] == want, (r["version"], per_version[r["version"]], want)
-        lv = load_version(s)
+        lv = load_version(s.catalog)
         assert lv.version == cur["version"]
         # the config and the registry agree on the encoder
-        assert encoder_info(s)[0] == cur["encoder"], (encoder_info(s)[0], cur["encoder"], s.config.model)
+        assert encoder_info(s.catalog)[0] == cur["encoder"], (encoder_info(s.catalog)[0], cur["encoder"], s.config.model)
         for u in users:
             recs = s.recommend(u, 5)
             assert len(recs) == 5 and all(0.0 <= r["score"] <= 1.0 for r in recs)

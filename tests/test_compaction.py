@@ -19,7 +19,7 @@ def _table(store, name):
 def test_logged_impressions_stay_bounded(encoded):
     encoded.configure(compact_fragments=8, retain_seconds=0)
     before = _table(encoded, "interactions")
-    uri = encoded._dataset_uri("interactions")
+    uri = encoded.catalog.uri("interactions")
     peak = 0
     for n in range(100):
         assert encoded.sql(f"SELECT log_impressions({1 + n % 7}, [1, 2])").fetchall() == [(2,)]
@@ -55,17 +55,17 @@ def test_compact_command_keeps_contents_and_shrinks(encoded, runner):
 def test_orphans_of_a_killed_refresh_are_hidden_then_removed(encoded):
     """A refresh killed after writing its embeddings and model files but before the
     registry commit leaves rows nobody may see: the view hides them, compact removes them."""
-    emb = encoded._dataset("embeddings")
+    emb = encoded.catalog.dataset("embeddings")
     rows = emb.to_table(filter="version = 1")
     orphan = rows.set_column(0, "version", pa.array(np.full(rows.num_rows, 7), pa.int64()))
-    lance.write_dataset(orphan, encoded._dataset_uri("embeddings"), mode="append")
+    lance.write_dataset(orphan, encoded.catalog.uri("embeddings"), mode="append")
     (encoded.path / "models" / "v7.json").write_text("{}")
     (encoded.path / "models" / "v7.safetensors").write_bytes(b"")
     assert encoded.sql("SELECT DISTINCT version FROM item_embeddings_all").fetchall() == [(1,)]
     out = encoded.compact(retain_seconds=0)
     assert out["orphans"]["embedding_rows"] == rows.num_rows
     assert sorted(out["orphans"]["files"]) == ["models/v7.json", "models/v7.safetensors"]
-    assert encoded._dataset("embeddings").count_rows() == rows.num_rows
+    assert encoded.catalog.dataset("embeddings").count_rows() == rows.num_rows
     # numbering goes on from the registry (the orphan's number is free again)
     assert encoded.refresh(since="all", epochs=1)["version"] == 2
 
@@ -81,6 +81,6 @@ def test_compaction_off(encoded, limit):
     encoded.configure(compact_fragments=limit)
     for n in range(5):
         encoded.log_impressions(1, [n + 1])
-    uri = encoded._dataset_uri("interactions")
+    uri = encoded.catalog.uri("interactions")
     assert dataset_stats(lance.dataset(uri), uri)["fragments"] == 6
     assert os.path.isdir(uri)

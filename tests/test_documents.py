@@ -76,9 +76,9 @@ def test_semantic_vector_read_only_does_not_write(loaded):
 
 def test_embed_is_vectorised_and_null_safe(encoded):
     calls = []
-    from dynstore.semantic import store_encoder
+    from dynstore.semcache import store_encoder
 
-    enc = store_encoder(encoded)
+    enc = store_encoder(encoded.catalog)
     original = enc.encode
 
     def spy(texts, *a, **k):

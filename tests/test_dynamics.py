@@ -69,7 +69,7 @@ def test_rule_half_life_follows_the_span():
     assert rule_half_life(spec, 20 * 365) == 365.0
 
 
-def _events(seed=0, n_items=30, n_users=40, n=600):
+def synthetic_events(seed=0, n_items=30, n_users=40, n=600):
     rng = np.random.default_rng(seed)
     V = rng.normal(size=(n_items, 8)).astype(np.float32)
     pop = rng.zipf(1.6, n_items).astype(float)
@@ -83,7 +83,7 @@ def _events(seed=0, n_items=30, n_users=40, n=600):
 def test_trained_version_equals_the_rule_when_only_the_popularity_weight_is_left():
     """A trained model with every learned weight zero but the popularity feature's
     ranks new users exactly by decayed recent positives: the rule is inside the model."""
-    data = _events()
+    data = synthetic_events()
     m = FusionModel.untrained(data.V, data.A, 0, config=ModelConfig(epochs=2, batch_size=128,
                                                                      sample_pool=64, item_item=False),
                               rule=30.0)
@@ -131,12 +131,12 @@ def _ingest_likes(store, user, items, when):
 def test_a_new_positive_moves_the_dynamic_feature_without_retraining(encoded):
     from dynstore.recommend import serving_state
 
-    state = serving_state(encoded)
+    state = serving_state(encoded.catalog)
     item = state.ids[int(np.argmin(state.bias))]  # the least popular item right now
     before = float(state.bias[state.row[item]])
     newest = encoded.sql("SELECT max(ts) FROM interactions").fetchall()[0][0]
     _ingest_likes(encoded, 99_999, [item], newest + dt.timedelta(minutes=1))
-    after = serving_state(encoded)
+    after = serving_state(encoded.catalog)
     assert float(after.bias[after.row[item]]) > before
     assert len(encoded.versions()) == 1  # no refresh happened
 
@@ -145,17 +145,17 @@ def test_training_and_serving_read_the_same_labelled_events(loaded):
     """One rule decides what counts: the labelled_events view, used by refresh and by
     serving (an impression followed by a click is not a negative; neutral events drop)."""
     from dynstore.recommend import serving_state
-    from dynstore.refresh import _events
+    from dynstore.window import labelled_events
 
     loaded.encode()
     con = loaded.connection()
     try:
-        train = _events(con, None).to_pylist()
+        train = labelled_events(con, None).to_pylist()
         view = con.execute("SELECT count(*), sum(CASE WHEN label = 0 THEN 1 ELSE 0 END) FROM labelled_events"
                            ).fetchall()[0]
     finally:
         con.close()
-    state = serving_state(loaded)
+    state = serving_state(loaded.catalog)
     assert len(train) == view[0] == state.hist_item.size
     assert sum(r["label"] == 0 for r in train) == view[1] == int((state.hist_label == 0).sum())
 
@@ -177,10 +177,10 @@ def test_segment_term_is_served(tmp_path):
     from dynstore.recommend import serving_state
     from dynstore.versions import load_version
 
-    lv = load_version(s)
+    lv = load_version(s.catalog)
     assert lv.model.segments == (2,)
     lv.model.params["theta_seg"][0, :] = 1.0  # what a refresh would learn here
-    state = serving_state(s)
+    state = serving_state(s.catalog)
     seg = state.segment_bias([100, 101])  # unknown users: no segment
     assert np.all(seg == 0)
     north, south = state.segment_bias([0, 1])

@@ -45,13 +45,13 @@ def test_real_encoder_finetune(tmp_path, shop_frames):
     a new id, saved as safetensors, every item re-encoded with it."""
     from safetensors.numpy import load_file
 
-    from dynstore.semantic import store_encoder
+    from dynstore.semcache import store_encoder
 
     store = dynstore.init(tmp_path / "s", **DEMO_RULES)
     for kind in ("users", "items", "interactions"):
         store.ingest(kind, shop_frames[kind])
     store.encode()
-    base = store_encoder(store)
+    base = store_encoder(store.catalog)
     out = store.refresh(since="all", epochs=2, finetune_encoder=True, finetune_steps=3, tolerance=1.0)
     ft = out["finetune"]
     assert out["status"] == "current" and ft["steps"] == 3 and ft["encoder"] != base.id

@@ -58,19 +58,20 @@ def _weights(path):
 
 def test_finetune_trains_last_layers_and_lowers_the_loss(bert_store, tiny_bert, tmp_path):
     from dynstore.finetune import finetune_encoder
-    from dynstore.refresh import _Prepared
-    from dynstore.semantic import item_docs, store_encoder
+    from dynstore.window import WindowData
+    from dynstore.semantic import item_docs
+    from dynstore.semcache import store_encoder
     from dynstore.versions import load_version
 
-    lv = load_version(bert_store)
+    lv = load_version(bert_store.catalog)
     con = bert_store.connection()
-    prep = _Prepared(bert_store, lv, con, None)
+    prep = WindowData(bert_store.catalog, lv, con, None)
     con.close()
     train, _ = prep.split()
     model = lv.model
     model.fit(train, epochs=1)
-    docs = [item_docs(bert_store)[i][1] for i in prep.ids]
-    out = finetune_encoder(store_encoder(bert_store), docs, train, model, model.residuals,
+    docs = [item_docs(bert_store.catalog)[i][1] for i in prep.ids]
+    out = finetune_encoder(store_encoder(bert_store.catalog), docs, train, model, model.residuals,
                            tmp_path / "enc", layers=1, steps=30, lr=1e-3, seed=0)
     assert out["loss_after"] < out["loss_before"]
     saved = tmp_path / "enc" / "ft-1"
@@ -80,7 +81,7 @@ def test_finetune_trains_last_layers_and_lowers_the_loss(bert_store, tiny_bert, 
     changed = {k for k in before if not np.array_equal(before[k], after[k])}
     assert changed and all(k.startswith("encoder.layer.1.") for k in changed), sorted(changed)[:5]
     # the store's own encoder object was not touched (a copy was trained)
-    assert np.array_equal(store_encoder(bert_store).encode(["red shoes"]),
+    assert np.array_equal(store_encoder(bert_store.catalog).encode(["red shoes"]),
                           HFEncoder(tiny_bert).encode(["red shoes"]))
 
 

@@ -113,7 +113,7 @@ def test_bad_row_late_in_large_file_writes_nothing(store, tmp_path):
     with pytest.raises(IngestError, match=f"row {n - 4}, column ts"):
         store.ingest("interactions", tmp_path / "big.parquet")
     assert counts(store)["interactions"] == 0
-    assert store._dataset("interactions") is None
+    assert store.catalog.dataset("interactions") is None
 
 
 def test_duplicate_ids_in_one_items_file(store, tmp_path):

@@ -93,19 +93,19 @@ def test_delete_cli(runner, loaded):
 # -------------------------------------------------------------------------- dedupe
 
 
-def _events(n: int = 4) -> pl.DataFrame:
+def event_rows(n: int = 4) -> pl.DataFrame:
     return pl.DataFrame({"event_id": [f"e{i}" for i in range(n)], "user_id": [1] * n, "item_id": list(range(n)),
                          "ts": ["2025-01-01"] * n, "event": ["click"] * n})
 
 
 def test_reingest_without_dedupe_duplicates_and_with_it_does_not(store):
-    store.ingest("interactions", _events())
-    assert store.ingest("interactions", _events())["rows"] == 4  # the documented default: append
-    v = store._dataset("interactions").version
-    out = store.ingest("interactions", _events(), dedupe=True)
+    store.ingest("interactions", event_rows())
+    assert store.ingest("interactions", event_rows())["rows"] == 4  # the documented default: append
+    v = store.catalog.dataset("interactions").version
+    out = store.ingest("interactions", event_rows(), dedupe=True)
     assert out["rows"] == 0 and out["duplicates_skipped"] == 4
-    assert store._dataset("interactions").version == v  # nothing new: no commit, refresh stays a no-op
-    more = _events(6).with_columns(pl.lit("2025-02-01").alias("ts"))  # same event ids, other times
+    assert store.catalog.dataset("interactions").version == v  # nothing new: no commit, refresh stays a no-op
+    more = event_rows(6).with_columns(pl.lit("2025-02-01").alias("ts"))  # same event ids, other times
     out = store.ingest("interactions", more, dedupe="event_id")
     assert out["rows"] == 2 and out["duplicates_skipped"] == 4 and out["key"] == ["event_id"]
     assert store.sql("SELECT count(*) FROM interactions").fetchall()[0][0] == 10
@@ -121,7 +121,7 @@ def test_dedupe_within_one_ingest_and_null_values(store):
 
 def test_dedupe_rejections(store):
     with pytest.raises(IngestError, match="--key nope: no such column"):
-        store.ingest("interactions", _events(), dedupe="nope")
+        store.ingest("interactions", event_rows(), dedupe="nope")
     with pytest.raises(IngestError, match="apply to interactions"):
         store.ingest("items", pl.DataFrame({"item_id": [1]}), dedupe=True)
 
@@ -131,7 +131,7 @@ def test_dedupe_still_names_the_bad_row(store, tmp_path):
     bad.write_text("event_id,user_id,item_id,ts\ne1,1,1,2025-01-01\ne1,1,1,2025-01-01\ne2,1,,2025-01-01\n")
     with pytest.raises(IngestError, match="bad.csv: row 3, column item_id"):
         store.ingest("interactions", bad, dedupe="event_id")
-    assert store._dataset("interactions") is None
+    assert store.catalog.dataset("interactions") is None
 
 
 @settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])

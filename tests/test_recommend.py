@@ -179,7 +179,7 @@ def test_string_ids_end_to_end(tmp_path):
 def test_vector_index_serves_large_catalogues(loaded, monkeypatch):
     import dynstore.recommend as rec
 
-    from dynstore import versions
+    from dynstore import vindex as versions
 
     loaded.configure(index_min_items=50)  # tiny threshold: the 80-item shop gets an index
     # Probing every partition, the inner-product search through the L2 index
@@ -190,7 +190,7 @@ def test_vector_index_serves_large_catalogues(loaded, monkeypatch):
     assert (loaded.path / "index" / "v1.lance").is_dir()
     calls = []
     monkeypatch.setattr(rec, "_indexed_one", lambda *a, _f=rec._indexed_one: calls.append(1) or _f(*a))
-    assert rec.serving_state(loaded).index is not None
+    assert rec.serving_state(loaded.catalog).index is not None
     agree = []
     for user in range(1, 31):
         exact = ids_of(loaded.recommend(user, 10, exact=True))
@@ -208,7 +208,7 @@ def test_vector_index_records_its_settings_and_serves_them(tmp_path, monkeypatch
 
     import dynstore
     import dynstore.recommend as rec
-    from dynstore import versions
+    from dynstore import vindex as versions
 
     monkeypatch.setattr(versions, "INDEX_PQ_MIN_ROWS", 1000)  # PQ on a small catalogue
     rng = np.random.default_rng(0)
@@ -227,7 +227,7 @@ def test_vector_index_records_its_settings_and_serves_them(tmp_path, monkeypatch
     recorded = json.loads(lance.dataset(str(s.path / "index" / "v1.lance")).config()[versions.INDEX_SETTINGS_KEY])
     assert recorded["index_type"] == "IVF_PQ" and recorded["nprobes"] == versions.INDEX_NPROBES
     assert recorded["candidates"] == versions.INDEX_CANDIDATES and recorded["num_sub_vectors"] >= 1
-    state = rec.serving_state(s)
+    state = rec.serving_state(s.catalog)
     assert state.index is not None and {k: state.index_params[k] for k in recorded} == recorded
     # serving searches with the recorded settings, not settings computed now
     monkeypatch.setattr(versions, "INDEX_NPROBES", 1)
@@ -250,7 +250,7 @@ def test_index_row_ids_map_to_rows(tmp_path):
     """Row ids from a search over several fragments decode to the ``row`` column."""
     import lance
 
-    from dynstore.serving import _row_starts
+    from dynstore.serving import row_starts
 
     X = np.random.default_rng(0).standard_normal((1000, 8)).astype(np.float32)
     t = pa.table({"row": np.arange(1000), "vector": pa.FixedSizeListArray.from_arrays(pa.array(X.reshape(-1)), 8)})
@@ -258,7 +258,7 @@ def test_index_row_ids_map_to_rows(tmp_path):
     assert len(ds.get_fragments()) > 1
     got = ds.to_table(columns=["row"], with_row_id=True)
     rid = got.column("_rowid").to_numpy()
-    rows = _row_starts(ds)[rid >> 32] + (rid & 0xFFFFFFFF).astype(np.int64)
+    rows = row_starts(ds)[rid >> 32] + (rid & 0xFFFFFFFF).astype(np.int64)
     assert rows.tolist() == got.column("row").to_pylist()
 
 
@@ -288,5 +288,5 @@ def test_half_precision_prefilter_gives_the_exact_lists(encoded, monkeypatch):
         assert ids_of(got) == ids_of(want), (u, k)
         np.testing.assert_allclose([r["score"] for r in got], [r["score"] for r in want], rtol=1e-6)
     narrowed = [c for c in used if c is not None]
-    assert rec.serving_state(encoded).prefilter.get("matrix") is not None
+    assert rec.serving_state(encoded.catalog).prefilter.get("matrix") is not None
     assert sum(c.size < 20 for c in narrowed) > len(users)  # it did narrow, and was still exact

@@ -11,7 +11,7 @@ import pytest
 
 import dynstore
 from dynstore.errors import ConfigError
-from dynstore.refresh import _events, parse_since
+from dynstore.window import labelled_events, parse_since
 
 
 def test_parse_since_counts_back_from_newest():
@@ -38,10 +38,10 @@ def test_training_events_mark_shown_but_ignored(store):
                                            "ts": pa.array([r[2] for r in rows], pa.timestamp("us")),
                                            "event": [r[3] for r in rows]}))
     con = store.connection()
-    ev = _events(con, None).to_pylist()
+    ev = labelled_events(con, None).to_pylist()
     got = sorted((e["user_id"], e["item_id"], e["label"]) for e in ev)
     assert got == [(1, 10, 1), (1, 11, 0), (1, 12, -1), (2, 10, 1), (2, 13, 0), (2, 13, 1)]
-    recent = _events(con, dt.datetime(2025, 1, 1, 3)).to_pylist()
+    recent = labelled_events(con, dt.datetime(2025, 1, 1, 3)).to_pylist()
     assert sorted((e["user_id"], e["item_id"]) for e in recent) == [(1, 12), (2, 10), (2, 13)]
 
 
@@ -145,10 +145,10 @@ def test_rejected_refresh_publishes_the_rule_over_a_stale_trained_version(encode
     published as the next version; a rejected refresh over the rule itself adds nothing."""
     from dynstore.versions import build_version, load_version
 
-    lv = load_version(encoded)
+    lv = load_version(encoded.catalog)
     bad = type(lv.model).from_state(*lv.model.state())
     bad.params["theta"] = -np.abs(bad.params["theta"]) - 1.0  # popularity counts against an item
-    build_version(encoded, bad, lv.item_spec, lv.user_spec, parent=1, status="current",
+    build_version(encoded.catalog, bad, lv.item_spec, lv.user_spec, parent=1, status="current",
                   train_window="test", residuals=(np.zeros_like(lv.Wf), np.zeros_like(lv.bias)),
                   snapshot={"trained_until": 0})
     out = encoded.refresh(since="all", epochs=1, tolerance=-10.0)  # force the candidate out
@@ -279,13 +279,13 @@ def test_registry_written_before_verdicts_still_reads(encoded):
     """A registry from before the verdict column: verdicts are inferred, the view works."""
     import lance
 
-    from dynstore.versions import _registry
+    from dynstore.registry import registry_table
 
-    table = _registry(encoded)
+    table = registry_table(encoded.catalog)
     old = table.drop_columns(["verdict"])
     old = old.set_column(old.schema.get_field_index("train_window"), "train_window",
                          pa.array(["untrained"] * old.num_rows))
-    lance.write_dataset(old, encoded._dataset_uri("versions"), mode="overwrite")
+    lance.write_dataset(old, encoded.catalog.uri("versions"), mode="overwrite")
     assert encoded.sql("SELECT version, verdict FROM versions").fetchall() == [(1, "initial")]
     assert encoded.versions()[0]["verdict"] == "initial"
 
@@ -294,14 +294,14 @@ def test_eval_says_which_slice(encoded, runner):
     from dynstore.cli import main
 
     out = dynstore.connect(encoded.path).refresh(since="all", epochs=1)
-    from dynstore.refresh import evaluate_version
+    from dynstore.holdout import evaluate_version
 
-    ev = evaluate_version(encoded, version=out["version"])
+    ev = evaluate_version(encoded.catalog, version=out["version"])
     sl = ev["slice"]
     assert sl["of"] == "all interactions" and sl["share"] == 0.1 and sl["events"] > 0
     assert 0.0 <= sl["trained_on_share"] <= 1.0 and sl["from"] <= sl["to"]
     with pytest.raises(dynstore.DynstoreError, match="k must be between 1"):
-        evaluate_version(encoded, k=0)
+        evaluate_version(encoded.catalog, k=0)
     r = runner.invoke(main, ["eval", str(encoded.path)])
     assert r.exit_code == 0 and "slice.events" in r.output and "note: judged on" in r.output
     assert "refresh uses its own window" in r.output

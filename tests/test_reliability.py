@@ -64,11 +64,11 @@ def test_kill_9_during_encode_resumes(loaded, monkeypatch):
     code = (
         "import os, sys, dynstore, dynstore.semantic as sem\n"
         "sem.CHUNK = 16\n"
-        "orig = sem._write_cache\n"
+        "orig = sem.write_cache\n"
         "def boom(*a, **k):\n"
         "    orig(*a, **k)\n"
         "    os.kill(os.getpid(), 9)\n"
-        "sem._write_cache = boom\n"
+        "sem.write_cache = boom\n"
         f"dynstore.connect({str(loaded.path)!r}).encode()\n"
     )
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)

@@ -60,7 +60,7 @@ def test_score_equals_the_list_at_an_ingest_commit(encoded):
     n, r, s = rows
     assert _ids(r) == _ids(before)  # the purchase is not seen: the item is still listed
     assert abs(s - before[0]["score"]) < 1e-6
-    assert n == encoded.pinned()._dataset("interactions").count_rows(filter=f"user_id = 5 AND item_id = {top}") - 30
+    assert n == encoded.pinned().catalog.dataset("interactions").count_rows(filter=f"user_id = 5 AND item_id = {top}") - 30
     # Store.sql follows the store between statements: the next one sees the purchases
     after = encoded.sql("SELECT recommend(5, 10)").fetchall()[0][0]
     assert top not in _ids(after)

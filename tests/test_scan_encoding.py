@@ -18,7 +18,7 @@ def _rows(n, events, start=0, **extra):
 
 
 def _type(store, col):
-    return lance.dataset(store._dataset_uri("interactions")).schema.field(col).type
+    return lance.dataset(store.catalog.uri("interactions")).schema.field(col).type
 
 
 def _by_event(store):
@@ -32,7 +32,7 @@ FILTERS = ["event = 'click'", "event IN ('click', 'buy')", "event > 'c'", "event
 def test_event_is_dictionary_encoded_and_filters_push_down(store):
     store.ingest("interactions", _rows(60, ["click", "view", "buy", None]))
     assert _type(store, "event") == DICT_STRING
-    assert lance.dataset(store._dataset_uri("interactions")).to_table(columns=["event"]).column(
+    assert lance.dataset(store.catalog.uri("interactions")).to_table(columns=["event"]).column(
         "event").type == DICT_STRING  # Lance hands the dictionary back, not plain strings
     con = store.connection()
     assert con.sql("SELECT data_type FROM information_schema.columns WHERE table_name = 'interactions' "
@@ -109,7 +109,7 @@ def test_string_ids_stay_plain(store):
 
 def test_older_store_with_plain_strings_reads_and_appends(store, tmp_path):
     """A store written before dictionary encoding keeps its plain strings: appends match its schema."""
-    uri = store._dataset_uri("interactions")
+    uri = store.catalog.uri("interactions")
     old = _rows(12, ["click", "view"]).to_arrow()
     old = old.set_column(old.schema.get_field_index("ts"), "ts", old.column("ts").cast(pa.timestamp("us")))
     old = old.cast(pa.schema([pa.field(f.name, pa.string() if f.name == "event" else f.type) for f in old.schema]))

@@ -19,7 +19,7 @@ def _perturb(store, seed=0):
     so a mismatch in any of them shows."""
     from dynstore.itemitem import ItemItem
 
-    lv = load_version(store)
+    lv = load_version(store.catalog)
     m = lv.model
     rng = np.random.default_rng(seed)
     m.params["theta"] = rng.normal(size=m.params["theta"].shape).astype(np.float32)
@@ -33,11 +33,11 @@ def _perturb(store, seed=0):
 
 
 def _rebuilt(store):
-    store._cache.pop("serving_states", None)
-    return serving_state(store)
+    store.catalog.memo.invalidate("serving_states")
+    return serving_state(store.catalog)
 
 
-def _events(rows):
+def labelled_events(rows):
     return pl.DataFrame(rows, schema={"user_id": pl.Int64, "item_id": pl.Int64, "ts": pl.Datetime("us"),
                                       "event": pl.Utf8, "value": pl.Float64}, orient="row")
 
@@ -62,7 +62,7 @@ def _assert_same(a, b, users):
 def test_advanced_state_equals_rebuilt_state_after_several_commits(encoded, monkeypatch):
     store = encoded
     _perturb(store)
-    first = serving_state(store)
+    first = serving_state(store.catalog)
     assert first.counts is not None and first.counts.seg_base is not None  # the shop has user segments
     builds = []
     monkeypatch.setattr(serving, "_build", lambda *a, _f=serving._build: builds.append(1) or _f(*a))
@@ -85,18 +85,18 @@ def test_advanced_state_equals_rebuilt_state_after_several_commits(encoded, monk
         [(3, 6, t + 5 * s, "purchase", 1.0)],  # as new as the impression: supersedes it
     ]
     for rows in commits:
-        store.ingest("interactions", _events(rows))
-        state = serving_state(store)
+        store.ingest("interactions", labelled_events(rows))
+        state = serving_state(store.catalog)
     assert not builds, "an append must advance the state, not rebuild it"
     assert state.overlay and state.dead is not None and state.dead.any()
     users = sorted({u for u, _ in state.user_row.items()} | {424242})
     full = _rebuilt(store)
     assert builds
     _assert_same(state, full, users)
-    ranked = [[r["item_id"] for r in lst] for lst in recommend_many(store, users, 10)]
-    store._cache.pop("serving_states")
+    ranked = [[r["item_id"] for r in lst] for lst in recommend_many(store.catalog, users, 10)]
+    store.catalog.memo.invalidate("serving_states")
     _rebuilt(store)
-    assert ranked == [[r["item_id"] for r in lst] for lst in recommend_many(store, users, 10)]
+    assert ranked == [[r["item_id"] for r in lst] for lst in recommend_many(store.catalog, users, 10)]
 
 
 def test_segment_rows_are_the_models_segment_table(encoded):
@@ -122,13 +122,13 @@ def test_impressions_the_rules_call_positive(tmp_path):
     s.ingest("items", pl.DataFrame({"item_id": list(range(1, 9)), "title": [f"thing {i}" for i in range(1, 9)]}))
     t = dt.datetime(2025, 3, 1)
     h = dt.timedelta(hours=1)
-    s.ingest("interactions", _events([(1, i, t + i * h, "click", 1.0) for i in range(1, 6)]
+    s.ingest("interactions", labelled_events([(1, i, t + i * h, "click", 1.0) for i in range(1, 6)]
                                      + [(2, 3, t, "impression", 0.0), (2, 4, t, "impression", 0.0)]))
     s.encode()
     _perturb(s)
-    serving_state(s)
-    s.ingest("interactions", _events([(2, 3, t + h, "impression", 1.0), (2, 5, t + 9 * h, "impression", 0.0)]))
-    state = serving_state(s)
+    serving_state(s.catalog)
+    s.ingest("interactions", labelled_events([(2, 3, t + h, "impression", 1.0), (2, 5, t + 9 * h, "impression", 0.0)]))
+    state = serving_state(s.catalog)
     assert state.overlay
     _assert_same(state, _rebuilt(s), [1, 2, 3])
     s.close()
@@ -137,17 +137,17 @@ def test_impressions_the_rules_call_positive(tmp_path):
 def test_rebuild_after_delete_and_items(encoded, monkeypatch):
     """A delete or new items rebuild the state (and still agree with a fresh build)."""
     store = encoded
-    serving_state(store)
+    serving_state(store.catalog)
     builds = []
     monkeypatch.setattr(serving, "_build", lambda *a, _f=serving._build: builds.append(1) or _f(*a))
     store.delete("interactions", "user_id = 3")
-    serving_state(store)
+    serving_state(store.catalog)
     assert len(builds) == 1
     store.ingest("items", pl.DataFrame({"item_id": [501], "title": ["brand new item"]}))
-    state = serving_state(store)
+    state = serving_state(store.catalog)
     assert len(builds) == 2 and 501 not in state.row  # not encoded yet: left out, costs the reader nothing
     store.encode()
-    assert 501 in serving_state(store).row
+    assert 501 in serving_state(store.catalog).row
 
 
 @pytest.mark.parametrize("k", [1, 5])

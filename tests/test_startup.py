@@ -68,23 +68,23 @@ def test_init_records_the_encoder_identity(minilm_store):
     cfg = minilm_store.config
     assert cfg.encoder_id.startswith("hf:all-MiniLM-L6-v2:") and cfg.encoder_dim == 384 and cfg.encoder_fingerprint
     # a reader takes it from the config: no hashing, no loading
-    from dynstore import semantic
+    from dynstore import semcache as semantic
 
     semantic._INFO.clear()
     with dynstore.connect(minilm_store.path, read_only=True) as reader:
-        assert semantic.encoder_info(reader) == (cfg.encoder_id, 384)
+        assert semantic.encoder_info(reader.catalog) == (cfg.encoder_id, 384)
 
 
 def test_stale_fingerprint_is_not_trusted(store):
     """A recorded id whose fingerprint no longer matches (another model, edited config) is recomputed."""
-    from dynstore import semantic
+    from dynstore import semcache as semantic
     from dynstore.config import CONFIG_NAME
 
     cfg_file = store.path / CONFIG_NAME
     cfg_file.write_text(cfg_file.read_text().replace('model = "fake"', 'model = "fake:8"'))
     semantic._INFO.clear()
     with dynstore.connect(store.path, read_only=True) as reader:
-        assert semantic.encoder_info(reader) == ("fake:8:v1", 8)
+        assert semantic.encoder_info(reader.catalog) == ("fake:8:v1", 8)
 
 
 def test_vector_statement_loads_the_encoder_when_needed(encoded):

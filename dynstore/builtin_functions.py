@@ -7,38 +7,43 @@ users`` runs one matrix product per batch, not one per row.
 """
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pyarrow as pa
 
 from .functions import sql_function
+from .recommend import recommend_from_examples, recommend_many, scores, serving_state, similar_items, user_vectors
+from .semantic import semantic_vectors
+from .semcache import encoder_info, store_encoder
+
+if TYPE_CHECKING:
+    from .store import Store
 
 __all__: list[str] = []
 
 
-def _uid(store) -> str:
-    return "VARCHAR" if store.config.id_types.get("user") == "string" else "BIGINT"
+def _uid(store: "Store") -> str:
+    return store.catalog.sql_id_type("user")
 
 
-def _iid(store) -> str:
-    return "VARCHAR" if store.config.id_types.get("item") == "string" else "BIGINT"
+def _iid(store: "Store") -> str:
+    return store.catalog.sql_id_type("item")
 
 
-def _dim(store) -> int:
-    from .semantic import encoder_info
-
-    return encoder_info(store)[1]
+def _dim(store: "Store") -> int:
+    return encoder_info(store.catalog)[1]
 
 
-def _vec(store) -> str:
+def _vec(store: "Store") -> str:
     return f"FLOAT[{_dim(store)}]"
 
 
-def _ranked(store) -> str:
+def _ranked(store: "Store") -> str:
     return f"STRUCT(item_id {_iid(store)}, score DOUBLE)[]"
 
 
-def _arrow_ranked(store, lists: list[list[dict] | None]) -> pa.Array:
+def _arrow_ranked(store: "Store", lists: list[list[dict] | None]) -> pa.Array:
     item_t = pa.string() if _iid(store) == "VARCHAR" else pa.int64()
     return pa.array(lists, type=pa.list_(pa.struct([("item_id", item_t), ("score", pa.float64())])))
 
@@ -62,9 +67,7 @@ def _py(arr) -> list:
 
 
 @sql_function("_dynstore_recommend", lambda s: [_uid(s), "BIGINT", "BIGINT"], _ranked)
-def _recommend(store, user_ids, ks, versions):
-    from .recommend import recommend_many
-
+def _recommend(store: "Store", user_ids, ks, versions):
     users, ks, versions = _py(user_ids), _py(ks), _py(versions)
     out: list[list[dict] | None] = [None] * len(users)
     groups: dict[tuple, list[int]] = {}
@@ -72,17 +75,15 @@ def _recommend(store, user_ids, ks, versions):
         if u is not None and k is not None:
             groups.setdefault((k, v), []).append(n)
     for (k, v), rows in groups.items():
-        lists = recommend_many(store, [users[n] for n in rows], k, version=v)
+        lists = recommend_many(store.catalog, [users[n] for n in rows], k, version=v)
         for n, lst in zip(rows, lists):
             out[n] = lst
     return _arrow_ranked(store, out)
 
 
 @sql_function("recommend_among", lambda s: [_uid(s), "BIGINT", f"{_iid(s)}[]"], _ranked)
-def _recommend_among(store, user_ids, ks, candidates):
+def _recommend_among(store: "Store", user_ids, ks, candidates):
     """Top-k restricted to candidate items: exactly k when k unseen candidates exist."""
-    from .recommend import recommend_many
-
     users, ks, cands = _py(user_ids), _py(ks), _py(candidates)
     out: list[list[dict] | None] = [None] * len(users)
     groups: dict[tuple, list[int]] = {}
@@ -90,77 +91,63 @@ def _recommend_among(store, user_ids, ks, candidates):
         if u is not None and k is not None and c is not None:
             groups.setdefault((k, tuple(c)), []).append(n)
     for (k, c), rows in groups.items():
-        lists = recommend_many(store, [users[n] for n in rows], k, candidates=c)
+        lists = recommend_many(store.catalog, [users[n] for n in rows], k, candidates=c)
         for n, lst in zip(rows, lists):
             out[n] = lst
     return _arrow_ranked(store, out)
 
 
 @sql_function("score", lambda s: [_uid(s), _iid(s)], "DOUBLE")
-def _score(store, user_ids, item_ids):
-    from .recommend import scores
-
-    return pa.array(scores(store, _py(user_ids), _py(item_ids)), pa.float64())
+def _score(store: "Store", user_ids, item_ids):
+    return pa.array(scores(store.catalog, _py(user_ids), _py(item_ids)), pa.float64())
 
 
 @sql_function("similar_items", lambda s: [_iid(s), "BIGINT"], _ranked)
-def _similar(store, item_ids, ks):
-    from .recommend import similar_items
-
-    return _arrow_ranked(store, [None if i is None or k is None else similar_items(store, i, k)
+def _similar(store: "Store", item_ids, ks):
+    return _arrow_ranked(store, [None if i is None or k is None else similar_items(store.catalog, i, k)
                                  for i, k in zip(_py(item_ids), _py(ks))])
 
 
 @sql_function("recommend_from_examples", lambda s: [f"{_iid(s)}[]", f"{_iid(s)}[]", "BIGINT"], _ranked)
-def _from_examples(store, positives, negatives, ks):
-    from .recommend import recommend_from_examples
-
-    return _arrow_ranked(store, [None if k is None else recommend_from_examples(store, p or [], n or [], k)
+def _from_examples(store: "Store", positives, negatives, ks):
+    return _arrow_ranked(store, [None if k is None else recommend_from_examples(store.catalog, p or [], n or [], k)
                                  for p, n, k in zip(_py(positives), _py(negatives), _py(ks))])
 
 
 @sql_function("embed", ["VARCHAR"], _vec)
-def _embed(store, texts):
-    from .semantic import store_encoder
-
+def _embed(store: "Store", texts):
     values = _py(texts)
-    vecs = store_encoder(store).encode(values)
+    vecs = store_encoder(store.catalog).encode(values)
     return _vectors([None if t is None else v for t, v in zip(values, vecs)], _dim(store))
 
 
 @sql_function("semantic_vector", lambda s: [_iid(s)], _vec)
-def _semantic_vector(store, item_ids):
-    from .semantic import semantic_vectors
-
+def _semantic_vector(store: "Store", item_ids):
     ids = _py(item_ids)
-    vecs, found = semantic_vectors(store, ids)
+    vecs, found = semantic_vectors(store.catalog, ids)
     return _vectors([v if ok else None for v, ok in zip(vecs, found)], _dim(store))
 
 
 @sql_function("_dynstore_item_vector", lambda s: [_iid(s), "BIGINT"], _vec)
-def _item_vector(store, item_ids, versions):
-    from .recommend import serving_state
-
+def _item_vector(store: "Store", item_ids, versions):
     ids, vers = _py(item_ids), _py(versions)
     out: list[np.ndarray | None] = []
     for i, v in zip(ids, vers):
-        state = serving_state(store, v)
+        state = serving_state(store.catalog, v)
         r = state.row.get(i)
         out.append(None if r is None else state.Wf[r])
     return _vectors(out, _dim(store))
 
 
 @sql_function("user_vector", lambda s: [_uid(s)], _vec)
-def _user_vector(store, user_ids):
-    from .recommend import serving_state, user_vectors
-
+def _user_vector(store: "Store", user_ids):
     ids = _py(user_ids)
-    X = user_vectors(serving_state(store), [u for u in ids])
+    X = user_vectors(serving_state(store.catalog), [u for u in ids])
     return _vectors([None if u is None else x for u, x in zip(ids, X)], _dim(store))
 
 
 @sql_function("log_impressions", lambda s: [_uid(s), f"{_iid(s)}[]"], "BIGINT", side_effects=True)
-def _log_impressions(store, user_ids, item_lists):
+def _log_impressions(store: "Store", user_ids, item_lists):
     """Append one ``impression`` interaction per shown item; returns rows written."""
     counts = [None if u is None or items is None else store.log_impressions(u, items)
               for u, items in zip(_py(user_ids), _py(item_lists))]
