@@ -21,40 +21,288 @@ would replace is a no-op (``status: "noop"``), so cron can run it often.
 """
 from __future__ import annotations
 
-import datetime as _dt
 import sys
 import time
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any, Callable
 
 import numpy as np
 
 from .bootstrap import ensure_first_version
 from .catalog import Catalog
 from .encoder import HFEncoder, probe_device
-from .errors import ConfigError, DynstoreError
+from .errors import ConfigError
 from .evaluation import evaluate
 from .finetune import finetune_encoder
 from .freshness import refresh_plan
 from .lock import writer_lock
-from .model import FusionModel, ModelConfig
+from .model import FusionModel, ModelConfig, TrainingData
 from .registry import is_rule, list_versions, rule_window
 from .semantic import encode, item_docs, semantic_vectors
 from .semcache import snapshot, store_encoder
-from .versions import build_version, load_version
+from .versions import LoadedVersion, build_version, load_version
 from .views import views_connection
-from .window import TrainingWindow, WindowData, newest_event, parse_since, time_decay_days
+from .window import TrainingWindow, WindowData, newest_event, time_decay_days
 
-__all__ = ["refresh"]
+__all__ = ["refresh", "RefreshOptions"]
 
 TOLERANCE = 0.01   # relative NDCG@10 drop still promoted
-HOLDOUT = 0.10
 MIN_EVAL_USERS = 30  # users with a positive needed to judge on the events current never saw
 
 
-def refresh(catalog: Catalog, *, since: str | None = "30d", epochs: int | None = None, promote: bool = True,
-            finetune_encoder: bool = False, finetune_steps: int | None = None, seed: int = 0,
-            progress: bool = False, device: str | None = None, tolerance: float = TOLERANCE,
-            use_negatives: bool = True, force: bool = False, refit: bool = True) -> dict:
+@dataclass(frozen=True)
+class RefreshOptions:
+    """What a refresh was asked for: the keyword arguments of :func:`refresh`.
+
+    ``since``: the training window (``30d``, ``12w``, ``48h``, a date, ``all``);
+    ``epochs``: a fixed count instead of early stopping; ``promote``: make a
+    version that is not worse current (else it stays a candidate);
+    ``finetune_encoder``/``finetune_steps``: fine-tune the text encoder too;
+    ``tolerance``: the relative NDCG@10 drop still promoted; ``force``:
+    retrain although nothing changed; ``refit``: learn the published model
+    from the holdout too, for the epochs that were best.
+    """
+
+    since: str | None = "30d"
+    epochs: int | None = None
+    promote: bool = True
+    finetune_encoder: bool = False
+    finetune_steps: int | None = None
+    seed: int = 0
+    progress: bool = False
+    device: str | None = None
+    tolerance: float = TOLERANCE
+    use_negatives: bool = True
+    force: bool = False
+    refit: bool = True
+
+
+@dataclass
+class Prepared:
+    """Stage 1, the window: current version, events as rows, the train/holdout split,
+    and the models every candidate is compared with."""
+
+    current_version: LoadedVersion
+    current_row: dict
+    data: WindowData
+    train: TrainingData
+    holdout: tuple          # (users, items, labels) judged on
+    judged: dict            # which holdout events were used, and why
+    rule: FusionModel       # the popularity rule as of the end of train
+    current: FusionModel    # what the store serves (or the rule standing in for it)
+    residuals: tuple        # current's per-item residuals (R, rb)
+    start: tuple            # (tensors, meta) every training starts from
+    window_label: str
+
+    def fresh(self) -> FusionModel:
+        """The candidate before training: current's parameters (or the rule's), today's settings."""
+        return FusionModel.from_state(*self.start)
+
+
+@dataclass
+class Candidate:
+    """Stage 2: the trained model, its training statistics and the data it was judged with."""
+
+    model: FusionModel
+    stats: dict
+    train: TrainingData
+    finetune: dict | None = None
+
+
+@dataclass
+class Verdict:
+    """Stage 3: holdout figures of candidate, current and the rule, and the status they give."""
+
+    candidate: dict
+    current: dict
+    rule: dict
+    status: str
+
+
+@dataclass
+class _Run:
+    """One refresh: its options, clock and the stages below, in order."""
+
+    catalog: Catalog
+    options: RefreshOptions
+    window: TrainingWindow
+    snap: dict
+    plan: dict
+    timings: dict = field(default_factory=dict)
+    started: float = field(default_factory=time.perf_counter)
+    device: str | None = None
+
+    def say(self, message: str) -> None:
+        if self.options.progress:
+            print(message, file=sys.stderr)
+
+    def prepare(self) -> Prepared:
+        """Encode stale items, read the window of the snapshot and split it."""
+        cat, opts = self.catalog, self.options
+        self.say(f"retraining: {self.plan['reason']}")
+        self.say("encoding stale items ...")
+        with writer_lock(cat.path, "encode", wait=60):
+            enc = encode(cat, progress=opts.progress)
+        ensure_first_version(cat)
+        self.timings["encode_s"] = enc["seconds"]
+        lv = load_version(cat)
+        con = views_connection(cat)
+        try:
+            newest = newest_event(con)
+            t1 = time.perf_counter()
+            data = WindowData(cat, lv, con, self.window.start(newest))
+        finally:
+            con.close()
+        train, (hu, hi, hl) = data.split()
+        self.timings["prepare_s"] = round(time.perf_counter() - t1, 3)
+        row = next((r for r in list_versions(cat) if r["version"] == lv.version), {})
+        hu, hi, hl, judged = _unseen_by_current(data, hu, hi, hl, None if is_rule(row)
+                                                else row.get("snapshot", {}).get("trained_until"))
+        # Every model here reads behaviour as of the end of `train` when it is judged,
+        # so the rule and current are scored on the holdout without having counted it.
+        rule = data.rule(train, lv)
+        if lv.model.dynamic is None:
+            # a version from before dynamic features: its popularity is a static bias
+            # counted over all data (the holdout included), so the rule stands in for it
+            current, residuals = rule, rule.residuals
+        else:
+            current, residuals = lv.model, data.residuals_of(lv)
+        span_days = (train.ts.max() - train.ts.min()) / 86400.0 if len(train.ts) else 0.0
+        config = ModelConfig(seed=opts.seed, use_negatives=opts.use_negatives,
+                             time_decay_days=time_decay_days(span_days))
+        tensors, meta = current.state()
+        return Prepared(lv, row, data, train, (hu, hi, hl), judged, rule, current, residuals,
+                        (tensors, dict(meta, config=config.to_dict())), self.window.describe(newest))
+
+    def train(self, p: Prepared) -> Candidate:
+        """Train the candidate from current's parameters; with fine-tuning, train again on the new vectors."""
+        opts = self.options
+        self.device = opts.device if opts.device is not None else probe_device(None)
+        self.say(f"training on {len(p.train.label)} events ({int((p.train.label == 1).sum())} positives) ...")
+        t = time.perf_counter()
+        model, stats = self._fit(p, p.train)
+        self.timings["train_s"] = round(time.perf_counter() - t, 3)
+        if not opts.finetune_encoder:
+            return Candidate(model, stats, p.train)
+        ft, ft_train = _finetune(self, p.data, p.train, model)
+        # The same training as above, from the same start, on the fine-tuned
+        # vectors: the comparison with current then measures the encoder.
+        self.say("training the fusion on the fine-tuned vectors ...")
+        t = time.perf_counter()
+        model, stats = self._fit(p, ft_train)
+        self.timings["train_s"] = round(self.timings["train_s"] + time.perf_counter() - t, 3)
+        return Candidate(model, stats, ft_train, ft)
+
+    def _fit(self, p: Prepared, data: TrainingData) -> tuple[FusionModel, dict]:
+        # early stopping on the holdout: how many epochs help depends on the data
+        # (impressions multiply the steps of an epoch; a drift shortens what is
+        # worth learning), and the refit reuses the best count
+        model = p.fresh()
+        stats = model.fit(data, epochs=self.options.epochs, device=self.device, init_residuals=p.residuals,
+                          holdout=p.holdout)
+        return model, stats
+
+    def judge(self, p: Prepared, cand: Candidate) -> Verdict:
+        """Candidate, current and the rule on the same holdout; promote unless worse beyond the tolerance."""
+        hu, hi, hl = p.holdout
+        t = time.perf_counter()
+        m_cand = evaluate(cand.model, cand.train, hu, hi, hl, k=10)
+        m_cur = evaluate(p.current, p.train, hu, hi, hl, residuals=p.residuals, k=10)
+        m_rule = evaluate(p.rule, p.train, hu, hi, hl, residuals=p.rule.residuals, k=10)
+        self.timings["eval_s"] = round(time.perf_counter() - t, 3)
+        better = m_cand["ndcg@10"] >= m_cur["ndcg@10"] * (1.0 - self.options.tolerance)
+        status = "current" if (self.options.promote and better) else ("candidate" if better else "rejected")
+        return Verdict(m_cand, m_cur, m_rule, status)
+
+    def refit(self, p: Prepared, cand: Candidate, verdict: Verdict) -> FusionModel:
+        """The published model: refitted on every event of the window when it is kept,
+        so the newest events (the most telling ones) are not left out."""
+        if verdict.status == "rejected" or not self.options.refit:
+            return cand.model
+        self.say(f"refitting on all {len(p.data.label)} events ...")
+        t = time.perf_counter()
+        gamma = cand.model.params.get("gamma")
+        model = p.fresh()
+        model.fit(p.data.all_events(), epochs=cand.stats["best_epoch"], device=self.device,
+                  init_residuals=p.residuals)
+        if gamma is not None:  # chosen on the holdout; the refit keeps it
+            model.params["gamma"] = gamma
+        self.timings["refit_s"] = round(time.perf_counter() - t, 3)
+        return model
+
+    def publish(self, p: Prepared, cand: Candidate, verdict: Verdict, model: FusionModel) -> dict:
+        """Write the version (and the rule after it, when the rule beat what is served)."""
+        data, lv = p.data, p.current_version
+        refitted = verdict.status != "rejected" and self.options.refit
+        snap = dict(self.snap, since=self.options.since, rules=self.plan["rules"],
+                    trained_until=int(data.ts.max() if refitted else p.train.ts.max()))
+        old_model = self.catalog.config.model
+        try:
+            # a promoted fine-tuned encoder becomes the store's in the registry commit itself
+            number = build_version(
+                self.catalog, model, lv.item_spec, lv.user_spec, parent=lv.version, status=verdict.status,
+                train_window=p.window_label, counts=_counts(p), items=data.items, snapshot=snap,
+                metrics={"candidate": verdict.candidate, "current": verdict.current, "train": cand.stats,
+                         "holdout": p.judged, **({"finetune": cand.finetune} if cand.finetune else {})},
+                residuals=model.residuals if model.residuals is not None else p.residuals,
+                switch_encoder=cand.finetune is not None and verdict.status == "current")
+        finally:
+            if cand.finetune is not None and verdict.status != "current":
+                self.catalog.config.model = old_model  # not promoted: the store keeps its encoder
+        published = self._publish_rule(p, verdict, number, snap) if self._rule_wins(p, verdict) else None
+        return self._result(p, cand, verdict, model, number, published)
+
+    def _rule_wins(self, p: Prepared, verdict: Verdict) -> bool:
+        """The trained model lost, but the rule it was compared with beat what the store
+        serves (or what is served is an old rule whose counts froze at its creation)."""
+        current_is_rule = is_rule(p.current_row)
+        stale_rule = current_is_rule and p.current_version.model.dynamic is None
+        return verdict.status == "rejected" and self.options.promote and (
+            stale_rule or (not current_is_rule and verdict.rule["ndcg@10"] > verdict.current["ndcg@10"]))
+
+    def _publish_rule(self, p: Prepared, verdict: Verdict, rejected: int, snap: dict) -> int:
+        # the rule reads behaviour as of every query, so it follows a drift that
+        # made current's weights stale
+        self.say("publishing the popularity rule ...")
+        data, lv = p.data, p.current_version
+        events = data.all_events()
+        events.V = p.train.V  # the store's encoder (a rejected fine-tune is not used)
+        rule = data.rule(events, lv)
+        return build_version(self.catalog, rule, lv.item_spec, lv.user_spec, parent=lv.version,
+                             status="current", counts=_counts(p),
+                             train_window=rule_window(float(data.ts.min()), float(data.ts.max())),
+                             metrics={"current": verdict.current, "rule": verdict.rule, "rejected": rejected},
+                             residuals=rule.residuals, snapshot=dict(snap, trained_until=int(data.ts.max())),
+                             items=data.items, verdict="rule")
+
+    def _result(self, p: Prepared, cand: Candidate, verdict: Verdict, model: FusionModel, number: int,
+                published: int | None) -> dict:
+        self.timings["total_s"] = round(time.perf_counter() - self.started, 3)
+        out = {"version": number, "parent": p.current_version.version, "status": verdict.status,
+               "promoted": verdict.status == "current",
+               "metrics": {"candidate": verdict.candidate, "current": verdict.current, "rule": verdict.rule},
+               "counts": _counts(p), "durations": self.timings, "window": p.window_label, "holdout": p.judged,
+               "reasons": self.plan["reasons"],
+               # training never clearly beat its start on the holdout: the version
+               # carries the start's parameters (plus, maybe, an item-item weight)
+               "kept_start": cand.stats.get("best_epoch") == -1 and _gamma(model.params) == _gamma(p.start[0]),
+               "training": {k: cand.stats[k] for k in ("best_epoch", "epochs", "epoch_ndcg@10", "gamma")
+                            if k in cand.stats}}
+        if published is not None:
+            out["published"] = {"version": published, "status": "current", "kind": "popularity rule"}
+        if cand.finetune is not None:
+            out["finetune"] = cand.finetune
+        return out
+
+
+def refresh(catalog: Catalog, **options: Any) -> dict:
     """Retrain, evaluate and publish a new embedding version (see module doc).
+
+    The keyword arguments are the fields of :class:`RefreshOptions`. The work
+    runs as named stages: the window (:meth:`_Run.prepare`), the candidate
+    (:meth:`_Run.train`), the verdict (:meth:`_Run.judge`), and publishing
+    (:meth:`_Run.refit`, :meth:`_Run.publish`).
 
     With ``finetune_encoder`` the last layers of the text encoder are also
     fine-tuned on the training events (:mod:`dynstore.finetune`), every item
@@ -65,151 +313,29 @@ def refresh(catalog: Catalog, *, since: str | None = "30d", epochs: int | None =
     Returns ``{"version", "status", "metrics": {"candidate", "current"}, "counts", "durations"}``
     (plus ``"finetune"`` when fine-tuning) or ``{"status": "noop", "reason"}``.
     """
-    if finetune_encoder:
-        if not isinstance(store_encoder(catalog), HFEncoder):
-            raise ConfigError("--finetune-encoder needs a Hugging Face encoder; this store uses "
-                              f"{catalog.config.model!r} (see `dynstore config --model`)")
-    parse_since(since, _dt.datetime.now())  # a bad --since fails before any work
-    timings: dict[str, float] = {}
-    t0 = time.perf_counter()
-    say = (lambda msg: print(msg, file=sys.stderr)) if progress else (lambda msg: None)
+    opts = RefreshOptions(**options)
+    window = TrainingWindow.parse(opts.since)  # a bad --since fails before any work
+    if opts.finetune_encoder and not isinstance(store_encoder(catalog), HFEncoder):
+        raise ConfigError("--finetune-encoder needs a Hugging Face encoder; this store uses "
+                          f"{catalog.config.model!r} (see `dynstore config --model`)")
     snap = snapshot(catalog)
-    plan = refresh_plan(catalog, since=since, force=force, snapshot=snap)
+    plan = refresh_plan(catalog, since=opts.since, force=opts.force, snapshot=snap)
     if not plan["needed"]:
         return {"status": "noop", "reason": plan["reason"],
                 **({"version": plan["version"]} if plan["version"] is not None else {})}
-    say(f"retraining: {plan['reason']}")
-    say("encoding stale items ...")
-    with writer_lock(catalog.path, "encode", wait=60):
-        enc = encode(catalog, progress=progress)
-    ensure_first_version(catalog)
-    timings["encode_s"] = enc["seconds"]
-    lv = load_version(catalog)
-    con = views_connection(catalog)
-    try:
-        newest = newest_event(con)
-        cutoff = parse_since(since, newest)
-        t1 = time.perf_counter()
-        prep = WindowData(catalog, lv, con, cutoff)
-    finally:
-        con.close()
-    train, (hu, hi, hl) = prep.split()
-    timings["prepare_s"] = round(time.perf_counter() - t1, 3)
-    span_days = (train.ts.max() - train.ts.min()) / 86400.0 if len(train.ts) else 0.0
-    config = ModelConfig(seed=seed, use_negatives=use_negatives, time_decay_days=time_decay_days(span_days))
-    lv_row = next((r for r in list_versions(catalog) if r["version"] == lv.version), {})
-    current_is_rule = is_rule(lv_row)
-    hu, hi, hl, judged = _unseen_by_current(prep, hu, hi, hl, None if current_is_rule
-                                            else lv_row.get("snapshot", {}).get("trained_until"))
-    # Every model here reads behaviour as of the end of `train` when it is judged,
-    # so the rule and current are scored on the holdout without having counted it.
-    rule_at_cut = prep.rule(train, lv)
-    if lv.model.dynamic is None:
-        # a version from before dynamic features: its popularity is a static bias
-        # counted over all data (the holdout included), so the rule stands in for it
-        start = current = rule_at_cut
-        R0, rb0 = rule_at_cut.residuals
-    else:
-        start = current = lv.model
-        R0, rb0 = prep.residuals_of(lv)
-    tensors, meta = start.state()
-    meta = dict(meta, config=config.to_dict())
+    run = _Run(catalog, opts, window, snap, plan)
+    prepared = run.prepare()
+    candidate = run.train(prepared)
+    verdict = run.judge(prepared, candidate)
+    model = run.refit(prepared, candidate, verdict)
+    return run.publish(prepared, candidate, verdict, model)
 
-    def fresh() -> FusionModel:
-        """The candidate before training: current's parameters (or the rule's), today's settings."""
-        return FusionModel.from_state(tensors, meta)
 
-    model = fresh()
-    say(f"training on {len(train.label)} events ({int((train.label == 1).sum())} positives) ...")
-    t2 = time.perf_counter()
-    dev = device
-    if dev is None:
-        dev = probe_device(None)
-    # early stopping on the holdout: how many epochs help depends on the data
-    # (impressions multiply the steps of an epoch; a drift shortens what is
-    # worth learning), and the refit below reuses the best count
-    stats = model.fit(train, epochs=epochs, device=dev, init_residuals=(R0, rb0), holdout=(hu, hi, hl))
-    timings["train_s"] = round(time.perf_counter() - t2, 3)
-    ft = None
-    cand_train = train
-    old_model = catalog.config.model
-    if finetune_encoder:
-        ft, cand_train = _finetune(catalog, prep, train, model, steps=finetune_steps,
-                                   seed=seed, device=dev, progress=progress, say=say, timings=timings)
-        # The same training as above, from the same start, on the fine-tuned
-        # vectors: the comparison with current then measures the encoder.
-        say("training the fusion on the fine-tuned vectors ...")
-        t = time.perf_counter()
-        model = fresh()
-        stats = model.fit(cand_train, epochs=epochs, device=dev, init_residuals=(R0, rb0), holdout=(hu, hi, hl))
-        timings["train_s"] = round(timings["train_s"] + time.perf_counter() - t, 3)
-    t3 = time.perf_counter()
-    m_cand = evaluate(model, cand_train, hu, hi, hl, k=10)
-    m_cur = evaluate(current, train, hu, hi, hl, residuals=(R0, rb0), k=10)
-    m_rule = evaluate(rule_at_cut, train, hu, hi, hl, residuals=rule_at_cut.residuals, k=10)
-    timings["eval_s"] = round(time.perf_counter() - t3, 3)
-    better = m_cand["ndcg@10"] >= m_cur["ndcg@10"] * (1.0 - tolerance)
-    status = "current" if (promote and better) else ("candidate" if better else "rejected")
-    if status != "rejected" and refit:
-        # The holdout decided; the published model also learns from it, so
-        # the newest events (the most telling ones) are not left out.
-        say(f"refitting on all {len(prep.label)} events ...")
-        t4 = time.perf_counter()
-        gamma = model.params.get("gamma")
-        model = fresh()
-        model.fit(prep.all_events(), epochs=stats["best_epoch"], device=dev, init_residuals=(R0, rb0))
-        if gamma is not None:  # chosen on the holdout; the refit keeps it
-            model.params["gamma"] = gamma
-        timings["refit_s"] = round(time.perf_counter() - t4, 3)
-    residuals = model.residuals if model.residuals is not None else (R0, rb0)
-    counts = {"events": int(len(prep.label)), "train": int(len(train.label)), "holdout": int(len(hl)),
-              "positives": int((prep.label == 1).sum()), "negatives": int((prep.label == -1).sum()),
-              "impressions": int((prep.label == 0).sum()), "items": len(prep.ids), "users": len(prep.user_ids)}
-    window = "all" if cutoff is None else f"{cutoff:%Y-%m-%d %H:%M} .. {newest:%Y-%m-%d %H:%M}"
-    trained_until = int(prep.ts.max() if status != "rejected" and refit else train.ts.max())
-    snap = dict(snap, since=since, trained_until=trained_until, rules=plan["rules"])
-    try:
-        # a promoted fine-tuned encoder becomes the store's in the registry commit itself
-        number = build_version(catalog, model, lv.item_spec, lv.user_spec, parent=lv.version, status=status,
-                               train_window=window, counts=counts,
-                               metrics={"candidate": m_cand, "current": m_cur, "train": stats, "holdout": judged,
-                                        **({"finetune": ft} if ft else {})},
-                               residuals=residuals, snapshot=snap, items=prep.items,
-                               switch_encoder=ft is not None and status == "current")
-    finally:
-        if ft is not None and status != "current":
-            catalog.config.model = old_model  # not promoted: the store keeps its encoder
-    published = None
-    stale_rule = current_is_rule and lv.model.dynamic is None  # counts frozen at its creation
-    if status == "rejected" and promote and (stale_rule or (not current_is_rule
-                                                            and m_rule["ndcg@10"] > m_cur["ndcg@10"])):
-        # The trained model lost, but the popularity rule it was compared with
-        # beat what the store serves: serve the rule (it reads behaviour as of
-        # every query, so it follows a drift that made current's weights stale).
-        say("publishing the popularity rule ...")
-        data = prep.all_events()
-        data.V = train.V  # the store's encoder (a rejected fine-tune is not used)
-        rule = prep.rule(data, lv)
-        published = build_version(catalog, rule, lv.item_spec, lv.user_spec, parent=lv.version,
-                                  status="current", counts=counts,
-                                  train_window=rule_window(float(prep.ts.min()), float(prep.ts.max())),
-                                  metrics={"current": m_cur, "rule": m_rule, "rejected": number},
-                                  residuals=rule.residuals, snapshot=dict(snap, trained_until=int(prep.ts.max())),
-                                  items=prep.items, verdict="rule")
-    timings["total_s"] = round(time.perf_counter() - t0, 3)
-    out = {"version": number, "parent": lv.version, "status": status,
-           "promoted": status == "current", "metrics": {"candidate": m_cand, "current": m_cur, "rule": m_rule},
-           "counts": counts, "durations": timings, "window": window, "holdout": judged,
-           "reasons": plan["reasons"],
-           # training never clearly beat its start on the holdout: the version
-           # carries the start's parameters (plus, maybe, an item-item weight)
-           "kept_start": stats.get("best_epoch") == -1 and _gamma(model.params) == _gamma(tensors),
-           "training": {k: stats[k] for k in ("best_epoch", "epochs", "epoch_ndcg@10", "gamma") if k in stats}}
-    if published is not None:
-        out["published"] = {"version": published, "status": "current", "kind": "popularity rule"}
-    if ft is not None:
-        out["finetune"] = ft
-    return out
+def _counts(p: Prepared) -> dict:
+    data = p.data
+    return {"events": int(len(data.label)), "train": int(len(p.train.label)), "holdout": int(len(p.holdout[2])),
+            "positives": int((data.label == 1).sum()), "negatives": int((data.label == -1).sum()),
+            "impressions": int((data.label == 0).sum()), "items": len(data.ids), "users": len(data.user_ids)}
 
 
 def _gamma(params: dict) -> float:
@@ -217,7 +343,7 @@ def _gamma(params: dict) -> float:
     return float(np.ravel(params.get("gamma", [0.0]))[0])
 
 
-def _unseen_by_current(prep, hu, hi, hl, trained_until):
+def _unseen_by_current(prep: WindowData, hu, hi, hl, trained_until):
     """The holdout events to judge on, and how they were chosen.
 
     A trained current version was refitted on its whole window, so part of
@@ -241,57 +367,61 @@ def _unseen_by_current(prep, hu, hi, hl, trained_until):
     return hu, hi, hl, info
 
 
-def _finetune(catalog: Catalog, prep, train, model, *, steps, seed, device, progress, say, timings):
+def _finetune(run: _Run, data: WindowData, train: TrainingData, model: FusionModel) -> tuple[dict, TrainingData]:
     """Fine-tune the encoder and re-encode every item; return the training data on the new vectors.
 
-    Switches ``store.config.model`` in memory to the new encoder (saved to the
+    Switches ``catalog.config.model`` in memory to the new encoder (saved to the
     config file only on promotion, in the version's registry commit); on failure the
     old encoder is restored and the half-made encoder directory stays out of use.
     """
-    from dataclasses import replace
-
+    catalog, opts = run.catalog, run.options
     docs_of = item_docs(catalog)
-    docs = [docs_of.get(i, (None, None))[1] for i in prep.ids]
-    say("fine-tuning the encoder ...")
+    docs = [docs_of.get(i, (None, None))[1] for i in data.ids]
+    run.say("fine-tuning the encoder ...")
     t = time.perf_counter()
-    bar = None
-    if progress:
-        from tqdm import tqdm
-
-        bar = tqdm(desc="fine-tuning", unit="step", file=sys.stderr, dynamic_ncols=True)
-
-    def step(done: int, total: int) -> None:
-        bar.total = total
-        bar.update(1)
-
-    try:
-        ft = finetune_encoder(store_encoder(catalog, device=device), docs, train, model, model.residuals,
-                              catalog.path / "encoders", steps=steps, seed=seed, device=device,
-                              progress=step if bar is not None else None)
-    finally:
-        if bar is not None:
-            bar.close()
-    timings["finetune_s"] = round(time.perf_counter() - t, 3)
+    with _step_bar(opts.progress) as step:
+        ft = finetune_encoder(store_encoder(catalog, device=run.device), docs, train, model, model.residuals,
+                              catalog.path / "encoders", steps=opts.finetune_steps, seed=opts.seed,
+                              device=run.device, progress=step)
+    run.timings["finetune_s"] = round(time.perf_counter() - t, 3)
     old_model = catalog.config.model
-    catalog.config.model = _rel(catalog, ft["path"])
+    catalog.config.model = Path(ft["path"]).resolve().relative_to(catalog.path.resolve()).as_posix()
     try:
-        say("re-encoding every item with the fine-tuned encoder ...")
+        run.say("re-encoding every item with the fine-tuned encoder ...")
         t = time.perf_counter()
         with writer_lock(catalog.path, "encode", wait=60):
-            enc = encode(catalog, progress=progress, device=device)
-        timings["reencode_s"] = round(time.perf_counter() - t, 3)
+            enc = encode(catalog, progress=opts.progress, device=run.device)
+        run.timings["reencode_s"] = round(time.perf_counter() - t, 3)
         ft["encoder"] = enc.get("encoder")
-        prep.V, _ = semantic_vectors(catalog, prep.ids)
-        new_train = replace(train, V=prep.V)
+        data.V, _ = semantic_vectors(catalog, data.ids)
+        return ft, replace(train, V=data.V)
     except BaseException:
         catalog.config.model = old_model
         raise
-    return ft, new_train
 
 
-def _rel(catalog: Catalog, path: str) -> str:
-    from pathlib import Path
+class _step_bar:
+    """A tqdm bar of fine-tuning steps (or nothing): ``with _step_bar(progress) as step``."""
 
-    return Path(path).resolve().relative_to(catalog.path.resolve()).as_posix()
+    def __init__(self, progress: bool):
+        self.bar = None
+        if progress:
+            from tqdm import tqdm
+
+            self.bar = tqdm(desc="fine-tuning", unit="step", file=sys.stderr, dynamic_ncols=True)
+
+    def __enter__(self) -> Callable[[int, int], None] | None:
+        if self.bar is None:
+            return None
+
+        def step(done: int, total: int) -> None:
+            self.bar.total = total
+            self.bar.update(1)
+
+        return step
+
+    def __exit__(self, *exc) -> None:
+        if self.bar is not None:
+            self.bar.close()
 
 
