@@ -321,113 +321,143 @@ def serving_state(catalog: Catalog, version: int | None = None) -> ServingState:
 
 def _build(catalog: Catalog, lv, items, inter, users) -> ServingState:
     """A state from scratch: every labelled event of the snapshot."""
-    ids, row, Wf, bias = list(lv.ids), dict(lv.row), lv.Wf, lv.bias
-    if items is not None:
-        table = items.to_table()
-        all_ids = table.column("item_id").to_pylist()
-        new_pos = [n for n, i in enumerate(all_ids) if i not in row]
-        if new_pos:
-            new_ids = [all_ids[n] for n in new_pos]
-            V, ok = cached_vectors(catalog, new_ids)
-            # items not encoded yet wait for `encode` (they are in stale_items): a
-            # reader never runs the encoder
-            keep = np.flatnonzero(ok)
-            if keep.size:
-                new_pos = [new_pos[n] for n in keep]
-                new_ids = [new_ids[n] for n in keep]
-                A = lv.item_spec.transform(table.take(new_pos))
-                Wn, bn = lv.model.item_side(V[keep], A, None)
-                Wf = np.vstack([Wf, Wn.astype(np.float32)])
-                bias = np.concatenate([bias, bn.astype(np.float32)])
-                for i in new_ids:
-                    row[i] = len(ids)
-                    ids.append(i)
-        # Items deleted since the version was built are never served: unknown
-        # by id, and a bias of -inf keeps them out of every top-k.
-        present = set(all_ids)
-        gone = [n for n, i in enumerate(ids) if i not in present]
-        if gone:
-            bias = np.array(bias, np.float32)
-            bias[gone] = -np.inf
-            for n in gone:
-                row.pop(ids[n], None)
-    static = np.asarray(bias, np.float32)
-    n_items = len(ids)
-    user_row: dict = {}
-    ptr = np.zeros(1, np.int64)
-    hist_item = np.zeros(0, np.int64)
-    hist_label = np.zeros(0, np.int8)
-    hist_ts = np.zeros(0, np.int64)
-    hist_us = np.zeros(0, np.int64)
-    imp_pos: dict = {}
-    if inter is not None:
-        con = views_connection(catalog)
-        try:
-            t = con.sql("SELECT user_id, item_id, epoch(ts)::BIGINT AS ts, epoch_us(ts) AS us, label "
-                        "FROM labelled_events").to_arrow_table()
-            # impressions the rules call positive: labelled_events drops them, but they
-            # still supersede earlier impressions of the same item (see _advance)
-            for u, i, us in con.sql("SELECT user_id, item_id, max(epoch_us(ts)) FROM interactions "
-                                    "WHERE label = 1 AND event = 'impression' GROUP BY ALL").fetchall():
-                imp_pos[(u, i)] = us
-        finally:
-            con.close()
-        item_idx, u_idx, uniq = _map_ids(t, ids, row)
-        ts = t.column("ts").to_numpy(zero_copy_only=False).astype(np.int64)
-        us = t.column("us").to_numpy(zero_copy_only=False).astype(np.int64)
-        lab = t.column("label").to_numpy(zero_copy_only=False).astype(np.int8)
-        keep = item_idx >= 0
-        u_idx, item_idx, ts, us, lab = u_idx[keep], item_idx[keep], ts[keep], us[keep], lab[keep]
-        # one order for every build and advance: ties in time by item row, then label
-        order = np.lexsort((lab, item_idx, ts, u_idx))
-        u_idx, item_idx, ts, us, lab = u_idx[order], item_idx[order], ts[order], us[order], lab[order]
-        ptr = np.concatenate([[0], np.cumsum(np.bincount(u_idx, minlength=len(uniq)))])
-        hist_item, hist_label, hist_ts, hist_us = item_idx, lab, ts, us
-        user_row = uniq
-    pos = hist_label == 1
-    user_of = np.repeat(np.arange(ptr.size - 1), np.diff(ptr))
-    pos_ptr = np.concatenate([[0], np.cumsum(np.bincount(user_of[pos], minlength=ptr.size - 1))])
-    pos_item = hist_item[pos]
-    fu = lv.user_spec.width
-    UA = np.zeros((0, fu), np.float32)
-    UK = np.zeros((0, len(lv.model.segments)), np.int64)
-    ua_row: dict = {}
-    if users is not None and (fu or lv.model.segments):
-        ut = users.to_table()
-        UA = np.asarray(lv.user_spec.transform(ut), np.float32)
-        UK = lv.user_spec.segments(ut)
-        ua_row = {u: n for n, u in enumerate(ut.column("user_id").to_pylist())}
-    counts = None
-    final = static
-    if hist_item.size and lv.model.dynamic is not None:
-        act = lv.model.activity(hist_item, hist_ts, hist_label, n_items)
-        now = act.now()
-        C = act.items.counts(np.arange(n_items), now)
-        counts = _Counts(lv.model.dynamic, now, C)
-        if lv.model.segments and UK.shape[0] and "theta_seg" in lv.model.params:
-            keys = _event_keys(user_row, ua_row, UK, ptr)
-            n_keys = int(sum(lv.model.segments))
-            ok = keys >= 0
-            r, c = np.nonzero(ok)
-            # as SegmentActivity indexes them: each event counts in every segment of its user
-            counts.seg_spec, counts.n_keys = SEGMENT_SPEC, n_keys
-            counts.seg_base = ItemActivity(SEGMENT_SPEC, keys[r, c] * n_items + hist_item[r], hist_ts[r],
-                                           hist_label[r], max(n_keys, 1) * n_items)
-        final = _with_dynamic(lv.model, static, C)
-    index, index_params = None, {}
-    uri = catalog.index_uri(lv.version)
-    if os.path.isdir(os.path.join(uri, "_versions")):
-        import lance
-
-        index = lance.dataset(uri)
-        # search as recorded when the index was built (nprobes, candidates): not recomputed
-        index_params = recorded_index_settings(index)
-        index_params["width"] = index.schema.field("vector").type.list_size
-        index_params["row_starts"] = row_starts(index)
+    ids, row, Wf, static = _item_rows(catalog, lv, items)
+    h = _read_histories(catalog, inter, ids, row)
+    pos = h.label == 1
+    user_of = np.repeat(np.arange(h.ptr.size - 1), np.diff(h.ptr))
+    pos_ptr = np.concatenate([[0], np.cumsum(np.bincount(user_of[pos], minlength=h.ptr.size - 1))])
+    UA, UK, ua_row = _user_attributes(lv, users)
+    counts, final = _behaviour(lv, h, UK, ua_row, static, len(ids))
+    index, index_params = _vector_index(catalog, lv.version)
     return ServingState(lv.version, lv.model, ids, row, np.ascontiguousarray(Wf, np.float32), final,
-                        _Rows(user_row), ptr, hist_item, hist_label, hist_ts, UA, ua_row, UK, pos_ptr, pos_item,
+                        _Rows(h.user_row), h.ptr, h.item, h.label, h.ts, UA, ua_row, UK, pos_ptr, h.item[pos],
                         index, len(lv.ids), index_params,
-                        static_bias=static, counts=counts, hist_us=hist_us, imp_pos=imp_pos)
+                        static_bias=static, counts=counts, hist_us=h.us, imp_pos=h.imp_pos)
+
+
+def _item_rows(catalog: Catalog, lv, items) -> tuple[list, dict, np.ndarray, np.ndarray]:
+    """The version's items plus those encoded since (fused with its parameters), minus
+    deleted ones: ``(ids, row of id, W, static bias)``."""
+    ids, row, Wf, bias = list(lv.ids), dict(lv.row), lv.Wf, lv.bias
+    if items is None:
+        return ids, row, Wf, np.asarray(bias, np.float32)
+    table = items.to_table()
+    all_ids = table.column("item_id").to_pylist()
+    new_pos = [n for n, i in enumerate(all_ids) if i not in row]
+    if new_pos:
+        new_ids = [all_ids[n] for n in new_pos]
+        V, ok = cached_vectors(catalog, new_ids)
+        # items not encoded yet wait for `encode` (they are in stale_items): a
+        # reader never runs the encoder
+        keep = np.flatnonzero(ok)
+        if keep.size:
+            new_pos = [new_pos[n] for n in keep]
+            new_ids = [new_ids[n] for n in keep]
+            A = lv.item_spec.transform(table.take(new_pos))
+            Wn, bn = lv.model.item_side(V[keep], A, None)
+            Wf = np.vstack([Wf, Wn.astype(np.float32)])
+            bias = np.concatenate([bias, bn.astype(np.float32)])
+            for i in new_ids:
+                row[i] = len(ids)
+                ids.append(i)
+    # Items deleted since the version was built are never served: unknown
+    # by id, and a bias of -inf keeps them out of every top-k.
+    present = set(all_ids)
+    gone = [n for n, i in enumerate(ids) if i not in present]
+    if gone:
+        bias = np.array(bias, np.float32)
+        bias[gone] = -np.inf
+        for n in gone:
+            row.pop(ids[n], None)
+    return ids, row, Wf, np.asarray(bias, np.float32)
+
+
+@dataclass
+class _Histories:
+    """Every user's labelled events as CSR arrays (rows in :attr:`user_row` order)."""
+
+    user_row: dict = field(default_factory=dict)
+    ptr: np.ndarray = field(default_factory=lambda: np.zeros(1, np.int64))
+    item: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
+    label: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int8))
+    ts: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
+    us: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
+    imp_pos: dict = field(default_factory=dict)  # (user, item) -> newest positive impression (us)
+
+
+def _read_histories(catalog: Catalog, inter, ids: list, row: dict) -> _Histories:
+    """The labelled events of the snapshot, in one order for every build and advance."""
+    h = _Histories()
+    if inter is None:
+        return h
+    con = views_connection(catalog)
+    try:
+        t = con.sql("SELECT user_id, item_id, epoch(ts)::BIGINT AS ts, epoch_us(ts) AS us, label "
+                    "FROM labelled_events").to_arrow_table()
+        # impressions the rules call positive: labelled_events drops them, but they
+        # still supersede earlier impressions of the same item (see _advance)
+        for u, i, us in con.sql("SELECT user_id, item_id, max(epoch_us(ts)) FROM interactions "
+                                "WHERE label = 1 AND event = 'impression' GROUP BY ALL").fetchall():
+            h.imp_pos[(u, i)] = us
+    finally:
+        con.close()
+    item_idx, u_idx, uniq = _map_ids(t, ids, row)
+    ts = t.column("ts").to_numpy(zero_copy_only=False).astype(np.int64)
+    us = t.column("us").to_numpy(zero_copy_only=False).astype(np.int64)
+    lab = t.column("label").to_numpy(zero_copy_only=False).astype(np.int8)
+    keep = item_idx >= 0
+    u_idx, item_idx, ts, us, lab = u_idx[keep], item_idx[keep], ts[keep], us[keep], lab[keep]
+    # ties in time by item row, then label
+    order = np.lexsort((lab, item_idx, ts, u_idx))
+    h.item, h.label, h.ts, h.us = item_idx[order], lab[order], ts[order], us[order]
+    h.ptr = np.concatenate([[0], np.cumsum(np.bincount(u_idx[order], minlength=len(uniq)))])
+    h.user_row = uniq
+    return h
+
+
+def _user_attributes(lv, users) -> tuple[np.ndarray, np.ndarray, dict]:
+    """Users' attribute features, segment keys and row of each user id."""
+    fu = lv.user_spec.width
+    if users is None or not (fu or lv.model.segments):
+        return np.zeros((0, fu), np.float32), np.zeros((0, len(lv.model.segments)), np.int64), {}
+    ut = users.to_table()
+    return (np.asarray(lv.user_spec.transform(ut), np.float32), lv.user_spec.segments(ut),
+            {u: n for n, u in enumerate(ut.column("user_id").to_pylist())})
+
+
+def _behaviour(lv, h: _Histories, UK: np.ndarray, ua_row: dict, static: np.ndarray,
+               n_items: int) -> tuple[_Counts | None, np.ndarray]:
+    """The behaviour counts as of the newest event, and the bias they give each item."""
+    if not h.item.size or lv.model.dynamic is None:
+        return None, static
+    act = lv.model.activity(h.item, h.ts, h.label, n_items)
+    now = act.now()
+    C = act.items.counts(np.arange(n_items), now)
+    counts = _Counts(lv.model.dynamic, now, C)
+    if lv.model.segments and UK.shape[0] and "theta_seg" in lv.model.params:
+        keys = _event_keys(h.user_row, ua_row, UK, h.ptr)
+        n_keys = int(sum(lv.model.segments))
+        r, c = np.nonzero(keys >= 0)
+        # as SegmentActivity indexes them: each event counts in every segment of its user
+        counts.seg_spec, counts.n_keys = SEGMENT_SPEC, n_keys
+        counts.seg_base = ItemActivity(SEGMENT_SPEC, keys[r, c] * n_items + h.item[r], h.ts[r],
+                                       h.label[r], max(n_keys, 1) * n_items)
+    return counts, _with_dynamic(lv.model, static, C)
+
+
+def _vector_index(catalog: Catalog, version: int) -> tuple[Any, dict]:
+    """The version's vector index and its search settings, when it has one."""
+    uri = catalog.index_uri(version)
+    if not os.path.isdir(os.path.join(uri, "_versions")):
+        return None, {}
+    import lance
+
+    index = lance.dataset(uri)
+    # search as recorded when the index was built (nprobes, candidates): not recomputed
+    params = recorded_index_settings(index)
+    params["width"] = index.schema.field("vector").type.list_size
+    params["row_starts"] = row_starts(index)
+    return index, params
 
 
 def row_starts(index) -> np.ndarray:
@@ -546,102 +576,125 @@ def _advance(catalog: Catalog, prior: ServingState, inter) -> ServingState | Non
 def _fold(prior: ServingState, t) -> ServingState:
     """Fold labelled new rows (``user_id, item_id, ts, us, label, imp``) into a copy of ``prior``,
     as ``labelled_events`` would see the old and new rows together."""
-    users = t.column("user_id").to_pylist()
-    items_ = t.column("item_id").to_pylist()
-    ts = t.column("ts").to_numpy(zero_copy_only=False).astype(np.int64)
-    us = t.column("us").to_numpy(zero_copy_only=False).astype(np.int64)
-    label = t.column("label").to_numpy(zero_copy_only=False).astype(np.int8)
-    imp = t.column("imp").to_numpy(zero_copy_only=False).astype(bool)
-    imp_pos = dict(prior.imp_pos_new)  # small: the build's own stay shared
-    newest_pos: dict = {}  # (user, item) -> newest positive among the new rows
-    for n in np.flatnonzero(label == 1):
-        pair = (users[n], items_[n])
-        newest_pos[pair] = max(newest_pos.get(pair, us[n]), us[n])
-        if imp[n]:
-            imp_pos[pair] = max(imp_pos.get(pair, prior.imp_pos.get(pair, us[n])), us[n])
-    extra_rows = dict(prior.user_row.extra)
-    overlay = dict(prior.overlay)
-    dead = prior.dead
-    # events that come (+1) and go (-1): item row, user row, ts, us, label
-    came: list[tuple] = []
-    went: list[tuple] = []
+    fold = _Fold(prior, t)
+    fold.supersede_impressions()
+    fold.add_new_rows()
+    fold.merge_overlay()
+    return fold.state()
 
-    def user_row(u) -> int:
-        r = prior.user_row.base.get(u)
+
+class _Fold:
+    """The work of :func:`_fold`: what changes, collected as events that come and go.
+
+    ``came`` and ``went`` hold ``(item row, user row, ts, us, label, user id)``;
+    base histories are never changed in place: a row that goes is marked in a
+    copy of ``dead``, rows that come live in the per-user ``overlay``.
+    """
+
+    def __init__(self, prior: ServingState, t):
+        self.prior = prior
+        self.users = t.column("user_id").to_pylist()
+        self.items = t.column("item_id").to_pylist()
+        self.ts = t.column("ts").to_numpy(zero_copy_only=False).astype(np.int64)
+        self.us = t.column("us").to_numpy(zero_copy_only=False).astype(np.int64)
+        self.label = t.column("label").to_numpy(zero_copy_only=False).astype(np.int8)
+        self.imp = t.column("imp").to_numpy(zero_copy_only=False).astype(bool)
+        self.imp_pos = dict(prior.imp_pos_new)  # small: the build's own stay shared
+        self.newest_pos: dict = {}  # (user, item) -> newest positive among the new rows
+        for n in np.flatnonzero(self.label == 1):
+            pair, at = (self.users[n], self.items[n]), self.us[n]
+            self.newest_pos[pair] = max(self.newest_pos.get(pair, at), at)
+            if self.imp[n]:
+                self.imp_pos[pair] = max(self.imp_pos.get(pair, prior.imp_pos.get(pair, at)), at)
+        self.extra_rows = dict(prior.user_row.extra)
+        self.overlay = dict(prior.overlay)
+        self.dead = prior.dead
+        self.came: list[tuple] = []
+        self.went: list[tuple] = []
+
+    def user_row(self, u) -> int:
+        """The row of user ``u``, a new one past the base rows for a user never seen."""
+        r = self.prior.user_row.base.get(u)
         if r is None:
-            r = extra_rows.get(u)
+            r = self.extra_rows.get(u)
             if r is None:
-                r = extra_rows[u] = prior.n_base_users + len(extra_rows)
+                r = self.extra_rows[u] = self.prior.n_base_users + len(self.extra_rows)
         return r
 
-    def history(r: int):
-        """(item, label, us, positions in the base or None) of a user's current events."""
-        if r < prior.n_base_users:
-            a, b = prior.ptr[r], prior.ptr[r + 1]
-            pos = np.arange(a, b)
-            alive = ~dead[a:b] if dead is not None else np.ones(b - a, bool)
-            base = (prior.hist_item[a:b][alive], prior.hist_label[a:b][alive], prior.hist_us[a:b][alive],
-                    prior.hist_ts[a:b][alive], pos[alive])
-        else:
-            base = (np.zeros(0, np.int64), np.zeros(0, np.int8), np.zeros(0, np.int64), np.zeros(0, np.int64),
-                    np.zeros(0, np.int64))
-        return base
+    def base_history(self, r: int) -> tuple:
+        """(item, label, us, ts, positions in the base) of a user's live base events."""
+        prior, dead = self.prior, self.dead
+        if r >= prior.n_base_users:
+            empty = np.zeros(0, np.int64)
+            return empty, np.zeros(0, np.int8), empty, empty, empty
+        a, b = prior.ptr[r], prior.ptr[r + 1]
+        alive = ~dead[a:b] if dead is not None else np.ones(b - a, bool)
+        return (prior.hist_item[a:b][alive], prior.hist_label[a:b][alive], prior.hist_us[a:b][alive],
+                prior.hist_ts[a:b][alive], np.arange(a, b)[alive])
 
-    # 1. an old impression goes when a new positive of the same user and item is as new or newer
-    for (u, i), p_us in newest_pos.items():
-        r = prior.user_row.get(u, -1)
-        ir = prior.row.get(i, -1)
-        if r < 0 or ir < 0:
-            continue
-        it, lab, hus, hts, pos = history(r)
-        gone = (it == ir) & (lab == 0) & (hus <= p_us)
-        if gone.any():
-            if dead is None or dead is prior.dead:
-                dead = np.zeros(prior.hist_item.size, bool) if dead is None else dead.copy()
-            dead[pos[gone]] = True
-            for x in np.flatnonzero(gone):
-                went.append((ir, r, int(hts[x]), int(hus[x]), 0, u))
-        ov = overlay.get(r)
-        if ov is not None:
-            o_it, o_lab, o_ts, o_us = ov
-            gone = (o_it == ir) & (o_lab == 0) & (o_us <= p_us)
+    def supersede_impressions(self) -> None:
+        """An old impression goes when a new positive of the same user and item is as new or newer."""
+        prior = self.prior
+        for (u, i), p_us in self.newest_pos.items():
+            r, ir = prior.user_row.get(u, -1), prior.row.get(i, -1)
+            if r < 0 or ir < 0:
+                continue
+            it, lab, hus, hts, pos = self.base_history(r)
+            gone = (it == ir) & (lab == 0) & (hus <= p_us)
             if gone.any():
-                for x in np.flatnonzero(gone):
-                    went.append((ir, r, int(o_ts[x]), int(o_us[x]), 0, u))
-                overlay[r] = tuple(a[~gone] for a in ov)
-    # 2. the new rows, as labelled_events keeps them
-    for n in range(len(users)):
-        ir = prior.row.get(items_[n], -1)
-        if ir < 0:
-            continue  # unknown, deleted or not encoded: not served (as a rebuild drops it)
-        if imp[n]:
-            pair = (users[n], items_[n])
-            newest = max(newest_pos.get(pair, -2 ** 62), imp_pos.get(pair, prior.imp_pos.get(pair, -2 ** 62)),
-                         _newest_positive(prior, overlay, prior.user_row.get(users[n], -1), ir, dead))
-            if newest >= us[n]:
-                continue  # a positive at or after it says it all
-            lab = 0
-        elif label[n] == 0:
-            continue
-        else:
-            lab = int(label[n])
-        came.append((ir, user_row(users[n]), int(ts[n]), int(us[n]), lab, users[n]))
-    for ir, r, t_, u_, lab, _ in came:
-        o = overlay.get(r)
-        add = (np.array([ir], np.int64), np.array([lab], np.int8), np.array([t_], np.int64), np.array([u_], np.int64))
-        if o is None:
-            overlay[r] = add
-        else:
-            overlay[r] = tuple(np.concatenate([a, b]) for a, b in zip(o, add))
-    for r in {c[1] for c in came}:
-        it, lab, t_, u_ = overlay[r]
-        order = np.lexsort((lab, it, t_))
-        overlay[r] = (it[order], lab[order], t_[order], u_[order])
-    state = replace(prior, user_row=_Rows(prior.user_row.base, extra_rows), overlay=overlay, dead=dead,
-                    imp_pos_new=imp_pos, source=dict(prior.source), _seg_rows={}, _hot=None)
-    if prior.counts is not None and (came or went):
-        state.counts, state.bias = _update_counts(prior, state, came, went)
-    return state
+                if self.dead is None or self.dead is prior.dead:
+                    self.dead = np.zeros(prior.hist_item.size, bool) if self.dead is None else self.dead.copy()
+                self.dead[pos[gone]] = True
+                self.went += [(ir, r, int(hts[x]), int(hus[x]), 0, u) for x in np.flatnonzero(gone)]
+            ov = self.overlay.get(r)
+            if ov is not None:
+                o_it, o_lab, o_ts, o_us = ov
+                gone = (o_it == ir) & (o_lab == 0) & (o_us <= p_us)
+                if gone.any():
+                    self.went += [(ir, r, int(o_ts[x]), int(o_us[x]), 0, u) for x in np.flatnonzero(gone)]
+                    self.overlay[r] = tuple(a[~gone] for a in ov)
+
+    def add_new_rows(self) -> None:
+        """The new rows, as labelled_events keeps them."""
+        prior = self.prior
+        for n, (u, i) in enumerate(zip(self.users, self.items)):
+            ir = prior.row.get(i, -1)
+            if ir < 0:
+                continue  # unknown, deleted or not encoded: not served (as a rebuild drops it)
+            if self.imp[n]:
+                pair = (u, i)
+                newest = max(self.newest_pos.get(pair, -2 ** 62),
+                             self.imp_pos.get(pair, prior.imp_pos.get(pair, -2 ** 62)),
+                             _newest_positive(prior, self.overlay, prior.user_row.get(u, -1), ir, self.dead))
+                if newest >= self.us[n]:
+                    continue  # a positive at or after it says it all
+                lab = 0
+            elif self.label[n] == 0:
+                continue
+            else:
+                lab = int(self.label[n])
+            self.came.append((ir, self.user_row(u), int(self.ts[n]), int(self.us[n]), lab, u))
+
+    def merge_overlay(self) -> None:
+        """Append what came to each user's overlay, kept in history order."""
+        for ir, r, t_, u_, lab, _ in self.came:
+            o = self.overlay.get(r)
+            add = (np.array([ir], np.int64), np.array([lab], np.int8), np.array([t_], np.int64),
+                   np.array([u_], np.int64))
+            self.overlay[r] = add if o is None else tuple(np.concatenate([a, b]) for a, b in zip(o, add))
+        for r in {c[1] for c in self.came}:
+            it, lab, t_, u_ = self.overlay[r]
+            order = np.lexsort((lab, it, t_))
+            self.overlay[r] = (it[order], lab[order], t_[order], u_[order])
+
+    def state(self) -> ServingState:
+        prior = self.prior
+        state = replace(prior, user_row=_Rows(prior.user_row.base, self.extra_rows), overlay=self.overlay,
+                        dead=self.dead, imp_pos_new=self.imp_pos, source=dict(prior.source), _seg_rows={},
+                        _hot=None)
+        if prior.counts is not None and (self.came or self.went):
+            state.counts, state.bias = _update_counts(prior, state, self.came, self.went)
+        return state
 
 
 def _newest_positive(prior: ServingState, overlay: dict, r: int, ir: int, dead) -> int:
