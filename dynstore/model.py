@@ -53,7 +53,8 @@ Examples
 >>> import numpy as np
 >>> rng = np.random.default_rng(0)
 >>> V = rng.normal(size=(50, 8)).astype(np.float32); A = np.zeros((50, 0), np.float32)
->>> m = FusionModel.untrained(V, A, fu=0, popularity=np.arange(50.0))
+>>> m = FusionModel.untrained(V, A, fu=0, popularity=np.arange(50.0),
+...                            config=ModelConfig(dynamic=False))
 >>> Wf, bias = m.item_side(V, A, m.residuals)
 >>> X = m.user_vectors(None, np.array([0, 0]), np.zeros(0, np.int64), np.zeros(0, np.int8),
 ...                    np.zeros(0, np.int64), Wf)
@@ -95,7 +96,7 @@ class FusionModel:
     --------
     >>> m = FusionModel(d=4, fa=2, fu=0)
     >>> sorted(m.state()[0])
-    ['M', 'U', 'W', 'alpha', 'b0', 'ba', 'bv', 'g_neg', 'g_pos', 'theta', 'u0']
+    ['M', 'U', 'W', 'alpha', 'b0', 'ba', 'bv', 'g_imp', 'g_neg', 'g_pos', 'g_short', 'gamma', 'theta', 'u0']
     """
 
     def __init__(self, d: int, fa: int, fu: int, config: ModelConfig | None = None,
@@ -323,8 +324,8 @@ class FusionModel:
         >>> m = FusionModel(d=2, fa=0, fu=0)
         >>> Wf = np.eye(2, dtype=np.float32)
         >>> m.user_vectors(None, np.array([0, 1]), np.array([1]), np.array([1]),
-        ...                np.array([0]), Wf).tolist()
-        [[0.0, 1.0]]
+        ...                np.array([0]), Wf).tolist()      # g_pos and g_short both see the like
+        [[0.0, 2.0]]
         """
         p = self.params
         m = np.asarray(hist_ptr).size - 1
