@@ -45,7 +45,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 __all__ = ["DynamicSpec", "ItemActivity", "SegmentActivity", "KIND_LABELS", "SEGMENT_SPEC",
-           "popularity_prior", "rule_half_life"]
+           "popularity_prior", "rule_half_life", "Activity"]
 
 #: event kind -> label in ``labelled_events`` (1 positive, -1 negative, 0 ignored impression)
 KIND_LABELS = {"pos": 1, "neg": -1, "imp": 0}
@@ -240,6 +240,17 @@ class SegmentActivity:
         if ok.any():
             out[ok] = self._inner.features(keys[ok] * self.n_items + items[ok], t)
         return out
+
+
+@dataclass
+class Activity:
+    """The dynamic-feature indexes of one event log: per item, and per (segment, item)."""
+
+    items: ItemActivity
+    segments: SegmentActivity | None = None
+
+    def now(self) -> int:
+        return self.items.now()
 
 
 def popularity_prior(counts: np.ndarray) -> np.ndarray:

@@ -7,21 +7,123 @@ held-out events.
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
 import numpy as np
 
 from .histories import build_histories
 from .metrics import ndcg_per_user, recall_at_k, top_k, user_auc
+from .modeldata import TrainingData
 
-__all__ = ["evaluate"]
+__all__ = ["evaluate", "scorer"]
 
 
 #: score cells (users x items) evaluated per batch: 64 MB of float32
 EVAL_CELLS = 1 << 24
 
 
+def scorer(model: Any, data: TrainingData,
+           residuals: tuple[np.ndarray, np.ndarray] | None = None) -> Callable:
+    """``users -> logits [len(users), n_items]`` of ``model`` (a
+    :class:`~dynstore.model.FusionModel`), as serving would have scored the users of
+    ``data`` just after its last event: histories and dynamic features from ``data``'s
+    events, item side computed once."""
+    n = data.V.shape[0]
+    Wf, bias = model.item_side(data.V, data.A, residuals)
+    act = model.activity_of(data)
+    table = None
+    if act is not None:
+        now = act.now()
+        bias = bias + model.dynamic_bias(act.items.features(np.arange(n), now))
+        table = model.segment_table(act, np.arange(n), now)
+
+    def score(users: np.ndarray) -> np.ndarray:
+        ptr, it, lab, ts = build_histories(users, data.user, data.item, data.label, data.ts)
+        X = model.user_vectors(data.UA[users], ptr, it, lab, ts, Wf)
+        return (X @ Wf.T + bias[None, :] + model.segment_bias(table, data.UK[users])
+                + model.item_item_bias(ptr, it, lab, n))
+
+    return score
+
+
+def holdout_positives(holdout_user: np.ndarray, holdout_item: np.ndarray,
+                      holdout_label: np.ndarray | None,
+                      candidates: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
+    """``(user, item)`` of the holdout's positives (all rows when ``holdout_label`` is
+    None) among the ``candidates`` (a boolean item mask; None: all items)."""
+    hu = np.asarray(holdout_user, dtype=np.int64)
+    hi = np.asarray(holdout_item, dtype=np.int64)
+    if holdout_label is not None:
+        pos = np.asarray(holdout_label) == 1
+        hu, hi = hu[pos], hi[pos]
+    if candidates is not None:
+        keep = candidates[hi]
+        hu, hi = hu[keep], hi[keep]
+    return hu, hi
+
+
+def seen_positives(train: TrainingData, users: np.ndarray, tpos: np.ndarray) -> list[np.ndarray]:
+    """The training positives (rows ``tpos`` of ``train``) of each of ``users``."""
+    sp, sit, _, _ = build_histories(users, train.user[tpos], train.item[tpos],
+                                    train.label[tpos], train.ts[tpos])
+    return [sit[sp[i] : sp[i + 1]] for i in range(users.size)]
+
+
+def auc_exclusions(seen: list | None, candidates: np.ndarray | None, m: int) -> list | None:
+    """Items that are no negatives of the AUC for each of ``m`` users: their training
+    positives and the non-candidates."""
+    if candidates is None:
+        return seen
+    others = np.flatnonzero(~candidates)
+    return [np.r_[x, others] for x in (seen or [others[:0]] * m)]
+
+
+@dataclass
+class Ranked:
+    """Top-k lists, relevant items and AUC parts of the users ranked so far."""
+
+    ranked: list = field(default_factory=list)    # [batch users, k] arrays
+    relevant: list = field(default_factory=list)  # one item array per user
+    auc: list = field(default_factory=list)       # (mean AUC, users) per batch
+
+
+def rank_batch(out: Ranked, S: np.ndarray, users: np.ndarray, hu_s: np.ndarray,
+               hi_s: np.ndarray, k: int, seen: list | None, candidates: np.ndarray | None,
+               with_auc: bool) -> None:
+    """Add the top-k lists of ``users`` (scores ``S``) and their holdout positives
+    (``hi_s`` by ``hu_s``, sorted by user) to ``out``."""
+    if candidates is not None:
+        S[:, ~candidates] = -np.inf
+    lo = np.searchsorted(hu_s, users, "left")
+    up = np.searchsorted(hu_s, users, "right")
+    rel = [hi_s[a:b] for a, b in zip(lo, up)]
+    out.ranked.append(top_k(S, k, seen))
+    out.relevant += rel
+    if with_auc:
+        out.auc.append((user_auc(S, rel, auc_exclusions(seen, candidates, users.size)), users.size))
+
+
+def summarise(out: Ranked, n_users: int, k: int, per_user: bool) -> dict:
+    """The metrics of :func:`evaluate` from what :func:`rank_batch` collected."""
+    if not n_users:
+        return {f"recall@{k}": float("nan"), f"ndcg@{k}": float("nan"), "auc": float("nan"),
+                "n_users": 0, **({"ndcg_per_user": np.zeros(0)} if per_user else {})}
+    ranked = np.concatenate(out.ranked)
+    a = (sum(v * n for v, n in out.auc) / sum(n for _, n in out.auc)) if out.auc else float("nan")
+    nd = ndcg_per_user(ranked, out.relevant, k)
+    return {
+        f"recall@{k}": recall_at_k(ranked, out.relevant, k),
+        f"ndcg@{k}": float(nd.mean()),
+        "auc": float(a),
+        "n_users": int(n_users),
+        **({"ndcg_per_user": nd} if per_user else {}),
+    }
+
+
 def evaluate(
-    model,
-    train,
+    model: Any,
+    train: TrainingData,
     holdout_user: np.ndarray,
     holdout_item: np.ndarray,
     holdout_label: np.ndarray | None = None,
@@ -49,58 +151,22 @@ def evaluate(
         ``with_auc=False`` skips the AUC (``nan``): it costs a sort of every user's
         scores, which early stopping does not need.
     """
-    hu = np.asarray(holdout_user, dtype=np.int64)
-    hi = np.asarray(holdout_item, dtype=np.int64)
-    if holdout_label is not None:
-        pos = np.asarray(holdout_label) == 1
-        hu, hi = hu[pos], hi[pos]
+    cand = None if candidates is None else np.asarray(candidates, dtype=bool)
+    hu, hi = holdout_positives(holdout_user, holdout_item, holdout_label, cand)
     n_items = train.V.shape[0]
-    if candidates is not None:
-        cand = np.asarray(candidates, dtype=bool)
-        keep = cand[hi]
-        hu, hi = hu[keep], hi[keep]
     users = np.unique(hu)
     if residuals is None and model.residuals is not None and len(model.residuals[1]) == n_items:
         residuals = model.residuals
-    scorer = model.scorer(train, residuals)
+    score = scorer(model, train, residuals)
     order = np.argsort(hu, kind="stable")
     hu_s, hi_s = hu[order], hi[order]
-    ranked_all, rel_all, auc_vals = [], [], []
     tpos = train.label == 1
+    out = Ranked()
     # a batch's score matrix (and the AUC's sort of it) is users x items: bound its cells,
     # or a million-item catalogue would take gigabytes per batch
     step = max(1, min(batch_users, EVAL_CELLS // max(n_items, 1)))
     for s in range(0, users.size, step):
         ub = users[s : s + step]
-        S = scorer(ub)
-        if candidates is not None:
-            S[:, ~cand] = -np.inf
-        seen = None
-        if exclude_seen:
-            sp, sit, _, _ = build_histories(ub, train.user[tpos], train.item[tpos],
-                                            train.label[tpos], train.ts[tpos])
-            seen = [sit[sp[i] : sp[i + 1]] for i in range(ub.size)]
-        lo = np.searchsorted(hu_s, ub, "left")
-        up = np.searchsorted(hu_s, ub, "right")
-        rel = [hi_s[a:b_] for a, b_ in zip(lo, up)]
-        ranked_all.append(top_k(S, k, seen))
-        rel_all += rel
-        if with_auc:
-            excl = seen
-            if candidates is not None:  # non-candidates are not negatives for the AUC either
-                others = np.flatnonzero(~cand)
-                excl = [np.r_[x, others] for x in (seen or [others[:0]] * ub.size)]
-            auc_vals.append((user_auc(S, rel, excl), ub.size))
-    if not users.size:
-        return {f"recall@{k}": float("nan"), f"ndcg@{k}": float("nan"), "auc": float("nan"),
-                "n_users": 0, **({"ndcg_per_user": np.zeros(0)} if per_user else {})}
-    ranked = np.concatenate(ranked_all)
-    a = sum(v * n for v, n in auc_vals) / sum(n for _, n in auc_vals) if auc_vals else float("nan")
-    nd = ndcg_per_user(ranked, rel_all, k)
-    return {
-        f"recall@{k}": recall_at_k(ranked, rel_all, k),
-        f"ndcg@{k}": float(nd.mean()),
-        "auc": float(a),
-        "n_users": int(users.size),
-        **({"ndcg_per_user": nd} if per_user else {}),
-    }
+        seen = seen_positives(train, ub, tpos) if exclude_seen else None
+        rank_batch(out, score(ub), ub, hu_s, hi_s, k, seen, cand, with_auc)
+    return summarise(out, users.size, k, per_user)

@@ -12,7 +12,10 @@ import math
 
 import numpy as np
 
-__all__ = ["build_histories", "decay_weights", "ranges", "normalise", "weighted_bag_sum"]
+from .modeldata import ModelConfig
+
+__all__ = ["build_histories", "decay_weights", "ranges", "normalise", "weighted_bag_sum", "entry_rows",
+           "most_recent_first", "recency_sum", "history_groups", "HISTORY_GROUPS"]
 
 
 def normalise(V: np.ndarray) -> np.ndarray:
@@ -70,6 +73,55 @@ def ranges(start: np.ndarray, end: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return idx, offsets
 
 
+def entry_rows(ptr: np.ndarray) -> np.ndarray:
+    """The row of every entry of a CSR ``ptr`` (int64).
+
+    >>> entry_rows(np.array([0, 2, 2, 3])).tolist()
+    [0, 0, 2]
+    """
+    ptr = np.asarray(ptr, dtype=np.int64)
+    return np.repeat(np.arange(ptr.size - 1, dtype=np.int64), np.diff(ptr))
+
+
+def most_recent_first(
+    hist_ptr: np.ndarray, hist_item: np.ndarray, hist_label: np.ndarray, hist_ts: np.ndarray
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``(user_of, item, label)`` of CSR histories, sorted by user and, inside a user,
+    most recent first (a later position in the history wins ties in time).
+
+    >>> most_recent_first(np.array([0, 3]), np.array([5, 6, 7]), np.array([1, 1, 1]),
+    ...                   np.array([2, 9, 2]))[1].tolist()
+    [6, 7, 5]
+    """
+    user_of = entry_rows(hist_ptr)
+    items = np.asarray(hist_item, dtype=np.int64)
+    labels = np.asarray(hist_label, dtype=np.int8)
+    ts = np.asarray(hist_ts, dtype=np.int64)
+    pos = np.arange(items.size, dtype=np.int64)
+    order = np.lexsort((-pos, -ts, user_of))
+    return user_of[order], items[order], labels[order]
+
+
+def recency_sum(W: np.ndarray, user_of: np.ndarray, items: np.ndarray, m: int,
+                max_history: int, half_life: float) -> np.ndarray:
+    """``float32 [m, W.shape[1]]``: per user, the recency-weighted mean of ``W``'s rows of
+    the user's ``max_history`` first entries (``user_of`` sorted, most recent first):
+    weights ``exp(-rank / half_life)`` normalised over the entries kept.
+
+    >>> recency_sum(np.eye(2, dtype=np.float32), np.array([0, 0]), np.array([1, 0]), 2,
+    ...             1, 1.0).tolist()
+    [[0.0, 1.0], [0.0, 0.0]]
+    """
+    counts = np.bincount(user_of, minlength=m)
+    starts = np.zeros(m, dtype=np.int64)
+    np.cumsum(counts[:-1], out=starts[1:])
+    rank = np.arange(user_of.size, dtype=np.int64) - starts[user_of]
+    cut = rank < max_history
+    eff = np.minimum(counts, max_history)
+    w = decay_weights(rank[cut], eff[user_of[cut]], half_life)
+    return weighted_bag_sum(W, items[cut], w, user_of[cut], m)
+
+
 def build_histories(
     users: np.ndarray,
     ev_user: np.ndarray,
@@ -112,10 +164,10 @@ def build_histories(
 HISTORY_GROUPS = (("pos", 1, "long"), ("short", 1, "short"), ("neg", -1, "long"), ("imp", 0, "long"))
 
 
-def history_groups(config) -> list[tuple[str, int, int, float]]:
+def history_groups(config: ModelConfig) -> list[tuple[str, int, int, float]]:
     """``(name, label, max_history, half_life)`` of each aggregate ``config`` uses.
 
-    >>> from dynstore.model import ModelConfig
+    >>> from dynstore.modeldata import ModelConfig
     >>> [g[0] for g in history_groups(ModelConfig(use_negatives=False))]
     ['pos', 'short']
     """

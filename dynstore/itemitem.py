@@ -31,6 +31,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from .histories import entry_rows, ranges
+
 __all__ = ["ItemItem"]
 
 
@@ -92,12 +94,12 @@ class ItemItem:
         out = np.zeros((m, n_items), np.float32)
         if not self.val.size or not hist_item.size:
             return out
-        user_of = np.repeat(np.arange(m), np.diff(hist_ptr))
+        user_of = entry_rows(hist_ptr)
         known = hist_item < self.ptr.size - 1
         user_of, hist_item = user_of[known], hist_item[known]
         starts, ends = self.ptr[hist_item], self.ptr[hist_item + 1]
         lens = ends - starts
-        idx = np.repeat(starts - np.concatenate([[0], np.cumsum(lens)[:-1]]), lens) + np.arange(lens.sum())
+        idx, _ = ranges(starts, ends)
         np.add.at(out, (np.repeat(user_of, lens), self.col[idx]), self.val[idx])
         rms = np.sqrt((out ** 2).mean(axis=1, keepdims=True))
         return np.divide(out, rms, out=np.zeros_like(out), where=rms > 0)

@@ -43,25 +43,117 @@ from __future__ import annotations
 
 import math
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import numpy as np
 
-from .dynamics import popularity_prior
+from .dynamics import Activity
+from .evaluation import evaluate
 from .histories import decay_weights, history_groups, normalise, ranges
+from .itemitem import ItemItem
 from .metrics import clearly_better
+from .modeldata import ModelConfig, TrainingData
 
-__all__ = ["Trainer", "SCALARS"]
+__all__ = ["Trainer", "SCALARS", "GAMMAS", "train", "choose_gamma", "make_bags"]
 
 #: parameters that set the scale of a whole term: they learn faster
 SCALARS = ("alpha", "b0", "g_pos", "g_short", "g_neg", "g_imp", "theta", "theta_seg")
+
+#: the item-item weights :func:`choose_gamma` tries
+GAMMAS = (0.0, 0.25, 0.5, 1.0, 2.0, 4.0)
 
 
 def _torch():
     import torch  # lazy: importing dynstore must not pay for torch
 
     return torch
+
+
+def train(
+    model: Any,
+    data: TrainingData,
+    *,
+    epochs: int | None = None,
+    device: str = "cpu",
+    progress: Callable[[int, int], Any] | None = None,
+    init_residuals: tuple[np.ndarray, np.ndarray] | None = None,
+    holdout: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None,
+    patience: int = 2,
+) -> dict:
+    """Train ``model`` (a :class:`~dynstore.model.FusionModel`, in place) from its current
+    parameters (warm start) on ``data``; then fit its item-item component.
+
+    Parameters
+    ----------
+    epochs : int, optional
+        Defaults to ``config.epochs``.
+    device : str
+        Torch device ("cpu", "cuda").
+    progress : callable(done_steps, total_steps), optional
+    init_residuals : (R [n_items, d], rb [n_items]), optional
+        Residuals to start from, aligned with ``data``'s items (e.g. the previous
+        version's, re-aligned by the store). Default: :meth:`FusionModel.start_bias`
+        (zero with dynamic features, else the standardised ``log(1 + positives)``).
+        Rows of items below ``min_history`` are ignored (zero after the fit).
+    holdout : (user, item, label), optional
+        Early stopping: after every epoch NDCG@10 on these later events (users ranked
+        from their events in ``data``, as :func:`~dynstore.evaluation.evaluate` does) is
+        measured; training stops after ``patience`` epochs without a new best, and the
+        best epoch's parameters are kept. Also chooses ``gamma`` (:func:`choose_gamma`).
+
+    Returns
+    -------
+    dict
+        ``loss`` (last epoch's weighted mean), ``epoch_losses``, ``epochs`` (run), ``n_positive``,
+        ``n_negative``, ``n_impression``, ``n_warm_items``, ``seconds``; with ``holdout``
+        also ``epoch_ndcg@10``, ``best_epoch`` and ``gamma``.
+    """
+    model.check_data(data)
+    epochs = model.config.epochs if epochs is None else int(epochs)
+    activity = model.activity_of(data)
+    with one_cpu_thread(device):
+        trainer = Trainer(model, data, activity, device=device, init_residuals=init_residuals)
+        stats = trainer.fit(epochs, holdout=holdout, patience=patience, progress=progress)
+    if model.config.item_item:
+        pos = data.label == 1
+        model.item_item = ItemItem.fit(data.user[pos], data.item[pos], data.V.shape[0])
+        if holdout is not None:
+            stats["gamma"] = choose_gamma(model, data, holdout)
+    return stats
+
+
+@contextmanager
+def one_cpu_thread(device: str) -> Iterator[None]:
+    """Torch on one thread while training on a CPU: the ops are small gathers and
+    ~1k x d matmuls, extra threads only add sync overhead (badly so on a shared
+    machine), and one thread makes CPU results bit-identical whatever the core count."""
+    torch = _torch()
+    threads = torch.get_num_threads()
+    if torch.device(device).type == "cpu":
+        torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+def choose_gamma(model: Any, data: TrainingData,
+                 holdout: tuple[np.ndarray, np.ndarray, np.ndarray]) -> dict:
+    """Set ``model``'s ``gamma`` (the item-item weight) to the value of :data:`GAMMAS`
+    with the best NDCG@10 on ``holdout``; returns every value's score."""
+    scores, per_user = {}, {}
+    for g in GAMMAS:
+        model.params["gamma"] = np.array([g], np.float32)
+        res = evaluate(model, data, *holdout, k=10, per_user=True, with_auc=False)
+        scores[g], per_user[g] = float(res["ndcg@10"]), res["ndcg_per_user"]
+    # a weight is used only where the holdout shows it clearly (see start_z)
+    fine = [g for g in GAMMAS
+            if g == 0.0 or clearly_better(per_user[g], per_user[0.0], model.config.start_z)]
+    best = max(fine, key=lambda g: (scores[g], -g))
+    model.params["gamma"] = np.array([best], np.float32)
+    return {"chosen": best, "ndcg@10": scores}
 
 
 @dataclass
@@ -83,10 +175,31 @@ class Bags:
         return self.user.size
 
 
-def make_bags(model, data, n_warm: int, wmap: np.ndarray, VA: np.ndarray) -> Bags:
+def make_bags(cfg: ModelConfig, data: TrainingData, n_warm: int, wmap: np.ndarray,
+              VA: np.ndarray) -> Bags:
     """Sort events into bags with their histories (strictly before the bag) and batches."""
-    torch = _torch()
-    cfg = model.config
+    ev, key, span = ordered_events(cfg, data)
+    user, lab = data.user[ev], data.label[ev]
+    first = bag_starts(user, max(1, int(cfg.history_stride)))
+    ptr = np.r_[first, ev.size].astype(np.int64)
+    bag_user, bag_key = user[first], key[first]
+    hist: dict = {}
+    has_history = np.zeros(first.size, bool)
+    for name, group_label, max_history, half_life in history_groups(cfg):
+        sel = lab == group_label
+        hist[name], lens = group_history(key[sel], data.item[ev[sel]], bag_key, bag_user * span,
+                                         max_history, half_life, n_warm, wmap, VA)
+        has_history |= lens > 0
+    weight = event_weights(cfg, lab, user, data.ts[ev])
+    bag_time = data.ts[ev[first]]
+    return Bags(ev=ev, label=lab, weight=weight.astype(np.float32), ptr=ptr, user=bag_user,
+                time=bag_time, hist=hist, has_history=has_history,
+                batches=time_batches(bag_time, ptr, cfg.batch_size))
+
+
+def ordered_events(cfg: ModelConfig, data: TrainingData) -> tuple[np.ndarray, np.ndarray, int]:
+    """``(ev, key, span)``: the rows of the events the model learns from, by user, time,
+    then log position, with their sort key ``user * span + dense time rank``."""
     label = data.label
     keep = (label == 1) | (cfg.use_negatives & (label <= 0))
     idx = np.flatnonzero(keep)
@@ -95,40 +208,55 @@ def make_bags(model, data, n_warm: int, wmap: np.ndarray, VA: np.ndarray) -> Bag
     span = int(trank.max(initial=0)) + 2
     key = data.user[idx] * span + trank
     order = np.lexsort((idx, key))  # by user, time, then log position
-    ev, key = idx[order], key[order]
-    user = data.user[ev]
-    lab = label[ev]
+    return idx[order], key[order], span
+
+
+def bag_starts(user: np.ndarray, stride: int) -> np.ndarray:
+    """First event of every bag: a user's events (``user`` sorted) in runs of ``stride``.
+
+    >>> bag_starts(np.array([0, 0, 0, 1]), 2).tolist()
+    [0, 2, 3]
+    """
+    n = user.size
     new_user = np.r_[True, user[1:] != user[:-1]]
-    user_start = np.maximum.accumulate(np.where(new_user, np.arange(ev.size), 0))
-    stride = max(1, int(cfg.history_stride))
-    first = np.flatnonzero(new_user | ((np.arange(ev.size) - user_start) % stride == 0))
-    n_bags = first.size
-    ptr = np.r_[first, ev.size].astype(np.int64)
-    bag_user, bag_key = user[first], key[first]
-    hist: dict = {}
-    has_history = np.zeros(n_bags, bool)
-    for name, group_label, max_history, half_life in history_groups(cfg):
-        sel = lab == group_label
-        k = key[sel]
-        items = data.item[ev[sel]]
-        end = np.searchsorted(k, bag_key, side="left")  # strictly before the bag
-        lo = np.searchsorted(k, bag_user * span, side="left")
-        start = np.maximum(lo, end - max_history)
-        j, offsets = ranges(start, end)
-        lens = np.maximum(end - start, 0)
-        has_history |= lens > 0
-        w = decay_weights(np.repeat(end - 1, lens) - j, np.repeat(lens, lens), half_life)
-        hist_items = items[j]
-        with torch.no_grad():  # the text/attribute part of a history never changes
-            fixed = torch.nn.functional.embedding_bag(
-                torch.from_numpy(hist_items), torch.from_numpy(VA), torch.from_numpy(offsets),
-                mode="sum", per_sample_weights=torch.from_numpy(w)).numpy()
-        # residual part: only warm items carry a residual, so only they are kept
-        wr = wmap[hist_items] < n_warm
-        bag_of_entry = np.repeat(np.arange(n_bags), lens)[wr]
-        r_ptr = np.zeros(n_bags + 1, np.int64)
-        np.cumsum(np.bincount(bag_of_entry, minlength=n_bags), out=r_ptr[1:])
-        hist[name] = (fixed, r_ptr, wmap[hist_items[wr]], w[wr])
+    user_start = np.maximum.accumulate(np.where(new_user, np.arange(n), 0))
+    return np.flatnonzero(new_user | ((np.arange(n) - user_start) % stride == 0))
+
+
+def group_history(key: np.ndarray, items: np.ndarray, bag_key: np.ndarray, bag_lo: np.ndarray,
+                  max_history: int, half_life: float, n_warm: int, wmap: np.ndarray,
+                  VA: np.ndarray) -> tuple[tuple, np.ndarray]:
+    """One history aggregate of every bag from the events of one kind (sort ``key``,
+    ``items``): entries strictly before the bag's key and from the bag's user (key at
+    least ``bag_lo``), the most recent ``max_history``, recency-weighted.
+
+    Returns ``((fixed [n_bags, d+fa], r_ptr, r_rows, r_w), lens)``: the text/attribute
+    part summed once, the warm items' residual rows and weights as CSR per bag, and the
+    number of entries of each bag."""
+    torch = _torch()
+    end = np.searchsorted(key, bag_key, side="left")  # strictly before the bag
+    lo = np.searchsorted(key, bag_lo, side="left")
+    start = np.maximum(lo, end - max_history)
+    j, offsets = ranges(start, end)
+    lens = np.maximum(end - start, 0)
+    w = decay_weights(np.repeat(end - 1, lens) - j, np.repeat(lens, lens), half_life)
+    hist_items = items[j]
+    with torch.no_grad():  # the text/attribute part of a history never changes
+        fixed = torch.nn.functional.embedding_bag(
+            torch.from_numpy(hist_items), torch.from_numpy(VA), torch.from_numpy(offsets),
+            mode="sum", per_sample_weights=torch.from_numpy(w)).numpy()
+    # residual part: only warm items carry a residual, so only they are kept
+    n_bags = bag_key.size
+    wr = wmap[hist_items] < n_warm
+    bag_of_entry = np.repeat(np.arange(n_bags), lens)[wr]
+    r_ptr = np.zeros(n_bags + 1, np.int64)
+    np.cumsum(np.bincount(bag_of_entry, minlength=n_bags), out=r_ptr[1:])
+    return (fixed, r_ptr, wmap[hist_items[wr]], w[wr]), lens
+
+
+def event_weights(cfg: ModelConfig, lab: np.ndarray, user: np.ndarray, ts: np.ndarray) -> np.ndarray:
+    """Loss weight of each event: by label, per user (``user_weight_power``) and by age
+    (``time_decay_days``)."""
     weight = np.where(lab == 1, 1.0, np.where(lab < 0, cfg.neg_weight, cfg.impression_weight))
     if cfg.user_weight_power:
         # the metrics count every user once: a user with thousands of events must not
@@ -137,17 +265,41 @@ def make_bags(model, data, n_warm: int, wmap: np.ndarray, VA: np.ndarray) -> Bag
         weight = weight * np.power(n_user[user].astype(np.float64), -cfg.user_weight_power)
         weight = weight * (weight.size / weight.sum())
     if cfg.time_decay_days:
-        age = (data.ts[ev].max(initial=0) - data.ts[ev]) / 86400.0
+        age = (ts.max(initial=0) - ts) / 86400.0
         weight = weight * np.power(0.5, age / cfg.time_decay_days)
-    bag_time = data.ts[ev[first]]
-    # time-local batches: consecutive bags in time, about batch_size events each
+    return weight
+
+
+def time_batches(bag_time: np.ndarray, ptr: np.ndarray, batch_size: int) -> list[np.ndarray]:
+    """Time-local batches: consecutive bags in time, about ``batch_size`` events each.
+
+    >>> [b.tolist() for b in time_batches(np.array([5, 1, 3]), np.array([0, 2, 4, 6]), 4)]
+    [[1], [2, 0]]
+    """
     by_time = np.argsort(bag_time, kind="stable")
     size = np.diff(ptr)[by_time]
-    batch_of = np.cumsum(size) // max(1, int(cfg.batch_size))
+    batch_of = np.cumsum(size) // max(1, int(batch_size))
     cuts = np.flatnonzero(np.r_[True, batch_of[1:] != batch_of[:-1], True])
-    batches = [by_time[a:b] for a, b in zip(cuts[:-1], cuts[1:])]
-    return Bags(ev=ev, label=lab, weight=weight.astype(np.float32), ptr=ptr, user=bag_user,
-                time=bag_time, hist=hist, has_history=has_history, batches=batches)
+    return [by_time[a:b] for a, b in zip(cuts[:-1], cuts[1:])]
+
+
+@dataclass
+class Batch:
+    """The terms of one optimiser step, shared by both objectives."""
+
+    bags: np.ndarray        # bag indices
+    e_idx: np.ndarray       # rows of ``Bags.ev`` of the batch's events
+    sizes: np.ndarray       # events per bag
+    e_bag: Any              # tensor: the bag (position in ``bags``) of each event
+    label: np.ndarray       # labels of the events
+    weight: np.ndarray      # loss weights of the events
+    paths: list             # (user vectors [bags, d], loss weight, event weights)
+    wt: Any                 # target vectors [events, d] and biases [events]
+    bt: Any
+    ws: Any                 # pool vectors [pool, d] and biases [pool]
+    bs: Any
+    seg_t: Any              # segment terms of the targets [events] and the pool [bags, pool]
+    seg_p: Any
 
 
 class Trainer:
@@ -165,7 +317,8 @@ class Trainer:
         Residuals to start from, aligned with ``data``'s items.
     """
 
-    def __init__(self, model, data, activity, *, device: str = "cpu", init_residuals=None):
+    def __init__(self, model: Any, data: TrainingData, activity: Activity | None, *,
+                 device: str = "cpu", init_residuals: tuple[np.ndarray, np.ndarray] | None = None):
         torch = _torch()
         self.model, self.data, self.activity = model, data, activity
         cfg = self.cfg = model.config
@@ -178,24 +331,39 @@ class Trainer:
         self.wmap = np.full(self.n_items, self.n_warm, dtype=np.int64)  # n_warm = zero row
         self.wmap[self.warm] = np.arange(self.n_warm)
         VA = np.concatenate([V, data.A], axis=1).astype(np.float32)
-        self.bags = make_bags(model, data, self.n_warm, self.wmap, VA)
+        self.bags = make_bags(cfg, data, self.n_warm, self.wmap, VA)
         self.ev_item = data.item[self.bags.ev]
-        if init_residuals is not None:
-            R0 = np.asarray(init_residuals[0], np.float32)[self.warm].copy()
-            rb0 = np.asarray(init_residuals[1], np.float32)[self.warm].copy()
-        else:
-            R0 = np.zeros((self.n_warm, self.d), np.float32)
-            rb0 = np.zeros(self.n_warm, np.float32)
-            if activity is None:
-                # no dynamic features carry popularity: start the bias residual at the
-                # standardised log popularity (per-item parameters move slowly)
-                rb0 = popularity_prior(n_pos_item)[self.warm]
+        R0, rb0 = self.start_residuals(init_residuals, n_pos_item)
         torch.manual_seed(cfg.seed)
         self.rng = np.random.default_rng(cfg.seed)
         t = self.tensor
         self.VA = t(VA)
         self.UA = t(data.UA)
         self.P = {k: t(v).clone().requires_grad_(True) for k, v in model.params.items()}
+        frozen = self.freeze()
+        self.R = t(R0).requires_grad_(True)
+        self.rb = t(rb0).requires_grad_(True)
+        self.hist = {k: (t(v[0]), v[1], v[2], v[3]) for k, v in self.bags.hist.items()}
+        self.UK = data.UK
+        self.key_col = self.index(model.key_columns())
+        self.opt = self.optimiser(frozen)
+
+    def start_residuals(self, init_residuals: tuple[np.ndarray, np.ndarray] | None,
+                        n_pos_item: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """The warm items' residuals ``(R0, rb0)`` to start from: ``init_residuals``, or
+        zero vectors and the model's :meth:`~dynstore.model.FusionModel.start_bias`
+        (per-item parameters move slowly: without dynamic features the bias starts at
+        the standardised log popularity)."""
+        if init_residuals is not None:
+            R0 = np.asarray(init_residuals[0], np.float32)[self.warm].copy()
+            rb0 = np.asarray(init_residuals[1], np.float32)[self.warm].copy()
+            return R0, rb0
+        R0 = np.zeros((self.n_warm, self.d), np.float32)
+        return R0, self.model.start_bias(n_pos_item, self.n_items)[self.warm]
+
+    def freeze(self) -> set[str]:
+        """Stop the parameters the config switches off from learning; returns their names."""
+        cfg = self.cfg
         frozen = set()
         if not cfg.use_negatives:
             frozen |= {"g_neg", "g_imp"}
@@ -206,13 +374,14 @@ class Trainer:
         for k in frozen:
             if k in self.P:
                 self.P[k].requires_grad_(False)
-        self.R = t(R0).requires_grad_(True)
-        self.rb = t(rb0).requires_grad_(True)
-        self.hist = {k: (t(v[0]), v[1], v[2], v[3]) for k, v in self.bags.hist.items()}
-        self.UK = data.UK
-        self.key_col = self.index(model.key_columns())
+        return frozen
+
+    def optimiser(self, frozen: set[str]) -> Any:
+        """AdamW over everything that learns, in three groups (shared, scalars, residuals)."""
+        torch = _torch()
+        cfg = self.cfg
         shared = [self.P[k] for k in ("W", "bv", "ba", "u0", "U", "M") if k in self.P and k not in frozen]
-        self.opt = torch.optim.AdamW(
+        return torch.optim.AdamW(
             [
                 {"params": shared, "weight_decay": cfg.weight_decay},
                 # scalars and the dynamic weights set the scale of whole terms: let them move faster
@@ -289,17 +458,31 @@ class Trainer:
         return X0 + Xh + Xh @ P["M"], X0
 
     # --------------------------------------------------------------------- loss
-    def step(self, bags: np.ndarray, opt) -> tuple[float, float]:
+    def step(self, bags: np.ndarray, opt: Any) -> tuple[float, float]:
         """One optimiser step on ``bags``; returns (weighted loss sum, weight sum)."""
+        batch = self.batch(bags)
+        if self.cfg.objective == "softmax":
+            loss, denom = self.softmax_loss(batch)
+            if loss is None:
+                return 0.0, 0.0
+        else:
+            loss, denom = self.bce_loss(batch)
+        loss = loss / denom
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        return float(loss.detach()) * denom, denom
+
+    def batch(self, bags: np.ndarray) -> Batch:
+        """User vectors, targets and a sampled pool of ``bags``, with the dynamic features
+        as of the batch's first bag (draws the residual dropout, then the pool)."""
         torch = _torch()
-        F = torch.nn.functional
         cfg, B = self.cfg, self.bags
         t_batch = int(B.time[bags].min())
         e_idx, _ = ranges(B.ptr[bags], B.ptr[bags + 1])
         sizes = B.ptr[bags + 1] - B.ptr[bags]
-        e_bag = self.index(np.repeat(np.arange(bags.size), sizes))
-        zero_row = torch.zeros(1, self.d, device=self.dev)
-        Rx = torch.cat([self.R, zero_row])
+        e_bag_np = np.repeat(np.arange(bags.size), sizes)
+        Rx = torch.cat([self.R, torch.zeros(1, self.d, device=self.dev)])
         rbx = torch.cat([self.rb, torch.zeros(1, device=self.dev)])
         X, X0 = self.user_terms(Rx, bags)
         items = self.ev_item[e_idx]
@@ -307,63 +490,80 @@ class Trainer:
         if cfg.residual_dropout > 0:
             drop = self.rng.random(items.size) < cfg.residual_dropout
         wt, bt = self.item_terms(Rx, rbx, items, t_batch, drop)
-        lab_np = B.label[e_idx]
-        y_np = (lab_np == 1).astype(np.float32)
-        w_np = B.weight[e_idx]
-        y, wgt = self.tensor(y_np), self.tensor(w_np)
+        label, weight = B.label[e_idx], B.weight[e_idx]
+        wgt = self.tensor(weight)
         pool = self.rng.integers(0, self.n_items, size=cfg.sample_pool)
         ws, bs = self.item_terms(Rx, rbx, pool, t_batch)
-        seg_t, seg_p = self.segment_terms(bags, np.repeat(np.arange(bags.size), sizes), items, pool,
-                                          t_batch)
-        pos_w = wgt * y
+        seg_t, seg_p = self.segment_terms(bags, e_bag_np, items, pool, t_batch)
         paths = [(X, 1.0, wgt)]
         if cfg.prior_weight > 0:
             # dislikes are about personal taste given a history: they stay out of the prior
-            paths.append((X0, cfg.prior_weight, pos_w))
+            paths.append((X0, cfg.prior_weight, wgt * self.tensor((label == 1).astype(np.float32))))
+        return Batch(bags=bags, e_idx=e_idx, sizes=sizes, e_bag=self.index(e_bag_np), label=label,
+                     weight=weight, paths=paths, wt=wt, bt=bt, ws=ws, bs=bs, seg_t=seg_t, seg_p=seg_p)
+
+    def softmax_loss(self, b: Batch) -> tuple[Any, float]:
+        """Sampled softmax of every positive against the pool and its bag's other events
+        (None when the batch has no positive), and its weight sum."""
+        torch = _torch()
+        cfg = self.cfg
+        pos = np.flatnonzero(b.label == 1)
+        if pos.size == 0:
+            return None, 0.0
+        wgt = b.paths[0][2]
+        pos_t = self.index(pos)
+        bag_of_pos = b.e_bag[pos_t]
+        # the pool stands for the whole catalogue
+        pool_shift = math.log(max(self.n_items / max(cfg.sample_pool, 1), 1.0))
         loss = torch.zeros((), device=self.dev)
-        if cfg.objective == "softmax":
-            pos = np.flatnonzero(lab_np == 1)
-            if pos.size == 0:
-                return 0.0, 0.0
-            pos_t, bag_of_pos = self.index(pos), e_bag[self.index(pos)]
-            # the bag's other events were shown with (or near) the positive and not
-            # chosen: hard negatives in its softmax. Pairs inside a slate compare items
-            # that were exposed alike, so exposure itself is never penalised
-            slot = e_idx - np.repeat(B.ptr[bags], sizes)
-            offset = np.where(lab_np < 0, math.log(max(cfg.neg_weight, 1e-12)),
-                              math.log(max(cfg.impression_weight, 1e-12)))
-            hard_rows = np.flatnonzero(lab_np != 1)
-            width = int(sizes.max())
-            # the pool stands for the whole catalogue
-            pool_shift = math.log(max(self.n_items / max(cfg.sample_pool, 1), 1.0))
-            for Xp, lam, _ in paths:
-                logit = (wt * Xp[e_bag]).sum(1) + bt + seg_t
-                pool_lse = torch.logsumexp(Xp @ ws.T + bs + seg_p, 1) + pool_shift  # [bags]
-                terms = [logit[pos_t], pool_lse[bag_of_pos]]
-                if hard_rows.size:
-                    hard = torch.full((bags.size, width), -math.inf, device=self.dev)
-                    hr = self.index(hard_rows)
-                    hard = hard.index_put((e_bag[hr], self.index(slot[hard_rows])),
-                                          logit[hr] + self.tensor(offset[hard_rows]))
-                    terms.append(torch.logsumexp(hard, 1)[bag_of_pos])
-                lse = torch.logsumexp(torch.stack(terms, 1), 1)
-                loss = loss + lam * ((lse - logit[pos_t]) * wgt[pos_t]).sum()
-            denom = float(w_np[pos].sum()) or 1.0
-        else:
-            for Xp, lam, wp in paths:
-                logit = (wt * Xp[e_bag]).sum(1) + bt + seg_t
-                part = F.binary_cross_entropy_with_logits(logit, y, weight=wp, reduction="sum")
-                bag_pos = torch.zeros(bags.size, device=self.dev).index_add(0, e_bag, wp * y)
-                scale = cfg.n_sampled_negatives / max(1, cfg.sample_pool)
-                pool_logits = Xp @ ws.T + bs + seg_p  # [bags, pool]
-                part = part + scale * (F.softplus(pool_logits).sum(1) * bag_pos).sum()
-                loss = loss + lam * part
-            denom = float(w_np.sum()) or 1.0
-        loss = loss / denom
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        return float(loss.detach()) * denom, denom
+        for Xp, lam, _ in b.paths:
+            logit = (b.wt * Xp[b.e_bag]).sum(1) + b.bt + b.seg_t
+            pool_lse = torch.logsumexp(Xp @ b.ws.T + b.bs + b.seg_p, 1) + pool_shift  # [bags]
+            terms = [logit[pos_t], pool_lse[bag_of_pos]]
+            hard = self.hard_negatives(b, logit)
+            if hard is not None:
+                terms.append(hard[bag_of_pos])
+            lse = torch.logsumexp(torch.stack(terms, 1), 1)
+            loss = loss + lam * ((lse - logit[pos_t]) * wgt[pos_t]).sum()
+        return loss, float(b.weight[pos].sum()) or 1.0
+
+    def hard_negatives(self, b: Batch, logit: Any) -> Any:
+        """Per bag, the log-sum-exp of its other events' logits (None without any).
+
+        The bag's other events were shown with (or near) the positive and not chosen:
+        hard negatives in its softmax, offset by their loss weight. Pairs inside a slate
+        compare items that were exposed alike, so exposure itself is never penalised."""
+        torch = _torch()
+        cfg = self.cfg
+        hard_rows = np.flatnonzero(b.label != 1)
+        if not hard_rows.size:
+            return None
+        slot = b.e_idx - np.repeat(self.bags.ptr[b.bags], b.sizes)
+        offset = np.where(b.label < 0, math.log(max(cfg.neg_weight, 1e-12)),
+                          math.log(max(cfg.impression_weight, 1e-12)))
+        hard = torch.full((b.bags.size, int(b.sizes.max())), -math.inf, device=self.dev)
+        hr = self.index(hard_rows)
+        hard = hard.index_put((b.e_bag[hr], self.index(slot[hard_rows])),
+                              logit[hr] + self.tensor(offset[hard_rows]))
+        return torch.logsumexp(hard, 1)
+
+    def bce_loss(self, b: Batch) -> tuple[Any, float]:
+        """Weighted BCE on the events plus ``n_sampled_negatives`` per positive spread
+        over the pool, and its weight sum."""
+        torch = _torch()
+        F = torch.nn.functional
+        cfg = self.cfg
+        y = self.tensor((b.label == 1).astype(np.float32))
+        loss = torch.zeros((), device=self.dev)
+        for Xp, lam, wp in b.paths:
+            logit = (b.wt * Xp[b.e_bag]).sum(1) + b.bt + b.seg_t
+            part = F.binary_cross_entropy_with_logits(logit, y, weight=wp, reduction="sum")
+            bag_pos = torch.zeros(b.bags.size, device=self.dev).index_add(0, b.e_bag, wp * y)
+            scale = cfg.n_sampled_negatives / max(1, cfg.sample_pool)
+            pool_logits = Xp @ b.ws.T + b.bs + b.seg_p  # [bags, pool]
+            part = part + scale * (F.softplus(pool_logits).sum(1) * bag_pos).sum()
+            loss = loss + lam * part
+        return loss, float(b.weight.sum()) or 1.0
 
     # ---------------------------------------------------------------- the loop
     def export(self) -> None:
@@ -378,9 +578,9 @@ class Trainer:
             rb = np.zeros(self.n_items, np.float32)
             R[self.warm] = self.R.detach().cpu().numpy()
             rb[self.warm] = self.rb.detach().cpu().numpy()
-        m._residuals = (R, rb)
+        m.residuals = (R, rb)
 
-    def epoch(self, opt) -> float:
+    def epoch(self, opt: Any) -> float:
         """One pass over the batches in a random order; the weighted mean loss."""
         tot = cnt = 0.0
         for b in self.rng.permutation(len(self.bags.batches)):
@@ -391,7 +591,7 @@ class Trainer:
                 self.progress(self.steps_done, self.steps_total)
         return tot / max(cnt, 1e-12)
 
-    def dynamics_optimiser(self):
+    def dynamics_optimiser(self) -> Any:
         """AdamW over the weights of the behaviour features only (and ``b0``)."""
         torch = _torch()
         names = [k for k in self.cfg.first_phase if k in self.P and self.P[k].requires_grad]
@@ -414,72 +614,57 @@ class Trainer:
             self.rb.requires_grad_(saved["rb"])
         return undo
 
-    def fit(self, epochs: int, *, holdout=None, patience: int = 2,
-            progress: Callable[[int, int], Any] | None = None) -> dict:
+    def fit(self, epochs: int, *, holdout: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None,
+            patience: int = 2, progress: Callable[[int, int], Any] | None = None) -> dict:
         """Two phases. First the weights of the behaviour features alone learn, for
         ``config.dynamics_epochs`` epochs: the popularity rule becomes the best mix of
         recent behaviour. Then everything learns for up to ``epochs`` epochs; with a
         ``holdout`` the best of (first phase, each epoch) is kept, so a trained version
         is never worse on the holdout than its behaviour weights alone."""
-        from .evaluation import evaluate
-
         t_start = time.perf_counter()
-        cfg = self.cfg
         # epochs = -1: keep the start (what early stopping chose when nothing helped)
-        n_dyn = int(cfg.dynamics_epochs) if self.activity is not None and epochs >= 0 else 0
+        n_dyn = int(self.cfg.dynamics_epochs) if self.activity is not None and epochs >= 0 else 0
         epochs = max(int(epochs), 0)
         self.progress, self.steps_done = progress, 0
         self.steps_total = (n_dyn + epochs) * len(self.bags.batches)
-        losses: list[float] = []
-        scores: list[float] = []
-        best = None
-
-        start = None  # per-user NDCG of the start on the holdout
-
-        def judge(full_epochs: int) -> bool:
-            """Keep the parameters if they are the best so far; False = stop.
-
-            Leaving the start (the rule, or what the store serves) takes a gain
-            larger than ``start_z`` standard errors over the holdout's users: a
-            small holdout is noisy, and the start is known to work."""
-            nonlocal best, start
-            self.export()
-            res = evaluate(self.model, self.data, *holdout, k=10, per_user=True, with_auc=False)
-            score = float(res["ndcg@10"])
-            scores.append(score)
-            if start is None:
-                start = res["ndcg_per_user"]
-            ok = full_epochs == -1 or clearly_better(res["ndcg_per_user"], start, cfg.start_z)
-            if best is None or (ok and score > best[0]):
-                best = (score, full_epochs, {k: v.copy() for k, v in self.model.params.items()},
-                        self.model.residuals)
-            return full_epochs - best[1] < patience
-
-        if holdout is not None:
+        judge = BestOnHoldout(self, holdout, patience) if holdout is not None else None
+        if judge is not None:
             judge(-1)  # the start (the rule, or the current version) is a candidate too
-        if n_dyn:
-            undo = self._only(set(cfg.first_phase))
-            opt = self.dynamics_optimiser()
-            try:
-                for _ in range(n_dyn):
-                    losses.append(self.epoch(opt))
-            finally:
-                undo()
-        if holdout is not None:
+        losses = self.first_phase(n_dyn)
+        if judge is not None:
             judge(0)
         for epoch in range(epochs):
             losses.append(self.epoch(self.opt))
-            if holdout is not None and not judge(epoch + 1):
+            if judge is not None and not judge(epoch + 1):
                 break
-        if best is not None:
-            self.model.params, self.model._residuals = best[2], best[3]
+        if judge is not None:
+            judge.restore()
         else:
             self.export()
+        return self.summary(losses, n_dyn, judge, t_start)
+
+    def first_phase(self, n_dyn: int) -> list[float]:
+        """``n_dyn`` epochs in which only ``config.first_phase`` learns; their losses."""
+        losses: list[float] = []
+        if not n_dyn:
+            return losses
+        undo = self._only(set(self.cfg.first_phase))
+        opt = self.dynamics_optimiser()
+        try:
+            for _ in range(n_dyn):
+                losses.append(self.epoch(opt))
+        finally:
+            undo()
+        return losses
+
+    def summary(self, losses: list[float], n_dyn: int, judge: "BestOnHoldout | None",
+                t_start: float) -> dict:
+        """The statistics :func:`train` returns."""
         lab = self.bags.label
         return {
             "loss": float(losses[-1]) if losses else float("nan"),
             "epoch_losses": [float(x) for x in losses],
-            **({"epoch_ndcg@10": scores, "best_epoch": best[1]} if best is not None else {}),
+            **({"epoch_ndcg@10": judge.scores, "best_epoch": judge.best[1]} if judge is not None else {}),
             "dynamics_epochs": n_dyn,
             "epochs": len(losses) - n_dyn,
             "n_positive": int((lab == 1).sum()),
@@ -488,3 +673,38 @@ class Trainer:
             "n_warm_items": self.n_warm,
             "seconds": time.perf_counter() - t_start,
         }
+
+
+class BestOnHoldout:
+    """Early stopping: the best parameters so far by NDCG@10 on a holdout.
+
+    Leaving the start (the rule, or what the store serves) takes a gain larger than
+    ``start_z`` standard errors over the holdout's users: a small holdout is noisy, and
+    the start is known to work."""
+
+    def __init__(self, trainer: Trainer, holdout: tuple[np.ndarray, np.ndarray, np.ndarray],
+                 patience: int):
+        self.trainer, self.holdout, self.patience = trainer, holdout, patience
+        self.scores: list[float] = []
+        #: (score, full epochs, params, residuals) of the best candidate
+        self.best: tuple | None = None
+        self.start: np.ndarray | None = None  # per-user NDCG of the start
+
+    def __call__(self, full_epochs: int) -> bool:
+        """Keep the trainer's parameters if they are the best so far; False = stop."""
+        t = self.trainer
+        t.export()
+        res = evaluate(t.model, t.data, *self.holdout, k=10, per_user=True, with_auc=False)
+        score = float(res["ndcg@10"])
+        self.scores.append(score)
+        if self.start is None:
+            self.start = res["ndcg_per_user"]
+        ok = full_epochs == -1 or clearly_better(res["ndcg_per_user"], self.start, t.cfg.start_z)
+        if self.best is None or (ok and score > self.best[0]):
+            self.best = (score, full_epochs, {k: v.copy() for k, v in t.model.params.items()},
+                         t.model.residuals)
+        return full_epochs - self.best[1] < self.patience
+
+    def restore(self) -> None:
+        """Put the best candidate's parameters and residuals into the model."""
+        self.trainer.model.params, self.trainer.model.residuals = self.best[2], self.best[3]

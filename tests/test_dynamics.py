@@ -95,7 +95,7 @@ def test_trained_version_equals_the_rule_when_only_the_popularity_weight_is_left
             m.params[k] = np.zeros_like(v)
     m.params["theta"] = np.zeros_like(m.params["theta"])
     m.params["theta"][rule] = 0.7
-    m._residuals = (np.zeros_like(m.residuals[0]), np.zeros_like(m.residuals[1]))
+    m.residuals = (np.zeros_like(m.residuals[0]), np.zeros_like(m.residuals[1]))
     scores = m.score(data, np.array([0]))[0]
     now = data.ts.max() + 1
     pos = data.label == 1
