@@ -41,7 +41,7 @@ def refresh_plan(catalog: Catalog, *, since: str | None, force: bool = False, sn
     Examples
     --------
     >>> import tempfile, dynstore
-    >>> refresh_plan(dynstore.init(tempfile.mkdtemp() + "/s", model="fake"), since="30d")["reason"]
+    >>> refresh_plan(dynstore.init(tempfile.mkdtemp() + "/s", model="fake").catalog, since="30d")["reason"]
     'no interactions ingested yet'
     """
     snap = snapshot or store_snapshot(catalog)

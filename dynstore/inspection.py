@@ -43,7 +43,7 @@ def inspect_store(catalog: Catalog) -> dict:
     Examples
     --------
     >>> import tempfile, dynstore
-    >>> info = inspect_store(dynstore.init(tempfile.mkdtemp() + "/s", model="fake"))
+    >>> info = inspect_store(dynstore.init(tempfile.mkdtemp() + "/s", model="fake").catalog)
     >>> info["tables"]["items"]["rows"], info["refresh"]["needed"]
     (0, False)
     """

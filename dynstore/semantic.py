@@ -122,10 +122,10 @@ def cached_vectors(catalog: Catalog, item_ids: list[Any]) -> tuple[np.ndarray, n
     >>> import tempfile, dynstore, polars as pl
     >>> store = dynstore.init(tempfile.mkdtemp() + "/s", model="fake")
     >>> _ = store.ingest("items", pl.DataFrame({"item_id": [1], "title": ["red shoe"]}))
-    >>> cached_vectors(store, [1, 2])[1].tolist()
+    >>> cached_vectors(store.catalog, [1, 2])[1].tolist()
     [False, False]
     >>> _ = store.encode()
-    >>> cached_vectors(store, [1, 2])[1].tolist()
+    >>> cached_vectors(store.catalog, [1, 2])[1].tolist()
     [True, False]
     """
     out, _, cached = _lookup(catalog, item_ids)
