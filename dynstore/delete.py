@@ -13,8 +13,8 @@ from __future__ import annotations
 import numpy as np
 
 from .catalog import Catalog
-from .errors import ConfigError, first_line
-from .rules import expression_error
+from .errors import ConfigError
+from .rules import condition_error, label_sql
 
 __all__ = ["delete_rows"]
 
@@ -70,16 +70,9 @@ def delete_rows(catalog: Catalog, kind: str, where: str, *, dry_run: bool = Fals
         con.register("_dynstore_src", ds.to_table(limit=0))
         label = ""
         if kind == "interactions":
-            cfg = catalog.config
-            label = (f", CAST(CASE WHEN ({cfg.positive}) THEN 1 WHEN ({cfg.negative}) THEN -1 ELSE 0 END "
-                     "AS TINYINT) AS label")
+            label = f", {label_sql(catalog.config)} AS label"
         con.execute(f"CREATE VIEW {kind} AS SELECT *{label} FROM _dynstore_src")
-        why = expression_error(con, where, kind)
-        if why is None:
-            try:
-                con.execute(f"SELECT CAST(({where}) AS BOOLEAN) FROM {kind} LIMIT 0")
-            except duckdb.Error as exc:
-                why = first_line(exc)
+        why = condition_error(con, where, kind)
         if why is not None:
             cols = ", ".join(r[0] for r in con.execute(f"DESCRIBE {kind}").fetchall())
             raise ConfigError(f"--where {where!r} is not a condition over {kind} ({cols}): {why}")

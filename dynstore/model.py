@@ -373,17 +373,7 @@ class FusionModel:
                 f"match the model (d={self.d}, fa={self.fa}, fu={self.fu})"
             )
 
-    def fit(
-        self,
-        data: TrainingData,
-        *,
-        epochs: int | None = None,
-        device: str = "cpu",
-        progress: Callable[[int, int], Any] | None = None,
-        init_residuals: tuple[np.ndarray, np.ndarray] | None = None,
-        holdout: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None,
-        patience: int = 2,
-    ) -> dict:
+    def fit(self, data: TrainingData, **options: Any) -> dict:
         """Train from the model's current parameters (warm start) on ``data``: see
         :func:`dynstore.training.train` for the parameters, the result and the objective.
 
@@ -396,8 +386,7 @@ class FusionModel:
         >>> stats["n_positive"]
         100
         """
-        return train(self, data, epochs=epochs, device=device, progress=progress,
-                     init_residuals=init_residuals, holdout=holdout, patience=patience)
+        return train(self, data, **options)
 
     # ------------------------------------------------------------- persistence
     def state(self) -> tuple[dict[str, np.ndarray], dict]:

@@ -148,13 +148,6 @@ def next_version(catalog: Catalog) -> int:
     return top + 1
 
 
-def items_table(catalog: Catalog) -> pa.Table:
-    ds = catalog.dataset("items")
-    return ds.to_table() if ds is not None else pa.table({"item_id": pa.array([], pa.int64())})
 
-
-def users_table(catalog: Catalog) -> pa.Table:
-    ds = catalog.dataset("users")
-    return ds.to_table() if ds is not None else pa.table({"user_id": pa.array([], pa.int64())})
 
 

@@ -6,7 +6,19 @@ import duckdb
 from .config import StoreConfig
 from .errors import ConfigError, first_line
 
-__all__ = ["expression_error", "validate_rules"]
+__all__ = ["expression_error", "condition_error", "validate_rules", "label_sql"]
+
+
+def label_sql(cfg: StoreConfig) -> str:
+    """The SQL that labels an interaction: 1 positive, -1 negative, 0 neither.
+
+    The one place the labelling rules become SQL (the ``interactions`` view,
+    serving's labeller and ``delete`` all use it).
+
+    >>> label_sql(StoreConfig(positive="value > 0", negative="value <= 0"))
+    'CAST(CASE WHEN (value > 0) THEN 1 WHEN (value <= 0) THEN -1 ELSE 0 END AS TINYINT)'
+    """
+    return f"CAST(CASE WHEN ({cfg.positive}) THEN 1 WHEN ({cfg.negative}) THEN -1 ELSE 0 END AS TINYINT)"
 
 
 def expression_error(con: duckdb.DuckDBPyConnection, expr: str, relation: str) -> str | None:
@@ -35,6 +47,24 @@ def expression_error(con: duckdb.DuckDBPyConnection, expr: str, relation: str) -
     return None
 
 
+def condition_error(con: duckdb.DuckDBPyConnection, expr: str, relation: str) -> str | None:
+    """Why ``expr`` is not a boolean condition over ``relation`` (see :func:`expression_error`), or None.
+
+    >>> con = duckdb.connect(); _ = con.execute("CREATE TABLE t (x INT)")
+    >>> condition_error(con, "x > 1", "t") is None
+    True
+    >>> condition_error(con, "y > 1", "t")
+    'Binder Error: Referenced column "y" not found in FROM clause!'
+    """
+    why = expression_error(con, expr, relation)
+    if why is None:
+        try:
+            con.execute(f"SELECT CAST(({expr}) AS BOOLEAN) FROM {relation} LIMIT 0")
+        except duckdb.Error as exc:
+            why = first_line(exc)
+    return why
+
+
 def validate_rules(cfg: StoreConfig) -> None:
     """Check the labelling rules of ``cfg`` against DuckDB; :class:`ConfigError` names the bad one."""
     con = duckdb.connect()
@@ -42,12 +72,7 @@ def validate_rules(cfg: StoreConfig) -> None:
                 "event VARCHAR, value DOUBLE)")
     try:
         for name, expr in (("positive", cfg.positive), ("negative", cfg.negative)):
-            why = expression_error(con, expr, "interactions")
-            if why is None:
-                try:
-                    con.execute(f"SELECT CAST(({expr}) AS BOOLEAN) FROM interactions")
-                except duckdb.Error as exc:
-                    why = first_line(exc)
+            why = condition_error(con, expr, "interactions")
             if why is not None:
                 raise ConfigError(f"--{name} {expr!r} is not a valid rule over interaction columns "
                                   f"(user_id, item_id, ts, event, value): {why}")

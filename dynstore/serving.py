@@ -33,6 +33,7 @@ import numpy as np
 
 from .catalog import Catalog
 from .dynamics import KIND_LABELS, SEGMENT_SPEC, ItemActivity
+from .rules import label_sql
 from .semantic import cached_vectors
 from .semcache import cache_dataset, encoder_info
 from .sqltext import sql_text, statements
@@ -535,7 +536,7 @@ def _labeller(catalog: Catalog):
     if hit is not None and hit[0] == key:
         return hit[1]
     stmt = next(s for s in statements(sql_text("views.sql")) if "VIEW interactions AS" in s)
-    stmt = stmt.replace("{{positive}}", cfg.positive).replace("{{negative}}", cfg.negative)
+    stmt = stmt.replace("{{label}}", label_sql(cfg))
     con = duckdb.connect(config={"threads": 1})
     con.execute("SET TimeZone = 'UTC'")
     con.register("_dynstore_interactions", _empty_interactions(catalog))

@@ -17,6 +17,7 @@ from .documents import item_document_sql
 from .errors import ConfigError, first_line
 from .ingest import lit
 from .registry import register_versions
+from .rules import label_sql
 from .semcache import register_cache
 from .sqltext import sql_text, statements
 
@@ -86,10 +87,9 @@ def create_views(catalog: Catalog, con: duckdb.DuckDBPyConnection, files: tuple[
 
 
 def render_sql(catalog: Catalog, text: str) -> str:
-    """Fill the ``{{positive}}``, ``{{negative}}`` and ``{{item_document}}`` placeholders."""
+    """Fill the ``{{label}}`` and ``{{item_document}}`` placeholders."""
     cfg = catalog.config
-    repl = {"{{positive}}": cfg.positive, "{{negative}}": cfg.negative,
-            "{{item_document}}": item_document_sql(catalog)}
+    repl = {"{{label}}": label_sql(cfg), "{{item_document}}": item_document_sql(catalog)}
     for key, val in repl.items():
         text = text.replace(key, val)
     return text

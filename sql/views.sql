@@ -3,8 +3,7 @@
 
 -- label: 1 positive, -1 negative, 0 neither, by the store's labelling rules.
 CREATE OR REPLACE VIEW interactions AS
-SELECT *,
-       CAST(CASE WHEN ({{positive}}) THEN 1 WHEN ({{negative}}) THEN -1 ELSE 0 END AS TINYINT) AS label
+SELECT *, {{label}} AS label
 FROM _dynstore_interactions;
 
 -- The events a model learns from and serves with; the one place that decides it:
