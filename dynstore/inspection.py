@@ -82,12 +82,12 @@ def _last_refresh(last: dict | None) -> dict | None:
 
 
 def inspect_store(catalog: Catalog) -> dict:
-    """A JSON-able overview of ``store``.
+    """A JSON-able overview of the store ``catalog`` describes.
 
     Examples
     --------
     >>> import tempfile, dynstore
-    >>> info = inspect_store(dynstore.init(tempfile.mkdtemp() + "/s", model="fake"))
+    >>> info = inspect_store(dynstore.init(tempfile.mkdtemp() + "/s", model="fake").catalog)
     >>> info["tables"]["items"]["rows"], info["refresh"]["needed"]
     (0, False)
     """
