@@ -100,56 +100,74 @@ def expand_sources(sources: Sequence[Any]) -> list[Any]:
     return out
 
 
-def _open_source(con: duckdb.DuckDBPyConnection, src: Any, index: int, fmt: str | None,
-                 mapping: dict[str, str], force_varchar: set[str]) -> Source:
-    """Register ``src`` in ``con`` and describe its columns."""
-    rel_name = f"__src{index}"
-    if isinstance(src, (str, os.PathLike)):
-        path = Path(src)
-        label = str(src)
-        if not path.exists():
-            raise IngestError(f"{label}: no such file")
-        if path.is_dir():
-            raise IngestError(f"{label}: is a directory; name the files (a pattern such as {label}/*.csv works)")
-        if not os.access(path, os.R_OK):
-            raise IngestError(f"{label}: cannot read the file (permission denied)")
-        if path.is_file() and path.stat().st_size == 0:
-            raise IngestError(f"{label}: the file is empty (0 bytes): no header, no rows")
-        kind = _detect_format(path, fmt)
-        p = lit(str(path))
+def _check_file(path: Path, label: str) -> None:
+    """Refuse a path that cannot be read as one file, naming why."""
+    if not path.exists():
+        raise IngestError(f"{label}: no such file")
+    if path.is_dir():
+        raise IngestError(f"{label}: is a directory; name the files (a pattern such as {label}/*.csv works)")
+    if not os.access(path, os.R_OK):
+        raise IngestError(f"{label}: cannot read the file (permission denied)")
+    if path.is_file() and path.stat().st_size == 0:
+        raise IngestError(f"{label}: the file is empty (0 bytes): no header, no rows")
+
+
+def _read_csv_sql(con: duckdb.DuckDBPyConnection, path: Path, kind: str, label: str,
+                  text_columns: set[str]) -> str:
+    """The ``read_csv(...)`` call for ``path``, with ``text_columns`` read as VARCHAR
+    when the header has them."""
+    p = lit(str(path))
+    opts = ["header=true"]
+    delim = _csv_delimiter(con, path, kind, label)
+    if delim is not None:
+        opts.append(f"delim={lit(delim)}")
+    try:
+        header = {r[0] for r in con.execute(f"DESCRIBE SELECT * FROM read_csv({p}, {', '.join(opts)})").fetchall()}
+    except duckdb.Error as exc:
+        raise IngestError(f"{label}: cannot read as {kind}: {_unicode_column(path, _one_line(exc), delim)}") from None
+    if text_columns & header:
+        opts.append("types={" + ", ".join(f"{lit(c)}: 'VARCHAR'" for c in sorted(text_columns & header)) + "}")
+    return f"read_csv({p}, {', '.join(opts)})"
+
+
+def _open_file(con: duckdb.DuckDBPyConnection, src: Any, rel_name: str, fmt: str | None,
+               mapping: dict[str, str], force_varchar: set[str]) -> tuple[str, list]:
+    """Register the file ``src`` as the view ``rel_name``; returns (label, DESCRIBE rows)."""
+    path = Path(src)
+    label = str(src)
+    _check_file(path, label)
+    kind = _detect_format(path, fmt)
+    if kind in ("csv", "tsv"):
         # Id columns are read as text when the store's ids are strings, so
         # "007" stays "007" instead of being auto-detected as the integer 7;
         # ts is always text in CSV, parsed by our rules rather than sniffed
         # (a lone "T" would otherwise become a BOOLEAN column).
         old_names = {mapping.get(c, c) for c in force_varchar | {"ts"}}
-        if kind in ("csv", "tsv"):
-            opts = ["header=true"]
-            delim = _csv_delimiter(con, path, kind, label)
-            if delim is not None:
-                opts.append(f"delim={lit(delim)}")
-            try:
-                header = {r[0] for r in con.execute(f"DESCRIBE SELECT * FROM read_csv({p}, {', '.join(opts)})").fetchall()}
-            except duckdb.Error as exc:
-                raise IngestError(f"{label}: cannot read as {kind}: {_unicode_column(path, _one_line(exc), delim)}") from None
-            if old_names & header:
-                opts.append("types={" + ", ".join(f"{lit(c)}: 'VARCHAR'" for c in sorted(old_names & header)) + "}")
-            sql = f"read_csv({p}, {', '.join(opts)})"
-        elif kind == "parquet":
-            sql = f"read_parquet({p})"
-        else:
-            fmt_opt = "newline_delimited" if kind == "ndjson" else "auto"
-            sql = f"read_json({p}, format={lit(fmt_opt)})"
-        try:
-            con.execute(f"CREATE OR REPLACE TEMP VIEW {rel_name} AS SELECT * FROM {sql}")
-            described = con.execute(f"DESCRIBE {rel_name}").fetchall()
-        except duckdb.Error as exc:
-            raise IngestError(f"{label}: cannot read as {kind}: {_one_line(exc)}") from None
+        sql = _read_csv_sql(con, path, kind, label, old_names)
+    elif kind == "parquet":
+        sql = f"read_parquet({lit(str(path))})"
     else:
-        label, table = _to_arrow(src)
-        con.register(rel_name + "_arrow", table)
-        con.execute(f"CREATE OR REPLACE TEMP VIEW {rel_name} AS SELECT * FROM {rel_name}_arrow")
+        fmt_opt = "newline_delimited" if kind == "ndjson" else "auto"
+        sql = f"read_json({lit(str(path))}, format={lit(fmt_opt)})"
+    try:
+        con.execute(f"CREATE OR REPLACE TEMP VIEW {rel_name} AS SELECT * FROM {sql}")
         described = con.execute(f"DESCRIBE {rel_name}").fetchall()
-    raw_cols = {row[0]: row[1] for row in described}
+    except duckdb.Error as exc:
+        raise IngestError(f"{label}: cannot read as {kind}: {_one_line(exc)}") from None
+    return label, described
+
+
+def _open_frame(con: duckdb.DuckDBPyConnection, src: Any, rel_name: str) -> tuple[str, list]:
+    """Register an in-memory table as the view ``rel_name``; returns (label, DESCRIBE rows)."""
+    label, table = _to_arrow(src)
+    con.register(rel_name + "_arrow", table)
+    con.execute(f"CREATE OR REPLACE TEMP VIEW {rel_name} AS SELECT * FROM {rel_name}_arrow")
+    return label, con.execute(f"DESCRIBE {rel_name}").fetchall()
+
+
+def _renamed_columns(label: str, raw_cols: dict[str, str],
+                     mapping: dict[str, str]) -> tuple[dict[str, str], dict[str, str]]:
+    """Apply ``--map new=old`` to ``raw_cols``; returns (columns, renames new -> old)."""
     renames = {}
     for new, old in mapping.items():
         if old in raw_cols:
@@ -164,8 +182,22 @@ def _open_source(con: duckdb.DuckDBPyConnection, src: Any, index: int, fmt: str 
         columns[name] = typ
     for new, old in renames.items():
         columns[new] = raw_cols[old]
+    return columns, renames
+
+
+def _open_source(con: duckdb.DuckDBPyConnection, src: Any, index: int, fmt: str | None,
+                 mapping: dict[str, str], force_varchar: set[str]) -> Source:
+    """Register ``src`` in ``con`` and describe its columns."""
+    rel_name = f"__src{index}"
+    is_file = isinstance(src, (str, os.PathLike))
+    if is_file:
+        label, described = _open_file(con, src, rel_name, fmt, mapping, force_varchar)
+    else:
+        label, described = _open_frame(con, src, rel_name)
+    raw_cols = {row[0]: row[1] for row in described}
+    columns, renames = _renamed_columns(label, raw_cols, mapping)
     if not con.execute(f"SELECT 1 FROM {rel_name} LIMIT 1").fetchall():
-        what = "has a header but no rows" if isinstance(src, (str, os.PathLike)) else "has no rows"
+        what = "has a header but no rows" if is_file else "has no rows"
         raise IngestError(f"{label}: {what}; nothing to ingest")
     return Source(label=label, relation=rel_name, columns=columns, renames=renames)
 
@@ -397,58 +429,66 @@ def _ts_expr(src: Source, latest: str | None = None) -> tuple[str, str]:
     return expr, bad
 
 
-def build_projection(src: Source, kind: str, id_types: dict[str, str],
-                     target: dict[str, str] | None, latest: str | None = None) -> tuple[str, dict[str, str]]:
-    """SQL that normalises ``src`` for ``kind`` plus the ``__bad`` column.
-
-    ``target`` is the existing dataset's column -> DuckDB type; columns of
-    ``src`` are cast to those types so every batch matches the dataset.
-    ``latest`` (an SQL timestamp literal) refuses interactions after it.
-    Returns the query and the id types it implies.
-    """
+def _check_required(src: Source, kind: str) -> None:
+    """Refuse a source without the id (and, for interactions, ts) columns."""
     required = KINDS[kind] + (("ts",) if kind == "interactions" else ())
     missing = [c for c in required if c not in src.columns]
     if missing:
         have = ", ".join(src.columns) or "none"
         raise IngestError(f"{src.label}: missing required column {missing[0]} (columns: {have}); "
                           "rename one with --map")
-    target = target or {}
+
+
+def _id_selects(src: Source, kind: str, id_types: dict[str, str]) -> tuple[list[str], str, dict[str, str]]:
+    """(select items, bad-row checks, id types) for the id columns of ``kind``."""
     selects: list[str] = []
     bad = ""
     new_types: dict[str, str] = {}
-    handled = set()
     for col in KINDS[kind]:
         kind_key = col[:-3]  # "user" / "item"
         expr, b, t = _id_expr(src, col, id_types.get(kind_key))
         selects.append(f"{expr} AS {q(col)}")
         bad += b
         new_types[kind_key] = t
-        handled.add(col)
-    if kind == "interactions":
-        expr, b = _ts_expr(src, latest)
-        selects.append(f"{expr} AS ts")
-        bad += b
-        handled.add("ts")
-        if "event" in src.columns:
-            selects.append(f"CAST({_col(src, 'event')} AS VARCHAR) AS event")
-        else:
-            selects.append("CAST(NULL AS VARCHAR) AS event")
-        if "value" in src.columns:
-            raw = _col(src, "value")
-            if not _is_number_type(src.columns["value"]):
-                # judged on its text: a sniffer can read a lone "inf" as DATE 'infinity'
-                raw = f"CAST({raw} AS VARCHAR)"
-            # An explicit NULL stays NULL (e.g. logged impressions); only a
-            # missing column defaults to 1.
-            selects.append(f"TRY_CAST({raw} AS DOUBLE) AS value")
-            bad += (f"WHEN {raw} IS NOT NULL AND TRY_CAST({raw} AS DOUBLE) IS NULL "
-                    f"THEN 'value: ' || CAST({raw} AS VARCHAR) || ' is not a number' "
-                    # NaN > 0 is true in SQL: the default rule would call it a positive
-                    f"WHEN NOT isfinite(TRY_CAST({raw} AS DOUBLE)) "
-                    f"THEN 'value: ' || CAST({raw} AS VARCHAR) || ' is not a finite number' ")
-        else:
-            selects.append("1.0::DOUBLE AS value")
-        handled |= {"event", "value"}
+    return selects, bad, new_types
+
+
+def _value_select(src: Source) -> tuple[str, str]:
+    """(select item, bad-row checks) for the interactions' value column."""
+    if "value" not in src.columns:
+        return "1.0::DOUBLE AS value", ""
+    raw = _col(src, "value")
+    if not _is_number_type(src.columns["value"]):
+        # judged on its text: a sniffer can read a lone "inf" as DATE 'infinity'
+        raw = f"CAST({raw} AS VARCHAR)"
+    # An explicit NULL stays NULL (e.g. logged impressions); only a
+    # missing column defaults to 1.
+    bad = (f"WHEN {raw} IS NOT NULL AND TRY_CAST({raw} AS DOUBLE) IS NULL "
+           f"THEN 'value: ' || CAST({raw} AS VARCHAR) || ' is not a number' "
+           # NaN > 0 is true in SQL: the default rule would call it a positive
+           f"WHEN NOT isfinite(TRY_CAST({raw} AS DOUBLE)) "
+           f"THEN 'value: ' || CAST({raw} AS VARCHAR) || ' is not a finite number' ")
+    return f"TRY_CAST({raw} AS DOUBLE) AS value", bad
+
+
+def _event_selects(src: Source, latest: str | None) -> tuple[list[str], str]:
+    """(select items, bad-row checks) for the interactions' ts, event and value."""
+    expr, bad = _ts_expr(src, latest)
+    selects = [f"{expr} AS ts"]
+    if "event" in src.columns:
+        selects.append(f"CAST({_col(src, 'event')} AS VARCHAR) AS event")
+    else:
+        selects.append("CAST(NULL AS VARCHAR) AS event")
+    value, value_bad = _value_select(src)
+    selects.append(value)
+    return selects, bad + value_bad
+
+
+def _extra_selects(src: Source, handled: set[str], target: dict[str, str]) -> tuple[list[str], str]:
+    """(select items, bad-row checks) for the columns not in ``handled``, cast to
+    the stored type where the dataset has the column already."""
+    selects: list[str] = []
+    bad = ""
     for col, typ in src.columns.items():
         if col in handled:
             continue
@@ -461,6 +501,29 @@ def build_projection(src: Source, kind: str, id_types: dict[str, str],
                     f"{lit(col + ': ')} || CAST({raw} AS VARCHAR) || {lit(' does not fit the stored type ' + want)} ")
         else:
             selects.append(f"{raw} AS {q(col)}")
+    return selects, bad
+
+
+def build_projection(src: Source, kind: str, id_types: dict[str, str],
+                     target: dict[str, str] | None, latest: str | None = None) -> tuple[str, dict[str, str]]:
+    """SQL that normalises ``src`` for ``kind`` plus the ``__bad`` column.
+
+    ``target`` is the existing dataset's column -> DuckDB type; columns of
+    ``src`` are cast to those types so every batch matches the dataset.
+    ``latest`` (an SQL timestamp literal) refuses interactions after it.
+    Returns the query and the id types it implies.
+    """
+    _check_required(src, kind)
+    selects, bad, new_types = _id_selects(src, kind, id_types)
+    handled = set(KINDS[kind])
+    if kind == "interactions":
+        event_selects, event_bad = _event_selects(src, latest)
+        selects += event_selects
+        bad += event_bad
+        handled |= {"ts", "event", "value"}
+    extra, extra_bad = _extra_selects(src, handled, target or {})
+    selects += extra
+    bad += extra_bad
     bad_col = f"CASE {bad}END AS __bad" if bad else "CAST(NULL AS VARCHAR) AS __bad"
     return f"SELECT {', '.join(selects)}, {bad_col} FROM {src.relation}", new_types
 
@@ -507,6 +570,89 @@ def describe_target(con: duckdb.DuckDBPyConnection, dataset) -> dict[str, str]:
     return out
 
 
+def _checked_sources(kind: str, sources: Iterable[Any]) -> list[Any]:
+    """``sources`` with patterns expanded, after refusing an unknown ``kind`` or no source."""
+    if kind not in KINDS:
+        raise IngestError(f"unknown table {kind!r}; use one of {', '.join(KINDS)}")
+    sources = expand_sources(list(sources))
+    if not sources:
+        raise IngestError("nothing to ingest: no source given")
+    return sources
+
+
+def _latest_allowed(kind: str, allow_future: bool) -> str | None:
+    """The SQL timestamp literal no interaction may be later than (None: no limit)."""
+    import datetime as _dt
+
+    if kind != "interactions" or allow_future:
+        return None
+    when = _dt.datetime.now(_dt.timezone.utc).replace(tzinfo=None) + _dt.timedelta(seconds=FUTURE_TOLERANCE_S)
+    return f"TIMESTAMP '{when:%Y-%m-%d %H:%M:%S}'"
+
+
+def _ingest_connection() -> duckdb.DuckDBPyConnection:
+    """A DuckDB connection on every core, with naive times read as UTC."""
+    con = duckdb.connect(config={"threads": max(1, os.cpu_count() or 1)})
+    con.execute("SET TimeZone = 'UTC'")
+    return con
+
+
+def _projections(con: duckdb.DuckDBPyConnection, catalog: Catalog, kind: str, target: dict[str, str],
+                 sources: list[Any], fmt: str | None, mapping: dict[str, str],
+                 latest: str | None) -> tuple[list[tuple[Source, str]], dict[str, str]]:
+    """Open every source and build its projection; returns ((source, sql) pairs, id types).
+
+    All sources are opened and checked before any projection, so a reserved
+    column or an unreadable file is named before an id type mismatch.
+    """
+    force_varchar = {c for c in KINDS[kind] if catalog.config.id_types.get(c[:-3]) == "string"}
+    opened = [_open_source(con, s, i, fmt, mapping, force_varchar) for i, s in enumerate(sources)]
+    for src in opened:
+        check_reserved(src, kind)
+    id_types = dict(catalog.config.id_types)
+    queries = []
+    for src in opened:
+        sql, types = build_projection(src, kind, id_types, target, latest)
+        for key, t in types.items():
+            if id_types.get(key, t) != t:
+                raise IdTypeError(f"{src.label}: {key}_id values are {t}s but earlier sources gave {id_types[key]}s")
+            id_types[key] = t
+        queries.append((src, sql))
+    return queries, id_types
+
+
+def _new_rows(con: duckdb.DuckDBPyConnection, catalog: Catalog, kind: str, queries: list, dataset,
+              errors: list, dedupe: bool | str | Sequence[str]):
+    """The batch stream to commit; returns (stream, schema, write mode, unknown-items counter or None)."""
+    if kind == "interactions":
+        unknown = _UnknownItems(catalog)
+        stream, schema, mode = _append_stream(con, queries, dataset, errors, dedupe=dedupe, unknown=unknown)
+        return stream, schema, mode, unknown
+    if dedupe:
+        raise IngestError(f"--key / --dedupe apply to interactions; {kind} are upserted by id already")
+    stream, schema, mode = _merged_stream(con, kind, queries, dataset, errors)
+    return stream, schema, mode, None
+
+
+def _commit(stream: _Stream, schema: pa.Schema, uri: str, mode: str, errors: list, kind: str) -> None:
+    """Write ``stream`` to ``uri`` as one Lance commit; a bad row or failure commits nothing."""
+    import lance
+
+    reader = pa.RecordBatchReader.from_batches(schema, stream)
+    try:
+        if stream.pending != 0:  # nothing new after deduplication: no empty commit for refresh to see
+            lance.write_dataset(reader, uri, schema=schema, mode=mode,
+                                max_rows_per_file=4 * 1024 * 1024)
+    except _Abort:
+        raise errors[0] from None
+    except Exception as exc:  # the writer wraps our abort in its own error type
+        if errors:
+            raise errors[0] from None
+        if isinstance(exc, IngestError):
+            raise
+        raise IngestError(f"{kind}: write failed, nothing was committed: {_one_line(exc)}") from None
+
+
 def ingest(catalog: Catalog, kind: str, sources: Iterable[Any], *, mapping: dict[str, str] | None = None,
            fmt: str | None = None, dedupe: bool | str | Sequence[str] = False,
            allow_future: bool = False) -> dict:
@@ -527,61 +673,20 @@ def ingest(catalog: Catalog, kind: str, sources: Iterable[Any], *, mapping: dict
     refused unless ``allow_future``. Columns in :data:`RESERVED` (and names
     starting with ``__``) are refused: rename them with ``mapping``.
     """
-    import datetime as _dt
-
     import lance
 
-    if kind not in KINDS:
-        raise IngestError(f"unknown table {kind!r}; use one of {', '.join(KINDS)}")
     mapping = dict(mapping or {})
-    sources = expand_sources(list(sources))
-    if not sources:
-        raise IngestError("nothing to ingest: no source given")
-    latest = None
-    if kind == "interactions" and not allow_future:
-        when = _dt.datetime.now(_dt.timezone.utc).replace(tzinfo=None) + _dt.timedelta(seconds=FUTURE_TOLERANCE_S)
-        latest = f"TIMESTAMP '{when:%Y-%m-%d %H:%M:%S}'"
-    con = duckdb.connect(config={"threads": max(1, os.cpu_count() or 1)})
-    con.execute("SET TimeZone = 'UTC'")
+    sources = _checked_sources(kind, sources)
+    latest = _latest_allowed(kind, allow_future)
+    con = _ingest_connection()
     try:
         dataset = catalog.dataset(kind)
         target = describe_target(con, dataset)
-        force_varchar = {c for c in KINDS[kind] if catalog.config.id_types.get(c[:-3]) == "string"}
-        opened = [_open_source(con, s, i, fmt, mapping, force_varchar) for i, s in enumerate(sources)]
-        for src in opened:
-            check_reserved(src, kind)
-        id_types = dict(catalog.config.id_types)
-        queries = []
-        for src in opened:
-            sql, types = build_projection(src, kind, id_types, target, latest)
-            for key, t in types.items():
-                if id_types.get(key, t) != t:
-                    raise IdTypeError(f"{src.label}: {key}_id values are {t}s but earlier sources gave {id_types[key]}s")
-                id_types[key] = t
-            queries.append((src, sql))
+        queries, id_types = _projections(con, catalog, kind, target, sources, fmt, mapping, latest)
         uri = catalog.uri(kind)
         errors: list[IngestError] = []
-        unknown = None
-        if kind == "interactions":
-            unknown = _UnknownItems(catalog)
-            stream, schema, mode = _append_stream(con, queries, dataset, errors, dedupe=dedupe, unknown=unknown)
-        else:
-            if dedupe:
-                raise IngestError(f"--key / --dedupe apply to interactions; {kind} are upserted by id already")
-            stream, schema, mode = _merged_stream(con, kind, queries, dataset, errors)
-        reader = pa.RecordBatchReader.from_batches(schema, stream)
-        try:
-            if stream.pending != 0:  # nothing new after deduplication: no empty commit for refresh to see
-                lance.write_dataset(reader, uri, schema=schema, mode=mode,
-                                    max_rows_per_file=4 * 1024 * 1024)
-        except _Abort:
-            raise errors[0] from None
-        except Exception as exc:  # the writer wraps our abort in its own error type
-            if errors:
-                raise errors[0] from None
-            if isinstance(exc, IngestError):
-                raise
-            raise IngestError(f"{kind}: write failed, nothing was committed: {_one_line(exc)}") from None
+        stream, schema, mode, unknown = _new_rows(con, catalog, kind, queries, dataset, errors, dedupe)
+        _commit(stream, schema, uri, mode, errors, kind)
         rows = stream.rows
     finally:
         con.close()

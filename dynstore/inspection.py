@@ -37,8 +37,52 @@ def _dataset_info(ds, uri: str) -> dict:
             "dataset_version": ds.version}
 
 
+def _tables(catalog: Catalog) -> dict[str, dict]:
+    """Rows, bytes, fragments, version and column names of every table."""
+    tables = {name: _dataset_info(catalog.dataset(name), catalog.uri(name)) for name in TABLES}
+    for name in TABLES:
+        ds = catalog.dataset(name)
+        tables[name]["columns"] = [f.name for f in ds.schema] if ds is not None else []
+    return tables
+
+
+def _stale_items(catalog: Catalog, item_rows: int) -> tuple[int | None, str | None]:
+    """(items that need encoding, None) or, when the document template fails, (None, the error)."""
+    import duckdb
+
+    if not item_rows:
+        return 0, None
+    try:
+        con = views_connection(catalog)
+        try:
+            return con.execute("SELECT count(*) FROM stale_items").fetchall()[0][0], None
+        finally:
+            con.close()
+    except duckdb.Error as exc:
+        return None, error_message(exc)
+
+
+def _versions(rows: list[dict]) -> dict:
+    """Count, current and latest version, and how many versions have each status."""
+    current = next((r for r in rows if r["status"] == "current"), None)
+    by_status: dict[str, int] = {}
+    for r in rows:
+        by_status[r["status"]] = by_status.get(r["status"], 0) + 1
+    return {"count": len(rows), "current": current["version"] if current else None,
+            "latest": rows[0]["version"] if rows else None, "by_status": by_status}
+
+
+def _last_refresh(last: dict | None) -> dict | None:
+    """The summary of the newest trained version, or None when none was trained."""
+    if last is None:
+        return None
+    return {"version": last["version"], "created": str(last["created"])[:19], "status": last["status"],
+            "verdict": last["verdict"], "train_window": last["train_window"],
+            "ndcg@10": headline_metrics(last).get("ndcg@10")}
+
+
 def inspect_store(catalog: Catalog) -> dict:
-    """A JSON-able overview of ``store``.
+    """A JSON-able overview of the store ``catalog`` describes.
 
     Examples
     --------
@@ -47,36 +91,16 @@ def inspect_store(catalog: Catalog) -> dict:
     >>> info["tables"]["items"]["rows"], info["refresh"]["needed"]
     (0, False)
     """
-    import duckdb
-
     cfg = catalog.config
     enc_id, dim = encoder_info(catalog)
-    tables = {name: _dataset_info(catalog.dataset(name), catalog.uri(name)) for name in TABLES}
-    for name in TABLES:
-        ds = catalog.dataset(name)
-        tables[name]["columns"] = [f.name for f in ds.schema] if ds is not None else []
-    stale: int | None = None
-    doc_error = None
-    if tables["items"]["rows"]:
-        try:
-            con = views_connection(catalog)
-            try:
-                stale = con.execute("SELECT count(*) FROM stale_items").fetchall()[0][0]
-            finally:
-                con.close()
-        except duckdb.Error as exc:
-            doc_error = error_message(exc)
-    else:
-        stale = 0
+    tables = _tables(catalog)
+    stale, doc_error = _stale_items(catalog, tables["items"]["rows"])
     rows = list_versions(catalog)
-    current = next((r for r in rows if r["status"] == "current"), None)
     trained = [r for r in rows if r["snapshot"].get("trained_until") is not None]
     last = trained[0] if trained else None
+    # a refresh is judged over the window the last one trained on
     since = (last["snapshot"].get("since") if last else None) or "30d"
     plan = refresh_plan(catalog, since=since)
-    by_status: dict[str, int] = {}
-    for r in rows:
-        by_status[r["status"]] = by_status.get(r["status"], 0) + 1
     out = {
         "store": str(catalog.path),
         "format_version": cfg.format_version,
@@ -88,12 +112,8 @@ def inspect_store(catalog: Catalog) -> dict:
         "semantic_cache": _dataset_info(cache_dataset(catalog, enc_id), catalog.cache_uri(enc_id)),
         "embeddings": _dataset_info(catalog.dataset("embeddings"), catalog.uri("embeddings")),
         "items_stale": stale,
-        "versions": {"count": len(rows), "current": current["version"] if current else None,
-                     "latest": rows[0]["version"] if rows else None, "by_status": by_status},
-        "last_refresh": None if last is None else {
-            "version": last["version"], "created": str(last["created"])[:19], "status": last["status"],
-            "verdict": last["verdict"], "train_window": last["train_window"],
-            "ndcg@10": headline_metrics(last).get("ndcg@10")},
+        "versions": _versions(rows),
+        "last_refresh": _last_refresh(last),
         "refresh": {"since": since, "needed": plan["needed"], "reason": plan["reason"]},
     }
     if doc_error:
