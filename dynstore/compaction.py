@@ -26,7 +26,7 @@ Examples
 >>> for n in range(3):
 ...     _ = store.ingest("users", pl.DataFrame({"user_id": [n]}))
 >>> out = store.compact(retain_seconds=0)
->>> out["datasets"]["users"]["fragments"]
+>>> out.datasets["users"]["fragments"]
 [1, 1]
 """
 from __future__ import annotations
@@ -36,6 +36,8 @@ import json
 import os
 import shutil
 from typing import Any
+
+from .results import CompactResult
 
 __all__ = ["compact", "maybe_compact", "dataset_stats"]
 
@@ -169,7 +171,7 @@ def _unused_encoders(store) -> list[str]:
     return gone
 
 
-def compact(store, *, retain_seconds: float | None = None, wait: float = 2.0) -> dict:
+def compact(store, *, retain_seconds: float | None = None, wait: float = 2.0) -> CompactResult:
     """Compact every dataset, drop superseded versions and orphans; see the module docstring.
 
     Returns ``{"datasets": {name: {"fragments": [before, after], "versions": [...],
@@ -207,7 +209,7 @@ def compact(store, *, retain_seconds: float | None = None, wait: float = 2.0) ->
         except StoreBusy:
             pass
     store._con_state = None
-    return out
+    return CompactResult(**out)
 
 
 def maybe_compact(store, name: str) -> dict | None:

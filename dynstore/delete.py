@@ -13,6 +13,7 @@ from __future__ import annotations
 import numpy as np
 
 from .errors import ConfigError
+from .results import DeleteResult
 
 __all__ = ["delete_rows"]
 
@@ -38,7 +39,7 @@ def _ranges(ids: np.ndarray) -> str:
     return " OR ".join(parts)
 
 
-def delete_rows(store, kind: str, where: str, *, dry_run: bool = False) -> dict:
+def delete_rows(store, kind: str, where: str, *, dry_run: bool = False) -> DeleteResult:
     """Delete the rows of ``kind`` for which ``where`` is true; one commit.
 
     Returns ``{"kind", "deleted", "total", "version"}`` (``total`` after the
@@ -50,7 +51,7 @@ def delete_rows(store, kind: str, where: str, *, dry_run: bool = False) -> dict:
     >>> import tempfile, dynstore, polars as pl
     >>> store = dynstore.init(tempfile.mkdtemp() + "/s", model="fake")
     >>> _ = store.ingest("items", pl.DataFrame({"item_id": [1, 2, 3], "title": ["a", "b", "c"]}))
-    >>> store.delete("items", "title <> 'b'")["deleted"]
+    >>> store.delete("items", "title <> 'b'").deleted
     2
     """
     import duckdb
@@ -63,7 +64,7 @@ def delete_rows(store, kind: str, where: str, *, dry_run: bool = False) -> dict:
         raise ConfigError("--where is empty; to delete every row say so: --where true")
     ds = store._dataset(kind)
     if ds is None:
-        return {"kind": kind, "deleted": 0, "total": 0, "version": 0}
+        return DeleteResult(kind=kind, deleted=0, total=0, version=0)
     con = duckdb.connect()
     try:
         con.execute("SET TimeZone = 'UTC'")
@@ -95,5 +96,5 @@ def delete_rows(store, kind: str, where: str, *, dry_run: bool = False) -> dict:
     import lance
 
     latest = lance.dataset(store._dataset_uri(kind))
-    return {"kind": kind, "deleted": int(len(ids)), "total": latest.count_rows(), "version": latest.version,
-            **({"dry_run": True} if dry_run else {})}
+    return DeleteResult(kind=kind, deleted=int(len(ids)), total=latest.count_rows(), version=latest.version,
+                        dry_run=dry_run)

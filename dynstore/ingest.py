@@ -18,6 +18,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from .errors import IdTypeError, IngestError
+from .results import IngestResult
 
 __all__ = ["KINDS", "ingest", "RESERVED", "FUTURE_TOLERANCE_S"]
 
@@ -507,7 +508,7 @@ def describe_target(con: duckdb.DuckDBPyConnection, dataset) -> dict[str, str]:
 
 def ingest(store, kind: str, sources: Iterable[Any], *, mapping: dict[str, str] | None = None,
            fmt: str | None = None, dedupe: bool | str | Sequence[str] = False,
-           allow_future: bool = False) -> dict:
+           allow_future: bool = False) -> IngestResult:
     """Validate and commit ``sources`` into the ``kind`` dataset of ``store``.
 
     Interactions are appended; items and users are upserted by id. Returns a
@@ -585,7 +586,7 @@ def ingest(store, kind: str, sources: Iterable[Any], *, mapping: dict[str, str] 
         con.close()
     store._record_id_types(id_types)
     if not os.path.isdir(os.path.join(uri, "_versions")):  # a first ingest with nothing new
-        return {"kind": kind, "rows": 0, "total": 0, "version": 0}
+        return IngestResult(kind=kind, rows=0, total=0, version=0)
     ds = lance.dataset(uri)
     out = {"kind": kind, "rows": rows, "total": ds.count_rows(), "version": ds.version}
     if dedupe:
@@ -594,7 +595,7 @@ def ingest(store, kind: str, sources: Iterable[Any], *, mapping: dict[str, str] 
     unknown_items = unknown.summary() if unknown is not None else None
     if unknown_items:
         out["unknown_items"] = unknown_items
-    return out
+    return IngestResult(**out)
 
 
 def _cast_to(batch: pa.RecordBatch, schema: pa.Schema) -> pa.RecordBatch:

@@ -29,6 +29,7 @@ import time
 import numpy as np
 
 from .errors import ConfigError, DynstoreError
+from .results import RefreshResult
 
 __all__ = ["refresh", "evaluate_version", "parse_since", "newest_event"]
 
@@ -181,7 +182,7 @@ class _Prepared:
 def refresh(store, *, since: str | None = "30d", epochs: int | None = None, promote: bool = True,
             finetune_encoder: bool = False, finetune_steps: int | None = None, seed: int = 0,
             progress: bool = False, device: str | None = None, tolerance: float = TOLERANCE,
-            use_negatives: bool = True, force: bool = False, refit: bool = True) -> dict:
+            use_negatives: bool = True, force: bool = False, refit: bool = True) -> RefreshResult:
     """Retrain, evaluate and publish a new embedding version (see module doc).
 
     With ``finetune_encoder`` the last layers of the text encoder are also
@@ -213,13 +214,12 @@ def refresh(store, *, since: str | None = "30d", epochs: int | None = None, prom
     snap = store.snapshot()
     plan = refresh_plan(store, since=since, force=force, snapshot=snap)
     if not plan["needed"]:
-        return {"status": "noop", "reason": plan["reason"],
-                **({"version": plan["version"]} if plan["version"] is not None else {})}
+        return RefreshResult(status="noop", reason=plan["reason"], version=plan["version"])
     say(f"retraining: {plan['reason']}")
     say("encoding stale items ...")
     with writer_lock(store.path, "encode", wait=60):
         enc = encode(store, progress=progress)
-    timings["encode_s"] = enc["seconds"]
+    timings["encode_s"] = enc.seconds
     lv = load_version(store)
     con = store.connection()
     try:
@@ -348,7 +348,7 @@ def refresh(store, *, since: str | None = "30d", epochs: int | None = None, prom
         out["published"] = {"version": published, "status": "current", "kind": "popularity rule"}
     if ft is not None:
         out["finetune"] = ft
-    return out
+    return RefreshResult(**out)
 
 
 def _gamma(params: dict) -> float:
@@ -424,7 +424,7 @@ def _finetune(store, prep, train, model, *, steps, seed, device, progress, say, 
         with writer_lock(store.path, "encode", wait=60):
             enc = encode(store, progress=progress, device=device)
         timings["reencode_s"] = round(time.perf_counter() - t, 3)
-        ft["encoder"] = enc.get("encoder")
+        ft["encoder"] = enc.encoder
         prep.V, _ = semantic_vectors(store, prep.ids)
         new_train = replace(train, V=prep.V)
     except BaseException:

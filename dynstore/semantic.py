@@ -19,6 +19,8 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
+from .results import EncodeResult
+
 __all__ = ["encode", "store_encoder", "encoder_info", "record_encoder", "semantic_vectors", "cached_vectors",
            "register_cache"]
 
@@ -128,7 +130,7 @@ def _write_cache(store, enc_id: str, hashes: list[str], vectors: np.ndarray) -> 
 
 
 def encode(store, *, all: bool = False, batch_size: int = 64, device: str | None = None,
-           progress: bool = False) -> dict:
+           progress: bool = False) -> EncodeResult:
     """Encode the stale items of ``store`` (every item with ``all``).
 
     Returns counts: ``items`` (total), ``stale``, ``encoded`` (distinct
@@ -141,7 +143,7 @@ def encode(store, *, all: bool = False, batch_size: int = 64, device: str | None
     >>> store = dynstore.init(tempfile.mkdtemp() + "/s", model="fake")
     >>> _ = store.ingest("items", pl.DataFrame({"item_id": [1, 2], "title": ["red shoe", "red shoe"]}))
     >>> r = store.encode()
-    >>> (r["stale"], r["encoded"])
+    >>> (r.stale, r.encoded)
     (2, 1)
     """
     from .encoder import _check_batch_size
@@ -191,7 +193,7 @@ def encode(store, *, all: bool = False, batch_size: int = 64, device: str | None
     version = ensure_first_version(store)
     if version is not None:
         out["version"] = version
-    return out
+    return EncodeResult(**out)
 
 
 class SemanticIndex:

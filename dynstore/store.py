@@ -31,6 +31,7 @@ from . import functions
 from .config import CONFIG_NAME, StoreConfig
 from .errors import ConfigError, DynstoreError, ReadOnlyError, StorageError, StoreExists, StoreNotFound
 from .lock import writer_lock
+from .results import CompactResult, DeleteResult, EncodeResult, IngestResult, RefreshResult, RollbackResult
 
 __all__ = ["connect", "init", "Store"]
 
@@ -552,7 +553,7 @@ class Store:
     # -- writes --------------------------------------------------------------------
     def ingest(self, kind: str, source: Any, *, mapping: dict[str, str] | None = None,
                format: str | None = None, dedupe: bool | str | list[str] = False,
-               allow_future: bool = False) -> dict:
+               allow_future: bool = False) -> IngestResult:
         """Load rows into ``interactions`` (append) or ``items``/``users`` (upsert).
 
         ``source`` is a file path (CSV, TSV, Parquet, JSON/NDJSON), a list of
@@ -570,7 +571,7 @@ class Store:
         --------
         >>> import tempfile, dynstore, polars as pl
         >>> store = dynstore.init(tempfile.mkdtemp() + "/s")
-        >>> store.ingest("items", pl.DataFrame({"item_id": [1, 2], "title": ["a", "b"]}))["rows"]
+        >>> store.ingest("items", pl.DataFrame({"item_id": [1, 2], "title": ["a", "b"]})).rows
         2
         """
         from .ingest import ingest
@@ -587,7 +588,7 @@ class Store:
         self._con_state = None
         return result
 
-    def delete(self, kind: str, where: str, *, dry_run: bool = False) -> dict:
+    def delete(self, kind: str, where: str, *, dry_run: bool = False) -> DeleteResult:
         """Delete the rows of ``kind`` matching the SQL condition ``where``, in one commit.
 
         A deleted item is never recommended again (at once) and leaves the
@@ -598,7 +599,7 @@ class Store:
         >>> import tempfile, dynstore, polars as pl
         >>> store = dynstore.init(tempfile.mkdtemp() + "/s")
         >>> _ = store.ingest("users", pl.DataFrame({"user_id": [1, 2], "region": ["north", "south"]}))
-        >>> store.delete("users", "region = 'north'")["deleted"]
+        >>> store.delete("users", "region = 'north'").deleted
         1
         """
         from .delete import delete_rows
@@ -658,7 +659,7 @@ class Store:
 
     # -- the recommender (implemented in their own modules) -------------------------
     def encode(self, *, all: bool = False, batch_size: int = 64, device: str | None = None,
-               progress: bool = False, precision: str | None = None) -> dict:
+               progress: bool = False, precision: str | None = None) -> EncodeResult:
         """Encode stale items (or every item with ``all=True``); see :mod:`dynstore.semantic`.
 
         ``precision`` (e.g. ``"int8"``), when given, first becomes the store's
@@ -689,7 +690,7 @@ class Store:
         view = self if self._pins is not None else self.pinned()  # one snapshot per call
         return recommend(view, user_id, k, version=version, candidates=candidates, exact=exact)
 
-    def refresh(self, **options: Any) -> dict:
+    def refresh(self, **options: Any) -> RefreshResult:
         """Retrain from recent positives and negatives; see :func:`dynstore.refresh.refresh`."""
         from .refresh import refresh
 
@@ -706,7 +707,7 @@ class Store:
         self._require_writable("log impressions")
         return log_impressions(self, user_id, list(items))
 
-    def compact(self, *, retain_seconds: float | None = None) -> dict:
+    def compact(self, *, retain_seconds: float | None = None) -> CompactResult:
         """Merge small fragments, drop dataset versions superseded more than
         ``retain_seconds`` ago (config default: an hour) and orphans of killed
         refreshes; see :mod:`dynstore.compaction`.
@@ -714,7 +715,7 @@ class Store:
         Examples
         --------
         >>> import tempfile, dynstore
-        >>> sorted(dynstore.init(tempfile.mkdtemp() + "/s", model="fake").compact())
+        >>> sorted(dynstore.init(tempfile.mkdtemp() + "/s", model="fake").compact().to_dict())
         ['datasets', 'encoders_removed', 'orphans', 'retain_seconds', 'skipped']
         """
         from .compaction import compact
@@ -736,7 +737,7 @@ class Store:
 
         return list_versions(self)
 
-    def rollback(self, version: int) -> dict:
+    def rollback(self, version: int) -> RollbackResult:
         """Make an older version ``current`` again."""
         from .versions import rollback
 
@@ -745,6 +746,13 @@ class Store:
             out = rollback(self, version)
         self._con_state = None
         return out
+
+    def evaluate(self, *, version: int | None = None, k: int = 10) -> dict:
+        """Recall@k, NDCG@k and AUC of ``version`` (default: current) on the newest 10% of
+        all interactions, with the ``"slice"`` judged; see :func:`dynstore.refresh.evaluate_version`."""
+        from .refresh import evaluate_version
+
+        return evaluate_version(self, version=version, k=k)
 
 
 class _PinnedStore(Store):
@@ -755,22 +763,22 @@ class _PinnedStore(Store):
     def pinned(self) -> "Store":
         return self._base.pinned()
 
-    def ingest(self, *args: Any, **kwargs: Any) -> dict:
+    def ingest(self, *args: Any, **kwargs: Any) -> IngestResult:
         return self._base.ingest(*args, **kwargs)
 
-    def delete(self, *args: Any, **kwargs: Any) -> dict:
+    def delete(self, *args: Any, **kwargs: Any) -> DeleteResult:
         return self._base.delete(*args, **kwargs)
 
     def configure(self, **changes: Any) -> StoreConfig:
         return self._base.configure(**changes)
 
-    def encode(self, **options: Any) -> dict:
+    def encode(self, **options: Any) -> EncodeResult:
         return self._base.encode(**options)
 
-    def refresh(self, **options: Any) -> dict:
+    def refresh(self, **options: Any) -> RefreshResult:
         return self._base.refresh(**options)
 
-    def rollback(self, version: int) -> dict:
+    def rollback(self, version: int) -> RollbackResult:
         return self._base.rollback(version)
 
     def log_impressions(self, user_id: Any, items: Iterable[Any]) -> int:

@@ -20,6 +20,7 @@ import numpy as np
 import pyarrow as pa
 
 from .errors import VersionNotFound
+from .results import RollbackResult
 
 __all__ = ["list_versions", "current_version", "build_version", "ensure_first_version", "rollback",
            "load_version", "register_versions", "is_rule", "rule_window", "headline_metrics", "VERDICTS"]
@@ -456,7 +457,7 @@ def _record_rule_metrics(store, number: int) -> None:
         _write_registry(store, rows)
 
 
-def rollback(store, version: int) -> dict:
+def rollback(store, version: int) -> RollbackResult:
     """Make ``version`` current; the previous current becomes ``retired``.
 
     Only the serving status changes: each version keeps its verdict, so a
@@ -494,7 +495,7 @@ def rollback(store, version: int) -> dict:
         cand, cur = (m.get("candidate") or {}).get("ndcg@10"), (m.get("current") or {}).get("ndcg@10")
         why = f" (holdout NDCG@10 {cand:.4f} against {cur:.4f})" if cand is not None and cur is not None else ""
         out["warning"] = f"version {version} was rejected by refresh{why}; it is served now all the same"
-    return out
+    return RollbackResult(**out)
 
 
 def _restore_encoder(store, version: int) -> bool:
