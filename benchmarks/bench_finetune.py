@@ -42,15 +42,15 @@ def main(argv=None) -> int:
             store.ingest(kind, frames[kind])
         enc = store.encode(device=args.device)
         store.close()
-        print(f"shop {args.size!r}: {enc['items']} items encoded in {enc['seconds']:.1f}s on {enc['device']}")
+        print(f"shop {args.size!r}: {enc.items} items encoded in {enc.seconds:.1f}s on {enc.device}")
         shutil.copytree(work / "plain", work / "finetuned")
         out = {}
         for name, opts in (("plain", {}), ("finetuned", {"finetune_encoder": True, "finetune_steps": args.steps})):
             with dynstore.connect(work / name) as s:
                 t0 = time.perf_counter()
                 r = s.refresh(since="all", device=args.device, **opts)
-                out[name] = {"seconds": round(time.perf_counter() - t0, 1), "candidate": r["metrics"]["candidate"],
-                             "status": r["status"], "durations": r["durations"], "finetune": r.get("finetune")}
+                out[name] = {"seconds": round(time.perf_counter() - t0, 1), "candidate": r.metrics["candidate"],
+                             "status": r.status, "durations": r.durations, "finetune": r.finetune}
         a, b = out["plain"]["candidate"], out["finetuned"]["candidate"]
         print(f"{'':<22}{'NDCG@10':>9}{'Recall@10':>11}{'AUC':>8}{'refresh s':>11}")
         for name in ("plain", "finetuned"):

@@ -508,12 +508,12 @@ def fit_dynstore_store(split: Split, cat: Catalogue, *, use_negatives: bool = Tr
         store = bench_store(work / "s", cat, data)
         store.ingest("interactions", data.interactions)
         encoded = store.encode()
-        assert encoded["encoded"] == 0, "the cache should hold every document"
+        assert encoded.encoded == 0, "the cache should hold every document"
         out = store.refresh(since="all", use_negatives=use_negatives)
         if stats is not None:
-            stats.update(status=out["status"], version=out["version"], durations=out["durations"])
+            stats.update(status=out.status, version=out.version, durations=out.durations)
         if full is not None:
-            full.update(out)
+            full.update(out.to_dict())
         score = store_scorer(store, cat)
         if online is not None:  # after scoring: it ingests new likes
             online.update(online_effect(store, split))
@@ -702,29 +702,29 @@ def drift_recovery(cat: Catalogue, log: ShopLog, test: Split, train_rows: np.nda
         t0 = time.perf_counter()
         ra = store.refresh(since="all")
         va = next(r["version"] for r in store.versions() if r["status"] == "current")
-        log_fn(f"drift: refresh on {pre.size} pre-drift rows -> v{ra['version']} {ra['status']}, "
+        log_fn(f"drift: refresh on {pre.size} pre-drift rows -> v{ra.version} {ra.status}, "
                f"serving v{va} ({time.perf_counter() - t0:.0f}s)")
         res = out["results"]
         res["pre-drift version, pre-drift history"] = evaluate_scorer(
             store_scorer(store, cat, va), test, cat.n_items)
         store.ingest("interactions", log.rows(post))
         res["(a) pre-drift version"] = evaluate_scorer(store_scorer(store, cat, va), test, cat.n_items)
-        if ra["version"] != va:  # not promoted: also score what that refresh trained
-            res[f"(a') pre-drift refresh's v{ra['version']} ({ra['status']})"] = evaluate_scorer(
-                store_scorer(store, cat, ra["version"]), test, cat.n_items)
+        if ra.version != va:  # not promoted: also score what that refresh trained
+            res[f"(a') pre-drift refresh's v{ra.version} ({ra.status})"] = evaluate_scorer(
+                store_scorer(store, cat, ra.version), test, cat.n_items)
         t0 = time.perf_counter()
         rb = store.refresh(since="all")
-        log_fn(f"drift: refresh with {post.size} post-drift rows -> v{rb['version']} {rb['status']} "
+        log_fn(f"drift: refresh with {post.size} post-drift rows -> v{rb.version} {rb.status} "
                f"({time.perf_counter() - t0:.0f}s)")
-        res["(b) after refresh"] = evaluate_scorer(store_scorer(store, cat, rb["version"]), test,
+        res["(b) after refresh"] = evaluate_scorer(store_scorer(store, cat, rb.version), test,
                                                    cat.n_items)
         served = next(r["version"] for r in store.versions() if r["status"] == "current")
-        if served not in (rb["version"], va):  # a rejected candidate: the recounted rule serves
+        if served not in (rb.version, va):  # a rejected candidate: the recounted rule serves
             res[f"(b') served after refresh: v{served} (popularity rule recounted)"] = evaluate_scorer(
                 store_scorer(store, cat, served), test, cat.n_items)
         out["serving"] = {"pre-drift": va, "post-drift": served}
         for name, r in (("pre-drift", ra), ("post-drift", rb)):
-            out["refresh"][name] = {k: r[k] for k in ("version", "status", "metrics", "counts", "window")}
+            out["refresh"][name] = {k: getattr(r, k) for k in ("version", "status", "metrics", "counts", "window")}
         out["rows"] = {"pre": int(pre.size), "post": int(post.size)}
     finally:
         shutil.rmtree(work, ignore_errors=True)

@@ -50,7 +50,7 @@ t = time.perf_counter(); out = store.refresh(since="all"); ref = time.perf_count
 print(json.dumps({"events": frames["interactions"].height, "items": frames["items"].height,
                   "users": frames["users"].height, "generate_ingest_s": round(gen, 1),
                   "encode_v1_s": round(enc, 1), "refresh_s": round(ref, 1),
-                  "durations": out["durations"], "status": out["status"],
+                  "durations": out.durations, "status": out.status,
                   "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)}))
 """
 

@@ -12,12 +12,16 @@ from __future__ import annotations
 
 import functools
 import sys
+from typing import TYPE_CHECKING
 
 import click
 
-from .options import (STORE_HELP, LazyHelpOption, StoreCommand, format_options, is_store, quiet_option,
-                      show_progress, store_argument)
+from .options import (LazyHelpOption, StoreCommand, format_options, is_store, json_option, new_store_argument,
+                      output_format, quiet_option, show_progress, store_argument)
 from .output import key_values, render, to_json
+
+if TYPE_CHECKING:  # pragma: no cover
+    from dynstore.results import RefreshResult
 
 __all__ = ["main"]
 
@@ -71,10 +75,6 @@ def _open(store: str, *, read_only: bool = False):
     return dynstore.connect(store, read_only=read_only)
 
 
-def _fmt(fmt: str, as_json: bool) -> str:
-    return "json" if as_json else fmt
-
-
 def _note(quiet: bool, message: str) -> None:
     if not quiet:
         click.echo(message, err=True)
@@ -111,7 +111,7 @@ def main():
 
 
 @main.command()
-@click.argument("store", type=click.Path(file_okay=False))
+@new_store_argument
 @click.option("--model", default=None, help="Encoder: 'minilm' (default, bundled), 'fake', or a local Hugging Face path.")
 @click.option("--positive", default=None, help="SQL rule labelling a positive interaction (default: value > 0).")
 @click.option("--negative", default=None, help="SQL rule labelling a negative interaction (default: value <= 0).")
@@ -119,10 +119,10 @@ def main():
 @click.option("--max-length", type=click.IntRange(min=2), default=None,
               help="Encoder max tokens per document (default 256).")
 @click.option("--precision", type=click.Choice(PRECISIONS), default=None, help=PRECISION_HELP)
-@click.option("--json", "as_json", is_flag=True, help="Print the new store's config as JSON.")
+@json_option("Print the new store's config as JSON.")
 @quiet_option
 @handle_errors
-def init(store, model, positive, negative, item_text, max_length, precision, as_json, quiet):
+def init(store: str, model, positive, negative, item_text, max_length, precision, as_json, quiet):
     """Create a new store in STORE (a new or empty directory).
 
     \b
@@ -173,10 +173,10 @@ def _parse_map(pairs) -> dict[str, str]:
 @click.option("--allow-future", is_flag=True,
               help="Interactions: keep timestamps more than a day after now (refused by default: one "
                    "row from year 2999 would end every relative refresh window).")
-@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+@json_option()
 @quiet_option
 @handle_errors
-def ingest(store, kind, files, mapping, input_format, old_format, dedupe, keys, allow_future, as_json, quiet):
+def ingest(store: str, kind, files, mapping, input_format, old_format, dedupe, keys, allow_future, as_json, quiet):
     """Load FILES into a table: interactions are appended, items/users upserted by id.
 
     All files land in one commit, or none does: a bad row rejects the whole
@@ -198,13 +198,13 @@ def ingest(store, kind, files, mapping, input_format, old_format, dedupe, keys, 
         out = s.ingest(kind, list(files), mapping=_parse_map(mapping), format=input_format or old_format,
                        dedupe=dedupe_on, allow_future=allow_future)
     if as_json:
-        click.echo(to_json(out))
+        click.echo(to_json(out.to_dict()))
     elif not quiet:
-        line = f"ingested {out['rows']} rows into {kind} ({out['total']} in total, dataset version {out['version']})"
-        if "duplicates_skipped" in out:
-            line += f"; skipped {out['duplicates_skipped']} duplicates (key: {', '.join(out['key'])})"
+        line = f"ingested {out.rows} rows into {kind} ({out.total} in total, dataset version {out.version})"
+        if out.duplicates_skipped is not None:
+            line += f"; skipped {out.duplicates_skipped} duplicates (key: {', '.join(out.key)})"
         click.echo(line)
-    unknown = out.get("unknown_items")
+    unknown = out.unknown_items
     if unknown and not as_json:
         examples = ", ".join(repr(x) for x in unknown["examples"])
         rows = f"{unknown['rows']} row names" if unknown["rows"] == 1 else f"{unknown['rows']} rows name"
@@ -224,10 +224,10 @@ def ingest(store, kind, files, mapping, input_format, old_format, dedupe, keys, 
 @click.option("--device", type=click.Choice(["cpu", "cuda"]), default=None, help="Default: cuda when present.")
 @click.option("--precision", type=click.Choice(PRECISIONS), default=None,
               help=PRECISION_HELP + " Given here, it becomes the store's setting.")
-@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+@json_option()
 @quiet_option
 @handle_errors
-def encode(store, all_, batch_size, device, precision, as_json, quiet):
+def encode(store: str, all_, batch_size, device, precision, as_json, quiet):
     """Encode stale items (new or changed documents) into semantic vectors.
 
     Vectors are committed in chunks, so an interrupted run (Ctrl-C, a crash)
@@ -245,13 +245,13 @@ def encode(store, all_, batch_size, device, precision, as_json, quiet):
         out = s.encode(all=all_, batch_size=batch_size, device=device, progress=show_progress(quiet),
                        precision=precision)
     if as_json:
-        click.echo(to_json(out))
+        click.echo(to_json(out.to_dict()))
     elif not quiet:
-        rate = f", {out['items_per_s']} docs/s" if out["encoded"] else ""
-        click.echo(f"{out['items']} items: {out['stale']} stale, {out['encoded']} documents encoded, "
-                   f"{out['reused']} reused from cache ({out['seconds']}s{rate}, {out['device']})")
-        if out.get("version"):
-            click.echo(f"created version {out['version']} (the popularity rule; `dynstore refresh` trains one)")
+        rate = f", {out.items_per_s} docs/s" if out.encoded else ""
+        click.echo(f"{out.items} items: {out.stale} stale, {out.encoded} documents encoded, "
+                   f"{out.reused} reused from cache ({out.seconds}s{rate}, {out.device})")
+        if out.version:
+            click.echo(f"created version {out.version} (the popularity rule; `dynstore refresh` trains one)")
 
 
 # -------------------------------------------------------------------------- recommend
@@ -285,7 +285,7 @@ def _coerce_id(s, kind: str, raw: str):
 @format_options
 @quiet_option
 @handle_errors
-def recommend(store, user_id, k, version, log_impressions, fmt, as_json, quiet):
+def recommend(store: str, user_id, k, version, log_impressions, fmt, as_json, quiet):
     """Top-k items for USER_ID (unknown users get the cold-start list).
 
     \b
@@ -303,7 +303,7 @@ def recommend(store, user_id, k, version, log_impressions, fmt, as_json, quiet):
     columns = ["rank", "item_id", "score"] + (["title"] if titles is not None else [])
     rows = [(n, r["item_id"], round(r["score"], 6)) + ((titles.get(r["item_id"]),) if titles is not None else ())
             for n, r in enumerate(recs, 1)]
-    click.echo(render(columns, rows, _fmt(fmt, as_json)))
+    click.echo(render(columns, rows, output_format(fmt, as_json)))
 
 
 # -------------------------------------------------------------------------- sql
@@ -320,7 +320,7 @@ def _sql_store_given(pos: list[str]) -> bool:
 @format_options
 @quiet_option
 @handle_errors
-def sql(store, query, read_only, fmt, as_json, quiet):
+def sql(store: str, query, read_only, fmt, as_json, quiet):
     """Run QUERY with every dynstore view and function, or open a prompt.
 
     QUERY may hold several statements; each result is printed. Tables you
@@ -341,7 +341,7 @@ def sql(store, query, read_only, fmt, as_json, quiet):
 
     from .repl import Repl, run_interruptibly
 
-    fmt = _fmt(fmt, as_json)
+    fmt = output_format(fmt, as_json)
     with _open(store, read_only=read_only) as s, SqlSession(s) as session:
         if query is None:
             Repl(session, fmt, quiet=quiet).loop()
@@ -369,10 +369,10 @@ def sql(store, query, read_only, fmt, as_json, quiet):
 @click.option("--where", required=True, metavar="SQL",
               help="Condition over the table's columns (interactions also have label), as in `dynstore sql`.")
 @click.option("--dry-run", is_flag=True, help="Count the matching rows; delete nothing.")
-@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+@json_option()
 @quiet_option
 @handle_errors
-def delete(store, kind, where, dry_run, as_json, quiet):
+def delete(store: str, kind, where, dry_run, as_json, quiet):
     """Delete the rows of a table matching --where, in one commit.
 
     A deleted item is never recommended again, at once, and its vectors
@@ -388,12 +388,12 @@ def delete(store, kind, where, dry_run, as_json, quiet):
     with _open(store) as s:
         out = s.delete(kind, where, dry_run=dry_run)
     if as_json:
-        click.echo(to_json(out))
+        click.echo(to_json(out.to_dict()))
     elif dry_run:
-        click.echo(f"would delete {out['deleted']} of {out['total']} rows from {kind} (dry run: nothing deleted)")
+        click.echo(f"would delete {out.deleted} of {out.total} rows from {kind} (dry run: nothing deleted)")
     elif not quiet:
-        click.echo(f"deleted {out['deleted']} rows from {kind} ({out['total']} left, dataset version {out['version']})")
-        if kind == "items" and out["deleted"]:
+        click.echo(f"deleted {out.deleted} rows from {kind} ({out.total} left, dataset version {out.version})")
+        if kind == "items" and out.deleted:
             _note(quiet, "note: interactions naming the deleted items stay; remove them with "
                          "`dynstore delete STORE interactions --where \"item_id NOT IN (SELECT item_id FROM items)\"`")
 
@@ -406,10 +406,10 @@ def delete(store, kind, where, dry_run, as_json, quiet):
 @click.option("--retain-seconds", type=click.FloatRange(min=0), default=None,
               help="Keep dataset versions superseded less than this long ago (what a running statement or "
                    "a pinned connection may still read) [default: the config's retain_seconds, 3600].")
-@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+@json_option()
 @quiet_option
 @handle_errors
-def compact(store, retain_seconds, as_json, quiet):
+def compact(store: str, retain_seconds, as_json, quiet):
     """Merge small fragments and drop old dataset versions and orphans.
 
     Every ingest and logged impression adds a fragment, every refresh a
@@ -427,20 +427,20 @@ def compact(store, retain_seconds, as_json, quiet):
     with _open(store) as s:
         out = s.compact(retain_seconds=retain_seconds)
     if as_json:
-        click.echo(to_json(out))
+        click.echo(to_json(out.to_dict()))
         return
     if quiet:
         return
-    for name, d in out["datasets"].items():
+    for name, d in out.datasets.items():
         click.echo(f"{name}: {d['fragments'][0]} -> {d['fragments'][1]} fragments, {d['versions'][0]} -> "
                    f"{d['versions'][1]} versions, {d['bytes'][0]:,} -> {d['bytes'][1]:,} bytes")
-    orphans = out["orphans"]
+    orphans = out.orphans
     if orphans.get("embedding_rows") or orphans.get("files"):
         click.echo(f"removed orphans of unfinished versions: {orphans['embedding_rows']} embedding rows, "
                    f"{len(orphans['files'])} files")
-    if out["encoders_removed"]:
-        click.echo(f"removed unused fine-tuned encoders: {', '.join(out['encoders_removed'])}")
-    for name, why in out["skipped"].items():
+    if out.encoders_removed:
+        click.echo(f"removed unused fine-tuned encoders: {', '.join(out.encoders_removed)}")
+    for name, why in out.skipped.items():
         _note(quiet, f"note: skipped {name}: {why}")
 
 
@@ -451,7 +451,7 @@ def compact(store, retain_seconds, as_json, quiet):
 @store_argument
 @format_options
 @handle_errors
-def inspect(store, fmt, as_json):
+def inspect(store: str, fmt, as_json):
     """What is in the store and what it needs: counts, sizes, versions, refresh.
 
     Rows, bytes on disk and Lance fragments of each table, the semantic
@@ -466,7 +466,7 @@ def inspect(store, fmt, as_json):
     """
     with _open(store, read_only=True) as s:
         out = s.inspect()
-    click.echo(key_values(out, _fmt(fmt, as_json)))
+    click.echo(key_values(out, output_format(fmt, as_json)))
 
 
 # -------------------------------------------------------------------------- refresh
@@ -492,10 +492,10 @@ def _finetune_steps_help() -> str:
 @click.option("--finetune-steps", cls=LazyHelpOption, lazy_help=_finetune_steps_help,
               type=click.IntRange(min=1), default=None)
 @click.option("--seed", type=int, default=0, show_default=True, help="Random seed of the training run.")
-@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON (stable, for cron and scripts).")
+@json_option("Print the result as JSON (stable, for cron and scripts).")
 @quiet_option
 @handle_errors
-def refresh(store, since, epochs, no_promote, force, finetune_encoder, finetune_steps, seed, as_json, quiet):
+def refresh(store: str, since, epochs, no_promote, force, finetune_encoder, finetune_steps, seed, as_json, quiet):
     """Retrain from recent positives and negatives; publish a new version.
 
     A refresh does nothing (exit 0) when nothing changed since the last
@@ -517,31 +517,32 @@ def refresh(store, since, epochs, no_promote, force, finetune_encoder, finetune_
         out = s.refresh(since=since, epochs=epochs, promote=not no_promote, finetune_encoder=finetune_encoder,
                         finetune_steps=finetune_steps, seed=seed, force=force, progress=show_progress(quiet))
     if as_json:
-        click.echo(to_json(out))
+        click.echo(to_json(out.to_dict()))
+    elif not quiet:
+        _report_refresh(out)
+
+
+def _report_refresh(out: RefreshResult) -> None:
+    """The text report of a refresh: the verdict, metrics, holdout, a published rule, a fine-tune."""
+    if out.noop:
+        click.echo(f"nothing to do: {out.reason}")
         return
-    if quiet:
-        return
-    if out.get("status") == "noop":
-        click.echo(f"nothing to do: {out.get('reason')}")
-        return
-    if out.get("reasons"):
-        click.echo(f"retrained: {'; '.join(out['reasons'])}")
-    click.echo(f"version {out['version']}: {out['status']}"
+    if out.reasons:
+        click.echo(f"retrained: {'; '.join(out.reasons)}")
+    click.echo(f"version {out.version}: {out.status}"
                + (" (training did not clearly beat its start on the holdout: same weights)"
-                  if out.get("kept_start") else ""))
-    for name, m in out.get("metrics", {}).items():
+                  if out.kept_start else ""))
+    for name, m in (out.metrics or {}).items():
         if isinstance(m, dict):
             click.echo(f"  {name:<10} " + "  ".join(f"{k}={v:.4f}" for k, v in m.items() if isinstance(v, float)))
-    judged = out.get("holdout")
-    if judged:
-        click.echo(f"  holdout    {judged['events']} events, judged on {judged['judged_on']}")
-    pub = out.get("published")
-    if pub:
-        click.echo(f"version {pub['version']}: current (the {pub['kind']}: it beat version "
-                   f"{out['parent']} on the holdout and version {out['version']} did not)")
-    ft = out.get("finetune")
+    if out.holdout:
+        click.echo(f"  holdout    {out.holdout['events']} events, judged on {out.holdout['judged_on']}")
+    if out.published:
+        click.echo(f"version {out.published['version']}: current (the {out.published['kind']}: it beat version "
+                   f"{out.parent} on the holdout and version {out.version} did not)")
+    ft = out.finetune
     if ft:
-        kept = "now the store's encoder" if out["status"] == "current" else "not used (version not promoted)"
+        kept = "now the store's encoder" if out.status == "current" else "not used (version not promoted)"
         click.echo(f"  encoder    {ft['encoder']} ({ft['steps']} steps, loss {ft['loss_before']:.4f} -> "
                    f"{ft['loss_after']:.4f}); {kept}")
 
@@ -553,7 +554,7 @@ def refresh(store, since, epochs, no_promote, force, finetune_encoder, finetune_
 @store_argument
 @format_options
 @handle_errors
-def versions(store, fmt, as_json):
+def versions(store: str, fmt, as_json):
     """List embedding versions: serving status, refresh's verdict, window, holdout metrics.
 
     status is where a version stands now (current, retired, candidate,
@@ -570,7 +571,7 @@ def versions(store, fmt, as_json):
 
     with _open(store, read_only=True) as s:
         rows = s.versions()
-    fmt = _fmt(fmt, as_json)
+    fmt = output_format(fmt, as_json)
     if fmt in ("json", "jsonl"):
         click.echo(render(list(rows[0]) if rows else [], [list(r.values()) for r in rows], fmt))
         return
@@ -586,10 +587,10 @@ def versions(store, fmt, as_json):
 @main.command(cls=StoreCommand)
 @store_argument
 @click.argument("version", type=click.IntRange(min=1))
-@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+@json_option()
 @quiet_option
 @handle_errors
-def rollback(store, version, as_json, quiet):
+def rollback(store: str, version, as_json, quiet):
     """Make VERSION the current embedding version again.
 
     The version that was current becomes retired; every version keeps its
@@ -603,12 +604,12 @@ def rollback(store, version, as_json, quiet):
     with _open(store) as s:
         out = s.rollback(version)
     if as_json:
-        click.echo(to_json(out))
+        click.echo(to_json(out.to_dict()))
         return
     if not quiet:
-        click.echo(f"version {out['version']} is current (was {out['previous']})")
-    if out.get("warning"):
-        _note(quiet, f"warning: {out['warning']}")
+        click.echo(f"version {out.version} is current (was {out.previous})")
+    if out.warning:
+        _note(quiet, f"warning: {out.warning}")
 
 
 @main.command(name="eval", cls=StoreCommand)
@@ -620,7 +621,7 @@ def rollback(store, version, as_json, quiet):
 @format_options
 @quiet_option
 @handle_errors
-def eval_(store, version, k, fmt, as_json, quiet):
+def eval_(store: str, version, k, fmt, as_json, quiet):
     """Evaluate a version on the newest 10% of all interactions.
 
     The output's slice says which events were used and how many of them
@@ -635,7 +636,7 @@ def eval_(store, version, k, fmt, as_json, quiet):
     """
     with _open(store, read_only=True) as s:
         out = s.evaluate(version=version, k=k)
-    click.echo(key_values(out, _fmt(fmt, as_json)))
+    click.echo(key_values(out, output_format(fmt, as_json)))
     sl = out["slice"]
     _note(quiet or as_json or fmt != "table",
           f"note: judged on {sl['events']} events of {sl['users']} users from {sl['from']} to {sl['to']} (the newest "
@@ -669,7 +670,7 @@ def _config_view(cfg) -> dict:
 @format_options
 @quiet_option
 @handle_errors
-def config(store, fmt, as_json, quiet, **changes):
+def config(store: str, fmt, as_json, quiet, **changes):
     """Show or change the store's rules, item document and encoder.
 
     A change of the labelling rules, the item document or the encoder makes
@@ -687,7 +688,7 @@ def config(store, fmt, as_json, quiet, **changes):
         cfg = s.configure(**changes) if changes else s.config
     if changes and quiet and not as_json:
         return
-    click.echo(key_values(_config_view(cfg), _fmt(fmt, as_json)))
+    click.echo(key_values(_config_view(cfg), output_format(fmt, as_json)))
     if changes.keys() & {"positive", "negative", "item_text", "behaviour_summary", "model", "max_length", "precision"}:
         _note(quiet or as_json, "note: the next `dynstore refresh` retrains on the new settings "
                                 "(items whose document changed are re-encoded first)")

@@ -4,7 +4,8 @@
   a store, or the working directory holds a ``dynstore.toml`` (the store
   itself, or a file whose ``store = "path"`` points at one).
 * **Output.** Commands that print data take ``--format`` (see
-  :mod:`dynstore.cli.output`) and ``--json`` as its shorthand.
+  :mod:`dynstore.cli.output`) and ``--json`` as its shorthand; commands that
+  report what they did take ``--json`` alone (the result's ``to_dict()``).
 * **Quiet.** ``-q/--quiet`` drops progress bars and notes on stderr, and the
   one-line report of commands that only change the store; progress bars are
   drawn only when stderr is a terminal, so logs of cron jobs stay clean.
@@ -21,8 +22,8 @@ import click
 
 from .output import FORMATS
 
-__all__ = ["StoreCommand", "default_store", "format_options", "quiet_option", "show_progress", "is_store",
-           "LazyHelpOption"]
+__all__ = ["StoreCommand", "default_store", "store_argument", "new_store_argument", "format_options", "json_option",
+           "output_format", "quiet_option", "show_progress", "is_store", "LazyHelpOption"]
 
 STORE_HELP = ("STORE may be left out when $DYNSTORE_STORE names one or the working directory holds a "
               "dynstore.toml.")
@@ -102,10 +103,26 @@ def store_argument(fn):
     return click.argument("store", metavar="[STORE]", type=click.Path(file_okay=False))(fn)
 
 
+def new_store_argument(fn):
+    """The ``STORE`` argument of a command that creates the store (``init``): required."""
+    return click.argument("store", type=click.Path(file_okay=False))(fn)
+
+
 def quiet_option(fn):
+    """``-q/--quiet``; the command gets ``quiet``."""
     return click.option("-q", "--quiet", is_flag=True,
                         help="No progress bars or notes on stderr; commands that only change the store "
                              "print nothing.")(fn)
+
+
+def json_option(help: str = "Print the result as JSON."):
+    """``--json`` alone, for commands that report one result (their text is a sentence, not rows)."""
+    return click.option("--json", "as_json", is_flag=True, help=help)
+
+
+def output_format(fmt: str, as_json: bool) -> str:
+    """The format asked for: ``--json`` wins over ``--format``."""
+    return "json" if as_json else fmt
 
 
 def format_options(fn):

@@ -26,7 +26,7 @@ Examples
 >>> for n in range(3):
 ...     _ = store.ingest("users", pl.DataFrame({"user_id": [n]}))
 >>> out = store.compact(retain_seconds=0)
->>> out["datasets"]["users"]["fragments"]
+>>> out.datasets["users"]["fragments"]
 [1, 1]
 """
 from __future__ import annotations
@@ -41,6 +41,7 @@ from .catalog import TABLES, Catalog
 from .errors import StoreBusy
 from .lock import writer_lock
 from .registry import registry_table
+from .results import CompactResult
 
 __all__ = ["compact", "maybe_compact", "dataset_stats"]
 
@@ -170,7 +171,7 @@ def _unused_encoders(catalog: Catalog) -> list[str]:
     return gone
 
 
-def compact(catalog: Catalog, *, retain_seconds: float | None = None, wait: float = 2.0) -> dict:
+def compact(catalog: Catalog, *, retain_seconds: float | None = None, wait: float = 2.0) -> CompactResult:
     """Compact every dataset, drop superseded versions and orphans; see the module docstring.
 
     Returns ``{"datasets": {name: {"fragments": [before, after], "versions": [...],
@@ -204,7 +205,7 @@ def compact(catalog: Catalog, *, retain_seconds: float | None = None, wait: floa
                 tmp.unlink(missing_ok=True)
         except StoreBusy:
             pass
-    return out
+    return CompactResult(**out)
 
 
 def maybe_compact(catalog: Catalog, name: str) -> dict | None:

@@ -14,6 +14,7 @@ import numpy as np
 
 from .catalog import Catalog
 from .errors import ConfigError
+from .results import DeleteResult
 from .rules import condition_error, label_sql
 
 __all__ = ["delete_rows"]
@@ -40,7 +41,7 @@ def _ranges(ids: np.ndarray) -> str:
     return " OR ".join(parts)
 
 
-def delete_rows(catalog: Catalog, kind: str, where: str, *, dry_run: bool = False) -> dict:
+def delete_rows(catalog: Catalog, kind: str, where: str, *, dry_run: bool = False) -> DeleteResult:
     """Delete the rows of ``kind`` for which ``where`` is true; one commit.
 
     Returns ``{"kind", "deleted", "total", "version"}`` (``total`` after the
@@ -52,7 +53,7 @@ def delete_rows(catalog: Catalog, kind: str, where: str, *, dry_run: bool = Fals
     >>> import tempfile, dynstore, polars as pl
     >>> store = dynstore.init(tempfile.mkdtemp() + "/s", model="fake")
     >>> _ = store.ingest("items", pl.DataFrame({"item_id": [1, 2, 3], "title": ["a", "b", "c"]}))
-    >>> store.delete("items", "title <> 'b'")["deleted"]
+    >>> store.delete("items", "title <> 'b'").deleted
     2
     """
     import duckdb
@@ -63,7 +64,7 @@ def delete_rows(catalog: Catalog, kind: str, where: str, *, dry_run: bool = Fals
         raise ConfigError("--where is empty; to delete every row say so: --where true")
     ds = catalog.dataset(kind)
     if ds is None:
-        return {"kind": kind, "deleted": 0, "total": 0, "version": 0}
+        return DeleteResult(kind=kind, deleted=0, total=0, version=0)
     con = duckdb.connect()
     try:
         con.execute("SET TimeZone = 'UTC'")
@@ -88,5 +89,5 @@ def delete_rows(catalog: Catalog, kind: str, where: str, *, dry_run: bool = Fals
     import lance
 
     latest = lance.dataset(catalog.uri(kind))
-    return {"kind": kind, "deleted": int(len(ids)), "total": latest.count_rows(), "version": latest.version,
-            **({"dry_run": True} if dry_run else {})}
+    return DeleteResult(kind=kind, deleted=int(len(ids)), total=latest.count_rows(), version=latest.version,
+                        dry_run=dry_run)

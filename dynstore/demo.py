@@ -6,9 +6,14 @@ import shutil
 import tempfile
 import time
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 from .errors import ConfigError, StoreExists
+from .formatting import table
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .results import RefreshResult
+    from .store import Store
 
 __all__ = ["run_demo"]
 
@@ -63,24 +68,44 @@ def run_demo(directory: str | None = None, *, size: str = "small", model: str = 
     >>> (path / "dynstore.toml").exists()
     True
     """
-    import datetime as dt
-
-    import polars as pl
-
-    import dynstore
     from dynstore.samples import shop
+
+    from .store import init
 
     t0 = time.perf_counter()
     if size not in shop.SIZES:
         raise ConfigError(f"--size {size!r}: use one of {', '.join(shop.SIZES)}")
     root = prepare_directory(directory)
-    data_dir = root / "data"
-    store_dir = root / "store"
+    data_dir, store_dir = root / "data", root / "store"
+    paths, after_rows = write_data(data_dir, size=size, seed=seed)
+    echo(f"== generated a '{size}' sample shop in {data_dir}")
+    with init(store_dir, model=model, **DEMO_RULES) as store:
+        echo(f"$ dynstore init {store_dir} --positive \"{DEMO_RULES['positive']}\" "
+             f"--negative \"{DEMO_RULES['negative']}\"")
+        user = _load_and_encode(store, paths, echo, progress)
+        _retrain_across_the_drift(store, paths, after_rows, echo)
+        _show_results(store, user, echo)
+        echo(f"\ndone in {time.perf_counter() - t0:.1f}s. Try:\n  dynstore sql {store_dir} \"SELECT recommend({user}, 10)\"\n"
+             f"  dynstore recommend {store_dir} {user}")
+    return store_dir
+
+
+def write_data(data_dir: Path, *, size: str, seed: int) -> tuple[dict[str, Path], int]:
+    """Write the sample shop's files into ``data_dir``, interactions split at the drift point.
+
+    Returns the paths (``users``, ``items``, ``before``, ``after``) and the
+    number of interactions after the drift.
+    """
+    import datetime as dt
+
+    import polars as pl
+
+    from dynstore.samples import shop
+
     data_dir.mkdir(parents=True, exist_ok=True)
     frames = shop.generate(size, seed=seed)
     inter = frames["interactions"]
-    start = shop.START
-    drift = start + dt.timedelta(days=shop.DAYS * shop.DRIFT_FRACTION)
+    drift = shop.START + dt.timedelta(days=shop.DAYS * shop.DRIFT_FRACTION)
     before, after = inter.filter(pl.col("ts") < drift), inter.filter(pl.col("ts") >= drift)
     paths = {
         "users": data_dir / "users.parquet", "items": data_dir / "items.csv",
@@ -90,26 +115,32 @@ def run_demo(directory: str | None = None, *, size: str = "small", model: str = 
     frames["items"].write_csv(paths["items"])
     before.write_parquet(paths["before"])
     after.write_parquet(paths["after"])
-    echo(f"== generated a '{size}' sample shop in {data_dir}")
-    store = dynstore.init(store_dir, model=model, **DEMO_RULES)
-    echo(f"$ dynstore init {store_dir} --positive \"{DEMO_RULES['positive']}\" --negative \"{DEMO_RULES['negative']}\"")
+    return paths, after.height
+
+
+def _load_and_encode(store: Store, paths: dict[str, Path], echo: Callable[[str], None], progress: bool) -> Any:
+    """Ingest the data before the drift, encode; show the events and a first list. Returns the user shown."""
     for kind, path in (("users", paths["users"]), ("items", paths["items"]), ("interactions", paths["before"])):
         out = store.ingest(kind, path)
-        echo(f"$ dynstore ingest {store_dir.name} {kind} {path.name}   -> {out['rows']} rows")
+        echo(f"$ dynstore ingest {store.path.name} {kind} {path.name}   -> {out.rows} rows")
     echo("\n== SQL: events by type")
-    echo(_fmt(store.sql("SELECT event, count(*) AS n, round(avg(label), 2) AS mean_label "
-                        "FROM interactions GROUP BY event ORDER BY n DESC")))
+    echo(_table(store.sql("SELECT event, count(*) AS n, round(avg(label), 2) AS mean_label "
+                          "FROM interactions GROUP BY event ORDER BY n DESC")))
     enc = store.encode(progress=progress)
-    echo(f"\n$ dynstore encode   -> {enc['stale']} stale items, {enc['encoded']} documents encoded "
-         f"({enc['items_per_s']} docs/s on {enc['device']}); version {enc.get('version')} created")
+    echo(f"\n$ dynstore encode   -> {enc.stale} stale items, {enc.encoded} documents encoded "
+         f"({enc.items_per_s} docs/s on {enc.device}); version {enc.version} created")
     user = store.sql("SELECT user_id FROM interactions WHERE label = 1 GROUP BY 1 ORDER BY count(*) DESC LIMIT 1").fetchall()[0][0]
     echo(f"\n== recommendations for user {user} (untrained version):")
-    echo(_fmt(store.sql(f"SELECT r.rank, r.item_id, i.title, i.category, round(r.score, 4) AS score "
-                        f"FROM recommendations({user}, 5) r JOIN items i USING (item_id) ORDER BY r.rank")))
+    echo(_recommendations(store, user))
+    return user
+
+
+def _retrain_across_the_drift(store: Store, paths: dict[str, Path], after_rows: int,
+                              echo: Callable[[str], None]) -> None:
+    """Refresh on the data before the drift, ingest the rest, evaluate, refresh again."""
     echo("\n$ dynstore refresh (training on the data before the drift) ...")
-    r1 = store.refresh(since="all")
-    echo(_metrics(r1))
-    echo(f"\n== new interactions arrive ({after.height} rows after the drift point)")
+    echo(_metrics(store.refresh(since="all")))
+    echo(f"\n== new interactions arrive ({after_rows} rows after the drift point)")
     store.ingest("interactions", paths["after"])
     ev = store.evaluate()
     echo(f"version {ev['version']} on the newest slice, before retraining: "
@@ -117,37 +148,40 @@ def run_demo(directory: str | None = None, *, size: str = "small", model: str = 
     r2 = store.refresh(since="30d")
     echo("$ dynstore refresh --since 30d")
     echo(_metrics(r2))
-    echo(f"\n== recommendations for user {user} now (version {store.sql('SELECT max(version) FROM versions WHERE status = ' + repr('current')).fetchall()[0][0]}):")
-    echo(_fmt(store.sql(f"SELECT r.rank, r.item_id, i.title, i.category, round(r.score, 4) AS score "
-                        f"FROM recommendations({user}, 5) r JOIN items i USING (item_id) ORDER BY r.rank")))
+
+
+def _show_results(store: Store, user: Any, echo: Callable[[str], None]) -> None:
+    """The list the current version serves, a semantic search, the versions."""
+    current = store.sql("SELECT max(version) FROM versions WHERE status = 'current'").fetchall()[0][0]
+    echo(f"\n== recommendations for user {user} now (version {current}):")
+    echo(_recommendations(store, user))
     echo("\n== semantic search: SELECT title FROM items ORDER BY array_cosine_similarity(semantic_vector(item_id), embed('outdoor hiking gear')) DESC LIMIT 3")
-    echo(_fmt(store.sql("SELECT item_id, title, category FROM items ORDER BY "
-                        "array_cosine_similarity(semantic_vector(item_id), embed('outdoor hiking gear')) DESC LIMIT 3")))
+    echo(_table(store.sql("SELECT item_id, title, category FROM items ORDER BY "
+                          "array_cosine_similarity(semantic_vector(item_id), embed('outdoor hiking gear')) DESC LIMIT 3")))
     echo("\n== versions")
-    echo(_fmt(store.sql("SELECT version, status, verdict, parent, train_window FROM versions ORDER BY version")))
-    echo(f"\ndone in {time.perf_counter() - t0:.1f}s. Try:\n  dynstore sql {store_dir} \"SELECT recommend({user}, 10)\"\n"
-         f"  dynstore recommend {store_dir} {user}")
-    store.close()
-    return store_dir
+    echo(_table(store.sql("SELECT version, status, verdict, parent, train_window FROM versions ORDER BY version")))
 
 
-def _metrics(r: dict) -> str:
-    if r.get("status") == "noop":
-        return f"no-op: {r['reason']}"
-    c, p = r["metrics"]["candidate"], r["metrics"]["current"]
-    out = (f"version {r['version']} ({r['status']}): holdout ndcg@10 {p['ndcg@10']:.4f} -> {c['ndcg@10']:.4f}, "
+def _recommendations(store: Store, user: Any) -> str:
+    return _table(store.sql(f"SELECT r.rank, r.item_id, i.title, i.category, round(r.score, 4) AS score "
+                            f"FROM recommendations({user}, 5) r JOIN items i USING (item_id) ORDER BY r.rank"))
+
+
+def _metrics(r: RefreshResult) -> str:
+    if r.noop:
+        return f"no-op: {r.reason}"
+    c, p = r.metrics["candidate"], r.metrics["current"]
+    out = (f"version {r.version} ({r.status}): holdout ndcg@10 {p['ndcg@10']:.4f} -> {c['ndcg@10']:.4f}, "
            f"recall@10 {p['recall@10']:.4f} -> {c['recall@10']:.4f}, auc {p['auc']:.3f} -> {c['auc']:.3f}")
-    if r.get("kept_start"):
+    if r.kept_start:
         out += ("\n  (training did not beat its start clearly on the holdout, so the new version keeps "
                 "the start's weights; the behaviour features still follow every new interaction)")
-    if r.get("published"):
-        rule = r["metrics"]["rule"]
-        out += (f"\nversion {r['published']['version']} (current): the popularity rule (holdout ndcg@10 "
-                f"{rule['ndcg@10']:.4f}, better than version {r['parent']})")
+    if r.published:
+        rule = r.metrics["rule"]
+        out += (f"\nversion {r.published['version']} (current): the popularity rule (holdout ndcg@10 "
+                f"{rule['ndcg@10']:.4f}, better than version {r.parent})")
     return out
 
 
-def _fmt(rel) -> str:
-    from dynstore.cli.output import render
-
-    return render(rel.columns, rel.fetchall(), "table")
+def _table(rel: Any) -> str:
+    return table(rel.columns, rel.fetchall())

@@ -20,6 +20,7 @@ import pyarrow.compute as pc
 from .catalog import Catalog
 from .errors import IdTypeError, IngestError
 from .lancescan import is_text, stored_type
+from .results import IngestResult
 
 __all__ = ["KINDS", "ingest", "RESERVED", "FUTURE_TOLERANCE_S"]
 
@@ -655,7 +656,7 @@ def _commit(stream: _Stream, schema: pa.Schema, uri: str, mode: str, errors: lis
 
 def ingest(catalog: Catalog, kind: str, sources: Iterable[Any], *, mapping: dict[str, str] | None = None,
            fmt: str | None = None, dedupe: bool | str | Sequence[str] = False,
-           allow_future: bool = False) -> dict:
+           allow_future: bool = False) -> IngestResult:
     """Validate and commit ``sources`` into the ``kind`` dataset of ``store``.
 
     Interactions are appended; items and users are upserted by id. Returns a
@@ -692,7 +693,7 @@ def ingest(catalog: Catalog, kind: str, sources: Iterable[Any], *, mapping: dict
         con.close()
     catalog.record_id_types(id_types)
     if not os.path.isdir(os.path.join(uri, "_versions")):  # a first ingest with nothing new
-        return {"kind": kind, "rows": 0, "total": 0, "version": 0}
+        return IngestResult(kind=kind, rows=0, total=0, version=0)
     ds = lance.dataset(uri)
     out = {"kind": kind, "rows": rows, "total": ds.count_rows(), "version": ds.version}
     if dedupe:
@@ -701,7 +702,7 @@ def ingest(catalog: Catalog, kind: str, sources: Iterable[Any], *, mapping: dict
     unknown_items = unknown.summary() if unknown is not None else None
     if unknown_items:
         out["unknown_items"] = unknown_items
-    return out
+    return IngestResult(**out)
 
 
 def _cast_to(batch: pa.RecordBatch, schema: pa.Schema) -> pa.RecordBatch:

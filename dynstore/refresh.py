@@ -39,6 +39,7 @@ from .freshness import refresh_plan
 from .lock import writer_lock
 from .model import FusionModel, ModelConfig, TrainingData
 from .registry import is_rule, list_versions, rule_window
+from .results import RefreshResult
 from .semantic import encode, item_docs, semantic_vectors
 from .semcache import snapshot, store_encoder
 from .versions import LoadedVersion, build_version, load_version
@@ -145,7 +146,7 @@ class _Run:
         with writer_lock(cat.path, "encode", wait=60):
             enc = encode(cat, progress=opts.progress)
         ensure_first_version(cat)
-        self.timings["encode_s"] = enc["seconds"]
+        self.timings["encode_s"] = enc.seconds
         lv = load_version(cat)
         con = views_connection(cat)
         try:
@@ -231,7 +232,7 @@ class _Run:
         self.timings["refit_s"] = round(time.perf_counter() - t, 3)
         return model
 
-    def publish(self, p: Prepared, cand: Candidate, verdict: Verdict, model: FusionModel) -> dict:
+    def publish(self, p: Prepared, cand: Candidate, verdict: Verdict, model: FusionModel) -> RefreshResult:
         """Write the version (and the rule after it, when the rule beat what is served)."""
         data, lv = p.data, p.current_version
         refitted = verdict.status != "rejected" and self.options.refit
@@ -277,7 +278,7 @@ class _Run:
                              items=data.items, verdict="rule")
 
     def _result(self, p: Prepared, cand: Candidate, verdict: Verdict, model: FusionModel, number: int,
-                published: int | None) -> dict:
+                published: int | None) -> RefreshResult:
         self.timings["total_s"] = round(time.perf_counter() - self.started, 3)
         out = {"version": number, "parent": p.current_version.version, "status": verdict.status,
                "promoted": verdict.status == "current",
@@ -293,10 +294,10 @@ class _Run:
             out["published"] = {"version": published, "status": "current", "kind": "popularity rule"}
         if cand.finetune is not None:
             out["finetune"] = cand.finetune
-        return out
+        return RefreshResult(**out)
 
 
-def refresh(catalog: Catalog, **options: Any) -> dict:
+def refresh(catalog: Catalog, **options: Any) -> RefreshResult:
     """Retrain, evaluate and publish a new embedding version (see module doc).
 
     The keyword arguments are the fields of :class:`RefreshOptions`. The work
@@ -310,8 +311,9 @@ def refresh(catalog: Catalog, **options: Any) -> dict:
     is trained again on the new vectors before the evaluation. The store
     switches to the fine-tuned encoder only if the version is promoted.
 
-    Returns ``{"version", "status", "metrics": {"candidate", "current"}, "counts", "durations"}``
-    (plus ``"finetune"`` when fine-tuning) or ``{"status": "noop", "reason"}``.
+    Returns a :class:`~dynstore.results.RefreshResult`: the new version, its
+    status and holdout metrics, counts and durations (plus ``finetune`` when
+    fine-tuning), or ``status == "noop"`` and the ``reason``.
     """
     opts = RefreshOptions(**options)
     window = TrainingWindow.parse(opts.since)  # a bad --since fails before any work
@@ -321,8 +323,7 @@ def refresh(catalog: Catalog, **options: Any) -> dict:
     snap = snapshot(catalog)
     plan = refresh_plan(catalog, since=opts.since, force=opts.force, snapshot=snap)
     if not plan["needed"]:
-        return {"status": "noop", "reason": plan["reason"],
-                **({"version": plan["version"]} if plan["version"] is not None else {})}
+        return RefreshResult(status="noop", reason=plan["reason"], version=plan["version"])
     run = _Run(catalog, opts, window, snap, plan)
     prepared = run.prepare()
     candidate = run.train(prepared)
@@ -392,7 +393,7 @@ def _finetune(run: _Run, data: WindowData, train: TrainingData, model: FusionMod
         with writer_lock(catalog.path, "encode", wait=60):
             enc = encode(catalog, progress=opts.progress, device=run.device)
         run.timings["reencode_s"] = round(time.perf_counter() - t, 3)
-        ft["encoder"] = enc.get("encoder")
+        ft["encoder"] = enc.encoder
         data.V, _ = semantic_vectors(catalog, data.ids)
         return ft, replace(train, V=data.V)
     except BaseException:

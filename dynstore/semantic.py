@@ -20,6 +20,7 @@ import numpy as np
 from .catalog import Catalog
 from .compaction import maybe_compact
 from .encoder import check_batch_size
+from .results import EncodeResult
 from .semcache import encoder_info, record_encoder, semantic_index, store_encoder, write_cache
 from .views import views_connection
 
@@ -31,7 +32,7 @@ CHUNK_SECONDS = 10.0  # later chunks are sized to take about this long
 
 
 def encode(catalog: Catalog, *, all: bool = False, batch_size: int = 64, device: str | None = None,
-           progress: bool = False) -> dict:
+           progress: bool = False) -> EncodeResult:
     """Encode the stale items of ``store`` (every item with ``all``).
 
     Returns counts: ``items`` (total), ``stale``, ``encoded`` (distinct
@@ -44,7 +45,7 @@ def encode(catalog: Catalog, *, all: bool = False, batch_size: int = 64, device:
     >>> store = dynstore.init(tempfile.mkdtemp() + "/s", model="fake")
     >>> _ = store.ingest("items", pl.DataFrame({"item_id": [1, 2], "title": ["red shoe", "red shoe"]}))
     >>> r = store.encode()
-    >>> (r["stale"], r["encoded"])
+    >>> (r.stale, r.encoded)
     (2, 1)
     """
     check_batch_size(batch_size)  # before the model loads, not after
@@ -85,7 +86,7 @@ def encode(catalog: Catalog, *, all: bool = False, batch_size: int = 64, device:
     out = {"items": total, "stale": stale, "encoded": len(docs), "reused": total - stale,
            "encoder": enc.id, "device": getattr(enc, "device", "cpu"), "seconds": round(seconds, 3),
            "items_per_s": round(len(docs) / seconds, 1) if seconds > 0 else None}
-    return out
+    return EncodeResult(**out)
 
 
 def semantic_vectors(catalog: Catalog, item_ids: list[Any], *, encode_missing: bool = True) -> tuple[np.ndarray, np.ndarray]:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import os
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -29,6 +30,7 @@ from .ingest import ingest
 from .inspection import inspect_store
 from .lock import writer_lock
 from .recommend import recommend
+from .results import CompactResult, DeleteResult, EncodeResult, IngestResult, RefreshResult, RollbackResult
 from .refresh import refresh
 from .registry import list_versions
 from .rules import validate_rules
@@ -270,7 +272,7 @@ class Store:
     # -- writes --------------------------------------------------------------------
     def ingest(self, kind: str, source: Any, *, mapping: dict[str, str] | None = None,
                format: str | None = None, dedupe: bool | str | list[str] = False,
-               allow_future: bool = False) -> dict:
+               allow_future: bool = False) -> IngestResult:
         """Load rows into ``interactions`` (append) or ``items``/``users`` (upsert).
 
         ``source`` is a file path (CSV, TSV, Parquet, JSON/NDJSON), a list of
@@ -288,7 +290,7 @@ class Store:
         --------
         >>> import tempfile, dynstore, polars as pl
         >>> store = dynstore.init(tempfile.mkdtemp() + "/s")
-        >>> store.ingest("items", pl.DataFrame({"item_id": [1, 2], "title": ["a", "b"]}))["rows"]
+        >>> store.ingest("items", pl.DataFrame({"item_id": [1, 2], "title": ["a", "b"]})).rows
         2
         """
         cat = self.catalog.latest
@@ -301,7 +303,7 @@ class Store:
                 maybe_compact(cat, kind)
         return result
 
-    def delete(self, kind: str, where: str, *, dry_run: bool = False) -> dict:
+    def delete(self, kind: str, where: str, *, dry_run: bool = False) -> DeleteResult:
         """Delete the rows of ``kind`` matching the SQL condition ``where``, in one commit.
 
         A deleted item is never recommended again (at once) and leaves the
@@ -312,7 +314,7 @@ class Store:
         >>> import tempfile, dynstore, polars as pl
         >>> store = dynstore.init(tempfile.mkdtemp() + "/s")
         >>> _ = store.ingest("users", pl.DataFrame({"user_id": [1, 2], "region": ["north", "south"]}))
-        >>> store.delete("users", "region = 'north'")["deleted"]
+        >>> store.delete("users", "region = 'north'").deleted
         1
         """
         cat = self.catalog.latest
@@ -360,7 +362,7 @@ class Store:
 
     # -- the recommender (implemented in their own modules) -------------------------
     def encode(self, *, all: bool = False, batch_size: int = 64, device: str | None = None,
-               progress: bool = False, precision: str | None = None) -> dict:
+               progress: bool = False, precision: str | None = None) -> EncodeResult:
         """Encode stale items (or every item with ``all=True``); see :mod:`dynstore.semantic`.
 
         ``precision`` (e.g. ``"int8"``), when given, first becomes the store's
@@ -375,9 +377,7 @@ class Store:
             out = encode(cat, all=all, batch_size=batch_size, device=device, progress=progress)
         with cat.writing("encode"):
             version = ensure_first_version(cat)
-        if version is not None:
-            out["version"] = version
-        return out
+        return out if version is None else replace(out, version=version)
 
     def recommend(self, user_id: Any, k: int = 10, *, version: int | None = None,
                   candidates: Iterable[Any] | None = None, exact: bool = False) -> list[dict]:
@@ -388,7 +388,7 @@ class Store:
         view = self.catalog if self.catalog.is_pinned else self.catalog.pinned()  # one snapshot per call
         return recommend(view, user_id, k, version=version, candidates=candidates, exact=exact)
 
-    def refresh(self, **options: Any) -> dict:
+    def refresh(self, **options: Any) -> RefreshResult:
         """Retrain from recent positives and negatives; see :func:`dynstore.refresh.refresh`."""
         cat = self.catalog.latest
         cat.require_writable("refresh")
@@ -403,7 +403,7 @@ class Store:
             self.ingest("interactions", table)
         return table.num_rows
 
-    def compact(self, *, retain_seconds: float | None = None) -> dict:
+    def compact(self, *, retain_seconds: float | None = None) -> CompactResult:
         """Merge small fragments, drop dataset versions superseded more than
         ``retain_seconds`` ago (config default: an hour) and orphans of killed
         refreshes; see :mod:`dynstore.compaction`.
@@ -411,7 +411,7 @@ class Store:
         Examples
         --------
         >>> import tempfile, dynstore
-        >>> sorted(dynstore.init(tempfile.mkdtemp() + "/s", model="fake").compact())
+        >>> sorted(dynstore.init(tempfile.mkdtemp() + "/s", model="fake").compact().to_dict())
         ['datasets', 'encoders_removed', 'orphans', 'retain_seconds', 'skipped']
         """
         cat = self.catalog.latest
@@ -428,7 +428,7 @@ class Store:
         """Every embedding version, newest first."""
         return list_versions(self.catalog)
 
-    def rollback(self, version: int) -> dict:
+    def rollback(self, version: int) -> RollbackResult:
         """Make an older version ``current`` again."""
         cat = self.catalog.latest
         cat.require_writable("roll back")
@@ -436,10 +436,11 @@ class Store:
             return rollback(cat, version)
 
     def evaluate(self, *, version: int | None = None, k: int = 10) -> dict:
-        """Recall@k, NDCG@k and AUC of a version (default: current) on the newest
-        10% of interactions; see :func:`dynstore.holdout.evaluate_version`."""
+        """Recall@k, NDCG@k and AUC of ``version`` (default: current) on the newest 10% of
+        all interactions, with the ``"slice"`` judged; see :func:`dynstore.holdout.evaluate_version`."""
         view = self.catalog if self.catalog.is_pinned else self.catalog.pinned()
         return evaluate_version(view, version=version, k=k)
+
 
 
 class _PinnedStore(Store):

@@ -25,6 +25,7 @@ from .errors import StoreCorrupt, VersionNotFound, first_line
 from .features import FeatureSpec
 from .lock import writer_lock
 from .model import FusionModel
+from .results import RollbackResult
 from .registry import (VERDICT_OF_STATUS, current_version, embedding_schema, list_versions, next_version,
                        registry_table, write_registry)
 from .semcache import encoder_info, record_encoder
@@ -147,7 +148,7 @@ def _fused_batches(catalog: Catalog, model, item_spec, items: pa.Table, residual
         ], schema=schema)
 
 
-def rollback(catalog: Catalog, version: int) -> dict:
+def rollback(catalog: Catalog, version: int) -> RollbackResult:
     """Make ``version`` current; the previous current becomes ``retired``.
 
     Only the serving status changes: each version keeps its verdict, so a
@@ -179,7 +180,7 @@ def rollback(catalog: Catalog, version: int) -> dict:
         cand, cur = (m.get("candidate") or {}).get("ndcg@10"), (m.get("current") or {}).get("ndcg@10")
         why = f" (holdout NDCG@10 {cand:.4f} against {cur:.4f})" if cand is not None and cur is not None else ""
         out["warning"] = f"version {version} was rejected by refresh{why}; it is served now all the same"
-    return out
+    return RollbackResult(**out)
 
 
 def _restore_encoder(catalog: Catalog, version: int) -> bool:

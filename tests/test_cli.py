@@ -1,10 +1,15 @@
-"""Every CLI command through click's CliRunner: exit codes and messages."""
+"""Every CLI command through click's CliRunner: exit codes and messages.
+
+The commands are read from the click group itself (``main.commands``): a new
+command fails :func:`test_every_command_is_exercised` until a test here runs
+it (marked with :func:`exercises`, which checks that the test really does).
+"""
 from __future__ import annotations
 
+import functools
 import json
 
 import pytest
-
 
 import dynstore
 from dynstore.cli import main
@@ -13,8 +18,33 @@ from dynstore.config import CONFIG_NAME
 from dynstore.demo import DEMO_RULES as SHOP_RULES
 
 
+COMMANDS = sorted(main.commands)
+#: command -> the test that exercises it (filled by @exercises at import)
+EXERCISED: dict[str, str] = {}
+#: the commands run() invoked in the running test
+RAN: list[str] = []
+
+
 def run(runner, *args):
+    RAN.extend(str(a) for a in args[:1])
     return runner.invoke(main, [str(a) for a in args], catch_exceptions=False)
+
+
+def exercises(*names):
+    """Mark a test as exercising these commands; it fails unless it runs each of them."""
+    def mark(fn):
+        for name in names:
+            EXERCISED.setdefault(name, fn.__name__)
+
+        @functools.wraps(fn)
+        def checked(*args, **kwargs):
+            RAN.clear()
+            fn(*args, **kwargs)
+            assert set(names) <= set(RAN), f"{fn.__name__} never runs {sorted(set(names) - set(RAN))}"
+
+        return checked
+
+    return mark
 
 
 def one_line_error(result, code=1):
@@ -25,15 +55,19 @@ def one_line_error(result, code=1):
     return lines[0]
 
 
-def test_help_has_examples(runner):
-    for cmd in ("init", "ingest", "encode", "refresh", "recommend", "sql", "versions", "rollback", "eval", "demo",
-                "config"):
-        r = run(runner, cmd, "--help")
-        assert r.exit_code == 0, cmd
-        assert "Usage:" in r.output
-    assert "Examples" in run(runner, "ingest", "--help").output
+@pytest.mark.parametrize("name", COMMANDS)
+def test_every_command_has_help_with_examples(runner, name):
+    r = run(runner, name, "--help")
+    assert r.exit_code == 0, r.output
+    assert r.output.startswith("Usage: ") and f" {name} " in r.output.splitlines()[0]
+    assert "Examples:" in r.output and f"dynstore {name}" in r.output.split("Examples:")[1]
 
 
+def test_every_command_is_exercised():
+    assert sorted(EXERCISED) == COMMANDS, f"commands no test runs: {sorted(set(COMMANDS) - set(EXERCISED))}"
+
+
+@exercises("init", "versions")
 def test_init_and_rejections(runner, tmp_path):
     path = tmp_path / "s"
     r = run(runner, "init", path, "--model", "fake", "--positive", "value >= 4")
@@ -54,6 +88,7 @@ def test_newer_format_rejected(runner, tmp_path):
     assert "newer than this dynstore" in one_line_error(run(runner, "sql", path, "SELECT 1"))
 
 
+@exercises("ingest")
 def test_ingest_cli(runner, tmp_path, shop_files):
     path = tmp_path / "s"
     dynstore.init(path, model="fake", **SHOP_RULES)
@@ -70,6 +105,7 @@ def test_ingest_cli(runner, tmp_path, shop_files):
     assert run(runner, "ingest", path, "widgets", bad).exit_code == 2
 
 
+@exercises("sql")
 def test_sql_formats_and_errors(runner, loaded):
     p = loaded.path
     r = run(runner, "sql", p, "SELECT event, count(*) AS n FROM interactions GROUP BY 1 ORDER BY 1", "--format", "json")
@@ -101,6 +137,7 @@ def test_sql_prompt_reads_stdin(runner, loaded):
     assert r.exit_code == 0 and "80" in r.output
 
 
+@exercises("encode", "recommend", "versions", "rollback")
 def test_encode_recommend_versions_rollback_cli(runner, loaded):
     p = loaded.path
     r = run(runner, "encode", p, "--json")
@@ -121,6 +158,7 @@ def test_encode_recommend_versions_rollback_cli(runner, loaded):
     assert "no version 7" in one_line_error(r)
 
 
+@exercises("refresh", "eval", "rollback")
 def test_refresh_eval_cli(runner, encoded):
     p = encoded.path
     r = run(runner, "refresh", p, "--since", "all", "--epochs", 2, "--json")
@@ -137,10 +175,33 @@ def test_refresh_eval_cli(runner, encoded):
     assert "--since" in one_line_error(run(runner, "refresh", p, "--since", "fortnight"))
 
 
+@exercises("config")
 def test_config_cli(runner, store):
     r = run(runner, "config", store.path, "--behaviour-summary")
     assert r.exit_code == 0 and "behaviour_summary  True" in r.output
     assert "is not a valid rule" in one_line_error(run(runner, "config", store.path, "--positive", "1 +"))
+
+
+@exercises("delete", "compact", "inspect")
+def test_delete_compact_inspect_cli(runner, loaded):
+    p = loaded.path
+    r = run(runner, "delete", p, "users", "--where", "true", "--dry-run")
+    assert r.exit_code == 0 and "would delete" in r.output and "(dry run: nothing deleted)" in r.output
+    r = run(runner, "delete", p, "interactions", "--where", "label = -1", "--json")
+    out = json.loads(r.output)
+    assert r.exit_code == 0 and out["kind"] == "interactions" and out["deleted"] > 0 and "dry_run" not in out
+    r = run(runner, "delete", p, "items", "--where", "item_id = 1")
+    assert r.exit_code == 0 and "deleted 1 rows from items (79 left" in r.output
+    assert "interactions naming the deleted items stay" in r.output
+    assert "not a condition over users" in one_line_error(run(runner, "delete", p, "users", "--where", "nope = 1"))
+    r = run(runner, "compact", p, "--retain-seconds", 0)
+    assert r.exit_code == 0 and "interactions: " in r.output and " fragments, " in r.output
+    r = run(runner, "compact", p, "--json")
+    assert r.exit_code == 0 and list(json.loads(r.output)) == ["datasets", "orphans", "encoders_removed", "skipped",
+                                                                "retain_seconds"]
+    r = run(runner, "inspect", p)
+    assert r.exit_code == 0 and r.output.split()[:2] == ["key", "value"] and "tables.items.rows" in r.output
+    assert run(runner, "compact", p, "-q").output == ""
 
 
 def test_busy_store_exits_3(runner, loaded, hold_lock):
@@ -149,6 +210,7 @@ def test_busy_store_exits_3(runner, loaded, hold_lock):
         assert "busy" in msg and "another encode" in msg
 
 
+@exercises("demo")
 def test_demo_cli(runner, tmp_path):
     r = run(runner, "demo", tmp_path / "d", "--size", "tiny", "--model", "fake")
     assert r.exit_code == 0, r.output

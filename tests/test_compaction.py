@@ -63,17 +63,17 @@ def test_orphans_of_a_killed_refresh_are_hidden_then_removed(encoded):
     (encoded.path / "models" / "v7.safetensors").write_bytes(b"")
     assert encoded.sql("SELECT DISTINCT version FROM item_embeddings_all").fetchall() == [(1,)]
     out = encoded.compact(retain_seconds=0)
-    assert out["orphans"]["embedding_rows"] == rows.num_rows
-    assert sorted(out["orphans"]["files"]) == ["models/v7.json", "models/v7.safetensors"]
+    assert out.orphans["embedding_rows"] == rows.num_rows
+    assert sorted(out.orphans["files"]) == ["models/v7.json", "models/v7.safetensors"]
     assert encoded.catalog.dataset("embeddings").count_rows() == rows.num_rows
     # numbering goes on from the registry (the orphan's number is free again)
-    assert encoded.refresh(since="all", epochs=1)["version"] == 2
+    assert encoded.refresh(since="all", epochs=1).version == 2
 
 
 def test_compaction_skips_a_busy_dataset(encoded, hold_lock):
     with hold_lock(encoded.path, "ingest-interactions"):
         out = encoded.compact(retain_seconds=0)
-    assert "interactions" in out["skipped"] and "items" in out["datasets"]
+    assert "interactions" in out.skipped and "items" in out.datasets
 
 
 @pytest.mark.parametrize("limit", [0])

@@ -33,21 +33,21 @@ def test_custom_item_text_and_validation(store_path):
 def test_only_stale_items_are_encoded(loaded):
     assert stale(loaded) == 80
     first = loaded.encode()
-    assert first["stale"] == 80 and first["encoded"] <= 80 and stale(loaded) == 0
+    assert first.stale == 80 and first.encoded <= 80 and stale(loaded) == 0
     again = loaded.encode()
-    assert (again["stale"], again["encoded"], again["reused"]) == (0, 0, 80)
+    assert (again.stale, again.encoded, again.reused) == (0, 0, 80)
     loaded.ingest("items", pl.DataFrame({"item_id": [3, 4], "title": ["changed text", "another change"]}))
     assert stale(loaded) == 2
     third = loaded.encode()
-    assert (third["stale"], third["encoded"]) == (2, 2)
+    assert (third.stale, third.encoded) == (2, 2)
     forced = loaded.encode(all=True)
-    assert forced["encoded"] >= 78
+    assert forced.encoded >= 78
 
 
 def test_identical_documents_encoded_once(store):
     store.ingest("items", pl.DataFrame({"item_id": [1, 2, 3], "title": ["same", "same", "other"]}))
     out = store.encode()
-    assert (out["stale"], out["encoded"]) == (3, 2)
+    assert (out.stale, out.encoded) == (3, 2)
 
 
 def test_changing_encoder_makes_everything_stale_and_keeps_old_cache(encoded):
@@ -130,7 +130,7 @@ def test_null_and_huge_documents(store):
     store.ingest("items", pl.DataFrame({"item_id": [1, 2, 3], "title": [None, "x" * 1_000_000, "ok"]},
                                        schema_overrides={"title": pl.Utf8}))
     out = store.encode()
-    assert out["stale"] == 3
+    assert out.stale == 3
     v = dict(store.sql("SELECT item_id, semantic_vector(item_id) FROM items").fetchall())
     assert list(v[1]) == [0.0] * 32  # documented: an empty document has the zero vector
     assert abs(np.linalg.norm(v[2]) - 1) < 1e-5
@@ -163,4 +163,4 @@ def test_interrupted_encode_of_a_few_items_resumes(tmp_path, shop_files, runner)
     stale = s.sql("SELECT count(*) FROM stale_items").fetchall()[0][0]
     assert stale == 80 - calls[0] and 0 < stale < 80
     out = s.encode()
-    assert out["encoded"] == stale and s.sql("SELECT count(*) FROM stale_items").fetchall()[0][0] == 0
+    assert out.encoded == stale and s.sql("SELECT count(*) FROM stale_items").fetchall()[0][0] == 0

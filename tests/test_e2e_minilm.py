@@ -17,7 +17,7 @@ def test_real_encoder_end_to_end(tmp_path, shop_frames):
     store.ingest("items", shop_frames["items"])
     store.ingest("interactions", shop_frames["interactions"])
     out = store.encode()
-    assert out["encoded"] == 80 and out["version"] == 1
+    assert out.encoded == 80 and out.version == 1
     dim = store.sql("SELECT len(semantic_vector(1))").fetchall()[0][0]
     assert dim == 384
     # semantic search finds items of the matching category
@@ -31,11 +31,11 @@ def test_real_encoder_end_to_end(tmp_path, shop_frames):
     recs = store.recommend(1, 5)
     assert len(recs) == 5
     r = store.refresh(since="all", epochs=2)
-    assert r["version"] == 2
+    assert r.version == 2
     # a changed description re-encodes exactly that item
     store.ingest("items", pl.DataFrame({"item_id": [1], "description": ["a completely new description"]}))
     again = store.encode()
-    assert (again["stale"], again["encoded"]) == (1, 1)
+    assert (again.stale, again.encoded) == (1, 1)
     store.close()
 
 
@@ -53,8 +53,8 @@ def test_real_encoder_finetune(tmp_path, shop_frames):
     store.encode()
     base = store_encoder(store.catalog)
     out = store.refresh(since="all", epochs=2, finetune_encoder=True, finetune_steps=3, tolerance=1.0)
-    ft = out["finetune"]
-    assert out["status"] == "current" and ft["steps"] == 3 and ft["encoder"] != base.id
+    ft = out.finetune
+    assert out.status == "current" and ft["steps"] == 3 and ft["encoder"] != base.id
     saved = load_file(ft["path"] + "/model.safetensors")
     original = load_file(str(base.path / "model.safetensors"))
     changed = {k for k in saved if not np.array_equal(saved[k], original[k])}

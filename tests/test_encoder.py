@@ -539,16 +539,16 @@ def test_store_encode_precision_switches_cache_and_back(tiny_bert, tmp_path):
     try:
         store.ingest("items", pl.DataFrame({"item_id": [1, 2, 3], "title": ["red shoe", "blue mug", "space film"]}))
         first = store.encode()
-        assert first["encoded"] == 3 and not first["encoder"].endswith(":int8")
+        assert first.encoded == 3 and not first.encoder.endswith(":int8")
         switched = store.encode(precision="int8")
-        assert switched["stale"] == 3 and switched["encoder"] == first["encoder"] + ":int8"
+        assert switched.stale == 3 and switched.encoder == first.encoder + ":int8"
         assert store.config.precision == "int8"
         from dynstore.config import CONFIG_NAME, StoreConfig
 
         assert StoreConfig.load(tmp_path / "s" / CONFIG_NAME).precision == "int8"
-        assert store.encode()["stale"] == 0
+        assert store.encode().stale == 0
         back = store.encode(precision="auto")  # the fp32 cache is still there
-        assert back["stale"] == 0 and back["encoder"] == first["encoder"]
+        assert back.stale == 0 and back.encoder == first.encoder
         with pytest.raises(DynstoreError) as exc:
             store.encode(precision="int3")
         assert "\n" not in str(exc.value)

@@ -88,8 +88,8 @@ def test_finetune_trains_last_layers_and_lowers_the_loss(bert_store, tiny_bert, 
 def test_refresh_finetune_promoted_switches_encoder_and_rollback_restores(bert_store, tiny_bert):
     old_id = bert_store.versions()[0]["encoder"]
     out = bert_store.refresh(since="all", epochs=2, finetune_encoder=True, finetune_steps=5, tolerance=1.0)
-    assert out["status"] == "current" and out["finetune"]["steps"] == 5
-    new_id = out["finetune"]["encoder"]
+    assert out.status == "current" and out.finetune["steps"] == 5
+    new_id = out.finetune["encoder"]
     assert new_id != old_id and new_id.startswith("hf:ft-1:")
     assert bert_store.versions()[0]["encoder"] == new_id
     assert bert_store.config.model == "encoders/ft-1"
@@ -110,19 +110,19 @@ def test_refresh_finetune_promoted_switches_encoder_and_rollback_restores(bert_s
 
 def test_refresh_finetune_rejected_keeps_old_encoder(bert_store, tiny_bert):
     out = bert_store.refresh(since="all", epochs=1, finetune_encoder=True, finetune_steps=2, tolerance=-10.0)
-    assert out["status"] == "rejected"
+    assert out.status == "rejected"
     assert bert_store.config.model == str(tiny_bert)
     assert dynstore.connect(bert_store.path).config.model == str(tiny_bert)
     # the rejected version stays queryable by number, with its fine-tuned encoder recorded
     by_number = {v["version"]: v for v in bert_store.versions()}
-    assert by_number[out["version"]]["encoder"] == out["finetune"]["encoder"]
+    assert by_number[out.version]["encoder"] == out.finetune["encoder"]
     # the version still served (the popularity rule: it reads behaviour at every
     # query, so it is not published again) uses the store's (old) encoder
-    assert "published" not in out
+    assert out.published is None
     current = next(v for v in by_number.values() if v["status"] == "current")
-    assert current["version"] == out["parent"]
-    assert current["encoder"] != out["finetune"]["encoder"]
-    assert len(bert_store.recommend(1, 3, version=out["version"])) == 3
+    assert current["version"] == out.parent
+    assert current["encoder"] != out.finetune["encoder"]
+    assert len(bert_store.recommend(1, 3, version=out.version)) == 3
 
 
 def test_finetune_needs_a_transformer_encoder(encoded):

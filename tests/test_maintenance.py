@@ -30,14 +30,14 @@ def one_line_error(result, code=1):
 def test_delete_interactions_by_rule_label_and_time(loaded):
     before = loaded.sql("SELECT count(*) FILTER (label = -1), count(*) FROM interactions").fetchall()[0]
     dry = loaded.delete("interactions", "label = -1", dry_run=True)
-    assert dry["deleted"] == before[0] and dry["dry_run"]
+    assert dry.deleted == before[0] and dry.dry_run
     assert loaded.sql("SELECT count(*) FROM interactions").fetchall()[0][0] == before[1]
     out = loaded.delete("interactions", "label = -1")
-    assert out["deleted"] == before[0] and out["total"] == before[1] - before[0]
+    assert out.deleted == before[0] and out.total == before[1] - before[0]
     assert loaded.sql("SELECT count(*) FILTER (label = -1) FROM interactions").fetchall()[0][0] == 0
     # one commit: the dataset moved by exactly one version
-    assert out["version"] == dry["version"] + 1
-    assert loaded.delete("interactions", "label = -1")["deleted"] == 0
+    assert out.version == dry.version + 1
+    assert loaded.delete("interactions", "label = -1").deleted == 0
 
 
 def test_delete_rejects_bad_conditions_naming_the_columns(loaded):
@@ -100,14 +100,14 @@ def event_rows(n: int = 4) -> pl.DataFrame:
 
 def test_reingest_without_dedupe_duplicates_and_with_it_does_not(store):
     store.ingest("interactions", event_rows())
-    assert store.ingest("interactions", event_rows())["rows"] == 4  # the documented default: append
+    assert store.ingest("interactions", event_rows()).rows == 4  # the documented default: append
     v = store.catalog.dataset("interactions").version
     out = store.ingest("interactions", event_rows(), dedupe=True)
-    assert out["rows"] == 0 and out["duplicates_skipped"] == 4
+    assert out.rows == 0 and out.duplicates_skipped == 4
     assert store.catalog.dataset("interactions").version == v  # nothing new: no commit, refresh stays a no-op
     more = event_rows(6).with_columns(pl.lit("2025-02-01").alias("ts"))  # same event ids, other times
     out = store.ingest("interactions", more, dedupe="event_id")
-    assert out["rows"] == 2 and out["duplicates_skipped"] == 4 and out["key"] == ["event_id"]
+    assert out.rows == 2 and out.duplicates_skipped == 4 and out.key == ["event_id"]
     assert store.sql("SELECT count(*) FROM interactions").fetchall()[0][0] == 10
 
 
@@ -115,8 +115,8 @@ def test_dedupe_within_one_ingest_and_null_values(store):
     logged = pl.DataFrame({"user_id": [1, 1, 2], "item_id": [5, 5, 5], "ts": ["2025-01-01"] * 3,
                            "event": ["impression"] * 3, "value": [None, None, None]},
                           schema_overrides={"value": pl.Float64})
-    assert store.ingest("interactions", logged, dedupe=True)["rows"] == 2
-    assert store.ingest("interactions", logged, dedupe=True)["rows"] == 0  # NULL matches NULL
+    assert store.ingest("interactions", logged, dedupe=True).rows == 2
+    assert store.ingest("interactions", logged, dedupe=True).rows == 0  # NULL matches NULL
 
 
 def test_dedupe_rejections(store):
@@ -143,7 +143,7 @@ def test_dedupe_keeps_exactly_the_distinct_keys(tmp_path_factory, batches):
         df = pl.DataFrame({"event_id": keys, "user_id": [1] * len(keys), "item_id": keys,
                            "ts": ["2025-01-01"] * len(keys)})
         out = s.ingest("interactions", df, dedupe="event_id")
-        assert out["rows"] == len(set(keys) - seen)
+        assert out.rows == len(set(keys) - seen)
         seen |= set(keys)
     assert sorted(x for (x,) in s.sql("SELECT event_id FROM interactions").fetchall()) == sorted(seen)
 

@@ -141,7 +141,7 @@ def test_vectors_and_similarity(encoded):
 
 def test_versions_and_rollback(encoded):
     r = encoded.refresh(since="all", epochs=2)
-    assert r["version"] == 2 and r["parent"] == 1
+    assert r.version == 2 and r.parent == 1
     assert {v["version"] for v in encoded.versions()} == {1, 2}
     v1 = ids_of(encoded.recommend(1, 5, version=1))
     sql_v1 = [x["item_id"] for x in encoded.sql("SELECT recommend(1, 5, 1)").fetchall()[0][0]]

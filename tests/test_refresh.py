@@ -47,33 +47,33 @@ def test_training_events_mark_shown_but_ignored(store):
 
 def test_refresh_publishes_evaluated_version(encoded):
     out = encoded.refresh(since="all", epochs=3)
-    assert out["version"] == 2 and out["parent"] == 1
-    assert out["status"] in ("current", "rejected")
+    assert out.version == 2 and out.parent == 1
+    assert out.status in ("current", "rejected")
     for side in ("candidate", "current"):
-        m = out["metrics"][side]
+        m = out.metrics[side]
         assert set(m) >= {"recall@10", "ndcg@10", "auc"} and 0 <= m["ndcg@10"] <= 1
-    assert out["counts"]["impressions"] > 0 and out["counts"]["negatives"] > 0
+    assert out.counts["impressions"] > 0 and out.counts["negatives"] > 0
     row = encoded.sql("SELECT status, metrics, parent FROM versions WHERE version = 2").fetchall()[0]
-    assert json.loads(row[1])["candidate"]["ndcg@10"] == pytest.approx(out["metrics"]["candidate"]["ndcg@10"])
+    assert json.loads(row[1])["candidate"]["ndcg@10"] == pytest.approx(out.metrics["candidate"]["ndcg@10"])
     assert (encoded.path / "models" / "v2.safetensors").exists()
 
 
 def test_second_refresh_without_new_data_is_noop(encoded, runner=None):
     encoded.refresh(since="all", epochs=1)
     again = encoded.refresh(since="all", epochs=1)
-    assert again["status"] == "noop" and "no new data" in again["reason"]
+    assert again.status == "noop" and "no new data" in again.reason
     encoded.ingest("interactions", pa.table({"user_id": [1], "item_id": [2], "ts": ["2025-06-01"],
                                              "event": ["click"]}))
     third = encoded.refresh(since="all", epochs=1)
-    assert third["status"] != "noop" and third["version"] == again["version"] + 1
+    assert third.status != "noop" and third.version == again.version + 1
 
 
 def test_no_promote_keeps_candidate_and_current(encoded):
     out = encoded.refresh(since="all", epochs=1, promote=False)
-    assert out["status"] in ("candidate", "rejected")
+    assert out.status in ("candidate", "rejected")
     assert encoded.sql("SELECT version FROM versions WHERE status = 'current'").fetchall() == [(1,)]
     # a candidate stays queryable by number
-    assert encoded.recommend(1, 3, version=out["version"])
+    assert encoded.recommend(1, 3, version=out.version)
 
 
 def test_refresh_is_deterministic_for_a_seed(shop_files, tmp_path):
@@ -92,7 +92,7 @@ def test_refresh_is_deterministic_for_a_seed(shop_files, tmp_path):
 
 
 def test_refresh_without_interactions_is_noop(store):
-    assert store.refresh()["status"] == "noop"
+    assert store.refresh().status == "noop"
 
 
 def test_refresh_promotes_only_when_not_worse(tmp_path):
@@ -108,14 +108,14 @@ def test_refresh_promotes_only_when_not_worse(tmp_path):
     s.ingest("interactions", frames["interactions"].filter(pl.col("ts") < shop.DRIFT_START))
     s.encode()
     out = s.refresh(since="all", epochs=2)
-    cand, cur = out["metrics"]["candidate"], out["metrics"]["current"]
+    cand, cur = out.metrics["candidate"], out.metrics["current"]
     assert 0.0 < cur["ndcg@10"] < 1.0 and 0.5 < cur["auc"] < 1.0  # the honest popularity rule, not a leak
     not_worse = cand["ndcg@10"] >= cur["ndcg@10"] * (1 - TOLERANCE)
-    assert out["status"] == ("current" if not_worse else "rejected")
+    assert out.status == ("current" if not_worse else "rejected")
     current = s.sql("SELECT version FROM versions WHERE status = 'current'").fetchall()[0][0]
     # a rejected candidate leaves the popularity rule, recounted on the window, serving
     assert current == (2 if not_worse else 3)
-    assert ("published" in out) == (not not_worse)
+    assert (out.published is not None) == (not not_worse)
     assert len(s.recommend(1, 5, version=2)) == 5
     s.close()
 
@@ -152,24 +152,24 @@ def test_rejected_refresh_publishes_the_rule_over_a_stale_trained_version(encode
                   train_window="test", residuals=(np.zeros_like(lv.Wf), np.zeros_like(lv.bias)),
                   snapshot={"trained_until": 0})
     out = encoded.refresh(since="all", epochs=1, tolerance=-10.0)  # force the candidate out
-    assert out["status"] == "rejected"
-    assert out["metrics"]["rule"]["ndcg@10"] > out["metrics"]["current"]["ndcg@10"]
-    pub = out["published"]
-    assert pub["version"] == out["version"] + 1 and pub["kind"] == "popularity rule"
+    assert out.status == "rejected"
+    assert out.metrics["rule"]["ndcg@10"] > out.metrics["current"]["ndcg@10"]
+    pub = out.published
+    assert pub["version"] == out.version + 1 and pub["kind"] == "popularity rule"
     rows = dict(encoded.sql("SELECT version, status FROM versions").fetchall())
-    assert rows[out["version"]] == "rejected" and rows[pub["version"]] == "current"
+    assert rows[out.version] == "rejected" and rows[pub["version"]] == "current"
     verdict, window, metrics = encoded.sql("SELECT verdict, train_window, metrics FROM versions WHERE version = ?",
                                            params=[pub["version"]]).fetchall()[0]
     assert verdict == "rule" and " .. " in window and "ndcg@10" in metrics
     # the rule is current now: rejecting the next candidate publishes nothing more
     _burst(encoded, 1)
     again = encoded.refresh(since="all", epochs=1, tolerance=-10.0)
-    assert again["status"] == "rejected" and "published" not in again
+    assert again.status == "rejected" and again.published is None
 
 
 def test_no_promote_never_publishes_the_rule(encoded):
     out = encoded.refresh(since="all", epochs=1, tolerance=-10.0, promote=False)
-    assert out["status"] == "rejected" and "published" not in out
+    assert out.status == "rejected" and out.published is None
     assert encoded.sql("SELECT version FROM versions WHERE status = 'current'").fetchall() == [(1,)]
 
 
@@ -177,7 +177,7 @@ def test_trained_current_is_judged_on_events_it_never_saw(encoded):
     """A promoted version learned from its whole window; the next refresh's holdout
     overlaps that window, so the comparison uses only the newer events."""
     first = encoded.refresh(since="all", epochs=1, tolerance=1.0)  # force a trained current
-    assert first["status"] == "current"
+    assert first.status == "current"
     until = encoded.versions()[0]["snapshot"]["trained_until"]
     newest = encoded.sql("SELECT max(ts) FROM interactions").fetchall()[0][0]
     assert until == encoded.sql("SELECT epoch(max(ts))::BIGINT FROM interactions").fetchall()[0][0]
@@ -185,7 +185,7 @@ def test_trained_current_is_judged_on_events_it_never_saw(encoded):
     encoded.ingest("interactions", pa.table({"user_id": [1], "item_id": [2], "ts": [newest + dt.timedelta(hours=1)],
                                              "event": ["click"]}))
     out = encoded.refresh(since="all", epochs=1)
-    assert out["holdout"]["judged_on"].startswith("all (too few") and 0 < out["holdout"]["seen_by_current"] < 1
+    assert out.holdout["judged_on"].startswith("all (too few") and 0 < out.holdout["seen_by_current"] < 1
     # enough new events from enough users: judged on those only
     rows = [(u, 1 + (u * 7) % 20, newest + dt.timedelta(days=2, minutes=u)) for u in range(1, 61)]
     encoded.ingest("interactions", pa.table({"user_id": [r[0] for r in rows], "item_id": [r[1] for r in rows],
@@ -196,9 +196,9 @@ def test_trained_current_is_judged_on_events_it_never_saw(encoded):
                          params=[current["snapshot"]["trained_until"]]).fetchall()[0]
     assert len(rows) <= unseen[0] <= len(rows) + 1  # + the click above unless a version learned it
     out = encoded.refresh(since="all", epochs=1)
-    judged = out["holdout"]
+    judged = out.holdout
     assert judged["judged_on"] == "unseen by current" and judged["events"] == unseen[0]
-    assert out["metrics"]["current"]["n_users"] == unseen[1]
+    assert out.metrics["current"]["n_users"] == unseen[1]
 
 
 # -------------------------------------------------------------------------- the no-op decision
@@ -206,10 +206,10 @@ def test_trained_current_is_judged_on_events_it_never_saw(encoded):
 
 def test_force_retrains_without_new_data(encoded):
     first = encoded.refresh(since="all", epochs=1)
-    assert encoded.refresh(since="all", epochs=1)["status"] == "noop"
+    assert encoded.refresh(since="all", epochs=1).status == "noop"
     forced = encoded.refresh(since="all", epochs=1, force=True)
-    assert forced["status"] != "noop" and forced["reasons"] == ["--force"]
-    assert forced["version"] > first["version"]
+    assert forced.status != "noop" and forced.reasons == ["--force"]
+    assert forced.version > first.version
 
 
 @pytest.mark.parametrize("change, named", [
@@ -229,13 +229,13 @@ def test_a_rules_or_encoder_change_needs_a_refresh_and_says_so(encoded, change, 
 
     register_encoder("other-fake", Other)
     encoded.refresh(since="all", epochs=1)
-    assert encoded.refresh(since="all", epochs=1)["status"] == "noop"
+    assert encoded.refresh(since="all", epochs=1).status == "noop"
     encoded.configure(**change)
     assert encoded.inspect()["refresh"]["needed"]
     out = encoded.refresh(since="all", epochs=1)
-    assert out["status"] != "noop" and any(named in r for r in out["reasons"]), out["reasons"]
+    assert out.status != "noop" and any(named in r for r in out.reasons), out.reasons
     again = encoded.refresh(since="all", epochs=1)
-    assert again["status"] == "noop" and "rules and encoder unchanged" in again["reason"]
+    assert again.status == "noop" and "rules and encoder unchanged" in again.reason
 
 
 def test_refresh_cli_force_and_reasons(runner, encoded):
@@ -261,11 +261,11 @@ def test_verdict_survives_rollbacks_and_a_rejected_rollback_warns(encoded, runne
     from dynstore.cli import main
 
     out = encoded.refresh(since="all", epochs=1, tolerance=-10.0)  # force the candidate out
-    rejected = out["version"]
+    rejected = out.version
     rows = {r["version"]: (r["status"], r["verdict"]) for r in encoded.versions()}
     assert rows[rejected] == ("rejected", "rejected")
     back = encoded.rollback(rejected)
-    assert back["verdict"] == "rejected" and "was rejected by refresh" in back["warning"]
+    assert back.verdict == "rejected" and "was rejected by refresh" in back.warning
     encoded.rollback(1)
     rows = {r["version"]: (r["status"], r["verdict"]) for r in encoded.versions()}
     assert rows[rejected] == ("retired", "rejected") and rows[1] == ("current", "initial")
@@ -296,7 +296,7 @@ def test_eval_says_which_slice(encoded, runner):
     out = dynstore.connect(encoded.path).refresh(since="all", epochs=1)
     from dynstore.holdout import evaluate_version
 
-    ev = evaluate_version(encoded.catalog, version=out["version"])
+    ev = evaluate_version(encoded.catalog, version=out.version)
     sl = ev["slice"]
     assert sl["of"] == "all interactions" and sl["share"] == 0.1 and sl["events"] > 0
     assert 0.0 <= sl["trained_on_share"] <= 1.0 and sl["from"] <= sl["to"]

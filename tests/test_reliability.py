@@ -56,7 +56,7 @@ def test_kill_9_during_ingest_leaves_last_commit(store, big_file):
         assert count % n == 1, f"saw a partial ingest: {count} rows"
     # and the store still accepts writes: the dead writer's lock died with it
     out = store.ingest("interactions", pl.DataFrame({"user_id": [2], "item_id": [2], "ts": ["2025-01-01"]}))
-    assert out["rows"] == 1
+    assert out.rows == 1
 
 
 def test_kill_9_during_encode_resumes(loaded, monkeypatch):
@@ -76,7 +76,7 @@ def test_kill_9_during_encode_resumes(loaded, monkeypatch):
     stale = loaded.sql("SELECT count(*) FROM stale_items").fetchall()[0][0]
     assert 0 < stale < 80  # one chunk landed
     out = loaded.encode()
-    assert out["stale"] == stale and loaded.sql("SELECT count(*) FROM stale_items").fetchall()[0][0] == 0
+    assert out.stale == stale and loaded.sql("SELECT count(*) FROM stale_items").fetchall()[0][0] == 0
 
 
 def test_second_writer_waits_then_exits_3(loaded, hold_lock):

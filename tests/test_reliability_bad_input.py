@@ -155,7 +155,7 @@ def test_future_timestamps_kept_on_request(tmp_path):
     s = dynstore.init(tmp_path / "s", model="fake")
     out = s.ingest("interactions", pa.table({"user_id": [1, 1], "item_id": [2, 3],
                                              "ts": ["2025-01-01", "2999-01-01"]}), allow_future=True)
-    assert out["rows"] == 2
+    assert out.rows == 2
 
 
 def test_cli_refuses_in_one_line(shop, before, tmp_path):

@@ -63,13 +63,13 @@ def test_appends_with_new_categories_round_trip_and_compact(store):
     assert _by_event(store) == want
     assert store.sql("SELECT count(*) FROM interactions WHERE event = 'like'").fetchall() == [(6,)]
     out = store.compact(retain_seconds=0)
-    assert out["datasets"]["interactions"]["fragments"][-1] == 1
+    assert out.datasets["interactions"]["fragments"][-1] == 1
     assert _type(store, "event") == DICT_STRING
     assert _by_event(store) == want
     assert store.sql("SELECT count(*) FROM interactions WHERE event IN ('like', 'view')").fetchall() == [(16,)]
     # labels follow the rules on dictionary values, and delete filters on them
     assert store.sql("SELECT count(*) FROM interactions WHERE label = 1").fetchall()[0][0] > 0
-    assert store.delete("interactions", "event = 'like'")["deleted"] == 6
+    assert store.delete("interactions", "event = 'like'").deleted == 6
     assert store.sql("SELECT count(*) FROM interactions WHERE event = 'like'").fetchall() == [(0,)]
 
 
