@@ -133,6 +133,8 @@ class _Run:
     timings: dict = field(default_factory=dict)
     started: float = field(default_factory=time.perf_counter)
     device: str | None = None
+    #: the store's encoder before a fine-tune switched the in-memory config to the new one
+    store_model: str = ""
 
     def say(self, message: str) -> None:
         if self.options.progress:
@@ -186,6 +188,7 @@ class _Run:
         self.timings["train_s"] = round(time.perf_counter() - t, 3)
         if not opts.finetune_encoder:
             return Candidate(model, stats, p.train)
+        self.store_model = self.catalog.config.model
         ft, ft_train = _finetune(self, p.data, p.train, model)
         # The same training as above, from the same start, on the fine-tuned
         # vectors: the comparison with current then measures the encoder.
@@ -238,7 +241,6 @@ class _Run:
         refitted = verdict.status != "rejected" and self.options.refit
         snap = dict(self.snap, since=self.options.since, rules=self.plan["rules"],
                     trained_until=int(data.ts.max() if refitted else p.train.ts.max()))
-        old_model = self.catalog.config.model
         try:
             # a promoted fine-tuned encoder becomes the store's in the registry commit itself
             number = build_version(
@@ -250,7 +252,7 @@ class _Run:
                 switch_encoder=cand.finetune is not None and verdict.status == "current")
         finally:
             if cand.finetune is not None and verdict.status != "current":
-                self.catalog.config.model = old_model  # not promoted: the store keeps its encoder
+                self.catalog.config.model = self.store_model  # not promoted: the store keeps its encoder
         published = self._publish_rule(p, verdict, number, snap) if self._rule_wins(p, verdict) else None
         return self._result(p, cand, verdict, model, number, published)
 
