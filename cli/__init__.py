@@ -473,7 +473,7 @@ def inspect(store, fmt, as_json):
 
 
 def _finetune_steps_help() -> str:
-    from dynstore import finetune as ft
+    from dynstore.encoders import finetune as ft
 
     return (f"Fine-tuning steps of {ft.BATCH} events [default: one pass over the positives, at most "
             f"{ft.MAX_STEPS_CPU} on a CPU, {ft.MAX_STEPS_GPU} on a GPU].")

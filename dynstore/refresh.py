@@ -200,7 +200,7 @@ def refresh(store, *, since: str | None = "30d", epochs: int | None = None, prom
     from .lock import writer_lock
 
     if finetune_encoder:
-        from .encoder import HFEncoder
+        from .encoders import HFEncoder
         from .semantic import store_encoder
 
         if not isinstance(store_encoder(store), HFEncoder):
@@ -260,7 +260,7 @@ def refresh(store, *, since: str | None = "30d", epochs: int | None = None, prom
     t2 = time.perf_counter()
     dev = device
     if dev is None:
-        from .encoder import probe_device
+        from .encoders import probe_device
 
         dev = probe_device(None)
     # early stopping on the holdout: how many epochs help depends on the data
@@ -389,7 +389,7 @@ def _finetune(store, prep, train, model, *, steps, seed, device, progress, say, 
     """
     from dataclasses import replace
 
-    from .finetune import finetune_encoder
+    from .encoders import finetune_encoder
     from .lock import writer_lock
     from .semantic import encode, item_docs, semantic_vectors, store_encoder
 

@@ -29,7 +29,7 @@ CHUNK_SECONDS = 10.0  # later chunks are sized to take about this long
 
 def store_encoder(store, device: str | None = None):
     """The store's encoder (loaded once per process)."""
-    from .encoder import get_encoder
+    from .encoders import get_encoder
 
     cfg = store.config
     return get_encoder(cfg.encoder_spec(store.path), device=device, max_length=cfg.max_length,
@@ -44,7 +44,7 @@ def encoder_info(store) -> tuple[str, int]:
     model's files (:func:`~dynstore.encoder.encoder_identity`: hashes the
     weights, imports no torch); loading the encoder (a registered factory).
     """
-    from .encoder import encoder_fingerprint, encoder_identity
+    from .encoders import encoder_fingerprint, encoder_identity
 
     cfg = store.config
     spec, max_length = cfg.encoder_spec(store.path), cfg.max_length
@@ -72,7 +72,7 @@ def record_encoder(store, identity: tuple[str, int] | None = None) -> None:
     (a fine-tuned encoder on trial during ``refresh``).
     """
     from .config import CONFIG_NAME, StoreConfig
-    from .encoder import encoder_fingerprint
+    from .encoders import encoder_fingerprint
     from .lock import writer_lock
 
     if store.read_only:
@@ -144,7 +144,7 @@ def encode(store, *, all: bool = False, batch_size: int = 64, device: str | None
     >>> (r["stale"], r["encoded"])
     (2, 1)
     """
-    from .encoder import _check_batch_size
+    from .encoders import check_batch_size as _check_batch_size
 
     _check_batch_size(batch_size)  # before the model loads, not after
     t0 = time.perf_counter()

@@ -100,12 +100,12 @@ def init(path: str | os.PathLike, *, positive: str | None = None, negative: str 
     if max_length is not None:
         cfg.max_length = int(max_length)
     if precision is not None:
-        from .encoder import check_precision
+        from .encoders import check_precision
 
         cfg.precision = check_precision(precision)
     validate_rules(cfg)
     if cfg.model not in ("minilm",) and not cfg.model.startswith("fake"):
-        from .encoder import get_encoder  # fail at init, not at the first encode
+        from .encoders import get_encoder  # fail at init, not at the first encode
 
         get_encoder(cfg.model, max_length=cfg.max_length, precision=cfg.precision)
     root.mkdir(parents=True, exist_ok=True)
@@ -626,7 +626,7 @@ class Store:
         if unknown:
             raise ConfigError(f"unknown setting {sorted(unknown)[0]!r}; settable: {', '.join(sorted(allowed))}")
         if changes.get("precision") is not None:
-            from .encoder import check_precision
+            from .encoders import check_precision
 
             changes["precision"] = check_precision(changes["precision"])
         with self._writing("config"), writer_lock(self.path, "config"):
@@ -637,7 +637,7 @@ class Store:
                     setattr(new, key, val)
             validate_rules(new)
             if ("model" in changes and changes["model"]) or changes.get("precision") == "int8":
-                from .encoder import get_encoder  # an unusable encoder fails here, not at the next encode
+                from .encoders import get_encoder  # an unusable encoder fails here, not at the next encode
 
                 get_encoder(new.encoder_spec(self.path), max_length=new.max_length, precision=new.precision)
             old, self.config = self.config, new
@@ -669,7 +669,7 @@ class Store:
 
         self._require_writable("encode")
         if precision is not None:
-            from .encoder import check_precision
+            from .encoders import check_precision
 
             if check_precision(precision) != self.config.precision:
                 self.configure(precision=precision)

@@ -194,7 +194,7 @@ def build_version(store, model, item_spec, user_spec, *, parent: int | None, sta
     items = items if items is not None else items_table(store)
     n_items = items.num_rows
     from . import switch
-    from .encoder import encoder_fingerprint
+    from .encoders import encoder_fingerprint
 
     enc_id, dim = encoder_info(store)
     with writer_lock(store.path, "versions", wait=30):
