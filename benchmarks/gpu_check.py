@@ -50,7 +50,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from bench_encode import product_documents
 
-    from dynstore.encoder import HFEncoder, get_encoder
+    from dynstore.encoders import HFEncoder, get_encoder
 
     texts, source = product_documents(args.n, seed=0)
     cpu_texts = texts[: min(args.cpu_n, len(texts))]

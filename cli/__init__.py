@@ -28,7 +28,7 @@ __all__ = ["main"]
 EXIT_USER, EXIT_USAGE, EXIT_BUSY, EXIT_INTERRUPTED = 1, 2, 3, 130
 KINDS = ("interactions", "items", "users")
 SIZES = ("tiny", "small", "medium", "large")  # dynstore.samples.shop.SIZES (not imported: numpy)
-PRECISIONS = ("auto", "fp32", "bf16", "fp16", "int8")  # dynstore.encoder.PRECISIONS (not imported: numpy)
+PRECISIONS = ("auto", "fp32", "bf16", "fp16", "int8")  # dynstore.encoders.PRECISIONS (not imported: numpy)
 PRECISION_HELP = ("Encoder precision: auto (fp16 on a GPU, bf16 on CPUs with it, else fp32), or int8: "
                   "CPU only, faster, its own vectors and cache.")
 
@@ -473,7 +473,7 @@ def inspect(store: str, fmt, as_json):
 
 
 def _finetune_steps_help() -> str:
-    from dynstore import finetune as ft
+    from dynstore.encoders import finetune as ft
 
     return (f"Fine-tuning steps of {ft.BATCH} events [default: one pass over the positives, at most "
             f"{ft.MAX_STEPS_CPU} on a CPU, {ft.MAX_STEPS_GPU} on a GPU].")

@@ -142,7 +142,7 @@ class LazyHelpOption(click.Option):
     """An option whose help text is computed when help is shown.
 
     Used where the text quotes constants of a module that is expensive to
-    import (``dynstore.finetune`` imports numpy), so ``--help`` stays fast.
+    import (``dynstore.encoders.finetune`` imports numpy), so ``--help`` stays fast.
     """
 
     def __init__(self, *args, lazy_help: Callable[[], str], **kwargs):

@@ -45,7 +45,7 @@ class StoreConfig:
     max_length: int = 256
     #: Encoder compute precision: "auto" (fp16 on a GPU, bf16 on CPUs that
     #: have it, else fp32), "fp32", "bf16", "fp16", or "int8" (CPU, own
-    #: encoder id and cache; see dynstore.encoder.HFEncoder).
+    #: encoder id and cache; see dynstore.encoders.HFEncoder).
     precision: str = "auto"
     #: The encoder's id and dimension as a writer last saw them, and the
     #: fingerprint (spec, max_length, file sizes and mtimes) they are valid

@@ -31,10 +31,10 @@ import numpy as np
 
 from .bootstrap import ensure_first_version
 from .catalog import Catalog
-from .encoder import HFEncoder, probe_device
+from .encoders import HFEncoder, probe_device
 from .errors import ConfigError
 from .evaluation import evaluate
-from .finetune import finetune_encoder
+from .encoders import finetune_encoder
 from .freshness import refresh_plan
 from .lock import writer_lock
 from .model import FusionModel, ModelConfig, TrainingData
@@ -308,7 +308,7 @@ def refresh(catalog: Catalog, **options: Any) -> RefreshResult:
     (:meth:`_Run.refit`, :meth:`_Run.publish`).
 
     With ``finetune_encoder`` the last layers of the text encoder are also
-    fine-tuned on the training events (:mod:`dynstore.finetune`), every item
+    fine-tuned on the training events (:mod:`dynstore.encoders.finetune`), every item
     is re-encoded with the result (a new encoder id and cache), and the fusion
     is trained again on the new vectors before the evaluation. The store
     switches to the fine-tuned encoder only if the version is promoted.

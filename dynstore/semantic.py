@@ -19,7 +19,7 @@ import numpy as np
 
 from .catalog import Catalog
 from .compaction import maybe_compact
-from .encoder import check_batch_size
+from .encoders import check_batch_size
 from .results import EncodeResult
 from .semcache import encoder_info, record_encoder, semantic_index, store_encoder, write_cache
 from .views import views_connection

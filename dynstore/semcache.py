@@ -15,7 +15,7 @@ import pyarrow as pa
 
 from .catalog import TABLES, Catalog
 from .config import CONFIG_NAME, StoreConfig
-from .encoder import encoder_fingerprint, encoder_identity, get_encoder
+from .encoders import encoder_fingerprint, encoder_identity, get_encoder
 from .lock import writer_lock
 
 __all__ = ["store_encoder", "encoder_info", "record_encoder", "cache_dataset", "register_cache",
@@ -34,7 +34,7 @@ def encoder_info(catalog: Catalog) -> tuple[str, int]:
 
     In order: the id the store config recorded, while its fingerprint (spec,
     max_length, sizes and mtimes of the model files) still matches; the
-    model's files (:func:`~dynstore.encoder.encoder_identity`: hashes the
+    model's files (:func:`~dynstore.encoders.encoder_identity`: hashes the
     weights, imports no torch); loading the encoder (a registered factory).
     """
     cfg = catalog.config

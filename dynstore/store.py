@@ -21,7 +21,7 @@ from .catalog import TABLES, Catalog, open_catalog
 from .compaction import compact, maybe_compact
 from .config import CONFIG_NAME, StoreConfig
 from .delete import delete_rows
-from .encoder import check_precision, get_encoder
+from .encoders import check_precision, get_encoder
 from .errors import ConfigError, StoreExists
 from .feedback import impressions_table
 from .functions import check_write_calls
@@ -65,7 +65,7 @@ def init(path: str | os.PathLike, *, positive: str | None = None, negative: str 
         Encoder: a registered name (default ``"minilm"``) or a local Hugging Face path.
     precision : str, optional
         Encoder precision (default ``"auto"``); ``"int8"`` is the faster,
-        approximate CPU encoder (see :class:`dynstore.encoder.HFEncoder`).
+        approximate CPU encoder (see :class:`dynstore.encoders.HFEncoder`).
 
     Examples
     --------

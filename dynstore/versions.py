@@ -20,7 +20,7 @@ import pyarrow as pa
 from . import switch
 from .catalog import Catalog
 from .compaction import maybe_compact
-from .encoder import encoder_fingerprint
+from .encoders import encoder_fingerprint
 from .errors import StoreCorrupt, VersionNotFound, first_line
 from .features import FeatureSpec
 from .lock import writer_lock

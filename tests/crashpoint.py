@@ -139,7 +139,7 @@ def serve() -> None:
     from transformers import AutoModel, AutoTokenizer, BertModel, PreTrainedModel  # noqa: F401
 
     import dynstore.cli  # noqa: F401
-    import dynstore.encoder  # noqa: F401
+    import dynstore.encoders  # noqa: F401
     import dynstore.model  # noqa: F401
     import dynstore.store  # noqa: F401
     import dynstore.training  # noqa: F401

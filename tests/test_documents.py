@@ -140,7 +140,7 @@ def test_interrupted_encode_of_a_few_items_resumes(tmp_path, shop_files, runner)
     """Well under one full chunk (80 items): Ctrl-C keeps what was committed, exit 130, a rerun resumes."""
     import dynstore
     from dynstore.cli import main
-    from dynstore.encoder import FakeEncoder, register_encoder
+    from dynstore.encoders import FakeEncoder, register_encoder
 
     calls = []
 

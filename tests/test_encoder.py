@@ -1,4 +1,4 @@
-"""Tests of dynstore.encoder: fake encoder, registry, errors, tiny and real HF models."""
+"""Tests of dynstore.encoders: the encoder contract, fake encoder, registry, errors, tiny and real HF models."""
 from __future__ import annotations
 
 import json
@@ -11,16 +11,18 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from dynstore import encoder as enc_mod
-from dynstore.encoder import (
+from dynstore import encoders as enc_mod
+from dynstore.encoders import (
     DEFAULT_MODEL,
     Encoder,
     FakeEncoder,
     HFEncoder,
+    encoder_names,
     get_encoder,
     probe_device,
     register_encoder,
 )
+from dynstore.encoders import device as device_mod
 from dynstore.errors import DynstoreError, EncoderError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -74,14 +76,14 @@ def test_fake_deterministic_and_cached():
 def test_fake_stable_across_processes_and_no_torch_import():
     code = (
         "import sys, json\n"
-        "from dynstore.encoder import get_encoder\n"
+        "from dynstore.encoders import get_encoder\n"
         "e = get_encoder('fake:16')\n"
         f"v = e.encode({TEXTS!r})\n"
         "print(json.dumps({'id': e.id, 'v': v.tolist(), 'torch': 'torch' in sys.modules}))\n"
     )
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, check=True)
     got = json.loads(res.stdout)
-    assert got["torch"] is False, "importing dynstore.encoder / using the fake encoder must not import torch"
+    assert got["torch"] is False, "importing dynstore.encoders / using the fake encoder must not import torch"
     assert got["id"] == "fake:16:v1"
     np.testing.assert_array_equal(np.asarray(got["v"], dtype=np.float32), get_encoder("fake:16").encode(TEXTS))
 
@@ -143,7 +145,7 @@ def test_register_custom_encoder():
 
 
 def test_default_model_is_registered():
-    assert DEFAULT_MODEL == "minilm" and DEFAULT_MODEL in enc_mod._REGISTRY
+    assert DEFAULT_MODEL == "minilm" and DEFAULT_MODEL in encoder_names()
 
 
 # --------------------------------------------------------------------------- loading errors
@@ -211,7 +213,7 @@ def test_probe_device_cuda_absent_warns(monkeypatch):
     torch = pytest.importorskip("torch")
     if torch.cuda.is_available():
         pytest.skip("a CUDA device is present")
-    monkeypatch.setattr(enc_mod, "_CUDA_WARNED", False)
+    monkeypatch.setattr(device_mod, "_CUDA_WARNED", False)  # test seam: warn-once state
     with pytest.warns(RuntimeWarning, match="CUDA"):
         assert probe_device("cuda") == "cpu"
     with warnings.catch_warnings():
@@ -247,6 +249,109 @@ def tiny_bert(tmp_path_factory) -> Path:
     return _make_tiny_bert(tmp_path_factory.mktemp("tiny") / "tiny-bert", seed=0)
 
 
+# --------------------------------------------------------------------------- the encoder contract
+
+
+class EncoderContract:
+    """What every encoder promises; a subclass says how to build one (``make_encoder``).
+
+    Each call of ``make_encoder`` should build a *new* encoder object, so
+    that identity and determinism are checked across instances, not only
+    across calls of one object.
+    """
+
+    dim: int
+    atol = 1e-5  # batching may reorder float sums, nothing more
+
+    def make_encoder(self) -> Encoder:
+        raise NotImplementedError
+
+    def test_is_an_encoder_with_stable_id_and_dim(self):
+        a, b = self.make_encoder(), self.make_encoder()
+        assert isinstance(a, Encoder)
+        assert isinstance(a.id, str) and a.id and ("\n" not in a.id)
+        assert (a.id, a.dim) == (b.id, b.dim) and a.dim == self.dim
+        a.encode(TEXTS)
+        assert (a.id, a.dim) == (b.id, self.dim)  # encoding changes neither
+
+    def test_rows_are_unit_float32_of_shape_n_by_dim(self):
+        v = self.make_encoder().encode(TEXTS)
+        assert v.shape == (len(TEXTS), self.dim) and v.dtype == np.float32
+        assert np.isfinite(v).all()
+        _assert_unit_or_zero(v)
+        assert len({row.tobytes() for row in v}) == len(TEXTS)  # different texts, different vectors
+
+    def test_deterministic_for_the_same_text(self):
+        a, b = self.make_encoder(), self.make_encoder()
+        first = a.encode(TEXTS)
+        np.testing.assert_array_equal(first, a.encode(TEXTS))
+        np.testing.assert_allclose(first, b.encode(TEXTS), atol=self.atol)
+
+    def test_batching_and_order_do_not_change_a_texts_vector(self):
+        enc = self.make_encoder()
+        together = enc.encode(TEXTS)
+        alone = np.stack([enc.encode([t])[0] for t in TEXTS])
+        np.testing.assert_allclose(together, alone, atol=self.atol)
+        np.testing.assert_allclose(enc.encode(TEXTS[::-1])[::-1], together, atol=self.atol)
+        np.testing.assert_allclose(enc.encode(TEXTS, batch_size=1), together, atol=self.atol)
+        doubled = enc.encode(TEXTS + TEXTS, batch_size=3)
+        np.testing.assert_allclose(doubled[: len(TEXTS)], doubled[len(TEXTS):], atol=self.atol)
+
+    def test_empty_texts_give_zero_rows_in_place(self):
+        v = self.make_encoder().encode([TEXTS[0], None, "", " \t\n", b"", TEXTS[2]])
+        _assert_unit_or_zero(v, {1, 2, 3, 4})
+
+    def test_empty_list_gives_zero_by_dim(self):
+        v = self.make_encoder().encode([])
+        assert v.shape == (0, self.dim) and v.dtype == np.float32
+
+    def test_progress_counts_every_text_once(self):
+        seen: list[int] = []
+        self.make_encoder().encode(TEXTS + [None], batch_size=2, progress=seen.append)
+        assert sum(seen) == len(TEXTS) + 1 and all(n > 0 for n in seen)
+
+    @pytest.mark.parametrize("bad", ["a single string", b"single bytes"])
+    def test_a_single_text_is_rejected(self, bad):
+        with pytest.raises(EncoderError, match="sequence of texts"):
+            self.make_encoder().encode(bad)
+
+    @pytest.mark.parametrize("batch_size", [0, -1, 2.5, True])
+    def test_bad_batch_size_is_rejected(self, batch_size):
+        with pytest.raises(EncoderError, match="batch_size"):
+            self.make_encoder().encode(TEXTS, batch_size=batch_size)
+
+
+class TestFakeEncoderContract(EncoderContract):
+    dim = 16
+
+    def make_encoder(self) -> Encoder:
+        return FakeEncoder(16)
+
+
+class TestTinyBertContract(EncoderContract):
+    """The packed CPU path (BERT on the CPU)."""
+
+    dim = 16
+
+    @pytest.fixture(autouse=True)
+    def _model_dir(self, tiny_bert):
+        self.path = tiny_bert
+
+    def make_encoder(self) -> Encoder:
+        enc = HFEncoder(self.path, device="cpu", max_length=64, precision="fp32")
+        assert enc.packed is not None
+        return enc
+
+
+class TestTinyBertPaddedContract(TestTinyBertContract):
+    """The padded path (what GPUs and non-BERT encoders run), on the same model."""
+
+    def make_encoder(self) -> Encoder:
+        enc = HFEncoder(self.path, device="cpu", max_length=64, precision="fp32")
+        enc.packed = None
+        return enc
+
+
 def test_tiny_bert_any_local_path_works(tiny_bert):
     e = get_encoder(str(tiny_bert), device="cpu", max_length=64)
     assert get_encoder(str(tiny_bert), device="cpu", max_length=64) is e
@@ -278,7 +383,7 @@ def test_tiny_bert_id_stable_across_processes_and_copies(tiny_bert, tmp_path):
     e = get_encoder(str(tiny_bert), device="cpu", max_length=64)
     code = (
         "import sys\n"
-        "from dynstore.encoder import get_encoder\n"
+        "from dynstore.encoders import get_encoder\n"
         f"print(get_encoder({str(tiny_bert)!r}, device='cpu', max_length=64).id)\n"
     )
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, check=True)
@@ -382,7 +487,7 @@ def test_cuda_fp16_matches_cpu():
 
 
 def test_identity_from_files_equals_loaded_tiny_bert(tiny_bert, tmp_path):
-    from dynstore.encoder import encoder_identity, hf_identity
+    from dynstore.encoders import encoder_identity, hf_identity
 
     for max_length in (64, 1000):  # 1000 is capped by the position table (512), like the loaded model
         before = hf_identity(tiny_bert, max_length=max_length)
@@ -407,7 +512,7 @@ def test_identity_from_files_equals_loaded_tiny_bert(tiny_bert, tmp_path):
 def test_identity_without_torch_in_a_fresh_process(tiny_bert):
     code = (
         "import sys\n"
-        "from dynstore.encoder import encoder_identity\n"
+        "from dynstore.encoders import encoder_identity\n"
         f"print(encoder_identity({str(tiny_bert)!r}, max_length=64))\n"
         "print(sorted(m for m in ('torch', 'transformers') if m in sys.modules))\n"
     )
@@ -418,7 +523,7 @@ def test_identity_without_torch_in_a_fresh_process(tiny_bert):
 
 
 def test_identity_of_fake_and_registered():
-    from dynstore.encoder import encoder_fingerprint, encoder_identity
+    from dynstore.encoders import encoder_fingerprint, encoder_identity
 
     assert encoder_identity("fake:12") == ("fake:12:v1", 12)
     register_encoder("made-up-for-identity", lambda **kw: FakeEncoder(5))
@@ -432,7 +537,7 @@ def test_identity_of_fake_and_registered():
 def test_minilm_identity_from_files_equals_loaded():
     code = (
         "import sys\n"
-        "from dynstore.encoder import encoder_identity\n"
+        "from dynstore.encoders import encoder_identity\n"
         "print(encoder_identity('minilm'))\n"
         "print(sorted(m for m in ('torch', 'transformers') if m in sys.modules))\n"
     )
@@ -452,8 +557,8 @@ def _hf_reference(e: HFEncoder, texts: list[str], pooling: str) -> np.ndarray:
     rows = []
     with torch.inference_mode():
         for t in texts:
-            batch = e._tokenizer([t], truncation=True, max_length=e.max_length, return_tensors="pt")
-            hidden = e._model(**batch)[0][0]
+            batch = e.tokenizer([t], truncation=True, max_length=e.max_length, return_tensors="pt")
+            hidden = e.model(**batch)[0][0]
             pooled = {"mean": hidden.mean(0), "cls": hidden[0], "max": hidden.max(0).values,
                       "mean_sqrt_len": hidden.sum(0) / hidden.shape[0] ** 0.5}[pooling]
             rows.append(torch.nn.functional.normalize(pooled, dim=0).numpy())
@@ -463,8 +568,8 @@ def _hf_reference(e: HFEncoder, texts: list[str], pooling: str) -> np.ndarray:
 @pytest.mark.parametrize("pooling", ["mean", "cls", "max", "mean_sqrt_len"])
 def test_packed_forward_matches_transformers(tiny_bert, pooling):
     e = HFEncoder(tiny_bert, device="cpu", max_length=64, precision="fp32")
-    assert e._packed is not None  # BERT on the CPU runs packed
-    e._packed.pooling = pooling
+    assert e.packed is not None  # BERT on the CPU runs packed
+    e.packed.pooling = pooling
     texts = TEXTS + ["shoe", "red shoe", "red shoe"]  # equal lengths form one attention group
     np.testing.assert_allclose(e.encode(texts, batch_size=1), _hf_reference(e, texts, pooling), atol=2e-5)
 
@@ -473,7 +578,7 @@ def test_packed_forward_matches_transformers(tiny_bert, pooling):
 def test_padded_path_matches_transformers(tiny_bert, pooling):
     """The path GPUs and non-BERT encoders take (padded batches) pools like the reference."""
     e = HFEncoder(tiny_bert, device="cpu", max_length=64, precision="fp32")
-    e._packed, e.pooling = None, pooling
+    e.packed, e.pooling = None, pooling
     texts = TEXTS + ["shoe", "a much longer red shoe with laces"]
     np.testing.assert_allclose(e.encode(texts, batch_size=4), _hf_reference(e, texts, pooling), atol=2e-5)
 

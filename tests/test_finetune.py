@@ -11,7 +11,7 @@ import dynstore
 from dynstore.errors import ConfigError
 
 from dynstore.demo import DEMO_RULES as SHOP_RULES
-from dynstore.encoder import HFEncoder
+from dynstore.encoders import HFEncoder
 
 
 @pytest.fixture(scope="module")
@@ -57,7 +57,7 @@ def _weights(path):
 
 
 def test_finetune_trains_last_layers_and_lowers_the_loss(bert_store, tiny_bert, tmp_path):
-    from dynstore.finetune import finetune_encoder
+    from dynstore.encoders import finetune_encoder
     from dynstore.window import WindowData
     from dynstore.semantic import item_docs
     from dynstore.semcache import store_encoder

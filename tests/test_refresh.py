@@ -220,7 +220,7 @@ def test_force_retrains_without_new_data(encoded):
     ({"model": "other-fake"}, "encoder changed: 'fake:32:v1' -> 'other:32'"),
 ])
 def test_a_rules_or_encoder_change_needs_a_refresh_and_says_so(encoded, change, named):
-    from dynstore.encoder import FakeEncoder, register_encoder
+    from dynstore.encoders import FakeEncoder, register_encoder
 
     class Other(FakeEncoder):  # another encoder of the same dimension
         def __init__(self, **kw):
