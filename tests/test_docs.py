@@ -54,3 +54,22 @@ def test_every_command_has_an_example(name):
         f"README's dynstore {name} section has no example"
     help_text = CliRunner().invoke(main, [name, "--help"]).output
     assert "Examples:" in help_text and f"dynstore {name}" in help_text.split("Examples:")[1]
+
+
+def test_code_map_lists_every_module_in_dependency_order():
+    """The README's code map names each library module once, and no module imports one listed below it."""
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from test_architecture import _library_graph
+
+    section = README.split("### Code map", 1)[1].split("\n## ", 1)[0]
+    listed = [f"dynstore.{n}"
+              for n in re.findall(r"^\| `([\w.]+)` \|", section, re.M)]
+    graph = _library_graph()
+    modules = {m for m in graph if m not in ("dynstore", "dynstore.__main__")}
+    assert sorted(set(listed)) == sorted(modules), set(listed) ^ modules
+    assert len(listed) == len(set(listed))
+    position = {m: n for n, m in enumerate(listed)}
+    later = [(m, d) for m in listed for d in graph[m] if d in position and position[d] > position[m]]
+    assert later == [], f"imports of modules listed further down: {later}"
