@@ -36,7 +36,7 @@ from .base import PRECISIONS, Encoder, check_batch_size, check_precision
 from .device import probe_device
 from .fake import FakeEncoder
 from .files import hf_identity
-from .encoders import FINETUNE_LAYERS, finetune_encoder
+from .finetune import FINETUNE_LAYERS, finetune_encoder
 from .hf import HFEncoder
 from .registry import (DEFAULT_MODEL, encoder_fingerprint, encoder_identity, encoder_names, get_encoder,
                        register_encoder)
