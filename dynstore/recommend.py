@@ -28,6 +28,7 @@ from typing import Any, Iterable, Sequence
 
 import numpy as np
 
+from .lazy import attempt_import
 from .errors import DynstoreError
 from .catalog import Catalog
 from .serving import ServingState, serving_state
@@ -137,7 +138,7 @@ def _half(state: ServingState):
         if h["calls"] <= PREFILTER_AFTER:
             return None  # a one-shot process (the CLI) never pays for it
         try:
-            import torch
+            torch = attempt_import("torch")
         except ImportError:  # pragma: no cover - torch is a dependency
             h["off"] = True
             return None
@@ -166,7 +167,7 @@ def _prefiltered(state: ServingState, x: np.ndarray, B: np.ndarray, k: int):
     half = _half(state)
     if half is None:
         return None
-    import torch
+    torch = attempt_import("torch")
 
     Wh, norms, r = half
     s = float(np.abs(x).max())
@@ -218,7 +219,7 @@ def _topk(scores: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         vals = np.take_along_axis(scores, part, axis=1)
         order = np.argsort(-vals, axis=1, kind="stable")
         return np.take_along_axis(vals, order, axis=1), np.take_along_axis(part, order, axis=1)
-    import torch
+    torch = attempt_import("torch")
 
     t = torch.from_numpy(scores)
     val, idx = torch.topk(t, k, dim=1)
@@ -310,7 +311,7 @@ def _blocked_topk(W: np.ndarray, X: np.ndarray, B: np.ndarray, r: np.ndarray, it
     (ties by item row): the product runs over blocks of :data:`ITEM_BLOCK` items that stay
     in cache while the terms are added, the exclusions masked and the block's top-``k``
     taken, so the logits never make a round trip through memory."""
-    import torch
+    torch = attempt_import("torch")
 
     n = W.shape[0]
     k = min(k, n)

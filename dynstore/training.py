@@ -49,6 +49,7 @@ from typing import Any, Callable, Iterator
 
 import numpy as np
 
+from .lazy import attempt_import
 from .dynamics import Activity
 from .evaluation import evaluate
 from .histories import decay_weights, history_groups, normalise, ranges
@@ -63,12 +64,6 @@ SCALARS = ("alpha", "b0", "g_pos", "g_short", "g_neg", "g_imp", "theta", "theta_
 
 #: the item-item weights :func:`choose_gamma` tries
 GAMMAS = (0.0, 0.25, 0.5, 1.0, 2.0, 4.0)
-
-
-def _torch():
-    import torch  # lazy: importing dynstore must not pay for torch
-
-    return torch
 
 
 def train(
@@ -129,7 +124,7 @@ def one_cpu_thread(device: str) -> Iterator[None]:
     """Torch on one thread while training on a CPU: the ops are small gathers and
     ~1k x d matmuls, extra threads only add sync overhead (badly so on a shared
     machine), and one thread makes CPU results bit-identical whatever the core count."""
-    torch = _torch()
+    torch = attempt_import("torch")
     threads = torch.get_num_threads()
     if torch.device(device).type == "cpu":
         torch.set_num_threads(1)
@@ -233,7 +228,7 @@ def group_history(key: np.ndarray, items: np.ndarray, bag_key: np.ndarray, bag_l
     Returns ``((fixed [n_bags, d+fa], r_ptr, r_rows, r_w), lens)``: the text/attribute
     part summed once, the warm items' residual rows and weights as CSR per bag, and the
     number of entries of each bag."""
-    torch = _torch()
+    torch = attempt_import("torch")
     end = np.searchsorted(key, bag_key, side="left")  # strictly before the bag
     lo = np.searchsorted(key, bag_lo, side="left")
     start = np.maximum(lo, end - max_history)
@@ -319,7 +314,7 @@ class Trainer:
 
     def __init__(self, model: Any, data: TrainingData, activity: Activity | None, *,
                  device: str = "cpu", init_residuals: tuple[np.ndarray, np.ndarray] | None = None):
-        torch = _torch()
+        torch = attempt_import("torch")
         self.model, self.data, self.activity = model, data, activity
         cfg = self.cfg = model.config
         self.dev = torch.device(device)
@@ -378,7 +373,7 @@ class Trainer:
 
     def optimiser(self, frozen: set[str]) -> Any:
         """AdamW over everything that learns, in three groups (shared, scalars, residuals)."""
-        torch = _torch()
+        torch = attempt_import("torch")
         cfg = self.cfg
         shared = [self.P[k] for k in ("W", "bv", "ba", "u0", "U", "M") if k in self.P and k not in frozen]
         return torch.optim.AdamW(
@@ -395,11 +390,11 @@ class Trainer:
 
     # ------------------------------------------------------------------ helpers
     def tensor(self, x):
-        torch = _torch()
+        torch = attempt_import("torch")
         return torch.as_tensor(np.ascontiguousarray(x), dtype=torch.float32, device=self.dev)
 
     def index(self, x):
-        torch = _torch()
+        torch = attempt_import("torch")
         return torch.as_tensor(np.asarray(x), dtype=torch.long, device=self.dev)
 
     def item_terms(self, Rx, rbx, items: np.ndarray, t_batch: int | None,
@@ -442,7 +437,7 @@ class Trainer:
 
     def user_terms(self, Rx, bags: np.ndarray):
         """History user vectors ``X`` and new-user vectors ``X0`` of ``bags``."""
-        torch = _torch()
+        torch = attempt_import("torch")
         P, d = self.P, self.d
         X0 = P["u0"] + self.UA[self.index(self.bags.user[bags])] @ P["U"]
         Xh = None
@@ -476,7 +471,7 @@ class Trainer:
     def batch(self, bags: np.ndarray) -> Batch:
         """User vectors, targets and a sampled pool of ``bags``, with the dynamic features
         as of the batch's first bag (draws the residual dropout, then the pool)."""
-        torch = _torch()
+        torch = attempt_import("torch")
         cfg, B = self.cfg, self.bags
         t_batch = int(B.time[bags].min())
         e_idx, _ = ranges(B.ptr[bags], B.ptr[bags + 1])
@@ -505,7 +500,7 @@ class Trainer:
     def softmax_loss(self, b: Batch) -> tuple[Any, float]:
         """Sampled softmax of every positive against the pool and its bag's other events
         (None when the batch has no positive), and its weight sum."""
-        torch = _torch()
+        torch = attempt_import("torch")
         cfg = self.cfg
         pos = np.flatnonzero(b.label == 1)
         if pos.size == 0:
@@ -533,7 +528,7 @@ class Trainer:
         The bag's other events were shown with (or near) the positive and not chosen:
         hard negatives in its softmax, offset by their loss weight. Pairs inside a slate
         compare items that were exposed alike, so exposure itself is never penalised."""
-        torch = _torch()
+        torch = attempt_import("torch")
         cfg = self.cfg
         hard_rows = np.flatnonzero(b.label != 1)
         if not hard_rows.size:
@@ -550,7 +545,7 @@ class Trainer:
     def bce_loss(self, b: Batch) -> tuple[Any, float]:
         """Weighted BCE on the events plus ``n_sampled_negatives`` per positive spread
         over the pool, and its weight sum."""
-        torch = _torch()
+        torch = attempt_import("torch")
         F = torch.nn.functional
         cfg = self.cfg
         y = self.tensor((b.label == 1).astype(np.float32))
@@ -568,7 +563,7 @@ class Trainer:
     # ---------------------------------------------------------------- the loop
     def export(self) -> None:
         """Copy the parameters back into the model (numpy) and set its residuals."""
-        torch = _torch()
+        torch = attempt_import("torch")
         m = self.model
         with torch.no_grad():
             for k in m.params:
@@ -593,7 +588,7 @@ class Trainer:
 
     def dynamics_optimiser(self) -> Any:
         """AdamW over the weights of the behaviour features only (and ``b0``)."""
-        torch = _torch()
+        torch = attempt_import("torch")
         names = [k for k in self.cfg.first_phase if k in self.P and self.P[k].requires_grad]
         return torch.optim.AdamW([self.P[k] for k in names], lr=self.cfg.dynamics_lr, weight_decay=0.0)
 

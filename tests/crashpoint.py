@@ -93,9 +93,10 @@ def _tune(tune: str | None) -> None:
     if tune == "promote":
         # judge every candidate good enough: a fine-tuned encoder is then always
         # promoted, and its switch always happens
-        import dynstore.refresh as refresh
+        import dynstore.store as store
 
-        refresh.refresh.__kwdefaults__["tolerance"] = 1e9
+        plain = store.refresh
+        store.refresh = lambda catalog, **options: plain(catalog, **{**options, "tolerance": 1e9})
 
 
 def run(request: dict) -> int:
@@ -141,8 +142,8 @@ def serve() -> None:
     import dynstore.cli  # noqa: F401
     import dynstore.encoders  # noqa: F401
     import dynstore.model  # noqa: F401
-    import dynstore.store  # noqa: F401
     import dynstore.training  # noqa: F401
+    # not dynstore.store: it imports pyarrow, whose import starts a thread
 
     out = sys.stdout
     for line in sys.stdin:

@@ -16,7 +16,7 @@ Other encoders can be plugged in by name with :func:`register_encoder`;
 One module per job: ``base`` (the protocol and argument checks),
 ``device``, ``fake``, ``files`` (ids from a model directory's files),
 ``packed`` (the packed CPU forward pass), ``hf``, ``registry``,
-``finetune``, and ``lazy`` (the one way torch and transformers are
+``finetune``; :mod:`dynstore.lazy` is the one way torch and transformers are
 imported).  Importing this package is cheap: torch and transformers are
 imported only when a real model is loaded or a device is probed.
 

@@ -13,7 +13,7 @@ import warnings
 from functools import lru_cache
 
 from ..errors import EncoderError
-from .lazy import attempt_import
+from ..lazy import attempt_import
 
 __all__ = ["probe_device", "cpu_runs_bf16", "cpu_threads"]
 

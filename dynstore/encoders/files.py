@@ -16,7 +16,7 @@ from typing import Any, Sequence
 
 from ..errors import EncoderError
 from .base import check_precision, id_suffix, one_line
-from .lazy import attempt_import
+from ..lazy import attempt_import
 
 __all__ = [
     "MINILM_LABEL",

@@ -33,8 +33,9 @@ from typing import Any, Callable
 import numpy as np
 
 from ..errors import ConfigError
+from ..histories import build_histories, normalise
 from .hf import HFEncoder, quiet_transformers
-from .lazy import attempt_import
+from ..lazy import attempt_import
 
 __all__ = ["finetune_encoder", "FINETUNE_LAYERS"]
 
@@ -81,8 +82,6 @@ def _fixed_terms(model: Any, train: Any, residuals: Any, users: np.ndarray) -> d
     Returns ``C`` and ``D`` per item, ``bv``, ``X`` per user of ``users`` and
     ``urow`` (user id -> row of ``X``).
     """
-    from ..histories import build_histories, normalise
-
     Vn = normalise(train.V)  # what item_side adds to
     Wf, bias = model.item_side(train.V, train.A, residuals)
     act = model.activity(train.item, train.ts, train.label, Vn.shape[0])

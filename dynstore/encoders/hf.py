@@ -21,7 +21,7 @@ from .base import check_batch_size, check_max_length, check_precision, check_tex
 from .device import cpu_runs_bf16, cpu_threads
 from .files import (check_is_encoder, hf_encoder_id, length_limits, read_json, read_st_modules,
                     weight_files)
-from .lazy import attempt_import
+from ..lazy import attempt_import
 from .packed import CALIBRATION_TEXTS, PackedBert, packed_support, token_groups
 
 if TYPE_CHECKING:  # pragma: no cover - typing only, keeps torch out of import time

@@ -20,7 +20,7 @@ from .device import probe_device
 from .fake import FakeEncoder
 from .files import MINILM_LABEL, files_fingerprint, hf_identity, weight_files
 from .hf import HFEncoder
-from .lazy import attempt_import
+from ..lazy import attempt_import
 
 __all__ = ["DEFAULT_MODEL", "register_encoder", "encoder_names", "get_encoder", "encoder_identity",
            "encoder_fingerprint"]

@@ -1,4 +1,4 @@
-"""The one way dynstore's encoders import their heavy optional dependencies.
+"""The one way dynstore imports its heavy optional dependencies (torch, transformers).
 
 torch and transformers take seconds to import; ``import dynstore`` and
 every read that encodes nothing must not pay for them, so the encoder
