@@ -17,7 +17,7 @@ from .holdout import evaluate_version
 from .lock import writer_lock
 from .model import FusionModel
 from .registry import registry_table, rule_window, write_registry
-from .semantic import semantic_vectors
+from .semcache import encoder_info
 from .versions import build_version, items_table, users_table
 from .views import views_connection
 from .window import newest_event
@@ -39,18 +39,18 @@ def ensure_first_version(catalog: Catalog) -> int | None:
     items = items_table(catalog)
     if items.num_rows == 0:
         return None
-    ids = items.column("item_id").to_pylist()
-    V, _ = semantic_vectors(catalog, ids)
     item_spec = FeatureSpec.fit(items, "item_id")
     user_spec = FeatureSpec.fit(users_table(catalog), "user_id")
-    A = item_spec.transform(items)
     spec = DynamicSpec()
     lo, hi = _time_span(catalog)
-    model = FusionModel.untrained(V, A, user_spec.width, rule=rule_half_life(spec, (hi - lo) / 86400.0),
-                                  dynamic=spec, segments=tuple(n for _, n in user_spec.segment_columns()))
+    # The rule's popularity is dynamic, so its residuals are zero: the version is
+    # fused batch by batch from content, never holding the catalogue's vectors.
+    model = FusionModel.popularity_rule(encoder_info(catalog)[1], item_spec.width, user_spec.width,
+                                        rule=rule_half_life(spec, (hi - lo) / 86400.0), dynamic=spec,
+                                        segments=tuple(n for _, n in user_spec.segment_columns()))
     number = build_version(catalog, model, item_spec, user_spec, parent=None, status="current",
-                           train_window=rule_window(lo, hi) if hi > lo else "", counts={"items": len(ids)},
-                           items=items, residuals=model.residuals, verdict="initial")
+                           train_window=rule_window(lo, hi) if hi > lo else "", counts={"items": items.num_rows},
+                           items=items, residuals=None, verdict="initial")
     _record_rule_metrics(catalog, number)
     return number
 

@@ -173,11 +173,26 @@ class FusionModel:
         """
         V = np.asarray(V, dtype=np.float32)
         A = np.asarray(A, dtype=np.float32).reshape(V.shape[0], -1)
-        m = cls(V.shape[1], A.shape[1], fu, config, dynamic, segments)
+        m = cls.popularity_rule(V.shape[1], A.shape[1], fu, config, rule=rule, dynamic=dynamic, segments=segments)
         n = V.shape[0]
+        m.residuals = (np.zeros((n, m.d), np.float32), m.start_bias(popularity, n))
+        return m
+
+    @classmethod
+    def popularity_rule(cls, d: int, fa: int, fu: int, config: ModelConfig | None = None, *,
+                        rule: float | None = 30.0, dynamic: DynamicSpec | None = None,
+                        segments: tuple[int, ...] = ()) -> "FusionModel":
+        """:meth:`untrained`'s parameters without its residuals: what version 1 needs
+        when the popularity is dynamic (its residuals are all zero), with no item matrix
+        in memory.
+
+        >>> m = FusionModel.popularity_rule(3, 0, 0)
+        >>> m.residuals is None, m.dynamic.names()[int(np.argmax(m.params["theta"]))]
+        (True, 'pos@30d')
+        """
+        m = cls(d, fa, fu, config, dynamic, segments)
         if m.dynamic is not None:
             m.params["theta"][m.dynamic.index("pos", rule)] = 1.0
-        m.residuals = (np.zeros((n, m.d), np.float32), m.start_bias(popularity, n))
         return m
 
     def start_bias(self, popularity: np.ndarray | None, n: int) -> np.ndarray:
