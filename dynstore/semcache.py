@@ -19,7 +19,7 @@ from .encoders import encoder_fingerprint, encoder_identity, get_encoder
 from .lock import writer_lock
 
 __all__ = ["store_encoder", "encoder_info", "record_encoder", "cache_dataset", "register_cache",
-           "write_cache", "SemanticIndex", "semantic_index", "snapshot"]
+           "write_cache", "SemanticIndex", "semantic_index", "snapshot", "pinned_at"]
 
 
 def store_encoder(catalog: Catalog, device: str | None = None):
@@ -142,3 +142,14 @@ def snapshot(catalog: Catalog) -> dict[str, int]:
     cache = cache_dataset(catalog)
     out["semantic"] = cache.version if cache is not None else 0
     return out
+
+
+def pinned_at(catalog: Catalog, at: dict[str, int]) -> Catalog:
+    """A read view of ``catalog`` at the versions ``at`` (what :func:`snapshot` returned,
+    perhaps in another process): the tables, the registry, the embeddings and the
+    store encoder's semantic cache."""
+    view = catalog.pinned(at)
+    if at.get("semantic"):
+        uri = view.cache_uri(encoder_info(view)[0])
+        view.pin(uri, view.latest.open(uri, at["semantic"]))
+    return view
