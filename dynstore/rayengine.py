@@ -56,6 +56,9 @@ def init_ray():
         if address is None:
             kwargs["include_dashboard"] = False
         ray.init(**kwargs)
+    import logging
+
+    logging.getLogger("ray.data").setLevel(logging.ERROR)  # stderr stays the command's
     ctx = attempt_import("ray.data").DataContext.get_current()
     ctx.enable_progress_bars = False
     ctx.print_on_execution_start = False
@@ -90,15 +93,15 @@ def map_actors(parts: list[pa.Table], actor: type, kwargs: dict, *, workers: int
     return as it arrives (in no particular order).
 
     Each actor is constructed once (loads the encoder, opens the store) and
-    called for one block at a time: ``map_batches`` with a class and a fixed
-    ``concurrency``, one CPU (or ``num_gpus`` GPUs) each.
+    called for one block at a time: ``map_batches`` with a class and a fixed pool
+    (``ActorPoolStrategy(size=n)``, what ``concurrency=n`` was before Ray 2.51), one CPU (or ``num_gpus`` GPUs) each.
     """
     init_ray()
     rd = attempt_import("ray.data")
     ds = rd.from_arrow(parts)
     n = pool_size(workers, len(parts))
     remote: dict[str, Any] = {"num_gpus": num_gpus} if num_gpus else {"num_cpus": 1}
-    out = ds.map_batches(actor, fn_constructor_kwargs=kwargs, concurrency=n, batch_size=None,
+    out = ds.map_batches(actor, fn_constructor_kwargs=kwargs, compute=rd.ActorPoolStrategy(size=n), batch_size=None,
                          batch_format="pyarrow", zero_copy_batch=True, **remote)
     for batch in out.iter_batches(batch_size=None, batch_format="pyarrow"):
         if batch.num_rows:

@@ -138,7 +138,7 @@ def semantic_index(catalog: Catalog) -> SemanticIndex:
 
 def snapshot(catalog: Catalog) -> dict[str, int]:
     """Committed version of every dataset as ``catalog`` sees it (what a new query reads)."""
-    out = {name: catalog.version_of(name) for name in TABLES + ("embeddings", "versions")}
+    out = {name: catalog.version_of(name) for name in TABLES + ("embeddings", "versions", "batch_recommendations")}
     cache = cache_dataset(catalog)
     out["semantic"] = cache.version if cache is not None else 0
     return out
