@@ -25,7 +25,7 @@ import pyarrow as pa
 
 from .catalog import Catalog, open_catalog
 from .errors import DynstoreError
-from .rayengine import blocks, check_engine, map_actors, pool_size, require_ray
+from .rayengine import block_rows, blocks, check_engine, map_actors, pool_size, require_ray
 from .recommend import all_items_lists, check_k
 from .registry import current_version
 from .results import ScoreAllResult
@@ -36,7 +36,7 @@ from .views import BATCH_TABLE, batch_schema, views_connection
 __all__ = ["score_all", "score_users", "all_users", "UserScorer"]
 
 LOCAL_BATCH = 8192  # users per call of score_users on the local engine
-RAY_BLOCK = 2048    # users per actor call on the Ray engine
+RAY_BLOCK = 4096    # most users per actor call on the Ray engine
 
 
 def all_users(catalog: Catalog) -> list:
@@ -122,7 +122,7 @@ def _ray_parts(view: Catalog, users: list, k: int, version: int, workers: int | 
     if not users:
         return [], 0
     ids = pa.table({"user_id": pa.array(users, batch_schema(view).field("user_id").type)})
-    parts = blocks(ids, RAY_BLOCK)
+    parts = blocks(ids, block_rows(len(users), workers, 256, RAY_BLOCK))
     kwargs = {"path": str(view.path), "at": snapshot(view), "k": k, "version": version}
     out = list(map_actors(parts, UserScorer, kwargs, workers=workers))
     return out, pool_size(workers, len(parts))

@@ -19,7 +19,7 @@ from .errors import DynstoreError
 from .lazy import attempt_import
 
 __all__ = ["ENGINES", "check_engine", "require_ray", "init_ray", "cluster_gpus", "pool_size", "map_actors",
-           "blocks"]
+           "blocks", "block_rows"]
 
 ENGINES = ("local", "ray")
 
@@ -76,6 +76,17 @@ def pool_size(workers: int | None, n_blocks: int) -> int:
         res = require_ray().cluster_resources()
         workers = int(res.get("GPU", 0)) or max(1, int(res.get("CPU", 1)))
     return max(1, min(int(workers), max(n_blocks, 1)))
+
+
+def block_rows(n: int, workers: int | None, low: int, high: int) -> int:
+    """Rows per actor call: about four calls per actor (the pool stays balanced), within
+    ``[low, high]`` (a call's fixed cost stays small; a block's memory bounded).
+
+    >>> block_rows(2000, 2, 64, 2048), block_rows(20_000, 2, 64, 2048), block_rows(10, 2, 64, 2048)
+    (250, 2048, 64)
+    """
+    pool = pool_size(workers, n) if workers is None else max(1, workers)
+    return int(min(high, max(low, -(-n // (4 * pool)))))
 
 
 def blocks(table: pa.Table, rows: int) -> list[pa.Table]:

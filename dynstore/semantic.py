@@ -23,7 +23,8 @@ from .catalog import Catalog, open_catalog
 from .compaction import maybe_compact
 from .encoders import check_batch_size
 from .errors import DynstoreError
-from .rayengine import blocks, check_engine, cluster_gpus, init_ray, map_actors, pool_size, require_ray
+from .rayengine import (block_rows, blocks, check_engine, cluster_gpus, init_ray, map_actors, pool_size,
+                        require_ray)
 from .results import EncodeResult
 from .semcache import encoder_info, record_encoder, semantic_index, store_encoder, write_cache
 from .views import views_connection
@@ -33,7 +34,7 @@ __all__ = ["encode", "encode_on_ray", "DocEncoder", "semantic_vectors", "cached_
 CHUNK = 2048          # most documents per commit
 FIRST_CHUNK = 64      # the first commit comes early, whatever the encoder's speed
 CHUNK_SECONDS = 10.0  # later chunks are sized to take about this long
-RAY_BLOCK = 256       # documents per actor call on the Ray engine
+RAY_BLOCK = 2048      # most documents per actor call on the Ray engine
 
 
 def encode(catalog: Catalog, *, all: bool = False, batch_size: int = 64, device: str | None = None,
@@ -152,7 +153,7 @@ def encode_on_ray(catalog: Catalog, encoder_id: str, docs: list, *, batch_size: 
     used = "cuda" if gpus else "cpu"
     table = pa.table({"doc_hash": pa.array([h for h, _ in docs], pa.string()),
                       "document": pa.array([d for _, d in docs], pa.string())})
-    parts = blocks(table, RAY_BLOCK)
+    parts = blocks(table, block_rows(len(docs), workers, 64, RAY_BLOCK))
     kwargs = {"path": str(catalog.path), "encoder_id": encoder_id, "device": used, "batch_size": batch_size}
     pending: list[pa.Table] = []
     for out in map_actors(parts, DocEncoder, kwargs, workers=workers, num_gpus=1 if gpus else 0):
