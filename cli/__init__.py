@@ -257,8 +257,9 @@ def encode(store: str, all_, batch_size, device, precision, engine, workers, as_
         click.echo(to_json(out.to_dict()))
     elif not quiet:
         rate = f", {out.items_per_s} docs/s" if out.encoded else ""
+        on = f", ray: {out.workers} worker{'s' * (out.workers != 1)}" if out.engine == "ray" else ""
         click.echo(f"{out.items} items: {out.stale} stale, {out.encoded} documents encoded, "
-                   f"{out.reused} reused from cache ({out.seconds}s{rate}, {out.device})")
+                   f"{out.reused} reused from cache ({out.seconds}s{rate}, {out.device}{on})")
         if out.version:
             click.echo(f"created version {out.version} (the popularity rule; `dynstore refresh` trains one)")
 
@@ -294,7 +295,7 @@ def score_all(store: str, k, engine, workers, as_json, quiet):
     if as_json:
         click.echo(to_json(out.to_dict()))
     elif not quiet:
-        on = f"ray, {out.workers} workers" if out.workers else out.engine
+        on = f"ray, {out.workers} worker{'s' * (out.workers != 1)}" if out.workers else out.engine
         click.echo(f"{out.users} users scored: {out.rows} rows of version {out.version} in batch_recommendations "
                    f"({out.seconds}s, {out.users_per_s} users/s, {on})")
 

@@ -11,6 +11,7 @@ engine. ``RAY_ADDRESS`` names an existing cluster (``ray://host:10001`` or
 from __future__ import annotations
 
 import os
+import warnings
 from typing import Any, Iterator
 
 import pyarrow as pa
@@ -55,7 +56,10 @@ def init_ray():
         kwargs: dict[str, Any] = {"address": address, "log_to_driver": False, "configure_logging": False}
         if address is None:
             kwargs["include_dashboard"] = False
-        ray.init(**kwargs)
+        with warnings.catch_warnings():
+            # Ray starts its processes by fork + exec, which Lance's fork warning does not concern
+            warnings.filterwarnings("ignore", message="lance is not fork-safe")
+            ray.init(**kwargs)
     import logging
 
     logging.getLogger("ray.data").setLevel(logging.ERROR)  # stderr stays the command's
@@ -73,7 +77,7 @@ def cluster_gpus() -> int:
 def pool_size(workers: int | None, n_blocks: int) -> int:
     """Actors to start: ``workers``, else one per GPU (or CPU) of the cluster; never more than blocks."""
     if workers is None:
-        res = require_ray().cluster_resources()
+        res = init_ray().cluster_resources()
         workers = int(res.get("GPU", 0)) or max(1, int(res.get("CPU", 1)))
     return max(1, min(int(workers), max(n_blocks, 1)))
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -70,8 +72,14 @@ def test_score_all_on_ray_equals_local(encoded, runner):
     assert table_ray.equals(table_local)
 
 
-def test_a_connected_cluster_is_reused(monkeypatch):
-    from dynstore.rayengine import init_ray
-
-    monkeypatch.setenv("RAY_ADDRESS", os.environ.get("RAY_ADDRESS", "auto"))
-    assert init_ray().is_initialized()  # already connected: the running cluster is reused
+def test_command_line_connects_to_RAY_ADDRESS(encoded):
+    """A new process, as cron runs it: nothing initialised, the cluster named by RAY_ADDRESS."""
+    encoded.score_all(k=5)
+    local = encoded.catalog.dataset("batch_recommendations").to_table()
+    env = dict(os.environ, RAY_ADDRESS=ray.get_runtime_context().gcs_address)
+    res = subprocess.run([sys.executable, "-m", "dynstore", "score-all", str(encoded.path), "-k", "5", "--engine",
+                          "ray", "--json"], capture_output=True, text=True, env=env, timeout=120)
+    assert res.returncode == 0, res.stderr
+    out = json.loads(res.stdout)
+    assert out["engine"] == "ray" and out["workers"] == 1  # 60 users: one block of at least 256, one actor
+    assert encoded.catalog.dataset("batch_recommendations").to_table().equals(local)
