@@ -29,6 +29,10 @@ EXIT_USER, EXIT_USAGE, EXIT_BUSY, EXIT_INTERRUPTED = 1, 2, 3, 130
 KINDS = ("interactions", "items", "users")
 SIZES = ("tiny", "small", "medium", "large")  # dynstore.samples.shop.SIZES (not imported: numpy)
 PRECISIONS = ("auto", "fp32", "bf16", "fp16", "int8")  # dynstore.encoders.PRECISIONS (not imported: numpy)
+ENGINES = ("local", "ray")  # dynstore.rayengine.ENGINES (not imported: pyarrow)
+ENGINE_HELP = ("Where the work runs: local (this process) or ray (a Ray actor pool; $RAY_ADDRESS names the "
+               "cluster, else a local one starts; needs pip install 'dynstore[ray]').")
+WORKERS_HELP = "Ray actors (default: one per GPU, else per CPU, of the cluster); --engine ray only."
 PRECISION_HELP = ("Encoder precision: auto (fp16 on a GPU, bf16 on CPUs with it, else fp32), or int8: "
                   "CPU only, faster, its own vectors and cache.")
 
@@ -224,10 +228,12 @@ def ingest(store: str, kind, files, mapping, input_format, old_format, dedupe, k
 @click.option("--device", type=click.Choice(["cpu", "cuda"]), default=None, help="Default: cuda when present.")
 @click.option("--precision", type=click.Choice(PRECISIONS), default=None,
               help=PRECISION_HELP + " Given here, it becomes the store's setting.")
+@click.option("--engine", type=click.Choice(ENGINES), default="local", show_default=True, help=ENGINE_HELP)
+@click.option("--workers", type=click.IntRange(min=1), default=None, help=WORKERS_HELP)
 @json_option()
 @quiet_option
 @handle_errors
-def encode(store: str, all_, batch_size, device, precision, as_json, quiet):
+def encode(store: str, all_, batch_size, device, precision, engine, workers, as_json, quiet):
     """Encode stale items (new or changed documents) into semantic vectors.
 
     Vectors are committed in chunks, so an interrupted run (Ctrl-C, a crash)
@@ -240,18 +246,58 @@ def encode(store: str, all_, batch_size, device, precision, as_json, quiet):
       dynstore encode shop
       dynstore encode shop --all --device cuda --json
       dynstore encode shop --precision int8
+      RAY_ADDRESS=auto dynstore encode shop --engine ray --workers 4
     """
+    if workers is not None and engine != "ray":
+        raise click.UsageError("--workers needs --engine ray")
     with _open(store) as s:
         out = s.encode(all=all_, batch_size=batch_size, device=device, progress=show_progress(quiet),
-                       precision=precision)
+                       precision=precision, engine=engine, workers=workers)
     if as_json:
         click.echo(to_json(out.to_dict()))
     elif not quiet:
         rate = f", {out.items_per_s} docs/s" if out.encoded else ""
+        on = f", ray: {out.workers} worker{'s' * (out.workers != 1)}" if out.engine == "ray" else ""
         click.echo(f"{out.items} items: {out.stale} stale, {out.encoded} documents encoded, "
-                   f"{out.reused} reused from cache ({out.seconds}s{rate}, {out.device})")
+                   f"{out.reused} reused from cache ({out.seconds}s{rate}, {out.device}{on})")
         if out.version:
             click.echo(f"created version {out.version} (the popularity rule; `dynstore refresh` trains one)")
+
+
+# -------------------------------------------------------------------------- score-all
+
+
+@main.command("score-all", cls=StoreCommand)
+@store_argument
+@click.option("-k", type=click.IntRange(1, 10_000), default=100, show_default=True, help="Items per user.")
+@click.option("--engine", type=click.Choice(ENGINES), default="local", show_default=True, help=ENGINE_HELP)
+@click.option("--workers", type=click.IntRange(min=1), default=None, help=WORKERS_HELP)
+@json_option()
+@quiet_option
+@handle_errors
+def score_all(store: str, k, engine, workers, as_json, quiet):
+    """Write every user's top-k of the current version to the batch_recommendations table.
+
+    The lists equal what `recommend` serves (the user's positives excluded);
+    the table (user_id, rank, item_id, score, version) is replaced in one
+    commit, so readers of the SQL view batch_recommendations see the old
+    table or the new one, whole.
+
+    \b
+    Examples:
+      dynstore score-all shop -k 50
+      RAY_ADDRESS=auto dynstore score-all shop --engine ray --json
+    """
+    if workers is not None and engine != "ray":
+        raise click.UsageError("--workers needs --engine ray")
+    with _open(store) as s:
+        out = s.score_all(k, engine=engine, workers=workers)
+    if as_json:
+        click.echo(to_json(out.to_dict()))
+    elif not quiet:
+        on = f"ray, {out.workers} worker{'s' * (out.workers != 1)}" if out.workers else out.engine
+        click.echo(f"{out.users} users scored: {out.rows} rows of version {out.version} in batch_recommendations "
+                   f"({out.seconds}s, {out.users_per_s} users/s, {on})")
 
 
 # -------------------------------------------------------------------------- recommend

@@ -170,20 +170,32 @@ class Catalog:
         """True for a view frozen at one snapshot (see :meth:`pinned`)."""
         return self._pins is not None
 
-    def pinned(self) -> "Catalog":
+    def pinned(self, at: dict[str, int] | None = None) -> "Catalog":
         """A read view frozen at the latest commits of every dataset it opens.
 
         The first open of a dataset fixes its version for the view's life;
         writers always use the latest (they never build on a stale snapshot).
         The view shares the memo, whose entries are keyed by dataset versions.
+        ``at`` (``{name: version}`` as :func:`dynstore.semcache.snapshot` gives it, for
+        the tables, ``embeddings`` and ``versions``) pins those datasets at those
+        versions instead: how another process reads the snapshot a driver saw.
         """
         base = self._base
         config = StoreConfig(**base.config.as_dict())
         config.id_types = dict(base.config.id_types)
         view = Catalog(base.path, config, read_only=base.read_only, view_of=base)
         for name in TABLES + ("embeddings", "versions"):
+            version = (at or {}).get(name)
+            if version:
+                view.pin(view.uri(name), base.open(view.uri(name), version))
             view.dataset(name)
         return view
+
+    def pin(self, uri: str, dataset: Any) -> None:
+        """Make a pinned view read ``dataset`` (an opened Lance dataset) for ``uri``."""
+        if self._pins is None:
+            raise DynstoreError("only a pinned view can pin a dataset")
+        self._pins[uri] = dataset
 
     @property
     def latest(self) -> "Catalog":

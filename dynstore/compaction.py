@@ -73,6 +73,8 @@ def _datasets(catalog: Catalog) -> list[tuple[str, str, str]]:
     out = [(t, catalog.uri(t), f"ingest-{t}") for t in TABLES]
     out += [("embeddings", catalog.uri("embeddings"), "versions"),
             ("versions", catalog.uri("versions"), "versions")]
+    if os.path.isdir(catalog.uri("batch_recommendations")):  # score-all overwrites it: old versions pile up
+        out.append(("batch_recommendations", catalog.uri("batch_recommendations"), "score-all"))
     cache_dir = catalog.path / "cache"
     if cache_dir.is_dir():
         for d in sorted(cache_dir.iterdir()):

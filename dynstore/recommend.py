@@ -33,7 +33,7 @@ from .errors import DynstoreError
 from .catalog import Catalog
 from .serving import ServingState, serving_state
 
-__all__ = ["recommend", "recommend_many", "serving_state", "ServingState", "MAX_K"]
+__all__ = ["recommend", "recommend_many", "all_items_lists", "serving_state", "ServingState", "MAX_K"]
 
 MAX_K = 10_000
 BATCH_USERS = 512
@@ -271,38 +271,58 @@ def recommend_many(catalog: Catalog, user_ids: Sequence[Any], k: int, *, version
         cand_rows = np.array(sorted({state.row[c] for c in candidates if c in state.row}), np.int64)
         if not cand_rows.size:  # no candidate is a known item: nothing to rank
             return [[] for _ in user_ids]
-    out: list[list[dict]] = []
-    ids = state.ids
-    n_items = len(ids)
     blocked = cand_rows is None and len(user_ids) >= TORCH_TOPK_ROWS
-    step = BATCH_USERS
-    if blocked:
-        # user-dependent terms are dense [users, items]: keep a batch of them near 256 MB
-        dense = state.counts is not None and state.counts.seg_base is not None or state.model.item_item is not None
-        step = max(TORCH_TOPK_ROWS, min(BLOCK_USERS, (1 << 26) // max(n_items, 1))) if dense else BLOCK_USERS
+    step = blocked_step(state) if blocked else BATCH_USERS
+    out: list[list[dict]] = []
     for start in range(0, len(user_ids), step):
-        batch = list(user_ids[start:start + step])
-        rows = np.array([state.user_row.get(u, -1) for u in batch], np.int64)
-        pptr, pitem = state.positives(rows)
-        r = np.repeat(np.arange(len(batch)), np.diff(pptr))
-        if blocked:
-            X, B = score_terms(state, batch)
-            val, idx = _blocked_topk(state.Wf, X, B, r, pitem, k)
-        else:
-            logits = user_logits(state, batch, cand_rows)
-            if cand_rows is None:
-                logits[r, pitem] = -np.inf
-            elif len(pitem):
-                where = np.searchsorted(cand_rows, pitem)
-                hit = (where < len(cand_rows)) & (cand_rows[np.minimum(where, len(cand_rows) - 1)] == pitem)
-                logits[r[hit], where[hit]] = -np.inf
-            val, idx = _topk(logits, k)
-        prob = _probability(val)  # -inf (excluded) rows are dropped below
-        ok = np.isfinite(val)
-        cols = idx if cand_rows is None else cand_rows[idx]
-        for c_row, p_row, ok_row in zip(cols.tolist(), prob.tolist(), ok.tolist()):
-            out.append([{"item_id": ids[c], "score": p} for c, p, o in zip(c_row, p_row, ok_row) if o])
+        out += _batch_lists(state, list(user_ids[start:start + step]), k, cand_rows, blocked)
     return out
+
+
+def blocked_step(state: ServingState) -> int:
+    """Users per batch on the blocked all-items path: :data:`BLOCK_USERS`, fewer when the
+    user-dependent terms are dense ``[users, items]`` (a batch of them stays near 256 MB)."""
+    n_items = len(state.ids)
+    dense = state.counts is not None and state.counts.seg_base is not None or state.model.item_item is not None
+    return max(TORCH_TOPK_ROWS, min(BLOCK_USERS, (1 << 26) // max(n_items, 1))) if dense else BLOCK_USERS
+
+
+def all_items_lists(state: ServingState, user_ids: Sequence[Any], k: int) -> list[list[dict]]:
+    """Every item ranked for each of ``user_ids`` by the blocked path, whatever their number:
+    what :func:`recommend_many` returns for 64 users or more (positives excluded, ties by
+    item row). ``dynstore score-all`` scores every user with it, on any engine."""
+    k = check_k(k)
+    step = blocked_step(state)
+    out: list[list[dict]] = []
+    for start in range(0, len(user_ids), step):
+        out += _batch_lists(state, list(user_ids[start:start + step]), k, None, True)
+    return out
+
+
+def _batch_lists(state: ServingState, batch: list, k: int, cand_rows: np.ndarray | None,
+                 blocked: bool) -> list[list[dict]]:
+    """One batch of users' lists: the blocked all-items product, or logits then top-k."""
+    ids = state.ids
+    rows = np.array([state.user_row.get(u, -1) for u in batch], np.int64)
+    pptr, pitem = state.positives(rows)
+    r = np.repeat(np.arange(len(batch)), np.diff(pptr))
+    if blocked:
+        X, B = score_terms(state, batch)
+        val, idx = _blocked_topk(state.Wf, X, B, r, pitem, k)
+    else:
+        logits = user_logits(state, batch, cand_rows)
+        if cand_rows is None:
+            logits[r, pitem] = -np.inf
+        elif len(pitem):
+            where = np.searchsorted(cand_rows, pitem)
+            hit = (where < len(cand_rows)) & (cand_rows[np.minimum(where, len(cand_rows) - 1)] == pitem)
+            logits[r[hit], where[hit]] = -np.inf
+        val, idx = _topk(logits, k)
+    prob = _probability(val)  # -inf (excluded) rows are dropped below
+    ok = np.isfinite(val)
+    cols = idx if cand_rows is None else cand_rows[idx]
+    return [[{"item_id": ids[c], "score": p} for c, p, o in zip(c_row, p_row, ok_row) if o]
+            for c_row, p_row, ok_row in zip(cols.tolist(), prob.tolist(), ok.tolist())]
 
 
 def _blocked_topk(W: np.ndarray, X: np.ndarray, B: np.ndarray, r: np.ndarray, item: np.ndarray,

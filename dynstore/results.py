@@ -20,7 +20,8 @@ from __future__ import annotations
 from dataclasses import dataclass, fields
 from typing import Any, ClassVar
 
-__all__ = ["IngestResult", "EncodeResult", "RefreshResult", "DeleteResult", "CompactResult", "RollbackResult"]
+__all__ = ["IngestResult", "EncodeResult", "RefreshResult", "DeleteResult", "CompactResult", "RollbackResult",
+           "ScoreAllResult"]
 
 
 class _Result:
@@ -72,8 +73,11 @@ class EncodeResult(_Result):
     items_per_s: float | None
     #: the first version, when this encode created it (the popularity rule)
     version: int | None = None
+    #: ``"ray"`` and the actors used, when encoded on the Ray engine (absent for the local one)
+    engine: str | None = None
+    workers: int | None = None
 
-    _optional: ClassVar[tuple[str, ...]] = ("version",)
+    _optional: ClassVar[tuple[str, ...]] = ("version", "engine", "workers")
 
 
 @dataclass(frozen=True)
@@ -160,3 +164,22 @@ class RollbackResult(_Result):
     warning: str | None = None
 
     _optional: ClassVar[tuple[str, ...]] = ("warning",)
+
+
+@dataclass(frozen=True)
+class ScoreAllResult(_Result):
+    """What :meth:`Store.score_all` did: every user's top-``k`` of ``version`` written to
+    ``batch_recommendations`` (its dataset version ``table_version``), on which engine, how fast."""
+
+    users: int
+    rows: int
+    k: int
+    version: int
+    engine: str
+    seconds: float
+    users_per_s: float | None
+    table_version: int
+    #: actors used by the Ray engine (absent for the local one)
+    workers: int | None = None
+
+    _optional: ClassVar[tuple[str, ...]] = ("workers",)

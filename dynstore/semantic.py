@@ -17,27 +17,35 @@ from typing import Any
 
 import numpy as np
 
-from .catalog import Catalog
+import pyarrow as pa
+
+from .catalog import Catalog, open_catalog
 from .compaction import maybe_compact
 from .encoders import check_batch_size
+from .errors import DynstoreError
+from .rayengine import (block_rows, blocks, check_engine, cluster_gpus, init_ray, map_actors, pool_size,
+                        require_ray)
 from .results import EncodeResult
 from .semcache import encoder_info, record_encoder, semantic_index, store_encoder, write_cache
 from .views import views_connection
 
-__all__ = ["encode", "semantic_vectors", "cached_vectors", "item_docs"]
+__all__ = ["encode", "encode_on_ray", "DocEncoder", "semantic_vectors", "cached_vectors", "item_docs"]
 
 CHUNK = 2048          # most documents per commit
 FIRST_CHUNK = 64      # the first commit comes early, whatever the encoder's speed
 CHUNK_SECONDS = 10.0  # later chunks are sized to take about this long
+RAY_BLOCK = 2048      # most documents per actor call on the Ray engine
 
 
 def encode(catalog: Catalog, *, all: bool = False, batch_size: int = 64, device: str | None = None,
-           progress: bool = False) -> EncodeResult:
+           progress: bool = False, engine: str = "local", workers: int | None = None) -> EncodeResult:
     """Encode the stale items of ``store`` (every item with ``all``).
 
     Returns counts: ``items`` (total), ``stale``, ``encoded`` (distinct
     documents sent to the encoder), ``reused`` (items served from the cache),
-    plus ``seconds`` and ``items_per_s``.
+    plus ``seconds`` and ``items_per_s``. ``engine="ray"`` encodes on a Ray
+    actor pool of ``workers`` actors (see :func:`encode_on_ray`); the cache it
+    fills is the same.
 
     Examples
     --------
@@ -49,9 +57,40 @@ def encode(catalog: Catalog, *, all: bool = False, batch_size: int = 64, device:
     (2, 1)
     """
     check_batch_size(batch_size)  # before the model loads, not after
+    if check_engine(engine) == "ray":
+        require_ray()  # the one-line error before any work
     t0 = time.perf_counter()
-    enc = store_encoder(catalog, device=device)
-    record_encoder(catalog, (enc.id, int(enc.dim)))
+    enc = store_encoder(catalog, device=device) if engine == "local" else None
+    enc_id, dim = (enc.id, int(enc.dim)) if enc is not None else encoder_info(catalog)
+    record_encoder(catalog, (enc_id, dim))
+    total, stale, docs = _documents(catalog, all)
+    bar = None
+    if progress and docs:
+        from tqdm import tqdm
+
+        bar = tqdm(total=len(docs), unit="doc", desc="encoding", file=sys.stderr, dynamic_ncols=True)
+    extra: dict[str, Any] = {}
+    try:
+        if enc is not None:
+            _encode_local(catalog, enc, docs, batch_size, bar)
+            used_device = getattr(enc, "device", "cpu")
+        else:
+            used_device, n = encode_on_ray(catalog, enc_id, docs, batch_size=batch_size, device=device,
+                                           workers=workers, bar=bar)
+            extra = {"engine": "ray", "workers": n}
+    finally:
+        if bar is not None:
+            bar.close()
+    maybe_compact(catalog, "cache/" + catalog.cache_uri(enc_id).rsplit("/", 1)[-1])
+    seconds = time.perf_counter() - t0
+    out = {"items": total, "stale": stale, "encoded": len(docs), "reused": total - stale,
+           "encoder": enc_id, "device": used_device, "seconds": round(seconds, 3),
+           "items_per_s": round(len(docs) / seconds, 1) if seconds > 0 else None}
+    return EncodeResult(**out, **extra)
+
+
+def _documents(catalog: Catalog, all: bool) -> tuple[int, int, list[tuple[str, str | None]]]:
+    """``(items, stale items, [(doc_hash, document)])``: the distinct documents to encode."""
     con = views_connection(catalog)
     try:
         total = con.execute("SELECT count(*) FROM item_documents").fetchall()[0][0]
@@ -62,31 +101,78 @@ def encode(catalog: Catalog, *, all: bool = False, batch_size: int = 64, device:
         ).fetchall()
     finally:
         con.close()
-    bar = None
-    if progress and docs:
-        from tqdm import tqdm
+    return total, stale, docs
 
-        bar = tqdm(total=len(docs), unit="doc", desc="encoding", file=sys.stderr, dynamic_ncols=True)
-    try:
-        start, size = 0, min(FIRST_CHUNK, CHUNK)
-        while start < len(docs):
-            part = docs[start:start + size]
-            t_part = time.perf_counter()
-            vecs = enc.encode([d for _, d in part], batch_size=batch_size,
-                              progress=bar.update if bar is not None else None)
-            write_cache(catalog, enc.id, [h for h, _ in part], np.asarray(vecs, dtype=np.float32))
-            start += len(part)
-            rate = len(part) / max(time.perf_counter() - t_part, 1e-3)
-            size = int(min(CHUNK, max(FIRST_CHUNK, rate * CHUNK_SECONDS)))
-    finally:
+
+def _encode_local(catalog: Catalog, enc, docs: list, batch_size: int, bar) -> None:
+    """Encode ``docs`` in this process, committing chunks that grow to about ``CHUNK_SECONDS``."""
+    start, size = 0, min(FIRST_CHUNK, CHUNK)
+    while start < len(docs):
+        part = docs[start:start + size]
+        t_part = time.perf_counter()
+        vecs = enc.encode([d for _, d in part], batch_size=batch_size,
+                          progress=bar.update if bar is not None else None)
+        write_cache(catalog, enc.id, [h for h, _ in part], np.asarray(vecs, dtype=np.float32))
+        start += len(part)
+        rate = len(part) / max(time.perf_counter() - t_part, 1e-3)
+        size = int(min(CHUNK, max(FIRST_CHUNK, rate * CHUNK_SECONDS)))
+
+
+class DocEncoder:
+    """A Ray actor holding the store's encoder: opens the store read-only (once),
+    loads the encoder, and turns blocks of ``(doc_hash, document)`` into
+    ``(doc_hash, vector)``. Refuses to run when its encoder is not the driver's."""
+
+    def __init__(self, path: str, encoder_id: str, device: str, batch_size: int):
+        self.encoder = store_encoder(open_catalog(path, read_only=True), device=device)
+        if self.encoder.id != encoder_id:
+            raise DynstoreError(f"{path}: a worker's encoder is {self.encoder.id}, the driver's {encoder_id}; "
+                                "rerun encode (the store's encoder changed)")
+        self.batch_size = batch_size
+
+    def __call__(self, block: pa.Table) -> pa.Table:
+        vecs = np.asarray(self.encoder.encode(block.column("document").to_pylist(), batch_size=self.batch_size),
+                          np.float32)
+        flat = pa.array(vecs.reshape(-1), pa.float32())
+        return pa.table({"doc_hash": block.column("doc_hash"),
+                         "vector": pa.FixedSizeListArray.from_arrays(flat, vecs.shape[1])})
+
+
+def encode_on_ray(catalog: Catalog, encoder_id: str, docs: list, *, batch_size: int = 64,
+                  device: str | None = None, workers: int | None = None, bar=None) -> tuple[str, int]:
+    """Encode ``docs`` on a Ray actor pool (:class:`DocEncoder`, one GPU each when the
+    cluster has GPUs: fp16 by the ``auto`` precision) and commit the vectors to the
+    cache as they come back, in chunks of at most :data:`CHUNK`: an interrupted run
+    keeps what was committed. Returns ``(device, actors)``."""
+    if not docs:
+        return (device or "cpu"), 0
+    init_ray()
+    gpus = cluster_gpus() if device != "cpu" else 0
+    if device == "cuda" and not gpus:
+        raise DynstoreError("--device cuda: the Ray cluster has no GPU")
+    used = "cuda" if gpus else "cpu"
+    table = pa.table({"doc_hash": pa.array([h for h, _ in docs], pa.string()),
+                      "document": pa.array([d for _, d in docs], pa.string())})
+    parts = blocks(table, block_rows(len(docs), workers, 64, RAY_BLOCK))
+    kwargs = {"path": str(catalog.path), "encoder_id": encoder_id, "device": used, "batch_size": batch_size}
+    pending: list[pa.Table] = []
+    for out in map_actors(parts, DocEncoder, kwargs, workers=workers, num_gpus=1 if gpus else 0):
+        pending.append(out)
         if bar is not None:
-            bar.close()
-    maybe_compact(catalog, "cache/" + catalog.cache_uri(enc.id).rsplit("/", 1)[-1])
-    seconds = time.perf_counter() - t0
-    out = {"items": total, "stale": stale, "encoded": len(docs), "reused": total - stale,
-           "encoder": enc.id, "device": getattr(enc, "device", "cpu"), "seconds": round(seconds, 3),
-           "items_per_s": round(len(docs) / seconds, 1) if seconds > 0 else None}
-    return EncodeResult(**out)
+            bar.update(out.num_rows)
+        if sum(t.num_rows for t in pending) >= CHUNK:
+            _write_vectors(catalog, encoder_id, pending)
+            pending = []
+    if pending:
+        _write_vectors(catalog, encoder_id, pending)
+    return used, pool_size(workers, len(parts))
+
+
+def _write_vectors(catalog: Catalog, encoder_id: str, parts: list[pa.Table]) -> None:
+    t = pa.concat_tables(parts)
+    dim = t.schema.field("vector").type.list_size
+    vecs = t.column("vector").combine_chunks().flatten().to_numpy(zero_copy_only=False).reshape(-1, dim)
+    write_cache(catalog, encoder_id, t.column("doc_hash").to_pylist(), vecs)
 
 
 def semantic_vectors(catalog: Catalog, item_ids: list[Any], *, encode_missing: bool = True) -> tuple[np.ndarray, np.ndarray]:

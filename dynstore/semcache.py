@@ -19,7 +19,7 @@ from .encoders import encoder_fingerprint, encoder_identity, get_encoder
 from .lock import writer_lock
 
 __all__ = ["store_encoder", "encoder_info", "record_encoder", "cache_dataset", "register_cache",
-           "write_cache", "SemanticIndex", "semantic_index", "snapshot"]
+           "write_cache", "SemanticIndex", "semantic_index", "snapshot", "pinned_at"]
 
 
 def store_encoder(catalog: Catalog, device: str | None = None):
@@ -138,7 +138,18 @@ def semantic_index(catalog: Catalog) -> SemanticIndex:
 
 def snapshot(catalog: Catalog) -> dict[str, int]:
     """Committed version of every dataset as ``catalog`` sees it (what a new query reads)."""
-    out = {name: catalog.version_of(name) for name in TABLES + ("embeddings", "versions")}
+    out = {name: catalog.version_of(name) for name in TABLES + ("embeddings", "versions", "batch_recommendations")}
     cache = cache_dataset(catalog)
     out["semantic"] = cache.version if cache is not None else 0
     return out
+
+
+def pinned_at(catalog: Catalog, at: dict[str, int]) -> Catalog:
+    """A read view of ``catalog`` at the versions ``at`` (what :func:`snapshot` returned,
+    perhaps in another process): the tables, the registry, the embeddings and the
+    store encoder's semantic cache."""
+    view = catalog.pinned(at)
+    if at.get("semantic"):
+        uri = view.cache_uri(encoder_info(view)[0])
+        view.pin(uri, view.latest.open(uri, at["semantic"]))
+    return view

@@ -258,8 +258,9 @@ def _segment_row(F: np.ndarray, theta: np.ndarray) -> np.ndarray:
 
 def _gather(ptr: np.ndarray, rows: np.ndarray, *arrays: np.ndarray, with_index: bool = False):
     """CSR slices of ``rows`` (-1 = empty) concatenated: (new_ptr, *values[, positions])."""
-    starts = np.where(rows >= 0, ptr[np.maximum(rows, 0)], 0)
-    ends = np.where(rows >= 0, ptr[np.maximum(rows, 0) + 1], 0)
+    safe = np.clip(rows, 0, max(ptr.size - 2, 0))  # a store without interactions has ptr == [0]
+    starts = np.where(rows >= 0, ptr[safe], 0)
+    ends = np.where(rows >= 0, ptr[np.minimum(safe + 1, ptr.size - 1)], 0)
     lens = ends - starts
     new_ptr = np.concatenate([[0], np.cumsum(lens)])
     idx = np.repeat(starts - new_ptr[:-1], lens) + np.arange(new_ptr[-1])

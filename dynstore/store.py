@@ -16,6 +16,7 @@ os.environ.setdefault("LANCE_LOG", "error")  # Lance warns on every first write
 
 import duckdb
 
+from .batch import score_all
 from .bootstrap import ensure_first_version
 from .catalog import TABLES, Catalog, open_catalog
 from .compaction import compact, maybe_compact
@@ -30,7 +31,8 @@ from .ingest import ingest
 from .inspection import inspect_store
 from .lock import writer_lock
 from .recommend import recommend
-from .results import CompactResult, DeleteResult, EncodeResult, IngestResult, RefreshResult, RollbackResult
+from .results import (CompactResult, DeleteResult, EncodeResult, IngestResult, RefreshResult, RollbackResult,
+                      ScoreAllResult)
 from .refresh import refresh
 from .registry import list_versions
 from .rules import validate_rules
@@ -362,22 +364,46 @@ class Store:
 
     # -- the recommender (implemented in their own modules) -------------------------
     def encode(self, *, all: bool = False, batch_size: int = 64, device: str | None = None,
-               progress: bool = False, precision: str | None = None) -> EncodeResult:
+               progress: bool = False, precision: str | None = None, engine: str = "local",
+               workers: int | None = None) -> EncodeResult:
         """Encode stale items (or every item with ``all=True``); see :mod:`dynstore.semantic`.
 
         ``precision`` (e.g. ``"int8"``), when given, first becomes the store's
         encoder precision (as ``configure(precision=...)``): an int8 encoder
         has its own id and cache, so every item is stale for it once.
+        ``engine="ray"`` encodes on a Ray actor pool of ``workers`` actors
+        (default: one per GPU, else per CPU, of the cluster); see :mod:`dynstore.rayengine`.
         """
         cat = self.catalog.latest
         cat.require_writable("encode")
         if precision is not None and check_precision(precision) != self.config.precision:
             self.configure(precision=precision)
         with cat.writing("encode"), writer_lock(self.path, "encode"):
-            out = encode(cat, all=all, batch_size=batch_size, device=device, progress=progress)
+            out = encode(cat, all=all, batch_size=batch_size, device=device, progress=progress, engine=engine,
+                         workers=workers)
         with cat.writing("encode"):
             version = ensure_first_version(cat)
         return out if version is None else replace(out, version=version)
+
+    def score_all(self, k: int = 100, *, engine: str = "local", workers: int | None = None) -> ScoreAllResult:
+        """Write every user's top-``k`` of the current version to the ``batch_recommendations``
+        table (one overwrite commit); see :mod:`dynstore.batch`. ``engine="ray"`` scores
+        batches of users on a Ray actor pool of ``workers`` actors.
+
+        Examples
+        --------
+        >>> import tempfile, dynstore, polars as pl
+        >>> store = dynstore.init(tempfile.mkdtemp() + "/s", model="fake")
+        >>> _ = store.ingest("items", pl.DataFrame({"item_id": [1, 2], "title": ["a", "b"]}))
+        >>> _ = store.ingest("users", pl.DataFrame({"user_id": [7]}))
+        >>> _ = store.encode()
+        >>> store.score_all(k=1).rows
+        1
+        """
+        cat = self.catalog.latest
+        cat.require_writable("score all users")
+        with cat.writing("score-all"), writer_lock(self.path, "score-all"):
+            return score_all(cat, k=k, engine=engine, workers=workers)
 
     def recommend(self, user_id: Any, k: int = 10, *, version: int | None = None,
                   candidates: Iterable[Any] | None = None, exact: bool = False) -> list[dict]:

@@ -21,7 +21,11 @@ from .rules import label_sql
 from .semcache import register_cache
 from .sqltext import sql_text, statements
 
-__all__ = ["attach_views", "create_views", "new_connection", "views_connection", "check_item_text"]
+__all__ = ["attach_views", "create_views", "new_connection", "views_connection", "check_item_text",
+           "BATCH_TABLE", "batch_schema"]
+
+#: The dataset (and SQL view) ``score-all`` writes: every user's top-k of one version.
+BATCH_TABLE = "batch_recommendations"
 
 
 def new_connection() -> duckdb.DuckDBPyConnection:
@@ -57,10 +61,20 @@ def _empty_tables(catalog: Catalog) -> dict[str, pa.Schema]:
     }
 
 
+def batch_schema(catalog: Catalog) -> pa.Schema:
+    """Columns of :data:`BATCH_TABLE`: ``user_id, rank`` (1 = best), ``item_id, score, version``."""
+    id_type = {"int": pa.int64(), "string": pa.string()}
+    return pa.schema([("user_id", id_type[catalog.id_type("user")]), ("rank", pa.int32()),
+                      ("item_id", id_type[catalog.id_type("item")]), ("score", pa.float64()),
+                      ("version", pa.int64())])
+
+
 def register_datasets(catalog: Catalog, con: duckdb.DuckDBPyConnection) -> None:
-    """``_dynstore_<table>``, the semantic cache, the registry and the embeddings on ``con``."""
+    """``_dynstore_<table>``, the semantic cache, the registry, the embeddings and the
+    batch recommendations on ``con``."""
     empties = _empty_tables(catalog)
-    for name in TABLES:
+    empties[BATCH_TABLE] = batch_schema(catalog)
+    for name in TABLES + (BATCH_TABLE,):
         ds = catalog.dataset(name)
         con.register(f"_dynstore_{name}", ds if ds is not None else empties[name].empty_table())
     register_cache(catalog, con)

@@ -51,3 +51,8 @@ CREATE OR REPLACE VIEW item_embeddings AS
 SELECT e.item_id, e.vector, e.bias
 FROM _dynstore_embeddings e
 WHERE e.version = (SELECT max(version) FROM _dynstore_versions WHERE status = 'current');
+
+-- Every user's top-k of one version, as the last `dynstore score-all` wrote it
+-- (one overwrite commit per run: a reader sees the old table or the new one whole).
+CREATE OR REPLACE VIEW batch_recommendations AS
+SELECT user_id, rank, item_id, score, version FROM _dynstore_batch_recommendations;

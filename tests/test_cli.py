@@ -350,3 +350,13 @@ def test_demo_refuses_a_directory_it_did_not_create(runner, tmp_path):
     assert (d / ".dynstore-demo").is_file() and (d / "store" / "dynstore.toml").is_file()
     r = run(runner, "demo", d, "--size", "tiny", "--model", "fake", "-q")
     assert r.exit_code == 0 and r.output == ""
+
+
+@exercises("score-all")
+def test_score_all_cli(runner, encoded):
+    r = run(runner, "score-all", encoded.path, "-k", "3", "--json")
+    assert r.exit_code == 0, r.output
+    out = json.loads(r.output)
+    assert out["engine"] == "local" and out["k"] == 3 and out["rows"] == 3 * out["users"]
+    r = run(runner, "score-all", encoded.path, "--workers", "2")
+    assert r.exit_code == 2 and "--workers needs --engine ray" in r.output
