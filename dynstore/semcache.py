@@ -14,9 +14,7 @@ import numpy as np
 import pyarrow as pa
 
 from .catalog import TABLES, Catalog
-from .config import CONFIG_NAME, StoreConfig
 from .encoders import encoder_fingerprint, encoder_identity, get_encoder
-from .lock import writer_lock
 
 __all__ = ["store_encoder", "encoder_info", "record_encoder", "cache_dataset", "register_cache",
            "write_cache", "SemanticIndex", "semantic_index", "snapshot"]
@@ -69,12 +67,12 @@ def record_encoder(catalog: Catalog, identity: tuple[str, int] | None = None) ->
     enc_id, dim = identity or encoder_info(catalog)
     if (cfg.encoder_id, cfg.encoder_dim, cfg.encoder_fingerprint) == (enc_id, dim, fp):
         return
-    with writer_lock(catalog.path, "config"):
-        disk = StoreConfig.load(catalog.path / CONFIG_NAME)
+    with catalog.lock("config"):
+        disk = catalog.load_config()
         if (disk.model, disk.max_length, disk.precision) != (cfg.model, cfg.max_length, cfg.precision):
             return
         disk.encoder_id, disk.encoder_dim, disk.encoder_fingerprint = enc_id, int(dim), fp
-        disk.save(catalog.path / CONFIG_NAME)
+        catalog.save_config(disk)
     catalog.config = disk
     if catalog.latest is not catalog:
         catalog.latest.config = disk
@@ -105,7 +103,7 @@ def write_cache(catalog: Catalog, enc_id: str, hashes: list[str], vectors: np.nd
                      schema=cache_schema(dim))
     ds = cache_dataset(catalog, enc_id)
     if ds is None:
-        lance.write_dataset(table, catalog.cache_uri(enc_id), mode="create")
+        lance.write_dataset(table, catalog.cache_uri(enc_id), mode="create", storage_options=catalog.storage_options)
     else:
         # Upsert: `encode --all` rewrites vectors of documents already cached.
         ds.merge_insert("doc_hash").when_matched_update_all().when_not_matched_insert_all().execute(table)
