@@ -21,6 +21,14 @@ time to live (``lease_ttl`` seconds, default 60).
   (it is one service) is the only clock that matters.
 * Release deletes the object if its ETag is still ours.
 
+Change checks: a reader learns of new commits by listing a dataset's
+``_versions/`` (one request per dataset) and of config changes by the config's
+ETag. On object storage these answers are reused for ``refresh_interval``
+seconds (default 1; 0 asks every statement): a reader may see another
+process's commit up to that much later. Within one process nothing is stale:
+taking or releasing any writer lock forgets every reused answer, and a writer
+holding a lock always asks.
+
 What it guarantees: while a writer renews its lease, no other dynstore writer
 of that kind runs. A holder paused longer than the ttl (a frozen VM, a stopped
 process) loses the lease and may overlap the next writer; its Lance commits
@@ -46,8 +54,35 @@ __all__ = ["ObjectStorage", "Lease", "LEASE_TTL", "storage_settings"]
 #: Seconds a lease lives without renewal (a killed writer's lease expires after this).
 LEASE_TTL = 60.0
 
+#: Seconds a reader reuses a dataset's or the config's change stamp (see the module docstring).
+REFRESH_INTERVAL = 1.0
+
 #: Settings that configure dynstore or boto3 only, not Lance.
-OWN_SETTINGS = ("lease_ttl",)
+OWN_SETTINGS = ("lease_ttl", "refresh_interval")
+
+
+class _Stamps:
+    """This process's change stamps, reused for ``refresh_interval`` seconds, and
+    how many writer locks it holds (while any is held, nothing is reused)."""
+
+    def __init__(self):
+        self.seen: dict[str, tuple[float, Any]] = {}
+        self.writing = 0
+
+    def get(self, key: str, interval: float, fetch) -> Any:
+        now = time.monotonic()
+        hit = self.seen.get(key)
+        if hit is not None and not self.writing and now - hit[0] < interval:
+            return hit[1]
+        value = fetch()
+        self.seen[key] = (now, value)
+        return value
+
+    def forget(self) -> None:
+        self.seen.clear()
+
+
+STAMPS = _Stamps()
 
 
 #: Environment variables read for an object store, by setting.
@@ -110,6 +145,7 @@ class ObjectStorage:
         self.explicit = dict(options or {})
         self.settings = storage_settings(self.explicit)
         self.lease_ttl = float(self.settings.get("lease_ttl", LEASE_TTL))
+        self.refresh_interval = float(self.settings.get("refresh_interval", REFRESH_INTERVAL))
         self.client_lock = threading.Lock()
         self.s3: Any = None
 
@@ -122,6 +158,7 @@ class ObjectStorage:
         """Apply the config's ``[storage]`` table under the argument and the environment."""
         self.settings = storage_settings(self.explicit, table)
         self.lease_ttl = float(self.settings.get("lease_ttl", LEASE_TTL))
+        self.refresh_interval = float(self.settings.get("refresh_interval", REFRESH_INTERVAL))
 
     @property
     def client(self):
@@ -146,12 +183,6 @@ class ObjectStorage:
     def read_bytes(self, name: str) -> bytes:
         try:
             return self.client.get_object(Bucket=self.bucket, Key=self.key(name))["Body"].read()
-        except Exception as exc:
-            raise self._os_error(exc, name) from None
-
-    def write_bytes(self, name: str, data: bytes) -> None:
-        try:
-            self.client.put_object(Bucket=self.bucket, Key=self.key(name), Body=data)
         except Exception as exc:
             raise self._os_error(exc, name) from None
 
@@ -213,15 +244,30 @@ class ObjectStorage:
         return sum(int(o.get("Size", 0)) for o in self._list(self.key(name).rstrip("/") + "/"))
 
     def stamp(self, name: str) -> str:
-        """The ETag of an object: changes when anyone rewrites it."""
+        """The ETag of an object: changes when anyone rewrites it (reused for ``refresh_interval``)."""
+        return STAMPS.get(self.uri(name), self.refresh_interval, lambda: self._etag(name))
+
+    def _etag(self, name: str) -> str:
         try:
             return str(self.client.head_object(Bucket=self.bucket, Key=self.key(name))["ETag"])
         except Exception as exc:
             raise self._os_error(exc, name) from None
 
+    def write_bytes(self, name: str, data: bytes) -> None:
+        try:
+            self.client.put_object(Bucket=self.bucket, Key=self.key(name), Body=data)
+        except Exception as exc:
+            raise self._os_error(exc, name) from None
+        finally:
+            STAMPS.forget()
+
     def dataset_stamp(self, uri: str) -> str | None:
-        """The newest manifest of the Lance dataset at ``uri``, None when absent: one list
-        request (Lance names manifests so that the newest sorts first)."""
+        """Changes with every commit to the Lance dataset at ``uri``; None when absent
+        (reused for ``refresh_interval``)."""
+        return STAMPS.get(uri, self.refresh_interval, lambda: self._newest_manifest(uri))
+
+    def _newest_manifest(self, uri: str) -> str | None:
+        """One list request: Lance names manifests so that the newest sorts first."""
         first = self._list(self.key_of(uri) + "/_versions/", limit=1)
         if not first:
             return None
@@ -249,9 +295,12 @@ class ObjectStorage:
     def lock(self, kind: str, wait: float = 2.0) -> Iterator[None]:
         lease = Lease(self.client, self.bucket, self.key(f"locks/{kind}.lease"), ttl=self.lease_ttl)
         lease.acquire(wait, what=f"store {self.root} is busy: another {kind}")
+        STAMPS.writing += 1
         try:
             yield
         finally:
+            STAMPS.writing -= 1
+            STAMPS.forget()
             lease.release()
 
 

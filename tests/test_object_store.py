@@ -35,20 +35,42 @@ def s3_server():
     server.stop()
 
 
-@pytest.fixture
-def bucket(s3_server, monkeypatch):
-    """A fresh bucket; the environment points boto3 and Lance at the moto server."""
+@pytest.fixture(scope="module")
+def s3_env(s3_server):
+    """The environment points boto3 and Lance at the moto server (dummy keys)."""
+    with pytest.MonkeyPatch.context() as mp:
+        for key, value in {"AWS_ACCESS_KEY_ID": "testing-key", "AWS_SECRET_ACCESS_KEY": SECRET,
+                           "AWS_REGION": "us-east-1", "AWS_ENDPOINT_URL": s3_server, "AWS_ALLOW_HTTP": "true"}.items():
+            mp.setenv(key, value)
+        for key in ("AWS_ENDPOINT", "AWS_ENDPOINT_URL_S3", "AWS_PROFILE", "AWS_SESSION_TOKEN"):
+            mp.delenv(key, raising=False)
+        yield s3_server
+
+
+def _new_bucket(endpoint):
     import boto3
 
-    for key, value in {"AWS_ACCESS_KEY_ID": "testing-key", "AWS_SECRET_ACCESS_KEY": SECRET,
-                       "AWS_REGION": "us-east-1", "AWS_ENDPOINT_URL": s3_server, "AWS_ALLOW_HTTP": "true"}.items():
-        monkeypatch.setenv(key, value)
-    for key in ("AWS_ENDPOINT", "AWS_ENDPOINT_URL_S3", "AWS_PROFILE", "AWS_SESSION_TOKEN"):
-        monkeypatch.delenv(key, raising=False)
     name = f"b-{uuid.uuid4().hex[:12]}"
-    client = boto3.client("s3", endpoint_url=s3_server, region_name="us-east-1")
+    client = boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1")
     client.create_bucket(Bucket=name)
     return client, name
+
+
+@pytest.fixture
+def bucket(s3_env):
+    """A fresh bucket."""
+    return _new_bucket(s3_env)
+
+
+@pytest.fixture(scope="module")
+def built(s3_env, tmp_path_factory):
+    """``(client, bucket, uri, store)``: a store built once (init, ingest, encode, refresh)."""
+    client, name = _new_bucket(s3_env)
+    uri = f"s3://{name}/shop"
+    store, result = _build(uri, _shop_files(tmp_path_factory.mktemp("shop")))
+    assert result.status in ("current", "rejected", "candidate")
+    yield client, name, uri, store
+    store.close()
 
 
 def _shop_files(d, n_users=24, n_items=30, n_events=600):
@@ -78,11 +100,8 @@ def _build(uri, files):
     return store, result
 
 
-def test_python_api_end_to_end(bucket, tmp_path):
-    client, name = bucket
-    uri = f"s3://{name}/shop"
-    store, result = _build(uri, _shop_files(tmp_path))
-    assert result.status in ("current", "rejected", "candidate")
+def test_python_api_end_to_end(built):
+    client, name, uri, store = built
     assert store.path == uri and store.catalog.id_type("user") == "string"
     recs = store.sql("SELECT recommend('u3', 5) AS r").fetchall()[0][0]
     assert 0 < len(recs) <= 5 and all(r["item_id"].startswith("sku-") for r in recs)
@@ -99,9 +118,7 @@ def test_python_api_end_to_end(bucket, tmp_path):
         assert reader.inspect()["tables"]["interactions"]["rows"] == 600
     out = store.compact(retain_seconds=0)
     assert "interactions" in out.datasets and not out.skipped
-    assert store.recommend("u3", 5) == recs or [r["item_id"] for r in store.recommend("u3", 5)] == \
-        [r["item_id"] for r in recs]
-    store.close()
+    assert [r["item_id"] for r in store.recommend("u3", 5)] == [r["item_id"] for r in recs]
 
 
 def test_cli_end_to_end(bucket, tmp_path):
@@ -131,10 +148,8 @@ def test_cli_end_to_end(bucket, tmp_path):
         assert store.versions()[0]["version"] >= 1
 
 
-def test_reader_keeps_its_snapshot_while_a_writer_ingests(bucket, tmp_path):
-    _client, name = bucket
-    uri, files = f"s3://{name}/shop", _shop_files(tmp_path)
-    writer, _ = _build(uri, files)
+def test_reader_keeps_its_snapshot_while_a_writer_ingests(built, tmp_path):
+    _client, _name, uri, writer = built
     reader = dynstore.connect(uri, read_only=True)
     con = reader.connection()  # pinned at the commits it first sees
     q = "SELECT (SELECT count(*) FROM interactions) AS n, recommend('u5', 5) AS r"
@@ -148,7 +163,6 @@ def test_reader_keeps_its_snapshot_while_a_writer_ingests(bucket, tmp_path):
     assert con.sql(q).fetchall()[0][0] == n0 + 20
     con.close()
     reader.close()
-    writer.close()
 
 
 def test_lease_excludes_a_second_writer_and_expires(bucket, tmp_path):
@@ -197,15 +211,12 @@ def _users(d):
     return d / "users.csv"
 
 
-def test_no_secret_in_the_store(bucket, tmp_path):
-    client, name = bucket
-    uri = f"s3://{name}/shop"
-    store, _ = _build(uri, _shop_files(tmp_path))
+def test_no_secret_in_the_store(built):
+    client, name, _uri, _store = built
     with pytest.raises(DynstoreError, match="secret"):
         from dynstore.config import StoreConfig
 
         StoreConfig.parse('format_version = 1\n[storage]\naws_secret_access_key = "x"\n', "t")
-    store.close()
     objects = client.list_objects_v2(Bucket=name)["Contents"]
     assert len(objects) > 20
     for o in objects:
@@ -228,3 +239,19 @@ def test_missing_store_and_storage_table(bucket):
     again = dynstore.connect(f"s3://{name}/s")
     assert again.catalog.storage.lease_ttl == 7.0 and again.config.storage == {"lease_ttl": "7"}
     store.close()
+
+
+def test_local_stores_never_import_boto3(tmp_path):
+    import subprocess
+    import sys
+
+    (tmp_path / "items.csv").write_text("item_id,title\n1,a hat\n")
+    code = ("import sys, dynstore\n"
+            f"s = dynstore.init({str(tmp_path / 's')!r}, model='fake')\n"
+            f"s.ingest('items', {str(tmp_path / 'items.csv')!r})\n"
+            "s.sql('SELECT count(*) FROM items').fetchall()\n"
+            "print(sorted(m for m in sys.modules if m.split('.')[0] in ('boto3', 'botocore')"
+            " or m == 'dynstore.objectstore'))\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[]"
