@@ -38,7 +38,8 @@ def s3_data(directory: Path, rows: int, n_items: int = 2000, n_users: int = 5000
                   "category": [f"c{i % 17}" for i in range(n_items)]}).write_parquet(directory / "items.parquet")
     users = rng.integers(0, n_users, rows)
     items = (rng.zipf(1.3, rows) + users * 7) % n_items
-    ts = (np.datetime64("2025-05-01") + np.sort(rng.integers(0, 28 * 86400, rows)).astype("timedelta64[s]")).astype("datetime64[ms]")
+    seconds = np.sort(rng.integers(0, 28 * 86400, rows)).astype("timedelta64[s]")
+    ts = (np.datetime64("2025-05-01") + seconds).astype("datetime64[ms]")
     pl.DataFrame({"user_id": [f"u{u}" for u in users], "item_id": [f"sku-{i}" for i in items], "ts": ts,
                   "event": rng.choice(["click", "click", "view", "purchase", "skip"], rows)}
                  ).write_parquet(directory / "interactions.parquet")

@@ -113,7 +113,8 @@ def _orphans(catalog: Catalog) -> dict:
         orphan = sorted(present - known)
         if orphan:
             n = emb.count_rows(filter=f"version IN ({', '.join(map(str, orphan))})")
-            lance.dataset(catalog.uri("embeddings"), storage_options=catalog.storage_options).delete(f"version IN ({', '.join(map(str, orphan))})")
+            latest = lance.dataset(catalog.uri("embeddings"), storage_options=catalog.storage_options)
+            latest.delete(f"version IN ({', '.join(map(str, orphan))})")
             removed["embedding_rows"] = n
     for folder in ("models", "index"):
         for f in catalog.storage.names(folder):

@@ -199,14 +199,15 @@ class StoreConfig:
     def as_dict(self) -> dict:
         return asdict(self)
 
-    def encoder_spec(self, root: Path) -> str:
+    def encoder_spec(self, root: Path | None) -> str:
         """``model`` with a store-relative path (a fine-tuned encoder under
-        ``encoders/``) made absolute, so the store directory can move.
+        ``encoders/``) made absolute, so the store directory can move
+        (``root`` None: the store has no local directory).
 
         >>> StoreConfig(model="minilm").encoder_spec(Path("/tmp"))
         'minilm'
         """
-        if self.model.startswith("encoders/") and (Path(root) / self.model).is_dir():
+        if root is not None and self.model.startswith("encoders/") and (Path(root) / self.model).is_dir():
             return str(Path(root) / self.model)
         return self.model
 

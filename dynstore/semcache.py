@@ -23,7 +23,7 @@ __all__ = ["store_encoder", "encoder_info", "record_encoder", "cache_dataset", "
 def store_encoder(catalog: Catalog, device: str | None = None):
     """The store's encoder (loaded once per process)."""
     cfg = catalog.config
-    return get_encoder(cfg.encoder_spec(catalog.path), device=device, max_length=cfg.max_length,
+    return get_encoder(cfg.encoder_spec(catalog.storage.local_dir("")), device=device, max_length=cfg.max_length,
                        precision=cfg.precision)
 
 
@@ -36,7 +36,7 @@ def encoder_info(catalog: Catalog) -> tuple[str, int]:
     weights, imports no torch); loading the encoder (a registered factory).
     """
     cfg = catalog.config
-    spec, max_length = cfg.encoder_spec(catalog.path), cfg.max_length
+    spec, max_length = cfg.encoder_spec(catalog.storage.local_dir("")), cfg.max_length
     fp = encoder_fingerprint(spec, max_length=max_length, precision=cfg.precision)
     hit = _INFO.get(fp)
     if hit is None:
@@ -63,7 +63,8 @@ def record_encoder(catalog: Catalog, identity: tuple[str, int] | None = None) ->
     if catalog.read_only:
         return
     cfg = catalog.config
-    fp = encoder_fingerprint(cfg.encoder_spec(catalog.path), max_length=cfg.max_length, precision=cfg.precision)
+    fp = encoder_fingerprint(cfg.encoder_spec(catalog.storage.local_dir("")), max_length=cfg.max_length,
+                             precision=cfg.precision)
     enc_id, dim = identity or encoder_info(catalog)
     if (cfg.encoder_id, cfg.encoder_dim, cfg.encoder_fingerprint) == (enc_id, dim, fp):
         return

@@ -352,7 +352,8 @@ class Store:
             validate_rules(new)
             if ("model" in changes and changes["model"]) or changes.get("precision") == "int8":
                 # an unusable encoder fails here, not at the next encode
-                get_encoder(new.encoder_spec(self.path), max_length=new.max_length, precision=new.precision)
+                get_encoder(new.encoder_spec(cat.storage.local_dir("")), max_length=new.max_length,
+                            precision=new.precision)
             old, cat.config = cat.config, new
             try:
                 check_item_text(cat)

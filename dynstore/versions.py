@@ -120,7 +120,8 @@ def _commit_registry(catalog: Catalog, rows: list[dict], number: int, new_encode
     """The registry commit that publishes a version (and switches the encoder with it)."""
     if new_encoder is not None:
         cfg = catalog.config
-        fp = encoder_fingerprint(cfg.encoder_spec(catalog.path), max_length=cfg.max_length, precision=cfg.precision)
+        fp = encoder_fingerprint(cfg.encoder_spec(catalog.storage.local_dir("")), max_length=cfg.max_length,
+                                 precision=cfg.precision)
         switch.begin(catalog, number, cfg.model, (*new_encoder, fp))
     write_registry(catalog, rows)
     if new_encoder is not None:

@@ -119,6 +119,14 @@ def test_python_api_end_to_end(built):
     out = store.compact(retain_seconds=0)
     assert "interactions" in out.datasets and not out.skipped
     assert [r["item_id"] for r in store.recommend("u3", 5)] == [r["item_id"] for r in recs]
+    # the other writers: config, delete, impressions, rollback
+    store.configure(retain_seconds=120)
+    assert dynstore.connect(uri).config.retain_seconds == 120
+    assert store.delete("interactions", "event = 'skip'", dry_run=True).deleted > 0
+    assert store.log_impressions("u3", [recs[0]["item_id"]]) == 1
+    if len(store.versions()) > 1:
+        assert store.rollback(1).version == 1 and store.versions()[0]["status"] in ("current", "retired")
+        assert store.sql("SELECT max(version) FROM versions WHERE status = 'current'").fetchall()[0][0] == 1
 
 
 def test_cli_end_to_end(bucket, tmp_path):
