@@ -1,5 +1,8 @@
 """The scale-out path, measured against the local engine in the same run.
 
+``--part s3`` (issue 13): a store on object storage (moto's S3 server) against a
+local one -- ingest, ``GROUP BY``, ``recommend`` (see ``bench_scale_s3.py``).
+
 ``--part ray`` (issue 13): the Ray engine against the local one on this machine --
 
 * encode, fake encoder, ``--items`` documents (default 20k): seconds local vs Ray
@@ -156,7 +159,8 @@ def part_ray(args) -> dict:
 
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--part", choices=["ray"], required=True)
+    p.add_argument("--part", choices=["ray", "s3"], required=True)
+    p.add_argument("--rows", type=int, default=100_000, help="interactions for --part s3")
     p.add_argument("--items", type=int, default=20_000, help="documents for the fake-encoder encode")
     p.add_argument("--minilm-items", type=int, default=2_000, help="documents for the MiniLM encode")
     p.add_argument("--shop", default="small", help="sample shop size for score-all")
@@ -164,6 +168,11 @@ def main(argv=None) -> None:
     p.add_argument("--cpus", type=int, default=None, help="CPUs of the local Ray cluster (default: all)")
     p.add_argument("--json", default=None, help="write the figures here")
     args = p.parse_args(argv)
+    if args.part == "s3":
+        import bench_scale_s3
+
+        bench_scale_s3.main(["--part", "s3", "--rows", str(args.rows)])
+        return
     print(load(), flush=True)
     out = part_ray(args)
     print(out["load_after"])

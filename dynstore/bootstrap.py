@@ -14,7 +14,6 @@ from .dynamics import DynamicSpec, rule_half_life
 from .errors import DynstoreError
 from .features import FeatureSpec
 from .holdout import evaluate_version
-from .lock import writer_lock
 from .model import FusionModel
 from .registry import registry_table, rule_window, write_registry
 from .semcache import encoder_info
@@ -77,7 +76,7 @@ def _record_rule_metrics(catalog: Catalog, number: int) -> None:
     except Exception as exc:  # figures are an annotation: never fail the encode that made the version
         metrics = {"holdout": {}, "note": str(exc) if isinstance(exc, DynstoreError) else
                    f"not evaluated: {type(exc).__name__}: {exc}"}
-    with writer_lock(catalog.path, "versions", wait=30):
+    with catalog.lock("versions", wait=30):
         switch.settle_keeping(catalog)
         rows = registry_table(catalog).to_pylist()
         for r in rows:

@@ -15,6 +15,10 @@ Layout of a store directory::
     index/v<N>.lance         a version's vector index (large catalogues)
     models/v<N>.safetensors  per-version model parameters (+ v<N>.json)
     locks/<kind>.lock        writer locks (flock; released when a process dies)
+    locks/<kind>.lease       the same on object storage (leases, see dynstore.objectstore)
+
+The store may be a local directory or a prefix on object storage
+(``s3://bucket/shop``): :class:`~dynstore.storage.Storage` hides which.
 """
 from __future__ import annotations
 
@@ -26,9 +30,9 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from .config import CONFIG_NAME, StoreConfig
-from .errors import DynstoreError, ReadOnlyError, StorageError, StoreNotFound, first_line
+from .errors import DynstoreError, ReadOnlyError, StorageError, StoreFormatError, StoreNotFound, first_line
 from .lancescan import enable_dictionary_filters, enable_row_estimates
-from .lock import writer_lock
+from .storage import Storage, open_storage
 from .switch import effective
 
 __all__ = ["Catalog", "Memo", "TABLES", "open_catalog"]
@@ -74,8 +78,9 @@ class Catalog:
 
     Parameters
     ----------
-    path : Path
-        The store directory (it holds ``dynstore.toml``).
+    storage : Storage
+        Where the store lives (it holds ``dynstore.toml``): a local directory
+        or a prefix on object storage.
     config : StoreConfig
         The config the store runs with (a pending encoder switch resolved).
     read_only : bool
@@ -90,9 +95,11 @@ class Catalog:
     (True, True)
     """
 
-    def __init__(self, path: Path, config: StoreConfig, *, read_only: bool = False,
+    def __init__(self, storage: Storage, config: StoreConfig, *, read_only: bool = False,
                  view_of: "Catalog | None" = None):
-        self.path = Path(path)
+        self.storage = storage
+        #: the store's root: a ``Path`` for a local store, the URI (``s3://...``) on object storage
+        self.path: Any = storage.root
         self.config = config
         self.read_only = read_only
         #: shared with every pinned view: entries are keyed by dataset versions
@@ -108,21 +115,39 @@ class Catalog:
     def uri(self, name: str) -> str:
         """Location of the dataset ``name`` (a table, ``embeddings`` or ``versions``)."""
         if name in TABLES:
-            return str(self.path / "tables" / f"{name}.lance")
-        return str(self.path / f"{name}.lance")
+            return self.storage.uri(f"tables/{name}.lance")
+        return self.storage.uri(f"{name}.lance")
 
     def cache_uri(self, encoder_id: str) -> str:
         """Location of an encoder's semantic cache."""
         slug = re.sub(r"[^A-Za-z0-9._-]+", "_", encoder_id)
-        return str(self.path / "cache" / f"{slug}.lance")
+        return self.storage.uri(f"cache/{slug}.lance")
 
     def index_uri(self, version: int) -> str:
         """Location of a version's vector index."""
-        return str(self.path / "index" / f"v{int(version)}.lance")
+        return self.storage.uri(f"index/v{int(version)}.lance")
 
-    def model_path(self, version: int, suffix: str = ".safetensors") -> Path:
-        """A version's model file (``.safetensors`` parameters or ``.json`` settings)."""
-        return self.path / "models" / f"v{int(version)}{suffix}"
+    def model_name(self, version: int, suffix: str = ".safetensors") -> str:
+        """A version's model file (``.safetensors`` parameters or ``.json`` settings),
+        relative to the store (read and write it through :attr:`storage`)."""
+        return f"models/v{int(version)}{suffix}"
+
+    def where(self, name: str) -> str:
+        """The full location of ``name`` (relative to the store), for messages."""
+        return self.storage.uri(name)
+
+    def relative(self, uri: str) -> str:
+        """``uri`` (under the store) relative to the store's root."""
+        return uri[len(self.storage.uri("")):].strip("/")
+
+    @property
+    def storage_options(self) -> dict[str, str] | None:
+        """Lance's ``storage_options`` for this store's datasets (None locally)."""
+        return self.storage.storage_options
+
+    def lock(self, kind: str, wait: float = 2.0):
+        """The ``kind`` writer lock (a context manager; :class:`StoreBusy` after ``wait`` seconds)."""
+        return self.storage.lock(kind, wait=wait)
 
     # -- datasets ------------------------------------------------------------------
     def dataset(self, name: str, version: int | None = None):
@@ -145,18 +170,17 @@ class Catalog:
             if uri not in self._pins:
                 self._pins[uri] = self._base.open(uri)
             return self._pins[uri]
-        try:
-            # A commit adds a manifest to _versions/, which changes the
-            # directory's mtime: a cheap way to reuse the open dataset.
-            stamp = os.stat(os.path.join(uri, "_versions")).st_mtime_ns
-        except FileNotFoundError:
+        # changes with every commit: a cheap way to reuse the open dataset
+        stamp = self.storage.dataset_stamp(uri)
+        if stamp is None:
             return None
         options = TABLE_SCAN if os.path.basename(os.path.dirname(uri)) == "tables" else None
+        so = self.storage.storage_options
         if version is not None:
-            return lance.dataset(uri, version=version, default_scan_options=options)
+            return lance.dataset(uri, version=version, default_scan_options=options, storage_options=so)
         hit = self._open.get(uri)
         if hit is None or hit[0] != stamp:
-            hit = self._open[uri] = (stamp, lance.dataset(uri, default_scan_options=options))
+            hit = self._open[uri] = (stamp, lance.dataset(uri, default_scan_options=options, storage_options=so))
         return hit[1]
 
     def version_of(self, name: str) -> int:
@@ -183,7 +207,7 @@ class Catalog:
         base = self._base
         config = StoreConfig(**base.config.as_dict())
         config.id_types = dict(base.config.id_types)
-        view = Catalog(base.path, config, read_only=base.read_only, view_of=base)
+        view = Catalog(base.storage, config, read_only=base.read_only, view_of=base)
         for name in TABLES + ("embeddings", "versions"):
             version = (at or {}).get(name)
             if version:
@@ -205,21 +229,29 @@ class Catalog:
     # -- config --------------------------------------------------------------------
     def reload_config(self) -> None:
         """Read the config file again (another process may have changed it)."""
-        self.config = effective(self.path, StoreConfig.load(self.path / CONFIG_NAME))
+        self.config = effective(self.storage, self.load_config())
         if self._base is not self:
             self._base.config = self.config
 
-    def config_stamp(self) -> int:
-        """Modification time of the config file: changes when anyone writes it."""
-        return os.stat(self.path / CONFIG_NAME).st_mtime_ns
+    def load_config(self) -> StoreConfig:
+        """The config file as written (a pending encoder switch not resolved)."""
+        return load_config(self.storage)
+
+    def save_config(self, config: StoreConfig) -> None:
+        """Replace the config file (atomically); the caller holds the ``config`` lock."""
+        self.storage.write_bytes(CONFIG_NAME, config.to_text().encode("utf-8"))
+
+    def config_stamp(self) -> Any:
+        """Changes when anyone writes the config file (mtime, or ETag on object storage)."""
+        return self.storage.stamp(CONFIG_NAME)
 
     def record_id_types(self, id_types: dict[str, str]) -> None:
         """Write the id types an ingest fixed (``{"user": "string"}``) into the config."""
-        with writer_lock(self.path, "config"):
+        with self.lock("config"):
             self.reload_config()
             if self.config.id_types != {**self.config.id_types, **id_types}:
                 self.config.id_types.update(id_types)
-                self.config.save(self.path / CONFIG_NAME)
+                self.save_config(self.config)
 
     def id_type(self, kind: str) -> str:
         """``"int"`` or ``"string"``: the stored type of ``user``/``item`` ids (int before any ingest)."""
@@ -261,11 +293,23 @@ def storage_reason(exc: BaseException) -> str:
     return text.split(", /", 1)[0].strip()
 
 
-def open_catalog(path: str | os.PathLike, *, read_only: bool = False) -> Catalog:
-    """The catalog of the store at ``path``; :class:`StoreNotFound` if there is none."""
-    root = Path(path)
-    cfg_path = root / CONFIG_NAME
-    if not cfg_path.is_file():
-        why = "does not exist" if not root.exists() else "is not a dynstore store (no dynstore.toml)"
-        raise StoreNotFound(f"{root}: {why}; create one with `dynstore init`")
-    return Catalog(root, effective(root, StoreConfig.load(cfg_path)), read_only=read_only)
+def load_config(storage: Storage) -> StoreConfig:
+    """The config file of the store in ``storage``, its ``[storage]`` table applied to it."""
+    try:
+        text = storage.read_bytes(CONFIG_NAME).decode("utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise StoreFormatError(f"{storage.uri(CONFIG_NAME)}: unreadable store config ({exc})") from None
+    config = StoreConfig.parse(text, storage.uri(CONFIG_NAME))
+    storage.configure(config.storage)
+    return config
+
+
+def open_catalog(path: str | os.PathLike, *, read_only: bool = False,
+                 storage_options: dict | None = None) -> Catalog:
+    """The catalog of the store at ``path`` (a directory or ``s3://bucket/prefix``);
+    :class:`StoreNotFound` if there is none."""
+    storage = open_storage(path, storage_options)
+    if not storage.exists(CONFIG_NAME):
+        why = "does not exist" if not storage.exists("") else "is not a dynstore store (no dynstore.toml)"
+        raise StoreNotFound(f"{storage.root}: {why}; create one with `dynstore init`")
+    return Catalog(storage, effective(storage, load_config(storage)), read_only=read_only)

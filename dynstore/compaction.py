@@ -33,66 +33,50 @@ from __future__ import annotations
 
 import datetime as _dt
 import json
-import os
-import shutil
 from typing import Any
 
 from .catalog import TABLES, Catalog
 from .errors import StoreBusy
-from .lock import writer_lock
 from .registry import registry_table
 from .results import CompactResult
+from .storage import LocalStorage
 
 __all__ = ["compact", "maybe_compact", "dataset_stats"]
 
 
-def _size(path: str) -> int:
-    total = 0
-    for root, _, files in os.walk(path):
-        for f in files:
-            try:
-                total += os.path.getsize(os.path.join(root, f))
-            except OSError:
-                pass  # removed while we walked (a concurrent cleanup)
-    return total
-
-
-def dataset_stats(ds, uri: str) -> dict:
-    """``{"fragments", "versions", "bytes"}`` of a Lance dataset (zeros when absent)."""
+def dataset_stats(ds, uri: str, catalog: Catalog | None = None) -> dict:
+    """``{"fragments", "versions", "bytes"}`` of the Lance dataset at ``uri`` (zeros when
+    absent); ``catalog``: the store holding it (default: a local directory)."""
     if ds is None:
         return {"fragments": 0, "versions": 0, "bytes": 0}
-    try:
-        n_versions = len(os.listdir(os.path.join(uri, "_versions")))
-    except OSError:
-        n_versions = 0
-    return {"fragments": len(ds.get_fragments()), "versions": n_versions, "bytes": _size(uri)}
+    storage, name = (LocalStorage(uri), "") if catalog is None else (catalog.storage, catalog.relative(uri))
+    n_versions = len(storage.names(f"{name}/_versions" if name else "_versions"))
+    return {"fragments": len(ds.get_fragments()), "versions": n_versions, "bytes": storage.size(name)}
 
 
 def _datasets(catalog: Catalog) -> list[tuple[str, str, str]]:
-    """``(name, uri, lock kind)`` of every dataset of the store."""
-    out = [(t, catalog.uri(t), f"ingest-{t}") for t in TABLES]
-    out += [("embeddings", catalog.uri("embeddings"), "versions"),
-            ("versions", catalog.uri("versions"), "versions")]
-    if os.path.isdir(catalog.uri("batch_recommendations")):  # score-all overwrites it: old versions pile up
-        out.append(("batch_recommendations", catalog.uri("batch_recommendations"), "score-all"))
-    cache_dir = catalog.path / "cache"
-    if cache_dir.is_dir():
-        for d in sorted(cache_dir.iterdir()):
-            if d.suffix == ".lance":
-                out.append((f"cache/{d.name}", str(d), "encode"))
+    """``(name, location relative to the store, lock kind)`` of every dataset of the store."""
+    out = [(t, f"tables/{t}.lance", f"ingest-{t}") for t in TABLES]
+    out += [("embeddings", "embeddings.lance", "versions"), ("versions", "versions.lance", "versions")]
+    if catalog.dataset("batch_recommendations") is not None:  # score-all overwrites it: old versions pile up
+        out.append(("batch_recommendations", "batch_recommendations.lance", "score-all"))
+    for d in catalog.storage.names("cache"):
+        if d.endswith(".lance"):
+            out.append((f"cache/{d}", f"cache/{d}", "encode"))
     return out
 
 
-def _compact_one(uri: str, retain_seconds: float, *, force: bool) -> dict:
-    """Compact one dataset and drop its versions superseded more than ``retain_seconds`` ago.
-    The caller holds the dataset's writer lock."""
+def _compact_one(catalog: Catalog, name: str, retain_seconds: float, *, force: bool) -> dict:
+    """Compact the dataset ``name`` (relative to the store) and drop its versions superseded
+    more than ``retain_seconds`` ago. The caller holds the dataset's writer lock."""
     import lance
 
-    ds = lance.dataset(uri)
-    before = dataset_stats(ds, uri)
+    uri, so = catalog.where(name), catalog.storage_options
+    ds = lance.dataset(uri, storage_options=so)
+    before = dataset_stats(ds, uri, catalog)
     if before["fragments"] > 1:
         ds.optimize.compact_files()
-        ds = lance.dataset(uri)
+        ds = lance.dataset(uri, storage_options=so)
     versions = ds.versions()
     now = _dt.datetime.now()
     cutoff = now - _dt.timedelta(seconds=retain_seconds)
@@ -110,8 +94,8 @@ def _compact_one(uri: str, retain_seconds: float, *, force: bool) -> dict:
         # under the writer lock, since no one else writes this dataset now
         ds.cleanup_old_versions(versions=old or None, older_than=None if old else _dt.timedelta(days=36500),
                                 delete_unverified=True, error_if_tagged_old_versions=False)
-        ds = lance.dataset(uri)
-    after = dataset_stats(ds, uri)
+        ds = lance.dataset(uri, storage_options=so)
+    after = dataset_stats(ds, uri, catalog)
     return {"fragments": [before["fragments"], after["fragments"]], "versions": [before["versions"], after["versions"]],
             "bytes": [before["bytes"], after["bytes"]]}
 
@@ -131,22 +115,15 @@ def _orphans(catalog: Catalog) -> dict:
         orphan = sorted(present - known)
         if orphan:
             n = emb.count_rows(filter=f"version IN ({', '.join(map(str, orphan))})")
-            lance.dataset(catalog.uri("embeddings")).delete(f"version IN ({', '.join(map(str, orphan))})")
+            latest = lance.dataset(catalog.uri("embeddings"), storage_options=catalog.storage_options)
+            latest.delete(f"version IN ({', '.join(map(str, orphan))})")
             removed["embedding_rows"] = n
-    models = catalog.path / "models"
-    if models.is_dir():
-        for f in sorted(models.iterdir()):
-            stem = f.name.split(".")[0]
+    for folder in ("models", "index"):
+        for f in catalog.storage.names(folder):
+            stem = f.split(".")[0]
             if stem.startswith("v") and stem[1:].isdigit() and int(stem[1:]) not in known:
-                f.unlink()
-                removed["files"].append(f"models/{f.name}")
-    idx = catalog.path / "index"
-    if idx.is_dir():
-        for d in sorted(idx.iterdir()):
-            stem = d.name.split(".")[0]
-            if stem.startswith("v") and stem[1:].isdigit() and int(stem[1:]) not in known:
-                shutil.rmtree(catalog.index_uri(int(stem[1:])), ignore_errors=True)
-                removed["files"].append(f"index/{d.name}")
+                catalog.storage.remove(f"{folder}/{f}")
+                removed["files"].append(f"{folder}/{f}")
     return removed
 
 
@@ -154,21 +131,22 @@ def _unused_encoders(catalog: Catalog) -> list[str]:
     """Fine-tuned encoders no version and not the config use (a refresh killed while
     fine-tuning, or a candidate that was never promoted and is gone). The caller holds
     the ``refresh`` lock (no fine-tuning is running)."""
-    enc = catalog.path / "encoders"
-    if not enc.is_dir():
+    encoders = catalog.storage.names("encoders")
+    if not encoders:
         return []
     used = {catalog.config.model, catalog.config.switch_from}
-    models = catalog.path / "models"
-    for f in models.glob("v*.json") if models.is_dir() else ():
+    for f in catalog.storage.names("models"):
+        if not (f.startswith("v") and f.endswith(".json")):
+            continue
         try:
-            used.add(json.loads(f.read_text()).get("encoder_model"))
+            used.add(json.loads(catalog.storage.read_bytes(f"models/{f}")).get("encoder_model"))
         except (OSError, ValueError):
             continue
     gone = []
-    for d in sorted(enc.iterdir()):
-        rel = f"encoders/{d.name}"
-        if d.is_dir() and rel not in used:
-            shutil.rmtree(d, ignore_errors=True)
+    for d in encoders:
+        rel = f"encoders/{d}"
+        if rel not in used:
+            catalog.storage.remove(rel)
             gone.append(rel)
     return gone
 
@@ -183,28 +161,27 @@ def compact(catalog: Catalog, *, retain_seconds: float | None = None, wait: floa
     out: dict[str, Any] = {"datasets": {}, "orphans": {}, "encoders_removed": [], "skipped": {},
                            "retain_seconds": retain}
     try:
-        with writer_lock(catalog.path, "versions", wait=wait):
+        with catalog.lock("versions", wait=wait):
             out["orphans"] = _orphans(catalog)
     except StoreBusy:
         out["skipped"]["orphans"] = "a version is being written"
-    for name, uri, lock in _datasets(catalog):
-        if not os.path.isdir(os.path.join(uri, "_versions")):
+    for name, where, lock in _datasets(catalog):
+        if catalog.storage.dataset_stamp(catalog.where(where)) is None:
             continue
         try:
-            with writer_lock(catalog.path, lock, wait=wait):
-                out["datasets"][name] = _compact_one(uri, retain, force=True)
+            with catalog.lock(lock, wait=wait):
+                out["datasets"][name] = _compact_one(catalog, where, retain, force=True)
         except StoreBusy:
             out["skipped"][name] = f"busy: another {lock} is writing"
     try:
-        with writer_lock(catalog.path, "refresh", wait=0):
+        with catalog.lock("refresh", wait=0):
             out["encoders_removed"] = _unused_encoders(catalog)
     except StoreBusy:
         out["skipped"]["encoders"] = "a refresh is running"
-    tmp = catalog.path / "dynstore.toml.tmp"
-    if tmp.exists():
+    if catalog.storage.exists("dynstore.toml.tmp"):
         try:
-            with writer_lock(catalog.path, "config", wait=0):
-                tmp.unlink(missing_ok=True)
+            with catalog.lock("config", wait=0):
+                catalog.storage.remove("dynstore.toml.tmp")
         except StoreBusy:
             pass
     return CompactResult(**out)
@@ -216,13 +193,13 @@ def maybe_compact(catalog: Catalog, name: str) -> dict | None:
     limit = int(catalog.config.compact_fragments)
     if limit <= 0 or catalog.read_only:
         return None
-    uri = catalog.uri(name) if not name.startswith("cache/") else str(catalog.path / name)
-    ds = catalog.open(uri)
+    where = name if name.startswith("cache/") else catalog.relative(catalog.uri(name))
+    ds = catalog.open(catalog.where(where))
     # rewritten datasets (the registry, upserted items) stay one fragment but pile
     # up versions: every limit-th version cleans those up too
     if ds is None or (len(ds.get_fragments()) <= limit and ds.version % limit):
         return None
     try:
-        return _compact_one(uri, float(catalog.config.retain_seconds), force=False)
+        return _compact_one(catalog, where, float(catalog.config.retain_seconds), force=False)
     except OSError:
         return None  # a full disk fails compaction, not the write that was committed

@@ -13,6 +13,9 @@ from pathlib import Path
 
 from .errors import StoreFormatError
 
+#: A ``[storage]`` key holding one of these words is a secret: never written into a store.
+SECRET_WORDS = ("secret", "token", "password", "access_key", "credential", "session")
+
 __all__ = ["FORMAT_VERSION", "CONFIG_NAME", "StoreConfig"]
 
 FORMAT_VERSION = 1
@@ -69,19 +72,32 @@ class StoreConfig:
     #: Compaction keeps old dataset versions (what a long statement or a pinned
     #: connection may still read) for this many seconds.
     retain_seconds: int = 3600
+    #: Settings of a store on object storage (``aws_region``, ``lease_ttl``, Lance
+    #: storage options); never a secret (see :mod:`dynstore.storage`).
+    storage: dict[str, str] = field(default_factory=dict)
 
     @classmethod
     def load(cls, path: Path) -> "StoreConfig":
+        """The config in the file ``path``."""
         try:
-            raw = tomllib.loads(path.read_text(encoding="utf-8"))
-        except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
+            text = Path(path).read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as exc:
+            raise StoreFormatError(f"{path}: unreadable store config ({exc})") from None
+        return cls.parse(text, str(path))
+
+    @classmethod
+    def parse(cls, text: str, path: str) -> "StoreConfig":
+        """The config in ``text``, read from ``path`` (named in errors)."""
+        try:
+            raw = tomllib.loads(text)
+        except tomllib.TOMLDecodeError as exc:
             raise StoreFormatError(f"{path}: unreadable store config ({exc})") from None
         version = raw.get("format_version")
         if not isinstance(version, int):
             raise StoreFormatError(f"{path}: missing format_version; not a dynstore config")
         if version > FORMAT_VERSION:
             raise StoreFormatError(
-                f"{path.parent}: store format {version} is newer than this dynstore "
+                f"{path.rsplit('/', 1)[0]}: store format {version} is newer than this dynstore "
                 f"understands ({FORMAT_VERSION}); upgrade dynstore"
             )
         known = {f for f in cls.__dataclass_fields__}
@@ -125,12 +141,23 @@ class StoreConfig:
             "index_min_items": get("serving", "index_min_items", int, 200_000),
             "compact_fragments": get("maintenance", "compact_fragments", int, 64),
             "retain_seconds": get("maintenance", "retain_seconds", int, 3600),
+            "storage": _storage_table(section("storage"), path),
         }
         if values["max_length"] < 2:
             raise StoreFormatError(f"{path}: encoder.max_length = {values['max_length']} must be at least 2")
         return cls(**{k: v for k, v in values.items() if k in known})
 
     def save(self, path: Path) -> None:
+        """Write the config to the file ``path`` (atomically: a temporary file, then ``os.replace``)."""
+        tmp = path.with_name(path.name + ".tmp")
+        with open(tmp, "w", encoding="utf-8") as fh:
+            fh.write(self.to_text())
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+
+    def to_text(self) -> str:
+        """The config as TOML."""
         q = json.dumps  # a JSON string literal is a valid TOML basic string
         lines = [
             "# dynstore store configuration; edit with `dynstore config`.",
@@ -165,24 +192,38 @@ class StoreConfig:
             f"compact_fragments = {int(self.compact_fragments)}",
             f"retain_seconds = {int(self.retain_seconds)}",
             "",
+            *(["[storage]", *[f"{k} = {q(v)}" for k, v in sorted(self.storage.items())], ""] if self.storage else []),
         ]
-        tmp = path.with_name(path.name + ".tmp")
-        with open(tmp, "w", encoding="utf-8") as fh:
-            fh.write("\n".join(lines))
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
+        return "\n".join(lines)
 
     def as_dict(self) -> dict:
         return asdict(self)
 
-    def encoder_spec(self, root: Path) -> str:
+    def encoder_spec(self, root: Path | None) -> str:
         """``model`` with a store-relative path (a fine-tuned encoder under
-        ``encoders/``) made absolute, so the store directory can move.
+        ``encoders/``) made absolute, so the store directory can move
+        (``root`` None: the store has no local directory).
 
         >>> StoreConfig(model="minilm").encoder_spec(Path("/tmp"))
         'minilm'
         """
-        if self.model.startswith("encoders/") and (Path(root) / self.model).is_dir():
+        if root is not None and self.model.startswith("encoders/") and (Path(root) / self.model).is_dir():
             return str(Path(root) / self.model)
         return self.model
+
+
+def _storage_table(table: dict, path: str) -> dict[str, str]:
+    """The ``[storage]`` table as strings; a secret in it is an error (it would live in the store).
+
+    >>> _storage_table({"allow_http": True}, "x")
+    {'allow_http': 'true'}
+    """
+    out = {}
+    for key, value in table.items():
+        if any(word in key.lower() for word in SECRET_WORDS):
+            raise StoreFormatError(f"{path}: storage.{key} is a secret and must not be stored in the store; "
+                                   "set it in the environment (AWS_SECRET_ACCESS_KEY, ...) instead")
+        if not isinstance(value, (str, int, float, bool)):
+            raise StoreFormatError(f"{path}: storage.{key} = {value!r} is not a string, number or boolean")
+        out[str(key)] = ("true" if value else "false") if isinstance(value, bool) else str(value)
+    return out

@@ -88,6 +88,6 @@ def delete_rows(catalog: Catalog, kind: str, where: str, *, dry_run: bool = Fals
         ds.delete(_ranges(ids))
     import lance
 
-    latest = lance.dataset(catalog.uri(kind))
+    latest = lance.dataset(catalog.uri(kind), storage_options=catalog.storage_options)
     return DeleteResult(kind=kind, deleted=int(len(ids)), total=latest.count_rows(), version=latest.version,
                         dry_run=dry_run)

@@ -635,14 +635,15 @@ def _new_rows(con: duckdb.DuckDBPyConnection, catalog: Catalog, kind: str, queri
     return stream, schema, mode, None
 
 
-def _commit(stream: _Stream, schema: pa.Schema, uri: str, mode: str, errors: list, kind: str) -> None:
+def _commit(stream: _Stream, schema: pa.Schema, uri: str, mode: str, errors: list, kind: str,
+            storage_options: dict | None = None) -> None:
     """Write ``stream`` to ``uri`` as one Lance commit; a bad row or failure commits nothing."""
     import lance
 
     reader = pa.RecordBatchReader.from_batches(schema, stream)
     try:
         if stream.pending != 0:  # nothing new after deduplication: no empty commit for refresh to see
-            lance.write_dataset(reader, uri, schema=schema, mode=mode,
+            lance.write_dataset(reader, uri, schema=schema, mode=mode, storage_options=storage_options,
                                 max_rows_per_file=4 * 1024 * 1024)
     except _Abort:
         raise errors[0] from None
@@ -687,14 +688,14 @@ def ingest(catalog: Catalog, kind: str, sources: Iterable[Any], *, mapping: dict
         uri = catalog.uri(kind)
         errors: list[IngestError] = []
         stream, schema, mode, unknown = _new_rows(con, catalog, kind, queries, dataset, errors, dedupe)
-        _commit(stream, schema, uri, mode, errors, kind)
+        _commit(stream, schema, uri, mode, errors, kind, catalog.storage_options)
         rows = stream.rows
     finally:
         con.close()
     catalog.record_id_types(id_types)
-    if not os.path.isdir(os.path.join(uri, "_versions")):  # a first ingest with nothing new
+    ds = catalog.open(uri)
+    if ds is None:  # a first ingest with nothing new
         return IngestResult(kind=kind, rows=0, total=0, version=0)
-    ds = lance.dataset(uri)
     out = {"kind": kind, "rows": rows, "total": ds.count_rows(), "version": ds.version}
     if dedupe:
         out["duplicates_skipped"] = (stream.offered or 0) - rows

@@ -6,8 +6,6 @@ and what a ``refresh`` would do now. Reads only; loads no encoder.
 """
 from __future__ import annotations
 
-import os
-from pathlib import Path
 
 from .catalog import TABLES, Catalog
 from .errors import error_message
@@ -19,27 +17,17 @@ from .views import views_connection
 __all__ = ["inspect_store"]
 
 
-def _bytes(path: Path) -> int:
-    total = 0
-    for root, _dirs, files in os.walk(path):
-        for name in files:
-            try:
-                total += os.stat(os.path.join(root, name)).st_size
-            except OSError:
-                pass  # a file removed by a concurrent cleanup
-    return total
-
-
-def _dataset_info(ds, uri: str) -> dict:
+def _dataset_info(catalog: Catalog, ds, uri: str) -> dict:
     if ds is None:
         return {"rows": 0, "bytes": 0, "fragments": 0, "dataset_version": 0}
-    return {"rows": ds.count_rows(), "bytes": _bytes(Path(uri)), "fragments": len(ds.get_fragments()),
+    return {"rows": ds.count_rows(), "bytes": catalog.storage.size(catalog.relative(uri)),
+            "fragments": len(ds.get_fragments()),
             "dataset_version": ds.version}
 
 
 def _tables(catalog: Catalog) -> dict[str, dict]:
     """Rows, bytes, fragments, version and column names of every table."""
-    tables = {name: _dataset_info(catalog.dataset(name), catalog.uri(name)) for name in TABLES}
+    tables = {name: _dataset_info(catalog, catalog.dataset(name), catalog.uri(name)) for name in TABLES}
     for name in TABLES:
         ds = catalog.dataset(name)
         tables[name]["columns"] = [f.name for f in ds.schema] if ds is not None else []
@@ -106,11 +94,11 @@ def inspect_store(catalog: Catalog) -> dict:
         "format_version": cfg.format_version,
         "created": cfg.created,
         "id_types": dict(cfg.id_types),
-        "bytes": _bytes(catalog.path),
+        "bytes": catalog.storage.size(""),
         "tables": tables,
         "encoder": {"model": cfg.model, "id": enc_id, "dim": dim, "max_length": cfg.max_length},
-        "semantic_cache": _dataset_info(cache_dataset(catalog, enc_id), catalog.cache_uri(enc_id)),
-        "embeddings": _dataset_info(catalog.dataset("embeddings"), catalog.uri("embeddings")),
+        "semantic_cache": _dataset_info(catalog, cache_dataset(catalog, enc_id), catalog.cache_uri(enc_id)),
+        "embeddings": _dataset_info(catalog, catalog.dataset("embeddings"), catalog.uri("embeddings")),
         "items_stale": stale,
         "versions": _versions(rows),
         "last_refresh": _last_refresh(last),

@@ -36,7 +36,6 @@ from .errors import ConfigError
 from .evaluation import evaluate
 from .encoders import finetune_encoder
 from .freshness import refresh_plan
-from .lock import writer_lock
 from .model import FusionModel, ModelConfig, TrainingData
 from .registry import is_rule, list_versions, rule_window
 from .results import RefreshResult
@@ -145,7 +144,7 @@ class _Run:
         cat, opts = self.catalog, self.options
         self.say(f"retraining: {self.plan['reason']}")
         self.say("encoding stale items ...")
-        with writer_lock(cat.path, "encode", wait=60):
+        with cat.lock("encode", wait=60):
             enc = encode(cat, progress=opts.progress)
         ensure_first_version(cat)
         self.timings["encode_s"] = enc.seconds
@@ -319,6 +318,9 @@ def refresh(catalog: Catalog, **options: Any) -> RefreshResult:
     """
     opts = RefreshOptions(**options)
     window = TrainingWindow.parse(opts.since)  # a bad --since fails before any work
+    if opts.finetune_encoder and catalog.storage.local_dir("encoders") is None:
+        raise ConfigError(f"{catalog.path}: --finetune-encoder needs a store in a local directory (fine-tuned "
+                          "encoders are model directories); this store is on object storage")
     if opts.finetune_encoder and not isinstance(store_encoder(catalog), HFEncoder):
         raise ConfigError("--finetune-encoder needs a Hugging Face encoder; this store uses "
                           f"{catalog.config.model!r} (see `dynstore config --model`)")
@@ -384,15 +386,15 @@ def _finetune(run: _Run, data: WindowData, train: TrainingData, model: FusionMod
     t = time.perf_counter()
     with _step_bar(opts.progress) as step:
         ft = finetune_encoder(store_encoder(catalog, device=run.device), docs, train, model, model.residuals,
-                              catalog.path / "encoders", steps=opts.finetune_steps, seed=opts.seed,
+                              catalog.storage.local_dir("encoders"), steps=opts.finetune_steps, seed=opts.seed,
                               device=run.device, progress=step)
     run.timings["finetune_s"] = round(time.perf_counter() - t, 3)
     old_model = catalog.config.model
-    catalog.config.model = Path(ft["path"]).resolve().relative_to(catalog.path.resolve()).as_posix()
+    catalog.config.model = f"encoders/{Path(ft['path']).name}"
     try:
         run.say("re-encoding every item with the fine-tuned encoder ...")
         t = time.perf_counter()
-        with writer_lock(catalog.path, "encode", wait=60):
+        with catalog.lock("encode", wait=60):
             enc = encode(catalog, progress=opts.progress, device=run.device)
         run.timings["reencode_s"] = round(time.perf_counter() - t, 3)
         ft["encoder"] = enc.encoder

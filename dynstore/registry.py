@@ -111,7 +111,7 @@ def write_registry(catalog: Catalog, rows: list[dict]) -> None:
     import lance
 
     table = pa.Table.from_pylist(rows, schema=REGISTRY_SCHEMA)
-    lance.write_dataset(table, catalog.uri("versions"),
+    lance.write_dataset(table, catalog.uri("versions"), storage_options=catalog.storage_options,
                         mode="overwrite" if catalog.dataset("versions") is not None else "create")
 
 
@@ -144,7 +144,7 @@ def next_version(catalog: Catalog) -> int:
     if emb is not None and emb.count_rows(filter=f"version > {top}"):
         import lance
 
-        lance.dataset(catalog.uri("embeddings")).delete(f"version > {top}")
+        lance.dataset(catalog.uri("embeddings"), storage_options=catalog.storage_options).delete(f"version > {top}")
     return top + 1
 
 

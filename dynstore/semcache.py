@@ -14,9 +14,7 @@ import numpy as np
 import pyarrow as pa
 
 from .catalog import TABLES, Catalog
-from .config import CONFIG_NAME, StoreConfig
 from .encoders import encoder_fingerprint, encoder_identity, get_encoder
-from .lock import writer_lock
 
 __all__ = ["store_encoder", "encoder_info", "record_encoder", "cache_dataset", "register_cache",
            "write_cache", "SemanticIndex", "semantic_index", "snapshot", "pinned_at"]
@@ -25,7 +23,7 @@ __all__ = ["store_encoder", "encoder_info", "record_encoder", "cache_dataset", "
 def store_encoder(catalog: Catalog, device: str | None = None):
     """The store's encoder (loaded once per process)."""
     cfg = catalog.config
-    return get_encoder(cfg.encoder_spec(catalog.path), device=device, max_length=cfg.max_length,
+    return get_encoder(cfg.encoder_spec(catalog.storage.local_dir("")), device=device, max_length=cfg.max_length,
                        precision=cfg.precision)
 
 
@@ -38,7 +36,7 @@ def encoder_info(catalog: Catalog) -> tuple[str, int]:
     weights, imports no torch); loading the encoder (a registered factory).
     """
     cfg = catalog.config
-    spec, max_length = cfg.encoder_spec(catalog.path), cfg.max_length
+    spec, max_length = cfg.encoder_spec(catalog.storage.local_dir("")), cfg.max_length
     fp = encoder_fingerprint(spec, max_length=max_length, precision=cfg.precision)
     hit = _INFO.get(fp)
     if hit is None:
@@ -65,16 +63,17 @@ def record_encoder(catalog: Catalog, identity: tuple[str, int] | None = None) ->
     if catalog.read_only:
         return
     cfg = catalog.config
-    fp = encoder_fingerprint(cfg.encoder_spec(catalog.path), max_length=cfg.max_length, precision=cfg.precision)
+    fp = encoder_fingerprint(cfg.encoder_spec(catalog.storage.local_dir("")), max_length=cfg.max_length,
+                             precision=cfg.precision)
     enc_id, dim = identity or encoder_info(catalog)
     if (cfg.encoder_id, cfg.encoder_dim, cfg.encoder_fingerprint) == (enc_id, dim, fp):
         return
-    with writer_lock(catalog.path, "config"):
-        disk = StoreConfig.load(catalog.path / CONFIG_NAME)
+    with catalog.lock("config"):
+        disk = catalog.load_config()
         if (disk.model, disk.max_length, disk.precision) != (cfg.model, cfg.max_length, cfg.precision):
             return
         disk.encoder_id, disk.encoder_dim, disk.encoder_fingerprint = enc_id, int(dim), fp
-        disk.save(catalog.path / CONFIG_NAME)
+        catalog.save_config(disk)
     catalog.config = disk
     if catalog.latest is not catalog:
         catalog.latest.config = disk
@@ -105,7 +104,7 @@ def write_cache(catalog: Catalog, enc_id: str, hashes: list[str], vectors: np.nd
                      schema=cache_schema(dim))
     ds = cache_dataset(catalog, enc_id)
     if ds is None:
-        lance.write_dataset(table, catalog.cache_uri(enc_id), mode="create")
+        lance.write_dataset(table, catalog.cache_uri(enc_id), mode="create", storage_options=catalog.storage_options)
     else:
         # Upsert: `encode --all` rewrites vectors of documents already cached.
         ds.merge_insert("doc_hash").when_matched_update_all().when_not_matched_insert_all().execute(table)

@@ -450,11 +450,9 @@ def _behaviour(lv, h: _Histories, UK: np.ndarray, ua_row: dict, static: np.ndarr
 def _vector_index(catalog: Catalog, version: int) -> tuple[Any, dict]:
     """The version's vector index and its search settings, when it has one."""
     uri = catalog.index_uri(version)
-    if not os.path.isdir(os.path.join(uri, "_versions")):
+    index = catalog.open(uri)
+    if index is None:
         return None, {}
-    import lance
-
-    index = lance.dataset(uri)
     # search as recorded when the index was built (nprobes, candidates): not recomputed
     params = recorded_index_settings(index)
     params["width"] = index.schema.field("vector").type.list_size

@@ -9,7 +9,6 @@ from __future__ import annotations
 import datetime as _dt
 import os
 from dataclasses import replace
-from pathlib import Path
 from typing import Any, Iterable
 
 os.environ.setdefault("LANCE_LOG", "error")  # Lance warns on every first write
@@ -29,7 +28,6 @@ from .functions import check_write_calls
 from .holdout import evaluate_version
 from .ingest import ingest
 from .inspection import inspect_store
-from .lock import writer_lock
 from .recommend import recommend
 from .results import (CompactResult, DeleteResult, EncodeResult, IngestResult, RefreshResult, RollbackResult,
                       ScoreAllResult)
@@ -39,6 +37,7 @@ from .rules import validate_rules
 from .semantic import encode
 from .semcache import record_encoder, snapshot
 from .session import connection_state, follow, open_connection
+from .storage import open_storage
 from .versions import rollback
 from .views import check_item_text
 
@@ -51,13 +50,14 @@ SETTABLE = frozenset({"positive", "negative", "item_text", "behaviour_summary", 
 
 def init(path: str | os.PathLike, *, positive: str | None = None, negative: str | None = None,
          item_text: str | None = None, model: str | None = None, max_length: int | None = None,
-         precision: str | None = None) -> "Store":
+         precision: str | None = None, storage_options: dict | None = None) -> "Store":
     """Create a new, empty store at ``path`` and open it.
 
     Parameters
     ----------
     path : str or path-like
-        A directory that does not exist yet or is empty.
+        A directory that does not exist yet or is empty, or an empty prefix on
+        object storage (``s3://bucket/shop``; see the README, "Stores on object storage").
     positive, negative : str, optional
         SQL boolean expressions over interaction columns that label a row as
         positive (1) or negative (-1); defaults ``value > 0`` / ``value <= 0``.
@@ -68,6 +68,9 @@ def init(path: str | os.PathLike, *, positive: str | None = None, negative: str 
     precision : str, optional
         Encoder precision (default ``"auto"``); ``"int8"`` is the faster,
         approximate CPU encoder (see :class:`dynstore.encoders.HFEncoder`).
+    storage_options : dict, optional
+        Object-store settings over the environment's (endpoint, region, keys);
+        used, never written into the store.
 
     Examples
     --------
@@ -76,9 +79,9 @@ def init(path: str | os.PathLike, *, positive: str | None = None, negative: str 
     >>> store.sql("SELECT count(*) FROM interactions").fetchall()[0]
     (0,)
     """
-    root = Path(path)
-    if root.exists() and (not root.is_dir() or any(root.iterdir())):
-        raise StoreExists(f"{root}: already exists and is not empty; choose a new directory")
+    storage = open_storage(path, storage_options)
+    if not storage.is_empty():
+        raise StoreExists(f"{storage.root}: already exists and is not empty; choose a new directory")
     cfg = StoreConfig(created=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"))
     if positive is not None:
         cfg.positive = positive
@@ -96,28 +99,29 @@ def init(path: str | os.PathLike, *, positive: str | None = None, negative: str 
     if cfg.model not in ("minilm",) and not cfg.model.startswith("fake"):
         get_encoder(  # fail at init, not at the first encode
             cfg.model, max_length=cfg.max_length, precision=cfg.precision)
-    root.mkdir(parents=True, exist_ok=True)
-    for sub in ("tables", "cache", "models", "locks"):
-        (root / sub).mkdir(exist_ok=True)
+    storage.prepare()
     # The config is written last: a store without it is not a store, so a
     # crash mid-init leaves a directory that `init` may simply be run on again
     # after removing it, never a half-store that opens.
-    cfg.save(root / CONFIG_NAME)
-    store = Store(open_catalog(root))
+    storage.write_bytes(CONFIG_NAME, cfg.to_text().encode("utf-8"))
+    store = Store(open_catalog(path, storage_options=storage_options))
     record_encoder(store.catalog)  # readers then know id and dimension without the model
     return store
 
 
-def connect(path: str | os.PathLike, *, read_only: bool = False) -> "Store":
+def connect(path: str | os.PathLike, *, read_only: bool = False, storage_options: dict | None = None) -> "Store":
     """Open the store at ``path``.
 
     Parameters
     ----------
     path : str or path-like
-        A directory created by :func:`init` (``dynstore init``).
+        A directory created by :func:`init` (``dynstore init``), or a store on
+        object storage (``s3://bucket/shop``).
     read_only : bool
         Refuse every write and run SQL with DuckDB's external access disabled,
         so queries cannot read or write files outside the store.
+    storage_options : dict, optional
+        Object-store settings over the environment's (endpoint, region, keys).
 
     Examples
     --------
@@ -128,7 +132,7 @@ def connect(path: str | os.PathLike, *, read_only: bool = False) -> "Store":
     ...     store.sql("SELECT count(*) FROM items").fetchall()[0]
     (0,)
     """
-    return Store(open_catalog(path, read_only=read_only))
+    return Store(open_catalog(path, read_only=read_only, storage_options=storage_options))
 
 
 class Store:
@@ -147,8 +151,8 @@ class Store:
         self._base: Store = self
 
     @property
-    def path(self) -> Path:
-        """The store directory."""
+    def path(self) -> Any:
+        """The store directory (a ``Path``), or its URI on object storage (``s3://...``)."""
         return self.catalog.path
 
     @property
@@ -298,7 +302,7 @@ class Store:
         cat = self.catalog.latest
         cat.require_writable("ingest")
         sources = list(source) if isinstance(source, (list, tuple)) else [source]
-        with cat.writing("ingest"), writer_lock(self.path, f"ingest-{kind}" if kind in TABLES else "ingest"):
+        with cat.writing("ingest"), cat.lock(f"ingest-{kind}" if kind in TABLES else "ingest"):
             result = ingest(cat, kind, sources, mapping=mapping, fmt=format, dedupe=dedupe,
                             allow_future=allow_future)
             if kind in TABLES:
@@ -321,7 +325,7 @@ class Store:
         """
         cat = self.catalog.latest
         cat.require_writable("delete")
-        with cat.writing("delete"), writer_lock(self.path, f"ingest-{kind}" if kind in TABLES else "ingest"):
+        with cat.writing("delete"), cat.lock(f"ingest-{kind}" if kind in TABLES else "ingest"):
             return delete_rows(cat, kind, where, dry_run=dry_run)
 
     def configure(self, **changes: Any) -> StoreConfig:
@@ -341,7 +345,7 @@ class Store:
             raise ConfigError(f"unknown setting {sorted(unknown)[0]!r}; settable: {', '.join(sorted(SETTABLE))}")
         if changes.get("precision") is not None:
             changes["precision"] = check_precision(changes["precision"])
-        with cat.writing("config"), writer_lock(self.path, "config"):
+        with cat.writing("config"), cat.lock("config"):
             cat.reload_config()
             new = StoreConfig(**cat.config.as_dict())
             for key, val in changes.items():
@@ -350,14 +354,15 @@ class Store:
             validate_rules(new)
             if ("model" in changes and changes["model"]) or changes.get("precision") == "int8":
                 # an unusable encoder fails here, not at the next encode
-                get_encoder(new.encoder_spec(self.path), max_length=new.max_length, precision=new.precision)
+                get_encoder(new.encoder_spec(cat.storage.local_dir("")), max_length=new.max_length,
+                            precision=new.precision)
             old, cat.config = cat.config, new
             try:
                 check_item_text(cat)
             except Exception:
                 cat.config = old
                 raise
-            new.save(self.path / CONFIG_NAME)
+            cat.save_config(new)
         if {"model", "max_length", "precision"} & set(changes):
             record_encoder(cat)
         return cat.config
@@ -378,7 +383,7 @@ class Store:
         cat.require_writable("encode")
         if precision is not None and check_precision(precision) != self.config.precision:
             self.configure(precision=precision)
-        with cat.writing("encode"), writer_lock(self.path, "encode"):
+        with cat.writing("encode"), cat.lock("encode"):
             out = encode(cat, all=all, batch_size=batch_size, device=device, progress=progress, engine=engine,
                          workers=workers)
         with cat.writing("encode"):
@@ -402,7 +407,7 @@ class Store:
         """
         cat = self.catalog.latest
         cat.require_writable("score all users")
-        with cat.writing("score-all"), writer_lock(self.path, "score-all"):
+        with cat.writing("score-all"), cat.lock("score-all"):
             return score_all(cat, k=k, engine=engine, workers=workers)
 
     def recommend(self, user_id: Any, k: int = 10, *, version: int | None = None,
@@ -418,7 +423,7 @@ class Store:
         """Retrain from recent positives and negatives; see :func:`dynstore.refresh.refresh`."""
         cat = self.catalog.latest
         cat.require_writable("refresh")
-        with cat.writing("refresh"), writer_lock(self.path, "refresh"):
+        with cat.writing("refresh"), cat.lock("refresh"):
             return refresh(cat, **options)
 
     def log_impressions(self, user_id: Any, items: Iterable[Any]) -> int:
@@ -458,7 +463,7 @@ class Store:
         """Make an older version ``current`` again."""
         cat = self.catalog.latest
         cat.require_writable("roll back")
-        with cat.writing("rollback"), writer_lock(self.path, "refresh"):
+        with cat.writing("rollback"), cat.lock("refresh"):
             return rollback(cat, version)
 
     def evaluate(self, *, version: int | None = None, k: int = 10) -> dict:

@@ -29,11 +29,9 @@ from __future__ import annotations
 from dataclasses import replace
 from typing import TYPE_CHECKING
 
-from .config import CONFIG_NAME, StoreConfig
-from .lock import writer_lock
-
 if TYPE_CHECKING:
     from .catalog import Catalog
+    from .storage import Storage
 
 __all__ = ["resolve", "effective", "begin", "settle", "settle_keeping"]
 
@@ -46,22 +44,22 @@ def resolve(cfg, current: int | None):
     return replace(cfg, model=model, switch_version=0, switch_from="", id_types=dict(cfg.id_types))
 
 
-def _current(path) -> int | None:
+def _current(storage: "Storage") -> int | None:
     import lance
     import pyarrow.compute as pc
 
-    uri = str(path / "versions.lance")
+    uri = storage.uri("versions.lance")
     try:
-        t = lance.dataset(uri).to_table(columns=["version", "status"])
+        t = lance.dataset(uri, storage_options=storage.storage_options).to_table(columns=["version", "status"])
     except (FileNotFoundError, ValueError, OSError):
         return None
     hit = t.filter(pc.equal(t.column("status"), "current")).column("version").to_pylist()
     return hit[0] if hit else None
 
 
-def effective(path, cfg):
-    """The config a store at ``path`` runs with: a pending switch resolved (readers: in memory)."""
-    return resolve(cfg, _current(path)) if cfg.switch_version else cfg
+def effective(storage: "Storage", cfg):
+    """The config a store in ``storage`` runs with: a pending switch resolved (readers: in memory)."""
+    return resolve(cfg, _current(storage)) if cfg.switch_version else cfg
 
 
 def begin(catalog: "Catalog", version: int, model: str, identity: tuple | None = None) -> None:
@@ -70,34 +68,33 @@ def begin(catalog: "Catalog", version: int, model: str, identity: tuple | None =
     ``identity`` is the new encoder's ``(id, dim, fingerprint)``, recorded with it
     so readers need not hash its files.
     """
-    with writer_lock(catalog.path, "config", wait=30):
-        disk = StoreConfig.load(catalog.path / CONFIG_NAME)
-        old = effective(catalog.path, disk).model
+    with catalog.lock("config", wait=30):
+        disk = catalog.load_config()
+        old = effective(catalog.storage, disk).model
         disk.switch_version, disk.switch_from, disk.model = int(version), old, model
         if identity is not None:
             disk.encoder_id, disk.encoder_dim, disk.encoder_fingerprint = identity[0], int(identity[1]), identity[2]
-        disk.save(catalog.path / CONFIG_NAME)
+        catalog.save_config(disk)
 
 
 def settle(catalog: "Catalog") -> None:
     """Clear a pending switch in the config file by what the registry says (writers only)."""
     if catalog.read_only:
         return
-    disk = StoreConfig.load(catalog.path / CONFIG_NAME)
+    disk = catalog.load_config()
     if not disk.switch_version:
         return
-    with writer_lock(catalog.path, "config", wait=30):
-        disk = StoreConfig.load(catalog.path / CONFIG_NAME)
+    with catalog.lock("config", wait=30):
+        disk = catalog.load_config()
         if disk.switch_version:
-            done = effective(catalog.path, disk)
-            done.save(catalog.path / CONFIG_NAME)
+            catalog.save_config(effective(catalog.storage, disk))
     catalog.reload_config()
 
 
 def settle_keeping(catalog: "Catalog") -> None:
     """:func:`settle`, keeping the in-memory encoder of a refresh that is trying a
     fine-tuned one (``store.config.model`` set by the refresh, not by the file)."""
-    if catalog.read_only or not StoreConfig.load(catalog.path / CONFIG_NAME).switch_version:
+    if catalog.read_only or not catalog.load_config().switch_version:
         return
     model = catalog.config.model
     settle(catalog)

@@ -23,7 +23,6 @@ from .compaction import maybe_compact
 from .encoders import encoder_fingerprint
 from .errors import StoreCorrupt, VersionNotFound, first_line
 from .features import FeatureSpec
-from .lock import writer_lock
 from .model import FusionModel
 from .results import RollbackResult
 from .registry import (VERDICT_OF_STATUS, current_version, embedding_schema, list_versions, next_version,
@@ -67,7 +66,7 @@ def build_version(catalog: Catalog, model, item_spec, user_spec, *, parent: int 
     """
     items = items if items is not None else items_table(catalog)
     enc_id, dim = encoder_info(catalog)
-    with writer_lock(catalog.path, "versions", wait=30):
+    with catalog.lock("versions", wait=30):
         switch.settle_keeping(catalog)
         number = next_version(catalog)
         tensors = _write_parameters(catalog, number, model, item_spec, user_spec, enc_id)
@@ -93,15 +92,15 @@ def build_version(catalog: Catalog, model, item_spec, user_spec, *, parent: int 
 
 def _write_parameters(catalog: Catalog, number: int, model, item_spec, user_spec, enc_id: str) -> dict:
     """``models/v<N>.safetensors`` and ``v<N>.json``; returns the tensors."""
-    from safetensors.numpy import save_file
+    from safetensors.numpy import save
 
     tensors, meta = model.state()
     meta = {"model": meta, "item_features": item_spec.to_dict(), "user_features": user_spec.to_dict(),
             "encoder": enc_id, "encoder_model": catalog.config.model, "version": number}
-    catalog.model_path(number).parent.mkdir(exist_ok=True)
     # parameters keep their dtype (the item-item component's indices are integers)
-    save_file({k: np.ascontiguousarray(v) for k, v in tensors.items()}, str(catalog.model_path(number)))
-    catalog.model_path(number, ".json").write_text(json.dumps(meta, indent=1))
+    catalog.storage.write_bytes(catalog.model_name(number),
+                                save({k: np.ascontiguousarray(v) for k, v in tensors.items()}))
+    catalog.storage.write_bytes(catalog.model_name(number, ".json"), json.dumps(meta, indent=1).encode())
     return tensors
 
 
@@ -113,15 +112,16 @@ def _write_rows(catalog: Catalog, number: int, model, item_spec, items: pa.Table
     schema = embedding_schema(catalog, model.d)
     exists = catalog.dataset("embeddings") is not None
     batches = _fused_batches(catalog, model, item_spec, items, residuals, number, schema)
-    lance.write_dataset(pa.RecordBatchReader.from_batches(schema, batches),
-                        catalog.uri("embeddings"), mode="append" if exists else "create")
+    lance.write_dataset(pa.RecordBatchReader.from_batches(schema, batches), catalog.uri("embeddings"),
+                        mode="append" if exists else "create", storage_options=catalog.storage_options)
 
 
 def _commit_registry(catalog: Catalog, rows: list[dict], number: int, new_encoder: tuple | None) -> None:
     """The registry commit that publishes a version (and switches the encoder with it)."""
     if new_encoder is not None:
         cfg = catalog.config
-        fp = encoder_fingerprint(cfg.encoder_spec(catalog.path), max_length=cfg.max_length, precision=cfg.precision)
+        fp = encoder_fingerprint(cfg.encoder_spec(catalog.storage.local_dir("")), max_length=cfg.max_length,
+                                 precision=cfg.precision)
         switch.begin(catalog, number, cfg.model, (*new_encoder, fp))
     write_registry(catalog, rows)
     if new_encoder is not None:
@@ -156,7 +156,7 @@ def rollback(catalog: Catalog, version: int) -> RollbackResult:
     ``rejected``. Rolling back to a version refresh rejected returns a
     ``"warning"`` saying so.
     """
-    with writer_lock(catalog.path, "versions", wait=30):
+    with catalog.lock("versions", wait=30):
         switch.settle_keeping(catalog)
         rows = registry_table(catalog).to_pylist()
         target = next((r for r in rows if r["version"] == version), None)
@@ -188,9 +188,10 @@ def _restore_encoder(catalog: Catalog, version: int) -> bool:
     fine-tuned one), so new items are encoded into the same space: pending
     until the registry commit that follows (see :mod:`dynstore.switch`).
     Returns whether the encoder changes."""
-    meta_file = catalog.model_path(version, ".json")
     try:
-        model = json.loads(meta_file.read_text()).get("encoder_model") if meta_file.is_file() else None
+        model = json.loads(catalog.storage.read_bytes(catalog.model_name(version, ".json"))).get("encoder_model")
+    except FileNotFoundError:
+        model = None
     except (OSError, ValueError):
         model = None  # a damaged version file: load_version says so when it is served
     if model and model != catalog.config.model:
@@ -240,18 +241,18 @@ def load_version(catalog: Catalog, version: int | None = None) -> LoadedVersion:
 def _read_version(catalog: Catalog, version: int, emb) -> LoadedVersion:
     """Parameters, specs and rows of ``version``, checked to fit together."""
     from safetensors import SafetensorError
-    from safetensors.numpy import load_file
+    from safetensors.numpy import load
 
     way_out = (f"serve another version with `dynstore rollback {catalog.path} N` or build a new one with "
                f"`dynstore refresh {catalog.path} --force`")
 
     def broken(name: str, why: Any) -> StoreCorrupt:
         why = first_line(why if isinstance(why, BaseException) else ValueError(why))
-        return StoreCorrupt(f"{catalog.path / name}: version {version} cannot be loaded ({why}); {way_out}")
+        return StoreCorrupt(f"{catalog.where(name)}: version {version} cannot be loaded ({why}); {way_out}")
 
     meta_name, weights_name = f"models/v{version}.json", f"models/v{version}.safetensors"
     try:
-        meta = json.loads((catalog.path / meta_name).read_text(encoding="utf-8"))
+        meta = json.loads(catalog.storage.read_bytes(meta_name).decode("utf-8"))
         model_meta, item_meta, user_meta = meta["model"], meta["item_features"], meta["user_features"]
         item_spec, user_spec = FeatureSpec.from_dict(item_meta), FeatureSpec.from_dict(user_meta)
     except FileNotFoundError:
@@ -259,7 +260,7 @@ def _read_version(catalog: Catalog, version: int, emb) -> LoadedVersion:
     except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
         raise broken(meta_name, f"not a version description: {exc}") from None
     try:
-        tensors = load_file(str(catalog.path / weights_name))
+        tensors = load(catalog.storage.read_bytes(weights_name))
     except FileNotFoundError:
         raise broken(weights_name, "the file is missing") from None
     except (SafetensorError, OSError, ValueError) as exc:

@@ -99,9 +99,8 @@ def build_index(catalog: Catalog, version: int, settings: dict | None = None) ->
                                   schema=schema)
             n += len(full)
 
-    (catalog.path / "index").mkdir(exist_ok=True)
     ds = lance.write_dataset(pa.RecordBatchReader.from_batches(schema, augmented()),
-                             catalog.index_uri(version), mode="overwrite")
+                             catalog.index_uri(version), mode="overwrite", storage_options=catalog.storage_options)
     settings = dict(settings or index_settings(ds.count_rows(), width))
     create_vector_index(ds, settings)
     return settings
