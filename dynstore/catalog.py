@@ -26,7 +26,6 @@ import os
 import re
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Iterator
 
 from .config import CONFIG_NAME, StoreConfig

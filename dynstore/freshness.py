@@ -23,7 +23,7 @@ def current_rules(catalog: Catalog) -> dict:
     """What a version's labels and vectors depend on besides the data.
 
     >>> import tempfile, dynstore
-    >>> sorted(current_rules(dynstore.init(tempfile.mkdtemp() + "/s", model="fake")))
+    >>> sorted(current_rules(dynstore.init(tempfile.mkdtemp() + "/s", model="fake").catalog))
     ['behaviour_summary', 'encoder', 'item_text', 'negative', 'positive']
     """
     cfg = catalog.config

@@ -25,7 +25,6 @@ encodes, writes or locks.
 """
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, field, replace
 from typing import Any, Sequence
 
