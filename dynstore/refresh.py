@@ -24,6 +24,7 @@ from __future__ import annotations
 import sys
 import time
 from dataclasses import dataclass, field, replace
+from functools import cached_property
 from pathlib import Path
 from typing import Any, Callable
 
@@ -94,6 +95,15 @@ class Prepared:
     residuals: tuple        # current's per-item residuals (R, rb)
     start: tuple            # (tensors, meta) every training starts from
     window_label: str
+
+    @cached_property
+    def counts(self) -> dict:
+        """Events (train, holdout, by label), items and users of the window: what a version records."""
+        data = self.data
+        return {"events": int(len(data.label)), "train": int(len(self.train.label)),
+                "holdout": int(len(self.holdout[2])), "positives": int((data.label == 1).sum()),
+                "negatives": int((data.label == -1).sum()), "impressions": int((data.label == 0).sum()),
+                "items": len(data.ids), "users": len(data.user_ids)}
 
     def fresh(self) -> FusionModel:
         """The candidate before training: current's parameters (or the rule's), today's settings."""
@@ -244,7 +254,7 @@ class _Run:
             # a promoted fine-tuned encoder becomes the store's in the registry commit itself
             number = build_version(
                 self.catalog, model, lv.item_spec, lv.user_spec, parent=lv.version, status=verdict.status,
-                train_window=p.window_label, counts=_counts(p), items=data.items, snapshot=snap,
+                train_window=p.window_label, counts=p.counts, items=data.items, snapshot=snap,
                 metrics={"candidate": verdict.candidate, "current": verdict.current, "train": cand.stats,
                          "holdout": p.judged, **({"finetune": cand.finetune} if cand.finetune else {})},
                 residuals=model.residuals if model.residuals is not None else p.residuals,
@@ -272,7 +282,7 @@ class _Run:
         events.V = p.train.V  # the store's encoder (a rejected fine-tune is not used)
         rule = data.rule(events, lv)
         return build_version(self.catalog, rule, lv.item_spec, lv.user_spec, parent=lv.version,
-                             status="current", counts=_counts(p),
+                             status="current", counts=p.counts,
                              train_window=rule_window(float(data.ts.min()), float(data.ts.max())),
                              metrics={"current": verdict.current, "rule": verdict.rule, "rejected": rejected},
                              residuals=rule.residuals, snapshot=dict(snap, trained_until=int(data.ts.max())),
@@ -284,7 +294,7 @@ class _Run:
         out = {"version": number, "parent": p.current_version.version, "status": verdict.status,
                "promoted": verdict.status == "current",
                "metrics": {"candidate": verdict.candidate, "current": verdict.current, "rule": verdict.rule},
-               "counts": _counts(p), "durations": self.timings, "window": p.window_label, "holdout": p.judged,
+               "counts": p.counts, "durations": self.timings, "window": p.window_label, "holdout": p.judged,
                "reasons": self.plan["reasons"],
                # training never clearly beat its start on the holdout: the version
                # carries the start's parameters (plus, maybe, an item-item weight)
@@ -334,13 +344,6 @@ def refresh(catalog: Catalog, **options: Any) -> RefreshResult:
     verdict = run.judge(prepared, candidate)
     model = run.refit(prepared, candidate, verdict)
     return run.publish(prepared, candidate, verdict, model)
-
-
-def _counts(p: Prepared) -> dict:
-    data = p.data
-    return {"events": int(len(data.label)), "train": int(len(p.train.label)), "holdout": int(len(p.holdout[2])),
-            "positives": int((data.label == 1).sum()), "negatives": int((data.label == -1).sum()),
-            "impressions": int((data.label == 0).sum()), "items": len(data.ids), "users": len(data.user_ids)}
 
 
 def _gamma(params: dict) -> float:
