@@ -3,6 +3,10 @@
 ``--part s3`` (issue 13): a store on object storage (moto's S3 server) against a
 local one -- ingest, ``GROUP BY``, ``recommend`` (see ``bench_scale_s3.py``).
 
+``--part window`` (issue 13): refresh reads its window, not the history -- memory and
+time with the history grown 1x/4x/12x under a fixed ``--since 30d``, and the memory a
+refresh adds per window event (events per GB); see ``bench_scale_window.py``.
+
 ``--part ray`` (issue 13): the Ray engine against the local one on this machine --
 
 * encode, fake encoder, ``--items`` documents (default 20k): seconds local vs Ray
@@ -19,6 +23,7 @@ the CPUs the run really had.
 Run (from the repository root)::
 
     python benchmarks/bench_scale.py --part ray
+    python benchmarks/bench_scale.py --part window
     python benchmarks/bench_scale.py --part ray --items 5000 --minilm-items 500 --json OUT
 """
 from __future__ import annotations
@@ -159,7 +164,7 @@ def part_ray(args) -> dict:
 
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--part", choices=["ray", "s3"], required=True)
+    p.add_argument("--part", choices=["ray", "s3", "window"], required=True)
     p.add_argument("--rows", type=int, default=100_000, help="interactions for --part s3")
     p.add_argument("--items", type=int, default=20_000, help="documents for the fake-encoder encode")
     p.add_argument("--minilm-items", type=int, default=2_000, help="documents for the MiniLM encode")
@@ -172,6 +177,11 @@ def main(argv=None) -> None:
         import bench_scale_s3
 
         bench_scale_s3.main(["--part", "s3", "--rows", str(args.rows)])
+        return
+    if args.part == "window":
+        import bench_scale_window
+
+        bench_scale_window.main([] if args.json is None else ["--json", args.json])
         return
     print(load(), flush=True)
     out = part_ray(args)

@@ -30,6 +30,7 @@ KINDS = ("interactions", "items", "users")
 SIZES = ("tiny", "small", "medium", "large")  # dynstore.samples.shop.SIZES (not imported: numpy)
 PRECISIONS = ("auto", "fp32", "bf16", "fp16", "int8")  # dynstore.encoders.PRECISIONS (not imported: numpy)
 ENGINES = ("local", "ray")  # dynstore.rayengine.ENGINES (not imported: pyarrow)
+DEFAULT_SINCE = "30d"  # dynstore.window.DEFAULT_SINCE (not imported: numpy)
 ENGINE_HELP = ("Where the work runs: local (this process) or ray (a Ray actor pool; $RAY_ADDRESS names the "
                "cluster, else a local one starts; needs pip install 'dynstore[ray]').")
 WORKERS_HELP = "Ray actors (default: one per GPU, else per CPU, of the cluster); --engine ray only."
@@ -527,7 +528,7 @@ def _finetune_steps_help() -> str:
 
 @main.command(cls=StoreCommand)
 @store_argument
-@click.option("--since", default="30d", show_default=True, help="Training window: 30d, 12w, 48h, a date, or 'all'.")
+@click.option("--since", default=DEFAULT_SINCE, show_default=True, help="Training window: 30d, 12w, 48h, a date, or 'all'.")
 @click.option("--epochs", type=click.IntRange(min=1), default=None,
               help="Most training epochs [default: 10]; training stops early once the holdout stops improving.")
 @click.option("--no-promote", is_flag=True, help="Keep the new version as a candidate.")
@@ -664,29 +665,33 @@ def rollback(store: str, version, as_json, quiet):
               help="Version to evaluate (default: current).")
 @click.option("-k", type=click.IntRange(1, 10_000), default=10, show_default=True,
               help="Cut-off of recall@k and ndcg@k.")
+@click.option("--since", default="all", show_default=True,
+              help="Read only this window (30d, 12w, a date, or 'all'): the slice is its newest 10%.")
 @format_options
 @quiet_option
 @handle_errors
-def eval_(store: str, version, k, fmt, as_json, quiet):
-    """Evaluate a version on the newest 10% of all interactions.
+def eval_(store: str, version, k, since, fmt, as_json, quiet):
+    """Evaluate a version on the newest 10% of all interactions (of --since).
 
     The output's slice says which events were used and how many of them
     the version was trained on. refresh judges on the newest 10% of its
     --since window, and only on events the current version never saw, so
-    its figures for the same version differ.
+    its figures for the same version differ. On a long history, --since
+    bounds what is read (and the memory) to the window.
 
     \b
     Examples:
       dynstore eval shop
       dynstore eval shop --version 3 -k 20 --json
+      dynstore eval shop --since 30d
     """
     with _open(store, read_only=True) as s:
-        out = s.evaluate(version=version, k=k)
+        out = s.evaluate(version=version, k=k, since=since)
     click.echo(key_values(out, output_format(fmt, as_json)))
     sl = out["slice"]
     _note(quiet or as_json or fmt != "table",
           f"note: judged on {sl['events']} events of {sl['users']} users from {sl['from']} to {sl['to']} (the newest "
-          f"{sl['share']:.0%} of all interactions), {sl['trained_on_share']:.0%} of which version {out['version']} "
+          f"{sl['share']:.0%} of {sl['of']}), {sl['trained_on_share']:.0%} of which version {out['version']} "
           "was trained on; refresh uses its own window and only unseen events, so its figures differ")
 
 

@@ -19,7 +19,7 @@ from .registry import registry_table, rule_window, write_registry
 from .semcache import encoder_info
 from .versions import build_version, items_table, users_table
 from .views import views_connection
-from .window import newest_event
+from .window import DEFAULT_SINCE, newest_event
 
 __all__ = ["ensure_first_version"]
 
@@ -68,10 +68,11 @@ def _time_span(catalog: Catalog) -> tuple[float, float]:
 
 
 def _record_rule_metrics(catalog: Catalog, number: int) -> None:
-    """Holdout figures of version 1, as ``eval`` computes them (the rule scored
-    before the newest 10% of events), so the registry shows how it does."""
+    """Holdout figures of version 1, as ``eval --since 30d`` computes them (the rule scored
+    before the newest 10% of the window a default refresh judges on), so the registry
+    shows how it does; the window bounds what the first encode reads of a long history."""
     try:
-        m = evaluate_version(catalog, version=number)
+        m = evaluate_version(catalog, version=number, since=DEFAULT_SINCE)
         metrics = {"holdout": {k: v for k, v in m.items() if isinstance(v, float)}, "slice": m["slice"]}
     except Exception as exc:  # figures are an annotation: never fail the encode that made the version
         metrics = {"holdout": {}, "note": str(exc) if isinstance(exc, DynstoreError) else

@@ -1,7 +1,9 @@
 """Scoring a stored version on the newest events (``dynstore eval``).
 
-The slice is the newest share of *every* interaction, whatever window the
-version was trained on; each version reads behaviour as of the slice's start.
+The slice is the newest share of every interaction (or of a ``since`` window),
+whatever window the version was trained on; each version reads behaviour as of
+the slice's start. With ``since`` only the window is read (as ``refresh``
+reads it), so memory follows the window, not the history.
 """
 from __future__ import annotations
 
@@ -15,28 +17,33 @@ from .recommend import check_k
 from .registry import is_rule, list_versions
 from .versions import load_version
 from .views import views_connection
-from .window import HOLDOUT, WindowData
+from .window import HOLDOUT, TrainingWindow, WindowData, newest_event
 
 __all__ = ["evaluate_version"]
 
 
-def evaluate_version(catalog: Catalog, *, version: int | None = None, k: int = 10, holdout: float = HOLDOUT) -> dict:
-    """Recall@k, NDCG@k and AUC of a version on the newest ``holdout`` share of all interactions.
+def evaluate_version(catalog: Catalog, *, version: int | None = None, k: int = 10, holdout: float = HOLDOUT,
+                     since: str | None = None) -> dict:
+    """Recall@k, NDCG@k and AUC of a version on the newest ``holdout`` share of all interactions
+    (of those in the ``since`` window: ``30d``, a date, ``all``/None for every one).
 
-    The slice is the newest 10% of *every* interaction, whatever window the
-    version was trained on, and the version may have learned from part of
-    it; ``refresh`` instead judges on the newest 10% of its ``--since``
-    window, and only on events the current version never saw. So the two
-    disagree; ``"slice"`` in the result says which events were used and how
-    many of them the version was trained on. Every version reads behaviour as
-    of the slice's start, so none counts the events it is judged on.
+    The slice is the newest 10% of *every* interaction (of the window),
+    whatever window the version was trained on, and the version may have
+    learned from part of it; ``refresh`` instead judges on the newest 10% of
+    its ``--since`` window, and only on events the current version never saw.
+    So the two disagree; ``"slice"`` in the result says which events were used
+    and how many of them the version was trained on. Every version reads
+    behaviour as of the slice's start (from the window's events only, with
+    ``since``), so none counts the events it is judged on.
     """
     k = check_k(k)
+    window = TrainingWindow.parse(since)  # a bad --since fails before any work
     lv = load_version(catalog, version)
     row = next((r for r in list_versions(catalog) if r["version"] == lv.version), {})
     con = views_connection(catalog)
     try:
-        prep = WindowData(catalog, lv, con, None)
+        newest = newest_event(con)
+        prep = WindowData(catalog, lv, con, window.start(newest))
     finally:
         con.close()
     train, (hu, hi, hl) = prep.split(holdout)
@@ -56,5 +63,6 @@ def evaluate_version(catalog: Catalog, *, version: int | None = None, k: int = 1
         return _dt.datetime.fromtimestamp(int(t), _dt.timezone.utc).strftime("%Y-%m-%d %H:%M")
 
     slice_ = {"events": int(len(hl)), "users": int(len(np.unique(hu))), "from": iso(ts.min()), "to": iso(ts.max()),
-              "share": holdout, "of": "all interactions", "trained_on_share": round(seen, 4), "scored": scored}
+              "share": holdout,
+              "of": "all interactions" if window.start(newest) is None else f"the interactions since {since}", "trained_on_share": round(seen, 4), "scored": scored}
     return {"version": lv.version, **out, "slice": slice_}

@@ -13,6 +13,7 @@ from .freshness import refresh_plan
 from .registry import headline_metrics, list_versions
 from .semcache import cache_dataset, encoder_info
 from .views import views_connection
+from .window import DEFAULT_SINCE
 
 __all__ = ["inspect_store"]
 
@@ -87,7 +88,7 @@ def inspect_store(catalog: Catalog) -> dict:
     trained = [r for r in rows if r["snapshot"].get("trained_until") is not None]
     last = trained[0] if trained else None
     # a refresh is judged over the window the last one trained on
-    since = (last["snapshot"].get("since") if last else None) or "30d"
+    since = (last["snapshot"].get("since") if last else None) or DEFAULT_SINCE
     plan = refresh_plan(catalog, since=since)
     out = {
         "store": str(catalog.path),

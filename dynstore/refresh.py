@@ -44,7 +44,7 @@ from .semantic import encode, item_docs, semantic_vectors
 from .semcache import snapshot, store_encoder
 from .versions import LoadedVersion, build_version, load_version
 from .views import views_connection
-from .window import TrainingWindow, WindowData, newest_event, time_decay_days
+from .window import DEFAULT_SINCE, TrainingWindow, WindowData, newest_event, time_decay_days
 
 __all__ = ["refresh", "RefreshOptions"]
 
@@ -65,7 +65,7 @@ class RefreshOptions:
     from the holdout too, for the epochs that were best.
     """
 
-    since: str | None = "30d"
+    since: str | None = DEFAULT_SINCE
     epochs: int | None = None
     promote: bool = True
     finetune_encoder: bool = False

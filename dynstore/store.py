@@ -466,11 +466,12 @@ class Store:
         with cat.writing("rollback"), cat.lock("refresh"):
             return rollback(cat, version)
 
-    def evaluate(self, *, version: int | None = None, k: int = 10) -> dict:
+    def evaluate(self, *, version: int | None = None, k: int = 10, since: str | None = None) -> dict:
         """Recall@k, NDCG@k and AUC of ``version`` (default: current) on the newest 10% of
-        all interactions, with the ``"slice"`` judged; see :func:`dynstore.holdout.evaluate_version`."""
+        all interactions (of the ``since`` window, e.g. ``"30d"``: only it is read), with the
+        ``"slice"`` judged; see :func:`dynstore.holdout.evaluate_version`."""
         view = self.catalog if self.catalog.is_pinned else self.catalog.pinned()
-        return evaluate_version(view, version=version, k=k)
+        return evaluate_version(view, version=version, k=k, since=since)
 
 
 

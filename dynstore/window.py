@@ -21,9 +21,10 @@ from .semantic import semantic_vectors
 from .versions import items_table, users_table
 
 __all__ = ["TrainingWindow", "WindowData", "parse_since", "newest_event", "time_decay_days", "labelled_events",
-           "HOLDOUT"]
+           "HOLDOUT", "DEFAULT_SINCE"]
 
 HOLDOUT = 0.10  # the newest share of a window's events that judges a model
+DEFAULT_SINCE = "30d"  # refresh's window when none is given
 
 
 @dataclass(frozen=True)
@@ -112,13 +113,17 @@ def time_decay_days(span_days: float) -> float:
 
 def labelled_events(con, cutoff: _dt.datetime | None):
     """Training events as Arrow: user_id, item_id, ts (epoch s), label (1/-1/0), as the
-    ``labelled_events`` view decides them -- the same events serving reads."""
-    where = "" if cutoff is None else "WHERE ts >= ?"
-    params = [] if cutoff is None else [cutoff]
-    return con.sql(f"""
-        SELECT user_id, item_id, epoch(ts)::BIGINT AS ts, label FROM labelled_events {where}
+    ``labelled_events`` view decides them -- the same events serving reads.
+
+    Only the window is read: ``labelled_events_since`` (``sql/views.sql``) puts
+    the cutoff on both of its scans, so DuckDB hands it to the Lance scan as a
+    filter, with the four columns the rules need; memory follows the window's
+    events, not the history's.
+    """
+    return con.sql("""
+        SELECT user_id, item_id, epoch(ts)::BIGINT AS ts, label FROM labelled_events_since(?::TIMESTAMP)
         ORDER BY ts, user_id, item_id, label
-    """, params=params or None).to_arrow_table()
+    """, params=[cutoff]).to_arrow_table()
 
 
 class WindowData:

@@ -11,14 +11,22 @@ FROM _dynstore_interactions;
 -- an impression is dropped when the same user has a positive on the same item at
 -- or after it (the positive says it all); other events the rules leave at 0 are
 -- neither liked nor disliked and count for nothing.
-CREATE OR REPLACE VIEW labelled_events AS
+-- labelled_events_since(cutoff): those of the events at or after `cutoff` (NULL:
+-- all). A positive that drops an impression of the window is at or after it, so in
+-- the window too: both scans read only the window (the filter reaches the Lance
+-- scan), and the answer is that of `labelled_events WHERE ts >= cutoff`.
+CREATE OR REPLACE MACRO labelled_events_since(cutoff) AS TABLE
 WITH last_pos AS (
-    SELECT user_id, item_id, max(ts) AS ts FROM interactions WHERE label = 1 GROUP BY ALL
+    SELECT user_id, item_id, max(ts) AS ts FROM interactions
+    WHERE label = 1 AND (cutoff IS NULL OR ts >= cutoff) GROUP BY ALL
 )
 SELECT i.user_id, i.item_id, i.ts,
        CAST(CASE WHEN i.event = 'impression' THEN 0 ELSE i.label END AS TINYINT) AS label
 FROM interactions i LEFT JOIN last_pos p USING (user_id, item_id)
-WHERE CASE WHEN i.event = 'impression' THEN p.ts IS NULL OR p.ts < i.ts ELSE i.label <> 0 END;
+WHERE (cutoff IS NULL OR i.ts >= cutoff)
+  AND CASE WHEN i.event = 'impression' THEN p.ts IS NULL OR p.ts < i.ts ELSE i.label <> 0 END;
+
+CREATE OR REPLACE VIEW labelled_events AS SELECT * FROM labelled_events_since(NULL);
 
 CREATE OR REPLACE VIEW items AS SELECT * FROM _dynstore_items;
 

@@ -360,3 +360,16 @@ def test_score_all_cli(runner, encoded):
     assert out["engine"] == "local" and out["k"] == 3 and out["rows"] == 3 * out["users"]
     r = run(runner, "score-all", encoded.path, "--workers", "2")
     assert r.exit_code == 2 and "--workers needs --engine ray" in r.output
+
+
+def test_cli_constants_mirror_the_library():
+    """The CLI spells a few library constants out (importing them costs numpy/pyarrow at
+    start-up); they must not drift apart."""
+    import dynstore.cli as cli
+    from dynstore.encoders import PRECISIONS
+    from dynstore.rayengine import ENGINES
+    from dynstore.samples.shop import SIZES
+    from dynstore.window import DEFAULT_SINCE
+
+    assert tuple(cli.PRECISIONS) == tuple(PRECISIONS) and tuple(cli.ENGINES) == tuple(ENGINES)
+    assert tuple(cli.SIZES) == tuple(SIZES) and cli.DEFAULT_SINCE == DEFAULT_SINCE

@@ -308,3 +308,21 @@ def test_eval_says_which_slice(encoded, runner):
     for k in ("0", "-1"):
         r = runner.invoke(main, ["eval", str(encoded.path), "-k", k])
         assert r.exit_code == 2 and "not in the range" in r.output and "nan" not in r.output
+
+
+def test_eval_since_reads_only_the_window(encoded, runner):
+    """``eval --since`` judges the newest 10% of the window, from the window's events alone;
+    the first version's figures are those of the default refresh window."""
+    from dynstore.cli import main
+
+    whole, recent = encoded.evaluate(), encoded.evaluate(since="14d")
+    assert recent["slice"]["of"] == "the interactions since 14d" and whole["slice"]["of"] == "all interactions"
+    assert 0 < recent["slice"]["events"] < whole["slice"]["events"]
+    assert recent["slice"]["from"] >= whole["slice"]["from"]
+    v1 = json.loads(encoded.sql("SELECT metrics FROM versions WHERE version = 1").fetchall()[0][0])
+    assert v1["slice"]["of"] == "the interactions since 30d"
+    assert v1["slice"]["events"] == encoded.evaluate(version=1, since="30d")["slice"]["events"]
+    r = runner.invoke(main, ["eval", str(encoded.path), "--since", "14d"])
+    assert r.exit_code == 0 and "of the interactions since 14d" in r.output
+    r = runner.invoke(main, ["eval", str(encoded.path), "--since", "last week"])
+    assert r.exit_code == 1 and r.output.count("\n") == 1 and "--since 'last week'" in r.output
