@@ -24,8 +24,9 @@ roundoff ``e`` (``2^-11`` float16, ``2^-8`` bfloat16) moves the product by at mo
 ``2e |x_s| |w_s|`` (Cauchy-Schwarz), a float32 accumulation (of either product)
 by ``d 2^-24 |x_s| |w_s|``, rounding the result to ``e`` by ``e |x_s| |w_s|``, float16's
 subnormals by ``2^-25`` an entry (``2^-25 (sum|x_s| + sum|w_s|)``); adding the
-per-item terms in float32 by ``2^-24`` of the magnitude. The tolerance takes
-twice the sum, scaled back by ``s / r``.
+per-item terms in float32 by ``2^-24`` of the magnitudes. The tolerance takes
+twice the sum, scaled back by ``s / r``, with the largest ``|w_s|`` of the catalogue:
+one bound per user, so the prefilter costs the plain path one extra counting pass.
 """
 from __future__ import annotations
 
@@ -81,9 +82,10 @@ def low_matrix(W: np.ndarray, precision: str) -> LowMatrix | None:
 
 
 def low_scores(low: LowMatrix, X: np.ndarray, B: np.ndarray, r: np.ndarray, item: np.ndarray):
-    """``(Y, T)``: the half-precision logits of ``X @ Wf.T + B`` as a float32 torch tensor
-    ``[m, n]`` with the pairs ``(r, item)`` at ``-inf``, and their error bound ``T``
-    (the exact float32 logit lies in ``[Y - T, Y + T]``)."""
+    """``(Y, t)``: the half-precision logits of ``X @ Wf.T + B`` as a float32 torch tensor
+    ``[m, n]`` with the pairs ``(r, item)`` at ``-inf``, and each user's error bound ``t [m]``
+    (the exact float32 logit of every item lies in ``[Y - t, Y + t]``; one bound per user,
+    from the largest item norm, costs no ``[m, n]`` pass)."""
     torch = attempt_import("torch")
     s = np.abs(X).max(1) if X.size else np.zeros(len(X), np.float32)
     s = np.where(np.isfinite(s) & (s > 0), s, 1.0).astype(np.float32)
@@ -93,22 +95,23 @@ def low_scores(low: LowMatrix, X: np.ndarray, B: np.ndarray, r: np.ndarray, item
     Y = torch.empty((len(X), n), dtype=torch.float32)
     for a in range(0, n, ITEM_BLOCK):
         Y[:, a:a + ITEM_BLOCK] = torch.matmul(Xl, low.W[a:a + ITEM_BLOCK].T)
-    scale = torch.from_numpy(s / np.float32(low.r))[:, None]
-    Y *= scale
-    Y += torch.from_numpy(np.ascontiguousarray(B))
+    scale = s / np.float32(low.r)
+    e = UNIT[low.precision]
+    nx, ax = np.linalg.norm(Xs, axis=1), np.abs(Xs).sum(1)
+    wn = float(low.norms.max()) if n else 0.0
+    wa = float(low.abs_sums.max()) if n else 0.0
+    # |Y| before B is at most about |x_s| |w_s|; B adds its own magnitude (rounding of the sums)
+    t = scale * (2 * (3 * e + 2 * d * 2.0 ** -24) * nx * wn + 2.0 ** -24 * (ax + wa) + 2.0 ** -20 * nx * wn)
+    Y *= torch.from_numpy(scale)[:, None]
+    if B.size:
+        Bt = torch.from_numpy(np.ascontiguousarray(B))
+        Y += Bt
+        babs = Bt.abs().nan_to_num(0.0, 0.0, 0.0)
+        bmax = babs.amax(1).numpy() if B.ndim == 2 else np.full(len(X), float(babs.max()), np.float32)
+        t = t + 2.0 ** -20 * bmax
     if len(item):
         Y[torch.from_numpy(r), torch.from_numpy(item)] = -torch.inf
-    e = UNIT[low.precision]
-    nx = torch.from_numpy(np.linalg.norm(Xs, axis=1).astype(np.float32))[:, None]
-    ax = torch.from_numpy(np.abs(Xs).sum(1).astype(np.float32))[:, None]
-    T = nx * torch.from_numpy(low.norms)[None, :]
-    T *= 2 * (3 * e + 2 * d * 2.0 ** -24)
-    T += 2.0 ** -24 * (ax + torch.from_numpy(low.abs_sums)[None, :])
-    T *= scale
-    T += (2.0 ** -21) * Y.abs().nan_to_num(0.0, 0.0, 0.0) + 1e-30
-    if B.size:
-        T += (2.0 ** -21) * torch.from_numpy(np.abs(np.ascontiguousarray(B))).nan_to_num(0.0, 0.0, 0.0)
-    return Y, T
+    return Y, torch.from_numpy((t + 1e-30).astype(np.float32))
 
 
 def prefiltered_topk(low: LowMatrix, W: np.ndarray, X: np.ndarray, B: np.ndarray, r: np.ndarray,
@@ -116,15 +119,17 @@ def prefiltered_topk(low: LowMatrix, W: np.ndarray, X: np.ndarray, B: np.ndarray
     """``(V, I, ok)``: for the users ``ok``, the exact float32 top-``k`` of ``X @ W.T + B``
     with the pairs ``(r, item)`` excluded (values, rows; best first, ties by row, ``-inf``
     padding), found from the half-precision prefilter; the other users' rows are
-    unset (the caller scores them in float32)."""
+    unset (the caller scores them in float32).
+
+    With ``L`` the ``k``-th largest lower bound ``Y - t``, every item whose exact logit can
+    reach the exact ``k``-th largest has ``Y + t >= L``: those are the candidates."""
     torch = attempt_import("torch")
     m, n = X.shape[0], W.shape[0]
     k = min(k, n)
-    Y, T = low_scores(low, X, B, r, item)
-    L = torch.topk(Y - T, k, dim=1).values[:, -1]
-    T += Y  # the upper bounds
-    cnt = (T >= L[:, None]).sum(1)
-    ok = (torch.isfinite(L) & ~torch.isnan(Y).any(1) & ~torch.isposinf(Y).any(1)
+    Y, t = low_scores(low, X, B, r, item)
+    thr = torch.topk(Y, k, dim=1).values[:, -1] - 2 * t  # L - t
+    cnt = (Y >= thr[:, None]).sum(1)
+    ok = (torch.isfinite(thr) & ~torch.isnan(Y).any(1) & ~torch.isposinf(Y).any(1)
           & (cnt <= max(4 * k, n // 8))).numpy()
     V = np.full((m, k), -np.inf, np.float32)
     I = np.zeros((m, k), np.int64)
@@ -134,8 +139,8 @@ def prefiltered_topk(low: LowMatrix, W: np.ndarray, X: np.ndarray, B: np.ndarray
     if not len(users):
         return V, I, ok
     kc = int(cnt[users].max())
-    hv, hi = torch.topk(T[users], kc, dim=1)
-    keep = (hv >= L[users][:, None]).numpy()
+    hv, hi = torch.topk(Y[users], kc, dim=1)
+    keep = (hv >= thr[users][:, None]).numpy()
     cand = hi.numpy()
     step = max(RESCORE_USERS, n // max(8 * kc, 1))  # users whose candidates' union stays small
     for part in np.array_split(np.arange(len(users)), max(1, len(users) // step)):

@@ -77,7 +77,7 @@ def test_bound_holds_and_is_needed(big, precision):
     X, B = score_terms(state, users)
     exact = X @ state.Wf.T + B
     Y, T = P.low_scores(P.low_matrix(state.Wf, precision), X, B, np.zeros(0, np.int64), np.zeros(0, np.int64))
-    Y, T = Y.numpy(), T.numpy()
+    Y, T = Y.numpy(), T.numpy()[:, None]
     assert (Y != exact).mean() > 0.5
     assert (np.abs(Y - exact) <= T).all()
     assert float(np.median(T)) < 0.1 * float(exact.std())  # tight enough to prefilter
