@@ -39,7 +39,7 @@ from .errors import DynstoreError
 from .lazy import attempt_import
 
 __all__ = ["PRECISIONS", "COUNTS", "check_precision", "LowMatrix", "low_matrix", "low_scores",
-           "prefiltered_topk"]
+           "prefiltered_topk", "candidates", "rescore"]
 
 PRECISIONS = ("fp32", "fp16", "bf16")
 UNIT = {"fp16": 2.0 ** -11, "bf16": 2.0 ** -8}
@@ -119,18 +119,11 @@ def prefiltered_topk(low: LowMatrix, W: np.ndarray, X: np.ndarray, B: np.ndarray
     """``(V, I, ok)``: for the users ``ok``, the exact float32 top-``k`` of ``X @ W.T + B``
     with the pairs ``(r, item)`` excluded (values, rows; best first, ties by row, ``-inf``
     padding), found from the half-precision prefilter; the other users' rows are
-    unset (the caller scores them in float32).
-
-    With ``L`` the ``k``-th largest lower bound ``Y - t``, every item whose exact logit can
-    reach the exact ``k``-th largest has ``Y + t >= L``: those are the candidates."""
-    torch = attempt_import("torch")
+    unset (the caller scores them in float32)."""
     m, n = X.shape[0], W.shape[0]
     k = min(k, n)
     Y, t = low_scores(low, X, B, r, item)
-    thr = torch.topk(Y, k, dim=1).values[:, -1] - 2 * t  # L - t
-    cnt = (Y >= thr[:, None]).sum(1)
-    ok = (torch.isfinite(thr) & ~torch.isnan(Y).any(1) & ~torch.isposinf(Y).any(1)
-          & (cnt <= max(4 * k, n // 8))).numpy()
+    ok, cand, keep = candidates(Y, t, k)
     V = np.full((m, k), -np.inf, np.float32)
     I = np.zeros((m, k), np.int64)
     users = np.flatnonzero(ok)
@@ -138,16 +131,43 @@ def prefiltered_topk(low: LowMatrix, W: np.ndarray, X: np.ndarray, B: np.ndarray
     COUNTS["fallback"] += m - len(users)
     if not len(users):
         return V, I, ok
-    kc = int(cnt[users].max())
-    hv, hi = torch.topk(Y[users], kc, dim=1)
-    keep = (hv >= thr[users][:, None]).numpy()
-    cand = hi.numpy()
-    step = max(RESCORE_USERS, n // max(8 * kc, 1))  # users whose candidates' union stays small
+    cand, keep = cand[users], keep[users]
+    step = max(RESCORE_USERS, n // max(8 * int(keep.sum(1).max()), 1))  # the union of candidates stays small
     for part in np.array_split(np.arange(len(users)), max(1, len(users) // step)):
-        u, c = users[part], cand[part]
-        rows = np.unique(c[keep[part]])
+        u = users[part]
+        rows = np.unique(cand[part][keep[part]])
         V[u], I[u] = rescore(W, X[u], B[u] if B.ndim == 2 else B, u, r, item, rows, k)
     return V, I, ok
+
+
+def candidates(Y, t, k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``(ok, rows, keep)``: the users whose candidates were found, their top rows by ``Y``
+    ``[m, K]`` and which of those are candidates (``keep``).
+
+    With ``L`` the ``k``-th largest lower bound ``Y - t``, every item whose exact logit can
+    reach the exact ``k``-th largest has ``Y + t >= L``: those are the candidates. One
+    ``topk`` of ``2k + 16`` finds them all when its last value is below ``L - t``; users
+    for whom it is not are tried once more with up to ``max(4k, n / 8)``, then left out."""
+    torch = attempt_import("torch")
+    m, n = Y.shape
+    size = min(n, 2 * k + 16)
+    hv, hi = torch.topk(Y, size, dim=1)
+    thr = hv[:, k - 1] - 2 * t  # L - t
+    done = (hv[:, -1] < thr) if size < n else torch.ones(m, dtype=torch.bool)
+    ok = (torch.isfinite(thr) & torch.isfinite(hv[:, 0]) & done).numpy()
+    hv, hi, thr = hv.numpy(), hi.numpy(), thr.numpy()
+    more = np.flatnonzero(~done.numpy() & np.isfinite(thr))
+    big = min(n, max(4 * k, n // 8))
+    if len(more) and big > size:
+        v2, i2 = torch.topk(Y[torch.from_numpy(more)], big, dim=1)
+        v2, i2 = v2.numpy(), i2.numpy()
+        fits = (v2[:, -1] < thr[more]) | (big == n)
+        ok[more[fits]] = True
+        pad = np.full((m, big), -np.inf, np.float32)
+        pad[:, :size] = hv
+        hv, hi = pad, np.pad(hi, ((0, 0), (0, big - size)))
+        hv[more[fits]], hi[more[fits]] = v2[fits], i2[fits]
+    return ok, hi, hv >= thr[:, None]
 
 
 def rescore(W: np.ndarray, X: np.ndarray, B: np.ndarray, users: np.ndarray, r: np.ndarray,

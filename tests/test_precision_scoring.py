@@ -134,3 +134,17 @@ def test_ray_actor_carries_precision(big):
     got = actor(pa.table({"user_id": pa.array(users, pa.int64())}))
     assert P.COUNTS["rescored"] == len(users)
     assert got.equals(score_users(view, users, 7, version))
+
+
+def test_candidates_found_retried_or_left_out():
+    import torch
+
+    n, k = 1000, 5  # first topk 2k + 16 = 26 rows, the retry max(4k, n / 8) = 125
+    i = torch.arange(n, dtype=torch.float32)
+    Y = torch.stack([-i, -i * 1e-3, -i * 1e-5, -i])
+    Y[3, 7] = float("nan")
+    t = torch.tensor([0.1, 0.05, 0.05, 0.1])
+    ok, rows, keep = P.candidates(Y, t, k)
+    assert ok.tolist() == [True, True, False, False]  # 5 candidates; 105 (the retry); all 1000; a NaN
+    assert sorted(rows[0][keep[0]].tolist()) == list(range(5))
+    assert sorted(rows[1][keep[1]].tolist()) == list(range(105))
