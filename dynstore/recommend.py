@@ -340,9 +340,9 @@ def _low_precision_topk(state: ServingState, X: np.ndarray, B: np.ndarray, r: np
     """:func:`_blocked_topk` through the half-precision prefilter (the same values and rows);
     users it cannot bound, and matrices beyond float16, go through :func:`_blocked_topk`."""
     cache = state.prefilter.setdefault("batch", {})
-    if precision not in cache or cache[precision] and cache[precision].W.shape[0] != state.Wf.shape[0]:
-        cache[precision] = low_matrix(state.Wf, precision)
-    low = cache[precision]
+    if precision not in cache or cache[precision][0] is not state.Wf:  # once per item matrix
+        cache[precision] = (state.Wf, low_matrix(state.Wf, precision))
+    low = cache[precision][1]
     if low is None:
         return _blocked_topk(state.Wf, X, B, r, item, k)
     V, I, ok = prefiltered_topk(low, state.Wf, X, B, r, item, k)
