@@ -14,7 +14,13 @@ after a one-row ingest against the steady one (target: at most 5x), with the
 full rebuild of the serving state beside it (what every commit cost before
 states advanced incrementally).
 
+With ``--precision``, the all-users run is ``score-all``'s own path
+(``all_items_lists``) at fp32, fp16 and bf16 instead, beside the GEMM alone and
+plain half-precision lists (the product in fp16/bf16 and its top-k, nothing
+rescored: the design not taken), with each one's agreement with fp32.
+
     python benchmarks/bench_recommend.py --users 20000 --items 50000
+    python benchmarks/bench_recommend.py --users 5000 --items 20000 --precision --index-items 0 --commit-interactions 0
     python benchmarks/bench_recommend.py --users 0 --index-items 0    # only the commit run
 """
 from __future__ import annotations
@@ -39,6 +45,8 @@ def main() -> None:
     ap.add_argument("--dim", type=int, default=384)
     ap.add_argument("--latency-queries", type=int, default=200)
     ap.add_argument("--rounds", type=int, default=3, help="interleaved rounds of all-users SQL vs GEMM only")
+    ap.add_argument("--precision", action="store_true",
+                    help="all users at fp32 / fp16 / bf16 (score-all's path) instead of via SQL")
     ap.add_argument("--index-items", type=int, default=1_000_000,
                     help="catalogue size for the vector-index latency run (0 skips it)")
     ap.add_argument("--commit-interactions", type=int, default=1_000_000,
@@ -60,7 +68,9 @@ def main() -> None:
         return store
 
     try:
-        if args.users:
+        if args.users and args.precision:
+            precisions(args, build, work, torch)
+        elif args.users:
             exact_and_index(args, build, work, rng, torch)
         if args.index_items:
             index_latency(args, build, work, rng)
@@ -203,6 +213,71 @@ def exact_and_index(args, build, work, rng, torch) -> None:
           f"p99 {p(lat_api, 99):.1f} / {p(lat_sql, 99):.1f} ms | p50 {p(lat_gemv, 50):.1f} ms (numpy float32 scan "
           f"alone) | {p(lat_api, 50) / p(lat_gemv, 50):.2f}x | API p50 <= 5 ms |")
     con.close()
+    store.close()
+
+
+def precisions(args, build, work, torch, k: int = 10) -> None:
+    """All users through ``all_items_lists`` at each precision, the GEMM alone, plain
+    half-precision lists; interleaved rounds, lists compared with fp32."""
+    from dynstore import precision as P
+    from dynstore.batch import all_users
+    from dynstore.recommend import all_items_lists, score_terms, serving_state
+
+    store = build(work / "p", args.items, args.users, index_min_items=args.items + 1)
+    state = serving_state(store.catalog)
+    users = all_users(store.catalog)
+    X, B = score_terms(state, users)
+    W = state.Wf
+    pos = state.positives(np.array([state.user_row.get(u, -1) for u in users], np.int64))
+    r_all = np.repeat(np.arange(len(users)), np.diff(pos[0]))
+
+    def gemm_only():
+        Xt, Wt = torch.from_numpy(X), torch.from_numpy(W)
+        for s in range(0, len(users), 1024):
+            torch.matmul(Xt[s:s + 1024], Wt.T)
+
+    def plain(prec):  # design (b): half-precision logits, top-k, no rescoring
+        dt = torch.float16 if prec == "fp16" else torch.bfloat16
+        low = P.low_matrix(W, prec)
+        out = []
+        for s in range(0, len(users), 1024):
+            Xl = torch.from_numpy(X[s:s + 1024] / np.float32(low.r)).to(dt)
+            S = torch.matmul(Xl, low.W.T).float() + torch.from_numpy(B[s:s + 1024] if B.ndim == 2 else B)
+            m = (r_all >= s) & (r_all < s + 1024)
+            S[torch.from_numpy(r_all[m] - s), torch.from_numpy(pos[1][m])] = -torch.inf
+            out += torch.topk(S, k, dim=1).indices.tolist()
+        return [[state.ids[c] for c in row] for row in out]
+
+    runs = {"gemm": gemm_only, **{p: (lambda p=p: all_items_lists(state, users, k, precision=p)) for p in P.PRECISIONS},
+            **{f"plain {p}": (lambda p=p: plain(p)) for p in ("fp16", "bf16")}}
+    times: dict = {name: [] for name in runs}
+    lists: dict = {}
+    for _ in range(args.rounds):
+        for name, fn in runs.items():
+            P.COUNTS.update(rescored=0, fallback=0)
+            t0 = time.perf_counter()
+            lists[name] = fn()
+            times[name].append((time.perf_counter() - t0, os.getloadavg()[0]))
+            if name in ("fp16", "bf16"):
+                lists[name + " counts"] = dict(P.COUNTS)
+    ref = [[e["item_id"] for e in x] for x in lists["fp32"]]
+    print(f"| all {len(users):,} users x {args.items:,} items, d={args.dim}, top-{k}, torch threads "
+          f"{torch.get_num_threads()} | seconds (median of {args.rounds}; load average 1 min at each) | vs GEMM | "
+          f"lists vs fp32 |")
+    print("|---|---|---|---|")
+    t_gemm = float(np.median([t for t, _ in times["gemm"]]))
+    for name in runs:
+        t = float(np.median([t for t, _ in times[name]]))
+        loads = ", ".join(f"{t_:.2f}s @ {ld:.2f}" for t_, ld in times[name])
+        agree = ""
+        if name != "gemm":
+            got = [[e["item_id"] for e in x] if x and isinstance(x[0], dict) else x for x in lists[name]]
+            same = sum(a == b for a, b in zip(got, ref))
+            overlap = np.mean([len(set(a) & set(b)) / max(len(b), 1) for a, b in zip(got, ref)])
+            exact = " (scores too)" if name in ("fp16", "bf16") and lists[name] == lists["fp32"] else ""
+            agree = f"identical {same}/{len(ref)}{exact}, overlap@{k} {overlap:.4f}"
+            agree += f"; {lists[name + ' counts']}" if name in ("fp16", "bf16") else ""
+        print(f"| {name} | {t:.2f} ({loads}) | {t / t_gemm:.2f}x | {agree} |")
     store.close()
 
 

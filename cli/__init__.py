@@ -31,6 +31,7 @@ SIZES = ("tiny", "small", "medium", "large")  # dynstore.samples.shop.SIZES (not
 PRECISIONS = ("auto", "fp32", "bf16", "fp16", "int8")  # dynstore.encoders.PRECISIONS (not imported: numpy)
 ENGINES = ("local", "ray")  # dynstore.rayengine.ENGINES (not imported: pyarrow)
 DEFAULT_SINCE = "30d"  # dynstore.window.DEFAULT_SINCE (not imported: numpy)
+SCORE_PRECISIONS = ("fp32", "fp16", "bf16")  # dynstore.precision.PRECISIONS (not imported: numpy)
 ENGINE_HELP = ("Where the work runs: local (this process) or ray (a Ray actor pool; $RAY_ADDRESS names the "
                "cluster, else a local one starts; needs pip install 'dynstore[ray]').")
 WORKERS_HELP = "Ray actors (default: one per GPU, else per CPU, of the cluster); --engine ray only."
@@ -273,10 +274,14 @@ def encode(store: str, all_, batch_size, device, precision, engine, workers, as_
 @click.option("-k", type=click.IntRange(1, 10_000), default=100, show_default=True, help="Items per user.")
 @click.option("--engine", type=click.Choice(ENGINES), default="local", show_default=True, help=ENGINE_HELP)
 @click.option("--workers", type=click.IntRange(min=1), default=None, help=WORKERS_HELP)
+@click.option("--precision", type=click.Choice(SCORE_PRECISIONS), default="fp32", show_default=True,
+              help="Precision of the user-item product. fp16/bf16 run it in half precision as a prefilter "
+                   "whose candidates are rescored in fp32: the same lists, faster only where the hardware "
+                   "has a half-precision GEMM (GPUs, CPUs with AMX); slower elsewhere.")
 @json_option()
 @quiet_option
 @handle_errors
-def score_all(store: str, k, engine, workers, as_json, quiet):
+def score_all(store: str, k, engine, workers, precision, as_json, quiet):
     """Write every user's top-k of the current version to the batch_recommendations table.
 
     The lists equal what `recommend` serves (the user's positives excluded);
@@ -292,13 +297,13 @@ def score_all(store: str, k, engine, workers, as_json, quiet):
     if workers is not None and engine != "ray":
         raise click.UsageError("--workers needs --engine ray")
     with _open(store) as s:
-        out = s.score_all(k, engine=engine, workers=workers)
+        out = s.score_all(k, engine=engine, workers=workers, precision=precision)
     if as_json:
         click.echo(to_json(out.to_dict()))
     elif not quiet:
         on = f"ray, {out.workers} worker{'s' * (out.workers != 1)}" if out.workers else out.engine
         click.echo(f"{out.users} users scored: {out.rows} rows of version {out.version} in batch_recommendations "
-                   f"({out.seconds}s, {out.users_per_s} users/s, {on})")
+                   f"({out.seconds}s, {out.users_per_s} users/s, {on}, precision {out.precision})")
 
 
 # -------------------------------------------------------------------------- recommend

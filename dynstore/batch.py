@@ -26,6 +26,7 @@ import pyarrow as pa
 from .catalog import Catalog, open_catalog
 from .errors import DynstoreError
 from .rayengine import block_rows, blocks, check_engine, map_actors, pool_size, require_ray
+from .precision import check_precision
 from .recommend import all_items_lists, check_k
 from .registry import current_version
 from .results import ScoreAllResult
@@ -50,10 +51,11 @@ def all_users(catalog: Catalog) -> list:
     return [r[0] for r in rows]
 
 
-def score_users(catalog: Catalog, user_ids: Sequence[Any], k: int, version: int) -> pa.Table:
+def score_users(catalog: Catalog, user_ids: Sequence[Any], k: int, version: int,
+                precision: str = "fp32") -> pa.Table:
     """The rows of :data:`~dynstore.views.BATCH_TABLE` for ``user_ids``: each user's
-    top-``k`` of ``version`` (what both engines run)."""
-    lists = all_items_lists(serving_state(catalog, version), list(user_ids), k)
+    top-``k`` of ``version`` (what both engines run), the product at ``precision``."""
+    lists = all_items_lists(serving_state(catalog, version), list(user_ids), k, precision=precision)
     n = np.fromiter((len(x) for x in lists), np.int64, len(lists))
     users = [u for u, m in zip(user_ids, n.tolist()) for _ in range(m)]
     rank = np.concatenate([np.arange(1, m + 1, dtype=np.int32) for m in n.tolist()] or [np.zeros(0, np.int32)])
@@ -69,17 +71,23 @@ class UserScorer:
     """A Ray actor: opens the store read-only at the driver's snapshot (once) and
     scores blocks of ``user_id`` with :func:`score_users`."""
 
-    def __init__(self, path: str, at: dict[str, int], k: int, version: int):
+    def __init__(self, path: str, at: dict[str, int], k: int, version: int, precision: str = "fp32"):
         self.catalog = pinned_at(open_catalog(path, read_only=True), at)
-        self.k, self.version = k, version
+        self.k, self.version, self.precision = k, version, precision
 
     def __call__(self, block: pa.Table) -> pa.Table:
-        return score_users(self.catalog, block.column("user_id").to_pylist(), self.k, self.version)
+        return score_users(self.catalog, block.column("user_id").to_pylist(), self.k, self.version, self.precision)
 
 
-def score_all(catalog: Catalog, *, k: int = 100, engine: str = "local", workers: int | None = None) -> ScoreAllResult:
+def score_all(catalog: Catalog, *, k: int = 100, engine: str = "local", workers: int | None = None,
+              precision: str = "fp32") -> ScoreAllResult:
     """Write every user's top-``k`` of the current version to ``batch_recommendations``
     (the caller holds the ``score-all`` writer lock: :meth:`dynstore.Store.score_all`).
+
+    ``precision="fp16"`` or ``"bf16"`` runs the user-item product in half precision (faster
+    where the hardware has a half-precision GEMM: GPUs, CPUs with AMX) as a prefilter whose
+    candidates are rescored in float32, so the lists are the float32 ones
+    (:mod:`dynstore.precision`); without such hardware it is slower than ``"fp32"``.
 
     Examples
     --------
@@ -94,7 +102,7 @@ def score_all(catalog: Catalog, *, k: int = 100, engine: str = "local", workers:
     >>> store.sql("SELECT count(*) FROM batch_recommendations WHERE rank = 1").fetchall()[0][0]
     2
     """
-    k, engine = check_k(k), check_engine(engine)
+    k, engine, precision = check_k(k), check_engine(engine), check_precision(precision)
     if engine == "ray":
         require_ray()  # the one-line error before any work
     t0 = time.perf_counter()
@@ -104,26 +112,27 @@ def score_all(catalog: Catalog, *, k: int = 100, engine: str = "local", workers:
         raise DynstoreError(f"{catalog.path}: no version to score yet; run `dynstore encode` first")
     users = all_users(view)
     if engine == "local":
-        parts = [score_users(view, users[s:s + LOCAL_BATCH], k, version) for s in range(0, len(users), LOCAL_BATCH)]
+        parts = [score_users(view, users[s:s + LOCAL_BATCH], k, version, precision) for s in range(0, len(users), LOCAL_BATCH)]
         used = None
     else:
-        parts, used = _ray_parts(view, users, k, version, workers)
+        parts, used = _ray_parts(view, users, k, version, workers, precision)
     table = pa.concat_tables([batch_schema(view).empty_table(), *parts]).sort_by([("user_id", "ascending"),
                                                                                    ("rank", "ascending")])
     table_version = _commit(catalog.latest, table)
     seconds = time.perf_counter() - t0
     return ScoreAllResult(users=len(users), rows=table.num_rows, k=k, version=version, engine=engine,
                           seconds=round(seconds, 3), users_per_s=round(len(users) / seconds, 1) if seconds > 0 else None,
-                          table_version=table_version, workers=used)
+                          table_version=table_version, workers=used, precision=precision)
 
 
-def _ray_parts(view: Catalog, users: list, k: int, version: int, workers: int | None) -> tuple[list[pa.Table], int]:
+def _ray_parts(view: Catalog, users: list, k: int, version: int, workers: int | None,
+               precision: str = "fp32") -> tuple[list[pa.Table], int]:
     """Score ``users`` on the Ray engine: blocks of :data:`RAY_BLOCK` users, one actor call each."""
     if not users:
         return [], 0
     ids = pa.table({"user_id": pa.array(users, batch_schema(view).field("user_id").type)})
     parts = blocks(ids, block_rows(len(users), workers, 256, RAY_BLOCK))
-    kwargs = {"path": str(view.path), "at": snapshot(view), "k": k, "version": version}
+    kwargs = {"path": str(view.path), "at": snapshot(view), "k": k, "version": version, "precision": precision}
     out = list(map_actors(parts, UserScorer, kwargs, workers=workers))
     return out, pool_size(workers, len(parts))
 

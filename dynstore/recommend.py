@@ -31,6 +31,7 @@ import numpy as np
 from .lazy import attempt_import
 from .errors import DynstoreError
 from .catalog import Catalog
+from .precision import check_precision, low_matrix, prefiltered_topk
 from .serving import ServingState, serving_state
 
 __all__ = ["recommend", "recommend_many", "all_items_lists", "serving_state", "ServingState", "MAX_K"]
@@ -287,20 +288,26 @@ def blocked_step(state: ServingState) -> int:
     return max(TORCH_TOPK_ROWS, min(BLOCK_USERS, (1 << 26) // max(n_items, 1))) if dense else BLOCK_USERS
 
 
-def all_items_lists(state: ServingState, user_ids: Sequence[Any], k: int) -> list[list[dict]]:
+def all_items_lists(state: ServingState, user_ids: Sequence[Any], k: int, *,
+                    precision: str = "fp32") -> list[list[dict]]:
     """Every item ranked for each of ``user_ids`` by the blocked path, whatever their number:
     what :func:`recommend_many` returns for 64 users or more (positives excluded, ties by
-    item row). ``dynstore score-all`` scores every user with it, on any engine."""
-    k = check_k(k)
+    item row). ``dynstore score-all`` scores every user with it, on any engine.
+
+    ``precision="fp16"`` / ``"bf16"`` runs the product in half precision as a prefilter whose
+    candidates are rescored exactly in float32: the same lists (:mod:`dynstore.precision`)."""
+    k, precision = check_k(k), check_precision(precision)
     step = blocked_step(state)
+    if precision != "fp32":  # the prefilter holds a few float32 [users, items] matrices per batch
+        step = max(TORCH_TOPK_ROWS, min(step, (1 << 25) // max(len(state.ids), 1)))
     out: list[list[dict]] = []
     for start in range(0, len(user_ids), step):
-        out += _batch_lists(state, list(user_ids[start:start + step]), k, None, True)
+        out += _batch_lists(state, list(user_ids[start:start + step]), k, None, True, precision)
     return out
 
 
 def _batch_lists(state: ServingState, batch: list, k: int, cand_rows: np.ndarray | None,
-                 blocked: bool) -> list[list[dict]]:
+                 blocked: bool, precision: str = "fp32") -> list[list[dict]]:
     """One batch of users' lists: the blocked all-items product, or logits then top-k."""
     ids = state.ids
     rows = np.array([state.user_row.get(u, -1) for u in batch], np.int64)
@@ -308,7 +315,10 @@ def _batch_lists(state: ServingState, batch: list, k: int, cand_rows: np.ndarray
     r = np.repeat(np.arange(len(batch)), np.diff(pptr))
     if blocked:
         X, B = score_terms(state, batch)
-        val, idx = _blocked_topk(state.Wf, X, B, r, pitem, k)
+        if precision == "fp32":
+            val, idx = _blocked_topk(state.Wf, X, B, r, pitem, k)
+        else:
+            val, idx = _low_precision_topk(state, X, B, r, pitem, k, precision)
     else:
         logits = user_logits(state, batch, cand_rows)
         if cand_rows is None:
@@ -323,6 +333,25 @@ def _batch_lists(state: ServingState, batch: list, k: int, cand_rows: np.ndarray
     cols = idx if cand_rows is None else cand_rows[idx]
     return [[{"item_id": ids[c], "score": p} for c, p, o in zip(c_row, p_row, ok_row) if o]
             for c_row, p_row, ok_row in zip(cols.tolist(), prob.tolist(), ok.tolist())]
+
+
+def _low_precision_topk(state: ServingState, X: np.ndarray, B: np.ndarray, r: np.ndarray, item: np.ndarray,
+                        k: int, precision: str) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`_blocked_topk` through the half-precision prefilter (the same values and rows);
+    users it cannot bound, and matrices beyond float16, go through :func:`_blocked_topk`."""
+    cache = state.prefilter.setdefault("batch", {})
+    if precision not in cache or cache[precision][0] is not state.Wf:  # once per item matrix
+        cache[precision] = (state.Wf, low_matrix(state.Wf, precision))
+    low = cache[precision][1]
+    if low is None:
+        return _blocked_topk(state.Wf, X, B, r, item, k)
+    V, I, ok = prefiltered_topk(low, state.Wf, X, B, r, item, k)
+    if not ok.all():
+        rest = np.flatnonzero(~ok)
+        pick = np.isin(r, rest)
+        V[rest], I[rest] = _blocked_topk(state.Wf, X[rest], B[rest] if B.ndim == 2 else B,
+                                         np.searchsorted(rest, r[pick]), item[pick], k)
+    return V, I
 
 
 def _blocked_topk(W: np.ndarray, X: np.ndarray, B: np.ndarray, r: np.ndarray, item: np.ndarray,

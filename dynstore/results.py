@@ -181,5 +181,8 @@ class ScoreAllResult(_Result):
     table_version: int
     #: actors used by the Ray engine (absent for the local one)
     workers: int | None = None
+    #: the user-item product's precision: ``fp32``, or ``fp16`` / ``bf16`` (a prefilter
+    #: rescored in float32: the same lists)
+    precision: str = "fp32"
 
     _optional: ClassVar[tuple[str, ...]] = ("workers",)

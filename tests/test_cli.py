@@ -367,9 +367,11 @@ def test_cli_constants_mirror_the_library():
     start-up); they must not drift apart."""
     import dynstore.cli as cli
     from dynstore.encoders import PRECISIONS
+    from dynstore.precision import PRECISIONS as SCORE_PRECISIONS
     from dynstore.rayengine import ENGINES
     from dynstore.samples.shop import SIZES
     from dynstore.window import DEFAULT_SINCE
 
     assert tuple(cli.PRECISIONS) == tuple(PRECISIONS) and tuple(cli.ENGINES) == tuple(ENGINES)
     assert tuple(cli.SIZES) == tuple(SIZES) and cli.DEFAULT_SINCE == DEFAULT_SINCE
+    assert tuple(cli.SCORE_PRECISIONS) == tuple(SCORE_PRECISIONS)

@@ -70,7 +70,8 @@ def test_cli_exit_code_and_json(runner, scored):
     r = runner.invoke(main, ["score-all", str(scored.path), "-k", "4", "--json"], catch_exceptions=False)
     assert r.exit_code == 0, r.output
     out = json.loads(r.output)
-    assert list(out) == ["users", "rows", "k", "version", "engine", "seconds", "users_per_s", "table_version"]
+    assert list(out) == ["users", "rows", "k", "version", "engine", "seconds", "users_per_s", "table_version",
+                         "precision"]
     assert out["k"] == 4 and out["engine"] == "local"
     r = runner.invoke(main, ["score-all", str(scored.path), "-k", "2"], catch_exceptions=False)
     assert r.exit_code == 0 and "users scored" in r.output
