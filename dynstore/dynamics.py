@@ -83,14 +83,29 @@ class DynamicSpec:
         return cls(half_lives=tuple(d["half_lives"]), kinds=tuple(d["kinds"]))
 
 
-def _sorted_search(keys: np.ndarray, queries: np.ndarray) -> np.ndarray:
-    """``np.searchsorted(keys, queries, side="left")``, probing in sorted order."""
-    if queries.size < 1024:
-        return np.searchsorted(keys, queries, side="left")
-    order = np.argsort(queries, kind="stable")
-    out = np.empty(queries.size, np.int64)
-    out[order] = np.searchsorted(keys, queries[order], side="left")
-    return out
+def _block_search(keys: np.ndarray, start: np.ndarray, items: np.ndarray,
+                  queries: np.ndarray) -> np.ndarray:
+    """``np.searchsorted(keys, queries, side="left")`` for queries that fall inside their
+    item's block ``keys[start[i]:start[i+1]]`` (a key's item is ``key // span``).
+
+    A binary search over the block, all queries at once: a few halvings of an item's
+    own events instead of ``log2`` of the whole log in probes scattered over it (which
+    miss the caches more as the log grows), and no sort of the queries.
+
+    >>> _block_search(np.array([3, 5, 12, 14]), np.array([0, 2, 4]), np.array([0, 1, 1]),
+    ...               np.array([4, 10, 13])).tolist()
+    [1, 2, 3]
+    """
+    lo, hi = start[items], start[items + 1]
+    act = np.flatnonzero(lo < hi)
+    while act.size:
+        low, high = lo[act], hi[act]
+        mid = (low + high) >> 1
+        less = keys[mid] < queries[act]
+        low, high = np.where(less, mid + 1, low), np.where(less, high, mid)
+        lo[act], hi[act] = low, high
+        act = act[low < high]
+    return lo
 
 
 @dataclass
@@ -148,19 +163,18 @@ class ItemActivity:
         col = 0
         for kind in self.spec.kinds:
             idx = self._kinds[kind]
-            # last event of the item strictly before t; sorted queries walk the keys
-            # in order (4x faster than random probes into millions of keys)
-            k = _sorted_search(idx.key, items * self.span + where) - 1
+            # last event of the item strictly before t (its block holds the answer)
+            k = _block_search(idx.key, idx.start, items, items * self.span + where) - 1
             n_before = k + 1 - idx.start[items]
-            has = n_before > 0
+            has = np.flatnonzero(n_before > 0)
+            kk, items_has, rel_has = k[has], items[has], rel[has]  # the same rows for every half-life
             for h in self.spec.half_lives:
                 if h is None:
                     out[:, col] = np.maximum(n_before, 0)
-                elif has.any():
+                elif has.size:
                     tau = h * DAY / math.log(2.0)
                     big = self.span / tau + _MARGIN + math.log(max(idx.key.size, 1))
-                    kk = k[has]
-                    out[has, col] = np.exp(idx.lse[h][kk] - items[has] * big - rel[has] / tau)
+                    out[has, col] = np.exp(idx.lse[h][kk] - items_has * big - rel_has / tau)
                 col += 1
         return out
 

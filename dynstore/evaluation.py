@@ -38,8 +38,10 @@ def scorer(model: Any, data: TrainingData,
         bias = bias + model.dynamic_bias(act.items.features(np.arange(n), now))
         table = model.segment_table(act, np.arange(n), now)
 
+    order = np.argsort(np.asarray(data.user, dtype=np.int64), kind="stable")  # once for every batch
+
     def score(users: np.ndarray) -> np.ndarray:
-        ptr, it, lab, ts = build_histories(users, data.user, data.item, data.label, data.ts)
+        ptr, it, lab, ts = build_histories(users, data.user, data.item, data.label, data.ts, order)
         X = model.user_vectors(data.UA[users], ptr, it, lab, ts, Wf)
         return (X @ Wf.T + bias[None, :] + model.segment_bias(table, data.UK[users])
                 + model.item_item_bias(ptr, it, lab, n))
@@ -63,10 +65,17 @@ def holdout_positives(holdout_user: np.ndarray, holdout_item: np.ndarray,
     return hu, hi
 
 
-def seen_positives(train: TrainingData, users: np.ndarray, tpos: np.ndarray) -> list[np.ndarray]:
-    """The training positives (rows ``tpos`` of ``train``) of each of ``users``."""
-    sp, sit, _, _ = build_histories(users, train.user[tpos], train.item[tpos],
-                                    train.label[tpos], train.ts[tpos])
+def positives_log(train: TrainingData) -> tuple[np.ndarray, ...]:
+    """``(user, item, label, ts, order)`` of ``train``'s positives, ``order`` their stable
+    sort by user: taken once per evaluation, not once per batch of users."""
+    tpos = train.label == 1
+    user = np.asarray(train.user[tpos], dtype=np.int64)
+    return user, train.item[tpos], train.label[tpos], train.ts[tpos], np.argsort(user, kind="stable")
+
+
+def seen_positives(log: tuple[np.ndarray, ...], users: np.ndarray) -> list[np.ndarray]:
+    """The training positives (a :func:`positives_log`) of each of ``users``."""
+    sp, sit, _, _ = build_histories(users, *log)
     return [sit[sp[i] : sp[i + 1]] for i in range(users.size)]
 
 
@@ -160,13 +169,13 @@ def evaluate(
     score = scorer(model, train, residuals)
     order = np.argsort(hu, kind="stable")
     hu_s, hi_s = hu[order], hi[order]
-    tpos = train.label == 1
+    log = positives_log(train) if exclude_seen else None
     out = Ranked()
     # a batch's score matrix (and the AUC's sort of it) is users x items: bound its cells,
     # or a million-item catalogue would take gigabytes per batch
     step = max(1, min(batch_users, EVAL_CELLS // max(n_items, 1)))
     for s in range(0, users.size, step):
         ub = users[s : s + step]
-        seen = seen_positives(train, ub, tpos) if exclude_seen else None
+        seen = seen_positives(log, ub) if exclude_seen else None
         rank_batch(out, score(ub), ub, hu_s, hi_s, k, seen, cand, with_auc)
     return summarise(out, users.size, k, per_user)

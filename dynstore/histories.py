@@ -128,11 +128,15 @@ def build_histories(
     ev_item: np.ndarray,
     ev_label: np.ndarray,
     ev_ts: np.ndarray,
+    order: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """CSR histories of ``users`` from an event log, for :meth:`FusionModel.user_vectors`.
 
     Returns ``(hist_ptr [m+1], hist_item, hist_label, hist_ts)``; within a user, events keep
     their order in the log (which breaks ties in time). Users without events get an empty row.
+    ``order`` is ``np.argsort(ev_user, kind="stable")`` when the caller already has it: one
+    sort of the log serves every batch of users built from it (else each batch re-sorts
+    the whole log, and batches of users times log length grows as the square of the data).
 
     >>> build_histories(np.array([7, 3]), np.array([3, 7, 3]), np.array([0, 1, 2]),
     ...                 np.array([1, 1, -1]), np.array([5, 6, 7]))[0]
@@ -140,7 +144,8 @@ def build_histories(
     """
     users = np.asarray(users, dtype=np.int64)
     ev_user = np.asarray(ev_user, dtype=np.int64)
-    order = np.argsort(ev_user, kind="stable")
+    if order is None:
+        order = np.argsort(ev_user, kind="stable")
     su = ev_user[order]
     lo = np.searchsorted(su, users, side="left")
     hi = np.searchsorted(su, users, side="right")

@@ -33,7 +33,41 @@ import numpy as np
 
 from .histories import entry_rows, ranges
 
-__all__ = ["ItemItem"]
+__all__ = ["ItemItem", "cooccurrence"]
+
+#: (user, column) pairs expanded per chunk of users by :func:`cooccurrence`
+PAIRS_PER_CHUNK = 1 << 22
+
+
+def cooccurrence(user: np.ndarray, col: np.ndarray, n_cols: int) -> np.ndarray:
+    """``X^T X`` (float32 ``[n_cols, n_cols]``) of the binary user x column matrix ``X``
+    with ones at the distinct pairs ``(user, col)``.
+
+    Counted from each user's pairs of columns: the dense product costs users x
+    ``n_cols^2`` (and users x ``n_cols`` of memory), so it grew with the users times the
+    catalogue; this costs the sum of squared positives per user. The counts are exact
+    integers, as the float32 product's are (far below 2^24).
+
+    >>> cooccurrence(np.array([0, 0, 1]), np.array([0, 1, 1]), 2).tolist()
+    [[1.0, 1.0], [1.0, 2.0]]
+    """
+    order = np.lexsort((col, user))
+    user, col = np.asarray(user, np.int64)[order], np.asarray(col, np.int64)[order]
+    first = np.flatnonzero(np.r_[True, user[1:] != user[:-1]]) if user.size else np.zeros(0, np.int64)
+    ptr = np.r_[first, user.size]
+    lens = np.diff(ptr)
+    counts = np.zeros(n_cols * n_cols, np.int64)
+    a = 0
+    while a < lens.size:
+        # users a..b-1: their pairs stay within PAIRS_PER_CHUNK (one user at least)
+        b = a + max(1, int(np.searchsorted(np.cumsum(lens[a:] ** 2), PAIRS_PER_CHUNK, side="right")))
+        n = lens[a:b]
+        rows = np.arange(ptr[a], ptr[b])           # every entry of these users
+        reps = np.repeat(n, n)                     # each pairs with all of its user's entries
+        j, _ = ranges(np.repeat(ptr[a:b], n), np.repeat(ptr[a + 1:b + 1], n))
+        counts += np.bincount(np.repeat(col[rows], reps) * n_cols + col[j], minlength=n_cols * n_cols)
+        a = b
+    return counts.reshape(n_cols, n_cols).astype(np.float32)
 
 
 @dataclass
@@ -63,10 +97,7 @@ class ItemItem:
         col_of[keep] = np.arange(keep.size)
         sel = col_of[it] >= 0
         u, c = u[sel], col_of[it[sel]]
-        _, u = np.unique(u, return_inverse=True)
-        X = np.zeros((int(u.max()) + 1, keep.size), np.float32)
-        X[u, c] = 1.0
-        G = X.T @ X  # float32: lambda keeps it well conditioned, and it halves the cost
+        G = cooccurrence(u, c, keep.size)  # float32: lambda keeps it well conditioned
         G[np.diag_indices_from(G)] += lam
         P = np.linalg.inv(G)
         B = P / (-np.diag(P))

@@ -46,6 +46,24 @@ def test_decayed_counts_equal_brute_force(events, queries):
     np.testing.assert_allclose(got, brute_counts(spec, item, ts, label, qi, qt), rtol=1e-6, atol=1e-9)
 
 
+def test_many_queries_equal_brute_force():
+    """Thousands of queries, one item with a long block: the search inside items'
+    blocks takes many halvings, with one time per query and one time for all."""
+    rng = np.random.default_rng(3)
+    spec = DynamicSpec()
+    n = 4000
+    item = rng.choice(12, n, p=np.r_[0.5, np.full(11, 0.5 / 11)])  # one item with a long block
+    ts = rng.integers(0, 200 * DAY, n) + 1_500_000_000
+    label = rng.choice(np.array([1, -1, 0], np.int8), n)
+    qi = rng.integers(0, 12, 3000)
+    qt = rng.integers(-DAY, 201 * DAY, 3000) + 1_500_000_000
+    got = ItemActivity(spec, item, ts, label, 12).counts(qi, qt)
+    np.testing.assert_allclose(got, brute_counts(spec, item, ts, label, qi, qt), rtol=1e-6, atol=1e-9)
+    one_time = ItemActivity(spec, item, ts, label, 12).counts(qi, qt[0])
+    np.testing.assert_allclose(one_time, brute_counts(spec, item, ts, label, qi, np.full(qi.size, qt[0])),
+                               rtol=1e-6, atol=1e-9)
+
+
 def test_an_event_counts_only_after_it_happened():
     act = ItemActivity(DynamicSpec(half_lives=(None,), kinds=("pos",)), [0], [100], [1], 1)
     assert act.counts([0], 100)[0, 0] == 0 and act.counts([0], 101)[0, 0] == 1
