@@ -48,11 +48,12 @@ def cooccurrence(user: np.ndarray, col: np.ndarray, n_cols: int) -> np.ndarray:
     catalogue; this costs the sum of squared positives per user. The counts are exact
     integers, as the float32 product's are (far below 2^24).
 
-    >>> cooccurrence(np.array([0, 0, 1]), np.array([0, 1, 1]), 2).tolist()
+    >>> cooccurrence(np.array([0, 0, 1, 1]), np.array([0, 1, 1, 1]), 2).tolist()
     [[1.0, 1.0], [1.0, 2.0]]
     """
-    order = np.lexsort((col, user))
-    user, col = np.asarray(user, np.int64)[order], np.asarray(col, np.int64)[order]
+    # distinct pairs, sorted by user (a repeated pair is still a single one in X)
+    pairs = np.unique(np.asarray(user, np.int64) * n_cols + np.asarray(col, np.int64))
+    user, col = pairs // n_cols, pairs % n_cols
     first = np.flatnonzero(np.r_[True, user[1:] != user[:-1]]) if user.size else np.zeros(0, np.int64)
     ptr = np.r_[first, user.size]
     lens = np.diff(ptr)

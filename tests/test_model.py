@@ -6,6 +6,7 @@ import json
 
 import numpy as np
 import pytest
+from hypothesis import given, settings, strategies as st
 
 from dynstore.metrics import auc, ndcg_at_k, recall_at_k, top_k, user_auc
 from dynstore.model import (
@@ -384,3 +385,19 @@ def test_early_stopping_keeps_the_best_epoch(problem):
     assert len(curve) - 2 == min(12, best + 2) == stats["epochs"]
     # the parameters kept are the best epoch's, not the last one's
     assert evaluate(m, tr, hu, hi, hl, k=10)["ndcg@10"] == pytest.approx(curve[best + 1])
+
+
+@settings(max_examples=50, deadline=None)
+@given(st.integers(1, 12).flatmap(lambda n: st.tuples(
+    st.just(n), st.lists(st.tuples(st.integers(0, 9), st.integers(0, n - 1)), max_size=60))))
+def test_cooccurrence_equals_the_dense_product(case):
+    """Item-item counts from each user's pairs equal ``X^T X`` of the binary matrix,
+    repeated pairs included (they are one 1 in ``X``)."""
+    from dynstore.itemitem import cooccurrence
+
+    n, pairs = case
+    u = np.array([p[0] for p in pairs], np.int64)
+    c = np.array([p[1] for p in pairs], np.int64)
+    X = np.zeros((10, n), np.float32)
+    X[u, c] = 1.0
+    assert np.array_equal(cooccurrence(u, c, n), X.T @ X)
