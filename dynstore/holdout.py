@@ -38,7 +38,8 @@ def evaluate_version(catalog: Catalog, *, version: int | None = None, k: int = 1
 
     ``as_built`` says the items are as they were when the version was built
     (``encode`` scoring the version 1 it just wrote): a popularity rule's rows are
-    then its content fused with zero residuals, so they are recomputed, not read.
+    then its content fused with zero residuals, so they are recomputed, not read,
+    and the semantic cache's copy in memory is let go once the window has its own.
     """
     k = check_k(k)
     window = TrainingWindow.parse(since)  # a bad --since fails before any work
@@ -55,6 +56,10 @@ def evaluate_version(catalog: Catalog, *, version: int | None = None, k: int = 1
         prep = WindowData(catalog, lv, con, window.start(newest))
     finally:
         con.close()
+    if as_built:
+        # the window holds its own copy of the vectors: encode drops the cache's and the
+        # item documents (read again on their next use) rather than hold them under the scoring
+        catalog.memo.invalidate("semantic", "docs")
     train, (hu, hi, hl) = prep.split(holdout)
     if is_rule(row) and lv.model.dynamic is None:
         # an early rule version kept its counts as a static bias (over all data)

@@ -73,6 +73,10 @@ def build_version(catalog: Catalog, model, item_spec, user_spec, *, parent: int 
         tensors = _write_parameters(catalog, number, model, item_spec, user_spec, enc_id)
         _write_rows(catalog, number, model, item_spec, items, residuals)
         if items.num_rows >= catalog.config.index_min_items:
+            # the rows are written and the index reads them back: the semantic cache's
+            # vectors and the item documents (read again on their next use) would only
+            # sit under the k-means, a catalogue's worth of memory
+            catalog.memo.invalidate("semantic", "docs")
             build_index(catalog, number)
         rows = registry_table(catalog).to_pylist()
         if status == "current":
