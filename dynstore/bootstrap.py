@@ -72,7 +72,7 @@ def _record_rule_metrics(catalog: Catalog, number: int) -> None:
     before the newest 10% of the window a default refresh judges on), so the registry
     shows how it does; the window bounds what the first encode reads of a long history."""
     try:
-        m = evaluate_version(catalog, version=number, since=DEFAULT_SINCE)
+        m = evaluate_version(catalog, version=number, since=DEFAULT_SINCE, as_built=True)
         metrics = {"holdout": {k: v for k, v in m.items() if isinstance(v, float)}, "slice": m["slice"]}
     except Exception as exc:  # figures are an annotation: never fail the encode that made the version
         metrics = {"holdout": {}, "note": str(exc) if isinstance(exc, DynstoreError) else

@@ -12,7 +12,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from .histories import build_histories
+from .histories import add_into, build_histories
 from .metrics import ndcg_per_user, recall_at_k, top_k, user_auc
 from .modeldata import TrainingData
 
@@ -43,8 +43,11 @@ def scorer(model: Any, data: TrainingData,
     def score(users: np.ndarray) -> np.ndarray:
         ptr, it, lab, ts = build_histories(users, data.user, data.item, data.label, data.ts, order)
         X = model.user_vectors(data.UA[users], ptr, it, lab, ts, Wf)
-        return (X @ Wf.T + bias[None, :] + model.segment_bias(table, data.UK[users])
-                + model.item_item_bias(ptr, it, lab, n))
+        # summed in place, in the order of ``X @ Wf.T + bias + segment + item-item``:
+        # one [users, items] matrix alive instead of three
+        S = add_into(X @ Wf.T, bias[None, :])
+        S = add_into(S, model.segment_bias(table, data.UK[users]))
+        return add_into(S, model.item_item_bias(ptr, it, lab, n))
 
     return score
 

@@ -14,7 +14,7 @@ import numpy as np
 
 from .modeldata import ModelConfig
 
-__all__ = ["build_histories", "decay_weights", "ranges", "normalise", "weighted_bag_sum", "entry_rows",
+__all__ = ["build_histories", "decay_weights", "ranges", "normalise", "add_into", "weighted_bag_sum", "entry_rows",
            "most_recent_first", "recency_sum", "history_groups", "HISTORY_GROUPS"]
 
 
@@ -27,6 +27,20 @@ def normalise(V: np.ndarray) -> np.ndarray:
     V = np.asarray(V, dtype=np.float32)
     norm = np.linalg.norm(V, axis=1, keepdims=True)
     return np.divide(V, norm, out=np.zeros_like(V), where=norm > 0)
+
+
+def add_into(a: np.ndarray, b) -> np.ndarray:
+    """``a + b``, summed into ``a`` when the sum has ``a``'s shape and dtype (then
+    ``a`` is overwritten and returned: the same numbers, one large array fewer).
+
+    >>> a = np.ones(2, np.float32)
+    >>> add_into(a, 0.5) is a, add_into(a, np.ones(2)).dtype.name
+    (True, 'float64')
+    """
+    if (isinstance(a, np.ndarray) and a.flags.writeable and np.result_type(a, b) == a.dtype
+            and np.broadcast_shapes(a.shape, np.shape(b)) == a.shape):
+        return np.add(a, b, out=a)
+    return a + b
 
 
 def decay_weights(rank: np.ndarray, length: np.ndarray, half_life: float) -> np.ndarray:

@@ -15,7 +15,7 @@ from .catalog import Catalog
 from .evaluation import evaluate
 from .recommend import check_k
 from .registry import is_rule, list_versions
-from .versions import load_version
+from .versions import load_parameters, load_version
 from .views import views_connection
 from .window import HOLDOUT, TrainingWindow, WindowData, newest_event
 
@@ -23,7 +23,7 @@ __all__ = ["evaluate_version"]
 
 
 def evaluate_version(catalog: Catalog, *, version: int | None = None, k: int = 10, holdout: float = HOLDOUT,
-                     since: str | None = None) -> dict:
+                     since: str | None = None, as_built: bool = False) -> dict:
     """Recall@k, NDCG@k and AUC of a version on the newest ``holdout`` share of all interactions
     (of those in the ``since`` window: ``30d``, a date, ``all``/None for every one).
 
@@ -35,17 +35,31 @@ def evaluate_version(catalog: Catalog, *, version: int | None = None, k: int = 1
     and how many of them the version was trained on. Every version reads
     behaviour as of the slice's start (from the window's events only, with
     ``since``), so none counts the events it is judged on.
+
+    ``as_built`` says the items are as they were when the version was built
+    (``encode`` scoring the version 1 it just wrote): a popularity rule's rows are
+    then its content fused with zero residuals, so they are recomputed, not read,
+    and the semantic cache's copy in memory is let go once the window has its own.
     """
     k = check_k(k)
     window = TrainingWindow.parse(since)  # a bad --since fails before any work
-    lv = load_version(catalog, version)
+    lv = load_parameters(catalog, version)
     row = next((r for r in list_versions(catalog) if r["version"] == lv.version), {})
+    # a rule version's item side is its content (a static rule recomputes it from the
+    # window); only a trained one, or a rule whose items may have changed, is read back
+    from_content = is_rule(row) and (as_built or lv.model.dynamic is None)
+    if not from_content:
+        lv = load_version(catalog, lv.version)
     con = views_connection(catalog)
     try:
         newest = newest_event(con)
         prep = WindowData(catalog, lv, con, window.start(newest))
     finally:
         con.close()
+    if as_built:
+        # the window holds its own copy of the vectors: encode drops the cache's and the
+        # item documents (read again on their next use) rather than hold them under the scoring
+        catalog.memo.invalidate("semantic", "docs")
     train, (hu, hi, hl) = prep.split(holdout)
     if is_rule(row) and lv.model.dynamic is None:
         # an early rule version kept its counts as a static bias (over all data)
@@ -53,7 +67,7 @@ def evaluate_version(catalog: Catalog, *, version: int | None = None, k: int = 1
         out = evaluate(model, train, hu, hi, hl, residuals=model.residuals, k=k)
         scored = "the popularity rule on the events before the slice"
     else:
-        out = evaluate(lv.model, train, hu, hi, hl, residuals=prep.residuals_of(lv), k=k)
+        out = evaluate(lv.model, train, hu, hi, hl, residuals=None if from_content else prep.residuals_of(lv), k=k)
         scored = f"version {lv.version} as stored"
     ts = prep.hold_ts
     trained_until = (row.get("snapshot") or {}).get("trained_until")

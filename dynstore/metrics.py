@@ -189,6 +189,11 @@ def user_auc(
     return float(np.nanmean(out)) if out else float("nan")
 
 
+#: score cells ranked at once by :func:`top_k`: its float64 copy and the argpartition
+#: indices are 8 bytes a cell, so a batch of 16M scores would add 256 MB at a time
+TOP_K_CELLS = 1 << 21
+
+
 def top_k(scores: np.ndarray, k: int, exclude: Sequence | None = None) -> np.ndarray:
     """Indices of the ``k`` best items per row, best first, skipping ``exclude``.
 
@@ -198,22 +203,33 @@ def top_k(scores: np.ndarray, k: int, exclude: Sequence | None = None) -> np.nda
     >>> top_k(np.array([[0.1, 0.9, 0.5, 0.7]]), 2, exclude=[{1}])
     array([[3, 2]])
     """
-    s = np.array(scores, dtype=np.float64, copy=True)
-    n_users, n_items = s.shape
-    if exclude is not None:
-        ptr, items = to_csr(exclude)
-        rows = np.repeat(np.arange(n_users), np.diff(ptr))
-        s[rows, items] = -np.inf
+    scores = np.asarray(scores)
+    n_users, n_items = scores.shape
+    ptr, items = to_csr(exclude) if exclude is not None else (None, None)
+    # rows are ranked independently, so a few at a time give the same lists
+    step = max(1, TOP_K_CELLS // max(n_items, 1))
+    parts = [_top_k_rows(scores, a, min(a + step, n_users), k, ptr, items) for a in range(0, n_users, step)]
+    return np.concatenate(parts) if parts else np.zeros((0, k), np.int64)
+
+
+def _top_k_rows(scores: np.ndarray, a: int, b: int, k: int, ptr, items) -> np.ndarray:
+    """:func:`top_k` of rows ``a:b`` (``ptr``/``items``: the CSR exclusions of every row)."""
+    # negated once, in float64: the descending order, an excluded item at +inf
+    neg = np.negative(scores[a:b], dtype=np.float64)
+    n_users, n_items = neg.shape
+    if ptr is not None:
+        rows = np.repeat(np.arange(n_users), np.diff(ptr[a:b + 1]))
+        neg[rows, items[ptr[a]:ptr[b]]] = np.inf
     k_eff = min(k, n_items)
     if k_eff < n_items:
-        part = np.argpartition(-s, k_eff - 1, axis=1)[:, :k_eff]
+        part = np.argpartition(neg, k_eff - 1, axis=1)[:, :k_eff]
     else:
         part = np.tile(np.arange(n_items), (n_users, 1))
-    ps = np.take_along_axis(s, part, 1)
-    order = np.lexsort((part, -ps), axis=1)
+    ps = np.take_along_axis(neg, part, 1)
+    order = np.lexsort((part, ps), axis=1)
     idx = np.take_along_axis(part, order, 1)
     vals = np.take_along_axis(ps, order, 1)
-    idx[~np.isfinite(vals) & (vals < 0)] = -1
+    idx[~np.isfinite(vals) & (vals > 0)] = -1
     if k_eff < k:
         idx = np.concatenate([idx, -np.ones((n_users, k - k_eff), np.int64)], 1)
     return idx

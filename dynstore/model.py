@@ -71,10 +71,14 @@ import numpy as np
 from .dynamics import (SEGMENT_SPEC, Activity, DynamicSpec, ItemActivity, SegmentActivity,
                        popularity_prior)
 from .evaluation import evaluate, scorer
-from .histories import build_histories, entry_rows, history_groups, most_recent_first, normalise, recency_sum
+from .histories import add_into, build_histories, entry_rows, history_groups, most_recent_first, normalise, recency_sum
 from .itemitem import ItemItem
 from .modeldata import ModelConfig, TrainingData
 from .training import train
+
+#: rows of :meth:`FusionModel.item_side` computed at once (a divisor of the 65,536-row
+#: batches a version is written in, so its rows and a recomputed item side agree)
+ITEM_SIDE_ROWS = 16384
 
 __all__ = ["ModelConfig", "TrainingData", "FusionModel", "build_histories", "evaluate"]
 
@@ -224,18 +228,34 @@ class FusionModel:
         >>> m.item_side(np.array([[3.0, 4.0]]), np.zeros((1, 0)))[0].tolist()
         [[0.6000000238418579, 0.800000011920929]]
         """
+        V = np.asarray(V)
+        n = V.shape[0]
+        A = np.asarray(A, dtype=np.float32).reshape(n, -1)
+        if A.shape[1] != self.fa or V.ndim != 2 or V.shape[1] != self.d:
+            raise ValueError(f"expected V [n, {self.d}] and A [n, {self.fa}]")
+        R, rb = (None, None) if residuals is None else (np.asarray(r, np.float32) for r in residuals)
+        Wf, bias = np.empty((n, self.d), np.float32), np.empty(n, np.float32)
+        # a block of rows at a time into the result: every row is computed on its own,
+        # so the numbers are the same, and the temporaries follow a block, not the catalogue
+        for a in range(0, n, ITEM_SIDE_ROWS):
+            b = min(a + ITEM_SIDE_ROWS, n)
+            Wf[a:b], bias[a:b] = self._item_block(V[a:b], A[a:b], None if R is None else (R[a:b], rb[a:b]))
+        return Wf, bias
+
+    def _item_block(self, V: np.ndarray, A: np.ndarray, residuals) -> tuple[np.ndarray, np.ndarray]:
+        """:meth:`item_side` of one block of rows."""
         p = self.params
         V = normalise(V)
-        A = np.asarray(A, dtype=np.float32).reshape(V.shape[0], -1)
-        if A.shape[1] != self.fa or V.shape[1] != self.d:
-            raise ValueError(f"expected V [n, {self.d}] and A [n, {self.fa}]")
-        Wf = V + p["alpha"][0] * (A @ p["W"])
         bias = p["b0"][0] + V @ p["bv"] + A @ p["ba"]
+        # summed into the normalised copy of V (float32 throughout, so the sums
+        # round as ``V + alpha * (A @ W)`` does)
+        AW = A @ p["W"]
+        AW *= p["alpha"][0]
+        Wf = add_into(V, AW)
         if residuals is not None:
-            R, rb = residuals
-            Wf = Wf + np.asarray(R, dtype=np.float32)
-            bias = bias + np.asarray(rb, dtype=np.float32)
-        return Wf.astype(np.float32), bias.astype(np.float32)
+            Wf = add_into(Wf, residuals[0])
+            bias = bias + residuals[1]
+        return Wf, bias.astype(np.float32)
 
     def activity(self, item, ts, label, n_items: int, keys=None) -> "Activity | None":
         """Index an event log for the dynamic features (None when the model has none).

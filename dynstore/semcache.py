@@ -118,9 +118,17 @@ class SemanticIndex:
             self.hashes: dict[str, int] = {}
             self.vectors = np.zeros((0, dim), np.float32)
             return
-        t = ds.to_table(columns=["doc_hash", "vector"])
-        self.vectors = t.column("vector").combine_chunks().flatten().to_numpy(zero_copy_only=False).reshape(-1, dim)
-        self.hashes = {h: i for i, h in enumerate(t.column("doc_hash").to_pylist())}
+        # filled batch by batch: reading the whole table and then combining its chunks
+        # held the vectors twice
+        self.vectors = np.empty((ds.count_rows(), dim), np.float32)
+        self.hashes = {}
+        n = 0
+        for batch in ds.to_batches(columns=["doc_hash", "vector"]):
+            m = batch.num_rows
+            self.vectors[n:n + m] = batch.column("vector").flatten().to_numpy(zero_copy_only=False).reshape(m, dim)
+            self.hashes.update(zip(batch.column("doc_hash").to_pylist(), range(n, n + m)))
+            n += m
+        self.vectors = self.vectors[:n]
 
 
 def semantic_index(catalog: Catalog) -> SemanticIndex:

@@ -31,7 +31,8 @@ from .semcache import encoder_info, record_encoder
 from .semantic import item_docs, semantic_vectors
 from .vindex import BUILD_BATCH, build_index
 
-__all__ = ["build_version", "rollback", "load_version", "LoadedVersion", "items_table", "users_table"]
+__all__ = ["build_version", "rollback", "load_version", "LoadedVersion", "load_parameters",
+           "VersionParameters", "items_table", "users_table"]
 
 
 def items_table(catalog: Catalog) -> pa.Table:
@@ -72,6 +73,10 @@ def build_version(catalog: Catalog, model, item_spec, user_spec, *, parent: int 
         tensors = _write_parameters(catalog, number, model, item_spec, user_spec, enc_id)
         _write_rows(catalog, number, model, item_spec, items, residuals)
         if items.num_rows >= catalog.config.index_min_items:
+            # the rows are written and the index reads them back: the semantic cache's
+            # vectors and the item documents (read again on their next use) would only
+            # sit under the k-means, a catalogue's worth of memory
+            catalog.memo.invalidate("semantic", "docs")
             build_index(catalog, number)
         rows = registry_table(catalog).to_pylist()
         if status == "current":
@@ -143,7 +148,8 @@ def _fused_batches(catalog: Catalog, model, item_spec, items: pa.Table, residual
             pa.array(np.full(len(ids), number, np.int64)),
             pa.array(ids, schema.field("item_id").type),
             pa.array([docs.get(i, (None,))[0] for i in ids], pa.string()),
-            pa.FixedSizeListArray.from_arrays(pa.array(Wf.astype(np.float32).reshape(-1)), Wf.shape[1]),
+            pa.FixedSizeListArray.from_arrays(pa.array(Wf.astype(np.float32, copy=False).reshape(-1)),
+                                              Wf.shape[1]),
             pa.array(bias.astype(np.float32)),
         ], schema=schema)
 
@@ -238,8 +244,40 @@ def load_version(catalog: Catalog, version: int | None = None) -> LoadedVersion:
     return loaded
 
 
-def _read_version(catalog: Catalog, version: int, emb) -> LoadedVersion:
-    """Parameters, specs and rows of ``version``, checked to fit together."""
+@dataclass
+class VersionParameters:
+    """A version's parameters and feature specs, without its item rows."""
+
+    version: int
+    model: Any
+    item_spec: Any
+    user_spec: Any
+
+
+def load_parameters(catalog: Catalog, version: int | None = None) -> VersionParameters:
+    """The parameters of ``version`` (or the current one) without reading its rows:
+    what scoring needs when the item side is recomputed from content (a popularity
+    rule), so the catalogue's item matrix is not held as well.
+
+    Raises :class:`~dynstore.errors.VersionNotFound` and
+    :class:`~dynstore.errors.StoreCorrupt` as :func:`load_version` does.
+    """
+    if version is None:
+        version = current_version(catalog)
+        if version is None:
+            raise VersionNotFound(f"{catalog.path}: no embedding version yet; run `dynstore encode` first")
+    if not any(r["version"] == version for r in list_versions(catalog)):
+        raise VersionNotFound(f"no version {version} in {catalog.path}")
+    model, item_spec, user_spec, broken = _read_parameters(catalog, int(version))
+    if item_spec.width != model.fa or user_spec.width != model.fu:
+        raise broken(f"models/v{version}.safetensors", f"its shapes (fa={model.fa}, fu={model.fu}) do not fit "
+                     f"the features (fa={item_spec.width}, fu={user_spec.width})")
+    return VersionParameters(int(version), model, item_spec, user_spec)
+
+
+def _read_parameters(catalog: Catalog, version: int):
+    """``(model, item_spec, user_spec, broken)`` of ``version``; ``broken(name, why)`` makes
+    the :class:`StoreCorrupt` that names a file of the version and the way out."""
     from safetensors import SafetensorError
     from safetensors.numpy import load
 
@@ -269,6 +307,13 @@ def _read_version(catalog: Catalog, version: int, emb) -> LoadedVersion:
         model = FusionModel.from_state(tensors, model_meta)
     except (ValueError, KeyError, TypeError) as exc:
         raise broken(weights_name, exc) from None
+    return model, item_spec, user_spec, broken
+
+
+def _read_version(catalog: Catalog, version: int, emb) -> LoadedVersion:
+    """Parameters, specs and rows of ``version``, checked to fit together."""
+    model, item_spec, user_spec, broken = _read_parameters(catalog, version)
+    weights_name = f"models/v{version}.safetensors"
     if emb is None:
         raise broken("embeddings.lance", "the embeddings dataset is missing")
     try:
