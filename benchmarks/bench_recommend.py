@@ -287,7 +287,7 @@ def index_latency(args, build, work, rng) -> None:
     big = build(work / "big", args.index_items, 2000, index_min_items=args.index_items)
     from dynstore.recommend import serving_state as ss
 
-    assert ss(big).index is not None, "no vector index was built"
+    assert ss(big.catalog).index is not None, "no vector index was built"
     lat_ix, lat_ex, recall = [], [], []
     for u in rng.integers(1, 2001, args.latency_queries // 2):
         t0 = time.perf_counter()
