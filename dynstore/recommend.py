@@ -129,8 +129,9 @@ def _ranked(rows: np.ndarray, logits: np.ndarray, k: int) -> tuple[np.ndarray, n
 
 
 def _half(state: ServingState):
-    """``(Wf in float16 as a torch tensor, row norms)`` once a process has scored single
-    users of this catalogue a few times (None before, for small catalogues, or without torch)."""
+    """The float16 :class:`~dynstore.precision.LowMatrix` of ``Wf`` once a process has scored
+    single users of this catalogue a few times (None before, for small catalogues, or
+    without torch)."""
     h = state.prefilter
     if h.get("matrix") is None:
         if state.Wf.shape[0] < PREFILTER_MIN_ITEMS or h.get("off"):
@@ -139,18 +140,20 @@ def _half(state: ServingState):
         if h["calls"] <= PREFILTER_AFTER:
             return None  # a one-shot process (the CLI) never pays for it
         try:
-            torch = attempt_import("torch")
+            h["matrix"] = _low(state, "fp16")
         except ImportError:  # pragma: no cover - torch is a dependency
-            h["off"] = True
-            return None
-        W = state.Wf
-        if not np.isfinite(W).all() or np.abs(W).max() > 6e4:  # beyond float16
-            h["off"] = True
-            return None
-        # a power of two (exact) lifts the entries clear of float16's slow subnormals
-        r = float(2.0 ** np.floor(np.log2(16.0 / max(float(np.abs(W).max()), 1e-30))))
-        h["matrix"] = (torch.from_numpy(W * np.float32(r)).half(), np.linalg.norm(W, axis=1).astype(np.float32), r)
+            h["matrix"] = None
+        h["off"] = h["matrix"] is None  # beyond float16 (or no torch): the exact scan
     return h["matrix"]
+
+
+def _low(state: ServingState, precision: str):
+    """``Wf`` in half ``precision`` (:func:`~dynstore.precision.low_matrix`), made once per
+    item matrix and shared by single users and ``score-all``."""
+    cache = state.prefilter.setdefault("batch", {})
+    if precision not in cache or cache[precision][0] is not state.Wf:
+        cache[precision] = (state.Wf, low_matrix(state.Wf, precision))
+    return cache[precision][1]
 
 
 def _prefiltered(state: ServingState, x: np.ndarray, B: np.ndarray, k: int):
@@ -165,12 +168,12 @@ def _prefiltered(state: ServingState, x: np.ndarray, B: np.ndarray, k: int):
     float16's subnormals lose (at most ``2^-25`` an entry). Every row whose upper bound reaches the ``k``-th largest
     lower bound is kept, so the exact top-``k`` is always among them.
     """
-    half = _half(state)
-    if half is None:
+    low = _half(state)
+    if low is None:
         return None
     torch = attempt_import("torch")
 
-    Wh, norms, r = half
+    Wh, r = low.W, low.r
     s = float(np.abs(x).max())
     if not np.isfinite(s) or s == 0.0:
         return None
@@ -185,7 +188,7 @@ def _prefiltered(state: ServingState, x: np.ndarray, B: np.ndarray, k: int):
         return None
     xn = x / s
     nx, d = float(np.linalg.norm(xn)), x.size
-    tol = ((2.0 ** -9 * nx + 2.0 ** -24 * np.sqrt(d)) * (r * norms) + 2.0 ** -10 * np.abs(y)
+    tol = ((2.0 ** -9 * nx + 2.0 ** -24 * np.sqrt(d)) * low.norms + 2.0 ** -10 * np.abs(y)
            + 2.0 ** -24 * float(np.abs(xn).sum()) + 1e-6)
     y *= s / r
     tol *= s / r
@@ -339,10 +342,7 @@ def _low_precision_topk(state: ServingState, X: np.ndarray, B: np.ndarray, r: np
                         k: int, precision: str) -> tuple[np.ndarray, np.ndarray]:
     """:func:`_blocked_topk` through the half-precision prefilter (the same values and rows);
     users it cannot bound, and matrices beyond float16, go through :func:`_blocked_topk`."""
-    cache = state.prefilter.setdefault("batch", {})
-    if precision not in cache or cache[precision][0] is not state.Wf:  # once per item matrix
-        cache[precision] = (state.Wf, low_matrix(state.Wf, precision))
-    low = cache[precision][1]
+    low = _low(state, precision)
     if low is None:
         return _blocked_topk(state.Wf, X, B, r, item, k)
     V, I, ok = prefiltered_topk(low, state.Wf, X, B, r, item, k)
