@@ -204,8 +204,7 @@ class Catalog:
         versions instead: how another process reads the snapshot a driver saw.
         """
         base = self._base
-        config = StoreConfig(**base.config.as_dict())
-        config.id_types = dict(base.config.id_types)
+        config = base.config.copy()
         view = Catalog(base.storage, config, read_only=base.read_only, view_of=base)
         for name in TABLES + ("embeddings", "versions"):
             version = (at or {}).get(name)

@@ -8,7 +8,7 @@ from __future__ import annotations
 import json
 import os
 import tomllib
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from .errors import StoreFormatError
@@ -198,6 +198,11 @@ class StoreConfig:
 
     def as_dict(self) -> dict:
         return asdict(self)
+
+    def copy(self) -> "StoreConfig":
+        """An independent copy (its dict fields copied too); cheaper than a round trip
+        through :meth:`as_dict`, which every single-user query's snapshot makes."""
+        return replace(self, id_types=dict(self.id_types), storage=dict(self.storage))
 
     def encoder_spec(self, root: Path | None) -> str:
         """``model`` with a store-relative path (a fine-tuned encoder under

@@ -49,7 +49,8 @@ import numpy as np
 from .errors import DynstoreError
 from .lazy import attempt_import
 
-__all__ = ["PRECISIONS", "COUNTS", "check_precision", "LowMatrix", "low_matrix", "low_scores",
+__all__ = ["PRECISIONS", "COUNTS", "check_precision", "LowMatrix", "low_matrix", "low_scores", "QuantMatrix",
+           "quant_matrix", "quant_scan",
            "prefiltered_topk", "candidates", "rescore"]
 
 PRECISIONS = ("fp32", "fp16", "bf16")
@@ -202,3 +203,96 @@ def rescore(W: np.ndarray, X: np.ndarray, B: np.ndarray, users: np.ndarray, r: n
     I = np.zeros((len(users), k), np.int64)
     V[:, :kk], I[:, :kk] = np.take_along_axis(v, order, 1), np.take_along_axis(i, order, 1)
     return V, I
+
+
+# -- one user: an int8 scan -----------------------------------------------------------------
+#: the largest |weight| code: 7 bits, so that fbgemm's AVX2 kernel, which adds pairs of
+#: uint8 x int8 products in int16 before widening, cannot saturate (2 * 255 * 63 < 2^15)
+INT8_MAX_CODE = 63
+
+
+@dataclass(frozen=True)
+class QuantMatrix:
+    """``Wf`` as per-row int8 codes packed for fbgemm, with what the one-user bound needs:
+    ``w_i ~ s_i q_i`` with ``|q_i| <= 63``; ``resid[i]`` bounds ``|w_i - s_i q_i|`` and
+    ``norm[i]`` bounds ``|s_i q_i|``."""
+
+    packed: Any
+    resid: np.ndarray
+    norm: np.ndarray
+    dim: int
+
+
+def quant_matrix(W: np.ndarray) -> QuantMatrix | None:
+    """The item matrix for :func:`quant_scan`, or None where fbgemm's int8 kernel is missing
+    (ARM builds of torch) or ``W`` is not finite.
+
+    >>> import numpy as np
+    >>> W = np.random.default_rng(0).normal(size=(100, 8)).astype(np.float32)
+    >>> q = quant_matrix(W)
+    >>> y, tol = quant_scan(q, W[0])
+    >>> bool(np.all(np.abs(y - W @ W[0]) <= tol))
+    True
+    """
+    if not W.size or not np.isfinite(W).all():
+        return None
+    torch = attempt_import("torch")
+    op = getattr(torch.ops.quantized, "linear_with_input_q_dq_qweight_dq_output_fp32", None)
+    amax = np.abs(W).max(1)
+    # float32 scales (what fbgemm keeps), never zero
+    s = np.where(amax > 0, amax / INT8_MAX_CODE, 1.0).astype(np.float32)
+    try:
+        import warnings
+
+        with warnings.catch_warnings():  # quantized tensors are "deprecated" but are what fbgemm packs
+            warnings.simplefilter("ignore")
+            qw = torch.quantize_per_channel(torch.from_numpy(np.ascontiguousarray(W, np.float32)),
+                                            torch.from_numpy(s.astype(np.float64)),
+                                            torch.zeros(len(W), dtype=torch.long), 0, torch.qint8)
+            q = qw.int_repr().numpy()
+            packed = torch.ops.quantized.linear_prepack(qw, None)
+            op(torch.zeros((1, W.shape[1])), 1.0, 0, packed)  # the kernel exists and runs here
+    except (AttributeError, RuntimeError, NotImplementedError, TypeError):
+        return None
+    if np.abs(q).max() > INT8_MAX_CODE:  # pragma: no cover - quantize_per_channel rounds within
+        return None
+    grow = 1.0 + 2.0 ** -20  # the float64 norms' own rounding, rounded up
+    resid, norm = np.empty(len(W)), np.empty(len(W))
+    for a in range(0, len(W), 16_384):  # float64 copies of a block at a time
+        Wq = q[a:a + 16_384].astype(np.float64) * s[a:a + 16_384, None].astype(np.float64)
+        resid[a:a + 16_384] = np.sqrt(((W[a:a + 16_384].astype(np.float64) - Wq) ** 2).sum(1)) * grow
+        norm[a:a + 16_384] = np.sqrt((Wq ** 2).sum(1)) * grow
+    return QuantMatrix((op, packed), resid, norm, W.shape[1])
+
+
+def quant_scan(qm: QuantMatrix, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``(y, tol)``: every item's ``w_i . x`` from the int8 codes, within ``tol[i]`` of the
+    exact product (and of its float32 evaluation), both float32 ``[n]``.
+
+    ``x`` is put on a grid ``x_g = h (q - z)`` (``q`` in 0..255, ``h`` a float32 step)
+    that fbgemm's own quantization with ``(h, z)`` keeps exactly, and ``e = x - x_g`` is
+    known. The int32 sums are exact, so ``y_i = h s_i (q_i . q)`` up to a few float32
+    roundings, and ``w_i . x - y_i = (w_i - s_i q_i) . x + s_i q_i . e``, at most
+    ``resid_i |x| + norm_i |e|`` (Cauchy-Schwarz). ``tol`` adds the float32 roundings of
+    ``y`` (``2^-20 |y_i|``) and of the float32 score it stands for
+    (``d 2^-23 (resid_i + norm_i) |x|``).
+    """
+    torch = attempt_import("torch")
+    x64 = np.asarray(x, np.float64)
+    lo, hi = min(float(x64.min()), 0.0), max(float(x64.max()), 0.0)
+    h = float(np.float32(max((hi - lo) / 255.0, 2.0 ** -100)))
+    z = int(np.clip(np.round(-lo / h), 0, 255))
+    q = np.clip(np.round(x64 / h) + z, 0, 255)
+    # float32(h (q - z)) is within 2^-24 of a grid point, so fbgemm rounds it back to q
+    xg = (q - z) * h  # float64: exact (an 8-bit integer times a float32)
+    op, packed = qm.packed
+    # torch's own thread count (switching it per call costs more than the scan gains)
+    y = op(torch.from_numpy(xg.astype(np.float32)[None]), h, z, packed)[0].numpy()
+    nx, ne = float(np.linalg.norm(x64)), float(np.linalg.norm(x64 - xg))
+    a = (1.0 + 2.0 ** -20) * ne + qm.dim * 2.0 ** -23 * nx
+    b = (1.0 + 2.0 ** -20 + qm.dim * 2.0 ** -23) * nx
+    tol = qm.resid * b
+    tol += qm.norm * a
+    tol += 2.0 ** -20 * np.abs(y)
+    tol += 2.0 ** -60
+    return y, tol.astype(np.float32) * np.float32(1.0 + 2.0 ** -20)

@@ -31,7 +31,7 @@ import numpy as np
 from .lazy import attempt_import
 from .errors import DynstoreError
 from .catalog import Catalog
-from .precision import check_precision, low_matrix, prefiltered_topk
+from .precision import QuantMatrix, check_precision, low_matrix, prefiltered_topk, quant_matrix, quant_scan
 from .serving import ServingState, serving_state
 
 __all__ = ["recommend", "recommend_many", "all_items_lists", "serving_state", "ServingState", "MAX_K"]
@@ -43,6 +43,7 @@ ITEM_BLOCK = 4096  # ... over blocks of this many items (a block's logits stay i
 TORCH_TOPK_ROWS = 64  # user batches at least this large use torch.topk
 PREFILTER_MIN_ITEMS = 20_000  # single users of catalogues this large: float16 prefilter ...
 PREFILTER_AFTER = 2  # ... from the third call on a catalogue (a one-shot process never builds it)
+SCAN = "int8"  # the prefilter's codes: "int8" (fbgemm; float16 where it is missing) or "fp16"
 
 
 def check_k(k: Any) -> int:
@@ -128,10 +129,11 @@ def _ranked(rows: np.ndarray, logits: np.ndarray, k: int) -> tuple[np.ndarray, n
     return val[ok], r[ok]
 
 
-def _half(state: ServingState):
-    """The float16 :class:`~dynstore.precision.LowMatrix` of ``Wf`` once a process has scored
-    single users of this catalogue a few times (None before, for small catalogues, or
-    without torch)."""
+def _scan_matrix(state: ServingState):
+    """What a single user's prefilter scans: the int8 :class:`~dynstore.precision.QuantMatrix`
+    of ``Wf`` (fbgemm), else its float16 :class:`~dynstore.precision.LowMatrix`, once a
+    process has scored single users of this catalogue a few times (None before, for small
+    catalogues, or without either)."""
     h = state.prefilter
     if h.get("matrix") is None:
         if state.Wf.shape[0] < PREFILTER_MIN_ITEMS or h.get("off"):
@@ -140,7 +142,9 @@ def _half(state: ServingState):
         if h["calls"] <= PREFILTER_AFTER:
             return None  # a one-shot process (the CLI) never pays for it
         try:
-            h["matrix"] = _low(state, "fp16")
+            h["matrix"] = quant_matrix(state.Wf) if SCAN == "int8" else None
+            if h["matrix"] is None:
+                h["matrix"] = _low(state, "fp16")
         except ImportError:  # pragma: no cover - torch is a dependency
             h["matrix"] = None
         h["off"] = h["matrix"] is None  # beyond float16 (or no torch): the exact scan
@@ -156,50 +160,67 @@ def _low(state: ServingState, precision: str):
     return cache[precision][1]
 
 
-def _prefiltered(state: ServingState, x: np.ndarray, B: np.ndarray, k: int):
-    """Rows whose exact logit may be in the top ``k``, from a float16 scan (half the
-    memory traffic of float32; a single user's scan is memory-bound), or None.
+def _half_scan(low, x: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
+    """``(y, tol)`` of the float16 scan: every item's ``w_i . x`` within ``tol_i``.
 
     ``Wf`` is scaled by a power of two ``r`` first (exact). The half-precision logit ``y``
     of item ``i`` (of ``r Wf`` and ``x / max|x|``, both in float16) is within ``tol_i`` of the exact one:
     rounding ``x`` and ``w_i`` to float16 (unit roundoff ``2^-11``) moves the product by at
     most ``2 * 2^-11 * |x| |w_i|``, the float32 accumulation by ``d * 2^-24 * |x| |w_i|``,
     and rounding the result by ``2^-11 |y|``; ``tol_i`` takes twice that, plus what
-    float16's subnormals lose (at most ``2^-25`` an entry). Every row whose upper bound reaches the ``k``-th largest
-    lower bound is kept, so the exact top-``k`` is always among them.
+    float16's subnormals lose (at most ``2^-25`` an entry).
     """
-    low = _half(state)
-    if low is None:
-        return None
     torch = attempt_import("torch")
-
-    Wh, r = low.W, low.r
     s = float(np.abs(x).max())
     if not np.isfinite(s) or s == 0.0:
         return None
     xs = torch.from_numpy(np.ascontiguousarray(x / s, np.float32)).half()
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # one core streams the matrix as fast as two, without waking a pool
-    try:
-        y = torch.mv(Wh, xs).numpy().astype(np.float32)
-    finally:
-        torch.set_num_threads(threads)
-    if not np.isfinite(y).all():
-        return None
+    # torch's own thread count (switching it per call costs more than the scan gains)
+    y = torch.mv(low.W, xs).numpy().astype(np.float32)
     xn = x / s
     nx, d = float(np.linalg.norm(xn)), x.size
     tol = ((2.0 ** -9 * nx + 2.0 ** -24 * np.sqrt(d)) * low.norms + 2.0 ** -10 * np.abs(y)
            + 2.0 ** -24 * float(np.abs(xn).sum()) + 1e-6)
-    y *= s / r
-    tol *= s / r
-    lo = y + B - tol
-    n = lo.size
+    y *= s / low.r
+    tol *= s / low.r
+    return y, tol
+
+
+def _prefiltered(state: ServingState, x: np.ndarray, B: np.ndarray, k: int):
+    """Rows whose exact logit may be in the top ``k``, from a low-precision scan, or None.
+
+    A single user's scan is memory-bound: int8 codes (:func:`~dynstore.precision.quant_scan`)
+    stream a quarter of float32's bytes, float16 half. The scan's logit ``y_i`` comes with a
+    rigorous bound ``tol`` on its distance to the exact float32 logit; every row whose upper
+    bound reaches the ``k``-th largest lower bound is kept, so the exact top-``k`` is always
+    among them (they are rescored in float32 by the caller).
+    """
+    m = _scan_matrix(state)
+    if m is None:
+        return None
+    if isinstance(m, QuantMatrix):
+        if not np.isfinite(x).all():
+            return None
+        y, tol = quant_scan(m, x)
+    else:
+        got = _half_scan(m, x)
+        if got is None:
+            return None
+        y, tol = got
+    if not np.isfinite(y).all():
+        return None
+    z = y + B
+    n = z.size
     if k >= n:
         return None
+    # the float32 additions ``y + B`` (here and in the exact score) round too
+    fin = np.isfinite(B)
+    tol = tol + np.float32(2.0 ** -22) * (np.abs(y) + tol + np.where(fin, np.abs(B), 0.0).astype(np.float32))
+    lo = z - tol
     L = np.partition(lo, n - k)[n - k]
     if not np.isfinite(L):
         return None
-    cand = np.flatnonzero(y + B + tol >= L)
+    cand = np.flatnonzero(z + tol >= L)
     return cand if cand.size <= max(64 * k, n // 16) else None
 
 

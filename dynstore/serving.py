@@ -135,7 +135,7 @@ class ServingState:
     source: dict = field(default_factory=dict)   # what the state was built from (see _source)
     _seg_rows: dict = field(default_factory=dict)
     _hot: Any = None
-    # single-user float16 prefilter over Wf (see recommend._half); shared by the states
+    # single-user int8 / float16 prefilter over Wf (see recommend._scan_matrix); shared by the states
     # advanced from this one, which keep Wf
     prefilter: dict = field(default_factory=dict)
 

@@ -272,15 +272,20 @@ def test_all_users_sql_equals_single_user_api(encoded):
         np.testing.assert_allclose([r["score"] for r in recs], [r["score"] for r in api], rtol=1e-6)
 
 
-def test_half_precision_prefilter_gives_the_exact_lists(encoded, monkeypatch):
-    """The float16 scan only narrows the candidates: the lists (and scores) are the
-    float32 ones, for every user and k, including users whose positives are excluded."""
+@pytest.mark.parametrize("scan", ["int8", "fp16"])
+def test_low_precision_prefilter_gives_the_exact_lists(encoded, monkeypatch, scan):
+    """The int8 (or float16) scan only narrows the candidates: the lists (and scores) are
+    the float32 ones, for every user and k, including users whose positives are excluded."""
     import dynstore.recommend as rec
+    from dynstore.precision import LowMatrix, QuantMatrix, quant_matrix
 
+    if scan == "int8" and quant_matrix(np.ones((2, 2), np.float32)) is None:
+        pytest.skip("torch without fbgemm's int8 kernel")
     users = [r[0] for r in encoded.sql("SELECT user_id FROM users ORDER BY user_id").fetchall()]
     exact = {(u, k): encoded.recommend(u, k) for u in users for k in (1, 10, 79)}
     monkeypatch.setattr(rec, "PREFILTER_MIN_ITEMS", 0)
     monkeypatch.setattr(rec, "PREFILTER_AFTER", 0)
+    monkeypatch.setattr(rec, "SCAN", scan)
     used = []
     monkeypatch.setattr(rec, "_prefiltered", lambda *a, _f=rec._prefiltered: used.append(_f(*a)) or used[-1])
     for (u, k), want in exact.items():
@@ -288,5 +293,6 @@ def test_half_precision_prefilter_gives_the_exact_lists(encoded, monkeypatch):
         assert ids_of(got) == ids_of(want), (u, k)
         np.testing.assert_allclose([r["score"] for r in got], [r["score"] for r in want], rtol=1e-6)
     narrowed = [c for c in used if c is not None]
-    assert rec.serving_state(encoded.catalog).prefilter.get("matrix") is not None
+    matrix = rec.serving_state(encoded.catalog).prefilter.get("matrix")
+    assert isinstance(matrix, QuantMatrix if scan == "int8" else LowMatrix)
     assert sum(c.size < 20 for c in narrowed) > len(users)  # it did narrow, and was still exact
