@@ -98,6 +98,15 @@ def _block_search(keys: np.ndarray, start: np.ndarray, items: np.ndarray,
     """
     lo, hi = start[items], start[items + 1]
     act = np.flatnonzero(lo < hi)
+    if act.size:
+        # most answers are a block's ends (no event of the item yet, or all of them):
+        # settle those first, and halve only the blocks the query falls inside
+        first = keys[lo[act]] >= queries[act]
+        hi[act[first]] = lo[act[first]]
+        act = act[~first]
+        last = keys[hi[act] - 1] < queries[act]
+        lo[act[last]] = hi[act[last]]
+        act = act[~last]
     while act.size:
         low, high = lo[act], hi[act]
         mid = (low + high) >> 1

@@ -43,6 +43,7 @@ from __future__ import annotations
 
 import math
 import time
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator
@@ -297,6 +298,25 @@ class Batch:
     seg_p: Any
 
 
+@dataclass
+class Draw:
+    """A batch's events, random draws and dynamic features (:meth:`Trainer.draw`)."""
+
+    bags: np.ndarray
+    e_idx: np.ndarray       # rows of ``Bags.ev`` of the batch's events
+    sizes: np.ndarray       # events per bag
+    e_bag_np: np.ndarray    # the bag (position in ``bags``) of each event
+    items: np.ndarray       # item rows of the events
+    drop: np.ndarray | None  # residual dropout of the events
+    pool: np.ndarray        # the sampled pool
+    f_items: np.ndarray | None = None   # dynamic features of the events' items and the pool
+    f_pool: np.ndarray | None = None
+    seg_items: np.ndarray | None = None  # segment features of the events [columns * events, width]
+    seg_keys: np.ndarray | None = None   # the batch's distinct segment keys [u]
+    seg_inv: np.ndarray | None = None    # each bag's keys as positions in seg_keys [bags, columns]
+    seg_pool: np.ndarray | None = None   # the pool's features in each key [u, pool, width]
+
+
 class Trainer:
     """One :meth:`FusionModel.fit` run: prepared data, parameters as tensors, the loss.
 
@@ -397,42 +417,35 @@ class Trainer:
         torch = attempt_import("torch")
         return torch.as_tensor(np.asarray(x), dtype=torch.long, device=self.dev)
 
-    def item_terms(self, Rx, rbx, items: np.ndarray, t_batch: int | None,
+    def item_terms(self, Rx, rbx, items: np.ndarray, feats: np.ndarray | None,
                    drop: np.ndarray | None = None):
-        """Fused vectors and biases of ``items`` (dynamic features as of ``t_batch``; none
-        when it is None); ``drop`` hides the residuals of some items."""
+        """Fused vectors and biases of ``items``, with their dynamic features ``feats``
+        (:meth:`draw`; None: none); ``drop`` hides the residuals of some items."""
         P, d = self.P, self.d
         va = self.VA[self.index(items)]
         rows = self.wmap[items]
         rows = self.index(rows if drop is None else np.where(drop, self.n_warm, rows))
         w = va[:, :d] + P["alpha"] * (va[:, d:] @ P["W"]) + Rx[rows]
         b = P["b0"] + va[:, :d] @ P["bv"] + va[:, d:] @ P["ba"] + rbx[rows]
-        if self.activity is not None and t_batch is not None:
-            b = b + self.tensor(self.activity.items.features(items, t_batch)) @ P["theta"]
+        if feats is not None:
+            b = b + self.tensor(feats) @ P["theta"]
         return w, b
 
-    def segment_terms(self, bags: np.ndarray, e_bag_np: np.ndarray, items: np.ndarray,
-                      pool: np.ndarray, t_batch: int):
+    def segment_terms(self, dr: "Draw"):
         """What the users' segments add to the targets ``[events]`` and to the pool
         ``[bags, pool]`` (zeros when the model has no segment term)."""
-        seg = self.activity.segments if self.activity is not None else None
-        if seg is None or "theta_seg" not in self.P or t_batch is None:
+        if dr.seg_items is None or "theta_seg" not in self.P:
             return 0.0, 0.0
         P = self.P
-        keys = self.UK[self.bags.user[bags]]  # [bags, columns]
-        ek = keys[e_bag_np]  # [events, columns]
-        n_cols = keys.shape[1]
-        f = self.tensor(seg.pair_features(ek.T.reshape(-1), np.tile(items, n_cols), t_batch))
-        f = f.reshape(n_cols, items.size, -1)  # [columns, events, width]
+        n_cols = dr.seg_inv.shape[1]
+        f = self.tensor(dr.seg_items).reshape(n_cols, dr.items.size, -1)  # [columns, events, width]
         t_items = (f * P["theta_seg"][:, None, :]).sum(2).sum(0)
-        uniq, inv = np.unique(keys, return_inverse=True)
-        inv = inv.reshape(keys.shape)
-        F = self.tensor(seg.key_features(pool, t_batch, uniq))  # [u, pool, width]
-        theta = P["theta_seg"][self.key_col[self.index(np.maximum(uniq, 0))]]  # [u, width]
+        F = self.tensor(dr.seg_pool)  # [u, pool, width]
+        theta = P["theta_seg"][self.key_col[self.index(np.maximum(dr.seg_keys, 0))]]  # [u, width]
         G = (F * theta[:, None, :]).sum(2)  # [u, pool]; zero rows for key -1
         t_pool = 0.0
-        for c in range(keys.shape[1]):
-            t_pool = t_pool + G[self.index(inv[:, c])]
+        for c in range(n_cols):
+            t_pool = t_pool + G[self.index(dr.seg_inv[:, c])]
         return t_items, t_pool
 
     def user_terms(self, Rx, bags: np.ndarray):
@@ -453,9 +466,10 @@ class Trainer:
         return X0 + Xh + Xh @ P["M"], X0
 
     # --------------------------------------------------------------------- loss
-    def step(self, bags: np.ndarray, opt: Any) -> tuple[float, float]:
-        """One optimiser step on ``bags``; returns (weighted loss sum, weight sum)."""
-        batch = self.batch(bags)
+    def step(self, bags: np.ndarray, opt: Any, dr: "Draw | None" = None) -> tuple[float, float]:
+        """One optimiser step on ``bags`` (its :meth:`draw`, made here when not given);
+        returns (weighted loss sum, weight sum)."""
+        batch = self.batch(bags, dr)
         if self.cfg.objective == "softmax":
             loss, denom = self.softmax_loss(batch)
             if loss is None:
@@ -468,33 +482,53 @@ class Trainer:
         opt.step()
         return float(loss.detach()) * denom, denom
 
-    def batch(self, bags: np.ndarray) -> Batch:
-        """User vectors, targets and a sampled pool of ``bags``, with the dynamic features
-        as of the batch's first bag (draws the residual dropout, then the pool)."""
-        torch = attempt_import("torch")
+    def draw(self, bags: np.ndarray) -> "Draw":
+        """Everything of a batch that the parameters do not change: its events, the residual
+        dropout and the pool drawn (in this order, from the trainer's generator), and the
+        dynamic features as of the batch's first bag. Numpy only, so :meth:`epoch` computes
+        the next batch's in a second thread while torch runs this one."""
         cfg, B = self.cfg, self.bags
         t_batch = int(B.time[bags].min())
         e_idx, _ = ranges(B.ptr[bags], B.ptr[bags + 1])
         sizes = B.ptr[bags + 1] - B.ptr[bags]
         e_bag_np = np.repeat(np.arange(bags.size), sizes)
+        items = self.ev_item[e_idx]
+        drop = self.rng.random(items.size) < cfg.residual_dropout if cfg.residual_dropout > 0 else None
+        pool = self.rng.integers(0, self.n_items, size=cfg.sample_pool)
+        dr = Draw(bags, e_idx, sizes, e_bag_np, items, drop, pool)
+        act = self.activity
+        if act is None:
+            return dr
+        dr.f_items, dr.f_pool = act.items.features(items, t_batch), act.items.features(pool, t_batch)
+        seg = act.segments
+        if seg is not None and "theta_seg" in self.P:
+            keys = self.UK[B.user[bags]]  # [bags, columns]
+            ek = keys[e_bag_np]  # [events, columns]
+            dr.seg_items = seg.pair_features(ek.T.reshape(-1), np.tile(items, keys.shape[1]), t_batch)
+            uniq, inv = np.unique(keys, return_inverse=True)
+            dr.seg_keys, dr.seg_inv = uniq, inv.reshape(keys.shape)
+            dr.seg_pool = seg.key_features(pool, t_batch, uniq)  # [u, pool, width]
+        return dr
+
+    def batch(self, bags: np.ndarray, dr: "Draw | None" = None) -> Batch:
+        """User vectors, targets and a sampled pool of ``bags`` (from :meth:`draw`, made
+        here when not given)."""
+        torch = attempt_import("torch")
+        cfg, B = self.cfg, self.bags
+        dr = self.draw(bags) if dr is None else dr
         Rx = torch.cat([self.R, torch.zeros(1, self.d, device=self.dev)])
         rbx = torch.cat([self.rb, torch.zeros(1, device=self.dev)])
         X, X0 = self.user_terms(Rx, bags)
-        items = self.ev_item[e_idx]
-        drop = None
-        if cfg.residual_dropout > 0:
-            drop = self.rng.random(items.size) < cfg.residual_dropout
-        wt, bt = self.item_terms(Rx, rbx, items, t_batch, drop)
-        label, weight = B.label[e_idx], B.weight[e_idx]
+        wt, bt = self.item_terms(Rx, rbx, dr.items, dr.f_items, dr.drop)
+        label, weight = B.label[dr.e_idx], B.weight[dr.e_idx]
         wgt = self.tensor(weight)
-        pool = self.rng.integers(0, self.n_items, size=cfg.sample_pool)
-        ws, bs = self.item_terms(Rx, rbx, pool, t_batch)
-        seg_t, seg_p = self.segment_terms(bags, e_bag_np, items, pool, t_batch)
+        ws, bs = self.item_terms(Rx, rbx, dr.pool, dr.f_pool)
+        seg_t, seg_p = self.segment_terms(dr)
         paths = [(X, 1.0, wgt)]
         if cfg.prior_weight > 0:
             # dislikes are about personal taste given a history: they stay out of the prior
             paths.append((X0, cfg.prior_weight, wgt * self.tensor((label == 1).astype(np.float32))))
-        return Batch(bags=bags, e_idx=e_idx, sizes=sizes, e_bag=self.index(e_bag_np), label=label,
+        return Batch(bags=bags, e_idx=dr.e_idx, sizes=dr.sizes, e_bag=self.index(dr.e_bag_np), label=label,
                      weight=weight, paths=paths, wt=wt, bt=bt, ws=ws, bs=bs, seg_t=seg_t, seg_p=seg_p)
 
     def softmax_loss(self, b: Batch) -> tuple[Any, float]:
@@ -576,14 +610,26 @@ class Trainer:
         m.residuals = (R, rb)
 
     def epoch(self, opt: Any) -> float:
-        """One pass over the batches in a random order; the weighted mean loss."""
+        """One pass over the batches in a random order; the weighted mean loss.
+
+        The next batch's :meth:`draw` (numpy: the point-in-time features, about half of a
+        step's work) runs in a second thread while torch runs this one. The draws still
+        happen one after another in the batches' order, so the generator's sequence, and
+        the result, are those of a single thread."""
         tot = cnt = 0.0
-        for b in self.rng.permutation(len(self.bags.batches)):
-            s, n = self.step(self.bags.batches[b], opt)
-            tot, cnt = tot + s, cnt + n
-            self.steps_done += 1
-            if self.progress is not None:
-                self.progress(self.steps_done, self.steps_total)
+        batches = self.bags.batches
+        order = self.rng.permutation(len(batches))
+        with ThreadPoolExecutor(1, thread_name_prefix="dynstore-draw") as ahead:
+            nxt = ahead.submit(self.draw, batches[order[0]]) if len(order) else None
+            for i, b in enumerate(order):
+                dr = nxt.result()
+                if i + 1 < len(order):
+                    nxt = ahead.submit(self.draw, batches[order[i + 1]])
+                s, n = self.step(batches[b], opt, dr)
+                tot, cnt = tot + s, cnt + n
+                self.steps_done += 1
+                if self.progress is not None:
+                    self.progress(self.steps_done, self.steps_total)
         return tot / max(cnt, 1e-12)
 
     def dynamics_optimiser(self) -> Any:
