@@ -187,7 +187,7 @@ def exact_and_index(args, build, work, rng, torch) -> None:
     p = lambda xs, q: 1000 * float(np.percentile(xs, q))  # noqa: E731
     lat_api, lat_sql, lat_gemv = [], [], []
     at = {u: n for n, u in enumerate(users)}
-    for u in (1, 2, 3):  # a warm process: the third single-user call builds the float16 prefilter
+    for u in (1, 2, 3):  # a warm process: the third single-user call builds the int8 prefilter
         store.recommend(u, 10)
     for u in rng.integers(1, args.users + 1, args.latency_queries):
         t0 = time.perf_counter()
