@@ -302,7 +302,6 @@ class Batch:
 class Draw:
     """A batch's events, random draws and dynamic features (:meth:`Trainer.draw`)."""
 
-    bags: np.ndarray
     e_idx: np.ndarray       # rows of ``Bags.ev`` of the batch's events
     sizes: np.ndarray       # events per bag
     e_bag_np: np.ndarray    # the bag (position in ``bags``) of each event
@@ -495,7 +494,7 @@ class Trainer:
         items = self.ev_item[e_idx]
         drop = self.rng.random(items.size) < cfg.residual_dropout if cfg.residual_dropout > 0 else None
         pool = self.rng.integers(0, self.n_items, size=cfg.sample_pool)
-        dr = Draw(bags, e_idx, sizes, e_bag_np, items, drop, pool)
+        dr = Draw(e_idx, sizes, e_bag_np, items, drop, pool)
         act = self.activity
         if act is None:
             return dr
