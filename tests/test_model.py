@@ -401,3 +401,20 @@ def test_cooccurrence_equals_the_dense_product(case):
     X = np.zeros((10, n), np.float32)
     X[u, c] = 1.0
     assert np.array_equal(cooccurrence(u, c, n), X.T @ X)
+
+
+def test_evaluation_may_fuse_into_the_vectors(problem, trained):
+    """``reuse_vectors`` (the holdout of a freshly built version) writes the fused item
+    matrix over ``train.V`` instead of beside it: the same figures, to the bit."""
+    import dataclasses
+
+    m = trained[0]
+    tr, (hu, hi, hl) = problem["train"], problem["hold"]
+    want = evaluate(m, tr, hu, hi, hl, k=10, per_user=True)
+    copy = dataclasses.replace(tr, V=tr.V.copy())
+    got = evaluate(m, copy, hu, hi, hl, k=10, per_user=True, reuse_vectors=True)
+    assert np.array_equal(got.pop("ndcg_per_user"), want.pop("ndcg_per_user")) and got == want
+    Wf, _ = m.item_side(tr.V, tr.A, m.residuals)
+    assert np.array_equal(copy.V, Wf) and not np.array_equal(tr.V, Wf)
+    with pytest.raises(ValueError, match="out must be"):
+        m.item_side(tr.V, tr.A, out=np.zeros((2, D), np.float32))
