@@ -28,6 +28,7 @@ from .rayengine import (block_rows, blocks, check_engine, cluster_gpus, init_ray
 from .results import EncodeResult
 from .semcache import cache_dataset, encoder_info, record_encoder, semantic_index, store_encoder, write_cache
 from .views import views_connection
+from .vindex import SCAN_IO_BYTES
 
 __all__ = ["encode", "encode_on_ray", "DocEncoder", "semantic_vectors", "cached_vectors", "item_docs",
            "CatalogueVectors"]
@@ -344,7 +345,8 @@ class CatalogueVectors:
         order = have[np.argsort(self.row[have], kind="stable")]
         rows = self.row[order]
         offset = 0
-        for batch in self.ds.to_batches(columns=["vector"]) if have.size else ():
+        scan = self.ds.to_batches(columns=["vector"], io_buffer_size=SCAN_IO_BYTES) if have.size else ()
+        for batch in scan:
             m = batch.num_rows
             lo, hi = np.searchsorted(rows, [offset, offset + m])
             if hi > lo:
