@@ -23,6 +23,7 @@ from .compaction import maybe_compact
 from .encoders import encoder_fingerprint
 from .errors import StoreCorrupt, VersionNotFound, first_line
 from .features import FeatureSpec
+from .memory import release_freed
 from .model import FusionModel
 from .results import RollbackResult
 from .registry import (VERDICT_OF_STATUS, current_version, embedding_schema, list_versions, next_version,
@@ -77,6 +78,7 @@ def build_version(catalog: Catalog, model, item_spec, user_spec, *, parent: int 
             # vectors and the item documents (read again on their next use) would only
             # sit under the k-means, a catalogue's worth of memory
             catalog.memo.invalidate("semantic", "docs")
+            release_freed()  # what the rows' writer freed would count under the k-means
             build_index(catalog, number)
         rows = registry_table(catalog).to_pylist()
         if status == "current":
