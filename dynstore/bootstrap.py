@@ -14,6 +14,7 @@ from .dynamics import DynamicSpec, rule_half_life
 from .errors import DynstoreError
 from .features import FeatureSpec
 from .holdout import evaluate_version
+from .memory import release_freed
 from .model import FusionModel
 from .registry import registry_table, rule_window, write_registry
 from .semcache import encoder_info
@@ -71,6 +72,7 @@ def _record_rule_metrics(catalog: Catalog, number: int) -> None:
     """Holdout figures of version 1, as ``eval --since 30d`` computes them (the rule scored
     before the newest 10% of the window a default refresh judges on), so the registry
     shows how it does; the window bounds what the first encode reads of a long history."""
+    release_freed()  # what the version's build freed would count under the holdout's window
     try:
         m = evaluate_version(catalog, version=number, since=DEFAULT_SINCE, as_built=True)
         metrics = {"holdout": {k: v for k, v in m.items() if isinstance(v, float)}, "slice": m["slice"]}

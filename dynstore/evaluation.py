@@ -24,13 +24,17 @@ EVAL_CELLS = 1 << 24
 
 
 def scorer(model: Any, data: TrainingData,
-           residuals: tuple[np.ndarray, np.ndarray] | None = None) -> Callable:
+           residuals: tuple[np.ndarray, np.ndarray] | None = None, *, reuse_vectors: bool = False) -> Callable:
     """``users -> logits [len(users), n_items]`` of ``model`` (a
     :class:`~dynstore.model.FusionModel`), as serving would have scored the users of
     ``data`` just after its last event: histories and dynamic features from ``data``'s
-    events, item side computed once."""
+    events, item side computed once.
+
+    ``reuse_vectors`` fuses the item matrix into ``data.V`` (whose rows are then the
+    fused vectors, not the semantic ones): one catalogue-sized matrix instead of two,
+    for a caller that is done with ``data`` once it is scored."""
     n = data.V.shape[0]
-    Wf, bias = model.item_side(data.V, data.A, residuals)
+    Wf, bias = model.item_side(data.V, data.A, residuals, out=data.V if reuse_vectors else None)
     act = model.activity_of(data)
     table = None
     if act is not None:
@@ -147,6 +151,7 @@ def evaluate(
     batch_users: int = 1024,
     per_user: bool = False,
     with_auc: bool = True,
+    reuse_vectors: bool = False,
 ) -> dict:
     """Recall@k, NDCG@k and per-user AUC of ``model`` on a holdout.
 
@@ -161,7 +166,9 @@ def evaluate(
         ``{"recall@k", "ndcg@k", "auc", "n_users"}`` (means over users with a relevant item);
         with ``per_user`` also ``"ndcg_per_user"`` (an array, users in ascending order).
         ``with_auc=False`` skips the AUC (``nan``): it costs a sort of every user's
-        scores, which early stopping does not need.
+        scores, which early stopping does not need. ``reuse_vectors`` overwrites
+        ``train.V`` with the fused item matrix (see :func:`scorer`): for a caller
+        that scores ``train`` once and drops it.
     """
     cand = None if candidates is None else np.asarray(candidates, dtype=bool)
     hu, hi = holdout_positives(holdout_user, holdout_item, holdout_label, cand)
@@ -169,7 +176,7 @@ def evaluate(
     users = np.unique(hu)
     if residuals is None and model.residuals is not None and len(model.residuals[1]) == n_items:
         residuals = model.residuals
-    score = scorer(model, train, residuals)
+    score = scorer(model, train, residuals, reuse_vectors=reuse_vectors)
     order = np.argsort(hu, kind="stable")
     hu_s, hi_s = hu[order], hi[order]
     log = positives_log(train) if exclude_seen else None

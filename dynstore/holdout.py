@@ -67,7 +67,9 @@ def evaluate_version(catalog: Catalog, *, version: int | None = None, k: int = 1
         out = evaluate(model, train, hu, hi, hl, residuals=model.residuals, k=k)
         scored = "the popularity rule on the events before the slice"
     else:
-        out = evaluate(lv.model, train, hu, hi, hl, residuals=None if from_content else prep.residuals_of(lv), k=k)
+        # scored once, then dropped: the fused items overwrite the window's vectors (one matrix, not two)
+        out = evaluate(lv.model, train, hu, hi, hl, residuals=None if from_content else prep.residuals_of(lv),
+                       k=k, reuse_vectors=True)
         scored = f"version {lv.version} as stored"
     ts = prep.hold_ts
     trained_until = (row.get("snapshot") or {}).get("trained_until")

@@ -218,10 +218,14 @@ class FusionModel:
         V: np.ndarray,
         A: np.ndarray,
         residuals: tuple[np.ndarray, np.ndarray] | None = None,
+        *,
+        out: np.ndarray | None = None,
     ) -> tuple[np.ndarray, np.ndarray]:
         """Fused item matrix ``Wf [n, d]`` and bias ``[n]`` (float32).
 
-        ``residuals=None`` means no residuals (every item scored as cold).
+        ``residuals=None`` means no residuals (every item scored as cold). ``out``
+        (float32 ``[n, d]``) receives ``Wf``; it may be ``V`` itself, when the caller
+        is done with the vectors: each block of rows is read before it is written.
 
         >>> import numpy as np
         >>> m = FusionModel(d=2, fa=0, fu=0)
@@ -234,7 +238,9 @@ class FusionModel:
         if A.shape[1] != self.fa or V.ndim != 2 or V.shape[1] != self.d:
             raise ValueError(f"expected V [n, {self.d}] and A [n, {self.fa}]")
         R, rb = (None, None) if residuals is None else (np.asarray(r, np.float32) for r in residuals)
-        Wf, bias = np.empty((n, self.d), np.float32), np.empty(n, np.float32)
+        Wf, bias = np.empty((n, self.d), np.float32) if out is None else out, np.empty(n, np.float32)
+        if Wf.shape != (n, self.d) or Wf.dtype != np.float32:
+            raise ValueError(f"out must be float32 [{n}, {self.d}]")
         # a block of rows at a time into the result: every row is computed on its own,
         # so the numbers are the same, and the temporaries follow a block, not the catalogue
         for a in range(0, n, ITEM_SIDE_ROWS):

@@ -26,10 +26,12 @@ from .errors import DynstoreError
 from .rayengine import (block_rows, blocks, check_engine, cluster_gpus, init_ray, map_actors, pool_size,
                         require_ray)
 from .results import EncodeResult
-from .semcache import encoder_info, record_encoder, semantic_index, store_encoder, write_cache
+from .semcache import cache_dataset, encoder_info, record_encoder, semantic_index, store_encoder, write_cache
 from .views import views_connection
+from .vindex import SCAN_IO_BYTES
 
-__all__ = ["encode", "encode_on_ray", "DocEncoder", "semantic_vectors", "cached_vectors", "item_docs"]
+__all__ = ["encode", "encode_on_ray", "DocEncoder", "semantic_vectors", "cached_vectors", "item_docs",
+           "CatalogueVectors"]
 
 CHUNK = 2048          # most documents per commit
 FIRST_CHUNK = 64      # the first commit comes early, whatever the encoder's speed
@@ -184,20 +186,28 @@ def semantic_vectors(catalog: Catalog, item_ids: list[Any], *, encode_missing: b
     a reader neither writes nor locks. Unknown items get a zero row and ``False``.
     """
     out, found, cached = _lookup(catalog, item_ids)
+    if encode_missing:
+        _encode_stale(catalog, [item_ids[pos] for pos in np.flatnonzero(found & ~cached)],
+                      np.flatnonzero(found & ~cached), out)
+    return out, found
+
+
+def _encode_stale(catalog: Catalog, item_ids: list[Any], rows: np.ndarray, out: np.ndarray) -> None:
+    """Encode the documents of ``item_ids`` (known items without a cached vector) in memory
+    into ``out[rows]``: each distinct document once, in the order of its first item."""
+    if not len(rows):
+        return
+    docs = item_docs(catalog)
     missing: dict[str, list[int]] = {}
     texts: dict[str, str | None] = {}
-    if encode_missing:
-        docs = item_docs(catalog)
-        for pos in np.flatnonzero(found & ~cached):
-            h, text = docs[item_ids[pos]]
-            missing.setdefault(h, []).append(int(pos))
-            texts[h] = text
-    if missing:
-        hashes = list(missing)
-        vecs = np.asarray(store_encoder(catalog).encode([texts[h] for h in hashes]), np.float32)
-        for h, v in zip(hashes, vecs):
-            out[missing[h]] = v
-    return out, found
+    for item, pos in zip(item_ids, rows):
+        h, text = docs[item]
+        missing.setdefault(h, []).append(int(pos))
+        texts[h] = text
+    hashes = list(missing)
+    vecs = np.asarray(store_encoder(catalog).encode([texts[h] for h in hashes]), np.float32)
+    for h, v in zip(hashes, vecs):
+        out[missing[h]] = v
 
 
 def cached_vectors(catalog: Catalog, item_ids: list[Any]) -> tuple[np.ndarray, np.ndarray]:
@@ -255,3 +265,97 @@ def item_docs(catalog: Catalog) -> dict[Any, tuple[str, str | None]]:
         cached = (key, {r[0]: (r[1], r[2]) for r in rows})
         catalog.memo.docs = cached
     return cached[1]
+
+
+class CatalogueVectors:
+    """The semantic vectors of a catalogue's worth of items, read from the cache
+    dataset without holding a copy of it.
+
+    :func:`semantic_vectors` looks items up in the in-memory cache
+    (:func:`~dynstore.semcache.semantic_index`, every cached vector) through the item
+    documents (:func:`item_docs`, every document's text): two catalogue-sized copies
+    beside the vectors asked for. Building a version or a training window reads each
+    item once, so this maps every item to its row of the cache (item -> doc hash ->
+    row, as Arrow arrays) and reads the vectors from the dataset: a block of items at
+    a time (:meth:`block`) or all of them in one pass (:meth:`matrix`). The numbers
+    are :func:`semantic_vectors`' (a stale item is encoded in memory, nothing written).
+
+    Parameters
+    ----------
+    catalog : Catalog
+    item_ids : list or pyarrow.Array
+        The items, in the order of the rows returned.
+
+    Attributes
+    ----------
+    hashes : pyarrow.StringArray
+        Each item's document hash (null for an unknown item).
+    found : bool [n]
+        Which items exist.
+    """
+
+    def __init__(self, catalog: Catalog, item_ids):
+        import pyarrow.compute as pc
+
+        self.catalog = catalog
+        enc_id, self.dim = encoder_info(catalog)
+        con = views_connection(catalog)
+        try:
+            docs = con.sql("SELECT item_id, doc_hash FROM item_documents").to_arrow_table()
+        finally:
+            con.close()
+        keys = docs.column("item_id").combine_chunks()
+        ids = item_ids.combine_chunks() if isinstance(item_ids, pa.ChunkedArray) else item_ids
+        self.ids = pa.array(ids, keys.type) if not isinstance(ids, pa.Array) else ids.cast(keys.type)
+        at = pc.index_in(self.ids, value_set=keys)
+        self.found = at.is_valid().to_numpy(zero_copy_only=False)
+        self.hashes = docs.column("doc_hash").combine_chunks().take(at)
+        del docs, keys, at
+        # one version of the cache for the row numbers and the reads: a row is an
+        # offset into that version (deleted rows skipped, as ``take`` counts them)
+        self.ds = cache_dataset(catalog, enc_id)
+        if self.ds is None:
+            self.row = np.full(len(self.ids), -1, np.int64)
+        else:
+            # the doc hash is the cache's key (``write_cache`` upserts on it): one row each
+            cached = self.ds.to_table(columns=["doc_hash"]).column("doc_hash").combine_chunks()
+            self.row = pc.index_in(self.hashes, value_set=cached).fill_null(-1).to_numpy().astype(np.int64)
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def block(self, start: int, stop: int) -> tuple[np.ndarray, np.ndarray]:
+        """``(vectors [stop - start, dim], found)`` of items ``start:stop``: their rows of
+        the cache taken from the dataset, memory following the block."""
+        out = np.zeros((stop - start, self.dim), np.float32)
+        rows = self.row[start:stop]
+        have = rows >= 0
+        if have.any():
+            uniq, inv = np.unique(rows[have], return_inverse=True)
+            col = self.ds.take(uniq, columns=["vector"]).column("vector").combine_chunks()
+            out[have] = col.flatten().to_numpy(zero_copy_only=False).reshape(-1, self.dim)[inv]
+        self._encode_stale(out, start, self.found[start:stop] & ~have)
+        return out, self.found[start:stop]
+
+    def matrix(self) -> tuple[np.ndarray, np.ndarray]:
+        """``(vectors [n, dim], found)`` of every item, filled in one pass over the cache
+        batch by batch: the result is the only catalogue-sized array."""
+        out = np.zeros((len(self.ids), self.dim), np.float32)
+        have = np.flatnonzero(self.row >= 0)
+        order = have[np.argsort(self.row[have], kind="stable")]
+        rows = self.row[order]
+        offset = 0
+        scan = self.ds.to_batches(columns=["vector"], io_buffer_size=SCAN_IO_BYTES) if have.size else ()
+        for batch in scan:
+            m = batch.num_rows
+            lo, hi = np.searchsorted(rows, [offset, offset + m])
+            if hi > lo:
+                vecs = batch.column("vector").flatten().to_numpy(zero_copy_only=False).reshape(m, self.dim)
+                out[order[lo:hi]] = vecs[rows[lo:hi] - offset]
+            offset += m
+        self._encode_stale(out, 0, self.found & (self.row < 0))
+        return out, self.found
+
+    def _encode_stale(self, out: np.ndarray, start: int, stale: np.ndarray) -> None:
+        rows = np.flatnonzero(stale)
+        _encode_stale(self.catalog, [self.ids[start + int(p)].as_py() for p in rows], rows, out)

@@ -23,12 +23,13 @@ from .compaction import maybe_compact
 from .encoders import encoder_fingerprint
 from .errors import StoreCorrupt, VersionNotFound, first_line
 from .features import FeatureSpec
+from .memory import release_freed
 from .model import FusionModel
 from .results import RollbackResult
 from .registry import (VERDICT_OF_STATUS, current_version, embedding_schema, list_versions, next_version,
                        registry_table, write_registry)
 from .semcache import encoder_info, record_encoder
-from .semantic import item_docs, semantic_vectors
+from .semantic import CatalogueVectors
 from .vindex import BUILD_BATCH, build_index
 
 __all__ = ["build_version", "rollback", "load_version", "LoadedVersion", "load_parameters",
@@ -77,6 +78,7 @@ def build_version(catalog: Catalog, model, item_spec, user_spec, *, parent: int 
             # vectors and the item documents (read again on their next use) would only
             # sit under the k-means, a catalogue's worth of memory
             catalog.memo.invalidate("semantic", "docs")
+            release_freed()  # what the rows' writer freed would count under the k-means
             build_index(catalog, number)
         rows = registry_table(catalog).to_pylist()
         if status == "current":
@@ -137,17 +139,20 @@ def _commit_registry(catalog: Catalog, rows: list[dict], number: int, new_encode
 
 def _fused_batches(catalog: Catalog, model, item_spec, items: pa.Table, residuals, number: int, schema: pa.Schema):
     """Record batches of a version's rows: each item's fused vector and static bias."""
-    docs = item_docs(catalog)
+    # each block's vectors are read from the cache's dataset: neither the in-memory cache
+    # nor the item documents (two catalogue-sized copies) are held while the rows stream out
+    vectors = CatalogueVectors(catalog, items.column("item_id"))
     for start in range(0, items.num_rows, BUILD_BATCH):
         part = items.slice(start, BUILD_BATCH)
         ids = part.column("item_id").to_pylist()
-        V, _ = semantic_vectors(catalog, ids)
+        V, _ = vectors.block(start, start + len(ids))
         res = None if residuals is None else tuple(np.asarray(r)[start:start + len(ids)] for r in residuals)
         Wf, bias = model.item_side(V, item_spec.transform(part), res)
+        del V
         yield pa.record_batch([
             pa.array(np.full(len(ids), number, np.int64)),
             pa.array(ids, schema.field("item_id").type),
-            pa.array([docs.get(i, (None,))[0] for i in ids], pa.string()),
+            vectors.hashes.slice(start, len(ids)).cast(pa.string()),
             pa.FixedSizeListArray.from_arrays(pa.array(Wf.astype(np.float32, copy=False).reshape(-1)),
                                               Wf.shape[1]),
             pa.array(bias.astype(np.float32)),

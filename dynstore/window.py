@@ -17,7 +17,7 @@ from .dynamics import DynamicSpec, rule_half_life
 from .errors import ConfigError, DynstoreError
 from .ingest import FUTURE_TOLERANCE_S
 from .model import FusionModel, ModelConfig, TrainingData
-from .semantic import semantic_vectors
+from .semantic import CatalogueVectors
 from .versions import items_table, users_table
 
 __all__ = ["TrainingWindow", "WindowData", "parse_since", "newest_event", "time_decay_days", "labelled_events",
@@ -134,7 +134,9 @@ class WindowData:
         self.items = items
         self.ids = items.column("item_id").to_pylist()
         self.item_row = {i: n for n, i in enumerate(self.ids)}
-        self.V, _ = semantic_vectors(catalog, self.ids)
+        # read from the cache's dataset, not looked up in its in-memory copy: the window's
+        # matrix is then the only catalogue-sized copy of the vectors
+        self.V, _ = CatalogueVectors(catalog, items.column("item_id")).matrix()
         self.A = np.asarray(lv.item_spec.transform(items), np.float32)
         users = users_table(catalog)
         self.user_ids = users.column("user_id").to_pylist()

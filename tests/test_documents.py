@@ -164,3 +164,30 @@ def test_interrupted_encode_of_a_few_items_resumes(tmp_path, shop_files, runner)
     assert stale == 80 - calls[0] and 0 < stale < 80
     out = s.encode()
     assert out.encoded == stale and s.sql("SELECT count(*) FROM stale_items").fetchall()[0][0] == 0
+
+
+def test_catalogue_vectors_read_from_the_cache_equal_the_lookups(encoded):
+    """``CatalogueVectors`` (a version's rows and a training window read the cache's
+    dataset instead of holding its copy in memory) gives ``semantic_vectors``' numbers,
+    for cached items, an item changed since the encode (encoded in memory), an unknown
+    item, ids in any order, and a cache rewritten by upserts (deleted rows skipped)."""
+    from dynstore.semantic import CatalogueVectors, semantic_vectors
+
+    encoded.ingest("items", pl.DataFrame({"item_id": [3, 5], "title": ["changed text", "another change"]}))
+    encoded.encode()  # upserts the cache: its dataset now has deleted rows
+    encoded.ingest("items", pl.DataFrame({"item_id": [4], "title": ["stale since the encode"]}))
+    cat = encoded.catalog.latest
+    ids = [7, 4, 999, 1, 3] + list(range(80, 0, -1))
+    want, found = semantic_vectors(cat, ids)
+    assert not found[2] and found[1]
+    got = CatalogueVectors(cat, ids)
+    V, ok = got.matrix()
+    assert np.array_equal(V, want) and np.array_equal(ok, found)
+    blocks = [got.block(a, min(a + 7, len(ids))) for a in range(0, len(ids), 7)]
+    assert np.array_equal(np.vstack([b[0] for b in blocks]), want)
+    assert np.array_equal(np.concatenate([b[1] for b in blocks]), found)
+    from dynstore.semantic import item_docs
+
+    docs = item_docs(cat)
+    assert got.hashes.to_pylist() == [docs[i][0] if i in docs else None for i in ids]
+    assert np.any(want[1] != 0) and not np.any(want[2])

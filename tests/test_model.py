@@ -436,3 +436,20 @@ def test_draw_ahead_thread_changes_nothing(problem, monkeypatch):
     # and the segment features took part: another segment assignment trains differently
     data.UK = (np.arange(data.UA.shape[0]) % 2)[:, None]
     assert fit()[0]["epoch_losses"] != stats2["epoch_losses"]
+
+
+def test_evaluation_may_fuse_into_the_vectors(problem, trained):
+    """``reuse_vectors`` (the holdout of a freshly built version) writes the fused item
+    matrix over ``train.V`` instead of beside it: the same figures, to the bit."""
+    import dataclasses
+
+    m = trained[0]
+    tr, (hu, hi, hl) = problem["train"], problem["hold"]
+    want = evaluate(m, tr, hu, hi, hl, k=10, per_user=True)
+    copy = dataclasses.replace(tr, V=tr.V.copy())
+    got = evaluate(m, copy, hu, hi, hl, k=10, per_user=True, reuse_vectors=True)
+    assert np.array_equal(got.pop("ndcg_per_user"), want.pop("ndcg_per_user")) and got == want
+    Wf, _ = m.item_side(tr.V, tr.A, m.residuals)
+    assert np.array_equal(copy.V, Wf) and not np.array_equal(tr.V, Wf)
+    with pytest.raises(ValueError, match="out must be"):
+        m.item_side(tr.V, tr.A, out=np.zeros((2, D), np.float32))
