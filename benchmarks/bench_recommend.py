@@ -203,6 +203,23 @@ def exact_and_index(args, build, work, rng, torch) -> None:
     print(f"load average {os.getloadavg()[0]:.2f}; single user at {args.items} items: API p50 {p(lat_api, 50):.1f} ms, "
           f"p99 {p(lat_api, 99):.1f} ms; SQL p50 {p(lat_sql, 50):.1f} ms, p99 {p(lat_sql, 99):.1f} ms; "
           f"numpy float32 scan + argpartition alone p50 {p(lat_gemv, 50):.1f} ms (target API p50 <= 5 ms)")
+    # the same queries back to back, as a serving process answers them: above, each call
+    # follows a float32 scan of the whole matrix (and a SQL call) that evicts the int8
+    # codes from the CPU's cache; here the codes stay cached between calls, and the
+    # baseline is the float32 scan back to back too
+    b2b_api, b2b_gemv = [], []
+    queries = [int(u) for u in rng.integers(1, args.users + 1, args.latency_queries)]
+    for u in queries:
+        t0 = time.perf_counter()
+        store.recommend(u, 10)
+        b2b_api.append(time.perf_counter() - t0)
+    for u in queries:
+        j = at[u]
+        t0 = time.perf_counter()
+        np.argpartition(-(W @ X[j] + (B[j] if B.ndim == 2 else B)), 10)
+        b2b_gemv.append(time.perf_counter() - t0)
+    print(f"load average {os.getloadavg()[0]:.2f}; back to back: API p50 {p(b2b_api, 50):.1f} ms, p99 "
+          f"{p(b2b_api, 99):.1f} ms; numpy float32 scan + argpartition p50 {p(b2b_gemv, 50):.1f} ms")
     print()
     print("| benchmark | dynstore | baseline | ratio | target |")
     print("|---|---|---|---|---|")
@@ -212,6 +229,9 @@ def exact_and_index(args, build, work, rng, torch) -> None:
     print(f"| one user, {args.items:,} items (API / SQL) | p50 {p(lat_api, 50):.1f} / {p(lat_sql, 50):.1f} ms, "
           f"p99 {p(lat_api, 99):.1f} / {p(lat_sql, 99):.1f} ms | p50 {p(lat_gemv, 50):.1f} ms (numpy float32 scan "
           f"alone) | {p(lat_api, 50) / p(lat_gemv, 50):.2f}x | API p50 <= 5 ms |")
+    print(f"| one user, {args.items:,} items, API calls back to back | p50 {p(b2b_api, 50):.1f} ms, p99 "
+          f"{p(b2b_api, 99):.1f} ms | p50 {p(b2b_gemv, 50):.1f} ms (numpy float32 scan alone, back to back) | "
+          f"{p(b2b_api, 50) / p(b2b_gemv, 50):.2f}x | API p50 <= 5 ms |")
     con.close()
     store.close()
 

@@ -23,12 +23,12 @@ from .catalog import Catalog, open_catalog
 from .compaction import maybe_compact
 from .encoders import check_batch_size
 from .errors import DynstoreError
+from .lancescan import SCAN_IO_BYTES
 from .rayengine import (block_rows, blocks, check_engine, cluster_gpus, init_ray, map_actors, pool_size,
                         require_ray)
 from .results import EncodeResult
 from .semcache import cache_dataset, encoder_info, record_encoder, semantic_index, store_encoder, write_cache
 from .views import views_connection
-from .vindex import SCAN_IO_BYTES
 
 __all__ = ["encode", "encode_on_ray", "DocEncoder", "semantic_vectors", "cached_vectors", "item_docs",
            "CatalogueVectors"]

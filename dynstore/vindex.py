@@ -11,14 +11,12 @@ import numpy as np
 import pyarrow as pa
 
 from .catalog import Catalog
+from .lancescan import SCAN_IO_BYTES
 
 __all__ = ["build_index", "create_vector_index", "index_settings", "recorded_index_settings", "model_dim",
-           "BUILD_BATCH", "SCAN_IO_BYTES"]
+           "BUILD_BATCH"]
 
 BUILD_BATCH = 65536  # rows read (and items fused and written) per batch
-#: bytes of a streamed scan Lance may read ahead of the batch in use: its default,
-#: sized for object stores, let a scan of a 400,000-item cache hold 500 MB more
-SCAN_IO_BYTES = 32 << 20
 
 
 def model_dim(emb) -> int:
