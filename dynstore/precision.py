@@ -4,9 +4,9 @@ One user (:func:`quant_matrix`, :func:`quant_scan`): the single-user scan is
 memory-bound, so ``recommend`` streams per-row int8 codes of the item matrix (a
 quarter of float32's bytes) through fbgemm's int8 kernel, with a rigorous per-item
 bound; the rows that can reach the top-k are rescored in float32 by the caller. On
-the 50,000-item benchmark store this took a warm API call from 7.2 ms (float16
-scan) to 2-3.5 ms at p50, with 47 rows rescored at the median (11 on the demo's
-MiniLM store, against 10 with float16).
+the 50,000-item store of ``benchmarks/bench_recommend.py`` a median of 47 rows are
+rescored for k = 10 (11 on the demo's MiniLM store, against 10 with float16's
+tighter bound): the looser bound costs less than the bytes it saves.
 
 ``score-all --precision fp16|bf16`` runs the big matrix product ``X @ Wf.T`` in
 half precision (twice the GEMM rate of float32 on GPUs and on CPUs with AMX /
