@@ -144,15 +144,15 @@ def _fused_batches(catalog: Catalog, model, item_spec, items: pa.Table, residual
     vectors = CatalogueVectors(catalog, items.column("item_id"))
     for start in range(0, items.num_rows, BUILD_BATCH):
         part = items.slice(start, BUILD_BATCH)
-        ids = part.column("item_id").to_pylist()
-        V, _ = vectors.block(start, start + len(ids))
-        res = None if residuals is None else tuple(np.asarray(r)[start:start + len(ids)] for r in residuals)
+        n = part.num_rows
+        V, _ = vectors.block(start, start + n)
+        res = None if residuals is None else tuple(np.asarray(r)[start:start + n] for r in residuals)
         Wf, bias = model.item_side(V, item_spec.transform(part), res)
         del V
         yield pa.record_batch([
-            pa.array(np.full(len(ids), number, np.int64)),
-            pa.array(ids, schema.field("item_id").type),
-            vectors.hashes.slice(start, len(ids)).cast(pa.string()),
+            pa.array(np.full(n, number, np.int64)),
+            part.column("item_id").combine_chunks().cast(schema.field("item_id").type),  # no Python objects
+            vectors.hashes.slice(start, n).cast(pa.string()),
             pa.FixedSizeListArray.from_arrays(pa.array(Wf.astype(np.float32, copy=False).reshape(-1)),
                                               Wf.shape[1]),
             pa.array(bias.astype(np.float32)),
