@@ -81,9 +81,10 @@ def main() -> None:
 
 
 def generated_store(path, n_items: int, n_users: int, rng, *, history: int = 10, dim: int = 384,
-                    index_min_items: int | None = None):
+                    index_min_items: int | None = None, encode: bool = True):
     """A store of ``n_items`` items in 300 topics with their own vocabularies (item vectors
-    cluster as real ones do) and ``history`` positives per user, encoded with ``fake:dim``."""
+    cluster as real ones do) and ``history`` positives per user, encoded with ``fake:dim``
+    (ingested only, without its first version, when not ``encode``)."""
     import polars as pl
 
     import dynstore
@@ -106,7 +107,8 @@ def generated_store(path, n_items: int, n_users: int, rng, *, history: int = 10,
         + (rng.integers(0, 86400 * 60, n) * 1_000_000).astype("timedelta64[us]"),
         "value": np.ones(n)}))
     store.ingest("users", pl.DataFrame({"user_id": np.arange(1, n_users + 1)}))
-    store.encode()
+    if encode:
+        store.encode()
     return store
 
 

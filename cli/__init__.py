@@ -111,6 +111,9 @@ def main():
     names a store or the working directory holds a dynstore.toml. Exit codes:
     0 success, 1 error, 2 usage, 3 store busy, 130 interrupted (Ctrl-C).
     """
+    from dynstore.memory import cap_malloc_arenas
+
+    cap_malloc_arenas()  # this process is dynstore's own: before Lance starts its threads
 
 
 # -------------------------------------------------------------------------- init

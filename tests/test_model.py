@@ -453,3 +453,32 @@ def test_evaluation_may_fuse_into_the_vectors(problem, trained):
     assert np.array_equal(copy.V, Wf) and not np.array_equal(tr.V, Wf)
     with pytest.raises(ValueError, match="out must be"):
         m.item_side(tr.V, tr.A, out=np.zeros((2, D), np.float32))
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.integers(0, 2**32 - 1), st.sampled_from([3, 12, 250]), st.sampled_from([5, 64, 1 << 15]),
+       st.sampled_from([np.float32, np.float64]))
+def test_weighted_bag_sum_adds_each_bag_left_to_right(seed, longest, chunk, wtype):
+    """The serving path's segment sum equals the plain loop over entries, bag by bag, in
+    entry order: bit for bit, whatever the bags' lengths (empty bags included) and however
+    the entries fall into chunks (a bag split by a chunk adds its two partial sums)."""
+    from dynstore.histories import weighted_bag_sum
+
+    rng = np.random.default_rng(seed)
+    n_items, d, n_bags = int(rng.integers(1, 200)), int(rng.integers(1, 40)), int(rng.integers(1, 300))
+    W = rng.standard_normal((n_items, d)).astype(np.float32)
+    bag = np.repeat(np.arange(n_bags), rng.integers(0, longest, n_bags))
+    items = rng.integers(0, n_items, bag.size)
+    w = rng.random(bag.size).astype(wtype)
+    want = np.zeros((n_bags, d), np.float32)
+    for a in range(0, bag.size, chunk):
+        part = np.zeros((n_bags, d), np.float32)
+        seen = np.zeros(n_bags, bool)
+        for e in range(a, min(a + chunk, bag.size)):
+            term = W[items[e]] * np.float32(w[e])
+            part[bag[e]] = part[bag[e]] + term if seen[bag[e]] else term
+            seen[bag[e]] = True
+        want += part
+    got = weighted_bag_sum(W, items, w, bag, n_bags, chunk)
+    assert got.dtype == np.float32 and got.shape == (n_bags, d)
+    assert got.tobytes() == want.tobytes()
