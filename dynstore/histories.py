@@ -79,7 +79,11 @@ def _segment_sums(W: np.ndarray, it: np.ndarray, w: np.ndarray, first: np.ndarra
     so they agree bit for bit). ``np.add.reduceat`` along the rows of a 2-D array ran 3x
     slower on the serving path's 2,048-user batches, so the runs are sorted longest first
     and the ``j``-th entry of every run that has one is added in one step: histories are
-    short and alike, so that is few steps over contiguous prefixes."""
+    short and alike, so that is few steps over contiguous prefixes. A few runs (a single
+    user) are summed one by one with ``cumsum``, which adds left to right as well."""
+    if first.size <= 4:  # one user's history, as a single-user call has: no sort, few calls
+        ends = np.r_[first[1:], it.size]
+        return np.stack([np.cumsum(W[it[a:b]] * w[a:b, None], axis=0)[-1] for a, b in zip(first, ends)])
     lens = np.diff(np.r_[first, it.size])
     order = np.argsort(-lens, kind="stable")
     start, lens = first[order], lens[order]

@@ -31,7 +31,8 @@ import numpy as np
 from .lazy import attempt_import
 from .errors import DynstoreError
 from .catalog import Catalog
-from .precision import QuantMatrix, check_precision, low_matrix, prefiltered_topk, quant_matrix, quant_scan
+from .precision import (QuantMatrix, check_precision, low_matrix, prefiltered_topk, quant_matrix, quant_scan,
+                        round_up32)
 from .serving import ServingState, serving_state
 
 __all__ = ["recommend", "recommend_many", "all_items_lists", "serving_state", "ServingState", "MAX_K"]
@@ -192,8 +193,9 @@ def _prefiltered(state: ServingState, x: np.ndarray, B: np.ndarray, k: int):
     A single user's scan is memory-bound: int8 codes (:func:`~dynstore.precision.quant_scan`)
     stream a quarter of float32's bytes, float16 half. The scan's logit ``y_i`` comes with a
     rigorous bound ``tol`` on its distance to the exact float32 logit; every row whose upper
-    bound reaches the ``k``-th largest lower bound is kept, so the exact top-``k`` is always
-    among them (they are rescored in float32 by the caller).
+    bound reaches the ``k``-th largest lower bound (or a value below it:
+    :func:`_kth_largest_bound`) is kept, so the exact top-``k`` is always among them (they
+    are rescored in float32 by the caller).
     """
     m = _scan_matrix(state)
     if m is None:
@@ -209,19 +211,44 @@ def _prefiltered(state: ServingState, x: np.ndarray, B: np.ndarray, k: int):
         y, tol = got
     if not np.isfinite(y).all():
         return None
-    z = y + B
-    n = z.size
+    n = y.size
     if k >= n:
         return None
-    # the float32 additions ``y + B`` (here and in the exact score) round too
-    fin = np.isfinite(B)
-    tol = tol + np.float32(2.0 ** -22) * (np.abs(y) + tol + np.where(fin, np.abs(B), 0.0).astype(np.float32))
-    lo = z - tol
-    L = np.partition(lo, n - k)[n - k]
-    if not np.isfinite(L):
-        return None
-    cand = np.flatnonzero(z + tol >= L)
+    tol = round_up32(tol) if tol.dtype != np.float32 else tol
+    with np.errstate(invalid="ignore", over="ignore"):  # B = -inf (seen, deleted): z - t = -inf, z + t NaN
+        z = y + B
+        # the float32 additions ``y + B`` (here and in the exact score) round too:
+        # t = (tol + 2^-22 (|y| + tol + |B|)) (1 + 2^-20), a few float32 roundings covered
+        t = np.abs(y)
+        t += tol
+        t += np.abs(B)
+        t *= np.float32(2.0 ** -22)
+        t += tol
+        t *= np.float32(1.0 + 2.0 ** -20)
+        lo = z - t
+        L = _kth_largest_bound(lo, k)
+        if not np.isfinite(L):
+            return None
+        z += t
+        cand = np.flatnonzero(z >= L)
     return cand if cand.size <= max(64 * k, n // 16) else None
+
+
+def _kth_largest_bound(v: np.ndarray, k: int, block: int = 64) -> float:
+    """A value at most the ``k``-th largest of ``v`` (``k <= v.size``): the ``k``-th largest of
+    its blocks' maxima. Each of the ``k`` largest maxima is a different element of ``v`` at
+    least that large. With the top elements in different blocks (the usual case) it is the
+    ``k``-th largest itself, at a pass's cost instead of a partition's.
+
+    >>> v = np.arange(4096.0)
+    >>> _kth_largest_bound(v, 3, block=64), float(np.sort(v)[-3])
+    (3967.0, 4093.0)
+    """
+    if v.size < 16 * k * block:  # few blocks per wanted row: their maxima would bound loosely
+        return float(np.partition(v, v.size - k)[v.size - k])
+    cut = v.size // block * block
+    m = np.concatenate([v[:cut].reshape(-1, block).max(1), v[cut:]])
+    return float(np.partition(m, m.size - k)[m.size - k])
 
 
 def _exact_one(state: ServingState, user_id: Any, k: int) -> list[dict]:
