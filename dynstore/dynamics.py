@@ -23,7 +23,8 @@ Point-in-time queries cost one binary search per (item, time, kind): per kind,
 events are sorted by (item, time) and each half-life keeps a running
 log-sum-exp of ``ts / tau`` with a per-item offset large enough that earlier
 items vanish (< e^-60) from an item's sums, so no state is replayed per query
-and nothing overflows whatever the time span.
+and nothing overflows whatever the time span. A few checkpoints in time cut each
+item's events into slices, so the search halves one slice, not the whole block.
 
 Examples
 --------
@@ -51,6 +52,7 @@ __all__ = ["DynamicSpec", "ItemActivity", "SegmentActivity", "KIND_LABELS", "SEG
 KIND_LABELS = {"pos": 1, "neg": -1, "imp": 0}
 DAY = 86400.0
 _MARGIN = 80.0  # in units of tau: how far an earlier item's running sum is pushed down
+_MARKS = 16  # checkpoints per kind, at most; and no more than events per item (memory)
 
 
 @dataclass(frozen=True)
@@ -83,20 +85,20 @@ class DynamicSpec:
         return cls(half_lives=tuple(d["half_lives"]), kinds=tuple(d["kinds"]))
 
 
-def _block_search(keys: np.ndarray, start: np.ndarray, items: np.ndarray,
-                  queries: np.ndarray) -> np.ndarray:
-    """``np.searchsorted(keys, queries, side="left")`` for queries that fall inside their
-    item's block ``keys[start[i]:start[i+1]]`` (a key's item is ``key // span``).
+def _block_search(keys: np.ndarray, lo: np.ndarray, hi: np.ndarray, queries: np.ndarray) -> np.ndarray:
+    """``np.searchsorted(keys, queries, side="left")`` for queries whose answer lies in
+    ``[lo, hi]`` (their item's block ``keys[start[i]:start[i+1]]``, or a part of it);
+    ``lo`` and ``hi`` are overwritten.
 
     A binary search over the block, all queries at once: a few halvings of an item's
     own events instead of ``log2`` of the whole log in probes scattered over it (which
     miss the caches more as the log grows), and no sort of the queries.
 
-    >>> _block_search(np.array([3, 5, 12, 14]), np.array([0, 2, 4]), np.array([0, 1, 1]),
+    >>> start, items = np.array([0, 2, 4]), np.array([0, 1, 1])
+    >>> _block_search(np.array([3, 5, 12, 14]), start[items], start[items + 1],
     ...               np.array([4, 10, 13])).tolist()
     [1, 2, 3]
     """
-    lo, hi = start[items], start[items + 1]
     act = np.flatnonzero(lo < hi)
     if act.size:
         # most answers are a block's ends (no event of the item yet, or all of them):
@@ -121,7 +123,47 @@ def _block_search(keys: np.ndarray, start: np.ndarray, items: np.ndarray,
 class _KindIndex:
     key: np.ndarray                  # int64 item * span + (ts - t0), sorted
     start: np.ndarray                # first position of each item (n_items + 1)
-    lse: dict = field(default_factory=dict)  # half-life -> running log-sum-exp
+    # half-life -> running log-sum-exp less its item's offset, and tau (seconds): the
+    # offset is the same for every query of an item, so it is taken off once here
+    local: dict = field(default_factory=dict)
+    tau: dict = field(default_factory=dict)
+    # checkpoints (relative times, sorted) and bounds[j, i]: the first position of item
+    # i's events at or after marks[j - 1] (row 0: its block's start, last row: its end),
+    # so a query between two marks halves only the item's events between them
+    marks: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
+    bounds: np.ndarray | None = None
+    # log1p(n) as float32 for every count an item can have: exactly the values the
+    # float64 log1p and its cast give, looked up
+    log_count: np.ndarray | None = None
+
+    def mark(self, item: np.ndarray, t: np.ndarray, n_marks: int) -> None:
+        """Checkpoints at ``n_marks`` quantiles of the events' relative times ``t`` (in
+        key order; ``item``: their items), and the bounds they cut each block into."""
+        n = self.start.size - 1
+        self.marks = np.zeros(0, np.int64)
+        if t.size and n_marks > 0:
+            cut = np.arange(1, n_marks + 1) * t.size // (n_marks + 1)
+            self.marks = np.unique(np.partition(t, cut)[cut])
+        S = self.marks.size
+        # events of each item before each mark: counted per (item, marks at or before
+        # the event), then summed along the marks
+        below = np.searchsorted(self.marks, t, side="right")
+        cnt = np.bincount(item * (S + 1) + below, minlength=n * (S + 1)).reshape(n, S + 1)
+        self.bounds = np.empty((S + 2, n), np.int64)
+        self.bounds[0] = self.start[:-1]
+        np.cumsum(cnt.T, axis=0, out=self.bounds[1:])
+        self.bounds[1:] += self.start[:-1]
+
+    def before(self, items: np.ndarray, where: np.ndarray | int, span: int) -> tuple[np.ndarray, np.ndarray]:
+        """Position of each item's last event strictly before ``where`` (relative time),
+        and how many of its events came before."""
+        j = np.searchsorted(self.marks, where, side="right")  # marks[j - 1] <= where < marks[j]
+        if np.ndim(j):
+            lo, hi = self.bounds[j, items], self.bounds[j + 1, items]
+        else:
+            lo, hi = self.bounds[j][items], self.bounds[j + 1][items]
+        k = _block_search(self.key, lo, hi, items * span + where) - 1
+        return k, k + 1 - self.start[items]
 
 
 class ItemActivity:
@@ -152,12 +194,16 @@ class ItemActivity:
             it, t = it[order], t[order]
             start = np.searchsorted(it, np.arange(self.n_items + 1), side="left")
             idx = _KindIndex(key=it * self.span + t, start=start)
+            idx.mark(it, t, min(_MARKS, it.size // max(self.n_items, 1)))
+            most = int(np.diff(start).max(initial=0))
+            idx.log_count = np.log1p(np.arange(most + 1, dtype=np.float64)).astype(np.float32)
             for h in spec.half_lives:
                 if h is None:
                     continue
                 tau = h * DAY / math.log(2.0)
                 big = self.span / tau + _MARGIN + math.log(max(it.size, 1))
-                idx.lse[h] = np.logaddexp.accumulate(t / tau + it * big) if it.size else np.zeros(0)
+                lse = np.logaddexp.accumulate(t / tau + it * big) if it.size else np.zeros(0)
+                idx.local[h], idx.tau[h] = lse - it * big, tau
             self._kinds[kind] = idx
 
     def counts(self, items, t) -> np.ndarray:
@@ -172,24 +218,44 @@ class ItemActivity:
         col = 0
         for kind in self.spec.kinds:
             idx = self._kinds[kind]
-            # last event of the item strictly before t (its block holds the answer)
-            k = _block_search(idx.key, idx.start, items, items * self.span + where) - 1
-            n_before = k + 1 - idx.start[items]
+            k, n_before = idx.before(items, where, self.span)
             has = np.flatnonzero(n_before > 0)
-            kk, items_has, rel_has = k[has], items[has], rel[has]  # the same rows for every half-life
+            kk, rel_has = k[has], rel[has]  # the same rows for every half-life
             for h in self.spec.half_lives:
                 if h is None:
                     out[:, col] = np.maximum(n_before, 0)
                 elif has.size:
-                    tau = h * DAY / math.log(2.0)
-                    big = self.span / tau + _MARGIN + math.log(max(idx.key.size, 1))
-                    out[has, col] = np.exp(idx.lse[h][kk] - items_has * big - rel_has / tau)
+                    out[has, col] = np.exp(idx.local[h][kk] - rel_has / idx.tau[h])
                 col += 1
         return out
 
     def features(self, items, t) -> np.ndarray:
-        """``log1p`` of :meth:`counts`, float32: the model's input."""
-        return np.log1p(self.counts(items, t)).astype(np.float32)
+        """``log1p`` of :meth:`counts`, float32: the model's input.
+
+        With one ``t`` for all items (training's batches, serving's "now") the decayed
+        sums are computed only for the items with earlier events (``log1p(0)`` is 0) and
+        the plain counts are looked up: a float64 value cast into a float32 array rounds
+        as ``astype`` does, so the result has the bits of ``log1p(counts)`` all the same.
+        """
+        if np.ndim(t) != 0:
+            return np.log1p(self.counts(items, t)).astype(np.float32)
+        items = np.asarray(items, np.int64)
+        rel = int(t) - self.t0
+        where = min(max(rel, 0), self.span - 1)
+        out = np.zeros((items.size, self.spec.width), np.float32)
+        col = 0
+        for kind in self.spec.kinds:
+            idx = self._kinds[kind]
+            k, n_before = idx.before(items, where, self.span)
+            has = np.flatnonzero(n_before > 0)
+            kk = k[has]
+            for h in self.spec.half_lives:
+                if h is None:
+                    out[:, col] = idx.log_count[np.maximum(n_before, 0)]  # as counts(): none for row -1
+                elif has.size:
+                    out[has, col] = np.log1p(np.exp(idx.local[h][kk] - rel / idx.tau[h]))
+                col += 1
+        return out
 
     def now(self) -> int:
         """A time just after the newest event: serving's "as of"."""
@@ -251,17 +317,33 @@ class SegmentActivity:
         ``keys`` (default: every segment); one vectorised query for all pairs."""
         items = np.asarray(items, np.int64)
         keys = np.arange(self.n_keys) if keys is None else np.asarray(keys, np.int64)
-        pk = np.repeat(keys, items.size)
-        pi = np.tile(items, keys.size)
-        return self.pair_features(pk, pi, t).reshape(keys.size, items.size, self.spec.width)
+        if items.size > 1 and not (items[1:] > items[:-1]).all():
+            # each distinct item once, in order: with sorted keys the queries then walk
+            # the index forward (a sampled pool repeats items, and is in no order)
+            uniq, inv = np.unique(items, return_inverse=True)
+            return self.key_features(uniq, t, keys)[:, inv]
+        ok = np.flatnonzero(keys >= 0)
+        shape = (ok.size, items.size, self.spec.width)
+        F = self._inner.features((keys[ok, None] * self.n_items + items).reshape(-1), t).reshape(shape)
+        if ok.size == keys.size:
+            return F
+        out = np.zeros((keys.size, *shape[1:]), np.float32)
+        out[ok] = F
+        return out
 
     def pair_features(self, keys, items, t) -> np.ndarray:
         """``float32 [len(items), width]``: features of each (segment key, item) pair."""
         keys, items = np.asarray(keys, np.int64), np.asarray(items, np.int64)
         out = np.zeros((items.size, self.spec.width), np.float32)
-        ok = keys >= 0
-        if ok.any():
-            out[ok] = self._inner.features(keys[ok] * self.n_items + items[ok], t)
+        ok = np.flatnonzero(keys >= 0)
+        if ok.size:
+            ids = keys[ok] * self.n_items + items[ok]
+            if np.ndim(t) == 0:
+                # each pair once, in the index's order (as in key_features)
+                uniq, inv = np.unique(ids, return_inverse=True)
+                out[ok] = self._inner.features(uniq, t)[inv]
+            else:
+                out[ok] = self._inner.features(ids, t)
         return out
 
 

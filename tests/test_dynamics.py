@@ -64,6 +64,82 @@ def test_many_queries_equal_brute_force():
                                rtol=1e-6, atol=1e-9)
 
 
+def _bits(a):
+    """A float32 array's bits: equal bits, the same number (the sign of zero included)."""
+    return np.ascontiguousarray(a, np.float32).view(np.uint32)
+
+
+_events = st.lists(st.tuples(st.integers(0, 5), st.integers(0, 400 * DAY), st.sampled_from([1, -1, 0])),
+                   min_size=0, max_size=80)
+
+
+def _log(events):
+    item = np.array([e[0] for e in events], np.int64)
+    ts = np.array([e[1] for e in events], np.int64) + 1_500_000_000
+    label = np.array([e[2] for e in events], np.int8)
+    return item, ts, label
+
+
+@settings(max_examples=60, deadline=None)
+@given(_events, st.lists(st.integers(0, 5), min_size=0, max_size=30), st.integers(-DAY, 401 * DAY))
+def test_features_at_one_time_equal_the_counts_bit_for_bit(events, q_items, q_t):
+    """One time for all items (training's batches): the fast path gives the bits of
+    ``log1p(counts)`` cast to float32, zeros for items with no earlier event."""
+    item, ts, label = _log(events)
+    act = ItemActivity(DynamicSpec(), item, ts, label, 6)
+    qi, t = np.array(q_items, np.int64), q_t + 1_500_000_000
+    fast = act.features(qi, t)
+    ref = np.log1p(act.counts(qi, np.full(qi.size, t))).astype(np.float32)
+    assert fast.shape == ref.shape and fast.dtype == np.float32 and fast.flags.c_contiguous
+    np.testing.assert_array_equal(_bits(fast), _bits(ref))
+
+
+@settings(max_examples=60, deadline=None)
+@given(_events, st.integers(0, 40), st.lists(st.tuples(st.integers(0, 5), st.integers(-DAY, 401 * DAY)),
+                                             min_size=1, max_size=30))
+def test_checkpoints_keep_the_positions_of_a_plain_search(events, n_marks, queries):
+    """Whatever the checkpoints, each query's last earlier event is ``searchsorted``'s."""
+    item, ts, label = _log(events)
+    act = ItemActivity(DynamicSpec(half_lives=(None,)), item, ts, label, 6)
+    qi = np.array([q[0] for q in queries], np.int64)
+    where = np.clip(np.array([q[1] for q in queries], np.int64) + 1_500_000_000 - act.t0, 0, act.span - 1)
+    for idx in act._kinds.values():
+        idx.mark(idx.key // act.span, idx.key % act.span, n_marks)
+        assert idx.marks.size <= n_marks and np.all(np.diff(idx.marks) > 0)
+        want = np.searchsorted(idx.key, qi * act.span + where) - 1
+        for w, k_want in ((where, want), (where[0], np.searchsorted(idx.key, qi * act.span + where[0]) - 1)):
+            k, n_before = idx.before(qi, w, act.span)
+            np.testing.assert_array_equal(k, k_want)
+            np.testing.assert_array_equal(n_before, k_want + 1 - idx.start[qi])
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.lists(st.tuples(st.integers(0, 3), st.integers(0, 100 * DAY), st.sampled_from([1, 0]),
+                          st.integers(-1, 2), st.integers(-1, 2)), min_size=1, max_size=60),
+       st.lists(st.integers(0, 3), min_size=1, max_size=12), st.lists(st.integers(-1, 2), min_size=1, max_size=5),
+       st.integers(0, 101 * DAY))
+def test_segment_features_equal_one_pair_at_a_time(events, q_items, q_keys, q_t):
+    """The pool's items (in any order, repeated) in each of the batch's keys (-1: none),
+    and (key, item) pairs, give the bits of one query per pair."""
+    item = np.array([e[0] for e in events], np.int64)
+    ts = np.array([e[1] for e in events], np.int64)
+    label = np.array([e[2] for e in events], np.int8)
+    keys = np.array([e[3:] for e in events], np.int64).reshape(-1, 2)
+    act = SegmentActivity(DynamicSpec(half_lives=(7.0, None), kinds=("pos", "imp")), item, ts, label, keys,
+                          n_items=4, n_keys=3)
+    qi, qk = np.array(q_items, np.int64), np.array(q_keys, np.int64)
+
+    def one(k, i):
+        if k < 0:
+            return np.zeros(act.spec.width, np.float32)
+        return np.log1p(act._inner.counts([k * 4 + i], [q_t])).astype(np.float32)[0]
+
+    ref = np.array([[one(k, i) for i in qi] for k in qk], np.float32).reshape(qk.size, qi.size, -1)
+    np.testing.assert_array_equal(_bits(act.key_features(qi, q_t, qk)), _bits(ref))
+    pk, pi = np.repeat(qk, qi.size), np.tile(qi, qk.size)
+    np.testing.assert_array_equal(_bits(act.pair_features(pk, pi, q_t)), _bits(ref.reshape(-1, act.spec.width)))
+
+
 def test_an_event_counts_only_after_it_happened():
     act = ItemActivity(DynamicSpec(half_lives=(None,), kinds=("pos",)), [0], [100], [1], 1)
     assert act.counts([0], 100)[0, 0] == 0 and act.counts([0], 101)[0, 0] == 1
