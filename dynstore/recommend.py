@@ -193,9 +193,8 @@ def _prefiltered(state: ServingState, x: np.ndarray, B: np.ndarray, k: int):
     A single user's scan is memory-bound: int8 codes (:func:`~dynstore.precision.quant_scan`)
     stream a quarter of float32's bytes, float16 half. The scan's logit ``y_i`` comes with a
     rigorous bound ``tol`` on its distance to the exact float32 logit; every row whose upper
-    bound reaches the ``k``-th largest lower bound (or a value below it:
-    :func:`_kth_largest_bound`) is kept, so the exact top-``k`` is always among them (they
-    are rescored in float32 by the caller).
+    bound reaches the ``k``-th largest lower bound is kept (:func:`_candidates`), so the
+    exact top-``k`` is always among them (they are rescored in float32 by the caller).
     """
     m = _scan_matrix(state)
     if m is None:
@@ -214,11 +213,19 @@ def _prefiltered(state: ServingState, x: np.ndarray, B: np.ndarray, k: int):
     n = y.size
     if k >= n:
         return None
+    lo, hi = _score_bounds(y, tol, B)
+    cand = _candidates(lo, hi, k)
+    return cand if cand is not None and cand.size <= max(64 * k, n // 16) else None
+
+
+def _score_bounds(y: np.ndarray, tol: np.ndarray, B: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Float32 lower and upper bounds of the exact logits ``x . w_i + B_i`` from the scan's
+    ``y`` and its bound ``tol``; rows with ``B_i = -inf`` (seen, deleted) get ``-inf`` and NaN.
+    The float32 additions ``y + B`` (here and in the exact score) round too, so the bound
+    is ``t = (tol + 2^-22 (|y| + tol + |B|)) (1 + 2^-20)``, its own few roundings covered."""
     tol = round_up32(tol) if tol.dtype != np.float32 else tol
-    with np.errstate(invalid="ignore", over="ignore"):  # B = -inf (seen, deleted): z - t = -inf, z + t NaN
+    with np.errstate(invalid="ignore", over="ignore"):
         z = y + B
-        # the float32 additions ``y + B`` (here and in the exact score) round too:
-        # t = (tol + 2^-22 (|y| + tol + |B|)) (1 + 2^-20), a few float32 roundings covered
         t = np.abs(y)
         t += tol
         t += np.abs(B)
@@ -226,19 +233,31 @@ def _prefiltered(state: ServingState, x: np.ndarray, B: np.ndarray, k: int):
         t += tol
         t *= np.float32(1.0 + 2.0 ** -20)
         lo = z - t
-        L = _kth_largest_bound(lo, k)
-        if not np.isfinite(L):
-            return None
         z += t
-        cand = np.flatnonzero(z >= L)
-    return cand if cand.size <= max(64 * k, n // 16) else None
+    return lo, z
+
+
+def _candidates(lo: np.ndarray, hi: np.ndarray, k: int) -> np.ndarray | None:
+    """The rows whose upper bound reaches the ``k``-th largest lower bound (None when that
+    is not finite: fewer than ``k`` rows can be ranked)."""
+    L = _kth_largest_bound(lo, k)
+    if not np.isfinite(L):
+        return None
+    cand = np.flatnonzero(hi >= L)  # NaN (excluded rows) never is
+    if cand.size > k:
+        # the k largest lower bounds are among these rows (each is >= L, and its upper
+        # bound is above it): the exact k-th largest from them keeps only what it keeps
+        lc = lo[cand]
+        cand = cand[hi[cand] >= lc[np.argpartition(lc, lc.size - k)[lc.size - k]]]
+    return cand
 
 
 def _kth_largest_bound(v: np.ndarray, k: int, block: int = 64) -> float:
     """A value at most the ``k``-th largest of ``v`` (``k <= v.size``): the ``k``-th largest of
     its blocks' maxima. Each of the ``k`` largest maxima is a different element of ``v`` at
     least that large. With the top elements in different blocks (the usual case) it is the
-    ``k``-th largest itself, at a pass's cost instead of a partition's.
+    ``k``-th largest itself, at a pass's cost instead of a partition's; where they cluster
+    (a sorted ``v``, below) it is lower, and :func:`_candidates` narrows its rows again.
 
     >>> v = np.arange(4096.0)
     >>> _kth_largest_bound(v, 3, block=64), float(np.sort(v)[-3])

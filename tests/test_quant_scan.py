@@ -96,3 +96,35 @@ def test_kth_largest_bound_never_exceeds_the_kth_largest(seed, k, n, masked):
     assert got <= true
     if n >= 16 * k * 64 and np.isfinite(true) and masked == 0.0:
         assert got >= float(np.sort(v)[n - 4 * k])  # tight: not a bound from far below
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.integers(0, 2**32 - 1), st.sampled_from([1, 10, 79]), st.sampled_from([300, 20_000, 70_001]),
+       st.booleans(), st.sampled_from([0.0, 0.01, 0.5]))
+def test_candidates_are_the_rows_that_reach_the_kth_lower_bound(seed, k, n, clustered, seen):
+    """The prefilter's rows are exactly those whose upper bound reaches the k-th largest
+    lower bound -- however the best rows cluster (a catalogue whose newest rows lead) --
+    and they hold the exact top-k of any scores within the bounds; seen rows (B = -inf)
+    never come back."""
+    from dynstore.recommend import _candidates, _score_bounds
+
+    rng = np.random.default_rng(seed)
+    y = rng.standard_normal(n).astype(np.float32)
+    if clustered:
+        y = np.sort(y)  # the k best rows side by side, in the last blocks
+    tol = (rng.random(n) * 0.05).astype(np.float32)
+    B = (rng.standard_normal(n) * 0.1).astype(np.float32)
+    B[rng.random(n) < seen] = -np.inf
+    lo, hi = _score_bounds(y, tol, B)
+    assert np.all(lo[np.isfinite(B)] <= (y + B)[np.isfinite(B)])
+    ok = np.isfinite(B)
+    if ok.sum() < k:
+        assert _candidates(lo, hi, k) is None
+        return
+    L = np.sort(lo)[n - k]
+    want = np.flatnonzero(hi >= L)
+    got = _candidates(lo, hi, k)
+    assert got.tolist() == want.tolist()
+    assert not np.isin(np.flatnonzero(~ok), got).any()
+    exact = np.where(ok, y.astype(np.float64) + B + (rng.random(n) * 2 - 1) * tol, -np.inf)
+    assert set(np.argsort(-exact, kind="stable")[:k]) <= set(got.tolist())
