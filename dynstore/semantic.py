@@ -33,6 +33,8 @@ from .views import views_connection
 __all__ = ["encode", "encode_on_ray", "DocEncoder", "semantic_vectors", "cached_vectors", "item_docs",
            "CatalogueVectors"]
 
+VECTOR_SCAN_ROWS = 1024  # rows per batch when a catalogue's vectors are read in one pass
+
 CHUNK = 2048          # most documents per commit
 FIRST_CHUNK = 64      # the first commit comes early, whatever the encoder's speed
 CHUNK_SECONDS = 10.0  # later chunks are sized to take about this long
@@ -345,7 +347,10 @@ class CatalogueVectors:
         order = have[np.argsort(self.row[have], kind="stable")]
         rows = self.row[order]
         offset = 0
-        scan = self.ds.to_batches(columns=["vector"], io_buffer_size=SCAN_IO_BYTES) if have.size else ()
+        # small batches: what the scan frees stays with the allocators until the end, and
+        # Lance's default batches left 80-100 MB more of it at 200,000 items (no slower)
+        scan = self.ds.to_batches(columns=["vector"], batch_size=VECTOR_SCAN_ROWS,
+                                  io_buffer_size=SCAN_IO_BYTES) if have.size else ()
         for batch in scan:
             m = batch.num_rows
             lo, hi = np.searchsorted(rows, [offset, offset + m])
