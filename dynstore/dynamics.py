@@ -215,18 +215,11 @@ class ItemActivity:
         rel = np.broadcast_to(np.asarray(t, np.int64) - self.t0, items.shape)
         where = np.clip(rel, 0, self.span - 1)  # the search stays inside an item's keys
         out = np.zeros((items.size, self.spec.width), np.float64)
-        col = 0
-        for kind in self.spec.kinds:
-            idx = self._kinds[kind]
-            k, n_before = idx.before(items, where, self.span)
-            has = np.flatnonzero(n_before > 0)
-            kk, rel_has = k[has], rel[has]  # the same rows for every half-life
-            for h in self.spec.half_lives:
-                if h is None:
-                    out[:, col] = np.maximum(n_before, 0)
-                elif has.size:
-                    out[has, col] = np.exp(idx.local[h][kk] - rel_has / idx.tau[h])
-                col += 1
+        for col, h, idx, n_before, has, kk in self._columns(items, where):
+            if h is None:
+                out[:, col] = np.maximum(n_before, 0)
+            elif has.size:
+                out[has, col] = np.exp(idx.local[h][kk] - rel[has] / idx.tau[h])
         return out
 
     def features(self, items, t) -> np.ndarray:
@@ -243,6 +236,16 @@ class ItemActivity:
         rel = int(t) - self.t0
         where = min(max(rel, 0), self.span - 1)
         out = np.zeros((items.size, self.spec.width), np.float32)
+        for col, h, idx, n_before, has, kk in self._columns(items, where):
+            if h is None:
+                out[:, col] = idx.log_count[np.maximum(n_before, 0)]  # as counts(): none for row -1
+            elif has.size:
+                out[has, col] = np.log1p(np.exp(idx.local[h][kk] - rel / idx.tau[h]))
+        return out
+
+    def _columns(self, items: np.ndarray, where):
+        """Per feature column: ``(column, half-life, kind index, events before, rows with
+        one, their last event's position)``; each kind is searched once for its columns."""
         col = 0
         for kind in self.spec.kinds:
             idx = self._kinds[kind]
@@ -250,12 +253,8 @@ class ItemActivity:
             has = np.flatnonzero(n_before > 0)
             kk = k[has]
             for h in self.spec.half_lives:
-                if h is None:
-                    out[:, col] = idx.log_count[np.maximum(n_before, 0)]  # as counts(): none for row -1
-                elif has.size:
-                    out[has, col] = np.log1p(np.exp(idx.local[h][kk] - rel / idx.tau[h]))
+                yield col, h, idx, n_before, has, kk
                 col += 1
-        return out
 
     def now(self) -> int:
         """A time just after the newest event: serving's "as of"."""
