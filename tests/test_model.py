@@ -438,6 +438,70 @@ def test_draw_ahead_thread_changes_nothing(problem, monkeypatch):
     assert fit()[0]["epoch_losses"] != stats2["epoch_losses"]
 
 
+def test_trainer_rows_is_indexing_bit_for_bit(problem):
+    """``Trainer.rows`` (``index_select``) gives ``x[idx]``'s values and, with repeated
+    rows, its gradient bit for bit."""
+    import torch
+    from dynstore import training
+
+    data = _small(problem)
+    m = FusionModel(D, data.A.shape[1], data.UA.shape[1], ModelConfig(epochs=0, **SMALL))
+    t = training.Trainer(m, data, None)
+    rng = np.random.default_rng(0)
+    x = torch.tensor(rng.normal(size=(30, 7)).astype(np.float32), requires_grad=True)
+    idx = rng.integers(0, 30, 200)  # many repeats
+    up = torch.tensor(rng.normal(size=(200, 7)).astype(np.float32))
+    grads = []
+    for take in (lambda: x[t.index(idx)], lambda: t.rows(x, idx), lambda: t.rows(x, t.index(idx))):
+        x.grad = None
+        y = take()
+        (y * up).sum().backward()
+        grads.append((y.detach(), x.grad.clone()))
+    for y, g in grads[1:]:
+        assert torch.equal(y, grads[0][0]) and torch.equal(g, grads[0][1])
+    assert torch.equal(t.rows(x, np.array([3, 3, 0])).detach(), x.detach()[[3, 3, 0]])
+
+
+def test_training_with_rows_equals_training_with_indexing(problem, monkeypatch):
+    """The trainer gathers rows with :meth:`Trainer.rows`; training with plain indexing
+    instead (what it did before) gives the same parameters bit for bit, the segment and
+    dynamic terms included."""
+    from dynstore import training
+    from dynstore.dynamics import DynamicSpec
+
+    data = _small(problem)
+    data.UK = (np.arange(data.UA.shape[0]) % 3)[:, None]
+    seen = []
+    draw = training.Trainer.draw
+
+    def checked_draw(self, bags):
+        dr = draw(self, bags)
+        seen.append(dr.seg_pool.flags.c_contiguous)
+        return dr
+
+    monkeypatch.setattr(training.Trainer, "draw", checked_draw)
+
+    def fit():
+        m = FusionModel(D, data.A.shape[1], data.UA.shape[1], ModelConfig(epochs=2, seed=3, **SMALL),
+                        DynamicSpec(), (3,))
+        return m.fit(data), m
+
+    stats, fast = fit()
+    assert seen and all(seen)  # the step gets the pool's segment features ready to use
+
+    def indexing(self, x, idx):
+        import torch
+        return x[idx if isinstance(idx, torch.Tensor) else self.index(idx)]
+
+    monkeypatch.setattr(training.Trainer, "rows", indexing)
+    stats2, plain = fit()
+    assert stats["epoch_losses"] == stats2["epoch_losses"]
+    for k in fast.params:
+        np.testing.assert_array_equal(fast.params[k], plain.params[k])
+    np.testing.assert_array_equal(fast.residuals[0], plain.residuals[0])
+    np.testing.assert_array_equal(fast.residuals[1], plain.residuals[1])
+
+
 def test_evaluation_may_fuse_into_the_vectors(problem, trained):
     """``reuse_vectors`` (the holdout of a freshly built version) writes the fused item
     matrix over ``train.V`` instead of beside it: the same figures, to the bit."""
