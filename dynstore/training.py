@@ -419,14 +419,16 @@ class Trainer:
     def rows(self, x, idx):
         """``x[idx]`` along the first dimension (``idx``: numpy or a long tensor).
 
-        ``index_select`` copies whole rows where ``x[idx]`` goes element by element:
-        several times faster on a CPU (one of a step's largest costs), the same values,
-        and a backward (``index_add``) that sums repeated rows in the same order.
+        On a CPU, ``index_select`` copies whole rows where ``x[idx]`` goes element by
+        element: several times faster (one of a step's largest costs), the same values,
+        and a backward (``index_add``) that sums repeated rows in the same order. On a
+        GPU, ``index_add`` adds with atomics (in no fixed order) where indexing's backward
+        is deterministic, so indexing stays there.
         """
         torch = attempt_import("torch")
         if not isinstance(idx, torch.Tensor):
             idx = self.index(idx)
-        return x.index_select(0, idx)
+        return x.index_select(0, idx) if self.dev.type == "cpu" else x[idx]
 
     def item_terms(self, Rx, rbx, items: np.ndarray, feats: np.ndarray | None,
                    drop: np.ndarray | None = None):
