@@ -22,6 +22,17 @@ D = 16
 SMALL = dict(batch_size=256, lr=0.01, sample_pool=256)
 
 
+def assert_same_fit(a, b):
+    """Two ``(stats, model)`` fits are the same bit for bit: losses, parameters, residuals."""
+    (stats_a, ma), (stats_b, mb) = a, b
+    assert stats_a["epoch_losses"] == stats_b["epoch_losses"]
+    assert ma.params.keys() == mb.params.keys()
+    for k in ma.params:
+        np.testing.assert_array_equal(ma.params[k], mb.params[k])
+    for ra, rb in zip(ma.residuals, mb.residuals):
+        np.testing.assert_array_equal(ra, rb)
+
+
 def planted(seed=0, n_users=200, n_items=300, n_pairs=4, events_per_user=36):
     """Topics come in similar pairs (2k, 2k+1): each user likes one topic and dislikes its
     twin, which is close in text space -- content similarity alone recommends both."""
@@ -429,10 +440,7 @@ def test_draw_ahead_thread_changes_nothing(problem, monkeypatch):
 
     monkeypatch.setattr(training.Trainer, "epoch", in_step)
     stats2, single = fit()
-    assert stats["epoch_losses"] == stats2["epoch_losses"]
-    for k in ahead.params:
-        np.testing.assert_array_equal(ahead.params[k], single.params[k])
-    np.testing.assert_array_equal(ahead.residuals[0], single.residuals[0])
+    assert_same_fit((stats, ahead), (stats2, single))
     # and the segment features took part: another segment assignment trains differently
     data.UK = (np.arange(data.UA.shape[0]) % 2)[:, None]
     assert fit()[0]["epoch_losses"] != stats2["epoch_losses"]
@@ -495,11 +503,7 @@ def test_training_with_rows_equals_training_with_indexing(problem, monkeypatch):
 
     monkeypatch.setattr(training.Trainer, "rows", indexing)
     stats2, plain = fit()
-    assert stats["epoch_losses"] == stats2["epoch_losses"]
-    for k in fast.params:
-        np.testing.assert_array_equal(fast.params[k], plain.params[k])
-    np.testing.assert_array_equal(fast.residuals[0], plain.residuals[0])
-    np.testing.assert_array_equal(fast.residuals[1], plain.residuals[1])
+    assert_same_fit((stats, fast), (stats2, plain))
 
 
 def test_evaluation_may_fuse_into_the_vectors(problem, trained):
