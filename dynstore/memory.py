@@ -11,7 +11,8 @@ first version of a 200,000-item store: 840 MB resident before the index build,
 glibc also gives threads arenas of their own, up to eight per core, and what a
 thread's arena keeps freed is out of the others' reach. The command line caps
 them at one per core (:func:`cap_malloc_arenas`): the first version of a
-200,000-item store then peaks at 911 MB instead of 1,368 MB. A library leaves
+200,000-item store then peaked at 911 MB instead of 1,368 MB (measured before the
+rows and the window's vectors were read in smaller batches). A library leaves
 its host's allocator alone, so the Python API does not; an application sets
 ``MALLOC_ARENA_MAX`` in its environment for the same effect.
 """
