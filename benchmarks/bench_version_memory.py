@@ -78,7 +78,10 @@ def stage_encode(path: str, api: bool) -> None:
 
 
 def _run(*args: str) -> dict:
-    out = subprocess.run([sys.executable, __file__, *args], check=True, capture_output=True, text=True)
+    """One stage in a fresh process; its last stdout line is its JSON figures."""
+    out = subprocess.run([sys.executable, __file__, *args], capture_output=True, text=True)
+    if out.returncode:  # a killed build (out of memory) says so here, not in a traceback of ours
+        raise SystemExit(f"stage {' '.join(args[:2])} failed with exit code {out.returncode}:\n{out.stderr[-2000:]}")
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
