@@ -322,7 +322,7 @@ def _title_map(s, ids):
 
 
 def _coerce_id(s, kind: str, raw: str):
-    if s.config.id_types.get(kind) == "int":
+    if s.catalog.id_types().get(kind) == "int":
         try:
             return int(raw)
         except ValueError:
@@ -352,13 +352,13 @@ def recommend(store: str, user_id, k, version, log_impressions, fmt, as_json, qu
     with _open(store) as s:
         uid = _coerce_id(s, "user", user_id)
         recs = s.recommend(uid, k, version=version)
-        if log_impressions:
-            s.log_impressions(uid, [r["item_id"] for r in recs])
         titles = _title_map(s, [r["item_id"] for r in recs])
-    columns = ["rank", "item_id", "score"] + (["title"] if titles is not None else [])
-    rows = [(n, r["item_id"], round(r["score"], 6)) + ((titles.get(r["item_id"]),) if titles is not None else ())
-            for n, r in enumerate(recs, 1)]
-    click.echo(render(columns, rows, output_format(fmt, as_json)))
+        columns = ["rank", "item_id", "score"] + (["title"] if titles is not None else [])
+        rows = [(n, r["item_id"], round(r["score"], 6)) + ((titles.get(r["item_id"]),) if titles is not None else ())
+                for n, r in enumerate(recs, 1)]
+        click.echo(render(columns, rows, output_format(fmt, as_json)))
+        if log_impressions:  # the list is shown even if logging it fails (a one-line error, exit non-zero)
+            s.log_impressions(uid, [r["item_id"] for r in recs])
 
 
 # -------------------------------------------------------------------------- sql

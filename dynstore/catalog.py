@@ -34,7 +34,7 @@ from .lancescan import enable_dictionary_filters, enable_row_estimates
 from .storage import Storage, open_storage
 from .switch import effective
 
-__all__ = ["Catalog", "Memo", "TABLES", "open_catalog"]
+__all__ = ["Catalog", "Memo", "TABLES", "open_catalog", "unfinished_init", "is_init_leftover"]
 
 TABLES = ("interactions", "items", "users")
 #: Default scan options of the tables' Lance datasets: DuckDB pulls 64k-row
@@ -243,17 +243,39 @@ class Catalog:
         """Changes when anyone writes the config file (mtime, or ETag on object storage)."""
         return self.storage.stamp(CONFIG_NAME)
 
-    def record_id_types(self, id_types: dict[str, str]) -> None:
-        """Write the id types an ingest fixed (``{"user": "string"}``) into the config."""
-        with self.lock("config"):
-            self.reload_config()
-            if self.config.id_types != {**self.config.id_types, **id_types}:
-                self.config.id_types.update(id_types)
-                self.save_config(self.config)
+    def id_types(self) -> dict[str, str]:
+        """``{"user": "int"|"string", "item": ...}`` as the stored data fixes them.
+
+        Read from the tables' schemas: the Lance commit that stored the first ids
+        records their type with them, so a crash, or a config another process
+        holds, can never leave a type apart from the data. A kind no table holds
+        yet falls back to the config's ``[ids]`` (stores written before types were
+        read from the tables). A pinned view answers for its snapshot.
+
+        Examples
+        --------
+        >>> import tempfile, dynstore, polars as pl
+        >>> store = dynstore.init(tempfile.mkdtemp() + "/s", model="fake")
+        >>> _ = store.ingest("items", pl.DataFrame({"item_id": ["a"], "title": ["x"]}))
+        >>> store.catalog.id_types()
+        {'item': 'string'}
+        """
+        found: dict[str, str] = {}
+        # a kind's own table first, then the interactions
+        for name, columns in (("users", ("user_id",)), ("items", ("item_id",)),
+                              ("interactions", ("user_id", "item_id"))):
+            ds = self.dataset(name)
+            if ds is None:
+                continue
+            schema = ds.schema
+            for col in columns:
+                if col[:-3] not in found and col in schema.names:
+                    found[col[:-3]] = _id_kind(schema.field(col).type)
+        return {**{k: v for k, v in self.config.id_types.items() if k not in found}, **found}
 
     def id_type(self, kind: str) -> str:
         """``"int"`` or ``"string"``: the stored type of ``user``/``item`` ids (int before any ingest)."""
-        return self.config.id_types.get(kind) or "int"
+        return self.id_types().get(kind) or "int"
 
     def sql_id_type(self, kind: str) -> str:
         """The SQL type of ``user``/``item`` ids: ``VARCHAR`` or ``BIGINT``."""
@@ -280,6 +302,20 @@ class Catalog:
                                "stands: free space or fix permissions, then run it again") from None
 
 
+def _id_kind(arrow_type) -> str:
+    """``"string"`` for a text id column's Arrow type, else ``"int"``.
+
+    >>> import pyarrow as pa
+    >>> _id_kind(pa.large_string()), _id_kind(pa.int64())
+    ('string', 'int')
+    """
+    import pyarrow as pa
+
+    if pa.types.is_dictionary(arrow_type):
+        arrow_type = arrow_type.value_type
+    return "string" if pa.types.is_string(arrow_type) or pa.types.is_large_string(arrow_type) else "int"
+
+
 def storage_reason(exc: BaseException) -> str:
     """An OS or Lance error in a few words: first line, without Rust source locations.
 
@@ -302,12 +338,51 @@ def load_config(storage: Storage) -> StoreConfig:
     return config
 
 
+#: What ``init`` creates before it publishes the config (see :func:`unfinished_init`).
+LAYOUT_DIRS = ("tables", "cache", "models", "locks")
+
+
+def is_init_leftover(name: str) -> bool:
+    """True for a temporary config file an interrupted write or ``init`` leaves.
+
+    >>> is_init_leftover("dynstore.toml.tmp"), is_init_leftover("dynstore.toml.3fa9c2d1e0b4.tmp")
+    (True, True)
+    """
+    return name.startswith(CONFIG_NAME + ".") and name.endswith(".tmp")
+
+
+def unfinished_init(storage: Storage) -> bool:
+    """True when ``storage`` holds only what an interrupted ``init`` leaves: no
+    config, and nothing but the empty layout folders, locks and temporary config
+    files. ``init`` may finish such a store; opening it says so.
+
+    >>> import tempfile, pathlib
+    >>> from dynstore.storage import LocalStorage
+    >>> d = pathlib.Path(tempfile.mkdtemp()); (d / "tables").mkdir(); (d / "dynstore.toml.tmp").write_text("")
+    >>> unfinished_init(LocalStorage(d)), unfinished_init(LocalStorage(tempfile.mkdtemp()))
+    (True, False)
+    """
+    if storage.exists(CONFIG_NAME):
+        return False
+    names = storage.names("")
+    for name in names:
+        if is_init_leftover(name) or name == "locks":
+            continue
+        if name in LAYOUT_DIRS and not storage.names(name):
+            continue
+        return False
+    return bool(names)
+
+
 def open_catalog(path: str | os.PathLike, *, read_only: bool = False,
                  storage_options: dict | None = None) -> Catalog:
     """The catalog of the store at ``path`` (a directory or ``s3://bucket/prefix``);
     :class:`StoreNotFound` if there is none."""
     storage = open_storage(path, storage_options)
     if not storage.exists(CONFIG_NAME):
+        if unfinished_init(storage):
+            raise StoreNotFound(f"{storage.root}: an unfinished store (its `dynstore init` was interrupted); "
+                                "run `dynstore init` on it again")
         why = "does not exist" if not storage.exists("") else "is not a dynstore store (no dynstore.toml)"
         raise StoreNotFound(f"{storage.root}: {why}; create one with `dynstore init`")
     return Catalog(storage, effective(storage, load_config(storage)), read_only=read_only)

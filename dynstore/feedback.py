@@ -3,6 +3,12 @@
 Impressions are ordinary interactions with ``event = 'impression'`` and a
 NULL ``value``; ``refresh`` treats an impression with no positive from the
 same user on the same item afterwards as a shown-but-ignored hard negative.
+
+Many processes may log at once (every ``recommend --log-impressions``): each
+call is one small append under the interactions writer lock, and a call waits
+its turn for up to :data:`IMPRESSIONS_WAIT` seconds instead of failing with
+``StoreBusy`` after the usual two; nothing else is locked, so a logged call
+has stored its rows and a refused one stored none.
 """
 from __future__ import annotations
 
@@ -11,7 +17,11 @@ from typing import Any, Sequence
 
 import pyarrow as pa
 
-__all__ = ["impressions_table"]
+__all__ = ["impressions_table", "IMPRESSIONS_WAIT"]
+
+#: Seconds a ``log_impressions`` call waits for other writers of interactions
+#: (other processes logging, an ingest) before it gives up with ``StoreBusy``.
+IMPRESSIONS_WAIT = 30.0
 
 
 def impressions_table(user_id: Any, items: Sequence[Any], *, ts: _dt.datetime | None = None) -> pa.Table:

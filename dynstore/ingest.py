@@ -22,7 +22,7 @@ from .errors import IdTypeError, IngestError
 from .lancescan import is_text, stored_type
 from .results import IngestResult
 
-__all__ = ["KINDS", "ingest", "RESERVED", "FUTURE_TOLERANCE_S"]
+__all__ = ["KINDS", "ingest", "ids_fixed", "RESERVED", "FUTURE_TOLERANCE_S"]
 
 KINDS = {"interactions": ("user_id", "item_id"), "items": ("item_id",), "users": ("user_id",)}
 FORMATS = ("csv", "tsv", "parquet", "json", "ndjson")
@@ -606,11 +606,12 @@ def _projections(con: duckdb.DuckDBPyConnection, catalog: Catalog, kind: str, ta
     All sources are opened and checked before any projection, so a reserved
     column or an unreadable file is named before an id type mismatch.
     """
-    force_varchar = {c for c in KINDS[kind] if catalog.config.id_types.get(c[:-3]) == "string"}
+    stored = catalog.id_types()  # as the tables hold them: fixed by the commit that stored the first ids
+    force_varchar = {c for c in KINDS[kind] if stored.get(c[:-3]) == "string"}
     opened = [_open_source(con, s, i, fmt, mapping, force_varchar) for i, s in enumerate(sources)]
     for src in opened:
         check_reserved(src, kind)
-    id_types = dict(catalog.config.id_types)
+    id_types = dict(stored)
     queries = []
     for src in opened:
         sql, types = build_projection(src, kind, id_types, target, latest)
@@ -655,6 +656,19 @@ def _commit(stream: _Stream, schema: pa.Schema, uri: str, mode: str, errors: lis
         raise IngestError(f"{kind}: write failed, nothing was committed: {_one_line(exc)}") from None
 
 
+def ids_fixed(catalog: Catalog, kind: str) -> bool:
+    """True when the stored data already fixes the type of every id ``kind`` holds;
+    False for a first ingest, which the caller runs under the ``ids`` lock so two
+    first ingests of different tables cannot store different types.
+
+    >>> import tempfile, dynstore
+    >>> ids_fixed(dynstore.init(tempfile.mkdtemp() + "/s", model="fake").catalog, "items")
+    False
+    """
+    stored = catalog.id_types()
+    return all(col[:-3] in stored for col in KINDS.get(kind, ()))
+
+
 def ingest(catalog: Catalog, kind: str, sources: Iterable[Any], *, mapping: dict[str, str] | None = None,
            fmt: str | None = None, dedupe: bool | str | Sequence[str] = False,
            allow_future: bool = False) -> IngestResult:
@@ -684,7 +698,7 @@ def ingest(catalog: Catalog, kind: str, sources: Iterable[Any], *, mapping: dict
     try:
         dataset = catalog.dataset(kind)
         target = describe_target(con, dataset)
-        queries, id_types = _projections(con, catalog, kind, target, sources, fmt, mapping, latest)
+        queries, _ = _projections(con, catalog, kind, target, sources, fmt, mapping, latest)
         uri = catalog.uri(kind)
         errors: list[IngestError] = []
         stream, schema, mode, unknown = _new_rows(con, catalog, kind, queries, dataset, errors, dedupe)
@@ -692,7 +706,8 @@ def ingest(catalog: Catalog, kind: str, sources: Iterable[Any], *, mapping: dict
         rows = stream.rows
     finally:
         con.close()
-    catalog.record_id_types(id_types)
+    # Nothing is written after the commit: the ids' types are the committed
+    # schema's (Catalog.id_types), so no lock can turn a stored ingest into a failure.
     ds = catalog.open(uri)
     if ds is None:  # a first ingest with nothing new
         return IngestResult(kind=kind, rows=0, total=0, version=0)

@@ -94,7 +94,7 @@ def inspect_store(catalog: Catalog) -> dict:
         "store": str(catalog.path),
         "format_version": cfg.format_version,
         "created": cfg.created,
-        "id_types": dict(cfg.id_types),
+        "id_types": catalog.id_types(),
         "bytes": catalog.storage.size(""),
         "tables": tables,
         "encoder": {"model": cfg.model, "id": enc_id, "dim": dim, "max_length": cfg.max_length},

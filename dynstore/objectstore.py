@@ -261,6 +261,18 @@ class ObjectStorage:
         finally:
             STAMPS.forget()
 
+    def create(self, name: str, data: bytes) -> None:
+        """Put ``name`` unless it exists (:class:`FileExistsError`): a conditional put
+        (``If-None-Match: *``), so of two writers exactly one succeeds."""
+        try:
+            self.client.put_object(Bucket=self.bucket, Key=self.key(name), Body=data, IfNoneMatch="*")
+        except Exception as exc:
+            if _status(exc) in (409, 412):
+                raise FileExistsError(f"{self.uri(name)}: already exists") from None
+            raise self._os_error(exc, name) from None
+        finally:
+            STAMPS.forget()
+
     def dataset_stamp(self, uri: str) -> str | None:
         """Changes with every commit to the Lance dataset at ``uri``; None when absent
         (reused for ``refresh_interval``)."""

@@ -54,6 +54,7 @@ class Storage(Protocol):
     def uri(self, name: str) -> str: ...
     def read_bytes(self, name: str) -> bytes: ...
     def write_bytes(self, name: str, data: bytes) -> None: ...
+    def create(self, name: str, data: bytes) -> None: ...
     def exists(self, name: str) -> bool: ...
     def names(self, prefix: str) -> list[str]: ...
     def remove(self, name: str) -> None: ...
@@ -97,6 +98,23 @@ class LocalStorage:
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)
+
+    def create(self, name: str, data: bytes) -> None:
+        """Write ``name`` whole unless it exists (:class:`FileExistsError`), atomically:
+        of two processes creating it at once, exactly one succeeds."""
+        import uuid
+
+        path = self.root / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f"{path.name}.{uuid.uuid4().hex[:12]}.tmp")
+        try:
+            with open(tmp, "wb") as fh:
+                fh.write(data)
+                fh.flush()
+                os.fsync(fh.fileno())
+            os.link(tmp, path)  # fails when ``path`` exists: the exclusive step
+        finally:
+            tmp.unlink(missing_ok=True)
 
     def exists(self, name: str) -> bool:
         return (self.root / name).exists()

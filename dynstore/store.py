@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import os
+from contextlib import nullcontext
 from dataclasses import replace
 from typing import Any, Iterable
 
@@ -17,16 +18,16 @@ import duckdb
 
 from .batch import score_all
 from .bootstrap import ensure_first_version
-from .catalog import TABLES, Catalog, open_catalog
+from .catalog import TABLES, Catalog, is_init_leftover, open_catalog, unfinished_init
 from .compaction import compact, maybe_compact
 from .config import CONFIG_NAME, StoreConfig
 from .delete import delete_rows
-from .encoders import check_precision, get_encoder
+from .encoders import check_precision, encoder_fingerprint, get_encoder
 from .errors import ConfigError, StoreExists
-from .feedback import impressions_table
+from .feedback import IMPRESSIONS_WAIT, impressions_table
 from .functions import check_write_calls
 from .holdout import evaluate_version
-from .ingest import ingest
+from .ingest import ids_fixed, ingest
 from .inspection import inspect_store
 from .recommend import recommend
 from .results import (CompactResult, DeleteResult, EncodeResult, IngestResult, RefreshResult, RollbackResult,
@@ -35,9 +36,9 @@ from .refresh import refresh
 from .registry import list_versions
 from .rules import validate_rules
 from .semantic import encode
-from .semcache import record_encoder, snapshot
+from .semcache import encoder_info, snapshot
 from .session import connection_state, follow, open_connection
-from .storage import open_storage
+from .storage import Storage, open_storage
 from .versions import rollback
 from .views import check_item_text
 
@@ -80,8 +81,7 @@ def init(path: str | os.PathLike, *, positive: str | None = None, negative: str 
     (0,)
     """
     storage = open_storage(path, storage_options)
-    if not storage.is_empty():
-        raise StoreExists(f"{storage.root}: already exists and is not empty; choose a new directory")
+    _check_new(storage)
     cfg = StoreConfig(created=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"))
     if positive is not None:
         cfg.positive = positive
@@ -100,13 +100,44 @@ def init(path: str | os.PathLike, *, positive: str | None = None, negative: str 
         get_encoder(  # fail at init, not at the first encode
             cfg.model, max_length=cfg.max_length, precision=cfg.precision)
     storage.prepare()
-    # The config is written last: a store without it is not a store, so a
-    # crash mid-init leaves a directory that `init` may simply be run on again
-    # after removing it, never a half-store that opens.
-    storage.write_bytes(CONFIG_NAME, cfg.to_text().encode("utf-8"))
-    store = Store(open_catalog(path, storage_options=storage_options))
-    record_encoder(store.catalog)  # readers then know id and dimension without the model
-    return store
+    _record_identity(Catalog(storage, cfg))  # readers then know id and dimension without the model
+    _publish(storage, cfg)
+    return Store(open_catalog(path, storage_options=storage_options))
+
+
+def _publish(storage: Storage, cfg: StoreConfig) -> None:
+    """Create the config: the one write that makes the store, created exclusively.
+    A crash before it leaves an unfinished store that ``init`` finishes; of two
+    ``init`` runs at once exactly one creates the store, the other gets :class:`StoreExists`."""
+    try:
+        storage.create(CONFIG_NAME, cfg.to_text().encode("utf-8"))
+    except (FileExistsError, FileNotFoundError):
+        if not storage.exists(CONFIG_NAME):
+            raise
+        raise StoreExists(f"{storage.root}: another `dynstore init` created a store here at the same time; "
+                          "use it, or choose a new directory") from None
+    for name in storage.names(""):
+        if is_init_leftover(name):  # a killed init's, now that the store is whole
+            storage.remove(name)
+
+
+def _check_new(storage: Storage) -> None:
+    """Refuse a location that holds a store or anything else than an unfinished ``init``."""
+    if storage.is_empty() or unfinished_init(storage):
+        return
+    if storage.exists(CONFIG_NAME):
+        raise StoreExists(f"{storage.root}: already exists and is not empty (it is a dynstore store); "
+                          "open it, or choose a new directory")
+    raise StoreExists(f"{storage.root}: already exists and is not empty; choose a new directory")
+
+
+def _record_identity(catalog: Catalog) -> None:
+    """Set the encoder's id, dim and fingerprint in ``catalog.config`` (not written):
+    a config is then written whole, never a new model beside the old encoder's id."""
+    cfg = catalog.config
+    cfg.encoder_id, cfg.encoder_dim = encoder_info(catalog)
+    cfg.encoder_fingerprint = encoder_fingerprint(cfg.encoder_spec(catalog.storage.local_dir("")),
+                                                  max_length=cfg.max_length, precision=cfg.precision)
 
 
 def connect(path: str | os.PathLike, *, read_only: bool = False, storage_options: dict | None = None) -> "Store":
@@ -299,12 +330,18 @@ class Store:
         >>> store.ingest("items", pl.DataFrame({"item_id": [1, 2], "title": ["a", "b"]})).rows
         2
         """
+        sources = list(source) if isinstance(source, (list, tuple)) else [source]
+        return self._ingest(kind, sources, mapping=mapping, fmt=format, dedupe=dedupe, allow_future=allow_future)
+
+    def _ingest(self, kind: str, sources: list, *, wait: float = 2.0, **options: Any) -> IngestResult:
+        """:meth:`ingest` under the table's writer lock (waiting up to ``wait`` seconds);
+        a first ingest also under the ``ids`` lock (see :func:`dynstore.ingest.ids_fixed`).
+        Nothing is locked after the commit: it succeeds whole or fails with nothing stored."""
         cat = self.catalog.latest
         cat.require_writable("ingest")
-        sources = list(source) if isinstance(source, (list, tuple)) else [source]
-        with cat.writing("ingest"), cat.lock(f"ingest-{kind}" if kind in TABLES else "ingest"):
-            result = ingest(cat, kind, sources, mapping=mapping, fmt=format, dedupe=dedupe,
-                            allow_future=allow_future)
+        with cat.writing("ingest"), cat.lock(f"ingest-{kind}" if kind in TABLES else "ingest", wait=wait):
+            with nullcontext() if ids_fixed(cat, kind) else cat.lock("ids", wait=wait):
+                result = ingest(cat, kind, sources, **options)
             if kind in TABLES:
                 maybe_compact(cat, kind)
         return result
@@ -359,12 +396,12 @@ class Store:
             old, cat.config = cat.config, new
             try:
                 check_item_text(cat)
+                if {"model", "max_length", "precision"} & set(changes):
+                    _record_identity(cat)  # the new encoder's id in the same write as its name
             except Exception:
                 cat.config = old
                 raise
             cat.save_config(new)
-        if {"model", "max_length", "precision"} & set(changes):
-            record_encoder(cat)
         return cat.config
 
     # -- the recommender (implemented in their own modules) -------------------------
@@ -434,7 +471,8 @@ class Store:
         self.catalog.require_writable("log impressions")
         table = impressions_table(user_id, list(items))
         if table.num_rows:
-            self.ingest("interactions", table)
+            # many processes log at once: each waits its turn (bounded), never StoreBusy at once
+            self._ingest("interactions", [table], wait=IMPRESSIONS_WAIT)
         return table.num_rows
 
     def compact(self, *, retain_seconds: float | None = None) -> CompactResult:

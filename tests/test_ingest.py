@@ -72,7 +72,7 @@ def test_items_upsert_merges(store):
 def test_string_ids_keep_their_type(store, tmp_path):
     (tmp_path / "items.csv").write_text("item_id,title\n007,bond\nA1,x\n")
     store.ingest("items", tmp_path / "items.csv")
-    assert store.config.id_types["item"] == "string"
+    assert store.catalog.id_type("item") == "string"
     (tmp_path / "more.csv").write_text("item_id,title\n008,y\n")
     store.ingest("items", tmp_path / "more.csv")  # all digits, but read as text: the store's type
     ids = [r[0] for r in store.sql("SELECT item_id FROM items ORDER BY item_id").fetchall()]
