@@ -33,8 +33,14 @@ What it guarantees: while a writer renews its lease, no other dynstore writer
 of that kind runs. A holder paused longer than the ttl (a frozen VM, a stopped
 process) loses the lease and may overlap the next writer; its Lance commits
 still cannot corrupt a dataset (each commit is atomic, conflicting ones are
-refused), but a read-modify-write it was in the middle of (the version
-registry) may be lost. Readers take no lock, as on a local store.
+refused). The version registry, a read-modify-write, is guarded twice: a
+version number is *claimed* with a conditional put (``locks/versions/v<N>.claim``,
+:meth:`ObjectStorage.claim`) before any row is written under it, so two writers
+never share a number, and the registry commit first checks that the lease is
+still the writer's own (:meth:`ObjectStorage.confirm_lock`), so a writer that
+lost it commits nothing (``StoreBusy``). A number claimed by a writer that then
+died stays unused (the next version skips it). Readers take no lock, as on a
+local store.
 """
 from __future__ import annotations
 
@@ -148,6 +154,8 @@ class ObjectStorage:
         self.refresh_interval = float(self.settings.get("refresh_interval", REFRESH_INTERVAL))
         self.client_lock = threading.Lock()
         self.s3: Any = None
+        #: the leases this process holds, by kind (see :meth:`confirm_lock`)
+        self.leases: dict[str, Lease] = {}
 
     # -- settings --------------------------------------------------------------
     @property
@@ -308,12 +316,33 @@ class ObjectStorage:
         lease = Lease(self.client, self.bucket, self.key(f"locks/{kind}.lease"), ttl=self.lease_ttl)
         lease.acquire(wait, what=f"store {self.root} is busy: another {kind}")
         STAMPS.writing += 1
+        self.leases[kind] = lease
         try:
             yield
         finally:
+            self.leases.pop(kind, None)
             STAMPS.writing -= 1
             STAMPS.forget()
             lease.release()
+
+    def confirm_lock(self, kind: str) -> None:
+        """Raise :class:`StoreBusy` unless this process still holds the ``kind`` lease:
+        a writer paused past the ttl whose lease another writer took over must not
+        commit (one request; called right before a commit that replaces a whole file)."""
+        lease = self.leases.get(kind)
+        if lease is not None and not lease.still_ours():
+            raise StoreBusy(f"store {self.root}: this {kind} writer was paused longer than its lease "
+                            f"({lease.ttl:g} s) and another writer took over; nothing was committed, run it again")
+
+    def claim(self, name: str) -> bool:
+        """Create the marker ``name`` unless it exists: True for the one caller that
+        created it. A version number is claimed so: a paused writer whose lease was
+        taken over can never write rows under a number another writer uses."""
+        try:
+            self.create(name, json.dumps({"host": socket.gethostname(), "pid": os.getpid()}).encode())
+            return True
+        except FileExistsError:
+            return False
 
 
 class Lease:
@@ -378,6 +407,18 @@ class Lease:
             if _status(exc) not in (404, 409, 412):
                 raise
             return holder
+
+    def still_ours(self) -> bool:
+        """True while the lease object names this owner (one request)."""
+        if self.lost or self.etag is None:
+            return False
+        try:
+            got = self.client.get_object(Bucket=self.bucket, Key=self.key)
+            return json.loads(got["Body"].read()).get("owner") == self.owner
+        except Exception as exc:
+            if _status(exc) == 404:
+                return False
+            raise
 
     def _renew(self) -> None:
         while not self.stop.wait(self.ttl / 3):

@@ -108,8 +108,11 @@ def current_version(catalog: Catalog) -> int | None:
 
 
 def write_registry(catalog: Catalog, rows: list[dict]) -> None:
+    """Replace the registry with ``rows`` (one commit); the caller holds the ``versions``
+    lock, confirmed first on object storage (a writer whose lease was taken over commits nothing)."""
     import lance
 
+    catalog.storage.confirm_lock("versions")
     table = pa.Table.from_pylist(rows, schema=REGISTRY_SCHEMA)
     lance.write_dataset(table, catalog.uri("versions"), storage_options=catalog.storage_options,
                         mode="overwrite" if catalog.dataset("versions") is not None else "create")
@@ -145,7 +148,12 @@ def next_version(catalog: Catalog) -> int:
         import lance
 
         lance.dataset(catalog.uri("embeddings"), storage_options=catalog.storage_options).delete(f"version > {top}")
-    return top + 1
+    number = top + 1
+    # on object storage a lease can be taken over from a paused writer: the number is
+    # claimed (a conditional put) so two writers never write rows under one number
+    while not catalog.storage.claim(f"locks/versions/v{number}.claim"):
+        number += 1
+    return number
 
 
 

@@ -65,6 +65,8 @@ class Storage(Protocol):
     def prepare(self) -> None: ...
     def configure(self, table: dict) -> None: ...
     def lock(self, kind: str, wait: float = 2.0) -> AbstractContextManager: ...
+    def confirm_lock(self, kind: str) -> None: ...
+    def claim(self, name: str) -> bool: ...
     def local_dir(self, name: str) -> Path | None: ...
 
 
@@ -175,6 +177,13 @@ class LocalStorage:
 
     def lock(self, kind: str, wait: float = 2.0) -> AbstractContextManager:
         return writer_lock(self.root, kind, wait=wait)
+
+    def confirm_lock(self, kind: str) -> None:
+        """Nothing to check: a ``flock`` is held until the process ends, never taken over."""
+
+    def claim(self, name: str) -> bool:
+        """True: under a ``flock`` (never taken over) the lock alone makes a claim unique."""
+        return True
 
     def local_dir(self, name: str) -> Path | None:
         """The local directory of ``name`` (for libraries that need one: model directories)."""
