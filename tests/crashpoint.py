@@ -3,7 +3,8 @@
 Every call that writes to disk -- a Lance commit (``write_dataset``,
 ``merge_insert``, ``delete``, ``compact_files``, ``cleanup_old_versions``,
 ``create_index``), a config replace (``os.replace``), a safetensors file, a
-JSON file, a fine-tuned encoder's files -- is a *write event*. ``kill_at = k``
+JSON file, a fine-tuned encoder's files, the ``fsync`` of a small file and the
+``os.link`` that publishes a new store's config -- is a *write event*. ``kill_at = k``
 with ``phase`` ``before`` (the k-th write never starts), ``during`` (SIGKILL
 from a timer thread ``delay`` seconds into it) or ``after`` (it finished, the
 next has not begun) sends the process a real ``SIGKILL``. ``kill_at = 0``
@@ -79,6 +80,8 @@ def _arm(kill_at: int, phase: str, delay: float, count_file: str | None, args: l
     wrap(ld.LanceDataset, "create_index", "lance.create_index")
     wrap(ld.DatasetOptimizer, "compact_files", "lance.compact")
     wrap(_os, "replace", "os.replace")
+    wrap(_os, "link", "os.link")  # an exclusive create (init's config)
+    wrap(_os, "fsync", "os.fsync")  # a small file written whole, before its replace or link
     wrap(safetensors.numpy, "save_file", "safetensors.save_file")
     wrap(pathlib.Path, "write_text", "Path.write_text")
     wrap(pathlib.Path, "rename", "Path.rename")

@@ -80,7 +80,7 @@ def _moments(writes: int, seconds: float, rng: random.Random, count: int, first=
     pairs = [(k, p) for k in range(1, writes + 1) for p in ("before", "during", "after")]
     rng.shuffle(pairs)
     pairs = list(first) + [p for p in pairs if p not in first]
-    n_write = (count + 1) // 2
+    n_write = min(count, max((count + 1) // 2, len(first)))  # every critical moment, when count allows
     while len(pairs) < n_write:
         pairs.append((rng.randint(1, writes), "during"))
     out = [{"kill_at": k, "phase": p, "delay": round(rng.uniform(0.0, 0.02), 4)} for k, p in pairs[:n_write]]
@@ -89,7 +89,7 @@ def _moments(writes: int, seconds: float, rng: random.Random, count: int, first=
 
 
 def _exercise(server, template: Path, work: Path, args: list, *, check, tune=None, log=None, count=MOMENTS,
-              chain: bool = False, lanes: int = 2, critical=None):
+              chain: bool = False, lanes: int = 2, critical=None, rerun=None, rerun_here: bool = False):
     """Count the command's writes and time it on a copy, then kill it at ``count`` moments.
 
     Each moment starts from a fresh copy of ``template`` and is followed by a check,
@@ -100,6 +100,9 @@ def _exercise(server, template: Path, work: Path, args: list, *, check, tune=Non
     and a rerun that starts from the state it left. ``lanes`` copies go side by
     side (independent stores, one process each: two cores, half the time).
     ``critical(write names) -> [(k, phase)]`` names moments that must be among them.
+    ``rerun(store) -> args`` is the command that completes a killed run (default: the same);
+    ``rerun_here`` runs it in this process (commands of a fraction of a second, whose
+    child would spend most of its time importing Arrow and Lance).
     """
     rng = random.Random(f"{SEED}-{args[0]}-{'-'.join(map(str, args[2:]))}")
     probe = work / "probe"
@@ -135,7 +138,9 @@ def _exercise(server, template: Path, work: Path, args: list, *, check, tune=Non
             check(store, after_kill=True)
             spent["checks"] += time.perf_counter() - t0
         if not chain or step % 4 == 3 or start + lanes >= len(moments):
-            again = server.run_all([dict(args=argv(st), tune=tune, log=logs) for st in stores])
+            again = (_run_here([rerun(st) if rerun else argv(st) for st in stores]) if rerun_here else
+                     server.run_all([dict(args=rerun(st) if rerun else argv(st), tune=tune, log=logs)
+                                     for st in stores]))
             spent["reruns"] += max(r["seconds"] for r in again)
             for moment, reply, store in zip(batch, again, stores):
                 assert reply.get("code") == 0, (moment, reply, (log.read_text()[-2000:] if log else ""))
@@ -149,6 +154,21 @@ def _exercise(server, template: Path, work: Path, args: list, *, check, tune=Non
     # every write moment kills; a time moment may come after a fast run ended
     assert killed >= (count + 1) // 2, f"only {killed} of {len(moments)} runs were killed"
     return writes, killed
+
+
+def _run_here(commands: list) -> list:
+    """Run CLI commands one after the other in this process; replies as the server's."""
+    from click.testing import CliRunner
+
+    from dynstore.cli import main
+
+    replies = []
+    for args in commands:
+        t0 = time.perf_counter()
+        r = CliRunner().invoke(main, list(map(str, args)))
+        assert r.exit_code == 0, (args, r.output)
+        replies.append({"code": r.exit_code, "seconds": round(time.perf_counter() - t0, 3)})
+    return replies
 
 
 @pytest.fixture(scope="module")
@@ -270,3 +290,119 @@ def test_kill_refresh_finetune_encoder(server, bert_template, tmp_path):
                            "--since", "all", "--force"], check=check, tune="promote", log=log, chain=True,
                           critical=critical)
     assert writes >= 6  # encoder files, the re-encoded cache, version files, config, registry
+
+
+# ------------------------------------------ init, first ingests, config --model (issue 24)
+
+#: Moments per command of the first-write sweep (init, first ingest of int and of string
+#: ids, config --model). By default the three that matter (see ``_around``): before, during
+#: and right after the one write that publishes; DYNSTORE_KILL_FIRST_MOMENTS=10 adds more
+#: write moments and seeded points in time (about four minutes on a loaded 2-core machine).
+FIRST_MOMENTS = int(os.environ.get("DYNSTORE_KILL_FIRST_MOMENTS", "3"))
+
+
+def _around(last: str, first: str | None = None):
+    """``critical`` for :func:`_exercise`: the last ``last`` write before it starts and
+    right after it, and the ``first`` write (default: that one too) while it runs."""
+    def critical(names):
+        k = max(n for n, name in enumerate(names, 1) if name == last)
+        j = max(n for n, name in enumerate(names, 1) if name == (first or last))
+        return [(k, "before"), (j, "during"), (k, "after")]
+    return critical
+
+
+@pytest.fixture(scope="module")
+def empty_template(tmp_path_factory):
+    from dynstore.demo import DEMO_RULES
+
+    path = tmp_path_factory.mktemp("tpl-empty") / "s"
+    dynstore.init(path, model="fake", **DEMO_RULES).close()
+    return path
+
+
+def test_kill_init(server, tmp_path):
+    """A killed `init` leaves nothing, an unfinished store (which `init` finishes), or the
+    whole store; never a store that opens half-made."""
+    from dynstore.catalog import unfinished_init
+    from dynstore.errors import StoreNotFound
+    from dynstore.storage import LocalStorage
+
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    args = ["init", "{store}", "--model", "fake", "--positive", "value > 1"]
+
+    def complete(store) -> bool:
+        try:
+            dynstore.connect(store, read_only=True).close()
+            return True
+        except StoreNotFound as exc:
+            assert LocalStorage(store).is_empty() or unfinished_init(LocalStorage(store)), exc
+            assert "unfinished" in str(exc) or LocalStorage(store).is_empty(), exc
+            return False
+
+    def check(store, after_kill):
+        if not complete(store):
+            assert after_kill
+            return
+        with dynstore.connect(store, read_only=True) as s:
+            cfg = s.config
+            assert cfg.positive == "value > 1" and cfg.encoder_dim > 0 and cfg.encoder_id
+            assert s.sql("SELECT count(*) FROM items").fetchall()[0][0] == 0
+        check_store(store)
+
+    def rerun(store):  # an init that had finished is not run twice: the store is opened instead
+        return ["inspect", str(store)] if complete(store) else [a if a != "{store}" else str(store) for a in args]
+
+    _exercise(server, empty, tmp_path / "w", args, check=check, count=FIRST_MOMENTS, rerun=rerun,
+              rerun_here=True, lanes=3, critical=_around("os.link", "os.fsync"))
+
+
+def _first_ingest_check(kind, n, id_type):
+    def check(store, after_kill):
+        got = check_store(store)
+        assert got[kind] in ((0, n) if after_kill else (n,)), got
+        with dynstore.connect(store, read_only=True) as s:
+            types = s.catalog.id_types()
+        keys = ("user", "item") if kind == "interactions" else (kind[:-1],)
+        # the type comes with the data: none before it, the data's own after it
+        assert types == ({k: id_type for k in keys} if got[kind] else {}), types
+    return check
+
+
+def test_kill_first_ingest(server, empty_template, shop_files, tmp_path):
+    """The first ingest of a store, with integer ids (interactions, deduplicated on rerun)
+    and with string ids (items): the rows and their ids' type land together or not at all."""
+    n = pl.read_parquet(shop_files / "interactions.parquet").height
+    _exercise(server, empty_template, tmp_path / "int",
+              ["ingest", "{store}", "interactions", shop_files / "interactions.parquet", "--dedupe"],
+              check=_first_ingest_check("interactions", n, "int"), count=FIRST_MOMENTS, rerun_here=True, lanes=3,
+              critical=_around("lance.write_dataset"))
+    items = tmp_path / "items.csv"
+    pl.DataFrame({"item_id": [f"sku-{i}" for i in range(40)], "title": [f"thing {i}" for i in range(40)],
+                  "category": ["home", "garden"] * 20}).write_csv(items)
+    _exercise(server, empty_template, tmp_path / "str", ["ingest", "{store}", "items", items],
+              check=_first_ingest_check("items", 40, "string"), count=FIRST_MOMENTS, rerun_here=True, lanes=3,
+              critical=_around("lance.write_dataset"))
+
+
+def test_kill_config_model(server, shop_template, tmp_path):
+    """`config --model`: the config shows the old model with the old encoder's id and
+    dimension, or the new model with the new ones; never a mix."""
+    from dynstore.semcache import encoder_info
+
+    loaded, _ = shop_template
+    old = dynstore.connect(loaded, read_only=True).config
+    old_pair = (old.model, old.encoder_id, old.encoder_dim)
+
+    def check(store, after_kill):
+        check_store(store)
+        with dynstore.connect(store, read_only=True) as s:
+            cfg = s.config
+            pair = (cfg.model, cfg.encoder_id, cfg.encoder_dim)
+            if pair != old_pair or not after_kill:
+                assert cfg.model == "fake:24" and cfg.encoder_dim == 24, pair
+                assert encoder_info(s.catalog) == (cfg.encoder_id, 24), pair
+
+    _exercise(server, loaded, tmp_path / "m", ["config", "{store}", "--model", "fake:24"], check=check,
+              count=FIRST_MOMENTS, rerun_here=True, lanes=3,
+              critical=_around("os.replace", "os.fsync"))
