@@ -358,7 +358,7 @@ def unfinished_init(storage: Storage) -> bool:
 
     >>> import tempfile, pathlib
     >>> from dynstore.storage import LocalStorage
-    >>> d = pathlib.Path(tempfile.mkdtemp()); (d / "tables").mkdir(); (d / "dynstore.toml.tmp").write_text("")
+    >>> d = pathlib.Path(tempfile.mkdtemp()); (d / "tables").mkdir(); _ = (d / "dynstore.toml.tmp").write_text("")
     >>> unfinished_init(LocalStorage(d)), unfinished_init(LocalStorage(tempfile.mkdtemp()))
     (True, False)
     """
