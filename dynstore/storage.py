@@ -114,7 +114,16 @@ class LocalStorage:
                 fh.write(data)
                 fh.flush()
                 os.fsync(fh.fileno())
-            os.link(tmp, path)  # fails when ``path`` exists: the exclusive step
+            try:
+                os.link(tmp, path)  # fails when ``path`` exists: the exclusive step
+            except FileExistsError:
+                raise
+            except OSError:  # a file system without hard links: exclusive, written in place
+                fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+                with os.fdopen(fd, "wb") as fh:
+                    fh.write(data)
+                    fh.flush()
+                    os.fsync(fh.fileno())
         finally:
             tmp.unlink(missing_ok=True)
 
