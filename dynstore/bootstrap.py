@@ -11,7 +11,7 @@ import json
 from . import switch
 from .catalog import Catalog
 from .dynamics import DynamicSpec, rule_half_life
-from .errors import DynstoreError
+from .errors import DynstoreError, StoreBusy
 from .features import FeatureSpec
 from .holdout import evaluate_version
 from .memory import release_freed
@@ -79,10 +79,13 @@ def _record_rule_metrics(catalog: Catalog, number: int) -> None:
     except Exception as exc:  # figures are an annotation: never fail the encode that made the version
         metrics = {"holdout": {}, "note": str(exc) if isinstance(exc, DynstoreError) else
                    f"not evaluated: {type(exc).__name__}: {exc}"}
-    with catalog.lock("versions", wait=30):
-        switch.settle_keeping(catalog)
-        rows = registry_table(catalog).to_pylist()
-        for r in rows:
-            if r["version"] == number:
-                r["metrics"] = json.dumps(metrics)
-        write_registry(catalog, rows)
+    try:
+        with catalog.lock("versions", wait=30):
+            switch.settle_keeping(catalog)
+            rows = registry_table(catalog).to_pylist()
+            for r in rows:
+                if r["version"] == number:
+                    r["metrics"] = json.dumps(metrics)
+            write_registry(catalog, rows)
+    except StoreBusy:
+        pass  # the version is committed: its figures are an annotation, never a failure

@@ -21,7 +21,7 @@ from . import switch
 from .catalog import Catalog
 from .compaction import maybe_compact
 from .encoders import encoder_fingerprint
-from .errors import StoreCorrupt, VersionNotFound, first_line
+from .errors import StoreBusy, StoreCorrupt, VersionNotFound, first_line
 from .features import FeatureSpec
 from .memory import release_freed
 from .model import FusionModel
@@ -138,9 +138,20 @@ def _commit_registry(catalog: Catalog, rows: list[dict], number: int, new_encode
         switch.begin(catalog, number, cfg.model, (*new_encoder, fp))
     write_registry(catalog, rows)
     if new_encoder is not None:
-        switch.settle(catalog)
+        _after_commit(switch.settle, catalog)
     maybe_compact(catalog, "embeddings")
     maybe_compact(catalog, "versions")
+
+
+def _after_commit(step, catalog: Catalog) -> None:
+    """Tidy the config after the registry commit: a busy config must not turn the
+    committed command into a failure. Left undone, a pending switch is resolved by
+    every reader and settled by the next registry writer (see :mod:`dynstore.switch`),
+    and a stale encoder id is recomputed (its fingerprint no longer matches)."""
+    try:
+        step(catalog)
+    except StoreBusy:
+        pass
 
 
 def _fused_batches(catalog: Catalog, model, item_spec, items: pa.Table, residuals, number: int, schema: pa.Schema):
@@ -188,9 +199,9 @@ def rollback(catalog: Catalog, version: int) -> RollbackResult:
         switched = _restore_encoder(catalog, version)
         write_registry(catalog, rows)
         if switched:
-            switch.settle(catalog)
+            _after_commit(switch.settle, catalog)
     if switched:
-        record_encoder(catalog)
+        _after_commit(record_encoder, catalog)
     out = {"version": version, "previous": previous, "status": "current", "verdict": target["verdict"]}
     if target["verdict"] == "rejected":
         m = json.loads(target["metrics"] or "{}")
