@@ -425,17 +425,13 @@ def two_versions(tmp_path_factory, shop_template):
     return path
 
 
-def _more(name, count=None):
-    if not MORE_MOMENTS:
-        pytest.skip(f"kill -9 sweep of {name}: set DYNSTORE_KILL_MORE_MOMENTS (e.g. 10) to run it")
-    return count or MORE_MOMENTS
-
-
+@pytest.mark.skipif(not MORE_MOMENTS, reason="kill -9 sweeps of delete, compact, score-all, rollback: "
+                                            "set DYNSTORE_KILL_MORE_MOMENTS (e.g. 10) to run them")
 @pytest.mark.parametrize("command", ["delete", "compact", "score-all", "rollback"])
 def test_kill_more(server, shop_template, two_versions, tmp_path, command):
     """delete (one Lance delete), compact (merges, cleanups), score-all (one overwrite)
     and rollback (one registry commit): whole before or after, never between."""
-    count = _more(command)
+    count = MORE_MOMENTS
     _, encoded = shop_template
     with dynstore.connect(encoded, read_only=True) as s:
         n_items = s.sql("SELECT count(*) FROM items").fetchall()[0][0]
