@@ -17,6 +17,12 @@ The commands run in children forked from one server that imported torch and
 transformers once (each child a real process, killed with a real SIGKILL),
 which saves seconds per run. Sized for ``.ci/run`` on a 2-core machine (about
 four minutes in all); raise the moments with ``DYNSTORE_KILL_MOMENTS``.
+
+Issue 24 adds ``init``, the first ingest (integer and string ids) and ``config
+--model`` at the three moments around the write that publishes
+(``DYNSTORE_KILL_FIRST_MOMENTS`` for more), and sweeps of ``delete``, ``compact``,
+``score-all`` and ``rollback`` run with ``DYNSTORE_KILL_MORE_MOMENTS=10``; see
+docs/reliability-promises.md.
 """
 from __future__ import annotations
 
