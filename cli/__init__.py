@@ -54,12 +54,16 @@ def handle_errors(fn):
             click.echo(f"Error: {exc}", err=True)
             sys.exit(EXIT_BUSY)
         except DynstoreError as exc:
-            click.echo(f"Error: {exc}", err=True)
+            click.echo(f"Error: {_damage(kwargs, exc) or exc}", err=True)
             sys.exit(EXIT_USER)
         except (KeyboardInterrupt, Interrupted):
             click.echo("Interrupted", err=True)
             sys.exit(EXIT_INTERRUPTED)
         except Exception as exc:
+            damage = _damage(kwargs, exc)
+            if damage is not None:  # a damaged file of the store: which, and the way out
+                click.echo(f"Error: {damage}", err=True)
+                sys.exit(EXIT_USER)
             # SQL that DuckDB refuses inside a command (a labelling rule over a missing
             # column, say) is the user's to fix: one line, no traceback
             if not type(exc).__module__.lstrip("_").startswith("duckdb"):
@@ -70,6 +74,16 @@ def handle_errors(fn):
             sys.exit(EXIT_USER)
 
     return wrapper
+
+
+def _damage(kwargs: dict, exc: BaseException):
+    """The store's damaged file behind ``exc`` (a StoreCorrupt naming it), or None."""
+    from dynstore.catalog import find_damage
+    from dynstore.errors import StoreCorrupt
+
+    if isinstance(exc, StoreCorrupt) or "store" not in kwargs:
+        return None
+    return find_damage(kwargs["store"], exc)
 
 
 def _open(store: str, *, read_only: bool = False):

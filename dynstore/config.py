@@ -11,7 +11,7 @@ import tomllib
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
-from .errors import StoreFormatError
+from .errors import StoreCorrupt, StoreFormatError
 
 #: A ``[storage]`` key holding one of these words is a secret: never written into a store.
 SECRET_WORDS = ("secret", "token", "password", "access_key", "credential", "session")
@@ -91,10 +91,12 @@ class StoreConfig:
         try:
             raw = tomllib.loads(text)
         except tomllib.TOMLDecodeError as exc:
-            raise StoreFormatError(f"{path}: unreadable store config ({exc})") from None
+            raise StoreCorrupt(f"{path}: damaged store config ({exc}); fix that line or restore the file "
+                               "from a backup (the data and versions beside it are untouched)") from None
         version = raw.get("format_version")
         if not isinstance(version, int):
-            raise StoreFormatError(f"{path}: missing format_version; not a dynstore config")
+            raise StoreCorrupt(f"{path}: damaged store config (no format_version; truncated?); restore the "
+                               "file from a backup (the data and versions beside it are untouched)")
         if version > FORMAT_VERSION:
             raise StoreFormatError(
                 f"{path.rsplit('/', 1)[0]}: store format {version} is newer than this dynstore "
