@@ -91,12 +91,10 @@ class StoreConfig:
         try:
             raw = tomllib.loads(text)
         except tomllib.TOMLDecodeError as exc:
-            raise StoreCorrupt(f"{path}: damaged store config ({exc}); fix that line or restore the file "
-                               "from a backup (the data and versions beside it are untouched)") from None
+            raise StoreCorrupt(f"{path}: damaged store config ({exc}); {_WAY_OUT}") from None
         version = raw.get("format_version")
         if not isinstance(version, int):
-            raise StoreCorrupt(f"{path}: damaged store config (no format_version; truncated?); restore the "
-                               "file from a backup (the data and versions beside it are untouched)")
+            raise StoreCorrupt(f"{path}: damaged store config (no format_version; truncated?); {_WAY_OUT}")
         if version > FORMAT_VERSION:
             raise StoreFormatError(
                 f"{path.rsplit('/', 1)[0]}: store format {version} is newer than this dynstore "
