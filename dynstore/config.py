@@ -23,6 +23,8 @@ CONFIG_NAME = "dynstore.toml"
 
 DEFAULT_POSITIVE = "value > 0"
 DEFAULT_NEGATIVE = "value <= 0"
+#: what to do about a damaged dynstore.toml
+_WAY_OUT = "fix it or restore the file from a backup (the data and versions beside it are untouched)"
 
 
 @dataclass
