@@ -53,7 +53,9 @@ def evaluate_version(catalog: Catalog, *, version: int | None = None, k: int = 1
     con = views_connection(catalog)
     try:
         newest = newest_event(con)
-        prep = WindowData(catalog, lv, con, window.start(newest))
+        # the vectors of the encoder the version was built with (the store's may have changed)
+        encoder = (row["encoder"], lv.model.d) if row.get("encoder") else None
+        prep = WindowData(catalog, lv, con, window.start(newest), encoder)
     finally:
         con.close()
     if as_built:

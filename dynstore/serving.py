@@ -347,7 +347,9 @@ def _item_rows(catalog: Catalog, lv, items) -> tuple[list, dict, np.ndarray, np.
     new_pos = [n for n, i in enumerate(all_ids) if i not in row]
     if new_pos:
         new_ids = [all_ids[n] for n in new_pos]
-        V, ok = cached_vectors(catalog, new_ids)
+        # the vectors of the encoder the version was built with: after an encoder
+        # change, items encoded only by the new one wait for a version of it
+        V, ok = cached_vectors(catalog, new_ids, (lv.encoder, lv.model.d) if lv.encoder else None)
         # items not encoded yet wait for `encode` (they are in stale_items): a
         # reader never runs the encoder
         keep = np.flatnonzero(ok)
