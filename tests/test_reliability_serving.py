@@ -100,3 +100,92 @@ def test_damaged_data_file_is_named(runner, copy):
 def test_damaged_config_is_named(runner, copy, text):
     (copy / "dynstore.toml").write_text(text)
     _one_line_error(_cli(runner, "sql", copy, "SELECT 1"), "dynstore.toml", "damaged store config", "backup")
+
+
+# -------------------------------------------------------------------------- encoder change
+
+def test_serving_goes_on_through_an_encoder_change(runner, shop_files, tmp_path):
+    """The issue's sequence: config --model fake:64, encode, ingest one item, encode."""
+    path = tmp_path / "s"
+    shop_store(path, shop_files).close()
+    assert _cli(runner, "config", path, "--model", "fake:64").exit_code == 0
+    assert _cli(runner, "encode", path).exit_code == 0
+    new = tmp_path / "new.csv"
+    new.write_text("item_id,title,category,brand,price,tags,description,created_ts\n"
+                   "9001,New Thing,electronics,Lumatek,12.5,budget,A brand new thing.,2025-01-03T21:42:41\n")
+    assert _cli(runner, "ingest", path, "items", new).exit_code == 0
+    assert _cli(runner, "encode", path).exit_code == 0
+    with dynstore.connect(path) as s:
+        users = [r[0] for r in s.sql("SELECT user_id FROM users").fetchall()]
+        lists = [s.recommend(u, 5) for u in users]
+        assert all(len(lst) == 5 for lst in lists)
+        # version 1 (the old encoder) is served; the new item waits for a version of the new one
+        assert not any(r["item_id"] == 9001 for lst in lists for r in lst)
+        old, waiting = s.sql("SELECT score(?, 1), score(?, 9001)", params=[users[0], users[0]]).fetchall()[0]
+        assert 0.0 < old < 1.0 and waiting is None
+    r = _cli(runner, "score-all", path, "-k", "3")
+    assert r.exit_code == 0, r.output
+    r = _cli(runner, "refresh", path, "--force")
+    assert r.exit_code == 0, r.output
+    with dynstore.connect(path) as s:
+        assert [v["version"] for v in s.versions()] == [2, 1]
+        widths = dict(s.sql("SELECT version, len(any_value(vector)) FROM item_embeddings_all GROUP BY ALL")
+                      .fetchall())
+        assert widths == {1: 32, 2: 64}
+        assert s.sql("SELECT score(?, 9001)", params=[users[0]]).fetchall()[0][0] is not None
+        assert len(s.recommend(users[0], 5, version=1)) == 5  # the old version stays queryable
+        assert len(s.recommend(users[0], 5)) == 5
+    assert _cli(runner, "eval", path, "--version", "1").exit_code == 0
+
+
+# ---------------------------------------------------------------------- memory, Ctrl-C
+
+def _huge(*_args, **_kwargs):
+    import numpy as np
+
+    return np.empty((10**8, 10**8), np.float64)  # numpy's own MemoryError: no machine has 80 PB
+
+
+@pytest.mark.parametrize("command, function, setting", [
+    (["refresh", "{path}", "--force"], "refresh", "--since"),
+    (["score-all", "{path}"], "score_all", "-k"),
+])
+def test_out_of_memory_names_the_setting_that_bounds_it(runner, copy, monkeypatch, command, function, setting):
+    import dynstore.store
+
+    monkeypatch.setattr(dynstore.store, function, _huge)
+    line = _one_line_error(_cli(runner, *[c.format(path=copy) for c in command]), "out of memory", setting)
+    assert "nothing was committed" in line
+
+
+def _duckdb_interrupt():
+    """The exception DuckDB raises for a query cancelled by Ctrl-C (a real one)."""
+    import threading
+
+    import duckdb
+
+    con = duckdb.connect()
+    threading.Timer(0.2, con.interrupt).start()
+    try:
+        con.sql("SELECT count(*) FROM range(100000000000)").fetchall()
+    except Exception as exc:  # noqa: BLE001 (the one under test)
+        return exc
+    finally:
+        con.close()
+    raise AssertionError("the query was not interrupted")
+
+
+@pytest.mark.parametrize("make", [_duckdb_interrupt, lambda: RuntimeError("Query interrupted")])
+def test_ctrl_c_in_a_deduplicating_ingest_exits_130(runner, copy, monkeypatch, shop_files, make):
+    """What DuckDB turns a Ctrl-C into while ingest --dedupe runs its query: exit 130."""
+    import dynstore.store
+
+    exc = make()
+
+    def interrupted(*_args, **_kwargs):
+        raise exc
+
+    monkeypatch.setattr(dynstore.store, "ingest", interrupted)
+    r = _cli(runner, "ingest", copy, "interactions", shop_files / "interactions.parquet", "--dedupe")
+    assert r.exit_code == 130, (r.output, r.exception)
+    assert r.output.strip() == "Interrupted"
