@@ -189,3 +189,24 @@ def test_ctrl_c_in_a_deduplicating_ingest_exits_130(runner, copy, monkeypatch, s
     r = _cli(runner, "ingest", copy, "interactions", shop_files / "interactions.parquet", "--dedupe")
     assert r.exit_code == 130, (r.output, r.exception)
     assert r.output.strip() == "Interrupted"
+
+
+# ----------------------------------------------------------------------- smaller cases
+
+def test_delete_where_takes_subqueries_on_the_tables(runner, copy):
+    """The CLI's own note after deleting items, and a subquery on the table being deleted from."""
+    r = _cli(runner, "delete", copy, "items", "--where", "item_id IN (SELECT item_id FROM items WHERE price > 100)")
+    assert r.exit_code == 0, r.output
+    note = next(line for line in r.output.splitlines() if line.startswith("note:"))
+    suggested = note.split('--where "', 1)[1].rsplit('"', 1)[0]
+    with dynstore.connect(copy) as s:
+        assert s.sql("SELECT count(*) FROM items WHERE price > 100").fetchall() == [(0,)]
+        orphans = s.sql(f"SELECT count(*) FROM interactions WHERE {suggested}").fetchall()[0][0]
+        before = s.sql("SELECT count(*) FROM interactions").fetchall()[0][0]
+    assert orphans > 0
+    r = _cli(runner, "delete", copy, "interactions", "--where", suggested)
+    assert r.exit_code == 0, r.output
+    with dynstore.connect(copy) as s:
+        assert s.sql("SELECT count(*) FROM interactions").fetchall()[0][0] == before - orphans
+        assert s.delete("users", "user_id NOT IN (SELECT user_id FROM interactions WHERE label = 1)",
+                        dry_run=True).deleted > 0
