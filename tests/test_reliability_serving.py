@@ -210,3 +210,25 @@ def test_delete_where_takes_subqueries_on_the_tables(runner, copy):
         assert s.sql("SELECT count(*) FROM interactions").fetchall()[0][0] == before - orphans
         assert s.delete("users", "user_id NOT IN (SELECT user_id FROM interactions WHERE label = 1)",
                         dry_run=True).deleted > 0
+
+
+def test_an_overlong_csv_line_is_located_on_its_own_line(copy, tmp_path):
+    """DuckDB reports a line over its maximum size at "line 1" of its sniffing buffer."""
+    src = tmp_path / "long.csv"
+    src.write_text("item_id,title\n1," + "x" * 2_100_000 + "\n2,ok\n")
+    with dynstore.connect(copy) as s, pytest.raises(dynstore.DynstoreError) as info:
+        s.ingest("items", src)
+    msg = str(info.value)
+    assert "\n" not in msg and "long.csv" in msg and "row 1 (line 2)" in msg, msg
+
+
+@pytest.mark.parametrize("name, text", [("dup.csv", "item_id,title,value,value\n1,a,1,2\n"),
+                                        ("dup.tsv", "item_id\ttitle\ttitle\n1\ta\tb\n")])
+def test_a_header_naming_a_column_twice_is_refused(copy, tmp_path, name, text):
+    src = tmp_path / name
+    src.write_text(text)
+    with dynstore.connect(copy) as s:
+        before = s.snapshot()
+        with pytest.raises(dynstore.DynstoreError, match=rf"{name}: line 1 \(the header\), column \w+: named twice"):
+            s.ingest("items", src)
+        assert s.snapshot() == before
