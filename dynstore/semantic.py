@@ -230,15 +230,30 @@ def cached_vectors(catalog: Catalog, item_ids: list[Any],
     >>> cached_vectors(store.catalog, [1, 2])[1].tolist()
     [True, False]
     """
-    out, _, cached = _lookup(catalog, item_ids, encoder)
+    out, _, cached = _lookup(catalog, item_ids, encoder, _doc_hashes(catalog, item_ids))
     return out, cached
 
 
-def _lookup(catalog: Catalog, item_ids: list[Any],
-            encoder: tuple[str, int] | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def _doc_hashes(catalog: Catalog, item_ids: list[Any]) -> dict[Any, tuple[str, None]]:
+    """item_id -> (doc_hash, None) of ``item_ids``: their documents are hashed, none
+    travels to Python (serving looks vectors up; a document may be megabytes)."""
+    if not item_ids:
+        return {}
+    con = views_connection(catalog)
+    try:
+        con.register("_dynstore_wanted", pa.table({"item_id": list(item_ids)}))
+        rows = con.execute("SELECT item_id, doc_hash FROM item_documents "
+                           "WHERE item_id IN (SELECT item_id FROM _dynstore_wanted)").fetchall()
+    finally:
+        con.close()
+    return {r[0]: (r[1], None) for r in rows}
+
+
+def _lookup(catalog: Catalog, item_ids: list[Any], encoder: tuple[str, int] | None = None,
+            docs: dict | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(vectors, item exists, vector cached) from the semantic cache (of ``encoder``)."""
     _, dim = encoder or encoder_info(catalog)
-    docs = item_docs(catalog)
+    docs = item_docs(catalog) if docs is None else docs
     idx = semantic_index(catalog, encoder)
     out = np.zeros((len(item_ids), dim), np.float32)
     found = np.zeros(len(item_ids), bool)

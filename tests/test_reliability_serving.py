@@ -232,3 +232,35 @@ def test_a_header_naming_a_column_twice_is_refused(copy, tmp_path, name, text):
         with pytest.raises(dynstore.DynstoreError, match=rf"{name}: line 1 \(the header\), column \w+: named twice"):
             s.ingest("items", src)
         assert s.snapshot() == before
+
+
+def test_serving_reads_no_item_text(copy, monkeypatch):
+    """A fresh recommend and score read item ids (and feature columns), never the texts:
+    one 200 MB description made every fresh recommend 6.2 s / 1.67 GB."""
+    from lance.dataset import LanceDataset, LanceScanner
+
+    reads: list[list[str]] = []
+    for name in ("to_reader", "to_table", "to_batches", "scan_batches"):  # what consumes a scan
+        original = getattr(LanceScanner, name)
+
+        def spy(self, *args, _original=original, **kwargs):
+            if "items.lance" in str(getattr(self._ds, "uri", "")):
+                reads.append(self.projected_schema.names)
+            return _original(self, *args, **kwargs)
+
+        monkeypatch.setattr(LanceScanner, name, spy)
+    original_take = LanceDataset.take
+
+    def take(self, indices, columns=None, **kwargs):
+        if "items.lance" in str(self.uri):
+            reads.append(list(columns) if columns is not None else self.schema.names)
+        return original_take(self, indices, columns=columns, **kwargs)
+
+    monkeypatch.setattr(LanceDataset, "take", take)
+    with dynstore.connect(copy) as s:
+        user = s.sql("SELECT min(user_id) FROM users").fetchall()[0][0]
+        assert len(s.recommend(user, 5)) == 5
+        assert s.sql("SELECT score(?, 1)", params=[user]).fetchall()[0][0] is not None
+    assert reads, "the spy saw no read of items"
+    texts = [r for r in reads if {"title", "description"} & set(r)]
+    assert not texts, f"serving read item texts: {texts}"
