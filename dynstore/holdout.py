@@ -53,9 +53,7 @@ def evaluate_version(catalog: Catalog, *, version: int | None = None, k: int = 1
     con = views_connection(catalog)
     try:
         newest = newest_event(con)
-        # the vectors of the encoder the version was built with (the store's may have changed)
-        encoder = (row["encoder"], lv.model.d) if row.get("encoder") else None
-        prep = WindowData(catalog, lv, con, window.start(newest), encoder)
+        prep = WindowData(catalog, lv, con, window.start(newest), row.get("encoder") and (row["encoder"], lv.model.d))
     finally:
         con.close()
     if as_built:
