@@ -125,7 +125,7 @@ def test_serving_goes_on_through_an_encoder_change(runner, shop_files, tmp_path)
         assert 0.0 < old < 1.0 and waiting is None
     r = _cli(runner, "score-all", path, "-k", "3")
     assert r.exit_code == 0, r.output
-    r = _cli(runner, "refresh", path, "--force")
+    r = _cli(runner, "refresh", path)
     assert r.exit_code == 0, r.output
     with dynstore.connect(path) as s:
         assert [v["version"] for v in s.versions()] == [2, 1]
