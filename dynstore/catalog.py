@@ -325,7 +325,7 @@ def manifest_versions(storage: Storage, dataset: str) -> dict[int, str]:
     """
     out: dict[int, str] = {}
     for name in storage.names(f"{dataset}/_versions"):
-        stem, dot, ext = name.partition(".")
+        stem, _, ext = name.partition(".")
         if ext != "manifest" or not stem.isdigit():
             continue
         n = int(stem)
