@@ -54,12 +54,25 @@ def handle_errors(fn):
             click.echo(f"Error: {exc}", err=True)
             sys.exit(EXIT_BUSY)
         except DynstoreError as exc:
-            click.echo(f"Error: {exc}", err=True)
+            click.echo(f"Error: {_damage(kwargs, exc) or exc}", err=True)
             sys.exit(EXIT_USER)
         except (KeyboardInterrupt, Interrupted):
             click.echo("Interrupted", err=True)
             sys.exit(EXIT_INTERRUPTED)
+        except MemoryError:
+            click.echo(f"Error: {_out_of_memory()}", err=True)
+            sys.exit(EXIT_USER)
         except Exception as exc:
+            if _interrupted(exc):  # Ctrl-C inside a DuckDB query ("Query interrupted")
+                click.echo("Interrupted", err=True)
+                sys.exit(EXIT_INTERRUPTED)
+            if _no_memory(exc):
+                click.echo(f"Error: {_out_of_memory()}", err=True)
+                sys.exit(EXIT_USER)
+            damage = _damage(kwargs, exc)
+            if damage is not None:  # a damaged file of the store: which, and the way out
+                click.echo(f"Error: {damage}", err=True)
+                sys.exit(EXIT_USER)
             # SQL that DuckDB refuses inside a command (a labelling rule over a missing
             # column, say) is the user's to fix: one line, no traceback
             if not type(exc).__module__.lstrip("_").startswith("duckdb"):
@@ -70,6 +83,50 @@ def handle_errors(fn):
             sys.exit(EXIT_USER)
 
     return wrapper
+
+
+#: per command, the setting that bounds its memory (named when it runs out)
+MEMORY_HINTS = {
+    "refresh": "train on a shorter window (--since 7d, say): memory follows the window's events and the catalogue",
+    "score-all": "ask for fewer items per user (-k): every user's list is held until the one commit",
+    "encode": "encode with a smaller --batch-size",
+    "ingest": "ingest the file in parts",
+    "eval": "judge a shorter window (--since)",
+}
+
+
+def _out_of_memory() -> str:
+    """One line for a command that ran out of memory: the setting that bounds it."""
+    ctx = click.get_current_context(silent=True)
+    name = ctx.info_name if ctx is not None else "the command"
+    hint = MEMORY_HINTS.get(name, "run it where more memory is free")
+    return f"out of memory in `{name}`; nothing was committed past the last commit: {hint}"
+
+
+def _no_memory(exc: BaseException) -> bool:
+    """True for the other ways running out of memory shows: DuckDB's error, a library
+    that cannot be mapped (``ulimit -v``), an allocation the OS refused."""
+    import errno
+
+    text = str(exc)
+    return (type(exc).__name__ == "OutOfMemoryException" or "failed to map segment" in text
+            or (isinstance(exc, OSError) and exc.errno == errno.ENOMEM) or "Cannot allocate memory" in text)
+
+
+def _interrupted(exc: BaseException) -> bool:
+    """True for DuckDB's way of saying a query was cancelled by Ctrl-C."""
+    return type(exc).__name__ == "InterruptException" or (
+        isinstance(exc, RuntimeError) and str(exc).strip().startswith("Query interrupted"))
+
+
+def _damage(kwargs: dict, exc: BaseException):
+    """The store's damaged file behind ``exc`` (a StoreCorrupt naming it), or None."""
+    from dynstore.catalog import find_damage
+    from dynstore.errors import StoreCorrupt
+
+    if isinstance(exc, StoreCorrupt) or "store" not in kwargs:
+        return None
+    return find_damage(kwargs["store"], exc)
 
 
 def _open(store: str, *, read_only: bool = False):

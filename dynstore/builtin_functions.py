@@ -13,6 +13,7 @@ import numpy as np
 import pyarrow as pa
 
 from .functions import sql_function
+from .registry import list_versions
 from .recommend import recommend_from_examples, recommend_many, scores, serving_state, similar_items, user_vectors
 from .semantic import semantic_vectors
 from .semcache import encoder_info, store_encoder
@@ -39,6 +40,21 @@ def _vec(store: "Store") -> str:
     return f"FLOAT[{_dim(store)}]"
 
 
+def _fused_dim(store: "Store") -> int:
+    """Width of the current version's fused vectors: the encoder's, unless the version
+    was built with an encoder of another width (before a `config --model`)."""
+    enc_id, dim = encoder_info(store.catalog)
+    built = next((r.get("encoder") for r in list_versions(store.catalog) if r["status"] == "current"), None)
+    if not built or built == enc_id:
+        return dim
+    ds = store.catalog.cache_dataset(built)
+    return ds.schema.field("vector").type.list_size if ds is not None else dim
+
+
+def _fused(store: "Store") -> str:
+    return f"FLOAT[{_fused_dim(store)}]"
+
+
 def _ranked(store: "Store") -> str:
     return f"STRUCT(item_id {_iid(store)}, score DOUBLE)[]"
 
@@ -52,7 +68,7 @@ def _vectors(rows: list[np.ndarray | None], dim: int) -> pa.Array:
     flat = np.zeros((len(rows), dim), np.float32)
     valid = np.zeros(len(rows), bool)
     for n, r in enumerate(rows):
-        if r is not None:
+        if r is not None and len(r) == dim:  # (a version of another width: NULL)
             flat[n] = r
             valid[n] = True
     values = pa.array(flat.reshape(-1), pa.float32())
@@ -128,7 +144,7 @@ def _semantic_vector(store: "Store", item_ids):
     return _vectors([v if ok else None for v, ok in zip(vecs, found)], _dim(store))
 
 
-@sql_function("_dynstore_item_vector", lambda s: [_iid(s), "BIGINT"], _vec)
+@sql_function("_dynstore_item_vector", lambda s: [_iid(s), "BIGINT"], _fused)
 def _item_vector(store: "Store", item_ids, versions):
     ids, vers = _py(item_ids), _py(versions)
     out: list[np.ndarray | None] = []
@@ -136,14 +152,14 @@ def _item_vector(store: "Store", item_ids, versions):
         state = serving_state(store.catalog, v)
         r = state.row.get(i)
         out.append(None if r is None else state.Wf[r])
-    return _vectors(out, _dim(store))
+    return _vectors(out, _fused_dim(store))
 
 
-@sql_function("user_vector", lambda s: [_uid(s)], _vec)
+@sql_function("user_vector", lambda s: [_uid(s)], _fused)
 def _user_vector(store: "Store", user_ids):
     ids = _py(user_ids)
     X = user_vectors(serving_state(store.catalog), [u for u in ids])
-    return _vectors([None if u is None else x for u, x in zip(ids, X)], _dim(store))
+    return _vectors([None if u is None else x for u, x in zip(ids, X)], _fused_dim(store))
 
 
 @sql_function("log_impressions", lambda s: [_uid(s), f"{_iid(s)}[]"], "BIGINT", side_effects=True)

@@ -29,7 +29,8 @@ from dataclasses import dataclass, field
 from typing import Any, Iterator
 
 from .config import CONFIG_NAME, StoreConfig
-from .errors import DynstoreError, ReadOnlyError, StorageError, StoreFormatError, StoreNotFound, first_line
+from .errors import (DynstoreError, ReadOnlyError, StorageError, StoreCorrupt, StoreFormatError, StoreNotFound,
+                     first_line)
 from .lancescan import enable_dictionary_filters, enable_row_estimates
 from .storage import Storage, open_storage
 from .switch import effective
@@ -176,11 +177,26 @@ class Catalog:
         options = TABLE_SCAN if os.path.basename(os.path.dirname(uri)) == "tables" else None
         so = self.storage.storage_options
         if version is not None:
-            return lance.dataset(uri, version=version, default_scan_options=options, storage_options=so)
+            with self.reading(uri, version):
+                return lance.dataset(uri, version=version, default_scan_options=options, storage_options=so)
         hit = self._open.get(uri)
         if hit is None or hit[0] != stamp:
-            hit = self._open[uri] = (stamp, lance.dataset(uri, default_scan_options=options, storage_options=so))
+            with self.reading(uri):
+                hit = self._open[uri] = (stamp, lance.dataset(uri, default_scan_options=options, storage_options=so))
         return hit[1]
+
+    @contextmanager
+    def reading(self, uri: str, version: int | None = None) -> Iterator[None]:
+        """Turn Lance's refusal to read a damaged dataset (a truncated manifest or data
+        file) into :class:`StoreCorrupt` naming the file and the way out."""
+        try:
+            yield
+        except DynstoreError:
+            raise
+        except Exception as exc:
+            if not is_damage(exc):
+                raise
+            raise corrupt(self.storage, self.relative(uri), exc, version) from None
 
     def version_of(self, name: str) -> int:
         """Committed version of a dataset as this view sees it (0 when absent)."""
@@ -314,6 +330,118 @@ def _id_kind(arrow_type) -> str:
     if pa.types.is_dictionary(arrow_type):
         arrow_type = arrow_type.value_type
     return "string" if pa.types.is_string(arrow_type) or pa.types.is_large_string(arrow_type) else "int"
+
+
+#: what Lance says when a file it reads is damaged (not when a disk or network refuses)
+_DAMAGE = re.compile(r"sufficient data|too small|protobuf|decode|corrupt|unexpected end|unexpected eof|invalid|"
+                     r"not found|no such file|out of range|checksum|magic|fill whole buffer", re.I)
+_ENVIRONMENT = re.compile(r"permission denied|timed out|timeout|connection|credential|access denied|"
+                          r"no space|too many open files", re.I)
+
+
+def is_damage(exc: BaseException) -> bool:
+    """True when ``exc`` (raised by Lance reading a dataset) says a file is damaged or missing.
+
+    >>> is_damage(ValueError("LanceError(IO): file size is too small, /src/utils.rs:1:1"))
+    True
+    >>> is_damage(OSError("LanceError(IO): Permission denied (os error 13)"))
+    False
+    """
+    text = str(exc)
+    if "LanceError" not in text and "lance" not in type(exc).__module__.lower():
+        return False
+    return bool(_DAMAGE.search(text)) and not _ENVIRONMENT.search(text)
+
+
+def manifest_versions(storage: Storage, dataset: str) -> dict[int, str]:
+    """``{version: manifest file}`` of the Lance dataset ``dataset`` (relative to the store).
+
+    Lance names a manifest ``<version>.manifest`` or, in its newer scheme,
+    ``<2**64 - 1 - version>.manifest`` (20 digits, so the newest sorts first).
+    """
+    out: dict[int, str] = {}
+    for name in storage.names(f"{dataset}/_versions"):
+        stem, _, ext = name.partition(".")
+        if ext != "manifest" or not stem.isdigit():
+            continue
+        n = int(stem)
+        out[(2**64 - 1 - n) if n >= 2**63 else n] = f"{dataset}/_versions/{name}"
+    return out
+
+
+def corrupt(storage: Storage, dataset: str, exc: BaseException, version: int | None = None) -> StoreCorrupt:
+    """The :class:`StoreCorrupt` for a dataset Lance could not read: it names the damaged
+    manifest (the one read: the given or the latest version) and the way out."""
+    manifests = manifest_versions(storage, dataset)
+    read = version if version is not None else max(manifests, default=None)
+    why = storage_reason(exc).split(", bytes:")[0]
+    if read is None or read not in manifests:
+        return StoreCorrupt(f"{storage.uri(dataset)}: damaged, cannot be read ({why}); restore it from a backup")
+    older = [v for v in manifests if v < read]
+    file = storage.uri(manifests[read])
+    if version is not None or not older:
+        way = "restore it from a backup" + (f", or use a version after {read}" if version is not None else "")
+    else:
+        way = (f"move that file out of _versions/ to reopen {dataset} at its previous commit (version "
+               f"{max(older)}), then rerun the command that wrote version {read}; or restore it from a backup")
+    return StoreCorrupt(f"{file}: damaged, version {read} of {dataset} cannot be read ({why}); {way}")
+
+
+def find_damage(path: str | os.PathLike, exc: BaseException) -> StoreCorrupt | None:
+    """After Lance failed reading the store at ``path`` with ``exc``: the damaged
+    file of the store, as :class:`StoreCorrupt` naming it and the way out, or None
+    when ``exc`` is no damage or no damaged file is found.
+
+    A data file is damaged when its size differs from the one its manifest recorded
+    (truncated, overwritten) or it is missing; checked on a local store only.
+    """
+    text = str(exc)
+    if "LanceError" not in text and not (_DAMAGE.search(text) and not _ENVIRONMENT.search(text)):
+        return None
+    import lance
+
+    try:
+        storage = open_storage(path)
+    except Exception:
+        return None
+    datasets = [f"tables/{t}.lance" for t in TABLES] + ["embeddings.lance", "versions.lance"]
+    datasets += [f"cache/{n}" for n in storage.names("cache") if n.endswith(".lance")]
+    for rel in datasets:
+        if not storage.exists(f"{rel}/_versions"):
+            continue
+        try:
+            ds = lance.dataset(storage.uri(rel), storage_options=storage.storage_options)
+        except Exception as err:
+            if is_damage(err):
+                return corrupt(storage, rel, err)
+            continue
+        found = _damaged_data_file(storage, rel, ds)
+        if found is not None:
+            return found
+    return None
+
+
+def _damaged_data_file(storage: Storage, rel: str, ds: Any) -> StoreCorrupt | None:
+    """The first data file of ``ds`` whose size is not the recorded one (local stores)."""
+    for fragment in ds.get_fragments():
+        for f in fragment.metadata.files:
+            local = storage.local_dir(f"{rel}/data/{f.path}")
+            expected = getattr(f, "file_size_bytes", None)
+            if local is None:
+                return None
+            size = local.stat().st_size if local.exists() else None
+            if size is not None and (not expected or size == expected):
+                continue
+            state = "missing" if size is None else f"{size} bytes, its manifest says {expected}"
+            older = [v for v in manifest_versions(storage, rel) if v < ds.version]
+            way = "restore it from a backup"
+            if older:
+                way = (f"restore it from a backup, or, if the latest commit wrote it, move "
+                       f"{storage.uri(manifest_versions(storage, rel)[ds.version])} out of _versions/ "
+                       f"to reopen {rel} at version {max(older)} and rerun the command that wrote it")
+            return StoreCorrupt(f"{storage.uri(f'{rel}/data/{f.path}')}: damaged data file of {rel} "
+                                f"({state}); {way}")
+    return None
 
 
 def storage_reason(exc: BaseException) -> str:

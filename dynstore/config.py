@@ -11,7 +11,7 @@ import tomllib
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
-from .errors import StoreFormatError
+from .errors import StoreCorrupt, StoreFormatError
 
 #: A ``[storage]`` key holding one of these words is a secret: never written into a store.
 SECRET_WORDS = ("secret", "token", "password", "access_key", "credential", "session")
@@ -23,6 +23,8 @@ CONFIG_NAME = "dynstore.toml"
 
 DEFAULT_POSITIVE = "value > 0"
 DEFAULT_NEGATIVE = "value <= 0"
+#: what to do about a damaged dynstore.toml
+_WAY_OUT = "fix it or restore the file from a backup (the data and versions beside it are untouched)"
 
 
 @dataclass
@@ -91,10 +93,10 @@ class StoreConfig:
         try:
             raw = tomllib.loads(text)
         except tomllib.TOMLDecodeError as exc:
-            raise StoreFormatError(f"{path}: unreadable store config ({exc})") from None
+            raise StoreCorrupt(f"{path}: damaged store config ({exc}); {_WAY_OUT}") from None
         version = raw.get("format_version")
         if not isinstance(version, int):
-            raise StoreFormatError(f"{path}: missing format_version; not a dynstore config")
+            raise StoreCorrupt(f"{path}: damaged store config (no format_version; truncated?); {_WAY_OUT}")
         if version > FORMAT_VERSION:
             raise StoreFormatError(
                 f"{path.rsplit('/', 1)[0]}: store format {version} is newer than this dynstore "

@@ -16,6 +16,7 @@ from .catalog import Catalog
 from .errors import ConfigError
 from .results import DeleteResult
 from .rules import condition_error, label_sql
+from .views import views_connection
 
 __all__ = ["delete_rows"]
 
@@ -56,8 +57,6 @@ def delete_rows(catalog: Catalog, kind: str, where: str, *, dry_run: bool = Fals
     >>> store.delete("items", "title <> 'b'").deleted
     2
     """
-    import duckdb
-
     if kind not in KINDS:
         raise ConfigError(f"unknown table {kind!r}; use one of {', '.join(KINDS)}")
     if not where or not where.strip():
@@ -65,22 +64,26 @@ def delete_rows(catalog: Catalog, kind: str, where: str, *, dry_run: bool = Fals
     ds = catalog.dataset(kind)
     if ds is None:
         return DeleteResult(kind=kind, deleted=0, total=0, version=0)
-    con = duckdb.connect()
+    # the store's views (interactions, items, users) for subqueries in the condition
+    # ("item_id NOT IN (SELECT item_id FROM items)"); the rows to delete are scanned once,
+    # through their own relation named after the table
+    con = views_connection(catalog)
     try:
         con.execute("SET TimeZone = 'UTC'")
         con.register("_dynstore_src", ds.to_table(limit=0))
         label = ""
         if kind == "interactions":
             label = f", {label_sql(catalog.config)} AS label"
-        con.execute(f"CREATE VIEW {kind} AS SELECT *{label} FROM _dynstore_src")
-        why = condition_error(con, where, kind)
+        con.execute(f"CREATE OR REPLACE TEMP VIEW _dynstore_rows AS SELECT *{label} FROM _dynstore_src")
+        rows = f"_dynstore_rows AS {kind}"
+        why = condition_error(con, where, rows)
         if why is not None:
-            cols = ", ".join(r[0] for r in con.execute(f"DESCRIBE {kind}").fetchall())
+            cols = ", ".join(r[0] for r in con.execute("DESCRIBE SELECT * FROM _dynstore_rows").fetchall())
             raise ConfigError(f"--where {where!r} is not a condition over {kind} ({cols}): {why}")
         # Scan with Lance row ids; only the matching ids come back to Python.
         con.register("_dynstore_src", ds.scanner(with_row_id=True).to_reader())
-        con.execute(f"CREATE OR REPLACE VIEW {kind} AS SELECT *{label} FROM _dynstore_src")
-        ids = con.execute(f"SELECT _rowid FROM {kind} WHERE ({where})").fetchnumpy()["_rowid"]
+        con.execute(f"CREATE OR REPLACE TEMP VIEW _dynstore_rows AS SELECT *{label} FROM _dynstore_src")
+        ids = con.execute(f"SELECT _rowid FROM {rows} WHERE ({where})").fetchnumpy()["_rowid"]
     finally:
         con.close()
     ids = np.asarray(ids, np.uint64)

@@ -53,7 +53,7 @@ def evaluate_version(catalog: Catalog, *, version: int | None = None, k: int = 1
     con = views_connection(catalog)
     try:
         newest = newest_event(con)
-        prep = WindowData(catalog, lv, con, window.start(newest))
+        prep = WindowData(catalog, lv, con, window.start(newest), row.get("encoder") and (row["encoder"], lv.model.d))
     finally:
         con.close()
     if as_built:

@@ -125,7 +125,9 @@ def _read_csv_sql(con: duckdb.DuckDBPyConnection, path: Path, kind: str, label: 
     try:
         header = {r[0] for r in con.execute(f"DESCRIBE SELECT * FROM read_csv({p}, {', '.join(opts)})").fetchall()}
     except duckdb.Error as exc:
-        raise IngestError(f"{label}: cannot read as {kind}: {_unicode_column(path, _one_line(exc), delim)}") from None
+        why = _long_line(path, _unicode_column(path, _one_line(exc), delim))
+        raise IngestError(f"{label}: cannot read as {kind}: {why}") from None
+    _check_header(path, label, delim)
     if text_columns & header:
         opts.append("types={" + ", ".join(f"{lit(c)}: 'VARCHAR'" for c in sorted(text_columns & header)) + "}")
     return f"read_csv({p}, {', '.join(opts)})"
@@ -253,6 +255,50 @@ def _csv_delimiter(con, path: Path, kind: str, label: str) -> str | None:
                 raise IngestError(f"{label}: row {row_no} (line {reader.line_num}) has {len(row)} fields, the "
                                   f"header has {len(header)} ({', '.join(header)})")
     return expected
+
+
+def _long_line(path: Path, message: str) -> str:
+    """DuckDB's "Maximum line size ... exceeded" with the line it is on: DuckDB's own
+    line number and size are those of the buffer it was sniffing, not of the file."""
+    import re
+
+    m = re.search(r"Maximum line size of (\d+) bytes exceeded", message)
+    if not m or path.name.lower().endswith((".gz", ".zst")):
+        return message
+    limit, line, size = int(m.group(1)), 1, 0
+    with open(path, "rb") as fh:
+        while chunk := fh.read(1 << 20):
+            pieces = chunk.split(b"\n")
+            for n, piece in enumerate(pieces):
+                size += len(piece)
+                if size > limit:
+                    return (f"row {line - 1} (line {line}): the line is longer than {limit:,} bytes, the most a "
+                            "CSV line may hold; put long texts in a Parquet or JSON file")
+                if n < len(pieces) - 1:
+                    line, size = line + 1, 0
+    return message
+
+
+def _check_header(path: Path, label: str, delim: str | None) -> None:
+    """Refuse a CSV header that names a column twice (DuckDB would store the second as ``name_1``)."""
+    import csv
+    import gzip
+
+    if path.name.lower().endswith(".zst"):
+        return
+    opener = gzip.open if path.name.lower().endswith(".gz") else open
+    try:
+        with opener(path, "rt", encoding="utf-8", errors="replace", newline="") as fh:
+            header = next(csv.reader(fh, delimiter=delim or ","), [])
+    except (OSError, csv.Error):
+        return  # DuckDB read it; its own errors name what is wrong
+    seen: dict[str, int] = {}
+    for n, name in enumerate(header, 1):
+        key = name.strip()
+        if key in seen:
+            raise IngestError(f"{label}: line 1 (the header), column {key}: named twice (columns {seen[key]} and "
+                              f"{n}); rename or drop one")
+        seen[key] = n
 
 
 def _unicode_column(path: Path, message: str, delim: str | None) -> str:

@@ -39,7 +39,7 @@ import sys
 import pyarrow as pa
 
 __all__ = ["DICT_STRING", "SCAN_IO_BYTES", "stored_type", "is_text", "enable_dictionary_filters",
-           "enable_row_estimates", "plain_schema"]
+           "enable_row_estimates", "plain_schema", "vector_width"]
 
 #: How low-cardinality strings of ``interactions`` are stored.
 DICT_STRING = pa.dictionary(pa.int32(), pa.string())
@@ -82,6 +82,14 @@ def stored_type(name: str, typ: pa.DataType, *, distinct: int | None = None, row
     if distinct is not None and distinct <= MAX_DISTINCT and distinct * MIN_ROWS_PER_VALUE <= rows:
         return DICT_STRING
     return typ
+
+
+def vector_width(column) -> int:
+    """Width of the vectors in ``column`` (fixed-size lists, or lists of one width:
+    a version's rows after an encoder of another width joined the store)."""
+    if pa.types.is_fixed_size_list(column.type):
+        return column.type.list_size
+    return len(pa.chunked_array(column).combine_chunks().flatten()) // max(len(column), 1)
 
 
 def plain_schema(schema: pa.Schema) -> pa.Schema:

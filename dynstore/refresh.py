@@ -174,9 +174,10 @@ class _Run:
         # Every model here reads behaviour as of the end of `train` when it is judged,
         # so the rule and current are scored on the holdout without having counted it.
         rule = data.rule(train, lv)
-        if lv.model.dynamic is None:
+        if lv.model.dynamic is None or lv.model.d != data.V.shape[1]:
             # a version from before dynamic features: its popularity is a static bias
-            # counted over all data (the holdout included), so the rule stands in for it
+            # counted over all data (the holdout included), so the rule stands in for it;
+            # so it does for a version of another encoder (other vectors, another width)
             current, residuals = rule, rule.residuals
         else:
             current, residuals = lv.model, data.residuals_of(lv)

@@ -212,9 +212,12 @@ def _encode_stale(catalog: Catalog, item_ids: list[Any], rows: np.ndarray, out: 
         out[missing[h]] = v
 
 
-def cached_vectors(catalog: Catalog, item_ids: list[Any]) -> tuple[np.ndarray, np.ndarray]:
+def cached_vectors(catalog: Catalog, item_ids: list[Any],
+                   encoder: tuple[str, int] | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Cached semantic vectors of ``item_ids`` and a mask of the items that have one
     (known items whose current document was encoded); never loads the encoder.
+    ``encoder`` (``(id, dim)``, default the store's) names the cache: a version serves
+    the vectors of the encoder it was built with.
 
     Examples
     --------
@@ -227,15 +230,31 @@ def cached_vectors(catalog: Catalog, item_ids: list[Any]) -> tuple[np.ndarray, n
     >>> cached_vectors(store.catalog, [1, 2])[1].tolist()
     [True, False]
     """
-    out, _, cached = _lookup(catalog, item_ids)
+    out, _, cached = _lookup(catalog, item_ids, encoder, _doc_hashes(catalog, item_ids))
     return out, cached
 
 
-def _lookup(catalog: Catalog, item_ids: list[Any]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(vectors, item exists, vector cached) from the semantic cache."""
-    _, dim = encoder_info(catalog)
-    docs = item_docs(catalog)
-    idx = semantic_index(catalog)
+def _doc_hashes(catalog: Catalog, item_ids: list[Any]) -> dict[Any, tuple[str, None]]:
+    """item_id -> (doc_hash, None) of ``item_ids``: their documents are hashed, none
+    travels to Python (serving looks vectors up; a document may be megabytes)."""
+    if not item_ids:
+        return {}
+    con = views_connection(catalog)
+    try:
+        con.register("_dynstore_wanted", pa.table({"item_id": list(item_ids)}))
+        rows = con.execute("SELECT item_id, doc_hash FROM item_documents "
+                           "WHERE item_id IN (SELECT item_id FROM _dynstore_wanted)").fetchall()
+    finally:
+        con.close()
+    return {r[0]: (r[1], None) for r in rows}
+
+
+def _lookup(catalog: Catalog, item_ids: list[Any], encoder: tuple[str, int] | None = None,
+            docs: dict | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(vectors, item exists, vector cached) from the semantic cache (of ``encoder``)."""
+    _, dim = encoder or encoder_info(catalog)
+    docs = item_docs(catalog) if docs is None else docs
+    idx = semantic_index(catalog, encoder)
     out = np.zeros((len(item_ids), dim), np.float32)
     found = np.zeros(len(item_ids), bool)
     cached = np.zeros(len(item_ids), bool)
@@ -296,11 +315,14 @@ class CatalogueVectors:
         Which items exist.
     """
 
-    def __init__(self, catalog: Catalog, item_ids):
+    def __init__(self, catalog: Catalog, item_ids, encoder: tuple[str, int] | None = None):
         import pyarrow.compute as pc
 
         self.catalog = catalog
-        enc_id, self.dim = encoder_info(catalog)
+        enc_id, self.dim = encoder or encoder_info(catalog)
+        #: stale items are encoded in memory only by the store's own encoder; with
+        #: another's (a version built before an encoder change) they stay zero rows
+        self.encodes = encoder is None or tuple(encoder) == tuple(encoder_info(catalog))
         con = views_connection(catalog)
         try:
             docs = con.sql("SELECT item_id, doc_hash FROM item_documents").to_arrow_table()
@@ -363,4 +385,6 @@ class CatalogueVectors:
 
     def _encode_stale(self, out: np.ndarray, start: int, stale: np.ndarray) -> None:
         rows = np.flatnonzero(stale)
+        if not self.encodes:
+            return
         _encode_stale(self.catalog, [self.ids[start + int(p)].as_py() for p in rows], rows, out)

@@ -131,9 +131,10 @@ class SemanticIndex:
         self.vectors = self.vectors[:n]
 
 
-def semantic_index(catalog: Catalog) -> SemanticIndex:
-    """The cache of the store's encoder in memory (rebuilt when the cache commits)."""
-    enc_id, dim = encoder_info(catalog)
+def semantic_index(catalog: Catalog, encoder: tuple[str, int] | None = None) -> SemanticIndex:
+    """The cache of the store's encoder (or ``encoder``: ``(id, dim)``, a version's) in
+    memory (rebuilt when the cache commits)."""
+    enc_id, dim = encoder or encoder_info(catalog)
     ds = cache_dataset(catalog, enc_id)
     key = ("semantic", enc_id, ds.version if ds is not None else 0)
     idx = catalog.memo.semantic

@@ -342,19 +342,21 @@ def _item_rows(catalog: Catalog, lv, items) -> tuple[list, dict, np.ndarray, np.
     ids, row, Wf, bias = list(lv.ids), dict(lv.row), lv.Wf, lv.bias
     if items is None:
         return ids, row, Wf, np.asarray(bias, np.float32)
-    table = items.to_table()
-    all_ids = table.column("item_id").to_pylist()
+    # the ids only: item texts (a description may be megabytes) are not read to serve
+    all_ids = items.to_table(columns=["item_id"]).column("item_id").to_pylist()
     new_pos = [n for n, i in enumerate(all_ids) if i not in row]
     if new_pos:
         new_ids = [all_ids[n] for n in new_pos]
-        V, ok = cached_vectors(catalog, new_ids)
+        # the vectors of the encoder the version was built with: after an encoder
+        # change, items encoded only by the new one wait for a version of it
+        V, ok = cached_vectors(catalog, new_ids, (lv.encoder, lv.model.d) if lv.encoder else None)
         # items not encoded yet wait for `encode` (they are in stale_items): a
         # reader never runs the encoder
         keep = np.flatnonzero(ok)
         if keep.size:
             new_pos = [new_pos[n] for n in keep]
             new_ids = [new_ids[n] for n in keep]
-            A = lv.item_spec.transform(table.take(new_pos))
+            A = lv.item_spec.transform(_feature_rows(items, lv.item_spec, new_pos))
             Wn, bn = lv.model.item_side(V[keep], A, None)
             Wf = np.vstack([Wf, Wn.astype(np.float32)])
             bias = np.concatenate([bias, bn.astype(np.float32)])
@@ -371,6 +373,13 @@ def _item_rows(catalog: Catalog, lv, items) -> tuple[list, dict, np.ndarray, np.
         for n in gone:
             row.pop(ids[n], None)
     return ids, row, Wf, np.asarray(bias, np.float32)
+
+
+def _feature_rows(items, spec, positions: list[int]) -> Any:
+    """The rows at ``positions`` of ``items``, with the columns ``spec`` reads only."""
+    wanted = {rule["name"] for rule in spec.columns}
+    columns = [c for c in items.schema.names if c in wanted] or ["item_id"]
+    return items.take(positions, columns=columns)
 
 
 @dataclass

@@ -10,6 +10,7 @@ Lance commit, so a reader (or a crash) sees the whole version or none of it.
 from __future__ import annotations
 
 import datetime as _dt
+import itertools
 import json
 from dataclasses import dataclass
 from typing import Any
@@ -24,6 +25,7 @@ from .encoders import encoder_fingerprint
 from .errors import StoreBusy, StoreCorrupt, VersionNotFound, first_line
 from .features import FeatureSpec
 from .memory import release_freed
+from .lancescan import vector_width
 from .model import FusionModel
 from .results import RollbackResult
 from .registry import (VERDICT_OF_STATUS, current_version, embedding_schema, list_versions, next_version,
@@ -123,10 +125,30 @@ def _write_rows(catalog: Catalog, number: int, model, item_spec, items: pa.Table
     import lance
 
     schema = embedding_schema(catalog, model.d)
-    exists = catalog.dataset("embeddings") is not None
+    emb = catalog.dataset("embeddings")
     batches = _fused_batches(catalog, model, item_spec, items, residuals, number, schema)
+    mode = "append" if emb is not None else "create"
+    if emb is not None and not emb.schema.field("vector").type.equals(schema.field("vector").type):
+        # a version of an encoder of another width (`config --model`): every version's
+        # vectors become variable-length lists, the old rows rewritten in the same commit
+        batches, schema, mode = _widened(emb, batches, schema)
     lance.write_dataset(pa.RecordBatchReader.from_batches(schema, batches), catalog.uri("embeddings"),
-                        mode="append" if exists else "create", storage_options=catalog.storage_options)
+                        mode=mode, storage_options=catalog.storage_options)
+
+
+def _widened(emb, batches, schema: pa.Schema) -> tuple[Any, pa.Schema, str]:
+    """``(batches, schema, mode)`` that write ``batches`` into ``emb`` with variable-length
+    vectors: an append when ``emb`` already has them, else an overwrite that carries every
+    existing row over (one commit: a reader sees the old dataset or the new one whole)."""
+    wide = schema.set(schema.get_field_index("vector"), pa.field("vector", pa.list_(pa.float32())))
+    mode = "append" if pa.types.is_list(emb.schema.field("vector").type) else "overwrite"
+    old = emb.to_batches(batch_size=ROWS_BATCH) if mode == "overwrite" else iter(())
+
+    def rows():
+        for batch in itertools.chain(old, batches):
+            yield batch.select(wide.names).cast(wide)
+
+    return rows(), wide, mode
 
 
 def _commit_registry(catalog: Catalog, rows: list[dict], number: int, new_encoder: tuple | None) -> None:
@@ -240,6 +262,8 @@ class LoadedVersion:
     row: dict
     Wf: np.ndarray
     bias: np.ndarray
+    #: id of the encoder the version was built with ("" when the registry does not say)
+    encoder: str = ""
 
 
 def load_version(catalog: Catalog, version: int | None = None) -> LoadedVersion:
@@ -257,9 +281,11 @@ def load_version(catalog: Catalog, version: int | None = None) -> LoadedVersion:
     cache = catalog.memo.versions
     if key in cache:
         return cache[key]
-    if not any(r["version"] == version for r in list_versions(catalog)):
+    row = next((r for r in list_versions(catalog) if r["version"] == version), None)
+    if row is None:
         raise VersionNotFound(f"no version {version} in {catalog.path}")
     loaded = _read_version(catalog, int(version), emb)
+    loaded.encoder = row.get("encoder") or ""
     while len(cache) >= 4:  # a few versions side by side (current, a candidate, a rollback)
         cache.pop(next(iter(cache)))
     cache[key] = loaded
@@ -344,7 +370,7 @@ def _read_version(catalog: Catalog, version: int, emb) -> LoadedVersion:
         raise broken("embeddings.lance", exc) from None
     if t.num_rows == 0:
         raise broken("embeddings.lance", "it holds no rows of this version")
-    dim = t.schema.field("vector").type.list_size
+    dim = vector_width(t.column("vector"))
     Wf = np.array(t.column("vector").combine_chunks().flatten().to_numpy(zero_copy_only=False).reshape(-1, dim),
                   np.float32)
     ids = t.column("item_id").to_pylist()

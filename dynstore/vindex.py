@@ -11,7 +11,7 @@ import numpy as np
 import pyarrow as pa
 
 from .catalog import Catalog
-from .lancescan import SCAN_IO_BYTES
+from .lancescan import SCAN_IO_BYTES, vector_width
 
 __all__ = ["build_index", "create_vector_index", "index_settings", "recorded_index_settings", "model_dim",
            "BUILD_BATCH"]
@@ -19,9 +19,14 @@ __all__ = ["build_index", "create_vector_index", "index_settings", "recorded_ind
 BUILD_BATCH = 65536  # rows read (and items fused and written) per batch
 
 
-def model_dim(emb) -> int:
-    """Width of the fused vectors in the embeddings dataset."""
-    return emb.schema.field("vector").type.list_size
+def model_dim(emb, version: int | None = None) -> int:
+    """Width of the fused vectors in the embeddings dataset (of ``version``: after an
+    encoder of another width, the versions' widths differ)."""
+    typ = emb.schema.field("vector").type
+    if pa.types.is_fixed_size_list(typ) or version is None:
+        return typ.list_size
+    t = emb.to_table(columns=["vector"], filter=f"version = {int(version)}", limit=1)
+    return vector_width(t.column("vector"))
 
 
 #: the augmented vectors are padded with zeros to a multiple of this width
@@ -80,14 +85,14 @@ def build_index(catalog: Catalog, version: int, settings: dict | None = None) ->
         # a quarter of a build batch: the norms take float64 copies, 16 bytes a value
         for batch in emb.to_batches(columns=["vector", "bias"], filter=f"version = {int(version)}",
                                     batch_size=BUILD_BATCH // 4, io_buffer_size=SCAN_IO_BYTES):
-            dim = batch.schema.field("vector").type.list_size
+            dim = vector_width(batch.column("vector"))
             W = batch.column("vector").flatten().to_numpy(zero_copy_only=False).reshape(-1, dim)
             b = batch.column("bias").to_numpy(zero_copy_only=False)
             aug = np.hstack([W, b[:, None]]).astype(np.float32, copy=False)
             yield aug, (aug.astype(np.float64) ** 2).sum(axis=1)
 
     top = max((float(sq.max()) for _, sq in rows() if sq.size), default=0.0)
-    width = -(-(model_dim(emb) + 2) // INDEX_PAD) * INDEX_PAD
+    width = -(-(model_dim(emb, version) + 2) // INDEX_PAD) * INDEX_PAD
     schema = pa.schema([("row", pa.int64()), ("vector", pa.list_(pa.float32(), width))])
 
     def augmented():

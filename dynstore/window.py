@@ -129,14 +129,16 @@ def labelled_events(con, cutoff: _dt.datetime | None):
 class WindowData:
     """Items, users and events of one snapshot mapped to matrix rows."""
 
-    def __init__(self, catalog: Catalog, lv, con, cutoff: _dt.datetime | None):
+    def __init__(self, catalog: Catalog, lv, con, cutoff: _dt.datetime | None,
+                 encoder: tuple[str, int] | None = None):
         items = items_table(catalog)
         self.items = items
         self.ids = items.column("item_id").to_pylist()
         self.item_row = {i: n for n, i in enumerate(self.ids)}
         # read from the cache's dataset, not looked up in its in-memory copy: the window's
         # matrix is then the only catalogue-sized copy of the vectors
-        self.V, _ = CatalogueVectors(catalog, items.column("item_id")).matrix()
+        # (``encoder``: the vectors of another encoder's cache, a version's before a change)
+        self.V, _ = CatalogueVectors(catalog, items.column("item_id"), encoder).matrix()
         self.A = np.asarray(lv.item_spec.transform(items), np.float32)
         users = users_table(catalog)
         self.user_ids = users.column("user_id").to_pylist()

@@ -255,6 +255,29 @@ def test_kill_refresh(server, shop_template, tmp_path):
               check=check, chain=True)
 
 
+def test_kill_refresh_after_an_encoder_change(server, shop_template, tmp_path):
+    """The first version of a new encoder's width rewrites every version's rows into
+    variable-width vectors in one commit: a kill leaves the old rows or the new ones."""
+    from click.testing import CliRunner
+
+    from dynstore.cli import main
+
+    _, encoded = shop_template
+    changed = tmp_path / "changed"
+    shutil.copytree(encoded, changed)
+    for args in (["config", str(changed), "--model", "fake:64"], ["encode", str(changed)]):
+        assert CliRunner().invoke(main, args).exit_code == 0
+
+    def check(store, after_kill):
+        got = check_store(store, new_encoder=True)
+        assert got["current"] is not None
+        with dynstore.connect(store) as s:
+            assert s.sql("SELECT count(*) FROM item_embeddings_all WHERE version = 1").fetchall()[0][0] > 0
+
+    _exercise(server, changed, tmp_path / "r", ["refresh", "{store}", "--force", "--since", "all", "--epochs", "1"],
+              check=check, count=8)
+
+
 @pytest.fixture(scope="module")
 def bert_template(tmp_path_factory, shop_files):
     from test_finetune import tiny_bert as make_bert  # the module's tiny-BERT fixture, called directly
