@@ -368,51 +368,91 @@ def _sql_store_given(pos: list[str]) -> bool:
     return len(pos) >= 2 or (len(pos) == 1 and is_store(pos[0]))
 
 
+def _param_value(raw: str):
+    """A ``-p`` value: an integer or a number when it reads as one, else text."""
+    for kind in (int, float):
+        try:
+            return kind(raw)
+        except ValueError:
+            pass
+    return raw
+
+
 @main.command(cls=StoreCommand, store_given=_sql_store_given)
 @store_argument
 @click.argument("query", required=False)
+@click.option("-f", "--file", "files", multiple=True, type=click.Path(dir_okay=False, allow_dash=True),
+              help="Run the statements and dot commands of FILE ('-': stdin), as a script; repeatable.")
+@click.option("-p", "--param", "params", nargs=2, multiple=True, metavar="NAME VALUE",
+              help="Value of the named parameter $NAME (an integer or number when VALUE reads as one); repeatable.")
+@click.option("--keep-going", is_flag=True,
+              help="A script runs past a failing statement (and still exits 1); default: it stops there.")
 @click.option("--read-only", is_flag=True, help="No writes to the store, no file access outside it.")
 @format_options
 @quiet_option
 @handle_errors
-def sql(store: str, query, read_only, fmt, as_json, quiet):
-    """Run QUERY with every dynstore view and function, or open a prompt.
+def sql(store: str, query, files, params, keep_going, read_only, fmt, as_json, quiet):
+    """Run QUERY with every dynstore view and function, or a script, or open a prompt.
 
-    QUERY may hold several statements; each result is printed. Tables you
-    CREATE live in this command's (or prompt's) memory only; the store's own
-    tables are read-only in SQL (use ingest and delete). Ctrl-C cancels a
-    running query. The prompt has DuckDB-style dot commands (.help lists
-    them) and keeps multi-line statements whole in its history
-    (~/.dynstore_history, or $DYNSTORE_HISTORY).
+    QUERY may hold several statements; each result is printed. A script
+    (QUERY, -f FILE, or SQL piped to stdin) runs like the DuckDB CLI's: the
+    first failing statement stops it with exit 1, its error showing DuckDB's
+    LINE and caret (--keep-going runs the rest). Tables you CREATE live in
+    this command's (or prompt's) memory only; the store's own tables are
+    read-only in SQL (use ingest and delete). Ctrl-C cancels a running query.
+    The prompt (when stdin is a terminal) has DuckDB-style dot commands
+    (.help lists them: .read, .output, .maxrows, .maxwidth ...) and keeps
+    multi-line statements whole in its history (~/.dynstore_history, or
+    $DYNSTORE_HISTORY).
 
     \b
     Examples:
       dynstore sql shop "SELECT recommend(42, 10)"
       dynstore sql shop "SELECT r.rank, i.title FROM recommendations(42, 5) r JOIN items i USING (item_id)"
       dynstore sql shop --read-only --format csv "SELECT * FROM versions"
+      dynstore sql shop -f report.sql --format csv --no-headers
+      dynstore sql shop 'SELECT * FROM recommendations($user, 10)' -p user 42
+      printf 'SELECT 1;\\nSELECT 2;\\n' | dynstore sql shop
       dynstore sql shop            # interactive: .tables, .schema items, .mode csv, .timer on
     """
     from dynstore.session import SqlSession
 
-    from .repl import Repl, run_interruptibly
+    from .output import setting
+    from .repl import Repl
 
-    fmt = output_format(fmt, as_json)
-    with _open(store, read_only=read_only) as s, SqlSession(s) as session:
-        if query is None:
-            Repl(session, fmt, quiet=quiet).loop()
-            return
-        results = []
-        for statement in session.statements(query):
-            results.append(run_interruptibly(session, statement))
-        shown = [r for r in results if r.columns]
-        for n, r in enumerate(shown):
-            if n:
-                click.echo()
-            click.echo(render(r.columns, r.rows, fmt))
-        created = [r.creates for r in results if r.creates]
-        if created:
-            _note(quiet, f"note: {', '.join(created)} existed only while this command ran; tables you CREATE "
-                         "are session-scoped (use the prompt, or COPY ... TO a file, to keep a result)")
+    if query is not None and files:
+        raise click.UsageError("give QUERY or -f FILE, not both")
+    with _open(store, read_only=read_only) as s, \
+            SqlSession(s, {name: _param_value(value) for name, value in params}) as session:
+        repl = Repl(session, output_format(fmt, as_json), quiet=quiet, keep_going=keep_going,
+                    headers=not setting("no_headers", False), max_width=setting("max_width", None))
+        if query is None and not files:
+            repl.loop()
+        else:
+            try:
+                for path in files:
+                    if not _run_file(repl, path) and not keep_going:
+                        break
+                if query is not None:
+                    repl.run_script(query.splitlines(keepends=True))
+            finally:
+                repl.finish()
+    if repl.failed:
+        sys.exit(EXIT_USER)
+
+
+def _run_file(repl, path: str) -> bool:
+    """Run one -f FILE through ``repl``; False when a statement of it failed."""
+    from dynstore.errors import DynstoreError
+
+    if path == "-":
+        return repl.run_script(iter(sys.stdin.readline, ""))
+    try:
+        with open(path, encoding="utf-8") as f:
+            lines = f.readlines()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise DynstoreError(f"-f {path}: {getattr(exc, 'strerror', None) or exc}") from None
+    return repl.run_script(lines)
 
 
 # -------------------------------------------------------------------------- delete

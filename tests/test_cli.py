@@ -47,6 +47,16 @@ def exercises(*names):
     return mark
 
 
+def sql_error(result):
+    """A SQL error: one line, then at most DuckDB's position (``LINE n: ...`` and the caret under it)."""
+    assert result.exit_code == 1, result.output
+    lines = [l for l in result.output.splitlines() if l.strip()]
+    assert lines[0].startswith("Error: ") and "Traceback" not in result.output, result.output
+    assert len(lines) == 1 or (len(lines) == 3 and lines[1].startswith("LINE ") and lines[2].strip("^ ") == ""), \
+        result.output
+    return lines[0]
+
+
 def one_line_error(result, code=1):
     assert result.exit_code == code, result.output
     lines = [l for l in result.output.splitlines() if l.strip()]
@@ -116,7 +126,8 @@ def test_sql_formats_and_errors(runner, loaded):
     assert r.output.splitlines() == ["a,b", "1,x"]
     r = run(runner, "sql", p, "SELECT 42 AS answer")
     assert "answer" in r.output and "42" in r.output and "(1 row)" in r.output
-    assert "Error:" in one_line_error(run(runner, "sql", p, "SELEC nonsense"))
+    r = run(runner, "sql", p, "SELEC nonsense")
+    assert "Error:" in sql_error(r) and "LINE 1: SELEC nonsense\n        ^" in r.output
 
 
 def test_sql_read_only_cannot_touch_files(runner, loaded, tmp_path):
@@ -124,7 +135,7 @@ def test_sql_read_only_cannot_touch_files(runner, loaded, tmp_path):
     msg = one_line_error(run(runner, "sql", loaded.path, "--read-only", f"COPY (SELECT 1) TO '{target}'"))
     assert "disabled" in msg.lower() or "permission" in msg.lower()
     assert not target.exists()
-    msg = one_line_error(run(runner, "sql", loaded.path, "--read-only", "SELECT * FROM read_csv('/etc/passwd')"))
+    msg = sql_error(run(runner, "sql", loaded.path, "--read-only", "SELECT * FROM read_csv('/etc/passwd')"))
     assert "permission" in msg.lower() or "disabled" in msg.lower()
     msg = one_line_error(run(runner, "sql", loaded.path, "--read-only", "SET enable_external_access = true"))
     before = loaded.sql("SELECT count(*) FROM interactions").fetchall()[0][0]
