@@ -86,6 +86,11 @@ def _note(quiet: bool, message: str) -> None:
         click.echo(message, err=True)
 
 
+def _rows(n: int) -> str:
+    """``n`` rows, in words: 1 row, 2 rows."""
+    return f"{n} row{'' if n == 1 else 's'}"
+
+
 def _kind_first(pos: list[str]) -> bool:
     """For ingest/delete: the positionals start with a store unless the first is a table name."""
     return not (pos and pos[0] in KINDS and not is_store(pos[0]))
@@ -330,6 +335,21 @@ def _coerce_id(s, kind: str, raw: str):
     return raw
 
 
+def _known_user(s, uid) -> bool:
+    """Whether ``uid`` is in users or has interactions."""
+    return bool(s.sql("SELECT EXISTS (SELECT 1 FROM users WHERE user_id = ?) "
+                      "OR EXISTS (SELECT 1 FROM interactions WHERE user_id = ?)", [uid, uid]).fetchall()[0][0])
+
+
+def _unknown_user(user_id: str, strict: bool, quiet: bool) -> None:
+    from dynstore.errors import DynstoreError
+
+    what = f"user {user_id!r} is in neither users nor interactions"
+    if strict:
+        raise DynstoreError(f"{what} (--strict); leave --strict out for the cold-start list")
+    _note(quiet, f"note: {what}: this is the cold-start list (popular, fitting items); --strict makes it an error")
+
+
 @main.command(cls=StoreCommand)
 @store_argument
 @click.argument("user_id")
@@ -337,11 +357,16 @@ def _coerce_id(s, kind: str, raw: str):
 @click.option("--version", "version", type=click.IntRange(min=1), default=None,
               help="Embedding version (default: current).")
 @click.option("--log-impressions", is_flag=True, help="Log the list as shown, for the next refresh.")
+@click.option("--strict", is_flag=True,
+              help="An unknown USER_ID (in neither users nor interactions) is an error, not the cold-start list.")
 @format_options
 @quiet_option
 @handle_errors
-def recommend(store: str, user_id, k, version, log_impressions, fmt, as_json, quiet):
+def recommend(store: str, user_id, k, version, log_impressions, strict, fmt, as_json, quiet):
     """Top-k items for USER_ID (unknown users get the cold-start list).
+
+    A user in neither users nor interactions (a typo?) gets the cold-start
+    list with a note on stderr; --strict makes it an error (exit 1).
 
     \b
     Examples:
@@ -351,6 +376,8 @@ def recommend(store: str, user_id, k, version, log_impressions, fmt, as_json, qu
     """
     with _open(store) as s:
         uid = _coerce_id(s, "user", user_id)
+        if not _known_user(s, uid):
+            _unknown_user(user_id, strict, quiet)
         recs = s.recommend(uid, k, version=version)
         if log_impressions:
             s.log_impressions(uid, [r["item_id"] for r in recs])
@@ -485,9 +512,9 @@ def delete(store: str, kind, where, dry_run, as_json, quiet):
     if as_json:
         click.echo(to_json(out.to_dict()))
     elif dry_run:
-        click.echo(f"would delete {out.deleted} of {out.total} rows from {kind} (dry run: nothing deleted)")
+        click.echo(f"would delete {out.deleted} of {_rows(out.total)} from {kind} (dry run: nothing deleted)")
     elif not quiet:
-        click.echo(f"deleted {out.deleted} rows from {kind} ({out.total} left, dataset version {out.version})")
+        click.echo(f"deleted {_rows(out.deleted)} from {kind} ({out.total} left, dataset version {out.version})")
         if kind == "items" and out.deleted:
             _note(quiet, "note: interactions naming the deleted items stay; remove them with "
                          "`dynstore delete STORE interactions --where \"item_id NOT IN (SELECT item_id FROM items)\"`")
@@ -545,8 +572,9 @@ def compact(store: str, retain_seconds, as_json, quiet):
 @main.command(cls=StoreCommand)
 @store_argument
 @format_options
+@quiet_option
 @handle_errors
-def inspect(store: str, fmt, as_json):
+def inspect(store: str, fmt, as_json, quiet):
     """What is in the store and what it needs: counts, sizes, versions, refresh.
 
     Rows, bytes on disk and Lance fragments of each table, the semantic
@@ -648,8 +676,9 @@ def _report_refresh(out: RefreshResult) -> None:
 @main.command(cls=StoreCommand)
 @store_argument
 @format_options
+@quiet_option
 @handle_errors
-def versions(store: str, fmt, as_json):
+def versions(store: str, fmt, as_json, quiet):
     """List embedding versions: serving status, refresh's verdict, window, holdout metrics.
 
     status is where a version stands now (current, retired, candidate,
@@ -787,7 +816,11 @@ def config(store: str, fmt, as_json, quiet, **changes):
         cfg = s.configure(**changes) if changes else s.config
     if changes and quiet and not as_json:
         return
-    click.echo(key_values(_config_view(cfg), output_format(fmt, as_json)))
+    if changes and not as_json:
+        view = _config_view(cfg)  # one line: what changed, as the config now says it
+        click.echo("set " + "; ".join(f"{k} = {to_json(view.get(k, v), indent=None)}" for k, v in changes.items()))
+    else:
+        click.echo(key_values(_config_view(cfg), output_format(fmt, as_json)))
     if changes.keys() & {"positive", "negative", "item_text", "behaviour_summary", "model", "max_length", "precision"}:
         _note(quiet or as_json, "note: the next `dynstore refresh` retrains on the new settings "
                                 "(items whose document changed are re-encoded first)")

@@ -76,6 +76,9 @@ class StoreCommand(click.Command):
             positionals = self._positionals(ctx, args)
             if positionals is not None and not self.store_given(positionals):
                 store = default_store()
+                if positionals and (store is None or is_store(positionals[0])):
+                    # the store was given and another argument forgotten: click names that one
+                    return super().parse_args(ctx, args)
                 if store is None:
                     raise click.UsageError(
                         "Missing argument 'STORE' (or set DYNSTORE_STORE, or run where a dynstore.toml is).", ctx)

@@ -27,7 +27,7 @@ import click
 
 from .output import FORMATS, render, terminal_width
 
-__all__ = ["run_interruptibly", "Interrupted", "Repl", "script_chunks"]
+__all__ = ["run_interruptibly", "Interrupted", "Repl", "script_chunks", "stdin_is_terminal"]
 
 PROMPT = "dynstore> "
 CONTINUATION = "   ...> "
@@ -94,6 +94,11 @@ def _complete(text: str) -> bool:
     """Whether the prompt's buffer is ready to run (Enter runs it rather than adding a line)."""
     stripped = text.strip()
     return not stripped or stripped.startswith(".") or stripped.endswith(";")
+
+
+def stdin_is_terminal() -> bool:
+    """Whether a person types at stdin (the prompt) rather than a pipe or file feeding it (a script)."""
+    return sys.stdin.isatty()
 
 
 def script_chunks(lines: Iterable[str]) -> Iterator[tuple[int, str]]:
@@ -174,7 +179,7 @@ class Repl:
 
     def loop(self) -> None:
         """The prompt when stdin is a terminal; else stdin is a script (see the module's doc)."""
-        self.interactive = sys.stdin.isatty()
+        self.interactive = stdin_is_terminal()
         try:
             if not self.interactive:
                 self.run_script(iter(sys.stdin.readline, ""))

@@ -34,7 +34,7 @@ from typing import TYPE_CHECKING, Any, Iterator
 
 import duckdb
 
-from . import builtin_functions  # noqa: F401  (dynstore's own functions register on import)
+from .builtin_functions import id_type_hint  # dynstore's own functions register on import
 from .errors import DynstoreError, SqlError, error_from, error_message
 from .functions import apply_functions, check_write_calls, generation, registered
 from .semcache import snapshot
@@ -45,7 +45,7 @@ if TYPE_CHECKING:
     from .store import Store
 
 __all__ = ["SqlSession", "Result", "error_message", "error_from", "STORE_VIEWS", "open_connection", "follow",
-           "connection_state", "with_position"]
+           "connection_state", "with_position", "id_type_hint"]
 
 #: Views every connection gets from the store (every view ``sql/views.sql`` creates).
 STORE_VIEWS = tuple(re.findall(r"^CREATE OR REPLACE VIEW (\w+)", sql_text("views.sql"), re.M))
@@ -228,6 +228,9 @@ class SqlSession:
 
     def _explain(self, exc: BaseException, kind: str, query: str) -> str:
         msg = error_message(exc)
+        hint = id_type_hint(self.store, str(exc), query)
+        if hint:
+            return hint
         if kind in _WRITES and ("base table" in msg or "is not an table" in msg or "is not a table" in msg):
             name = re.search(r"^\s*(?:UPDATE|DELETE\s+FROM|INSERT\s+(?:OR\s+\w+\s+)?INTO|MERGE\s+INTO)\s+\"?(\w+)",
                              query, re.I)

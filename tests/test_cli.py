@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import json
+import re
 
 import pytest
 
@@ -202,7 +203,7 @@ def test_delete_compact_inspect_cli(runner, loaded):
     out = json.loads(r.output)
     assert r.exit_code == 0 and out["kind"] == "interactions" and out["deleted"] > 0 and "dry_run" not in out
     r = run(runner, "delete", p, "items", "--where", "item_id = 1")
-    assert r.exit_code == 0 and "deleted 1 rows from items (79 left" in r.output
+    assert r.exit_code == 0 and "deleted 1 row from items (79 left" in r.output
     assert "interactions naming the deleted items stay" in r.output
     assert "not a condition over users" in one_line_error(run(runner, "delete", p, "users", "--where", "nope = 1"))
     r = run(runner, "compact", p, "--retain-seconds", 0)
@@ -227,6 +228,13 @@ def test_demo_cli(runner, tmp_path):
     assert r.exit_code == 0, r.output
     for needle in ("dynstore init", "recommendations for user", "refresh", "versions", "semantic search"):
         assert needle in r.output
+    store = tmp_path / "d" / "store"
+    assert f"== the demo's store: {store} (kept after the demo)" in r.output
+    assert f"the store is {store}." in r.output
+    # the semantic search's heading is the query whose columns are printed under it
+    heading, header = re.search(r"== semantic search: (SELECT .*)\n(.*)\n", r.output).groups()
+    shown = re.match(r"SELECT (.*?) FROM", heading).group(1).split(", ")
+    assert header.split() == shown
 
 
 # -------------------------------------------------------------------------- conventions
