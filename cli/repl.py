@@ -246,7 +246,7 @@ class Repl:
 
     def execute(self, text: str, line: int = 1) -> bool:
         """Run the statements of ``text`` (which starts on ``line`` of its script); False on an error."""
-        from dynstore.errors import DynstoreError
+        from dynstore.errors import DynstoreError, StoreBusy
 
         try:
             statements = self.session.statements("\n" * (line - 1) + text)
@@ -263,6 +263,8 @@ class Repl:
                 click.echo("Interrupted: the statement was cancelled", err=True)
                 return False
             except DynstoreError as exc:
+                if isinstance(exc, StoreBusy) and not self.interactive:
+                    raise  # a script ends with the busy store's own exit code (3)
                 click.echo(f"Error: {exc}", err=True)
                 return False
             if result.creates:
