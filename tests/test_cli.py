@@ -190,7 +190,8 @@ def test_refresh_eval_cli(runner, encoded):
 @exercises("config")
 def test_config_cli(runner, store):
     r = run(runner, "config", store.path, "--behaviour-summary")
-    assert r.exit_code == 0 and "behaviour_summary  True" in r.output
+    assert r.exit_code == 0 and "set behaviour_summary = true" in r.output
+    assert "behaviour_summary  True" in run(runner, "config", store.path).output
     assert "is not a valid rule" in one_line_error(run(runner, "config", store.path, "--positive", "1 +"))
 
 
@@ -291,7 +292,8 @@ def test_config_formats(runner, store):
     r = run(runner, "config", store.path)
     assert r.output.split()[:2] == ["key", "value"] and "{" not in r.output.splitlines()[2]
     r = run(runner, "config", store.path, "--positive", "value >= 4", "--format", "csv")
-    assert "positive,value >= 4" in r.output and "next `dynstore refresh` retrains" in r.output
+    assert 'set positive = "value >= 4"' in r.output and "next `dynstore refresh` retrains" in r.output
+    assert "positive,value >= 4" in run(runner, "config", store.path, "--format", "csv").output
 
 
 def test_default_store_from_env_and_dynstore_toml(runner, encoded, tmp_path, monkeypatch):
