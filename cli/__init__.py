@@ -143,6 +143,11 @@ def _note(quiet: bool, message: str) -> None:
         click.echo(message, err=True)
 
 
+def _rows(n: int) -> str:
+    """``n`` rows, in words: 1 row, 2 rows."""
+    return f"{n} row{'' if n == 1 else 's'}"
+
+
 def _kind_first(pos: list[str]) -> bool:
     """For ingest/delete: the positionals start with a store unless the first is a table name."""
     return not (pos and pos[0] in KINDS and not is_store(pos[0]))
@@ -387,6 +392,21 @@ def _coerce_id(s, kind: str, raw: str):
     return raw
 
 
+def _known_user(s, uid) -> bool:
+    """Whether ``uid`` is in users or has interactions."""
+    return bool(s.sql("SELECT EXISTS (SELECT 1 FROM users WHERE user_id = ?) "
+                      "OR EXISTS (SELECT 1 FROM interactions WHERE user_id = ?)", [uid, uid]).fetchall()[0][0])
+
+
+def _unknown_user(user_id: str, strict: bool, quiet: bool) -> None:
+    from dynstore.errors import DynstoreError
+
+    what = f"user {user_id!r} is in neither users nor interactions"
+    if strict:
+        raise DynstoreError(f"{what} (--strict); leave --strict out for the cold-start list")
+    _note(quiet, f"note: {what}: this is the cold-start list (popular, fitting items); --strict makes it an error")
+
+
 @main.command(cls=StoreCommand)
 @store_argument
 @click.argument("user_id")
@@ -394,11 +414,16 @@ def _coerce_id(s, kind: str, raw: str):
 @click.option("--version", "version", type=click.IntRange(min=1), default=None,
               help="Embedding version (default: current).")
 @click.option("--log-impressions", is_flag=True, help="Log the list as shown, for the next refresh.")
+@click.option("--strict", is_flag=True,
+              help="An unknown USER_ID (in neither users nor interactions) is an error, not the cold-start list.")
 @format_options
 @quiet_option
 @handle_errors
-def recommend(store: str, user_id, k, version, log_impressions, fmt, as_json, quiet):
+def recommend(store: str, user_id, k, version, log_impressions, strict, fmt, as_json, quiet):
     """Top-k items for USER_ID (unknown users get the cold-start list).
+
+    A user in neither users nor interactions (a typo?) gets the cold-start
+    list with a note on stderr; --strict makes it an error (exit 1).
 
     \b
     Examples:
@@ -408,6 +433,8 @@ def recommend(store: str, user_id, k, version, log_impressions, fmt, as_json, qu
     """
     with _open(store) as s:
         uid = _coerce_id(s, "user", user_id)
+        if not _known_user(s, uid):
+            _unknown_user(user_id, strict, quiet)
         recs = s.recommend(uid, k, version=version)
         titles = _title_map(s, [r["item_id"] for r in recs])
         columns = ["rank", "item_id", "score"] + (["title"] if titles is not None else [])
@@ -425,51 +452,91 @@ def _sql_store_given(pos: list[str]) -> bool:
     return len(pos) >= 2 or (len(pos) == 1 and is_store(pos[0]))
 
 
+def _param_value(raw: str):
+    """A ``-p`` value: an integer or a number when it reads as one, else text."""
+    for kind in (int, float):
+        try:
+            return kind(raw)
+        except ValueError:
+            pass
+    return raw
+
+
 @main.command(cls=StoreCommand, store_given=_sql_store_given)
 @store_argument
 @click.argument("query", required=False)
+@click.option("-f", "--file", "files", multiple=True, type=click.Path(dir_okay=False, allow_dash=True),
+              help="Run the statements and dot commands of FILE ('-': stdin), as a script; repeatable.")
+@click.option("-p", "--param", "params", nargs=2, multiple=True, metavar="NAME VALUE",
+              help="Value of the named parameter $NAME (an integer or number when VALUE reads as one); repeatable.")
+@click.option("--keep-going", is_flag=True,
+              help="A script runs past a failing statement (and still exits 1); default: it stops there.")
 @click.option("--read-only", is_flag=True, help="No writes to the store, no file access outside it.")
 @format_options
 @quiet_option
 @handle_errors
-def sql(store: str, query, read_only, fmt, as_json, quiet):
-    """Run QUERY with every dynstore view and function, or open a prompt.
+def sql(store: str, query, files, params, keep_going, read_only, fmt, as_json, quiet):
+    """Run QUERY with every dynstore view and function, or a script, or open a prompt.
 
-    QUERY may hold several statements; each result is printed. Tables you
-    CREATE live in this command's (or prompt's) memory only; the store's own
-    tables are read-only in SQL (use ingest and delete). Ctrl-C cancels a
-    running query. The prompt has DuckDB-style dot commands (.help lists
-    them) and keeps multi-line statements whole in its history
-    (~/.dynstore_history, or $DYNSTORE_HISTORY).
+    QUERY may hold several statements; each result is printed. A script
+    (QUERY, -f FILE, or SQL piped to stdin) runs like the DuckDB CLI's: the
+    first failing statement stops it with exit 1, its error showing DuckDB's
+    LINE and caret (--keep-going runs the rest). Tables you CREATE live in
+    this command's (or prompt's) memory only; the store's own tables are
+    read-only in SQL (use ingest and delete). Ctrl-C cancels a running query.
+    The prompt (when stdin is a terminal) has DuckDB-style dot commands
+    (.help lists them: .read, .output, .maxrows, .maxwidth ...) and keeps
+    multi-line statements whole in its history (~/.dynstore_history, or
+    $DYNSTORE_HISTORY).
 
     \b
     Examples:
       dynstore sql shop "SELECT recommend(42, 10)"
       dynstore sql shop "SELECT r.rank, i.title FROM recommendations(42, 5) r JOIN items i USING (item_id)"
       dynstore sql shop --read-only --format csv "SELECT * FROM versions"
+      dynstore sql shop -f report.sql --format csv --no-headers
+      dynstore sql shop 'SELECT * FROM recommendations($user, 10)' -p user 42
+      printf 'SELECT 1;\\nSELECT 2;\\n' | dynstore sql shop
       dynstore sql shop            # interactive: .tables, .schema items, .mode csv, .timer on
     """
     from dynstore.session import SqlSession
 
-    from .repl import Repl, run_interruptibly
+    from .output import setting
+    from .repl import Repl
 
-    fmt = output_format(fmt, as_json)
-    with _open(store, read_only=read_only) as s, SqlSession(s) as session:
-        if query is None:
-            Repl(session, fmt, quiet=quiet).loop()
-            return
-        results = []
-        for statement in session.statements(query):
-            results.append(run_interruptibly(session, statement))
-        shown = [r for r in results if r.columns]
-        for n, r in enumerate(shown):
-            if n:
-                click.echo()
-            click.echo(render(r.columns, r.rows, fmt))
-        created = [r.creates for r in results if r.creates]
-        if created:
-            _note(quiet, f"note: {', '.join(created)} existed only while this command ran; tables you CREATE "
-                         "are session-scoped (use the prompt, or COPY ... TO a file, to keep a result)")
+    if query is not None and files:
+        raise click.UsageError("give QUERY or -f FILE, not both")
+    with _open(store, read_only=read_only) as s, \
+            SqlSession(s, {name: _param_value(value) for name, value in params}) as session:
+        repl = Repl(session, output_format(fmt, as_json), quiet=quiet, keep_going=keep_going,
+                    headers=not setting("no_headers", False), max_width=setting("max_width", None))
+        if query is None and not files:
+            repl.loop()
+        else:
+            try:
+                for path in files:
+                    if not _run_file(repl, path) and not keep_going:
+                        break
+                if query is not None:
+                    repl.run_script(query.splitlines(keepends=True))
+            finally:
+                repl.finish()
+    if repl.failed:
+        sys.exit(EXIT_USER)
+
+
+def _run_file(repl, path: str) -> bool:
+    """Run one -f FILE through ``repl``; False when a statement of it failed."""
+    from dynstore.errors import DynstoreError
+
+    if path == "-":
+        return repl.run_script(iter(sys.stdin.readline, ""))
+    try:
+        with open(path, encoding="utf-8") as f:
+            lines = f.readlines()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise DynstoreError(f"-f {path}: {getattr(exc, 'strerror', None) or exc}") from None
+    return repl.run_script(lines)
 
 
 # -------------------------------------------------------------------------- delete
@@ -502,9 +569,9 @@ def delete(store: str, kind, where, dry_run, as_json, quiet):
     if as_json:
         click.echo(to_json(out.to_dict()))
     elif dry_run:
-        click.echo(f"would delete {out.deleted} of {out.total} rows from {kind} (dry run: nothing deleted)")
+        click.echo(f"would delete {out.deleted} of {_rows(out.total)} from {kind} (dry run: nothing deleted)")
     elif not quiet:
-        click.echo(f"deleted {out.deleted} rows from {kind} ({out.total} left, dataset version {out.version})")
+        click.echo(f"deleted {_rows(out.deleted)} from {kind} ({out.total} left, dataset version {out.version})")
         if kind == "items" and out.deleted:
             _note(quiet, "note: interactions naming the deleted items stay; remove them with "
                          "`dynstore delete STORE interactions --where \"item_id NOT IN (SELECT item_id FROM items)\"`")
@@ -562,8 +629,9 @@ def compact(store: str, retain_seconds, as_json, quiet):
 @main.command(cls=StoreCommand)
 @store_argument
 @format_options
+@quiet_option
 @handle_errors
-def inspect(store: str, fmt, as_json):
+def inspect(store: str, fmt, as_json, quiet):
     """What is in the store and what it needs: counts, sizes, versions, refresh.
 
     Rows, bytes on disk and Lance fragments of each table, the semantic
@@ -665,8 +733,9 @@ def _report_refresh(out: RefreshResult) -> None:
 @main.command(cls=StoreCommand)
 @store_argument
 @format_options
+@quiet_option
 @handle_errors
-def versions(store: str, fmt, as_json):
+def versions(store: str, fmt, as_json, quiet):
     """List embedding versions: serving status, refresh's verdict, window, holdout metrics.
 
     status is where a version stands now (current, retired, candidate,
@@ -804,7 +873,11 @@ def config(store: str, fmt, as_json, quiet, **changes):
         cfg = s.configure(**changes) if changes else s.config
     if changes and quiet and not as_json:
         return
-    click.echo(key_values(_config_view(cfg), output_format(fmt, as_json)))
+    if changes and not as_json:
+        view = _config_view(cfg)  # one line: what changed, as the config now says it
+        click.echo("set " + "; ".join(f"{k} = {to_json(view.get(k, v), indent=None)}" for k, v in changes.items()))
+    else:
+        click.echo(key_values(_config_view(cfg), output_format(fmt, as_json)))
     if changes.keys() & {"positive", "negative", "item_text", "behaviour_summary", "model", "max_length", "precision"}:
         _note(quiet or as_json, "note: the next `dynstore refresh` retrains on the new settings "
                                 "(items whose document changed are re-encoded first)")

@@ -76,6 +76,9 @@ class StoreCommand(click.Command):
             positionals = self._positionals(ctx, args)
             if positionals is not None and not self.store_given(positionals):
                 store = default_store()
+                if positionals and (store is None or is_store(positionals[0])):
+                    # the store was given and another argument forgotten: click names that one
+                    return super().parse_args(ctx, args)
                 if store is None:
                     raise click.UsageError(
                         "Missing argument 'STORE' (or set DYNSTORE_STORE, or run where a dynstore.toml is).", ctx)
@@ -125,8 +128,21 @@ def output_format(fmt: str, as_json: bool) -> str:
     return "json" if as_json else fmt
 
 
+def _remember(ctx: click.Context, param: click.Parameter, value):
+    """Keep ``--max-width`` / ``--no-headers`` where :func:`output.render` finds them."""
+    ctx.meta[f"dynstore.{param.name}"] = value
+    return value
+
+
 def format_options(fn):
-    """``--format`` and its ``--json`` shorthand; the command gets ``fmt``."""
+    """``--format`` and its ``--json`` shorthand (the command gets ``fmt``), ``--no-headers`` and
+    ``--max-width`` (read by :func:`output.render` from the command's context)."""
+    fn = click.option("--max-width", type=click.IntRange(min=0), default=None, callback=_remember,
+                      expose_value=False, metavar="N",
+                      help="Fit table output to N characters, saying what was cut (0: never cut; default: the "
+                           "terminal's width, no limit when stdout is not a terminal). Other formats are never cut.")(fn)
+    fn = click.option("--no-headers", is_flag=True, callback=_remember, expose_value=False,
+                      help="Print rows without the header line (table, csv, tsv, markdown).")(fn)
     fn = click.option("--json", "as_json", is_flag=True, help="Shorthand for --format json.")(fn)
     fn = click.option("--format", "fmt", type=click.Choice(FORMATS), default="table", show_default=True,
                       help="Output format; nested values are written as JSON.")(fn)

@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import csv
 import io
+import shutil
+import sys
 from typing import Any, Iterable, Sequence
 
 from dynstore.formatting import cell, is_numeric, table, to_json
 
-__all__ = ["FORMATS", "render", "to_json", "key_values"]
+__all__ = ["FORMATS", "render", "to_json", "key_values", "terminal_width", "setting"]
 
 FORMATS = ("table", "csv", "tsv", "json", "jsonl", "markdown")
 
@@ -29,8 +31,29 @@ def _markdown(columns: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
     return "\n".join(out)
 
 
-def render(columns: Sequence[str], rows: Iterable[Sequence[Any]], fmt: str = "table") -> str:
+def terminal_width() -> int:
+    """The width a table is fitted to by default: the terminal's when stdout is one, else 0 (no limit)."""
+    return shutil.get_terminal_size().columns if sys.stdout.isatty() else 0
+
+
+def setting(name: str, default: Any) -> Any:
+    """``--max-width`` / ``--no-headers`` of the command running now (see :func:`options.format_options`)."""
+    import click
+
+    ctx = click.get_current_context(silent=True)
+    return ctx.meta.get(f"dynstore.{name}", default) if ctx is not None else default
+
+
+def render(columns: Sequence[str], rows: Iterable[Sequence[Any]], fmt: str = "table", *,
+           headers: bool | None = None, max_width: int | None = None, max_rows: int = 0,
+           widen: str = "--max-width 0") -> str:
     """Rows under a header in one of :data:`FORMATS` (no trailing newline).
+
+    ``headers`` (default: not ``--no-headers``) drops the header line of table,
+    csv, tsv and markdown (JSON keeps its keys). ``max_width`` fits a table to
+    that many characters (default: ``--max-width``, else the terminal's width
+    when stdout is a terminal), saying what was cut; csv, tsv, JSON and markdown
+    are never cut. ``max_rows`` (0: all) limits a table's rows, saying so.
 
     Examples
     --------
@@ -42,6 +65,10 @@ def render(columns: Sequence[str], rows: Iterable[Sequence[Any]], fmt: str = "ta
     """
     rows = list(rows)
     columns = list(columns)
+    headers = (not setting("no_headers", False)) if headers is None else headers
+    if max_width is None:
+        max_width = setting("max_width", None)
+        max_width = terminal_width() if max_width is None else max_width
     if fmt == "json":
         return to_json([dict(zip(columns, r)) for r in rows])
     if fmt == "jsonl":
@@ -49,13 +76,14 @@ def render(columns: Sequence[str], rows: Iterable[Sequence[Any]], fmt: str = "ta
     if fmt in ("csv", "tsv"):
         buf = io.StringIO()
         w = csv.writer(buf, delimiter="," if fmt == "csv" else "\t", lineterminator="\n")
-        w.writerow(columns)
+        if headers:
+            w.writerow(columns)
         w.writerows([[cell(v) for v in r] for r in rows])
         return buf.getvalue().rstrip("\n")
     if fmt == "markdown":
-        return _markdown(columns, rows)
+        return _markdown(columns, rows) if headers else "\n".join(_markdown(columns, rows).splitlines()[2:])
     if fmt == "table":
-        return table(columns, rows)
+        return table(columns, rows, max_width=max_width, max_rows=max_rows, headers=headers, widen=widen)
     raise ValueError(f"unknown format {fmt!r}; use one of {', '.join(FORMATS)}")
 
 

@@ -1,11 +1,18 @@
-"""The ``dynstore sql`` prompt and Ctrl-C handling for SQL.
+"""The ``dynstore sql`` prompt, scripts, and Ctrl-C handling for SQL.
 
 Statements end with ``;`` and may span lines (the continuation prompt is
 ``   ...>``); a whole statement is one history entry. Dot commands, as in
 DuckDB's shell: ``.tables``, ``.schema [TABLE]``, ``.functions``,
-``.mode FORMAT``, ``.timer on|off``, ``.help``, ``.quit``. Ctrl-C while a
-query runs cancels it (DuckDB's ``interrupt()``) and returns to the prompt;
-Ctrl-C at the prompt clears the line; Ctrl-D or ``.quit`` leaves.
+``.mode FORMAT``, ``.headers on|off``, ``.maxrows N``, ``.maxwidth N``,
+``.output [FILE]``, ``.read FILE``, ``.timer on|off``, ``.help``, ``.quit``.
+Ctrl-C while a query runs cancels it (DuckDB's ``interrupt()``) and returns
+to the prompt; Ctrl-C at the prompt clears the line; Ctrl-D or ``.quit`` leaves.
+
+A **script** (a QUERY argument, ``-f FILE``, piped stdin, ``.read FILE``) runs
+like the DuckDB CLI's: statements and dot commands in order, no banner, and
+the first failing one stops it (exit 1; ``--keep-going`` runs the rest and
+still exits 1). Errors carry DuckDB's ``LINE n:`` position, numbered from the
+start of the script.
 """
 from __future__ import annotations
 
@@ -14,12 +21,13 @@ import sys
 import threading
 import time
 from pathlib import Path
+from typing import IO, Iterable, Iterator
 
 import click
 
-from .output import FORMATS, render
+from .output import FORMATS, render, terminal_width
 
-__all__ = ["run_interruptibly", "Interrupted", "Repl"]
+__all__ = ["run_interruptibly", "Interrupted", "Repl", "script_chunks", "stdin_is_terminal"]
 
 PROMPT = "dynstore> "
 CONTINUATION = "   ...> "
@@ -29,6 +37,11 @@ DOT_HELP = [
     (".schema [TABLE]", "columns of TABLE (of every table without one)"),
     (".functions", "dynstore's SQL functions and macros"),
     (".mode FORMAT", f"output format: {', '.join(FORMATS)}"),
+    (".headers on|off", "print the header line (table, csv, tsv, markdown)"),
+    (".maxrows N", "show at most N rows of a table (0: all)"),
+    (".maxwidth N", "fit tables to N characters, saying what was cut (0: never cut)"),
+    (".output [FILE]", "write results to FILE (none: back to the screen)"),
+    (".read FILE", "run the statements and dot commands of FILE"),
     (".timer on|off", "print each statement's run time"),
     (".help", "this list"),
     (".quit", "leave (also .exit, Ctrl-D)"),
@@ -83,14 +96,57 @@ def _complete(text: str) -> bool:
     return not stripped or stripped.startswith(".") or stripped.endswith(";")
 
 
-class Repl:
-    """The interactive prompt over a :class:`~dynstore.session.SqlSession`."""
+def stdin_is_terminal() -> bool:
+    """Whether a person types at stdin (the prompt) rather than a pipe or file feeding it (a script)."""
+    return sys.stdin.isatty()
 
-    def __init__(self, session, fmt: str = "table", *, quiet: bool = False):
+
+def script_chunks(lines: Iterable[str]) -> Iterator[tuple[int, str]]:
+    """``(first line number, text)`` of each dot command and each run of lines ending in ``;``.
+
+    >>> list(script_chunks(["SELECT 1;\\n", "\\n", ".tables\\n", "SELECT\\n", "  2;\\n", "SELECT 3"]))
+    [(1, 'SELECT 1;\\n'), (3, '.tables\\n'), (4, 'SELECT\\n  2;\\n'), (6, 'SELECT 3')]
+    """
+    buf: list[str] = []
+    start = 0
+    for number, line in enumerate(lines, 1):
+        if not buf:
+            if not line.strip():
+                continue
+            start = number
+            if line.strip().startswith("."):
+                yield start, line
+                continue
+        buf.append(line)
+        if line.rstrip().endswith(";"):
+            yield start, "".join(buf)
+            buf = []
+    if "".join(buf).strip():
+        yield start, "".join(buf)
+
+
+class Repl:
+    """The prompt, and scripts, over a :class:`~dynstore.session.SqlSession`.
+
+    ``max_width`` (None: the terminal's width when stdout is one) fits tables;
+    ``keep_going`` lets a script run past a failing statement.
+    """
+
+    def __init__(self, session, fmt: str = "table", *, quiet: bool = False, headers: bool = True,
+                 max_width: int | None = None, keep_going: bool = False):
         self.session = session
         self.fmt = fmt
         self.timer = False
         self.quiet = quiet
+        self.headers = headers
+        self.max_width = max_width
+        self.max_rows = 0
+        self.keep_going = keep_going
+        self.failed = False
+        self.created: list[str] = []
+        self.interactive = False
+        self._out: IO[str] | None = None
+        self._shown = 0
 
     # -- reading ----------------------------------------------------------------------
     def _tty_reader(self):
@@ -121,109 +177,189 @@ class Repl:
 
         return read
 
-    @staticmethod
-    def _pipe_reader():
-        buf: list[str] = []
-
-        def read() -> str:
-            while True:
-                line = sys.stdin.readline()
-                if not line:
-                    if buf:
-                        text = "".join(buf)
-                        buf.clear()
-                        return text
-                    raise EOFError
-                if not buf and line.strip().startswith("."):
-                    return line
-                buf.append(line)
-                if line.strip().endswith(";"):
-                    text = "".join(buf)
-                    buf.clear()
-                    return text
-
-        return read
-
     def loop(self) -> None:
-        tty = sys.stdin.isatty()
-        read = self._tty_reader() if tty else self._pipe_reader()
-        if not self.quiet:
-            click.echo(f"dynstore SQL on {self.session.store.path}"
-                       f"{' (read-only)' if self.session.store.read_only else ''}; end statements with ';', "
-                       ".help for commands, .quit or Ctrl-D to leave", err=True)
-        while True:
-            try:
-                text = read()
-            except EOFError:
-                break
-            except KeyboardInterrupt:
-                break  # Ctrl-C while reading a pipe
-            stripped = text.strip()
-            if not stripped:
-                continue
-            if stripped.startswith("."):
-                if not self.dot(stripped):
+        """The prompt when stdin is a terminal; else stdin is a script (see the module's doc)."""
+        self.interactive = stdin_is_terminal()
+        try:
+            if not self.interactive:
+                self.run_script(iter(sys.stdin.readline, ""))
+                return
+            if not self.quiet:
+                click.echo(f"dynstore SQL on {self.session.store.path}"
+                           f"{' (read-only)' if self.session.store.read_only else ''}; end statements with ';', "
+                           ".help for commands, .quit or Ctrl-D to leave", err=True)
+            read = self._tty_reader()
+            while True:
+                try:
+                    text = read()
+                except (EOFError, KeyboardInterrupt):
                     break
-                continue
-            self.execute(text)
+                stripped = text.strip()
+                if stripped.startswith("."):
+                    if self.dot(stripped) == "quit":
+                        break
+                elif stripped:
+                    self.execute(text)
+        finally:
+            self.finish()
+
+    def run_script(self, lines: Iterable[str]) -> bool:
+        """Run a script's statements and dot commands in order; False when one failed.
+
+        Outside the prompt the first failure stops the script (``keep_going``: the rest still runs).
+        """
+        ok = True
+        for start, text in script_chunks(lines):
+            outcome = self.dot(text.strip()) if text.lstrip().startswith(".") else self.execute(text, start)
+            if outcome == "quit":
+                return ok
+            if outcome is False or outcome == "error":
+                ok = False
+                self.failed = True
+                if not self.keep_going:
+                    return False
+        return ok
+
+    def finish(self) -> None:
+        """Leaving: close an ``.output`` file; say which session tables are gone."""
+        self._redirect(None)
+        if self.created and not self.quiet:
+            names = ", ".join(dict.fromkeys(self.created))
+            where = "this prompt was open" if self.interactive else "this command ran"
+            click.echo(f"note: {names} existed only while {where}; tables you CREATE are session-scoped "
+                       "(COPY ... TO a file keeps a result)", err=True)
 
     # -- running ----------------------------------------------------------------------
-    def execute(self, text: str) -> None:
-        from dynstore.errors import DynstoreError
+    def echo(self, text: str) -> None:
+        """A result, on stdout or in the ``.output`` file; results are separated by a blank line."""
+        if self._shown and not self.interactive:
+            click.echo(file=self._out)
+        click.echo(text, file=self._out)
+        self._shown += 1
+
+    def show(self, columns, rows) -> None:
+        width = self.max_width
+        if width is None:
+            width = 0 if self._out is not None else terminal_width()
+        self.echo(render(columns, rows, self.fmt, headers=self.headers, max_width=width, max_rows=self.max_rows,
+                         widen=".maxwidth 0" if self.interactive else "--max-width 0"))
+
+    def execute(self, text: str, line: int = 1) -> bool:
+        """Run the statements of ``text`` (which starts on ``line`` of its script); False on an error."""
+        from dynstore.errors import DynstoreError, StoreBusy
 
         try:
-            statements = self.session.statements(text)
+            statements = self.session.statements("\n" * (line - 1) + text)
         except DynstoreError as exc:
             click.echo(f"Error: {exc}", err=True)
-            return
+            return False
         for statement in statements:
             t0 = time.perf_counter()
             try:
                 result = run_interruptibly(self.session, statement)
             except Interrupted:
+                if not self.interactive:
+                    raise
                 click.echo("Interrupted: the statement was cancelled", err=True)
-                return
+                return False
             except DynstoreError as exc:
+                if isinstance(exc, StoreBusy) and not self.interactive:
+                    raise  # a script ends with the busy store's own exit code (3)
                 click.echo(f"Error: {exc}", err=True)
-                return
+                return False
+            if result.creates:
+                self.created.append(result.creates)
             if result.columns:
-                click.echo(render(result.columns, result.rows, self.fmt))
+                self.show(result.columns, result.rows)
             if self.timer:
                 click.echo(f"Run Time: {time.perf_counter() - t0:.3f} s", err=True)
+        return True
+    def _redirect(self, path: str | None) -> None:
+        if self._out is not None:
+            self._out.close()
+            self._out = None
+        if path:
+            try:
+                self._out = open(path, "w", encoding="utf-8")
+            except OSError as exc:
+                from dynstore.errors import DynstoreError
 
-    def dot(self, line: str) -> bool:
-        """Run a dot command; False means leave the prompt."""
+                raise DynstoreError(f".output {path}: {exc.strerror or exc}") from None
+
+    def _read(self, path: str) -> str:
+        from dynstore.errors import DynstoreError
+
+        if not path:
+            raise DynstoreError(".read FILE: name the file to run")
+        try:
+            with open(path, encoding="utf-8") as f:
+                lines = f.readlines()
+        except (OSError, UnicodeDecodeError) as exc:
+            raise DynstoreError(f".read {path}: {getattr(exc, 'strerror', None) or exc}") from None
+        if self.run_script(lines):
+            return "ok"
+        return "error"
+
+    def _setting(self, cmd: str, arg: str) -> bool:
+        """``.maxrows N``, ``.maxwidth N``, ``.headers on|off``; False when the argument is wrong."""
+        if cmd == ".headers":
+            if arg not in ("on", "off"):
+                return False
+            self.headers = arg == "on"
+            return True
+        if not arg.isdigit():
+            return False
+        if cmd == ".maxrows":
+            self.max_rows = int(arg)
+        else:
+            self.max_width = int(arg)
+        return True
+
+    def dot(self, line: str) -> str:
+        """Run a dot command: "ok", "error", or "quit" (leave the prompt or the script)."""
         from dynstore.errors import DynstoreError
 
         cmd, _, arg = line.partition(" ")
         arg = arg.strip().rstrip(";").strip()
         try:
             if cmd in (".quit", ".exit", ".q"):
-                return False
-            if cmd == ".help":
+                return "quit"
+            if cmd == ".read":
+                return self._read(arg)
+            if cmd == ".output":
+                self._redirect(arg or None)
+            elif cmd in (".maxrows", ".maxwidth", ".headers"):
+                if not self._setting(cmd, arg):
+                    usage = "on|off" if cmd == ".headers" else "N (0: no limit)"
+                    click.echo(f"Error: {cmd} {usage}", err=True)
+                    return "error"
+            elif cmd == ".help":
                 width = max(len(c) for c, _ in DOT_HELP)
                 click.echo("\n".join(f"{c.ljust(width)}  {h}" for c, h in DOT_HELP))
                 click.echo("SQL: end each statement with ';'; tables you CREATE live in this session only.")
             elif cmd == ".tables":
-                click.echo(render(["name", "kind"], self.session.tables(), self.fmt))
+                self.show(["name", "kind"], self.session.tables())
             elif cmd == ".schema":
                 names = [arg] if arg else [n for n, _ in self.session.tables()]
-                rows = [(n, c, t) for n in names for c, t in self.session.describe(n)]
-                click.echo(render(["table", "column", "type"], rows, self.fmt))
+                self.show(["table", "column", "type"], [(n, c, t) for n in names for c, t in self.session.describe(n)])
             elif cmd == ".functions":
-                click.echo(render(["name", "kind", "signature"], self.session.functions(), self.fmt))
-            elif cmd == ".mode":
-                if arg not in FORMATS:
-                    click.echo(f"Error: .mode {arg or '?'}: use one of {', '.join(FORMATS)}", err=True)
-                else:
-                    self.fmt = arg
-            elif cmd == ".timer":
-                if arg not in ("on", "off"):
-                    click.echo("Error: .timer on|off", err=True)
-                else:
-                    self.timer = arg == "on"
+                self.show(["name", "kind", "signature"], self.session.functions())
+            elif cmd == ".mode" and arg in FORMATS:
+                self.fmt = arg
+            elif cmd == ".timer" and arg in ("on", "off"):
+                self.timer = arg == "on"
             else:
-                click.echo(f"Error: unknown command {cmd}; .help lists them", err=True)
+                click.echo(f"Error: {_dot_usage(cmd, arg)}", err=True)
+                return "error"
         except DynstoreError as exc:
             click.echo(f"Error: {exc}", err=True)
-        return True
+            return "error"
+        return "ok"
+
+
+def _dot_usage(cmd: str, arg: str) -> str:
+    if cmd == ".mode":
+        return f".mode {arg or '?'}: use one of {', '.join(FORMATS)}"
+    if cmd == ".timer":
+        return ".timer on|off"
+    return f"unknown command {cmd}; .help lists them"

@@ -7,6 +7,7 @@ users`` runs one matrix product per batch, not one per row.
 """
 from __future__ import annotations
 
+import re
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -21,7 +22,109 @@ from .semcache import encoder_info, store_encoder
 if TYPE_CHECKING:
     from .store import Store
 
-__all__: list[str] = []
+__all__ = ["id_type_hint"]
+
+#: The id arguments of dynstore's functions, by the name DuckDB reports: (the name users call,
+#: the kind of each argument: "user", "item", "item[]" or None for other arguments).
+ID_ARGUMENTS: dict[str, tuple[str, tuple[str | None, ...]]] = {
+    "_dynstore_recommend": ("recommend", ("user", None, None)),
+    "recommend_among": ("recommend_among", ("user", None, "item[]")),
+    "score": ("score", ("user", "item")),
+    "similar_items": ("similar_items", ("item", None)),
+    "recommend_from_examples": ("recommend_from_examples", ("item[]", "item[]", None)),
+    "_dynstore_item_vector": ("item_vector", ("item", None)),
+    "user_vector": ("user_vector", ("user",)),
+    "semantic_vector": ("semantic_vector", ("item",)),
+    "log_impressions": ("log_impressions", ("user", "item[]")),
+}
+_NO_MATCH = re.compile(r"No function matches the given name and argument types '(\w+)\((.*?)\)'")
+_NOT_INT = re.compile(r"Could not convert string '([^']*)' to (?:U?INT\d*|BIGINT)")
+
+
+def _top_level(text: str, sep: str = ",") -> list[str]:
+    """``text`` split at ``sep`` outside brackets, parentheses and quotes."""
+    out, depth, quote, cur = [], 0, "", ""
+    for ch in text:
+        if quote:
+            quote = "" if ch == quote else quote
+        elif ch in "'\"":
+            quote = ch
+        elif ch in "([":
+            depth += 1
+        elif ch in ")]":
+            depth -= 1
+        elif ch == sep and depth == 0:
+            out.append(cur.strip())
+            cur = ""
+            continue
+        cur += ch
+    return out + [cur.strip()] if cur.strip() else out
+
+
+def _call_args(query: str, name: str) -> tuple[str, list[str]] | None:
+    """The name and arguments of the first call of ``name`` (or of its table macro) in ``query``."""
+    m = re.search(rf"\b({name}|recommendations)\s*\(" if name == "recommend" else rf"\b({name})\s*\(", query, re.I)
+    if not m:
+        return None
+    depth, start = 1, m.end()
+    for n in range(start, len(query)):
+        depth += {"(": 1, ")": -1}.get(query[n], 0)
+        if depth == 0:
+            return m.group(1), _top_level(query[start:n])
+    return None
+
+
+def _as_type(arg: str, text: bool) -> str:
+    """``arg`` written for ids that are text (``text``) or integers."""
+    if arg.startswith("[") and arg.endswith("]"):
+        return "[" + ", ".join(_as_type(a, text) for a in _top_level(arg[1:-1])) + "]"
+    if arg.startswith("'") or re.fullmatch(r"-?\d+", arg):
+        return f"'{arg}'" if text and not arg.startswith("'") else arg
+    return f"CAST({arg} AS {'VARCHAR' if text else 'BIGINT'})"
+
+
+def id_type_hint(store: "Store", message: str, query: str) -> str | None:
+    """One line for an id of the wrong type passed to one of dynstore's functions, or None.
+
+    It names the store's id type and the call that works, written from the query's own call
+    (never the internal name DuckDB reports, such as ``_dynstore_recommend``).
+    """
+    m = _NO_MATCH.search(message)
+    if m and m.group(1) in ID_ARGUMENTS:
+        name, kinds = ID_ARGUMENTS[m.group(1)]
+        given = _top_level(m.group(2))
+        for n, (kind, typ) in enumerate(zip(kinds, given)):
+            if kind is None:
+                continue
+            text = store.catalog.sql_id_type(kind.rstrip("[]")) == "VARCHAR"
+            if ("VARCHAR" in typ or "STRING" in typ) != text:
+                return _hint(name, kinds, kind, text, _call_args(query, name), n)
+        return None
+    m = _NOT_INT.search(message)
+    if not m:
+        return None
+    for name, kinds in ID_ARGUMENTS.values():
+        call = _call_args(query, name)
+        for n, kind in enumerate(kinds):
+            if kind and call and n < len(call[1]) and f"'{m.group(1)}'" in call[1][n]:
+                return _hint(name, kinds, kind, False, call, n)
+    return None
+
+
+def _hint(name: str, kinds: tuple[str | None, ...], kind: str, text: bool,
+          call: tuple[str, list[str]] | None, n: int) -> str:
+    ids = kind.rstrip("[]")
+    what = f"this store's {ids} ids are {'text (VARCHAR)' if text else 'integers (BIGINT)'}"
+    if not call or n >= len(call[1]):
+        return f"{name}(): {what}"
+    name, args = call
+    if not text and args[n].startswith("'") and not re.fullmatch(r"'-?\d+'", args[n]):
+        # a text id on an integer store: nothing to rewrite it into
+        example = ", ".join(("42" if ids == "user" else "7") if i == n else a for i, a in enumerate(args))
+        return f"{name}(): {what} and {args[n]} is not one; write an integer id, as in {name}({example})"
+    same = [k is not None and k.rstrip("[]") == ids for k in kinds]
+    fixed = ", ".join(_as_type(a, text) if i < len(same) and same[i] else a for i, a in enumerate(args))
+    return f"{name}(): {what}; write {name}({fixed})"
 
 
 def _uid(store: "Store") -> str:

@@ -78,6 +78,8 @@ def run_demo(directory: str | None = None, *, size: str = "small", model: str = 
     root = prepare_directory(directory)
     data_dir, store_dir = root / "data", root / "store"
     paths, after_rows = write_data(data_dir, size=size, seed=seed)
+    where = "a temporary directory: pass DIR to choose one" if directory is None else "kept after the demo"
+    echo(f"== the demo's store: {store_dir} ({where})")
     echo(f"== generated a '{size}' sample shop in {data_dir}")
     with init(store_dir, model=model, **DEMO_RULES) as store:
         echo(f"$ dynstore init {store_dir} --positive \"{DEMO_RULES['positive']}\" "
@@ -85,7 +87,8 @@ def run_demo(directory: str | None = None, *, size: str = "small", model: str = 
         user = _load_and_encode(store, paths, echo, progress)
         _retrain_across_the_drift(store, paths, after_rows, echo)
         _show_results(store, user, echo)
-        echo(f"\ndone in {time.perf_counter() - t0:.1f}s. Try:\n  dynstore sql {store_dir} \"SELECT recommend({user}, 10)\"\n"
+        echo(f"\ndone in {time.perf_counter() - t0:.1f}s; the store is {store_dir}. Try:\n"
+             f"  dynstore sql {store_dir} \"SELECT recommend({user}, 10)\"\n"
              f"  dynstore recommend {store_dir} {user}")
     return store_dir
 
@@ -155,9 +158,10 @@ def _show_results(store: Store, user: Any, echo: Callable[[str], None]) -> None:
     current = store.sql("SELECT max(version) FROM versions WHERE status = 'current'").fetchall()[0][0]
     echo(f"\n== recommendations for user {user} now (version {current}):")
     echo(_recommendations(store, user))
-    echo("\n== semantic search: SELECT title FROM items ORDER BY array_cosine_similarity(semantic_vector(item_id), embed('outdoor hiking gear')) DESC LIMIT 3")
-    echo(_table(store.sql("SELECT item_id, title, category FROM items ORDER BY "
-                          "array_cosine_similarity(semantic_vector(item_id), embed('outdoor hiking gear')) DESC LIMIT 3")))
+    search = ("SELECT item_id, title, category FROM items ORDER BY "
+              "array_cosine_similarity(semantic_vector(item_id), embed('outdoor hiking gear')) DESC LIMIT 3")
+    echo(f"\n== semantic search: {search}")  # the heading is the query whose columns follow
+    echo(_table(store.sql(search)))
     echo("\n== versions")
     echo(_table(store.sql("SELECT version, status, verdict, parent, train_window FROM versions ORDER BY version")))
 

@@ -466,8 +466,14 @@ def _ts_expr(src: Source, latest: str | None = None) -> tuple[str, str]:
                 f"ELSE timezone('UTC', TRY_CAST({raw} AS TIMESTAMPTZ)) END")
     else:
         raise IngestError(f"{src.label}: column ts has type {typ}; use ISO timestamps, dates or epoch seconds")
+    # a number too large for epoch seconds is named with the unit it looks like (evaluated for bad rows only)
+    number = f"abs(TRY_CAST(trim(CAST({raw} AS VARCHAR)) AS DOUBLE))"
+    unit = (f"CASE WHEN {number} >= 1e11 THEN ' is not a timestamp: too large for epoch seconds, it looks like epoch ' "
+            f"|| CASE WHEN {number} < 1e14 THEN 'milliseconds (divide by 1,000)' WHEN {number} < 1e17 "
+            "THEN 'microseconds (divide by 1,000,000)' ELSE 'nanoseconds (divide by 10^9)' END "
+            "|| '; ts takes epoch seconds, dates or ISO text' ELSE ' is not a timestamp' END")
     bad = (f"WHEN {raw} IS NULL THEN 'ts: missing (NULL) timestamp' "
-           f"WHEN ({expr}) IS NULL THEN 'ts: ' || CAST({raw} AS VARCHAR) || ' is not a timestamp' "
+           f"WHEN ({expr}) IS NULL THEN 'ts: ' || CAST({raw} AS VARCHAR) || {unit} "
            f"WHEN NOT isfinite({expr}) THEN 'ts: ' || CAST({raw} AS VARCHAR) || ' is not a finite timestamp' ")
     if latest is not None:
         bad += (f"WHEN ({expr}) > {latest} THEN 'ts: ' || CAST({raw} AS VARCHAR) || "
@@ -483,7 +489,7 @@ def _check_required(src: Source, kind: str) -> None:
     if missing:
         have = ", ".join(src.columns) or "none"
         raise IngestError(f"{src.label}: missing required column {missing[0]} (columns: {have}); "
-                          "rename one with --map")
+                          f"name the column that holds it with --map NEW=OLD, e.g. --map {missing[0]}=YOUR_COLUMN")
 
 
 def _id_selects(src: Source, kind: str, id_types: dict[str, str]) -> tuple[list[str], str, dict[str, str]]:

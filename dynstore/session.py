@@ -34,21 +34,23 @@ from typing import TYPE_CHECKING, Any, Iterator
 
 import duckdb
 
-from . import builtin_functions  # noqa: F401  (dynstore's own functions register on import)
-from .errors import DynstoreError, error_from, error_message
+from .builtin_functions import id_type_hint  # dynstore's own functions register on import
+from .errors import DynstoreError, SqlError, error_from, error_message
 from .functions import apply_functions, check_write_calls, generation, registered
 from .semcache import snapshot
+from .sqltext import sql_text
 from .views import attach_views, create_views, new_connection
 
 if TYPE_CHECKING:
     from .store import Store
 
 __all__ = ["SqlSession", "Result", "error_message", "error_from", "STORE_VIEWS", "open_connection", "follow",
-           "connection_state"]
+           "connection_state", "with_position", "id_type_hint"]
 
-#: Views every connection gets from the store (see ``sql/views.sql``).
-STORE_VIEWS = ("interactions", "items", "users", "item_documents", "stale_items", "versions",
-               "item_embeddings", "item_embeddings_all")
+#: Views every connection gets from the store (every view ``sql/views.sql`` creates).
+STORE_VIEWS = tuple(re.findall(r"^CREATE OR REPLACE VIEW (\w+)", sql_text("views.sql"), re.M))
+
+_POSITION = re.compile(r"^LINE \d+:.*\n[ \t]*\^+", re.M)
 
 _WRITES = ("INSERT", "UPDATE", "DELETE", "MERGE_INTO")
 
@@ -119,6 +121,20 @@ def connection_state(store: "Store") -> tuple:
     return (cat.config_stamp(), tuple(sorted(snapshot(cat).items())), generation())
 
 
+def with_position(exc: BaseException, message: str) -> str:
+    """``message`` followed by DuckDB's ``LINE n: ...`` line and its caret, when ``exc`` has them.
+
+    >>> import duckdb
+    >>> print(with_position(duckdb.ParserException('Parser Error: syntax error at or near "SELEC"\\n\\n'
+    ...                                            'LINE 2: SELEC 2;\\n        ^'), "syntax error"))
+    syntax error
+    LINE 2: SELEC 2;
+            ^
+    """
+    m = _POSITION.search(str(exc))
+    return f"{message}\n{m.group(0)}" if m and m.group(0) not in message else message
+
+
 class SqlSession:
     """A DuckDB connection that follows the store between statements.
 
@@ -127,10 +143,18 @@ class SqlSession:
     store : dynstore.Store
         The open store; ``store.read_only`` makes the session read-only too
         (no writes, no file access outside the store).
+    params : dict, optional
+        Values of named parameters: a statement that says ``$name`` gets
+        ``params["name"]`` (each statement only the ones it names).
+
+    An error keeps DuckDB's position (its ``LINE n:`` line and the caret under
+    it) after the one-line message; statements given with leading newlines
+    (a script's line offset) are numbered from the start of the script.
     """
 
-    def __init__(self, store: "Store"):
+    def __init__(self, store: "Store", params: dict[str, Any] | None = None):
         self.store = store
+        self.params = dict(params or {})
         self._state = connection_state(store)
         self.con = open_connection(store, checked=True)
 
@@ -156,7 +180,7 @@ class SqlSession:
         try:
             return list(self.con.extract_statements(text))
         except duckdb.Error as exc:
-            raise DynstoreError(error_message(exc)) from None
+            raise DynstoreError(with_position(exc, error_message(exc))) from None
 
     def run(self, statement: Any) -> Result:
         """Run one statement (a string or an item of :meth:`statements`)."""
@@ -169,15 +193,29 @@ class SqlSession:
         kind = statement.type.name
         self._follow()
         check_write_calls(query)
+        params = self._params(statement)
         t0 = time.perf_counter()
         try:
-            cur = self.con.execute(query)
+            # leading newlines kept: DuckDB numbers the LINE of an error from the script's start
+            cur = self.con.execute(statement.query.rstrip(), params)
             # CREATE ... AS reports a row count nobody asked for; INSERT's count is kept
             columns = [d[0] for d in cur.description] if cur.description and kind != "CREATE" else []
             rows = cur.fetchall() if columns else []
         except duckdb.Error as exc:
-            raise error_from(exc, self._explain(exc, kind)) from None
+            raise error_from(exc, self._explain(exc, kind, query)) from None
         return Result(query, kind, columns, rows, time.perf_counter() - t0)
+
+    def _params(self, statement: Any) -> dict[str, Any] | None:
+        """The values of the named parameters ``statement`` uses (None when it uses none)."""
+        names = getattr(statement, "named_parameters", None) or set()
+        if not names:
+            return None
+        missing = sorted(n for n in names if n not in self.params)
+        if missing:
+            given = f" (given: {', '.join(sorted(self.params))})" if self.params else ""
+            raise SqlError(f"the statement uses ${missing[0]} but no value was given for it{given}: "
+                           f"add -p {missing[0]} VALUE (`dynstore sql`), or params={{{missing[0]!r}: ...}}")
+        return {n: self.params[n] for n in names}
 
     def run_all(self, text: str) -> Iterator[Result]:
         """Run every statement of ``text`` in order, yielding each result."""
@@ -188,12 +226,19 @@ class SqlSession:
         """Cancel the statement running on this session (from another thread)."""
         self.con.interrupt()
 
-    def _explain(self, exc: BaseException, kind: str) -> str:
+    def _explain(self, exc: BaseException, kind: str, query: str) -> str:
         msg = error_message(exc)
+        hint = id_type_hint(self.store, str(exc), query)
+        if hint:
+            return hint
         if kind in _WRITES and ("base table" in msg or "is not an table" in msg or "is not a table" in msg):
-            return (f"{msg} — the store's tables are read-only in SQL (session tables are not); change data "
-                    "with `dynstore ingest` or `dynstore delete`")
-        return msg
+            name = re.search(r"^\s*(?:UPDATE|DELETE\s+FROM|INSERT\s+(?:OR\s+\w+\s+)?INTO|MERGE\s+INTO)\s+\"?(\w+)",
+                             query, re.I)
+            what = (f"{name.group(1)} is one of the store's tables, read-only" if name else
+                    "the store's tables are read-only")
+            return (f"{what} in SQL (tables you CREATE are not): change data with `dynstore ingest` or "
+                    "`dynstore delete`")
+        return with_position(exc, msg)
 
     # -- what the prompt's dot commands show ------------------------------------------
     def tables(self) -> list[tuple[str, str]]:

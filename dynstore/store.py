@@ -23,7 +23,7 @@ from .compaction import compact, maybe_compact
 from .config import CONFIG_NAME, StoreConfig
 from .delete import delete_rows
 from .encoders import check_precision, encoder_fingerprint, get_encoder
-from .errors import ConfigError, StoreExists
+from .errors import ConfigError, SqlError, StoreExists
 from .feedback import IMPRESSIONS_WAIT, impressions_table
 from .functions import check_write_calls
 from .holdout import evaluate_version
@@ -36,8 +36,8 @@ from .refresh import refresh
 from .registry import list_versions
 from .rules import validate_rules
 from .semantic import encode
-from .semcache import encoder_info, snapshot
-from .session import connection_state, follow, open_connection
+from .semcache import encoder_info, record_encoder, snapshot
+from .session import connection_state, follow, id_type_hint, open_connection
 from .storage import Storage, open_storage
 from .versions import rollback
 from .views import check_item_text
@@ -303,7 +303,13 @@ class Store:
             self._con = open_connection(self, checked=True)
             self._con_state = state
         check_write_calls(query)
-        return self._con.sql(query, params=None if params is None else list(params))
+        try:
+            return self._con.sql(query, params=None if params is None else list(params))
+        except duckdb.Error as exc:  # an id of the wrong type: one line naming the store's id type
+            hint = id_type_hint(self, str(exc), query)
+            if hint is None:
+                raise
+            raise SqlError(hint) from None
 
 
     # -- writes --------------------------------------------------------------------

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import json
+import re
 
 import pytest
 
@@ -45,6 +46,16 @@ def exercises(*names):
         return checked
 
     return mark
+
+
+def sql_error(result):
+    """A SQL error: one line, then at most DuckDB's position (``LINE n: ...`` and the caret under it)."""
+    assert result.exit_code == 1, result.output
+    lines = [l for l in result.output.splitlines() if l.strip()]
+    assert lines[0].startswith("Error: ") and "Traceback" not in result.output, result.output
+    assert len(lines) == 1 or (len(lines) == 3 and lines[1].startswith("LINE ") and lines[2].strip("^ ") == ""), \
+        result.output
+    return lines[0]
 
 
 def one_line_error(result, code=1):
@@ -116,7 +127,8 @@ def test_sql_formats_and_errors(runner, loaded):
     assert r.output.splitlines() == ["a,b", "1,x"]
     r = run(runner, "sql", p, "SELECT 42 AS answer")
     assert "answer" in r.output and "42" in r.output and "(1 row)" in r.output
-    assert "Error:" in one_line_error(run(runner, "sql", p, "SELEC nonsense"))
+    r = run(runner, "sql", p, "SELEC nonsense")
+    assert "Error:" in sql_error(r) and "LINE 1: SELEC nonsense\n        ^" in r.output
 
 
 def test_sql_read_only_cannot_touch_files(runner, loaded, tmp_path):
@@ -124,7 +136,7 @@ def test_sql_read_only_cannot_touch_files(runner, loaded, tmp_path):
     msg = one_line_error(run(runner, "sql", loaded.path, "--read-only", f"COPY (SELECT 1) TO '{target}'"))
     assert "disabled" in msg.lower() or "permission" in msg.lower()
     assert not target.exists()
-    msg = one_line_error(run(runner, "sql", loaded.path, "--read-only", "SELECT * FROM read_csv('/etc/passwd')"))
+    msg = sql_error(run(runner, "sql", loaded.path, "--read-only", "SELECT * FROM read_csv('/etc/passwd')"))
     assert "permission" in msg.lower() or "disabled" in msg.lower()
     msg = one_line_error(run(runner, "sql", loaded.path, "--read-only", "SET enable_external_access = true"))
     before = loaded.sql("SELECT count(*) FROM interactions").fetchall()[0][0]
@@ -178,7 +190,8 @@ def test_refresh_eval_cli(runner, encoded):
 @exercises("config")
 def test_config_cli(runner, store):
     r = run(runner, "config", store.path, "--behaviour-summary")
-    assert r.exit_code == 0 and "behaviour_summary  True" in r.output
+    assert r.exit_code == 0 and "set behaviour_summary = true" in r.output
+    assert "behaviour_summary  True" in run(runner, "config", store.path).output
     assert "is not a valid rule" in one_line_error(run(runner, "config", store.path, "--positive", "1 +"))
 
 
@@ -191,7 +204,7 @@ def test_delete_compact_inspect_cli(runner, loaded):
     out = json.loads(r.output)
     assert r.exit_code == 0 and out["kind"] == "interactions" and out["deleted"] > 0 and "dry_run" not in out
     r = run(runner, "delete", p, "items", "--where", "item_id = 1")
-    assert r.exit_code == 0 and "deleted 1 rows from items (79 left" in r.output
+    assert r.exit_code == 0 and "deleted 1 row from items (79 left" in r.output
     assert "interactions naming the deleted items stay" in r.output
     assert "not a condition over users" in one_line_error(run(runner, "delete", p, "users", "--where", "nope = 1"))
     r = run(runner, "compact", p, "--retain-seconds", 0)
@@ -216,6 +229,13 @@ def test_demo_cli(runner, tmp_path):
     assert r.exit_code == 0, r.output
     for needle in ("dynstore init", "recommendations for user", "refresh", "versions", "semantic search"):
         assert needle in r.output
+    store = tmp_path / "d" / "store"
+    assert f"== the demo's store: {store} (kept after the demo)" in r.output
+    assert f"the store is {store}." in r.output
+    # the semantic search's heading is the query whose columns are printed under it
+    heading, header = re.search(r"== semantic search: (SELECT .*)\n(.*)\n", r.output).groups()
+    shown = re.match(r"SELECT (.*?) FROM", heading).group(1).split(", ")
+    assert header.split() == shown
 
 
 # -------------------------------------------------------------------------- conventions
@@ -272,7 +292,8 @@ def test_config_formats(runner, store):
     r = run(runner, "config", store.path)
     assert r.output.split()[:2] == ["key", "value"] and "{" not in r.output.splitlines()[2]
     r = run(runner, "config", store.path, "--positive", "value >= 4", "--format", "csv")
-    assert "positive,value >= 4" in r.output and "next `dynstore refresh` retrains" in r.output
+    assert 'set positive = "value >= 4"' in r.output and "next `dynstore refresh` retrains" in r.output
+    assert "positive,value >= 4" in run(runner, "config", store.path, "--format", "csv").output
 
 
 def test_default_store_from_env_and_dynstore_toml(runner, encoded, tmp_path, monkeypatch):

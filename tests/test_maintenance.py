@@ -81,7 +81,7 @@ def test_delete_cli(runner, loaded):
     out = json.loads(r.output)
     assert r.exit_code == 0 and out["kind"] == "users" and out["deleted"] > 0
     r = run(runner, "delete", p, "items", "--where", "item_id = 1")
-    assert r.exit_code == 0 and "deleted 1 rows from items" in r.output and "interactions naming" in r.output
+    assert r.exit_code == 0 and "deleted 1 row from items" in r.output and "interactions naming" in r.output
     assert "not a condition over interactions" in one_line_error(
         run(runner, "delete", p, "interactions", "--where", "colour = 'red'"))
     assert run(runner, "delete", p, "widgets", "--where", "true").exit_code == 2
