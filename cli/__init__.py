@@ -78,7 +78,18 @@ def _open(store: str, *, read_only: bool = False):
     import_arrow_quickly()
     import dynstore
 
+    _announce_encoder_loads()
     return dynstore.connect(store, read_only=read_only)
+
+
+def _announce_encoder_loads() -> None:
+    """Say on stderr, at once, when a command must load a model encoder (seconds of silence
+    otherwise); -q keeps quiet. Commands that encode nothing never load one."""
+    from dynstore.encoders import set_load_notice
+
+    ctx = click.get_current_context(silent=True)
+    quiet = bool(ctx is not None and ctx.params.get("quiet"))
+    set_load_notice(None if quiet else lambda message: click.echo(message, err=True))
 
 
 def _note(quiet: bool, message: str) -> None:
@@ -264,7 +275,7 @@ def encode(store: str, all_, batch_size, device, precision, engine, workers, as_
         rate = f", {out.items_per_s} docs/s" if out.encoded else ""
         on = f", ray: {out.workers} worker{'s' * (out.workers != 1)}" if out.engine == "ray" else ""
         click.echo(f"{out.items} items: {out.stale} stale, {out.encoded} documents encoded, "
-                   f"{out.reused} reused from cache ({out.seconds}s{rate}, {out.device}{on})")
+                   f"{out.reused} reused from cache ({out.seconds}s{rate}{', ' + out.device if out.encoded else ''}{on})")
         if out.version:
             click.echo(f"created version {out.version} (the popularity rule; `dynstore refresh` trains one)")
 

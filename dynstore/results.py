@@ -68,6 +68,7 @@ class EncodeResult(_Result):
     encoded: int
     reused: int
     encoder: str
+    #: where the encoder ran; ``"none"`` when nothing was encoded (no encoder was loaded)
     device: str
     seconds: float
     items_per_s: float | None
