@@ -484,6 +484,10 @@ def compact(store: str, retain_seconds, as_json, quiet):
     has more than compact_fragments fragments (see `dynstore config`); this
     command does every dataset now. It also removes the leftovers of a
     refresh killed before its commit (embedding rows, model files).
+    It never leaves the store larger than it found it: with a retention
+    (--retain-seconds above 0) it keeps what readers may still read and
+    merges no fragments (a merge would keep both copies); it prints what
+    it reclaimed and what it kept.
 
     \b
     Examples:
@@ -508,6 +512,22 @@ def compact(store: str, retain_seconds, as_json, quiet):
         click.echo(f"removed unused fine-tuned encoders: {', '.join(out.encoders_removed)}")
     for name, why in out.skipped.items():
         _note(quiet, f"note: skipped {name}: {why}")
+    _report_reclaimed(out)
+
+
+def _report_reclaimed(out) -> None:
+    """What compact freed, and what it kept for readers that may still read it."""
+    before, after = out.bytes
+    click.echo(f"reclaimed {out.reclaimed:,} bytes (store {before:,} -> {after:,} bytes)")
+    versions = sum(k["versions"] for k in out.kept.values())
+    unmerged = {name: k["fragments"] for name, k in out.kept.items() if k["fragments"]}
+    if versions:
+        click.echo(f"kept {versions} older dataset version(s) superseded less than {out.retain_seconds:g} s ago "
+                   "(readers may still read them)")
+    if unmerged:
+        click.echo(f"fragments not merged in {', '.join(unmerged)} (a merge keeps both copies for "
+                   f"{out.retain_seconds:g} s); --retain-seconds 0 merges them and drops every older version: "
+                   "use it when no reader is open")
 
 
 # -------------------------------------------------------------------------- inspect

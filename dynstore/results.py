@@ -17,7 +17,7 @@ TypeError: 'DeleteResult' object is not subscriptable
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from typing import Any, ClassVar
 
 __all__ = ["IngestResult", "EncodeResult", "RefreshResult", "DeleteResult", "CompactResult", "RollbackResult",
@@ -151,6 +151,20 @@ class CompactResult(_Result):
     #: what was not compacted, and why
     skipped: dict[str, str]
     retain_seconds: float
+    #: kept for readers that may still read it, per dataset: ``{"versions": older versions
+    #: superseded less than retain_seconds ago, "fragments": fragments not merged}``
+    kept: dict[str, dict[str, int]] = field(default_factory=dict)
+    #: the whole store's bytes, [before, after]: never more after
+    bytes: list[int] = field(default_factory=lambda: [0, 0])
+
+    @property
+    def reclaimed(self) -> int:
+        """Bytes freed (before minus after)."""
+        return self.bytes[0] - self.bytes[1]
+
+    def to_dict(self) -> dict[str, Any]:
+        """The result as the plain dict the command line prints for ``--json`` (with ``reclaimed``)."""
+        return {**super().to_dict(), "reclaimed": self.reclaimed}
 
 
 @dataclass(frozen=True)

@@ -451,7 +451,7 @@ class Store:
         --------
         >>> import tempfile, dynstore
         >>> sorted(dynstore.init(tempfile.mkdtemp() + "/s", model="fake").compact().to_dict())
-        ['datasets', 'encoders_removed', 'orphans', 'retain_seconds', 'skipped']
+        ['bytes', 'datasets', 'encoders_removed', 'kept', 'orphans', 'reclaimed', 'retain_seconds', 'skipped']
         """
         from .compaction import compact
 
