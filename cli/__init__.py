@@ -615,9 +615,12 @@ def _report_refresh(out: RefreshResult) -> None:
         return
     if out.reasons:
         click.echo(f"retrained: {'; '.join(out.reasons)}")
-    click.echo(f"version {out.version}: {out.status}"
-               + (" (training did not clearly beat its start on the holdout: same weights)"
-                  if out.kept_start else ""))
+    if out.status == "unchanged":
+        click.echo(f"no new version: {out.reason}")
+    else:
+        click.echo(f"version {out.version}: {out.status}"
+                   + (" (training did not clearly beat its start on the holdout: same weights)"
+                      if out.kept_start else ""))
     for name, m in (out.metrics or {}).items():
         if isinstance(m, dict):
             click.echo(f"  {name:<10} " + "  ".join(f"{k}={v:.4f}" for k, v in m.items() if isinstance(v, float)))

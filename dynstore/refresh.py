@@ -265,6 +265,15 @@ class _Run:
         published = self._publish_rule(p, verdict, number, snap) if self._rule_wins(p, verdict) else None
         return self._result(p, cand, verdict, model, number, published)
 
+    def unchanged(self, p: Prepared, cand: Candidate, verdict: Verdict, model: FusionModel) -> RefreshResult:
+        """The result of a retrain that ended where it started: nothing published (status
+        ``"unchanged"``, the figures of the run, ``version`` the current one)."""
+        v = p.current_version.version
+        out = self._result(p, cand, verdict, model, v, None)
+        return replace(out, status="unchanged", promoted=False, reason=(
+            f"the result is version {v} again (same weights, item rows and holdout figures): no new version "
+            "published; --force publishes one anyway"))
+
     def _rule_wins(self, p: Prepared, verdict: Verdict) -> bool:
         """The trained model lost, but the rule it was compared with beat what the store
         serves (or what is served is an old rule whose counts froze at its creation)."""
@@ -344,11 +353,8 @@ def refresh(catalog: Catalog, **options: Any) -> RefreshResult:
     candidate = run.train(prepared)
     verdict = run.judge(prepared, candidate)
     model = run.refit(prepared, candidate, verdict)
-    if not opts.force and _same_as_current(prepared, verdict, model):
-        v = prepared.current_version.version
-        return RefreshResult(status="noop", version=v, reason=(
-            f"retrained ({plan['reason']}), but the result is version {v} again (same weights, item rows and "
-            "holdout figures): no new version published; use --force to publish one anyway"))
+    if not opts.force and _same_as_current(prepared, verdict, model, plan["rules"], opts.since):
+        return run.unchanged(prepared, candidate, verdict, model)
     return run.publish(prepared, candidate, verdict, model)
 
 
@@ -382,12 +388,13 @@ def _item_pairs(tensors: dict, ids: list) -> set | None:
     return {(ids[r], ids[c], float(v)) for r, c, v in zip(rows.tolist(), col.tolist(), val.tolist())}
 
 
-def _same_as_current(p: Prepared, verdict: Verdict, model: FusionModel) -> bool:
-    """Whether publishing ``model`` would repeat the current version: equal parameters
-    and metadata, equal holdout figures, and equal item rows (what serving uses now:
-    the version's rows, and items added since fused with its parameters)."""
-    lv = p.current_version
-    if verdict.candidate != verdict.current:
+def _same_as_current(p: Prepared, verdict: Verdict, model: FusionModel, rules: dict, since: str | None) -> bool:
+    """Whether publishing ``model`` would repeat the current version: built under the same
+    rules, encoder and window, with equal parameters and metadata, equal holdout figures,
+    and equal item rows (what serving uses now: the version's rows, and items added since
+    fused with its parameters)."""
+    lv, snap = p.current_version, p.current_row.get("snapshot") or {}
+    if snap.get("rules") != rules or snap.get("since") != since or verdict.candidate != verdict.current:
         return False
     (new_t, new_meta), (cur_t, cur_meta) = model.state(), lv.model.state()
     if new_meta != cur_meta or new_t.keys() != cur_t.keys():

@@ -88,7 +88,8 @@ class RefreshResult(_Result):
     status: str
     #: the new version; for a no-op the newest existing one (or None)
     version: int | None = None
-    #: why a refresh did nothing (no-op only)
+    #: why a refresh did nothing: no-op (nothing to retrain), or ``status == "unchanged"``
+    #: (retrained, but the result equals the current version: nothing published)
     reason: str | None = None
     parent: int | None = None
     promoted: bool = False
@@ -121,6 +122,8 @@ class RefreshResult(_Result):
                 out["version"] = self.version
             return out
         out = {name: getattr(self, name) for name in self._TRAINED}
+        if self.reason is not None:  # "unchanged": why nothing was published
+            out["reason"] = self.reason
         for name in ("published", "finetune"):
             if getattr(self, name) is not None:
                 out[name] = getattr(self, name)

@@ -66,8 +66,8 @@ def test_second_refresh_without_new_data_is_noop(encoded, runner=None):
                                              "event": ["click"]}))
     third = encoded.refresh(since="all", epochs=1)
     # it retrains; a result equal to the current version publishes nothing (issue 23)
-    if third.status == "noop":
-        assert third.reason.startswith("retrained (interactions changed since version 2)")
+    if third.status == "unchanged":
+        assert third.reasons == ["interactions changed since version 2"] and third.version == again.version
     else:
         assert third.version == again.version + 1
 
@@ -82,10 +82,13 @@ def test_refresh_publishes_no_version_identical_to_current(encoded, runner):
     encoded.encode()
     result = runner.invoke(main, ["refresh", str(encoded.path), "--since", "all", "--epochs", "1"])
     assert result.exit_code == 0, result.output
-    assert result.output.startswith("nothing to do: retrained (items changed since version 2)")
-    assert f"the result is version {first.version} again" in result.output
+    assert result.output.startswith("retrained: items changed since version 2\nno new version: the result is "
+                                    f"version {first.version} again")
     assert [r["version"] for r in encoded.versions()] == [2, 1]
     assert encoded.recommend(1, 5)  # the new item is served by version 2's parameters meanwhile
+    out = json.loads(runner.invoke(main, ["refresh", str(encoded.path), "--since", "all", "--epochs", "1",
+                                          "--json"]).output)
+    assert out["status"] == "unchanged" and out["version"] == 2 and not out["promoted"] and "again" in out["reason"]
     forced = encoded.refresh(since="all", epochs=1, force=True)
     assert forced.status != "noop" and forced.version == 3
 
