@@ -135,7 +135,18 @@ def _open(store: str, *, read_only: bool = False):
     import_arrow_quickly()
     import dynstore
 
+    _announce_encoder_loads()
     return dynstore.connect(store, read_only=read_only)
+
+
+def _announce_encoder_loads() -> None:
+    """Say on stderr, at once, when a command must load a model encoder (seconds of silence
+    otherwise); -q keeps quiet. Commands that encode nothing never load one."""
+    from dynstore.encoders import set_load_notice
+
+    ctx = click.get_current_context(silent=True)
+    quiet = bool(ctx is not None and ctx.params.get("quiet"))
+    set_load_notice(None if quiet else lambda message: click.echo(message, err=True))
 
 
 def _note(quiet: bool, message: str) -> None:
@@ -326,7 +337,7 @@ def encode(store: str, all_, batch_size, device, precision, engine, workers, as_
         rate = f", {out.items_per_s} docs/s" if out.encoded else ""
         on = f", ray: {out.workers} worker{'s' * (out.workers != 1)}" if out.engine == "ray" else ""
         click.echo(f"{out.items} items: {out.stale} stale, {out.encoded} documents encoded, "
-                   f"{out.reused} reused from cache ({out.seconds}s{rate}, {out.device}{on})")
+                   f"{out.reused} reused from cache ({out.seconds}s{rate}{', ' + out.device if out.encoded else ''}{on})")
         if out.version:
             click.echo(f"created version {out.version} (the popularity rule; `dynstore refresh` trains one)")
 
@@ -597,6 +608,10 @@ def compact(store: str, retain_seconds, as_json, quiet):
     has more than compact_fragments fragments (see `dynstore config`); this
     command does every dataset now. It also removes the leftovers of a
     refresh killed before its commit (embedding rows, model files).
+    It never leaves the store larger than it found it: with a retention
+    (--retain-seconds above 0) it keeps what readers may still read and
+    merges no fragments (a merge would keep both copies); it prints what
+    it reclaimed and what it kept.
 
     \b
     Examples:
@@ -621,6 +636,22 @@ def compact(store: str, retain_seconds, as_json, quiet):
         click.echo(f"removed unused fine-tuned encoders: {', '.join(out.encoders_removed)}")
     for name, why in out.skipped.items():
         _note(quiet, f"note: skipped {name}: {why}")
+    _report_reclaimed(out)
+
+
+def _report_reclaimed(out) -> None:
+    """What compact freed, and what it kept for readers that may still read it."""
+    before, after = out.bytes
+    click.echo(f"reclaimed {out.reclaimed:,} bytes (store {before:,} -> {after:,} bytes)")
+    versions = sum(k["versions"] for k in out.kept.values())
+    unmerged = {name: k["fragments"] for name, k in out.kept.items() if k["fragments"]}
+    if versions:
+        click.echo(f"kept {versions} older dataset version(s) superseded less than {out.retain_seconds:g} s ago "
+                   "(readers may still read them)")
+    if unmerged:
+        click.echo(f"fragments not merged in {', '.join(unmerged)} (a merge keeps both copies for "
+                   f"{out.retain_seconds:g} s); --retain-seconds 0 merges them and drops every older version: "
+                   "use it when no reader is open")
 
 
 # -------------------------------------------------------------------------- inspect
@@ -709,9 +740,12 @@ def _report_refresh(out: RefreshResult) -> None:
         return
     if out.reasons:
         click.echo(f"retrained: {'; '.join(out.reasons)}")
-    click.echo(f"version {out.version}: {out.status}"
-               + (" (training did not clearly beat its start on the holdout: same weights)"
-                  if out.kept_start else ""))
+    if out.status == "unchanged":
+        click.echo(f"no new version: {out.reason}")
+    else:
+        click.echo(f"version {out.version}: {out.status}"
+                   + (" (training did not clearly beat its start on the holdout: same weights)"
+                      if out.kept_start else ""))
     for name, m in (out.metrics or {}).items():
         if isinstance(m, dict):
             click.echo(f"  {name:<10} " + "  ".join(f"{k}={v:.4f}" for k, v in m.items() if isinstance(v, float)))

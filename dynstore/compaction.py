@@ -5,14 +5,22 @@ refresh the embeddings of a version, an encode a chunk of the semantic cache,
 and every rewrite (the registry, an upsert) leaves the previous version's
 files behind for readers that still read it. :func:`compact`
 
-* merges small fragments of each dataset (Lance ``compact_files``; a reader
-  sees the same rows before and after),
 * removes dataset versions that stopped being the newest more than
   ``retain_seconds`` ago, with their files (a statement or a pinned
   connection older than that may fail; the default is an hour), and files of
   writes that died before their commit,
+* merges small fragments of each dataset (Lance ``compact_files``; a reader
+  sees the same rows before and after) when ``retain_seconds`` is 0. A merge
+  writes the rows again, and the files it replaces belong to the version
+  readers may be on now, which must stay for ``retain_seconds``: with a
+  retention the merge would leave the store larger than it found it, so
+  :func:`compact` keeps the fragments and says so (``kept``). Writers still
+  merge a dataset past ``compact_fragments`` fragments (:func:`maybe_compact`),
 * removes orphans of versions whose registry commit never happened (a
   ``kill -9`` in ``refresh``): their embedding rows, model files and index.
+
+:func:`compact` never leaves the store larger than it found it; it reports the
+store's bytes before and after (``bytes``) and what it kept for readers.
 
 Each dataset is compacted under the writer lock of the commands that write it,
 so no writer races it; a dataset whose writer is busy is skipped (and named).
@@ -66,15 +74,16 @@ def _datasets(catalog: Catalog) -> list[tuple[str, str, str]]:
     return out
 
 
-def _compact_one(catalog: Catalog, name: str, retain_seconds: float, *, force: bool) -> dict:
+def _compact_one(catalog: Catalog, name: str, retain_seconds: float, *, force: bool, merge: bool = True) -> dict:
     """Compact the dataset ``name`` (relative to the store) and drop its versions superseded
-    more than ``retain_seconds`` ago. The caller holds the dataset's writer lock."""
+    more than ``retain_seconds`` ago; ``merge``: merge its fragments (else only drop).
+    The caller holds the dataset's writer lock."""
     import lance
 
     uri, so = catalog.where(name), catalog.storage_options
     ds = lance.dataset(uri, storage_options=so)
     before = dataset_stats(ds, uri, catalog)
-    if before["fragments"] > 1:
+    if before["fragments"] > 1 and merge:
         ds.optimize.compact_files()
         ds = lance.dataset(uri, storage_options=so)
     versions = ds.versions()
@@ -155,24 +164,33 @@ def compact(catalog: Catalog, *, retain_seconds: float | None = None, wait: floa
     """Compact every dataset, drop superseded versions and orphans; see the module docstring.
 
     Returns ``{"datasets": {name: {"fragments": [before, after], "versions": [...],
-    "bytes": [...]}}, "orphans": {...}, "encoders_removed": [...], "skipped": {name: why}}``.
+    "bytes": [...]}}, "orphans": {...}, "encoders_removed": [...], "skipped": {name: why},
+    "kept": {name: what readers may still need}, "bytes": [store before, store after]}``.
+    Fragments are merged only with ``retain_seconds=0`` (see the module docstring), so
+    the store is never larger after than before.
     """
     retain = catalog.config.retain_seconds if retain_seconds is None else float(retain_seconds)
     out: dict[str, Any] = {"datasets": {}, "orphans": {}, "encoders_removed": [], "skipped": {},
-                           "retain_seconds": retain}
+                           "retain_seconds": retain, "kept": {}}
     try:
         with catalog.lock("versions", wait=wait):
             out["orphans"] = _orphans(catalog)
     except StoreBusy:
         out["skipped"]["orphans"] = "a version is being written"
+    # a merge keeps the files it replaces for readers (retain_seconds): only without a
+    # retention can it free them at once, so only then does it not grow the store
+    merge = retain <= 0
+    size_before = _store_bytes(catalog)
     for name, where, lock in _datasets(catalog):
         if catalog.storage.dataset_stamp(catalog.where(where)) is None:
             continue
         try:
             with catalog.lock(lock, wait=wait):
-                out["datasets"][name] = _compact_one(catalog, where, retain, force=True)
+                out["datasets"][name] = d = _compact_one(catalog, where, retain, force=True, merge=merge)
         except StoreBusy:
             out["skipped"][name] = f"busy: another {lock} is writing"
+            continue
+        _note_kept(out["kept"], name, d, merge, retain)
     try:
         with catalog.lock("refresh", wait=0):
             out["encoders_removed"] = _unused_encoders(catalog)
@@ -184,7 +202,24 @@ def compact(catalog: Catalog, *, retain_seconds: float | None = None, wait: floa
                 catalog.storage.remove("dynstore.toml.tmp")
         except StoreBusy:
             pass
+    out["bytes"] = [size_before, _store_bytes(catalog)]
     return CompactResult(**out)
+
+
+def _store_bytes(catalog: Catalog) -> int:
+    """The store's bytes, its lock files (a few bytes each, written by every writer) left out."""
+    return catalog.storage.size("") - catalog.storage.size("locks")
+
+
+def _note_kept(kept: dict, name: str, stats: dict, merged: bool, retain: float) -> None:
+    """Record what ``compact`` left in ``name`` for readers that may still read it: older
+    versions (superseded less than ``retain`` seconds ago) and unmerged fragments."""
+    if retain <= 0:
+        return
+    entry = {"versions": max(0, stats["versions"][1] - 1),
+             "fragments": stats["fragments"][1] if not merged and stats["fragments"][1] > 1 else 0}
+    if any(entry.values()):
+        kept[name] = entry
 
 
 def maybe_compact(catalog: Catalog, name: str) -> dict | None:

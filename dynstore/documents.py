@@ -9,8 +9,7 @@ changes the document, its hash, and therefore its vector.
 from __future__ import annotations
 
 from .catalog import Catalog
-from .ingest import lit, q
-from .sqltext import sql_text
+from .sqltext import lit, q, sql_text
 
 __all__ = ["item_document_sql", "default_item_text"]
 

@@ -21,6 +21,7 @@ from .catalog import Catalog
 from .errors import IdTypeError, IngestError
 from .lancescan import is_text, stored_type
 from .results import IngestResult
+from .sqltext import lit, q
 
 __all__ = ["KINDS", "ingest", "ids_fixed", "RESERVED", "FUTURE_TOLERANCE_S"]
 
@@ -39,16 +40,6 @@ _INT_TYPES = {"TINYINT", "SMALLINT", "INTEGER", "BIGINT", "HUGEINT", "UTINYINT",
               "UINTEGER", "UBIGINT", "UHUGEINT"}
 _FLOAT_TYPES = {"FLOAT", "DOUBLE", "REAL"}
 _STRING_TYPES = {"VARCHAR"}
-
-
-def q(name: str) -> str:
-    """Quote an SQL identifier."""
-    return '"' + name.replace('"', '""') + '"'
-
-
-def lit(value: str) -> str:
-    """Quote an SQL string literal."""
-    return "'" + value.replace("'", "''") + "'"
 
 
 @dataclass

@@ -74,7 +74,6 @@ from .evaluation import evaluate, scorer
 from .histories import add_into, build_histories, entry_rows, history_groups, most_recent_first, normalise, recency_sum
 from .itemitem import ItemItem
 from .modeldata import ModelConfig, TrainingData
-from .training import train
 
 #: rows of :meth:`FusionModel.item_side` computed at once (a divisor of the 65,536-row
 #: batches a version is written in, so its rows and a recomputed item side agree)
@@ -427,6 +426,8 @@ class FusionModel:
         >>> stats["n_positive"]
         100
         """
+        from .training import train  # the write path's (torch): serving never imports it
+
         return train(self, data, **options)
 
     # ------------------------------------------------------------- persistence

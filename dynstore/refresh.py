@@ -33,7 +33,7 @@ import numpy as np
 from .bootstrap import ensure_first_version
 from .catalog import Catalog
 from .encoders import HFEncoder, probe_device
-from .errors import ConfigError
+from .errors import ConfigError, DynstoreError
 from .evaluation import evaluate
 from .encoders import finetune_encoder
 from .freshness import refresh_plan
@@ -266,6 +266,15 @@ class _Run:
         published = self._publish_rule(p, verdict, number, snap) if self._rule_wins(p, verdict) else None
         return self._result(p, cand, verdict, model, number, published)
 
+    def unchanged(self, p: Prepared, cand: Candidate, verdict: Verdict, model: FusionModel) -> RefreshResult:
+        """The result of a retrain that ended where it started: nothing published (status
+        ``"unchanged"``, the figures of the run, ``version`` the current one)."""
+        v = p.current_version.version
+        out = self._result(p, cand, verdict, model, v, None)
+        return replace(out, status="unchanged", promoted=False, reason=(
+            f"the result is version {v} again (same weights, item rows and holdout figures): no new version "
+            "published; --force publishes one anyway"))
+
     def _rule_wins(self, p: Prepared, verdict: Verdict) -> bool:
         """The trained model lost, but the rule it was compared with beat what the store
         serves (or what is served is an old rule whose counts froze at its creation)."""
@@ -339,12 +348,71 @@ def refresh(catalog: Catalog, **options: Any) -> RefreshResult:
     plan = refresh_plan(catalog, since=opts.since, force=opts.force, snapshot=snap)
     if not plan["needed"]:
         return RefreshResult(status="noop", reason=plan["reason"], version=plan["version"])
+    _check_window(catalog, window, opts.since)  # an empty window fails before anything is encoded
     run = _Run(catalog, opts, window, snap, plan)
     prepared = run.prepare()
     candidate = run.train(prepared)
     verdict = run.judge(prepared, candidate)
     model = run.refit(prepared, candidate, verdict)
+    if not opts.force and _same_as_current(prepared, verdict, model, plan["rules"], opts.since):
+        return run.unchanged(prepared, candidate, verdict, model)
     return run.publish(prepared, candidate, verdict, model)
+
+
+def _check_window(catalog: Catalog, window: TrainingWindow, since: str | None) -> None:
+    """Refuse a window with too few events to train and evaluate (the split's own check),
+    before a refresh encodes anything."""
+    con = views_connection(catalog)
+    try:
+        newest = newest_event(con)
+        start = window.start(newest)
+        n_ts = con.execute("SELECT count(DISTINCT ts) FROM interactions WHERE ?::TIMESTAMP IS NULL OR ts >= ?",
+                           [start, start]).fetchall()[0][0]
+    finally:
+        con.close()
+    if n_ts < 2:
+        since_when = "the first event" if start is None else f"{start:%Y-%m-%d %H:%M}"
+        raise DynstoreError(f"--since {since}: {n_ts} distinct event time(s) from {since_when} (the newest event is "
+                            f"{newest:%Y-%m-%d %H:%M}): not enough interactions in the window to train and "
+                            "evaluate; widen --since")
+
+
+def _item_pairs(tensors: dict, ids: list) -> set | None:
+    """The item-item weights of ``tensors`` as ``{(item, neighbour, weight)}`` (rows mapped to
+    ``ids``), so that two versions over different item rows compare; None without them."""
+    if "ii_ptr" not in tensors:
+        return None
+    ptr, col, val = tensors["ii_ptr"], tensors["ii_col"], tensors["ii_val"]
+    if len(ptr) != len(ids) + 1:
+        return {object()}  # not over these items: equal to nothing
+    rows = np.repeat(np.arange(len(ids)), np.diff(ptr))
+    return {(ids[r], ids[c], float(v)) for r, c, v in zip(rows.tolist(), col.tolist(), val.tolist())}
+
+
+def _same_as_current(p: Prepared, verdict: Verdict, model: FusionModel, rules: dict, since: str | None) -> bool:
+    """Whether publishing ``model`` would repeat the current version: built under the same
+    rules, encoder and window, with equal parameters and metadata, equal holdout figures,
+    and equal item rows (what serving uses now: the version's rows, and items added since
+    fused with its parameters)."""
+    lv, snap = p.current_version, p.current_row.get("snapshot") or {}
+    if snap.get("rules") != rules or snap.get("since") != since or verdict.candidate != verdict.current:
+        return False
+    (new_t, new_meta), (cur_t, cur_meta) = model.state(), lv.model.state()
+    if new_meta != cur_meta or new_t.keys() != cur_t.keys():
+        return False
+    if not all(np.array_equal(new_t[k], cur_t[k]) for k in new_t if not k.startswith("ii_")):
+        return False
+    if _item_pairs(new_t, p.data.ids) != _item_pairs(cur_t, lv.ids):  # rows are items: compare by id
+        return False
+    residuals = model.residuals if model.residuals is not None else p.residuals
+    W, b = model.item_side(p.data.V, p.data.A, residuals)
+    rows = np.array([lv.row.get(i, -1) for i in p.data.ids], np.int64)
+    old = rows >= 0
+    served_w, served_b = np.empty_like(W), np.empty_like(b)
+    served_w[old], served_b[old] = lv.Wf[rows[old]], lv.bias[rows[old]]
+    if not old.all():  # items added since: served fused with the version's parameters, no residual
+        served_w[~old], served_b[~old] = lv.model.item_side(p.data.V[~old], p.data.A[~old], None)
+    return bool(np.allclose(W, served_w, rtol=0, atol=1e-6) and np.allclose(b, served_b, rtol=0, atol=1e-6))
 
 
 def _gamma(params: dict) -> float:

@@ -17,7 +17,7 @@ TypeError: 'DeleteResult' object is not subscriptable
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from typing import Any, ClassVar
 
 __all__ = ["IngestResult", "EncodeResult", "RefreshResult", "DeleteResult", "CompactResult", "RollbackResult",
@@ -68,6 +68,7 @@ class EncodeResult(_Result):
     encoded: int
     reused: int
     encoder: str
+    #: where the encoder ran; ``"none"`` when nothing was encoded (no encoder was loaded)
     device: str
     seconds: float
     items_per_s: float | None
@@ -87,7 +88,8 @@ class RefreshResult(_Result):
     status: str
     #: the new version; for a no-op the newest existing one (or None)
     version: int | None = None
-    #: why a refresh did nothing (no-op only)
+    #: why a refresh did nothing: no-op (nothing to retrain), or ``status == "unchanged"``
+    #: (retrained, but the result equals the current version: nothing published)
     reason: str | None = None
     parent: int | None = None
     promoted: bool = False
@@ -120,6 +122,8 @@ class RefreshResult(_Result):
                 out["version"] = self.version
             return out
         out = {name: getattr(self, name) for name in self._TRAINED}
+        if self.reason is not None:  # "unchanged": why nothing was published
+            out["reason"] = self.reason
         for name in ("published", "finetune"):
             if getattr(self, name) is not None:
                 out[name] = getattr(self, name)
@@ -150,6 +154,20 @@ class CompactResult(_Result):
     #: what was not compacted, and why
     skipped: dict[str, str]
     retain_seconds: float
+    #: kept for readers that may still read it, per dataset: ``{"versions": older versions
+    #: superseded less than retain_seconds ago, "fragments": fragments not merged}``
+    kept: dict[str, dict[str, int]] = field(default_factory=dict)
+    #: the whole store's bytes, [before, after]: never more after
+    bytes: list[int] = field(default_factory=lambda: [0, 0])
+
+    @property
+    def reclaimed(self) -> int:
+        """Bytes freed (before minus after)."""
+        return self.bytes[0] - self.bytes[1]
+
+    def to_dict(self) -> dict[str, Any]:
+        """The result as the plain dict the command line prints for ``--json`` (with ``reclaimed``)."""
+        return {**super().to_dict(), "reclaimed": self.reclaimed}
 
 
 @dataclass(frozen=True)

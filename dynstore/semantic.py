@@ -20,12 +20,9 @@ import numpy as np
 import pyarrow as pa
 
 from .catalog import Catalog, open_catalog
-from .compaction import maybe_compact
 from .encoders import check_batch_size
 from .errors import DynstoreError
 from .lancescan import SCAN_IO_BYTES
-from .rayengine import (block_rows, blocks, check_engine, cluster_gpus, init_ray, map_actors, pool_size,
-                        require_ray)
 from .results import EncodeResult
 from .semcache import cache_dataset, encoder_info, record_encoder, semantic_index, store_encoder, write_cache
 from .views import views_connection
@@ -60,14 +57,14 @@ def encode(catalog: Catalog, *, all: bool = False, batch_size: int = 64, device:
     >>> (r.stale, r.encoded)
     (2, 1)
     """
+    from .compaction import maybe_compact  # the write path's: imported here, not by readers
+    from .rayengine import check_engine, require_ray
+
     check_batch_size(batch_size)  # before the model loads, not after
     if check_engine(engine) == "ray":
         require_ray()  # the one-line error before any work
     t0 = time.perf_counter()
-    enc = store_encoder(catalog, device=device) if engine == "local" else None
-    enc_id, dim = (enc.id, int(enc.dim)) if enc is not None else encoder_info(catalog)
-    record_encoder(catalog, (enc_id, dim))
-    total, stale, docs = _documents(catalog, all)
+    enc, enc_id, (total, stale, docs) = _stale_and_encoder(catalog, all, device, engine)
     bar = None
     if progress and docs:
         from tqdm import tqdm
@@ -78,6 +75,8 @@ def encode(catalog: Catalog, *, all: bool = False, batch_size: int = 64, device:
         if enc is not None:
             _encode_local(catalog, enc, docs, batch_size, bar)
             used_device = getattr(enc, "device", "cpu")
+        elif engine == "local":
+            used_device = "none"  # nothing to encode: no encoder loaded, no device chosen
         else:
             used_device, n = encode_on_ray(catalog, enc_id, docs, batch_size=batch_size, device=device,
                                            workers=workers, bar=bar)
@@ -91,6 +90,25 @@ def encode(catalog: Catalog, *, all: bool = False, batch_size: int = 64, device:
            "encoder": enc_id, "device": used_device, "seconds": round(seconds, 3),
            "items_per_s": round(len(docs) / seconds, 1) if seconds > 0 else None}
     return EncodeResult(**out, **extra)
+
+
+def _stale_and_encoder(catalog: Catalog, all: bool, device: str | None, engine: str):
+    """``(encoder or None, encoder id, (items, stale, documents))`` for :func:`encode`.
+
+    What is stale needs only the encoder's id (recorded in the config, or read
+    from the model's files): the model itself is loaded only when there are
+    documents to encode here (``engine="local"``), so ``encode`` with nothing
+    stale imports neither torch nor transformers.
+    """
+    enc_id, dim = encoder_info(catalog)
+    record_encoder(catalog, (enc_id, dim))
+    found = _documents(catalog, all)
+    enc = store_encoder(catalog, device=device) if engine == "local" and found[2] else None
+    if enc is not None and (enc.id, int(enc.dim)) != (enc_id, dim):  # the files misled: trust the model
+        enc_id = enc.id
+        record_encoder(catalog, (enc_id, int(enc.dim)))
+        found = _documents(catalog, all)
+    return enc, enc_id, found
 
 
 def _documents(catalog: Catalog, all: bool) -> tuple[int, int, list[tuple[str, str | None]]]:
@@ -148,6 +166,8 @@ def encode_on_ray(catalog: Catalog, encoder_id: str, docs: list, *, batch_size: 
     cluster has GPUs: fp16 by the ``auto`` precision) and commit the vectors to the
     cache as they come back, in chunks of at most :data:`CHUNK`: an interrupted run
     keeps what was committed. Returns ``(device, actors)``."""
+    from .rayengine import block_rows, blocks, cluster_gpus, init_ray, map_actors, pool_size
+
     if not docs:
         return (device or "cpu"), 0
     init_ray()

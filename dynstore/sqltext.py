@@ -1,9 +1,31 @@
-"""dynstore's own SQL files (``sql/*.sql``): read, render and split into statements."""
+"""SQL text: quoting identifiers and literals, and dynstore's own SQL files (``sql/*.sql``).
+
+Imports nothing of dynstore: the read path (views, documents) and the write
+path (ingest) both quote with it.
+"""
 from __future__ import annotations
 
 from importlib import resources
 
-__all__ = ["sql_text", "statements"]
+__all__ = ["q", "lit", "sql_text", "statements"]
+
+
+def q(name: str) -> str:
+    """Quote an SQL identifier.
+
+    >>> q('a"b')
+    '"a""b"'
+    """
+    return '"' + name.replace('"', '""') + '"'
+
+
+def lit(value: str) -> str:
+    """Quote an SQL string literal.
+
+    >>> lit("it's")
+    "'it''s'"
+    """
+    return "'" + value.replace("'", "''") + "'"
 
 
 def sql_text(name: str) -> str:

@@ -2,7 +2,9 @@
 
 ``init`` creates a store directory, ``connect`` opens one; every method of
 :class:`Store` checks that it may write, takes the writer lock of its kind and
-calls one module that does the work (see the README's code map).
+calls one module that does the work (see the README's code map). The modules
+of the write path (ingest, encode, refresh, compaction, score-all) are imported
+by the method that needs them, so a reader (``recommend``, ``sql``) never loads them.
 """
 from __future__ import annotations
 
@@ -16,30 +18,21 @@ os.environ.setdefault("LANCE_LOG", "error")  # Lance warns on every first write
 
 import duckdb
 
-from .batch import score_all
-from .bootstrap import ensure_first_version
 from .catalog import TABLES, Catalog, is_init_leftover, open_catalog, unfinished_init
-from .compaction import compact, maybe_compact
 from .config import CONFIG_NAME, StoreConfig
-from .delete import delete_rows
 from .encoders import check_precision, encoder_fingerprint, get_encoder
 from .errors import ConfigError, SqlError, StoreExists
 from .feedback import IMPRESSIONS_WAIT, impressions_table
 from .functions import check_write_calls
-from .holdout import evaluate_version
-from .ingest import ids_fixed, ingest
 from .inspection import inspect_store
 from .recommend import recommend
 from .results import (CompactResult, DeleteResult, EncodeResult, IngestResult, RefreshResult, RollbackResult,
                       ScoreAllResult)
-from .refresh import refresh
 from .registry import list_versions
 from .rules import validate_rules
-from .semantic import encode
-from .semcache import encoder_info, record_encoder, snapshot
+from .semcache import encoder_info, snapshot
 from .session import connection_state, follow, id_type_hint, open_connection
 from .storage import Storage, open_storage
-from .versions import rollback
 from .views import check_item_text
 
 __all__ = ["connect", "init", "Store"]
@@ -343,6 +336,9 @@ class Store:
         """:meth:`ingest` under the table's writer lock (waiting up to ``wait`` seconds);
         a first ingest also under the ``ids`` lock (see :func:`dynstore.ingest.ids_fixed`).
         Nothing is locked after the commit: it succeeds whole or fails with nothing stored."""
+        from .compaction import maybe_compact
+        from .ingest import ids_fixed, ingest
+
         cat = self.catalog.latest
         cat.require_writable("ingest")
         with cat.writing("ingest"), cat.lock(f"ingest-{kind}" if kind in TABLES else "ingest", wait=wait):
@@ -366,6 +362,8 @@ class Store:
         >>> store.delete("users", "region = 'north'").deleted
         1
         """
+        from .delete import delete_rows
+
         cat = self.catalog.latest
         cat.require_writable("delete")
         with cat.writing("delete"), cat.lock(f"ingest-{kind}" if kind in TABLES else "ingest"):
@@ -422,6 +420,9 @@ class Store:
         ``engine="ray"`` encodes on a Ray actor pool of ``workers`` actors
         (default: one per GPU, else per CPU, of the cluster); see :mod:`dynstore.rayengine`.
         """
+        from .bootstrap import ensure_first_version
+        from .semantic import encode
+
         cat = self.catalog.latest
         cat.require_writable("encode")
         if precision is not None and check_precision(precision) != self.config.precision:
@@ -451,6 +452,8 @@ class Store:
         >>> store.score_all(k=1).rows
         1
         """
+        from .batch import score_all
+
         cat = self.catalog.latest
         cat.require_writable("score all users")
         with cat.writing("score-all"), cat.lock("score-all"):
@@ -467,6 +470,8 @@ class Store:
 
     def refresh(self, **options: Any) -> RefreshResult:
         """Retrain from recent positives and negatives; see :func:`dynstore.refresh.refresh`."""
+        from .refresh import refresh
+
         cat = self.catalog.latest
         cat.require_writable("refresh")
         with cat.writing("refresh"), cat.lock("refresh"):
@@ -490,8 +495,10 @@ class Store:
         --------
         >>> import tempfile, dynstore
         >>> sorted(dynstore.init(tempfile.mkdtemp() + "/s", model="fake").compact().to_dict())
-        ['datasets', 'encoders_removed', 'orphans', 'retain_seconds', 'skipped']
+        ['bytes', 'datasets', 'encoders_removed', 'kept', 'orphans', 'reclaimed', 'retain_seconds', 'skipped']
         """
+        from .compaction import compact
+
         cat = self.catalog.latest
         cat.require_writable("compact")
         with cat.writing("compact"):
@@ -508,6 +515,8 @@ class Store:
 
     def rollback(self, version: int) -> RollbackResult:
         """Make an older version ``current`` again."""
+        from .versions import rollback
+
         cat = self.catalog.latest
         cat.require_writable("roll back")
         with cat.writing("rollback"), cat.lock("refresh"):
@@ -517,6 +526,8 @@ class Store:
         """Recall@k, NDCG@k and AUC of ``version`` (default: current) on the newest 10% of
         all interactions (of the ``since`` window, e.g. ``"30d"``: only it is read), with the
         ``"slice"`` judged; see :func:`dynstore.holdout.evaluate_version`."""
+        from .holdout import evaluate_version
+
         view = self.catalog if self.catalog.is_pinned else self.catalog.pinned()
         return evaluate_version(view, version=version, k=k, since=since)
 

@@ -20,7 +20,6 @@ import pyarrow as pa
 
 from . import switch
 from .catalog import Catalog
-from .compaction import maybe_compact
 from .encoders import encoder_fingerprint
 from .errors import StoreBusy, StoreCorrupt, VersionNotFound, first_line
 from .features import FeatureSpec
@@ -153,6 +152,8 @@ def _widened(emb, batches, schema: pa.Schema) -> tuple[Any, pa.Schema, str]:
 
 def _commit_registry(catalog: Catalog, rows: list[dict], number: int, new_encoder: tuple | None) -> None:
     """The registry commit that publishes a version (and switches the encoder with it)."""
+    from .compaction import maybe_compact  # the write path's: readers of versions never import it
+
     if new_encoder is not None:
         cfg = catalog.config
         fp = encoder_fingerprint(cfg.encoder_spec(catalog.storage.local_dir("")), max_length=cfg.max_length,

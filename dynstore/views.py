@@ -15,11 +15,10 @@ import pyarrow as pa
 from .catalog import TABLES, Catalog
 from .documents import item_document_sql
 from .errors import ConfigError, first_line
-from .ingest import lit
 from .registry import register_versions
 from .rules import label_sql
 from .semcache import register_cache
-from .sqltext import sql_text, statements
+from .sqltext import lit, sql_text, statements
 
 __all__ = ["attach_views", "create_views", "new_connection", "views_connection", "check_item_text",
            "BATCH_TABLE", "batch_schema"]

@@ -15,7 +15,6 @@ import numpy as np
 from .catalog import Catalog
 from .dynamics import DynamicSpec, rule_half_life
 from .errors import ConfigError, DynstoreError
-from .ingest import FUTURE_TOLERANCE_S
 from .model import FusionModel, ModelConfig, TrainingData
 from .semantic import CatalogueVectors
 from .versions import items_table, users_table
@@ -94,6 +93,8 @@ def newest_event(con) -> _dt.datetime | None:
     from year 2999 (``ingest --allow-future``) cannot empty every window; the newest
     of all when every event is in the future.
     """
+    from .ingest import FUTURE_TOLERANCE_S  # one constant of the write path: readers need not import it
+
     limit = _dt.datetime.now(_dt.timezone.utc).replace(tzinfo=None) + _dt.timedelta(seconds=FUTURE_TOLERANCE_S)
     return con.execute("SELECT coalesce(max(ts) FILTER (WHERE ts <= ?), max(ts)) FROM interactions",
                        [limit]).fetchall()[0][0]

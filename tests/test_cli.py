@@ -211,7 +211,7 @@ def test_delete_compact_inspect_cli(runner, loaded):
     assert r.exit_code == 0 and "interactions: " in r.output and " fragments, " in r.output
     r = run(runner, "compact", p, "--json")
     assert r.exit_code == 0 and list(json.loads(r.output)) == ["datasets", "orphans", "encoders_removed", "skipped",
-                                                                "retain_seconds"]
+                                                                "retain_seconds", "kept", "bytes", "reclaimed"]
     r = run(runner, "inspect", p)
     assert r.exit_code == 0 and r.output.split()[:2] == ["key", "value"] and "tables.items.rows" in r.output
     assert run(runner, "compact", p, "-q").output == ""

@@ -84,3 +84,32 @@ def test_compaction_off(encoded, limit):
     uri = encoded.catalog.uri("interactions")
     assert dataset_stats(lance.dataset(uri), uri)["fragments"] == 6
     assert os.path.isdir(uri)
+
+
+def test_default_compact_never_grows_the_store(encoded, runner):
+    """With the default retention a merge would keep both copies of every rewritten
+    fragment for readers (the store grew 2x, issue 23): compact keeps the fragments,
+    drops only what no reader may need, and says what it kept and reclaimed."""
+    from dynstore.cli import main
+
+    for n in range(6):
+        encoded.log_impressions(1, [n + 1])
+    encoded.ingest("items", encoded.sql("SELECT * EXCLUDE (title), title || '!' AS title FROM items LIMIT 5").to_arrow_table())
+    encoded.encode()
+    storage = encoded.catalog.storage
+
+    def size():  # the store's bytes without its lock files (a writer's pid each)
+        return storage.size("") - storage.size("locks")
+
+    before, rows = size(), _table(encoded, "interactions")
+    result = runner.invoke(main, ["compact", str(encoded.path), "--json"])
+    assert result.exit_code == 0, result.output
+    out = json.loads(result.output)
+    assert size() <= before and out["bytes"] == [before, size()] and out["reclaimed"] >= 0
+    assert out["kept"]["interactions"] == {"versions": 7, "fragments": 7}  # readers' files stay
+    assert out["datasets"]["interactions"]["fragments"] == [7, 7] and _table(encoded, "interactions") == rows
+    text = runner.invoke(main, ["compact", str(encoded.path)]).output
+    assert "reclaimed" in text and "fragments not merged in interactions" in text and "--retain-seconds 0" in text
+    # without a retention the same store merges and shrinks
+    out = encoded.compact(retain_seconds=0)
+    assert out.datasets["interactions"]["fragments"] == [7, 1] and out.reclaimed > 0 and out.kept == {}

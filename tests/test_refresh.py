@@ -65,7 +65,44 @@ def test_second_refresh_without_new_data_is_noop(encoded, runner=None):
     encoded.ingest("interactions", pa.table({"user_id": [1], "item_id": [2], "ts": ["2025-06-01"],
                                              "event": ["click"]}))
     third = encoded.refresh(since="all", epochs=1)
-    assert third.status != "noop" and third.version == again.version + 1
+    # it retrains; a result equal to the current version publishes nothing (issue 23)
+    if third.status == "unchanged":
+        assert third.reasons == ["interactions changed since version 2"] and third.version == again.version
+    else:
+        assert third.version == again.version + 1
+
+
+def test_refresh_publishes_no_version_identical_to_current(encoded, runner):
+    """After an item change a retrain that ends where it started (same weights, rows and
+    figures) says so and publishes nothing; --force publishes it anyway (issue 23)."""
+    from dynstore.cli import main
+
+    first = encoded.refresh(since="all", epochs=1)
+    encoded.ingest("items", pl.DataFrame({"item_id": [9001], "title": ["a brand new thing"]}))
+    encoded.encode()
+    result = runner.invoke(main, ["refresh", str(encoded.path), "--since", "all", "--epochs", "1"])
+    assert result.exit_code == 0, result.output
+    assert result.output.startswith("retrained: items changed since version 2\nno new version: the result is "
+                                    f"version {first.version} again")
+    assert [r["version"] for r in encoded.versions()] == [2, 1]
+    assert encoded.recommend(1, 5)  # the new item is served by version 2's parameters meanwhile
+    out = json.loads(runner.invoke(main, ["refresh", str(encoded.path), "--since", "all", "--epochs", "1",
+                                          "--json"]).output)
+    assert out["status"] == "unchanged" and out["version"] == 2 and not out["promoted"] and "again" in out["reason"]
+    forced = encoded.refresh(since="all", epochs=1, force=True)
+    assert forced.status != "noop" and forced.version == 3
+
+
+def test_an_empty_window_fails_before_encoding(encoded, runner):
+    """`refresh --since 2030-01-01` says the window is empty before it encodes anything."""
+    from dynstore.cli import main
+
+    encoded.ingest("items", pl.DataFrame({"item_id": [9002], "title": ["still stale"]}))
+    result = runner.invoke(main, ["refresh", str(encoded.path), "--since", "2030-01-01"])
+    assert result.exit_code == 1
+    assert "--since 2030-01-01: 0 distinct event time(s) from 2030-01-01 00:00" in result.output
+    assert "widen --since" in result.output
+    assert encoded.sql("SELECT count(*) FROM stale_items").fetchall() == [(1,)]  # nothing was encoded
 
 
 def test_no_promote_keeps_candidate_and_current(encoded):

