@@ -66,6 +66,12 @@ class ModelConfig:
     item_item : bool
         Fuse the closed-form item-item component (:mod:`dynstore.itemitem`), its weight
         ``gamma`` chosen on the holdout of a fit.
+    content_prior : bool
+        Fit the closed-form content prior (:mod:`dynstore.prior`) with every version; its
+        weight ``beta`` chosen on the cuts of a fit (0: not used).
+    prior_k : float
+        Positives at which an item's own counts weigh as much as its content prior: the
+        prior keeps ``k / (n + k)`` of its weight after ``n`` positives.
     start_z : float
         With a holdout, a trained state replaces the start (and a non-zero item-item
         weight replaces none) only if its per-user NDCG@10 beats the start's by more than
@@ -102,6 +108,8 @@ class ModelConfig:
     objective: str = "softmax"
     user_weight_power: float = 0.5
     item_item: bool = True
+    content_prior: bool = True
+    prior_k: float = 10.0
     start_z: float = 1.64
     dynamics_epochs: int = 2
     first_phase: tuple = ("theta", "theta_seg", "b0")
