@@ -79,6 +79,28 @@ def headline_metrics(row: dict) -> dict:
     return {k: v for k, v in m.items() if isinstance(v, float)}
 
 
+def choices(row: dict) -> str:
+    """Refresh's choices for a version, one line: each weight chosen on the pooled cuts
+    (:mod:`dynstore.selection`) and leaving the start, with the gain in NDCG@10 over not
+    making the change, its standard error and the users (user-periods) that judged it.
+
+    >>> choices({"metrics": {"train": {"selection": {"gamma": {"chosen": 0.05, "gain": 0.008,
+    ...     "se": 0.004, "users": 114}}}}})
+    'gamma 0.05 (+0.0080 ± 0.0040, n 114)'
+    """
+    sel = ((row.get("metrics") or {}).get("train") or {}).get("selection") or {}
+    parts = []
+    for name, c in sel.items():
+        if not isinstance(c, dict):
+            continue
+        gain, se = c.get("gain"), c.get("se")
+        figures = f"{gain:+.4f}" if isinstance(gain, float) else "?"
+        if isinstance(se, float):
+            figures += f" ± {se:.4f}"
+        parts.append(f"{name} {c.get('chosen')} ({figures}, n {c.get('users', 0)})")
+    return "; ".join(parts)
+
+
 def list_versions(catalog: Catalog) -> list[dict]:
     """Every version, newest first, with ``counts`` and ``metrics`` parsed.
 
