@@ -223,7 +223,11 @@ def report(grid: dict, chosen: float, z: float, cuts: int, **extra: Any) -> dict
     and the users (user-periods) that judged it, the cuts, and every value tried."""
     n = next(iter(grid.values()))[2] if grid else 0
     g = grid.get(chosen, (0.0, 0.0, n))
+    tried = max(grid, key=lambda v: grid[v][0]) if grid else None
     return {"chosen": chosen, "gain": _num(g[0]), "se": _num(g[1]), "users": g[2], "cuts": cuts, "z": z,
+            # with nothing chosen, the gain above is 0: the best value tried says how close it came
+            "best_tried": None if tried is None else {"value": tried, "gain": _num(grid[tried][0]),
+                                                      "se": _num(grid[tried][1])},
             "grid": {str(k): {"gain": _num(v[0]), "se": _num(v[1])} for k, v in grid.items()}, **extra}
 
 
