@@ -116,7 +116,9 @@ def train(
     if holdout is None:
         fit_closed_form(model, data)
         return stats
+    t = time.perf_counter()
     stats["selection"] = choose_terms(model, data, holdout, model.config.start_z)
+    stats["selection_s"] = round(time.perf_counter() - t, 3)
     stats["selection"]["start"] = judge_report(stats)
     if "gamma" in stats["selection"]:
         stats["gamma"] = {"chosen": stats["selection"]["gamma"]["chosen"]}
