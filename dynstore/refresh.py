@@ -6,7 +6,11 @@ labelling rules, plus shown-but-ignored impressions); hold out the most recent
 10% by time; warm-start from the current version (the popularity rule for a
 store's first refresh) and train -- the behaviour weights first, then
 everything -- keeping the start unless a trained state is clearly better on the
-holdout (:meth:`dynstore.training.Trainer.fit`); evaluate candidate, current
+holdout (:meth:`dynstore.training.Trainer.fit`), and the closed-form terms'
+weights (item-item ``gamma``, content prior ``beta``) chosen on the holdout and
+four earlier forward-chained cuts pooled, each judged on the users it affects
+(:mod:`dynstore.selection`; ``--json`` reports each choice's gain, standard
+error and users under ``training.selection``); evaluate candidate, current
 and the popularity rule on the holdout (only on its events newer than what a
 trained current version learned from, when there are enough of them: see
 :func:`_unseen_by_current`); write version N+1 and promote it unless its
