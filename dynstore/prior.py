@@ -7,7 +7,7 @@ how popular the warm items (those with events) became::
 
     target_i = log(1 + positives of item i, halved every PRIOR_HALF_LIFE days)
     x_i      = [ z(normalise(v_i)) / sqrt(d),  z(a_i) / sqrt(fa) ]
-    prior_i  = c + x_i . w,      w = argmin |X w - (t - mean t)|^2 + lam |w|^2
+    prior_i  = x_i . w,      w = argmin |X w - (t - mean t)|^2 + lam |w|^2
 
 ``z`` standardises every column over the warm items and each block (the semantic
 vector, the attribute features) is scaled to the same total variance: the two blocks'
@@ -27,7 +27,7 @@ is ranked by what its content predicts and a warm one by its own counts.
 >>> V = rng.normal(size=(200, 8)); A = rng.normal(size=(200, 2))
 >>> target = np.log1p(np.exp(V[:, 0] + 0.1 * rng.normal(size=200)))
 >>> p = ContentPrior.fit(V, A, target, np.arange(200) < 150)
->>> r = np.corrcoef(p.values(V, A)[150:], target[150:])[0, 1]   # items the fit never saw
+>>> r = np.corrcoef(p.values(V, A)[150:], target[150:])[0, 1]   # items the fit never saw (centred)
 >>> bool(r > 0.9)
 True
 """
@@ -125,7 +125,8 @@ class ContentPrior:
     def fit(cls, V: np.ndarray, A: np.ndarray, target: np.ndarray, warm: np.ndarray,
             *, lams=LAMBDAS, seed: int = 0) -> "ContentPrior":
         """Ridge from the standardised blocks ``[normalise(V), A]`` of the ``warm`` items
-        (a boolean mask) to their ``target``; with fewer than 3 warm items, the mean."""
+        (a boolean mask) to their ``target``, centred on the warm items' mean (an item
+        whose content predicts that mean gets 0); with fewer than 3 warm items, 0."""
         V = normalise(np.asarray(V, np.float32))
         A = np.asarray(A, np.float32).reshape(V.shape[0], -1)
         rows = np.flatnonzero(np.asarray(warm, bool))
@@ -133,7 +134,7 @@ class ContentPrior:
         if rows.size > MAX_FIT_ITEMS:
             rows = np.sort(np.random.default_rng(seed).choice(rows, MAX_FIT_ITEMS, replace=False))
         if rows.size < 3:
-            b = float(t[rows].mean()) if rows.size else 0.0
+            b = 0.0
             return cls(np.zeros(V.shape[1], np.float32), np.zeros(A.shape[1], np.float32), b, 0.0, int(rows.size))
         blocks, scales = [], []
         for M in (V[rows], A[rows]):
@@ -148,7 +149,10 @@ class ContentPrior:
         d = V.shape[1]
         (mv, sv), (ma, sa) = scales
         wv, wa = w[:d] * sv, w[d:] * sa
-        b = float(t[rows].mean() - mv @ wv - ma @ wa)
+        # centred: content that predicts the warm items' mean gets 0, the bias an item
+        # without events had before, so cold items are ranked among themselves without
+        # being lifted, as a block, above warm ones
+        b = float(-(mv @ wv) - ma @ wa)
         return cls(wv.astype(np.float32), wa.astype(np.float32), b, lam, int(rows.size))
 
     def values(self, V: np.ndarray, A: np.ndarray) -> np.ndarray:

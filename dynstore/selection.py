@@ -16,8 +16,8 @@ Each term is judged on the users it affects:
   ``GAMMA_STEPS`` times a calibration that puts the item-item scores on the scale of the
   rest of the score (the spread of the top-10 logits of the model without it);
 * the content prior's weight ``beta`` (:mod:`dynstore.prior`) on *cold* items (no event
-  before the cut; ranked among themselves), provided the ranking of all items is not
-  clearly worse.
+  before the cut; ranked among themselves), provided the ranking of all items loses no
+  more than one standard error.
 
 A weight other than 0 is kept only when its pooled gain exceeds ``z`` standard errors.
 The learned parts of the model (trained on all the training data) are the same in
@@ -288,8 +288,9 @@ def choose_terms(model: Any, data: TrainingData, holdout: tuple, z: float) -> di
         out["gamma"] = report(grid, chosen, z, len(cuts), calibration=round(scale, 6), judged_on="returning users")
     if "beta" in model.params and model.prior is not None:
         grid, g_all = betas.pooled(), guard.pooled()
-        # cold items must not push warm ones out of the lists: not clearly worse on all items
-        safe = {v: g for v, g in grid.items() if not (np.isfinite(g_all[v][1]) and g_all[v][0] < -z * g_all[v][1])}
+        # cold items must not push warm ones out of the lists: on all items, no loss beyond
+        # one standard error (stricter than the gain's z: the lists of every user are at stake)
+        safe = {v: g for v, g in grid.items() if not (np.isfinite(g_all[v][1]) and g_all[v][0] < -g_all[v][1])}
         chosen = best(safe, z)
         model.params["beta"] = np.array([chosen], np.float32)
         g = g_all.get(chosen, (0.0, 0.0, 0))
