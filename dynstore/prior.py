@@ -3,11 +3,13 @@
 Without events an item's behaviour features are zero, so every cold item got the same
 bias and only a returning user's content similarity told them apart. The content prior
 is a closed-form ridge regression, fitted once per version, from an item's content to
-how popular the warm items (those with events) became::
+how popular the warm items (those with events) became, offset by ``q`` (the 90th
+percentile of the warm items' fitted values) so that it orders items without events
+among themselves but rarely lifts one above the bias such an item had before (0)::
 
     target_i = log(1 + positives of item i, halved every PRIOR_HALF_LIFE days)
     x_i      = [ z(normalise(v_i)) / sqrt(d),  z(a_i) / sqrt(fa) ]
-    prior_i  = x_i . w,      w = argmin |X w - (t - mean t)|^2 + lam |w|^2
+    prior_i  = x_i . w - q,  w = argmin |X w - (t - mean t)|^2 + lam |w|^2
 
 ``z`` standardises every column over the warm items and each block (the semantic
 vector, the attribute features) is scaled to the same total variance: the two blocks'
@@ -49,6 +51,9 @@ PRIOR_HALF_LIFE = 365.0
 
 #: ridge penalties tried (per unit of the standardised blocks)
 LAMBDAS = (0.1, 1.0, 10.0, 100.0, 1000.0)
+
+#: the prior is offset so that this quantile of the warm items' fitted values is 0
+TOP_SHARE = 0.9
 
 #: warm items the fit uses at most (a seeded sample above): the solve stays cheap
 MAX_FIT_ITEMS = 100_000
@@ -125,8 +130,8 @@ class ContentPrior:
     def fit(cls, V: np.ndarray, A: np.ndarray, target: np.ndarray, warm: np.ndarray,
             *, lams=LAMBDAS, seed: int = 0) -> "ContentPrior":
         """Ridge from the standardised blocks ``[normalise(V), A]`` of the ``warm`` items
-        (a boolean mask) to their ``target``, centred on the warm items' mean (an item
-        whose content predicts that mean gets 0); with fewer than 3 warm items, 0."""
+        (a boolean mask) to their ``target``, offset so that the ``TOP_SHARE`` quantile
+        of the warm items' fitted values is 0; with fewer than 3 warm items, 0."""
         V = normalise(np.asarray(V, np.float32))
         A = np.asarray(A, np.float32).reshape(V.shape[0], -1)
         rows = np.flatnonzero(np.asarray(warm, bool))
@@ -149,10 +154,12 @@ class ContentPrior:
         d = V.shape[1]
         (mv, sv), (ma, sa) = scales
         wv, wa = w[:d] * sv, w[d:] * sa
-        # centred: content that predicts the warm items' mean gets 0, the bias an item
-        # without events had before, so cold items are ranked among themselves without
-        # being lifted, as a block, above warm ones
-        b = float(-(mv @ wv) - ma @ wa)
+        # offset so that only the top tenth of content reaches 0, the bias an item without
+        # events had before: cold items are ranked among themselves by what their content
+        # predicts without being lifted, as a block, above warm ones (centred on the mean,
+        # the lift cost new users' lists 0.004 NDCG@10 on MovieLens' rolling cuts)
+        fitted = V[rows] @ wv + A[rows] @ wa
+        b = float(-np.quantile(fitted, TOP_SHARE))
         return cls(wv.astype(np.float32), wa.astype(np.float32), b, lam, int(rows.size))
 
     def values(self, V: np.ndarray, A: np.ndarray) -> np.ndarray:
