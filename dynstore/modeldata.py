@@ -70,8 +70,9 @@ class ModelConfig:
         Fit the closed-form content prior (:mod:`dynstore.prior`) with every version; its
         weight ``beta`` chosen on the cuts of a fit (0: not used).
     prior_k : float
-        Positives at which an item's own counts weigh as much as its content prior: the
-        prior keeps ``k / (n + k)`` of its weight after ``n`` positives.
+        The content prior keeps ``k / (n + k)`` of its weight after ``n`` positives of
+        the item. 0.1: one positive leaves 9 %; with 10 the prior reordered warm items
+        with few events and cost new users 0.004 NDCG@10 on MovieLens' rolling cuts.
     start_z : float
         With a holdout, a trained state replaces the start (and a non-zero item-item
         weight replaces none) only if its per-user NDCG@10 beats the start's by more than
@@ -109,7 +110,7 @@ class ModelConfig:
     user_weight_power: float = 0.5
     item_item: bool = True
     content_prior: bool = True
-    prior_k: float = 10.0
+    prior_k: float = 0.1
     start_z: float = 1.64
     dynamics_epochs: int = 2
     first_phase: tuple = ("theta", "theta_seg", "b0")

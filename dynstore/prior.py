@@ -3,9 +3,9 @@
 Without events an item's behaviour features are zero, so every cold item got the same
 bias and only a returning user's content similarity told them apart. The content prior
 is a closed-form ridge regression, fitted once per version, from an item's content to
-how popular the warm items (those with events) became, offset by ``q`` (the 90th
-percentile of the warm items' fitted values) so that it orders items without events
-among themselves but rarely lifts one above the bias such an item had before (0)::
+how popular the warm items (those with events) became, offset by ``q`` (the largest of
+the warm items' fitted values) so that it orders items without events among themselves
+but does not lift them above the bias such an item had before (0)::
 
     target_i = log(1 + positives of item i, halved every PRIOR_HALF_LIFE days)
     x_i      = [ z(normalise(v_i)) / sqrt(d),  z(a_i) / sqrt(fa) ]
@@ -52,8 +52,8 @@ PRIOR_HALF_LIFE = 365.0
 #: ridge penalties tried (per unit of the standardised blocks)
 LAMBDAS = (0.1, 1.0, 10.0, 100.0, 1000.0)
 
-#: the prior is offset so that this quantile of the warm items' fitted values is 0
-TOP_SHARE = 0.9
+#: the prior is offset so that this quantile of the warm items' fitted values is 0 (1: the largest)
+TOP_SHARE = 1.0
 
 #: warm items the fit uses at most (a seeded sample above): the solve stays cheap
 MAX_FIT_ITEMS = 100_000
@@ -154,10 +154,10 @@ class ContentPrior:
         d = V.shape[1]
         (mv, sv), (ma, sa) = scales
         wv, wa = w[:d] * sv, w[d:] * sa
-        # offset so that only the top tenth of content reaches 0, the bias an item without
-        # events had before: cold items are ranked among themselves by what their content
-        # predicts without being lifted, as a block, above warm ones (centred on the mean,
-        # the lift cost new users' lists 0.004 NDCG@10 on MovieLens' rolling cuts)
+        # offset so that the highest fitted value of a warm item is 0, the bias an item
+        # without events had before: cold items are ordered among themselves by what
+        # their content predicts but not lifted above warm ones (centred on the mean, the
+        # lift cost new users' lists 0.004 NDCG@10 on MovieLens' rolling cuts)
         fitted = V[rows] @ wv + A[rows] @ wa
         b = float(-np.quantile(fitted, TOP_SHARE))
         return cls(wv.astype(np.float32), wa.astype(np.float32), b, lam, int(rows.size))
