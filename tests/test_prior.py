@@ -154,3 +154,17 @@ def test_choices_report_gain_standard_error_and_users_over_pooled_cuts():
     assert abs(float(m.params["gamma"][0]) - out["gamma"]["chosen"]) < 1e-5
     # users who like one cluster: co-liked items of that cluster help them
     assert out["gamma"]["chosen"] > 0
+
+
+def test_refresh_reports_each_choice_with_gain_error_and_users(encoded):
+    from dynstore.registry import choices
+
+    out = encoded.refresh(since="all", epochs=1)
+    sel = out.training["selection"]
+    assert set(sel) == {"gamma", "prior", "start"}
+    for c in sel.values():
+        assert {"chosen", "gain", "se", "users", "cuts"} <= set(c)
+    assert sel["gamma"]["cuts"] == 5 and sel["gamma"]["users"] > 0
+    row = next(r for r in encoded.versions() if r["version"] == out.version)
+    assert row["metrics"]["train"]["selection"]["prior"]["judged_on"] == "cold items"
+    assert choices(row).startswith("gamma ")
