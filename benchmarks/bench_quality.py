@@ -480,11 +480,10 @@ def fit_dynstore(split: Split, cat: Catalogue, params: dict | None = None,
                             data.label[tr], UK=data.UK)
         st = model.fit(part, init_residuals=model.residuals,
                        holdout=(data.user[~tr], data.item[~tr], data.label[~tr]))
-        gamma = model.params.get("gamma")
+        chosen = {k: model.params[k] for k in ("gamma", "beta") if k in model.params}
         model = start()
         model.fit(data, epochs=st["best_epoch"], init_residuals=model.residuals)
-        if gamma is not None:
-            model.params["gamma"] = gamma
+        model.params.update(chosen)  # the closed-form weights chosen on the pooled cuts
         if stats is not None:
             stats.update(best_epoch=st["best_epoch"], gamma=st.get("gamma", {}).get("chosen"),
                          seconds=round(st["seconds"], 1))
