@@ -1342,6 +1342,8 @@ def run_shop(args, log) -> dict:
         print("store refresh:", out["store_stats"])
         for name, r in (("store+refresh", full), ("store+refresh (no negatives)",
                                                   out["store_refresh_nn"])):
+            if not r.get("metrics"):
+                continue  # not run (--no-ablations)
             m = r["metrics"]
             print(f"  {name}: v{r['version']} {r['status']}; its holdout (newest 10 % of "
                   f"training): candidate ndcg@10 {m['candidate']['ndcg@10']:.4f} vs current "
