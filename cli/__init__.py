@@ -772,6 +772,10 @@ def _report_refresh(out: RefreshResult) -> None:
 def versions(store: str, fmt, as_json, quiet):
     """List embedding versions: serving status, refresh's verdict, window, holdout metrics.
 
+    choices: each weight refresh chose (the item-item gamma, the content prior,
+    leaving the start) with its gain in NDCG@10, standard error and the users
+    that judged it (all of it under metrics.train.selection with --json).
+
     status is where a version stands now (current, retired, candidate,
     rejected); verdict is what refresh decided when it was made (initial,
     promoted, passed, rejected, rule) and survives rollbacks.
@@ -782,7 +786,7 @@ def versions(store: str, fmt, as_json, quiet):
       dynstore versions shop --format markdown
       dynstore versions shop --json | jq '.[0].metrics'
     """
-    from dynstore.registry import headline_metrics
+    from dynstore.registry import choices, headline_metrics
 
     with _open(store, read_only=True) as s:
         rows = s.versions()
@@ -790,12 +794,14 @@ def versions(store: str, fmt, as_json, quiet):
     if fmt in ("json", "jsonl"):
         click.echo(render(list(rows[0]) if rows else [], [list(r.values()) for r in rows], fmt))
         return
-    cols = ["version", "status", "verdict", "parent", "created", "train_window", "ndcg@10", "recall@10", "auc"]
+    cols = ["version", "status", "verdict", "parent", "created", "train_window", "ndcg@10", "recall@10", "auc",
+            "choices"]
     body = []
     for r in rows:
         m = headline_metrics(r)
         body.append([r["version"], r["status"], r["verdict"], r["parent"], str(r["created"])[:19], r["train_window"],
-                     *(round(m[k], 4) if isinstance(m.get(k), float) else None for k in cols[-3:])])
+                     *(round(m[k], 4) if isinstance(m.get(k), float) else None for k in cols[-4:-1]),
+                     choices(r) or None])
     click.echo(render(cols, body, fmt))
 
 

@@ -39,9 +39,11 @@ __all__ = ["ItemItem", "cooccurrence"]
 PAIRS_PER_CHUNK = 1 << 22
 
 
-def cooccurrence(user: np.ndarray, col: np.ndarray, n_cols: int) -> np.ndarray:
-    """``X^T X`` (float32 ``[n_cols, n_cols]``) of the binary user x column matrix ``X``
-    with ones at the distinct pairs ``(user, col)``.
+def cooccurrence(user: np.ndarray, col: np.ndarray, n_cols: int,
+                 weight: np.ndarray | None = None) -> np.ndarray:
+    """``X^T X`` (float32 ``[n_cols, n_cols]``) of the user x column matrix ``X`` with
+    ones at the distinct pairs ``(user, col)`` -- or, with ``weight`` (one per pair
+    given), the largest weight of each distinct pair (a time decay: its latest event).
 
     Counted from each user's pairs of columns: the dense product costs users x
     ``n_cols^2`` (and users x ``n_cols`` of memory), so it grew with the users times the
@@ -50,14 +52,21 @@ def cooccurrence(user: np.ndarray, col: np.ndarray, n_cols: int) -> np.ndarray:
 
     >>> cooccurrence(np.array([0, 0, 1, 1]), np.array([0, 1, 1, 1]), 2).tolist()
     [[1.0, 1.0], [1.0, 2.0]]
+    >>> cooccurrence(np.array([0, 0]), np.array([0, 1]), 2, np.array([0.5, 1.0])).tolist()
+    [[0.25, 0.5], [0.5, 1.0]]
     """
     # distinct pairs, sorted by user (a repeated pair is still a single one in X)
-    pairs = np.unique(np.asarray(user, np.int64) * n_cols + np.asarray(col, np.int64))
+    key = np.asarray(user, np.int64) * n_cols + np.asarray(col, np.int64)
+    pairs, inv = np.unique(key, return_inverse=True)
+    w = None
+    if weight is not None:
+        w = np.zeros(pairs.size, np.float64)
+        np.maximum.at(w, inv.reshape(-1), np.asarray(weight, np.float64))
     user, col = pairs // n_cols, pairs % n_cols
     first = np.flatnonzero(np.r_[True, user[1:] != user[:-1]]) if user.size else np.zeros(0, np.int64)
     ptr = np.r_[first, user.size]
     lens = np.diff(ptr)
-    counts = np.zeros(n_cols * n_cols, np.int64)
+    counts = np.zeros(n_cols * n_cols, np.int64 if w is None else np.float64)
     a = 0
     while a < lens.size:
         # users a..b-1: their pairs stay within PAIRS_PER_CHUNK (one user at least)
@@ -66,9 +75,38 @@ def cooccurrence(user: np.ndarray, col: np.ndarray, n_cols: int) -> np.ndarray:
         rows = np.arange(ptr[a], ptr[b])           # every entry of these users
         reps = np.repeat(n, n)                     # each pairs with all of its user's entries
         j, _ = ranges(np.repeat(ptr[a:b], n), np.repeat(ptr[a + 1:b + 1], n))
-        counts += np.bincount(np.repeat(col[rows], reps) * n_cols + col[j], minlength=n_cols * n_cols)
+        cell = np.repeat(col[rows], reps) * n_cols + col[j]
+        if w is None:
+            counts += np.bincount(cell, minlength=n_cols * n_cols)
+        else:
+            counts += np.bincount(cell, weights=np.repeat(w[rows], reps) * w[j], minlength=n_cols * n_cols)
         a = b
     return counts.reshape(n_cols, n_cols).astype(np.float32)
+
+
+def text_neighbours(V: np.ndarray, top_n: int) -> np.ndarray:
+    """``S [n, n]`` (float32): each row's ``top_n`` most similar other rows of ``V`` by
+    cosine (negative similarities dropped), scaled so that each row sums to 1; zero
+    diagonal. The target an item-item model is pulled toward (see :meth:`ItemItem.fit`).
+
+    >>> S = text_neighbours(np.array([[1.0, 0.0], [0.9, 0.1], [0.0, 1.0]]), 1)
+    >>> S.round(2).tolist()
+    [[0.0, 1.0, 0.0], [1.0, 0.0, 0.0], [0.0, 1.0, 0.0]]
+    """
+    V = np.asarray(V, np.float32)
+    V = V / np.maximum(np.linalg.norm(V, axis=1, keepdims=True), 1e-12)
+    sim = V @ V.T
+    n = sim.shape[0]
+    np.fill_diagonal(sim, -np.inf)
+    k = min(int(top_n), n - 1)
+    S = np.zeros_like(sim)
+    if k < 1:
+        return S
+    top = np.argpartition(-sim, k - 1, axis=1)[:, :k]
+    vals = np.maximum(np.take_along_axis(sim, top, 1), 0.0)
+    np.put_along_axis(S, top, vals, 1)
+    sums = S.sum(1, keepdims=True)
+    return np.divide(S, sums, out=np.zeros_like(S), where=sums > 0)
 
 
 @dataclass
@@ -82,27 +120,57 @@ class ItemItem:
 
     @classmethod
     def fit(cls, user: np.ndarray, item: np.ndarray, n_items: int, *, lam: float = 250.0,
-            max_items: int = 3000, top_k: int = 64, min_positives: int = 2) -> "ItemItem":
-        """EASE on the (user, item) positives, kept sparse (see the module docstring)."""
+            max_items: int = 3000, top_k: int = 64, min_positives: int = 2,
+            weight: np.ndarray | None = None, V: np.ndarray | None = None, mu: float = 0.0,
+            text_top_n: int = 20) -> "ItemItem":
+        """EASE on the (user, item) positives, kept sparse (see the module docstring).
+
+        ``weight`` (one per positive): a time decay; ``X`` holds each pair's largest.
+        ``V`` and ``mu > 0``: pulled toward the text similarity of the items' vectors
+        (:meth:`solve`), so an item with few co-occurrences borrows its text neighbours.
+        """
         user = np.asarray(user, np.int64)
         item = np.asarray(item, np.int64)
-        pairs = np.unique(user * n_items + item)  # binary: one per (user, item)
-        u, it = pairs // n_items, pairs % n_items
-        count = np.bincount(it, minlength=n_items)
+        count = np.bincount(np.unique(user * n_items + item) % n_items, minlength=n_items)
         keep = np.flatnonzero(count >= min_positives)
         keep = keep[np.argsort(-count[keep], kind="stable")[:max_items]]
-        empty = cls(np.zeros(n_items + 1, np.int64), np.zeros(0, np.int64), np.zeros(0, np.float32))
         if keep.size < 2:
-            return empty
+            return cls(np.zeros(n_items + 1, np.int64), np.zeros(0, np.int64), np.zeros(0, np.float32))
         col_of = np.full(n_items, -1, np.int64)
         col_of[keep] = np.arange(keep.size)
-        sel = col_of[it] >= 0
-        u, c = u[sel], col_of[it[sel]]
-        G = cooccurrence(u, c, keep.size)  # float32: lambda keeps it well conditioned
-        G[np.diag_indices_from(G)] += lam
-        P = np.linalg.inv(G)
-        B = P / (-np.diag(P))
+        sel = col_of[item] >= 0
+        G = cooccurrence(user[sel], col_of[item[sel]], keep.size,
+                         None if weight is None else np.asarray(weight)[sel])
+        S = text_neighbours(V[keep], text_top_n) if (V is not None and mu > 0) else None
+        return cls.sparse(cls.solve(G, lam, mu, S), keep, n_items, top_k)
+
+    @staticmethod
+    def solve(G: np.ndarray, lam: float, mu: float = 0.0, S: np.ndarray | None = None) -> np.ndarray:
+        """The dense weights ``B`` minimising ``|X - XB|^2 + lam |B|^2 + mu |B - S|^2`` with
+        ``diag(B) = 0`` (``G = X^T X``; L3AE's language-model regulariser when ``S`` is the
+        text similarity). With ``P = (G + (lam + mu) I)^-1`` and ``C = P (G + mu S)``::
+
+            B_ij = C_ij - P_ij C_jj / P_jj
+
+        which is EASE's ``-P_ij / P_jj`` when ``mu = 0``.
+
+        >>> G = np.array([[2.0, 1.0], [1.0, 2.0]])
+        >>> np.allclose(ItemItem.solve(G, 1.0), [[0, 1 / 3], [1 / 3, 0]])
+        True
+        """
+        G = np.asarray(G, np.float32)  # lam keeps it well conditioned
+        A = G.copy()
+        A[np.diag_indices_from(A)] += lam + mu
+        P = np.linalg.inv(A)
+        C = P @ (G + np.float32(mu) * S) if (mu and S is not None) else np.eye(G.shape[0], dtype=P.dtype) - lam * P
+        B = C - P * (np.diag(C) / np.diag(P))[None, :]
         B[np.diag_indices_from(B)] = 0.0
+        return B
+
+    @classmethod
+    def sparse(cls, B: np.ndarray, keep: np.ndarray, n_items: int, top_k: int) -> "ItemItem":
+        """The ``top_k`` largest positive weights of each row of ``B`` (rows and columns:
+        the items ``keep``), as CSR over all ``n_items`` rows."""
         k = min(top_k, keep.size - 1)
         top = np.argpartition(-B, k - 1, axis=1)[:, :k]  # the largest weights of each row
         w = np.take_along_axis(B, top, 1).astype(np.float32)
@@ -113,8 +181,8 @@ class ItemItem:
         ptr = np.cumsum(ptr)
         # rows in item order: place each kept row's entries at its item's slot
         order = np.argsort(keep, kind="stable")
-        col = np.concatenate([keep[top[r][ok[r]]] for r in order]) if keep.size else np.zeros(0, np.int64)
-        val = np.concatenate([w[r][ok[r]] for r in order]) if keep.size else np.zeros(0, np.float32)
+        col = np.concatenate([keep[top[r][ok[r]]] for r in order])
+        val = np.concatenate([w[r][ok[r]] for r in order])
         return cls(ptr, col.astype(np.int64), val.astype(np.float32))
 
     def scores(self, hist_ptr: np.ndarray, hist_item: np.ndarray, n_items: int) -> np.ndarray:

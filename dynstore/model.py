@@ -74,6 +74,7 @@ from .evaluation import evaluate, scorer
 from .histories import add_into, build_histories, entry_rows, history_groups, most_recent_first, normalise, recency_sum
 from .itemitem import ItemItem
 from .modeldata import ModelConfig, TrainingData
+from .prior import ContentPrior
 
 #: rows of :meth:`FusionModel.item_side` computed at once (a divisor of the 65,536-row
 #: batches a version is written in, so its rows and a recomputed item side agree)
@@ -99,7 +100,7 @@ class FusionModel:
     --------
     >>> m = FusionModel(d=4, fa=2, fu=0)
     >>> sorted(m.state()[0])
-    ['M', 'U', 'W', 'alpha', 'b0', 'ba', 'bv', 'g_imp', 'g_neg', 'g_pos', 'g_short', 'gamma', 'theta', 'u0']
+    ['M', 'U', 'W', 'alpha', 'b0', 'ba', 'beta', 'bv', 'g_imp', 'g_neg', 'g_pos', 'g_short', 'gamma', 'theta', 'u0']
     """
 
     def __init__(self, d: int, fa: int, fu: int, config: ModelConfig | None = None,
@@ -135,6 +136,12 @@ class FusionModel:
             self.params["gamma"] = np.zeros(1, np.float32)
         #: the closed-form item-item component (set by :meth:`fit`), or None
         self.item_item: ItemItem | None = None
+        if self.config.content_prior and self.dynamic is not None:
+            self.params["beta"] = np.zeros(1, np.float32)
+        #: the closed-form content prior (:mod:`dynstore.prior`, set by :meth:`fit`), or
+        #: None; ``prior_item`` is its value for each item of that fit, in their order
+        self.prior: ContentPrior | None = None
+        self.prior_item: np.ndarray | None = None
         if self.dynamic is not None:
             self.params["theta"] = np.zeros(self.dynamic.width, np.float32)
             if self.segments:
@@ -252,6 +259,9 @@ class FusionModel:
         p = self.params
         V = normalise(V)
         bias = p["b0"][0] + V @ p["bv"] + A @ p["ba"]
+        beta = self.prior_weight()
+        if beta:  # the content prior at full weight: dynamic_bias shrinks it as events accrue
+            bias = bias + beta * (self.prior.b + V @ self.prior.wv + A @ self.prior.wa)
         # summed into the normalised copy of V (float32 throughout, so the sums
         # round as ``V + alpha * (A @ W)`` does)
         AW = A @ p["W"]
@@ -293,7 +303,36 @@ class FusionModel:
         """
         if self.dynamic is None or features is None:
             return 0.0
-        return (np.asarray(features, np.float32) @ self.params["theta"]).astype(np.float32)
+        F = np.asarray(features, np.float32)
+        out = (F @ self.params["theta"]).astype(np.float32)
+        return self.prior_shrink(F, out)
+
+    def prior_weight(self) -> float:
+        """``beta``, the content prior's weight (0.0 without a fitted prior)."""
+        if self.prior is None or "beta" not in self.params:
+            return 0.0
+        return float(self.params["beta"][0])
+
+    def prior_column(self) -> int | None:
+        """The behaviour feature whose count shrinks the prior: positives of all time."""
+        if self.dynamic is None or "pos" not in self.dynamic.kinds or None not in self.dynamic.half_lives:
+            return None
+        return self.dynamic.index("pos", None)
+
+    def prior_shrink(self, F: np.ndarray, out: np.ndarray) -> np.ndarray:
+        """``out`` less ``beta * prior_i * n_i / (n_i + k)`` for the items of the prior's fit
+        (rows of ``F``, the features of every item in order): the item side adds the prior
+        at full weight, so item ``i`` keeps ``beta * prior_i * k / (n_i + k)`` of it, with
+        ``n_i`` its positives so far (``config.prior_k``). Items added after the fit keep
+        all of it."""
+        beta, col = self.prior_weight(), self.prior_column()
+        if not beta or col is None or self.prior_item is None or F.ndim != 2:
+            return out
+        m = min(F.shape[0], self.prior_item.size)
+        n = np.expm1(F[:m, col].astype(np.float64))
+        out = np.array(out, np.float32)
+        out[:m] -= (beta * self.prior_item[:m] * (n / (n + self.config.prior_k))).astype(np.float32)
+        return out
 
     def key_columns(self) -> np.ndarray:
         """Segment column of every segment key."""
@@ -443,6 +482,10 @@ class FusionModel:
         tensors = {k: np.ascontiguousarray(v, dtype=np.float32) for k, v in self.params.items()}
         if self.item_item is not None:
             tensors.update(self.item_item.tensors())
+        if self.prior is not None:
+            tensors.update(self.prior.tensors())
+            if self.prior_item is not None:
+                tensors["cp_item"] = np.ascontiguousarray(self.prior_item, dtype=np.float32)
         meta = {
             "format": _FORMAT,
             "d": self.d,
@@ -470,9 +513,12 @@ class FusionModel:
             # earlier states pooled ignored impressions with the dislikes
             tensors["g_imp"] = tensors["g_neg"]
         m.item_item = ItemItem.from_tensors(tensors)
+        m.prior = ContentPrior.from_tensors(tensors)
+        if m.prior is not None and "cp_item" in tensors:
+            m.prior_item = np.asarray(tensors["cp_item"], np.float32).copy()
         for k, v in m.params.items():
             if k not in tensors:
-                if k in ("M", "g_short", "gamma"):  # optional: earlier states had no such term
+                if k in ("M", "g_short", "gamma", "beta"):  # optional: earlier states had no such term
                     m.params[k] = np.zeros_like(v)
                     continue
                 raise ValueError(f"model state lacks tensor {k!r}")

@@ -66,6 +66,13 @@ class ModelConfig:
     item_item : bool
         Fuse the closed-form item-item component (:mod:`dynstore.itemitem`), its weight
         ``gamma`` chosen on the holdout of a fit.
+    content_prior : bool
+        Fit the closed-form content prior (:mod:`dynstore.prior`) with every version; its
+        weight ``beta`` chosen on the cuts of a fit (0: not used).
+    prior_k : float
+        The content prior keeps ``k / (n + k)`` of its weight after ``n`` positives of
+        the item. 0.1: one positive leaves 9 %; with 10 the prior reordered warm items
+        with few events and cost new users 0.004 NDCG@10 on MovieLens' rolling cuts.
     start_z : float
         With a holdout, a trained state replaces the start (and a non-zero item-item
         weight replaces none) only if its per-user NDCG@10 beats the start's by more than
@@ -102,6 +109,8 @@ class ModelConfig:
     objective: str = "softmax"
     user_weight_power: float = 0.5
     item_item: bool = True
+    content_prior: bool = True
+    prior_k: float = 0.1
     start_z: float = 1.64
     dynamics_epochs: int = 2
     first_phase: tuple = ("theta", "theta_seg", "b0")

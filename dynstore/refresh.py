@@ -6,7 +6,11 @@ labelling rules, plus shown-but-ignored impressions); hold out the most recent
 10% by time; warm-start from the current version (the popularity rule for a
 store's first refresh) and train -- the behaviour weights first, then
 everything -- keeping the start unless a trained state is clearly better on the
-holdout (:meth:`dynstore.training.Trainer.fit`); evaluate candidate, current
+holdout (:meth:`dynstore.training.Trainer.fit`), and the closed-form terms'
+weights (item-item ``gamma``, content prior ``beta``) chosen on the holdout and
+four earlier forward-chained cuts pooled, each judged on the users it affects
+(:mod:`dynstore.selection`; ``--json`` reports each choice's gain, standard
+error and users under ``training.selection``); evaluate candidate, current
 and the popularity rule on the holdout (only on its events newer than what a
 trained current version learned from, when there are enough of them: see
 :func:`_unseen_by_current`); write version N+1 and promote it unless its
@@ -50,6 +54,8 @@ __all__ = ["refresh", "RefreshOptions"]
 
 TOLERANCE = 0.01   # relative NDCG@10 drop still promoted
 MIN_EVAL_USERS = 30  # users with a positive needed to judge on the events current never saw
+#: weights chosen on the pooled cuts (:mod:`dynstore.selection`) that the refit keeps
+CHOSEN = ("gamma", "beta")
 
 
 @dataclass(frozen=True)
@@ -236,12 +242,11 @@ class _Run:
             return cand.model
         self.say(f"refitting on all {len(p.data.label)} events ...")
         t = time.perf_counter()
-        gamma = cand.model.params.get("gamma")
+        chosen = {k: cand.model.params[k] for k in CHOSEN if k in cand.model.params}
         model = p.fresh()
         model.fit(p.data.all_events(), epochs=cand.stats["best_epoch"], device=self.device,
                   init_residuals=p.residuals)
-        if gamma is not None:  # chosen on the holdout; the refit keeps it
-            model.params["gamma"] = gamma
+        model.params.update(chosen)  # the closed-form terms' weights, chosen on the cuts
         self.timings["refit_s"] = round(time.perf_counter() - t, 3)
         return model
 
@@ -306,10 +311,11 @@ class _Run:
                "metrics": {"candidate": verdict.candidate, "current": verdict.current, "rule": verdict.rule},
                "counts": p.counts, "durations": self.timings, "window": p.window_label, "holdout": p.judged,
                "reasons": self.plan["reasons"],
-               # training never clearly beat its start on the holdout: the version
-               # carries the start's parameters (plus, maybe, an item-item weight)
-               "kept_start": cand.stats.get("best_epoch") == -1 and _gamma(model.params) == _gamma(p.start[0]),
-               "training": {k: cand.stats[k] for k in ("best_epoch", "epochs", "epoch_ndcg@10", "gamma")
+               # training never clearly beat its start on the holdout and no closed-form
+               # term's weight changed: the version carries the start's parameters
+               "kept_start": cand.stats.get("best_epoch") == -1 and all(
+                   _weight(model.params, k) == _weight(p.start[0], k) for k in CHOSEN),
+               "training": {k: cand.stats[k] for k in ("best_epoch", "epochs", "epoch_ndcg@10", "gamma", "selection")
                             if k in cand.stats}}
         if published is not None:
             out["published"] = {"version": published, "status": "current", "kind": "popularity rule"}
@@ -415,9 +421,9 @@ def _same_as_current(p: Prepared, verdict: Verdict, model: FusionModel, rules: d
     return bool(np.allclose(W, served_w, rtol=0, atol=1e-6) and np.allclose(b, served_b, rtol=0, atol=1e-6))
 
 
-def _gamma(params: dict) -> float:
-    """The item-item weight in a parameter dict (0 without one)."""
-    return float(np.ravel(params.get("gamma", [0.0]))[0])
+def _weight(params: dict, name: str) -> float:
+    """A closed-form term's weight (``gamma``, ``beta``) in a parameter dict (0 without one)."""
+    return float(np.ravel(params.get(name, [0.0]))[0])
 
 
 def _unseen_by_current(prep: WindowData, hu, hi, hl, trained_until):

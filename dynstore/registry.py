@@ -79,6 +79,32 @@ def headline_metrics(row: dict) -> dict:
     return {k: v for k, v in m.items() if isinstance(v, float)}
 
 
+def choices(row: dict) -> str:
+    """Refresh's choices for a version, one line: each weight chosen on the pooled cuts
+    (:mod:`dynstore.selection`) and leaving the start, with the gain in NDCG@10 over not
+    making the change, its standard error and the users (user-periods) that judged it.
+
+    >>> choices({"metrics": {"train": {"selection": {"gamma": {"chosen": 0.05, "gain": 0.008,
+    ...     "se": 0.004, "users": 114}, "prior": {"chosen": 0.0, "gain": 0.0, "se": 0.0, "users": 90,
+    ...     "best_tried": {"value": 0.25, "gain": 0.001, "se": 0.005}}}}}})
+    'gamma 0.05 (+0.0080 ± 0.0040, n 114); prior 0.0 (best tried 0.25: +0.0010 ± 0.0050, n 90)'
+    """
+    sel = ((row.get("metrics") or {}).get("train") or {}).get("selection") or {}
+    parts = []
+    for name, c in sel.items():
+        if not isinstance(c, dict):
+            continue
+        shown, what = c, ""
+        if not c.get("chosen") and isinstance(c.get("best_tried"), dict):  # nothing chosen: how close it came
+            shown, what = c["best_tried"], f"best tried {c['best_tried'].get('value')}: "
+        gain, se = shown.get("gain"), shown.get("se")
+        figures = f"{gain:+.4f}" if isinstance(gain, (int, float)) else "?"
+        if isinstance(se, (int, float)):
+            figures += f" ± {se:.4f}"
+        parts.append(f"{name} {c.get('chosen')} ({what}{figures}, n {c.get('users', 0)})")
+    return "; ".join(parts)
+
+
 def list_versions(catalog: Catalog) -> list[dict]:
     """Every version, newest first, with ``counts`` and ``metrics`` parsed.
 

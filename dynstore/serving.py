@@ -524,6 +524,8 @@ def _with_dynamic(model, static: np.ndarray, C: np.ndarray) -> np.ndarray:
     theta = model.params.get("theta")
     F = np.zeros(C.shape, np.float32)
     cols = np.flatnonzero(theta) if theta is not None else np.arange(C.shape[1])
+    if model.prior_weight() and model.prior_column() is not None:  # the count that shrinks the prior
+        cols = np.union1d(cols, [model.prior_column()])
     F[:, cols] = np.log1p(np.maximum(C[:, cols], 0.0))
     return static + model.dynamic_bias(F)
 

@@ -54,17 +54,14 @@ from .lazy import attempt_import
 from .dynamics import Activity
 from .evaluation import evaluate
 from .histories import decay_weights, history_groups, normalise, ranges
-from .itemitem import ItemItem
 from .metrics import clearly_better
 from .modeldata import ModelConfig, TrainingData
+from .selection import choose_terms, fit_closed_form
 
-__all__ = ["Trainer", "SCALARS", "GAMMAS", "train", "choose_gamma", "make_bags"]
+__all__ = ["Trainer", "SCALARS", "train", "make_bags"]
 
 #: parameters that set the scale of a whole term: they learn faster
 SCALARS = ("alpha", "b0", "g_pos", "g_short", "g_neg", "g_imp", "theta", "theta_seg")
-
-#: the item-item weights :func:`choose_gamma` tries
-GAMMAS = (0.0, 0.25, 0.5, 1.0, 2.0, 4.0)
 
 
 def train(
@@ -97,14 +94,18 @@ def train(
         Early stopping: after every epoch NDCG@10 on these later events (users ranked
         from their events in ``data``, as :func:`~dynstore.evaluation.evaluate` does) is
         measured; training stops after ``patience`` epochs without a new best, and the
-        best epoch's parameters are kept. Also chooses ``gamma`` (:func:`choose_gamma`).
+        best epoch's parameters are kept. Also chooses the closed-form terms' weights
+        (``gamma``, ``beta``) on pooled forward-chained cuts
+        (:func:`dynstore.selection.choose_terms`); without a holdout those terms are
+        fitted and the weights kept as they are.
 
     Returns
     -------
     dict
         ``loss`` (last epoch's weighted mean), ``epoch_losses``, ``epochs`` (run), ``n_positive``,
         ``n_negative``, ``n_impression``, ``n_warm_items``, ``seconds``; with ``holdout``
-        also ``epoch_ndcg@10``, ``best_epoch`` and ``gamma``.
+        also ``epoch_ndcg@10``, ``best_epoch``, ``gamma`` and ``selection`` (per choice:
+        the chosen value, its gain, standard error and the users that judged it).
     """
     model.check_data(data)
     epochs = model.config.epochs if epochs is None else int(epochs)
@@ -112,12 +113,27 @@ def train(
     with one_cpu_thread(device):
         trainer = Trainer(model, data, activity, device=device, init_residuals=init_residuals)
         stats = trainer.fit(epochs, holdout=holdout, patience=patience, progress=progress)
-    if model.config.item_item:
-        pos = data.label == 1
-        model.item_item = ItemItem.fit(data.user[pos], data.item[pos], data.V.shape[0])
-        if holdout is not None:
-            stats["gamma"] = choose_gamma(model, data, holdout)
+    if holdout is None:
+        fit_closed_form(model, data)
+        return stats
+    t = time.perf_counter()
+    stats["selection"] = choose_terms(model, data, holdout, model.config.start_z)
+    stats["selection_s"] = round(time.perf_counter() - t, 3)
+    stats["selection"]["start"] = judge_report(stats)
+    if "gamma" in stats["selection"]:
+        stats["gamma"] = {"chosen": stats["selection"]["gamma"]["chosen"]}
     return stats
+
+
+def judge_report(stats: dict) -> dict:
+    """Leaving the start, as :func:`~dynstore.selection.report` records a choice: the
+    best epoch's gain over the start on the holdout, its standard error and users."""
+    d = stats.pop("start_diff", None)
+    n = 0 if d is None else int(d.size)
+    se = float(d.std(ddof=1) / np.sqrt(n)) if n > 1 else None
+    return {"chosen": "start" if stats.get("best_epoch") == -1 else f"epoch {stats.get('best_epoch')}",
+            "gain": round(float(d.mean()), 5) if n else 0.0, "se": None if se is None else round(se, 5),
+            "users": n, "cuts": 1, "judged_on": "all users of the holdout"}
 
 
 @contextmanager
@@ -133,23 +149,6 @@ def one_cpu_thread(device: str) -> Iterator[None]:
         yield
     finally:
         torch.set_num_threads(threads)
-
-
-def choose_gamma(model: Any, data: TrainingData,
-                 holdout: tuple[np.ndarray, np.ndarray, np.ndarray]) -> dict:
-    """Set ``model``'s ``gamma`` (the item-item weight) to the value of :data:`GAMMAS`
-    with the best NDCG@10 on ``holdout``; returns every value's score."""
-    scores, per_user = {}, {}
-    for g in GAMMAS:
-        model.params["gamma"] = np.array([g], np.float32)
-        res = evaluate(model, data, *holdout, k=10, per_user=True, with_auc=False)
-        scores[g], per_user[g] = float(res["ndcg@10"]), res["ndcg_per_user"]
-    # a weight is used only where the holdout shows it clearly (see start_z)
-    fine = [g for g in GAMMAS
-            if g == 0.0 or clearly_better(per_user[g], per_user[0.0], model.config.start_z)]
-    best = max(fine, key=lambda g: (scores[g], -g))
-    model.params["gamma"] = np.array([best], np.float32)
-    return {"chosen": best, "ndcg@10": scores}
 
 
 @dataclass
@@ -719,7 +718,8 @@ class Trainer:
         return {
             "loss": float(losses[-1]) if losses else float("nan"),
             "epoch_losses": [float(x) for x in losses],
-            **({"epoch_ndcg@10": judge.scores, "best_epoch": judge.best[1]} if judge is not None else {}),
+            **({"epoch_ndcg@10": judge.scores, "best_epoch": judge.best[1], "start_diff": judge.diff}
+               if judge is not None else {}),
             "dynamics_epochs": n_dyn,
             "epochs": len(losses) - n_dyn,
             "n_positive": int((lab == 1).sum()),
@@ -758,6 +758,7 @@ class BestOnHoldout:
         if self.best is None or (ok and score > self.best[0]):
             self.best = (score, full_epochs, {k: v.copy() for k, v in t.model.params.items()},
                          t.model.residuals)
+            self.diff = res["ndcg_per_user"] - self.start
         return full_epochs - self.best[1] < self.patience
 
     def restore(self) -> None:
