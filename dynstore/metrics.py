@@ -19,6 +19,8 @@ Definitions (binary relevance):
 Examples
 --------
 >>> import numpy as np
+
+from .errors import DynstoreError
 >>> ranked = np.array([[3, 1, 2], [0, 1, 2]])
 >>> recall_at_k(ranked, [{1, 5}, {2}], k=2)
 0.25
@@ -32,7 +34,21 @@ from typing import Sequence
 
 import numpy as np
 
-__all__ = ["recall_at_k", "ndcg_at_k", "ndcg_per_user", "clearly_better", "auc", "user_auc", "top_k", "to_csr"]
+__all__ = ["MAX_K", "check_k", "recall_at_k", "ndcg_at_k", "ndcg_per_user", "clearly_better", "auc", "user_auc", "top_k", "to_csr"]
+
+#: The longest list any ranking call returns.
+MAX_K = 10_000
+
+
+def check_k(k) -> int:
+    """``k`` as an int in ``1..MAX_K``, or a one-line :class:`DynstoreError`."""
+    try:
+        k = int(k)
+    except (TypeError, ValueError):
+        raise DynstoreError(f"k must be an integer between 1 and {MAX_K}, got {k!r}") from None
+    if not 1 <= k <= MAX_K:
+        raise DynstoreError(f"k must be between 1 and {MAX_K}, got {k}")
+    return k
 
 
 def to_csr(sets: Sequence) -> tuple[np.ndarray, np.ndarray]:

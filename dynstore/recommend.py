@@ -30,14 +30,13 @@ import numpy as np
 
 from .lazy import attempt_import
 from .errors import DynstoreError
+from .metrics import MAX_K, check_k
 from .catalog import Catalog
 from .precision import (QuantMatrix, check_precision, low_matrix, prefiltered_topk, quant_matrix, quant_scan,
                         round_up32)
 from .serving import ServingState, serving_state
 
-__all__ = ["recommend", "recommend_many", "all_items_lists", "serving_state", "ServingState", "MAX_K"]
-
-MAX_K = 10_000
+__all__ = ["recommend", "recommend_many", "all_items_lists", "serving_state", "ServingState", "MAX_K", "check_k"]
 BATCH_USERS = 512
 BLOCK_USERS = 1024  # users per matrix product on the all-items path ...
 ITEM_BLOCK = 4096  # ... over blocks of this many items (a block's logits stay in cache)
@@ -45,16 +44,6 @@ TORCH_TOPK_ROWS = 64  # user batches at least this large use torch.topk
 PREFILTER_MIN_ITEMS = 20_000  # single users of catalogues this large: int8 (or float16) prefilter ...
 PREFILTER_AFTER = 2  # ... from the third call on a catalogue (a one-shot process never builds it)
 SCAN = "int8"  # the prefilter's codes: "int8" (fbgemm; float16 where it is missing) or "fp16"
-
-
-def check_k(k: Any) -> int:
-    try:
-        k = int(k)
-    except (TypeError, ValueError):
-        raise DynstoreError(f"k must be an integer between 1 and {MAX_K}, got {k!r}") from None
-    if not 1 <= k <= MAX_K:
-        raise DynstoreError(f"k must be between 1 and {MAX_K}, got {k}")
-    return k
 
 
 def _histories(state: ServingState, user_ids: Sequence[Any]):

@@ -35,7 +35,7 @@ from .catalog import Catalog
 from .encoders import HFEncoder, probe_device
 from .errors import ConfigError
 from .evaluation import evaluate
-from .encoders import finetune_encoder
+from .encoders.finetune import finetune_encoder
 from .freshness import refresh_plan
 from .model import FusionModel, ModelConfig, TrainingData
 from .registry import is_rule, list_versions, rule_window

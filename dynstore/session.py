@@ -30,18 +30,16 @@ from __future__ import annotations
 import re
 import time
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Iterator
+from typing import Any, Iterator
 
 import duckdb
 
-from . import builtin_functions  # noqa: F401  (dynstore's own functions register on import)
+from .builtin_functions import register_builtins
 from .errors import DynstoreError, error_from, error_message
-from .functions import apply_functions, check_write_calls, generation, registered
+from .functions import SqlHost, apply_functions, check_write_calls, generation, registered
 from .semcache import snapshot
 from .views import attach_views, create_views, new_connection
 
-if TYPE_CHECKING:
-    from .store import Store
 
 __all__ = ["SqlSession", "Result", "error_message", "error_from", "STORE_VIEWS", "open_connection", "follow",
            "connection_state"]
@@ -73,13 +71,14 @@ class Result:
         return m.group(1) if m else "the object"
 
 
-def open_connection(store: "Store", *, checked: bool = False) -> duckdb.DuckDBPyConnection:
+def open_connection(store: SqlHost, *, checked: bool = False) -> duckdb.DuckDBPyConnection:
     """A new DuckDB connection with every view, function and macro, pinned to the
     store's commits as of this call (see :meth:`Store.connection <dynstore.Store.connection>`).
 
     ``checked``: the caller checks every statement (:func:`check_write_calls`),
     so write functions may run on this connection.
     """
+    register_builtins()
     view = store if store.catalog.is_pinned else store.pinned()
     view.catalog.writes_checked = checked
     con = new_connection()
@@ -92,7 +91,7 @@ def open_connection(store: "Store", *, checked: bool = False) -> duckdb.DuckDBPy
     return con
 
 
-def attach(view: "Store", con: duckdb.DuckDBPyConnection, *, again: bool = False) -> None:
+def attach(view: SqlHost, con: duckdb.DuckDBPyConnection, *, again: bool = False) -> None:
     """Register datasets, views, functions and macros of a pinned ``view`` on ``con``.
 
     ``again`` re-attaches an existing connection to the latest commits:
@@ -104,7 +103,7 @@ def attach(view: "Store", con: duckdb.DuckDBPyConnection, *, again: bool = False
     create_views(view.catalog, con, ("macros.sql",))
 
 
-def follow(store: "Store", con: duckdb.DuckDBPyConnection, *, checked: bool) -> None:
+def follow(store: SqlHost, con: duckdb.DuckDBPyConnection, *, checked: bool) -> None:
     """Move ``con`` to the latest commits (views, macros and functions re-created)."""
     base = store.catalog.latest
     base.reload_config()
@@ -113,8 +112,9 @@ def follow(store: "Store", con: duckdb.DuckDBPyConnection, *, checked: bool) -> 
     attach(view, con, again=True)
 
 
-def connection_state(store: "Store") -> tuple:
+def connection_state(store: SqlHost) -> tuple:
     """What a connection was built from: config, dataset versions, registered functions."""
+    register_builtins()
     cat = store.catalog.latest
     return (cat.config_stamp(), tuple(sorted(snapshot(cat).items())), generation())
 
@@ -129,7 +129,7 @@ class SqlSession:
         (no writes, no file access outside the store).
     """
 
-    def __init__(self, store: "Store"):
+    def __init__(self, store: SqlHost):
         self.store = store
         self._state = connection_state(store)
         self.con = open_connection(store, checked=True)

@@ -11,14 +11,19 @@ Three kinds of encoder are available through :func:`get_encoder`:
   encoder for tests and examples, which needs neither torch nor weights.
 
 Other encoders can be plugged in by name with :func:`register_encoder`;
-:func:`finetune_encoder` adapts a Hugging Face encoder to a store's feedback.
+:func:`dynstore.encoders.finetune.finetune_encoder` (imported on its own: it
+is the write path) adapts a Hugging Face encoder to a store's feedback.
 
 One module per job: ``base`` (the protocol and argument checks),
 ``device``, ``fake``, ``files`` (ids from a model directory's files),
-``packed`` (the packed CPU forward pass), ``hf``, ``registry``,
-``finetune``; :mod:`dynstore.lazy` is the one way torch and transformers are
-imported).  Importing this package is cheap: torch and transformers are
-imported only when a real model is loaded or a device is probed.
+``packed`` (the packed CPU forward pass), ``hf``, ``registry``;
+:mod:`dynstore.lazy` is the one way torch and transformers are imported.
+Importing this package is cheap: torch and transformers are imported only
+when a real model is loaded or a device is probed.
+
+The wing also owns the semantic cache (one Lance dataset per encoder) and the
+encoder's identity as the store records it. May import: the top-level
+helpers and ``storage``.
 
 Examples
 --------
@@ -36,7 +41,6 @@ from .base import PRECISIONS, Encoder, check_batch_size, check_precision
 from .device import probe_device
 from .fake import FakeEncoder
 from .files import hf_identity
-from .finetune import FINETUNE_LAYERS, finetune_encoder
 from .hf import HFEncoder
 from .registry import (DEFAULT_MODEL, encoder_fingerprint, encoder_identity, encoder_names, get_encoder,
                        register_encoder)
@@ -56,6 +60,4 @@ __all__ = [
     "PRECISIONS",
     "check_precision",
     "check_batch_size",
-    "finetune_encoder",
-    "FINETUNE_LAYERS",
 ]
