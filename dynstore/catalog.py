@@ -30,7 +30,7 @@ from typing import Any, Iterator
 
 from .config import CONFIG_NAME, StoreConfig
 from .errors import DynstoreError, ReadOnlyError, StorageError, StoreFormatError, StoreNotFound, first_line
-from .lancescan import enable_dictionary_filters, enable_row_estimates
+from .lancescan import install_scan_patches
 from .storage import Storage, open_storage
 from .switch import effective
 
@@ -161,8 +161,7 @@ class Catalog:
         """The Lance dataset at ``uri`` (None when absent), reused until someone commits."""
         import lance
 
-        enable_dictionary_filters()  # DuckDB's WHERE on dictionary columns (interactions.event)
-        enable_row_estimates()  # DuckDB plans joins knowing each dataset's size
+        install_scan_patches()  # DuckDB's WHERE on dictionary columns; row estimates for its joins
         if self._pins is not None and version is None:
             # A pinned view answers every later call with the version it saw
             # first, so one statement never mixes commits.
