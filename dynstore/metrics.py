@@ -19,8 +19,6 @@ Definitions (binary relevance):
 Examples
 --------
 >>> import numpy as np
-
-from .errors import DynstoreError
 >>> ranked = np.array([[3, 1, 2], [0, 1, 2]])
 >>> recall_at_k(ranked, [{1, 5}, {2}], k=2)
 0.25
@@ -33,6 +31,8 @@ from __future__ import annotations
 from typing import Sequence
 
 import numpy as np
+
+from .errors import DynstoreError
 
 __all__ = ["MAX_K", "check_k", "recall_at_k", "ndcg_at_k", "ndcg_per_user", "clearly_better", "auc", "user_auc", "top_k", "to_csr"]
 
