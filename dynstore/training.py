@@ -533,7 +533,6 @@ class Trainer:
     def batch(self, bags: np.ndarray, dr: "Draw | None" = None) -> Batch:
         """User vectors, targets and a sampled pool of ``bags`` (from :meth:`draw`, made
         here when not given)."""
-        torch = attempt_import("torch")
         cfg, B = self.cfg, self.bags
         dr = self.draw(bags) if dr is None else dr
         Rx, rbx = self.padded_residuals()
