@@ -89,13 +89,13 @@ def list_versions(catalog: Catalog) -> list[dict]:
     """
     ds = catalog.dataset("versions")
     key = ds.version if ds is not None else 0
-    hit = catalog.memo.registry
+    hit = catalog.memo.get("registry")
     if hit is None or hit[0] != key:
         rows = registry_table(catalog).to_pylist()
         for r in rows:
             for field in ("counts", "metrics", "snapshot"):
                 r[field] = json.loads(r[field]) if r[field] else {}
-        hit = catalog.memo.registry = (key, sorted(rows, key=lambda r: -r["version"]))
+        hit = catalog.memo.put("registry", (key, sorted(rows, key=lambda r: -r["version"])))
     return [dict(r) for r in hit[1]]
 
 

@@ -243,7 +243,7 @@ def load_version(catalog: Catalog, version: int | None = None) -> LoadedVersion:
             raise VersionNotFound(f"{catalog.path}: no embedding version yet; run `dynstore encode` first")
     emb = catalog.dataset("embeddings")
     key = (int(version), emb.version if emb is not None else 0)
-    cache = catalog.memo.versions
+    cache = catalog.memo.setdefault("versions", dict)
     if key in cache:
         return cache[key]
     if not any(r["version"] == version for r in list_versions(catalog)):
