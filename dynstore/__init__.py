@@ -27,8 +27,8 @@ __version__ = "0.1.0"
 # Imported on first use, so that `import dynstore` (and `dynstore --help`)
 # stays cheap: duckdb, Lance and Arrow load with the first store opened,
 # torch and transformers only when a statement needs a vector.
-_LAZY = {"connect": "store", "init": "store", "Store": "store",
-         "sql_function": "functions", "register_sql_function": "functions"}
+_LAZY = {"connect": "dynstore.store", "init": "dynstore.store", "Store": "dynstore.store",
+         "sql_function": "dynstore.functions", "register_sql_function": "dynstore.functions"}
 
 
 def __getattr__(name: str):
@@ -37,7 +37,7 @@ def __getattr__(name: str):
         raise AttributeError(f"module 'dynstore' has no attribute {name!r}")
     import importlib
 
-    value = getattr(importlib.import_module(f".{mod}", __name__), name)
+    value = getattr(importlib.import_module(mod), name)
     globals()[name] = value
     return value
 

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 
-from . import switch
 from .catalog import Catalog
 from .dynamics import DynamicSpec, rule_half_life
 from .errors import DynstoreError, StoreBusy
@@ -18,7 +17,7 @@ from .memory import release_freed
 from .model import FusionModel
 from .registry import registry_table, rule_window, write_registry
 from .semcache import encoder_info
-from .versions import build_version, items_table, users_table
+from .versions import build_version, items_table, settle_switch_keeping, users_table
 from .views import views_connection
 from .window import DEFAULT_SINCE, newest_event
 
@@ -81,7 +80,7 @@ def _record_rule_metrics(catalog: Catalog, number: int) -> None:
                    f"not evaluated: {type(exc).__name__}: {exc}"}
     try:
         with catalog.lock("versions", wait=30):
-            switch.settle_keeping(catalog)
+            settle_switch_keeping(catalog)
             rows = registry_table(catalog).to_pylist()
             for r in rows:
                 if r["version"] == number:

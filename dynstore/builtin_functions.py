@@ -1,5 +1,8 @@
 """dynstore's own SQL functions, registered like any user function.
 
+:func:`register_builtins` registers them, explicitly, when the SQL session
+opens its first connection (importing this module registers nothing).
+
 Types depend on the store (its id types, its encoder's dimension), so they
 are given as callables of the store. Functions that take a user or item id
 are vectorised (Arrow in, Arrow out): ``SELECT recommend(user_id, 10) FROM
@@ -8,21 +11,21 @@ users`` runs one matrix product per batch, not one per row.
 from __future__ import annotations
 
 import re
-from typing import TYPE_CHECKING
+from typing import Any, Callable
 
 import numpy as np
 import pyarrow as pa
 
-from .functions import sql_function
+from .functions import SqlHost, register_sql_function, registered
 from .registry import list_versions
 from .recommend import recommend_from_examples, recommend_many, scores, serving_state, similar_items, user_vectors
 from .semantic import semantic_vectors
 from .semcache import encoder_info, store_encoder
 
-if TYPE_CHECKING:
-    from .store import Store
 
-__all__ = ["id_type_hint"]
+__all__ = ["id_type_hint", "register_builtins"]
+
+_BUILTINS: list[tuple[str, Callable[..., Any], Any, Any, dict]] = []
 
 #: The id arguments of dynstore's functions, by the name DuckDB reports: (the name users call,
 #: the kind of each argument: "user", "item", "item[]" or None for other arguments).
@@ -83,7 +86,7 @@ def _as_type(arg: str, text: bool) -> str:
     return f"CAST({arg} AS {'VARCHAR' if text else 'BIGINT'})"
 
 
-def id_type_hint(store: "Store", message: str, query: str) -> str | None:
+def id_type_hint(store: SqlHost, message: str, query: str) -> str | None:
     """One line for an id of the wrong type passed to one of dynstore's functions, or None.
 
     It names the store's id type and the call that works, written from the query's own call
@@ -127,23 +130,43 @@ def _hint(name: str, kinds: tuple[str | None, ...], kind: str, text: bool,
     return f"{name}(): {what}; write {name}({fixed})"
 
 
-def _uid(store: "Store") -> str:
+def builtin(name: str, parameters, return_type, **options) -> Callable:
+    """Mark ``fn`` as one of dynstore's own functions (registered by :func:`register_builtins`)."""
+
+    def wrap(fn):
+        _BUILTINS.append((name, fn, parameters, return_type, options))
+        return fn
+
+    return wrap
+
+
+def register_builtins() -> None:
+    """Register dynstore's own functions, once; a user's function of the same name
+    registered earlier is kept (users' functions win, as when registered later)."""
+    have = set(registered())
+    for name, fn, parameters, return_type, options in _BUILTINS:
+        if name not in have:
+            register_sql_function(name, fn, parameters, return_type, **options)
+    _BUILTINS.clear()
+
+
+def _uid(store: SqlHost) -> str:
     return store.catalog.sql_id_type("user")
 
 
-def _iid(store: "Store") -> str:
+def _iid(store: SqlHost) -> str:
     return store.catalog.sql_id_type("item")
 
 
-def _dim(store: "Store") -> int:
+def _dim(store: SqlHost) -> int:
     return encoder_info(store.catalog)[1]
 
 
-def _vec(store: "Store") -> str:
+def _vec(store: SqlHost) -> str:
     return f"FLOAT[{_dim(store)}]"
 
 
-def _fused_dim(store: "Store") -> int:
+def _fused_dim(store: SqlHost) -> int:
     """Width of the current version's fused vectors: the encoder's, unless the version
     was built with an encoder of another width (before a `config --model`)."""
     enc_id, dim = encoder_info(store.catalog)
@@ -154,15 +177,15 @@ def _fused_dim(store: "Store") -> int:
     return ds.schema.field("vector").type.list_size if ds is not None else dim
 
 
-def _fused(store: "Store") -> str:
+def _fused(store: SqlHost) -> str:
     return f"FLOAT[{_fused_dim(store)}]"
 
 
-def _ranked(store: "Store") -> str:
+def _ranked(store: SqlHost) -> str:
     return f"STRUCT(item_id {_iid(store)}, score DOUBLE)[]"
 
 
-def _arrow_ranked(store: "Store", lists: list[list[dict] | None]) -> pa.Array:
+def _arrow_ranked(store: SqlHost, lists: list[list[dict] | None]) -> pa.Array:
     item_t = pa.string() if _iid(store) == "VARCHAR" else pa.int64()
     return pa.array(lists, type=pa.list_(pa.struct([("item_id", item_t), ("score", pa.float64())])))
 
@@ -185,8 +208,8 @@ def _py(arr) -> list:
     return arr.to_pylist()
 
 
-@sql_function("_dynstore_recommend", lambda s: [_uid(s), "BIGINT", "BIGINT"], _ranked)
-def _recommend(store: "Store", user_ids, ks, versions):
+@builtin("_dynstore_recommend", lambda s: [_uid(s), "BIGINT", "BIGINT"], _ranked)
+def _recommend(store: SqlHost, user_ids, ks, versions):
     users, ks, versions = _py(user_ids), _py(ks), _py(versions)
     out: list[list[dict] | None] = [None] * len(users)
     groups: dict[tuple, list[int]] = {}
@@ -200,8 +223,8 @@ def _recommend(store: "Store", user_ids, ks, versions):
     return _arrow_ranked(store, out)
 
 
-@sql_function("recommend_among", lambda s: [_uid(s), "BIGINT", f"{_iid(s)}[]"], _ranked)
-def _recommend_among(store: "Store", user_ids, ks, candidates):
+@builtin("recommend_among", lambda s: [_uid(s), "BIGINT", f"{_iid(s)}[]"], _ranked)
+def _recommend_among(store: SqlHost, user_ids, ks, candidates):
     """Top-k restricted to candidate items: exactly k when k unseen candidates exist."""
     users, ks, cands = _py(user_ids), _py(ks), _py(candidates)
     out: list[list[dict] | None] = [None] * len(users)
@@ -216,39 +239,39 @@ def _recommend_among(store: "Store", user_ids, ks, candidates):
     return _arrow_ranked(store, out)
 
 
-@sql_function("score", lambda s: [_uid(s), _iid(s)], "DOUBLE")
-def _score(store: "Store", user_ids, item_ids):
+@builtin("score", lambda s: [_uid(s), _iid(s)], "DOUBLE")
+def _score(store: SqlHost, user_ids, item_ids):
     return pa.array(scores(store.catalog, _py(user_ids), _py(item_ids)), pa.float64())
 
 
-@sql_function("similar_items", lambda s: [_iid(s), "BIGINT"], _ranked)
-def _similar(store: "Store", item_ids, ks):
+@builtin("similar_items", lambda s: [_iid(s), "BIGINT"], _ranked)
+def _similar(store: SqlHost, item_ids, ks):
     return _arrow_ranked(store, [None if i is None or k is None else similar_items(store.catalog, i, k)
                                  for i, k in zip(_py(item_ids), _py(ks))])
 
 
-@sql_function("recommend_from_examples", lambda s: [f"{_iid(s)}[]", f"{_iid(s)}[]", "BIGINT"], _ranked)
-def _from_examples(store: "Store", positives, negatives, ks):
+@builtin("recommend_from_examples", lambda s: [f"{_iid(s)}[]", f"{_iid(s)}[]", "BIGINT"], _ranked)
+def _from_examples(store: SqlHost, positives, negatives, ks):
     return _arrow_ranked(store, [None if k is None else recommend_from_examples(store.catalog, p or [], n or [], k)
                                  for p, n, k in zip(_py(positives), _py(negatives), _py(ks))])
 
 
-@sql_function("embed", ["VARCHAR"], _vec)
-def _embed(store: "Store", texts):
+@builtin("embed", ["VARCHAR"], _vec)
+def _embed(store: SqlHost, texts):
     values = _py(texts)
     vecs = store_encoder(store.catalog).encode(values)
     return _vectors([None if t is None else v for t, v in zip(values, vecs)], _dim(store))
 
 
-@sql_function("semantic_vector", lambda s: [_iid(s)], _vec)
-def _semantic_vector(store: "Store", item_ids):
+@builtin("semantic_vector", lambda s: [_iid(s)], _vec)
+def _semantic_vector(store: SqlHost, item_ids):
     ids = _py(item_ids)
     vecs, found = semantic_vectors(store.catalog, ids)
     return _vectors([v if ok else None for v, ok in zip(vecs, found)], _dim(store))
 
 
-@sql_function("_dynstore_item_vector", lambda s: [_iid(s), "BIGINT"], _fused)
-def _item_vector(store: "Store", item_ids, versions):
+@builtin("_dynstore_item_vector", lambda s: [_iid(s), "BIGINT"], _fused)
+def _item_vector(store: SqlHost, item_ids, versions):
     ids, vers = _py(item_ids), _py(versions)
     out: list[np.ndarray | None] = []
     for i, v in zip(ids, vers):
@@ -258,15 +281,15 @@ def _item_vector(store: "Store", item_ids, versions):
     return _vectors(out, _fused_dim(store))
 
 
-@sql_function("user_vector", lambda s: [_uid(s)], _fused)
-def _user_vector(store: "Store", user_ids):
+@builtin("user_vector", lambda s: [_uid(s)], _fused)
+def _user_vector(store: SqlHost, user_ids):
     ids = _py(user_ids)
     X = user_vectors(serving_state(store.catalog), [u for u in ids])
     return _vectors([None if u is None else x for u, x in zip(ids, X)], _fused_dim(store))
 
 
-@sql_function("log_impressions", lambda s: [_uid(s), f"{_iid(s)}[]"], "BIGINT", side_effects=True)
-def _log_impressions(store: "Store", user_ids, item_lists):
+@builtin("log_impressions", lambda s: [_uid(s), f"{_iid(s)}[]"], "BIGINT", side_effects=True)
+def _log_impressions(store: SqlHost, user_ids, item_lists):
     """Append one ``impression`` interaction per shown item; returns rows written."""
     counts = [None if u is None or items is None else store.log_impressions(u, items)
               for u, items in zip(_py(user_ids), _py(item_lists))]

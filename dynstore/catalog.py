@@ -26,12 +26,12 @@ import os
 import re
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 from .config import CONFIG_NAME, StoreConfig
 from .errors import (DynstoreError, ReadOnlyError, StorageError, StoreCorrupt, StoreFormatError, StoreNotFound,
                      first_line)
-from .lancescan import enable_dictionary_filters, enable_row_estimates
+from .lancescan import install_scan_patches
 from .storage import Storage, open_storage
 from .switch import effective
 
@@ -45,32 +45,46 @@ TABLE_SCAN = {"batch_size": 64 * 1024}
 
 @dataclass
 class Memo:
-    """What one process keeps between calls, in named slots.
+    """What one process keeps between calls, in named slots that the modules filling
+    them own (the registry's rows, the semantic index, loaded versions, serving
+    states ...): the catalog knows no module above it.
 
-    Each slot holds ``(key, value)`` where the key names the dataset versions
-    (and settings) the value was built from, so a pinned view and the latest
-    view share the memo safely: a stale entry is simply rebuilt.
+    A slot usually holds ``(key, value)`` where the key names the dataset versions
+    (and settings) the value was built from, so a pinned view and the latest view
+    share the memo safely: a stale entry is simply rebuilt.
+
+    Examples
+    --------
+    >>> memo = Memo()
+    >>> _ = memo.put("docs", ("k", {})); memo.get("docs")
+    ('k', {})
+    >>> memo.invalidate("docs"); memo.get("docs") is None
+    True
+    >>> memo.setdefault("versions", dict)["v1"] = 1; memo.get("versions")
+    {'v1': 1}
     """
 
-    registry: Any = None        # (registry version, rows newest first)
-    semantic: Any = None        # (encoder id, cache version) -> SemanticIndex
-    docs: Any = None            # (items, interactions versions, rules) -> item documents
-    labeller: Any = None        # (rules) -> a DuckDB connection labelling events
-    versions: dict = field(default_factory=dict)        # version -> LoadedVersion
-    serving_states: list = field(default_factory=list)  # recent ServingStates, newest last
+    slots: dict[str, Any] = field(default_factory=dict)
 
-    def invalidate(self, *slots: str) -> None:
-        """Forget ``slots`` (every slot when none is named).
+    def get(self, name: str) -> Any:
+        """The slot's value (None when empty)."""
+        return self.slots.get(name)
 
-        Examples
-        --------
-        >>> memo = Memo(docs=("k", {}))
-        >>> memo.invalidate("docs"); memo.docs is None
-        True
-        """
-        fresh = Memo()
-        for name in slots or tuple(self.__dataclass_fields__):
-            setattr(self, name, getattr(fresh, name))
+    def put(self, name: str, value: Any) -> Any:
+        """Fill the slot; returns ``value``."""
+        self.slots[name] = value
+        return value
+
+    def setdefault(self, name: str, factory: Callable[[], Any]) -> Any:
+        """The slot's value, made by ``factory()`` when empty (a dict or list the owner fills)."""
+        if name not in self.slots:
+            self.slots[name] = factory()
+        return self.slots[name]
+
+    def invalidate(self, *names: str) -> None:
+        """Forget the named slots (every slot when none is named)."""
+        for name in names or tuple(self.slots):
+            self.slots.pop(name, None)
 
 
 class Catalog:
@@ -162,8 +176,7 @@ class Catalog:
         """The Lance dataset at ``uri`` (None when absent), reused until someone commits."""
         import lance
 
-        enable_dictionary_filters()  # DuckDB's WHERE on dictionary columns (interactions.event)
-        enable_row_estimates()  # DuckDB plans joins knowing each dataset's size
+        install_scan_patches()  # DuckDB's WHERE on dictionary columns; row estimates for its joins
         if self._pins is not None and version is None:
             # A pinned view answers every later call with the version it saw
             # first, so one statement never mixes commits.

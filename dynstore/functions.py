@@ -18,16 +18,30 @@ from __future__ import annotations
 
 import functools
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Callable, Sequence
+from typing import Any, Callable, Iterable, Protocol, Sequence
 
 import duckdb
 
+from .catalog import Catalog
 from .errors import SqlError
 
-if TYPE_CHECKING:
-    from .store import Store
+__all__ = ["SqlHost", "sql_function", "register_sql_function", "apply_functions", "registered", "generation", "check_write_calls"]
 
-__all__ = ["sql_function", "register_sql_function", "apply_functions", "registered", "generation", "check_write_calls"]
+
+class SqlHost(Protocol):
+    """What a SQL connection is opened on and a SQL function is called with: the
+    open store (:class:`dynstore.Store` is one), seen only through this narrow
+    protocol, so the SQL layer needs nothing above it."""
+
+    @property
+    def catalog(self) -> Catalog: ...
+
+    @property
+    def read_only(self) -> bool: ...
+
+    def pinned(self) -> "SqlHost": ...
+
+    def log_impressions(self, user_id: Any, items: Iterable[Any]) -> int: ...
 
 
 @dataclass(frozen=True)
@@ -171,7 +185,7 @@ def _guarded(f: SqlFunction) -> Callable[..., Any]:
     """``f.fn``, refusing to write unless the statement was checked (see :func:`check_write_calls`)."""
 
     @functools.wraps(f.fn)  # DuckDB reads the parameters from the signature
-    def call(store: "Store", *args):
+    def call(store: SqlHost, *args):
         if not store.catalog.writes_checked:
             raise SqlError(f"{f.name}(...) writes to the store; run it through Store.sql, a SqlSession or "
                            "`dynstore sql` (raw connections cannot make sure DuckDB keeps the call)")
@@ -180,7 +194,7 @@ def _guarded(f: SqlFunction) -> Callable[..., Any]:
     return call
 
 
-def apply_functions(store: "Store", con: "duckdb.DuckDBPyConnection", *, replace: bool = False) -> None:
+def apply_functions(store: SqlHost, con: "duckdb.DuckDBPyConnection", *, replace: bool = False) -> None:
     """Register every function on ``con`` (a DuckDB connection), bound to ``store``.
 
     With ``replace``, functions ``con`` already has are dropped first.

@@ -13,7 +13,7 @@ import numpy as np
 
 from .catalog import Catalog
 from .evaluation import evaluate
-from .recommend import check_k
+from .metrics import check_k
 from .registry import is_rule, list_versions
 from .versions import load_parameters, load_version
 from .views import views_connection

@@ -38,8 +38,8 @@ import sys
 
 import pyarrow as pa
 
-__all__ = ["DICT_STRING", "SCAN_IO_BYTES", "stored_type", "is_text", "enable_dictionary_filters",
-           "enable_row_estimates", "plain_schema", "vector_width"]
+__all__ = ["DICT_STRING", "SCAN_IO_BYTES", "stored_type", "is_text", "install_scan_patches", "patch_targets",
+           "enable_dictionary_filters", "enable_row_estimates", "plain_schema", "vector_width"]
 
 #: How low-cardinality strings of ``interactions`` are stored.
 DICT_STRING = pa.dictionary(pa.int32(), pa.string())
@@ -96,6 +96,27 @@ def plain_schema(schema: pa.Schema) -> pa.Schema:
     """``schema`` with every dictionary column as its value type (same positions)."""
     return pa.schema([pa.field(f.name, f.type.value_type, f.nullable, f.metadata)
                       if pa.types.is_dictionary(f.type) else f for f in schema], metadata=schema.metadata)
+
+
+def install_scan_patches() -> None:
+    """The one place dynstore patches third-party internals: both patches above
+    (idempotent; the catalog calls it before it opens its first dataset)."""
+    enable_dictionary_filters()
+    enable_row_estimates()
+
+
+def patch_targets() -> dict[str, bool]:
+    """Whether each patched third-party name is where the patches expect it: a test
+    fails (it does not skip) when a release of Lance or DuckDB moves one."""
+    import lance.dataset  # noqa: F401
+
+    try:
+        from duckdb._sources.pyarrow import PyArrowDatasetSource
+    except ImportError:
+        PyArrowDatasetSource = None
+    return {"lance.dataset._serialize_expression": callable(getattr(sys.modules["lance.dataset"],
+                                                                    "_serialize_expression", None)),
+            "duckdb._sources.pyarrow.PyArrowDatasetSource.rows": callable(getattr(PyArrowDatasetSource, "rows", None))}
 
 
 def enable_dictionary_filters() -> None:

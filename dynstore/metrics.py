@@ -32,7 +32,23 @@ from typing import Sequence
 
 import numpy as np
 
-__all__ = ["recall_at_k", "ndcg_at_k", "ndcg_per_user", "clearly_better", "auc", "user_auc", "top_k", "to_csr"]
+from .errors import DynstoreError
+
+__all__ = ["MAX_K", "check_k", "recall_at_k", "ndcg_at_k", "ndcg_per_user", "clearly_better", "auc", "user_auc", "top_k", "to_csr"]
+
+#: The longest list any ranking call returns.
+MAX_K = 10_000
+
+
+def check_k(k) -> int:
+    """``k`` as an int in ``1..MAX_K``, or a one-line :class:`DynstoreError`."""
+    try:
+        k = int(k)
+    except (TypeError, ValueError):
+        raise DynstoreError(f"k must be an integer between 1 and {MAX_K}, got {k!r}") from None
+    if not 1 <= k <= MAX_K:
+        raise DynstoreError(f"k must be between 1 and {MAX_K}, got {k}")
+    return k
 
 
 def to_csr(sets: Sequence) -> tuple[np.ndarray, np.ndarray]:

@@ -30,14 +30,13 @@ import numpy as np
 
 from .lazy import attempt_import
 from .errors import DynstoreError
+from .metrics import MAX_K, check_k
 from .catalog import Catalog
 from .precision import (QuantMatrix, check_precision, low_matrix, prefiltered_topk, quant_matrix, quant_scan,
                         round_up32)
 from .serving import ServingState, serving_state
 
-__all__ = ["recommend", "recommend_many", "all_items_lists", "serving_state", "ServingState", "MAX_K"]
-
-MAX_K = 10_000
+__all__ = ["recommend", "recommend_many", "all_items_lists", "serving_state", "ServingState", "MAX_K", "check_k"]
 BATCH_USERS = 512
 BLOCK_USERS = 1024  # users per matrix product on the all-items path ...
 ITEM_BLOCK = 4096  # ... over blocks of this many items (a block's logits stay in cache)
@@ -45,16 +44,6 @@ TORCH_TOPK_ROWS = 64  # user batches at least this large use torch.topk
 PREFILTER_MIN_ITEMS = 20_000  # single users of catalogues this large: int8 (or float16) prefilter ...
 PREFILTER_AFTER = 2  # ... from the third call on a catalogue (a one-shot process never builds it)
 SCAN = "int8"  # the prefilter's codes: "int8" (fbgemm; float16 where it is missing) or "fp16"
-
-
-def check_k(k: Any) -> int:
-    try:
-        k = int(k)
-    except (TypeError, ValueError):
-        raise DynstoreError(f"k must be an integer between 1 and {MAX_K}, got {k!r}") from None
-    if not 1 <= k <= MAX_K:
-        raise DynstoreError(f"k must be between 1 and {MAX_K}, got {k}")
-    return k
 
 
 def _histories(state: ServingState, user_ids: Sequence[Any]):
@@ -496,19 +485,25 @@ def similar_items(catalog: Catalog, item_id: Any, k: int) -> list[dict] | None:
 
 
 def recommend_from_examples(catalog: Catalog, positive: Sequence[Any], negative: Sequence[Any], k: int) -> list[dict]:
-    """Rank items for a user described only by liked and disliked examples."""
+    """Rank items for a user described only by liked and disliked examples: the full score
+    equation (:func:`score_terms`) of a user with no attributes whose history is the examples."""
     k = check_k(k)
     state = serving_state(catalog)
     pos = [state.row[i] for i in (positive or []) if i in state.row]
     neg = [state.row[i] for i in (negative or []) if i in state.row]
     hist_item = np.array(pos + neg, np.int64)
-    hist_label = np.array([1] * len(pos) + [-1] * len(neg), np.int8)
-    hist_ts = np.zeros(len(hist_item), np.int64)
-    UA = np.zeros((1, state.UA.shape[1]), np.float32)
-    X = np.asarray(state.model.user_vectors(UA, np.array([0, len(hist_item)]), hist_item, hist_label,
-                                            hist_ts, state.Wf), np.float32)
-    logits = X @ state.Wf.T + state.bias
+    hist = (np.array([0, len(hist_item)], np.int64), hist_item,
+            np.array([1] * len(pos) + [-1] * len(neg), np.int8), np.zeros(len(hist_item), np.int64))
+    X, B = score_terms(state, [_NOBODY], hist)
+    logits = (X @ state.Wf.T + B).astype(np.float32, copy=False)
     logits[0, hist_item] = -np.inf
-    val, idx = _topk(logits.astype(np.float32), k)
+    val, idx = _topk(logits, k)
     prob = _probability(val[0])
     return [{"item_id": state.ids[c], "score": float(p)} for c, p, v in zip(idx[0], prob, val[0]) if np.isfinite(v)]
+
+
+class _Nobody:
+    """A user id no store holds: no attributes, no segment, no stored history."""
+
+
+_NOBODY = _Nobody()

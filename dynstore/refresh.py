@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import sys
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field, fields, replace
 from functools import cached_property
 from pathlib import Path
 from typing import Any, Callable
@@ -39,7 +39,7 @@ from .catalog import Catalog
 from .encoders import HFEncoder, probe_device
 from .errors import ConfigError, DynstoreError
 from .evaluation import evaluate
-from .encoders import finetune_encoder
+from .encoders.finetune import finetune_encoder
 from .freshness import refresh_plan
 from .model import FusionModel, ModelConfig, TrainingData
 from .registry import is_rule, list_versions, rule_window
@@ -83,6 +83,10 @@ class RefreshOptions:
     use_negatives: bool = True
     force: bool = False
     refit: bool = True
+
+
+#: The fields of :class:`RefreshOptions`: ``Store.refresh``'s keyword arguments.
+REFRESH_FIELDS = frozenset(f.name for f in fields(RefreshOptions))
 
 
 @dataclass
@@ -324,10 +328,10 @@ class _Run:
         return RefreshResult(**out)
 
 
-def refresh(catalog: Catalog, **options: Any) -> RefreshResult:
+def refresh(catalog: Catalog, opts: RefreshOptions | None = None) -> RefreshResult:
     """Retrain, evaluate and publish a new embedding version (see module doc).
 
-    The keyword arguments are the fields of :class:`RefreshOptions`. The work
+    ``opts`` (default: :class:`RefreshOptions`'s defaults) says what was asked for. The work
     runs as named stages: the window (:meth:`_Run.prepare`), the candidate
     (:meth:`_Run.train`), the verdict (:meth:`_Run.judge`), and publishing
     (:meth:`_Run.refit`, :meth:`_Run.publish`).
@@ -342,7 +346,7 @@ def refresh(catalog: Catalog, **options: Any) -> RefreshResult:
     status and holdout metrics, counts and durations (plus ``finetune`` when
     fine-tuning), or ``status == "noop"`` and the ``reason``.
     """
-    opts = RefreshOptions(**options)
+    opts = opts or RefreshOptions()
     window = TrainingWindow.parse(opts.since)  # a bad --since fails before any work
     if opts.finetune_encoder and catalog.storage.local_dir("encoders") is None:
         raise ConfigError(f"{catalog.path}: --finetune-encoder needs a store in a local directory (fine-tuned "

@@ -11,9 +11,8 @@ import json
 import pyarrow as pa
 
 from .catalog import Catalog
-from .semcache import encoder_info
 
-__all__ = ["list_versions", "current_version", "register_versions", "is_rule", "rule_window",
+__all__ = ["list_versions", "current_version", "is_rule", "rule_window",
            "headline_metrics", "registry_table", "VERDICT_OF_STATUS", "write_registry", "next_version", "VERDICTS"]
 
 #: Serving status: ``current`` (served), ``retired`` (served before),
@@ -116,13 +115,13 @@ def list_versions(catalog: Catalog) -> list[dict]:
     """
     ds = catalog.dataset("versions")
     key = ds.version if ds is not None else 0
-    hit = catalog.memo.registry
+    hit = catalog.memo.get("registry")
     if hit is None or hit[0] != key:
         rows = registry_table(catalog).to_pylist()
         for r in rows:
             for field in ("counts", "metrics", "snapshot"):
                 r[field] = json.loads(r[field]) if r[field] else {}
-        hit = catalog.memo.registry = (key, sorted(rows, key=lambda r: -r["version"]))
+        hit = catalog.memo.put("registry", (key, sorted(rows, key=lambda r: -r["version"])))
     return [dict(r) for r in hit[1]]
 
 
@@ -148,19 +147,6 @@ def embedding_schema(catalog: Catalog, dim: int) -> pa.Schema:
     item_t = pa.string() if catalog.id_type("item") == "string" else pa.int64()
     return pa.schema([("version", pa.int64()), ("item_id", item_t), ("doc_hash", pa.string()),
                       ("vector", pa.list_(pa.float32(), dim)), ("bias", pa.float32())])
-
-
-def register_versions(catalog: Catalog, con) -> None:
-    """Expose the registry and embeddings to SQL (empty until the first version)."""
-    ds = catalog.dataset("versions")
-    if ds is None or "verdict" not in ds.schema.names:
-        con.register("_dynstore_versions", registry_table(catalog))  # tiny; fills in verdicts of old registries
-    else:
-        con.register("_dynstore_versions", ds)
-    emb = catalog.dataset("embeddings")
-    if emb is None:
-        emb = embedding_schema(catalog, encoder_info(catalog)[1]).empty_table()
-    con.register("_dynstore_embeddings", emb)
 
 
 def next_version(catalog: Catalog) -> int:

@@ -296,7 +296,7 @@ def item_docs(catalog: Catalog) -> dict[Any, tuple[str, str | None]]:
     inter = catalog.dataset("interactions") if catalog.config.behaviour_summary else None
     key = (items.version if items is not None else 0, inter.version if inter is not None else 0,
            catalog.config.item_text, catalog.config.behaviour_summary)
-    cached = catalog.memo.docs
+    cached = catalog.memo.get("docs")
     if cached is None or cached[0] != key:
         con = views_connection(catalog)
         try:
@@ -304,7 +304,7 @@ def item_docs(catalog: Catalog) -> dict[Any, tuple[str, str | None]]:
         finally:
             con.close()
         cached = (key, {r[0]: (r[1], r[2]) for r in rows})
-        catalog.memo.docs = cached
+        catalog.memo.put("docs", cached)
     return cached[1]
 
 

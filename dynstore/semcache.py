@@ -137,9 +137,9 @@ def semantic_index(catalog: Catalog, encoder: tuple[str, int] | None = None) -> 
     enc_id, dim = encoder or encoder_info(catalog)
     ds = cache_dataset(catalog, enc_id)
     key = ("semantic", enc_id, ds.version if ds is not None else 0)
-    idx = catalog.memo.semantic
+    idx = catalog.memo.get("semantic")
     if idx is None or idx[0] != key:
-        idx = catalog.memo.semantic = (key, SemanticIndex(ds, dim))
+        idx = catalog.memo.put("semantic", (key, SemanticIndex(ds, dim)))
     return idx[1]
 
 

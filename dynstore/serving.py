@@ -304,7 +304,7 @@ def serving_state(catalog: Catalog, version: int | None = None) -> ServingState:
     users = catalog.dataset("users")
     src = _source(catalog, lv, items, users)
     key = (src, inter.version if inter is not None else 0)
-    states = catalog.memo.serving_states
+    states = catalog.memo.setdefault("serving_states", list)
     for k, st in states:
         if k == key:
             return st
@@ -541,7 +541,7 @@ def _labeller(catalog: Catalog):
     cfg = catalog.config
     ds = catalog.dataset("interactions")
     key = (cfg.positive, cfg.negative, tuple(ds.schema.names) if ds is not None else ())
-    hit = catalog.memo.labeller
+    hit = catalog.memo.get("labeller")
     if hit is not None and hit[0] == key:
         return hit[1]
     stmt = next(s for s in statements(sql_text("views.sql")) if "VIEW interactions AS" in s)
@@ -550,7 +550,7 @@ def _labeller(catalog: Catalog):
     con.execute("SET TimeZone = 'UTC'")
     con.register("_dynstore_interactions", _empty_interactions(catalog))
     con.execute(stmt)
-    catalog.memo.labeller = (key, con)
+    catalog.memo.put("labeller", (key, con))
     return con
 
 

@@ -30,19 +30,17 @@ from __future__ import annotations
 import re
 import time
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Iterator
+from typing import Any, Iterator
 
 import duckdb
 
-from .builtin_functions import id_type_hint  # dynstore's own functions register on import
+from .builtin_functions import id_type_hint, register_builtins
 from .errors import DynstoreError, SqlError, error_from, error_message
-from .functions import apply_functions, check_write_calls, generation, registered
+from .functions import SqlHost, apply_functions, check_write_calls, generation, registered
 from .semcache import snapshot
 from .sqltext import sql_text
 from .views import attach_views, create_views, new_connection
 
-if TYPE_CHECKING:
-    from .store import Store
 
 __all__ = ["SqlSession", "Result", "error_message", "error_from", "STORE_VIEWS", "open_connection", "follow",
            "connection_state", "with_position", "id_type_hint"]
@@ -75,13 +73,14 @@ class Result:
         return m.group(1) if m else "the object"
 
 
-def open_connection(store: "Store", *, checked: bool = False) -> duckdb.DuckDBPyConnection:
+def open_connection(store: SqlHost, *, checked: bool = False) -> duckdb.DuckDBPyConnection:
     """A new DuckDB connection with every view, function and macro, pinned to the
     store's commits as of this call (see :meth:`Store.connection <dynstore.Store.connection>`).
 
     ``checked``: the caller checks every statement (:func:`check_write_calls`),
     so write functions may run on this connection.
     """
+    register_builtins()
     view = store if store.catalog.is_pinned else store.pinned()
     view.catalog.writes_checked = checked
     con = new_connection()
@@ -94,7 +93,7 @@ def open_connection(store: "Store", *, checked: bool = False) -> duckdb.DuckDBPy
     return con
 
 
-def attach(view: "Store", con: duckdb.DuckDBPyConnection, *, again: bool = False) -> None:
+def attach(view: SqlHost, con: duckdb.DuckDBPyConnection, *, again: bool = False) -> None:
     """Register datasets, views, functions and macros of a pinned ``view`` on ``con``.
 
     ``again`` re-attaches an existing connection to the latest commits:
@@ -106,7 +105,7 @@ def attach(view: "Store", con: duckdb.DuckDBPyConnection, *, again: bool = False
     create_views(view.catalog, con, ("macros.sql",))
 
 
-def follow(store: "Store", con: duckdb.DuckDBPyConnection, *, checked: bool) -> None:
+def follow(store: SqlHost, con: duckdb.DuckDBPyConnection, *, checked: bool) -> None:
     """Move ``con`` to the latest commits (views, macros and functions re-created)."""
     base = store.catalog.latest
     base.reload_config()
@@ -115,8 +114,9 @@ def follow(store: "Store", con: duckdb.DuckDBPyConnection, *, checked: bool) -> 
     attach(view, con, again=True)
 
 
-def connection_state(store: "Store") -> tuple:
+def connection_state(store: SqlHost) -> tuple:
     """What a connection was built from: config, dataset versions, registered functions."""
+    register_builtins()
     cat = store.catalog.latest
     return (cat.config_stamp(), tuple(sorted(snapshot(cat).items())), generation())
 
@@ -152,7 +152,7 @@ class SqlSession:
     (a script's line offset) are numbered from the start of the script.
     """
 
-    def __init__(self, store: "Store", params: dict[str, Any] | None = None):
+    def __init__(self, store: SqlHost, params: dict[str, Any] | None = None):
         self.store = store
         self.params = dict(params or {})
         self._state = connection_state(store)

@@ -34,6 +34,7 @@ from .semcache import encoder_info, snapshot
 from .session import connection_state, follow, id_type_hint, open_connection
 from .storage import Storage, open_storage
 from .views import check_item_text
+from .window import DEFAULT_SINCE
 
 __all__ = ["connect", "init", "Store"]
 
@@ -369,8 +370,11 @@ class Store:
         with cat.writing("delete"), cat.lock(f"ingest-{kind}" if kind in TABLES else "ingest"):
             return delete_rows(cat, kind, where, dry_run=dry_run)
 
-    def configure(self, **changes: Any) -> StoreConfig:
-        """Change labelling rules, the item document or the encoder.
+    def configure(self, *, positive: str | None = None, negative: str | None = None, item_text: str | None = None,
+                  behaviour_summary: bool | None = None, model: str | None = None, max_length: int | None = None,
+                  precision: str | None = None, index_min_items: int | None = None,
+                  compact_fragments: int | None = None, retain_seconds: int | None = None) -> StoreConfig:
+        """Change labelling rules, the item document or the encoder (None leaves a setting as it is).
 
         Examples
         --------
@@ -379,11 +383,9 @@ class Store:
         >>> store.configure(positive="value >= 4").positive
         'value >= 4'
         """
+        changes = {k: v for k, v in locals().items() if k in SETTABLE and v is not None}
         cat = self.catalog.latest
         cat.require_writable("change the config")
-        unknown = set(changes) - SETTABLE
-        if unknown:
-            raise ConfigError(f"unknown setting {sorted(unknown)[0]!r}; settable: {', '.join(sorted(SETTABLE))}")
         if changes.get("precision") is not None:
             changes["precision"] = check_precision(changes["precision"])
         with cat.writing("config"), cat.lock("config"):
@@ -468,14 +470,21 @@ class Store:
         view = self.catalog if self.catalog.is_pinned else self.catalog.pinned()  # one snapshot per call
         return recommend(view, user_id, k, version=version, candidates=candidates, exact=exact)
 
-    def refresh(self, **options: Any) -> RefreshResult:
-        """Retrain from recent positives and negatives; see :func:`dynstore.refresh.refresh`."""
-        from .refresh import refresh
+    def refresh(self, *, since: str | None = DEFAULT_SINCE, epochs: int | None = None, promote: bool = True,
+                finetune_encoder: bool = False, finetune_steps: int | None = None, seed: int = 0,
+                progress: bool = False, device: str | None = None, tolerance: float | None = None,
+                use_negatives: bool = True, force: bool = False, refit: bool = True) -> RefreshResult:
+        """Retrain from recent positives and negatives; the arguments are the fields of
+        :class:`~dynstore.refresh.RefreshOptions` (``tolerance=None``: its default; see
+        :func:`dynstore.refresh.refresh`)."""
+        from .refresh import REFRESH_FIELDS, RefreshOptions, refresh  # the write path: imported when used
 
+        given = {k: v for k, v in locals().items() if k in REFRESH_FIELDS}
+        options = RefreshOptions(**{k: v for k, v in given.items() if not (k == "tolerance" and v is None)})
         cat = self.catalog.latest
         cat.require_writable("refresh")
         with cat.writing("refresh"), cat.lock("refresh"):
-            return refresh(cat, **options)
+            return refresh(cat, options)
 
     def log_impressions(self, user_id: Any, items: Iterable[Any]) -> int:
         """Record that ``items`` were shown to ``user_id`` (see :mod:`dynstore.feedback`)."""

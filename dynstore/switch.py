@@ -13,7 +13,8 @@ version that makes it real (``switch_version``) and the model it replaces
   one; it never writes;
 * the writer clears the pending switch right after its registry commit, and
   every registry writer settles a leftover one (a crash in between) before it
-  commits anything (:func:`settle`).
+  commits anything (:func:`dynstore.versions.settle_switch`, beside the
+  version writes that need it: this module stays below the catalog).
 
 So a ``kill -9`` at any point leaves registry and config agreeing.
 
@@ -30,10 +31,9 @@ from dataclasses import replace
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from .catalog import Catalog
     from .storage import Storage
 
-__all__ = ["resolve", "effective", "begin", "settle", "settle_keeping"]
+__all__ = ["resolve", "effective"]
 
 
 def resolve(cfg, current: int | None):
@@ -60,42 +60,3 @@ def _current(storage: "Storage") -> int | None:
 def effective(storage: "Storage", cfg):
     """The config a store in ``storage`` runs with: a pending switch resolved (readers: in memory)."""
     return resolve(cfg, _current(storage)) if cfg.switch_version else cfg
-
-
-def begin(catalog: "Catalog", version: int, model: str, identity: tuple | None = None) -> None:
-    """Write ``model`` into the config, pending until ``version`` is the registry's current one.
-
-    ``identity`` is the new encoder's ``(id, dim, fingerprint)``, recorded with it
-    so readers need not hash its files.
-    """
-    with catalog.lock("config", wait=30):
-        disk = catalog.load_config()
-        old = effective(catalog.storage, disk).model
-        disk.switch_version, disk.switch_from, disk.model = int(version), old, model
-        if identity is not None:
-            disk.encoder_id, disk.encoder_dim, disk.encoder_fingerprint = identity[0], int(identity[1]), identity[2]
-        catalog.save_config(disk)
-
-
-def settle(catalog: "Catalog") -> None:
-    """Clear a pending switch in the config file by what the registry says (writers only)."""
-    if catalog.read_only:
-        return
-    disk = catalog.load_config()
-    if not disk.switch_version:
-        return
-    with catalog.lock("config", wait=30):
-        disk = catalog.load_config()
-        if disk.switch_version:
-            catalog.save_config(effective(catalog.storage, disk))
-    catalog.reload_config()
-
-
-def settle_keeping(catalog: "Catalog") -> None:
-    """:func:`settle`, keeping the in-memory encoder of a refresh that is trying a
-    fine-tuned one (``store.config.model`` set by the refresh, not by the file)."""
-    if catalog.read_only or not catalog.load_config().switch_version:
-        return
-    model = catalog.config.model
-    settle(catalog)
-    catalog.config.model = model

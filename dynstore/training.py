@@ -429,6 +429,12 @@ class Trainer:
             idx = self.index(idx)
         return x.index_select(0, idx) if self.dev.type == "cpu" else x[idx]
 
+    def padded_residuals(self):
+        """``(R, rb)`` of the warm items with a zero row appended: the row of every cold item."""
+        torch = attempt_import("torch")
+        return (torch.cat([self.R, torch.zeros(1, self.d, device=self.dev)]),
+                torch.cat([self.rb, torch.zeros(1, device=self.dev)]))
+
     def item_terms(self, Rx, rbx, items: np.ndarray, feats: np.ndarray | None,
                    drop: np.ndarray | None = None):
         """Fused vectors and biases of ``items``, with their dynamic features ``feats``
@@ -526,11 +532,9 @@ class Trainer:
     def batch(self, bags: np.ndarray, dr: "Draw | None" = None) -> Batch:
         """User vectors, targets and a sampled pool of ``bags`` (from :meth:`draw`, made
         here when not given)."""
-        torch = attempt_import("torch")
         cfg, B = self.cfg, self.bags
         dr = self.draw(bags) if dr is None else dr
-        Rx = torch.cat([self.R, torch.zeros(1, self.d, device=self.dev)])
-        rbx = torch.cat([self.rb, torch.zeros(1, device=self.dev)])
+        Rx, rbx = self.padded_residuals()
         X, X0 = self.user_terms(Rx, bags)
         wt, bt = self.item_terms(Rx, rbx, dr.items, dr.f_items, dr.drop)
         label, weight = B.label[dr.e_idx], B.weight[dr.e_idx]

@@ -76,7 +76,7 @@ def build_version(catalog: Catalog, model, item_spec, user_spec, *, parent: int 
     items = items if items is not None else items_table(catalog)
     enc_id, dim = encoder_info(catalog)
     with catalog.lock("versions", wait=30):
-        switch.settle_keeping(catalog)
+        settle_switch_keeping(catalog)
         number = next_version(catalog)
         tensors = _write_parameters(catalog, number, model, item_spec, user_spec, enc_id)
         _write_rows(catalog, number, model, item_spec, items, residuals)
@@ -158,10 +158,10 @@ def _commit_registry(catalog: Catalog, rows: list[dict], number: int, new_encode
         cfg = catalog.config
         fp = encoder_fingerprint(cfg.encoder_spec(catalog.storage.local_dir("")), max_length=cfg.max_length,
                                  precision=cfg.precision)
-        switch.begin(catalog, number, cfg.model, (*new_encoder, fp))
+        begin_switch(catalog, number, cfg.model, (*new_encoder, fp))
     write_registry(catalog, rows)
     if new_encoder is not None:
-        _after_commit(switch.settle, catalog)
+        _after_commit(settle_switch, catalog)
     maybe_compact(catalog, "embeddings")
     maybe_compact(catalog, "versions")
 
@@ -208,7 +208,7 @@ def rollback(catalog: Catalog, version: int) -> RollbackResult:
     ``"warning"`` saying so.
     """
     with catalog.lock("versions", wait=30):
-        switch.settle_keeping(catalog)
+        settle_switch_keeping(catalog)
         rows = registry_table(catalog).to_pylist()
         target = next((r for r in rows if r["version"] == version), None)
         if target is None:
@@ -222,7 +222,7 @@ def rollback(catalog: Catalog, version: int) -> RollbackResult:
         switched = _restore_encoder(catalog, version)
         write_registry(catalog, rows)
         if switched:
-            _after_commit(switch.settle, catalog)
+            _after_commit(settle_switch, catalog)
     if switched:
         _after_commit(record_encoder, catalog)
     out = {"version": version, "previous": previous, "status": "current", "verdict": target["verdict"]}
@@ -246,7 +246,7 @@ def _restore_encoder(catalog: Catalog, version: int) -> bool:
     except (OSError, ValueError):
         model = None  # a damaged version file: load_version says so when it is served
     if model and model != catalog.config.model:
-        switch.begin(catalog, version, model)
+        begin_switch(catalog, version, model)
         return True
     return False
 
@@ -279,7 +279,7 @@ def load_version(catalog: Catalog, version: int | None = None) -> LoadedVersion:
             raise VersionNotFound(f"{catalog.path}: no embedding version yet; run `dynstore encode` first")
     emb = catalog.dataset("embeddings")
     key = (int(version), emb.version if emb is not None else 0)
-    cache = catalog.memo.versions
+    cache = catalog.memo.setdefault("versions", dict)
     if key in cache:
         return cache[key]
     row = next((r for r in list_versions(catalog) if r["version"] == version), None)
@@ -392,3 +392,44 @@ def _read_version(catalog: Catalog, version: int, emb) -> LoadedVersion:
     return LoadedVersion(version=int(version), model=model, item_spec=item_spec, user_spec=user_spec,
                          ids=ids, row={i: n for n, i in enumerate(ids)}, Wf=Wf,
                          bias=t.column("bias").to_numpy().astype(np.float32))
+
+
+# The encoder switch's writes (dynstore/switch.py explains the protocol).
+
+def begin_switch(catalog: Catalog, version: int, model: str, identity: tuple | None = None) -> None:
+    """Write ``model`` into the config, pending until ``version`` is the registry's current one.
+
+    ``identity`` is the new encoder's ``(id, dim, fingerprint)``, recorded with it
+    so readers need not hash its files.
+    """
+    with catalog.lock("config", wait=30):
+        disk = catalog.load_config()
+        old = switch.effective(catalog.storage, disk).model
+        disk.switch_version, disk.switch_from, disk.model = int(version), old, model
+        if identity is not None:
+            disk.encoder_id, disk.encoder_dim, disk.encoder_fingerprint = identity[0], int(identity[1]), identity[2]
+        catalog.save_config(disk)
+
+
+def settle_switch(catalog: Catalog) -> None:
+    """Clear a pending switch in the config file by what the registry says (writers only)."""
+    if catalog.read_only:
+        return
+    disk = catalog.load_config()
+    if not disk.switch_version:
+        return
+    with catalog.lock("config", wait=30):
+        disk = catalog.load_config()
+        if disk.switch_version:
+            catalog.save_config(switch.effective(catalog.storage, disk))
+    catalog.reload_config()
+
+
+def settle_switch_keeping(catalog: Catalog) -> None:
+    """:func:`settle_switch`, keeping the in-memory encoder of a refresh that is trying a
+    fine-tuned one (``store.config.model`` set by the refresh, not by the file)."""
+    if catalog.read_only or not catalog.load_config().switch_version:
+        return
+    model = catalog.config.model
+    settle_switch(catalog)
+    catalog.config.model = model

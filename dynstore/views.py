@@ -15,9 +15,9 @@ import pyarrow as pa
 from .catalog import TABLES, Catalog
 from .documents import item_document_sql
 from .errors import ConfigError, first_line
-from .registry import register_versions
+from .registry import embedding_schema, registry_table
 from .rules import label_sql
-from .semcache import register_cache
+from .semcache import encoder_info, register_cache
 from .sqltext import lit, sql_text, statements
 
 __all__ = ["attach_views", "create_views", "new_connection", "views_connection", "check_item_text",
@@ -144,3 +144,16 @@ def check_item_text(catalog: Catalog) -> None:
         raise ConfigError(f"--item-text {expr!r} is not a valid expression over item columns: {first}") from None
     finally:
         con.close()
+
+
+def register_versions(catalog: Catalog, con) -> None:
+    """Expose the registry and embeddings to SQL (empty until the first version)."""
+    ds = catalog.dataset("versions")
+    if ds is None or "verdict" not in ds.schema.names:
+        con.register("_dynstore_versions", registry_table(catalog))  # tiny; fills in verdicts of old registries
+    else:
+        con.register("_dynstore_versions", ds)
+    emb = catalog.dataset("embeddings")
+    if emb is None:
+        emb = embedding_schema(catalog, encoder_info(catalog)[1]).empty_table()
+    con.register("_dynstore_embeddings", emb)

@@ -57,7 +57,7 @@ def _weights(path):
 
 
 def test_finetune_trains_last_layers_and_lowers_the_loss(bert_store, tiny_bert, tmp_path):
-    from dynstore.encoders import finetune_encoder
+    from dynstore.encoders.finetune import finetune_encoder
     from dynstore.window import WindowData
     from dynstore.semantic import item_docs
     from dynstore.semcache import store_encoder

@@ -550,3 +550,28 @@ def test_weighted_bag_sum_adds_each_bag_left_to_right(seed, longest, chunk, wtyp
     got = weighted_bag_sum(W, items, w, bag, n_bags, chunk)
     assert got.dtype == np.float32 and got.shape == (n_bags, d)
     assert got.tobytes() == want.tobytes()
+
+
+def test_training_and_serving_compute_the_same_item_terms(problem):
+    """The trainer (torch) and serving (numpy, ``FusionModel.item_side`` and
+    ``dynamic_bias``) compute the item side of one score equation: the fused vectors,
+    the static bias with residuals, and the dynamic bias agree to float tolerance for a
+    trained model with dynamic and segment terms."""
+    from dynstore import training
+    from dynstore.dynamics import DynamicSpec
+
+    data = _small(problem)
+    data.UK = (np.arange(data.UA.shape[0]) % 3)[:, None]
+    m = FusionModel(D, data.A.shape[1], data.UA.shape[1], ModelConfig(epochs=2, seed=5, **SMALL),
+                    DynamicSpec(), (3,))
+    m.fit(data)
+    assert np.abs(m.params["theta"]).sum() > 0 and np.abs(m.residuals[1]).sum() > 0
+    act = m.activity_of(data)
+    t = training.Trainer(m, data, act, init_residuals=m.residuals)
+    n = data.V.shape[0]
+    feats = act.items.features(np.arange(n), act.now())
+    w_t, b_t = t.item_terms(*t.padded_residuals(), np.arange(n), feats)
+    Wf, bias = m.item_side(data.V, data.A, m.residuals)
+    bias = bias + m.dynamic_bias(feats)
+    np.testing.assert_allclose(w_t.detach().numpy(), Wf, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(b_t.detach().numpy(), bias, rtol=1e-5, atol=1e-5)

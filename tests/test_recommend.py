@@ -296,3 +296,26 @@ def test_low_precision_prefilter_gives_the_exact_lists(encoded, monkeypatch, sca
     matrix = rec.serving_state(encoded.catalog).prefilter.get("matrix")
     assert isinstance(matrix, QuantMatrix if scan == "int8" else LowMatrix)
     assert sum(c.size < 20 for c in narrowed) > len(users)  # it did narrow, and was still exact
+
+
+def test_examples_score_like_a_user_with_that_history(encoded, monkeypatch):
+    """recommend_from_examples runs the full score equation: a new user with no attributes
+    whose only events are those examples (at time 0) gets the same list and scores, with
+    every per-user term (here a stand-in item-item term that favours every seventh item)."""
+    import datetime as dt
+
+    from dynstore.model import FusionModel
+
+    def item_item(self, ptr, items, labels, n_items):
+        return np.tile(np.where(np.arange(n_items) % 7 == 0, 3.0, 0.0), (len(ptr) - 1, 1)).astype(np.float32)
+
+    monkeypatch.setattr(FusionModel, "item_item_bias", item_item)
+
+    pos = [1, 2, 3]
+    encoded.ingest("interactions", pl.DataFrame({
+        "user_id": [990_001] * 3, "item_id": pos, "ts": [dt.datetime(1970, 1, 1)] * 3,
+        "event": ["purchase"] * 3, "value": [1.0] * 3}))
+    as_user = encoded.recommend(990_001, 8)
+    from_examples = encoded.sql(f"SELECT recommend_from_examples({pos}, [], 8)").fetchall()[0][0]
+    assert ids_of(as_user) == [r["item_id"] for r in from_examples]
+    assert np.allclose([r["score"] for r in as_user], [r["score"] for r in from_examples], rtol=1e-6)

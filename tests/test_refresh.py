@@ -363,3 +363,17 @@ def test_eval_since_reads_only_the_window(encoded, runner):
     assert r.exit_code == 0 and "of the interactions since 14d" in r.output
     r = runner.invoke(main, ["eval", str(encoded.path), "--since", "last week"])
     assert r.exit_code == 1 and r.output.count("\n") == 1 and "--since 'last week'" in r.output
+
+
+def test_store_methods_name_every_option_explicitly():
+    """Store.refresh and Store.configure take explicit keyword arguments that match what
+    refresh and the config accept: a new option cannot be forgotten in the façade."""
+    import inspect
+
+    from dynstore.refresh import REFRESH_FIELDS
+    from dynstore.store import SETTABLE, Store
+
+    for method, names in ((Store.refresh, REFRESH_FIELDS), (Store.configure, SETTABLE)):
+        params = inspect.signature(method).parameters
+        assert all(p.kind is inspect.Parameter.KEYWORD_ONLY for n, p in params.items() if n != "self")
+        assert set(params) - {"self"} == set(names)

@@ -128,9 +128,6 @@ def test_duckdb_plans_lance_scans_with_their_row_counts(store):
     """A join builds its hash table on the small side: the scan reports the dataset's rows."""
     import re
 
-    import pytest
-
-    pytest.importorskip("duckdb._sources.pyarrow")
     store.ingest("items", pl.DataFrame({"item_id": list(range(5)), "category": ["a", "b", "a", "c", "b"]}))
     store.ingest("interactions", _rows(300, ["click", "view"]))
     store.delete("interactions", "value < 10")  # a deletion counts too
@@ -141,3 +138,11 @@ def test_duckdb_plans_lance_scans_with_their_row_counts(store):
     assert {290, 5} <= estimates, plan
     got = con.sql("SELECT category, count(*) FROM interactions JOIN items USING (item_id) GROUP BY 1 ORDER BY 1")
     assert got.fetchall() == [("a", 116), ("b", 116), ("c", 58)]
+
+
+def test_the_patched_third_party_names_are_where_the_patches_expect():
+    """Fails, not skips, when Lance or DuckDB moves a name dynstore patches (dynstore/lancescan.py)."""
+    from dynstore.lancescan import patch_targets
+
+    assert patch_targets() == {"lance.dataset._serialize_expression": True,
+                               "duckdb._sources.pyarrow.PyArrowDatasetSource.rows": True}

@@ -11,7 +11,8 @@ Three kinds of encoder are available through :func:`get_encoder`:
   encoder for tests and examples, which needs neither torch nor weights.
 
 Other encoders can be plugged in by name with :func:`register_encoder`;
-:func:`finetune_encoder` adapts a Hugging Face encoder to a store's feedback.
+:func:`dynstore.encoders.finetune.finetune_encoder` (imported on its own: it
+is the write path) adapts a Hugging Face encoder to a store's feedback.
 
 One module per job: ``base`` (the protocol and argument checks),
 ``device``, ``fake``, ``files`` (ids from a model directory's files),
@@ -77,6 +78,4 @@ __all__ = [
     "PRECISIONS",
     "check_precision",
     "check_batch_size",
-    "finetune_encoder",
-    "FINETUNE_LAYERS",
 ]
