@@ -265,7 +265,7 @@ class Repl:
             except DynstoreError as exc:
                 if isinstance(exc, StoreBusy) and not self.interactive:
                     raise  # a script ends with the busy store's own exit code (3)
-                click.echo(f"Error: {exc}", err=True)
+                click.echo(f"Error: {_damaged(self.session.store.path, exc) or exc}", err=True)
                 return False
             if result.creates:
                 self.created.append(result.creates)
@@ -363,3 +363,12 @@ def _dot_usage(cmd: str, arg: str) -> str:
     if cmd == ".timer":
         return ".timer on|off"
     return f"unknown command {cmd}; .help lists them"
+
+
+def _damaged(path, exc: BaseException):
+    """The store's damaged file behind a failed statement (a StoreCorrupt naming it and
+    the way out), or None when Lance reported no damage."""
+    from dynstore.catalog import find_damage
+    from dynstore.errors import StoreCorrupt
+
+    return None if isinstance(exc, StoreCorrupt) else find_damage(path, exc)

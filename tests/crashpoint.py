@@ -96,10 +96,13 @@ def _tune(tune: str | None) -> None:
     if tune == "promote":
         # judge every candidate good enough: a fine-tuned encoder is then always
         # promoted, and its switch always happens
-        import dynstore.store as store
+        import dataclasses
 
-        plain = store.refresh
-        store.refresh = lambda catalog, **options: plain(catalog, **{**options, "tolerance": 1e9})
+        import dynstore.refresh as refresh
+
+        plain = refresh.refresh
+        refresh.refresh = lambda catalog, opts=None: plain(
+            catalog, dataclasses.replace(opts or refresh.RefreshOptions(), tolerance=1e9))
 
 
 def run(request: dict) -> int:

@@ -151,9 +151,11 @@ def _huge(*_args, **_kwargs):
     (["score-all", "{path}"], "score_all", "-k"),
 ])
 def test_out_of_memory_names_the_setting_that_bounds_it(runner, copy, monkeypatch, command, function, setting):
-    import dynstore.store
+    import importlib
 
-    monkeypatch.setattr(dynstore.store, function, _huge)
+    # Store's write methods import their module when called: patch it there
+    module = importlib.import_module({"refresh": "dynstore.refresh", "score_all": "dynstore.batch"}[function])
+    monkeypatch.setattr(module, function, _huge)
     line = _one_line_error(_cli(runner, *[c.format(path=copy) for c in command]), "out of memory", setting)
     assert "nothing was committed" in line
 
@@ -178,14 +180,14 @@ def _duckdb_interrupt():
 @pytest.mark.parametrize("make", [_duckdb_interrupt, lambda: RuntimeError("Query interrupted")])
 def test_ctrl_c_in_a_deduplicating_ingest_exits_130(runner, copy, monkeypatch, shop_files, make):
     """What DuckDB turns a Ctrl-C into while ingest --dedupe runs its query: exit 130."""
-    import dynstore.store
+    import dynstore.ingest
 
     exc = make()
 
     def interrupted(*_args, **_kwargs):
         raise exc
 
-    monkeypatch.setattr(dynstore.store, "ingest", interrupted)
+    monkeypatch.setattr(dynstore.ingest, "ingest", interrupted)
     r = _cli(runner, "ingest", copy, "interactions", shop_files / "interactions.parquet", "--dedupe")
     assert r.exit_code == 130, (r.output, r.exception)
     assert r.output.strip() == "Interrupted"
