@@ -17,7 +17,6 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_quality as bq
 from dynstore.metrics import ndcg_per_user, top_k
-from dynstore.histories import build_histories
 
 variants = json.loads(sys.argv[1])
 ncuts = int(sys.argv[2]) if len(sys.argv) > 2 else 5
@@ -35,12 +34,7 @@ def seg_scores(S, sp):
     nu = int(max(sp.user.max(initial=0), sp.test_user.max(initial=0))) + 1
     ret = np.zeros(nu, bool); ret[pu] = True
     users = np.unique(sp.test_user)
-    ptr, seen, _, _ = build_histories(users, pu, pi, np.ones(pu.size, np.int8), np.zeros(pu.size, np.int64))
-    seen_l = [seen[ptr[i]:ptr[i+1]] for i in range(users.size)]
-    order = np.argsort(sp.test_user, kind="stable")
-    tu, ti = sp.test_user[order], sp.test_item[order]
-    lo, hi = np.searchsorted(tu, users, "left"), np.searchsorted(tu, users, "right")
-    rel = [np.unique(ti[a:b]) for a, b in zip(lo, hi)]
+    seen_l, rel = bq.seen_and_relevant(sp, users, pu, pi)
     cold = sp.cold
     rk = top_k(S, K, seen_l); Sc = S.copy(); Sc[:, ~cold] = -np.inf; rkc = top_k(Sc, K, seen_l)
     r = ret[users]

@@ -323,6 +323,18 @@ def temporal_split(events, n_items: int, frac: float = 0.8, cold_frac: float = 0
 
 
 # ------------------------------------------------------------------- evaluation
+def seen_and_relevant(split: Split, users: np.ndarray, pu: np.ndarray, pi: np.ndarray) -> tuple[list, list]:
+    """Per test user (``users``, sorted): the training positives a list leaves out, and the
+    test items that count as hits."""
+    ptr, seen, _, _ = build_histories(users, pu, pi, np.ones(pu.size, np.int8),
+                                      np.zeros(pu.size, np.int64))
+    seen_l = [seen[ptr[i]: ptr[i + 1]] for i in range(users.size)]
+    order = np.argsort(split.test_user, kind="stable")
+    tu, ti = split.test_user[order], split.test_item[order]
+    lo, hi = np.searchsorted(tu, users, "left"), np.searchsorted(tu, users, "right")
+    return seen_l, [np.unique(ti[a:b]) for a, b in zip(lo, hi)]
+
+
 def evaluate_scorer(score: Scorer, split: Split, n_items: int) -> dict:
     """Recall/NDCG@K per segment for one method."""
     pu, pi = split.positives()
@@ -331,13 +343,7 @@ def evaluate_scorer(score: Scorer, split: Split, n_items: int) -> dict:
     returning[pu] = True
     users = np.unique(split.test_user)
     S = score(users).astype(np.float64)
-    ptr, seen, _, _ = build_histories(users, pu, pi, np.ones(pu.size, np.int8),
-                                      np.zeros(pu.size, np.int64))
-    seen_l = [seen[ptr[i]: ptr[i + 1]] for i in range(users.size)]
-    order = np.argsort(split.test_user, kind="stable")
-    tu, ti = split.test_user[order], split.test_item[order]
-    lo, hi = np.searchsorted(tu, users, "left"), np.searchsorted(tu, users, "right")
-    rel_all = [np.unique(ti[a:b]) for a, b in zip(lo, hi)]
+    seen_l, rel_all = seen_and_relevant(split, users, pu, pi)
     cold = split.cold
     ranked = top_k(S, K, seen_l)
     Sc = S.copy()
