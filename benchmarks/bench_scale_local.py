@@ -12,6 +12,7 @@ Run (from the repository root)::
     python benchmarks/bench_scale_local.py                       # 100k, 300k, 1M events
     python benchmarks/bench_scale_local.py --sizes 100000:10000 3000000:50000
     python benchmarks/bench_scale_local.py --json OUT
+    python benchmarks/bench_scale_local.py --sizes 300000:20000 --hash   # bits of the served version
 
 A size is ``EVENTS[:ITEMS]`` (items default to the shop generator's interpolation).
 """
@@ -47,7 +48,17 @@ store.ingest("interactions", frames["interactions"])
 gen = time.perf_counter() - t
 t = time.perf_counter(); store.encode(); enc = time.perf_counter() - t
 t = time.perf_counter(); out = store.refresh(since="all"); ref = time.perf_counter() - t
-print(json.dumps({"events": frames["interactions"].height, "items": frames["items"].height,
+digest = None
+if len(sys.argv) > 3:  # --hash: the served version's bits, to compare two trees
+    import hashlib
+    h = hashlib.sha256()
+    for item, vec, bias in store.sql("SELECT item_id::VARCHAR, vector, bias FROM item_embeddings ORDER BY item_id").fetchall():
+        h.update(item.encode()); h.update(np.asarray(vec, dtype=np.float32).tobytes()); h.update(np.float32(bias).tobytes())
+    users = [r[0] for r in store.sql("SELECT DISTINCT user_id FROM interactions ORDER BY user_id LIMIT 50").fetchall()]
+    for u in users:
+        h.update(json.dumps(store.recommend(u, k=10), sort_keys=True, default=str).encode())
+    digest = h.hexdigest()
+print(json.dumps({"sha256": digest, "events": frames["interactions"].height, "items": frames["items"].height,
                   "users": frames["users"].height, "generate_ingest_s": round(gen, 1),
                   "encode_v1_s": round(enc, 1), "refresh_s": round(ref, 1),
                   "durations": out.durations, "status": out.status,
@@ -55,9 +66,10 @@ print(json.dumps({"events": frames["interactions"].height, "items": frames["item
 """
 
 
-def run(events: int, items: int) -> dict:
+def run(events: int, items: int, digest: bool = False) -> dict:
     env = dict(os.environ, LANCE_LOG="error")
-    proc = subprocess.run([sys.executable, "-c", CHILD, str(events), str(items)], capture_output=True,
+    proc = subprocess.run([sys.executable, "-c", CHILD, str(events), str(items)] + (["hash"] if digest else []),
+                          capture_output=True,
                           text=True, cwd=ROOT, env=env)
     if proc.returncode:
         raise SystemExit(f"size {events}:{items} failed:\n{proc.stderr[-2000:]}")
@@ -69,13 +81,15 @@ def main(argv=None) -> int:
     ap.add_argument("--sizes", nargs="*", default=["100000", "300000", "1000000"],
                     help="EVENTS[:ITEMS] per run (default: 100k, 300k, 1M events)")
     ap.add_argument("--json", help="write the rows here")
+    ap.add_argument("--hash", action="store_true",
+                    help="print a sha256 of each size's served vectors and 50 users' lists (to compare two trees)")
     args = ap.parse_args(argv)
     print(f"load average at start: {os.getloadavg()[0]:.2f}")
     rows = []
     for size in args.sizes:
         ev, _, it = size.partition(":")
         t = time.perf_counter()
-        r = run(int(ev), int(it or 0))
+        r = run(int(ev), int(it or 0), args.hash)
         r["wall_s"] = round(time.perf_counter() - t, 1)
         rows.append(r)
         d = r["durations"]
@@ -85,6 +99,8 @@ def main(argv=None) -> int:
               f"version 1 {r['encode_v1_s']:.1f} s, peak RSS {r['peak_rss_mb']:,} MB "
               f"({r['peak_rss_mb'] * 2**20 / (r['items'] * 384 * 4):.1f}x the item vectors), "
               f"load {os.getloadavg()[0]:.2f}", flush=True)
+        if args.hash:
+            print(f"  sha256 of the served version: {r['sha256']}", flush=True)
     print()
     print("| events | items | refresh | s per 1k events | eval share | version 1 | peak RSS |")
     print("|---|---|---|---|---|---|---|")
