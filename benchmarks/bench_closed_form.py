@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_quality as bq
-from dynstore.metrics import ndcg_per_user, top_k
+from dynstore.model.metrics import ndcg_per_user, top_k
 
 variants = json.loads(sys.argv[1])
 ncuts = int(sys.argv[2]) if len(sys.argv) > 2 else 5
@@ -55,7 +55,7 @@ for c in cuts:
     sp = bq.temporal_split(tuple(a[:end] for a in ev), cat.n_items, frac=c / (c + bq.ROLLING_SPAN))
     for v, params in variants.items():
         t0 = time.perf_counter(); st = {}
-        import dynstore.selection as sel
+        from dynstore.model import selection as sel
         params = dict(params); fb = params.pop("force_beta", None); fg = params.pop("force_gamma_step", None)
         orig_best = sel.best
         def forced(grid, z):

@@ -89,7 +89,7 @@ def product_documents(n: int, seed: int = 0) -> tuple[list[str], str]:
         return _synthetic(n, seed), "synthetic"
     cols = [c for c in ("title", "category", "brand", "tags", "description") if c in items.columns]
     rows = items.select(cols).rows()
-    # Same "name: value" lines, one per text column, as dynstore.documents.default_item_text.
+    # Same "name: value" lines, one per text column, as dynstore.data.documents.default_item_text.
     docs = ["\n".join(f"{c}: {v}" for c, v in zip(cols, row) if v) for row in rows]
     return docs, "dynstore.samples.shop"
 

@@ -81,9 +81,9 @@ def main() -> None:
     import lance
 
     import dynstore
-    from dynstore.recommend import serving_state, user_vectors
-    from dynstore.serving import row_starts
-    from dynstore.vindex import INDEX_PAD, build_index, create_vector_index, index_settings
+    from dynstore.serving.recommend import serving_state, user_vectors
+    from dynstore.serving.state import row_starts
+    from dynstore.versions.index import INDEX_PAD, build_index, create_vector_index, index_settings
 
     if not args.store.exists():
         build_store(args.store, args.build_items)

@@ -91,15 +91,15 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import peers  # noqa: E402  (the baselines a user would deploy)
-from dynstore.features import FeatureSpec
-from dynstore.metrics import ndcg_at_k, ndcg_per_user, recall_at_k, top_k
-from dynstore.model import (
+from dynstore.model.features import FeatureSpec
+from dynstore.model.metrics import ndcg_at_k, ndcg_per_user, recall_at_k, top_k
+from dynstore.model.fusion import (
     FusionModel,
     ModelConfig,
     TrainingData,
     build_histories,
 )
-from dynstore.window import time_decay_days
+from dynstore.versions.window import time_decay_days
 
 ROOT = Path(__file__).resolve().parents[1]
 K = 10
@@ -369,7 +369,7 @@ def evaluate_scorer(score: Scorer, split: Split, n_items: int) -> dict:
 
 def recall_per_user(ranked: np.ndarray, relevant: list, k: int) -> np.ndarray:
     """Recall@k of every user with at least one relevant item (row order), as
-    :func:`dynstore.metrics.ndcg_per_user` gives NDCG."""
+    :func:`dynstore.model.metrics.ndcg_per_user` gives NDCG."""
     out = [np.isin(rk[:k], r).sum() / r.size for rk, r in zip(np.asarray(ranked), relevant) if len(r)]
     return np.asarray(out, np.float64)
 
@@ -464,7 +464,7 @@ def fit_dynstore(split: Split, cat: Catalogue, params: dict | None = None,
     :class:`ModelConfig` fields; ``{"rule": True}`` scores the untrained rule, and
     ``{"segments": False}`` drops the user-segment term (ablations).
     """
-    from dynstore.dynamics import DynamicSpec, rule_half_life
+    from dynstore.model.dynamics import DynamicSpec, rule_half_life
 
     params = dict(params or {})
     only_rule = params.pop("rule", False)
@@ -538,7 +538,7 @@ def bench_store(path: Path, cat: Catalogue, data: StoreInput):
     user-attribute features that every later version inherits.
     """
     import dynstore
-    from dynstore.semcache import store_encoder, write_cache
+    from dynstore.encoders.cache import store_encoder, write_cache
 
     store = dynstore.init(path, **data.init)
     store.ingest("items", data.items)
@@ -554,7 +554,7 @@ def store_scorer(store, cat: Catalogue, version: int | None = None) -> Scorer:
     """Scores from the store's serving path (``version``, default the current one):
     user vectors from the user's attributes and ingested history, item vectors and
     biases of the version. Holds everything in memory, so the store may go."""
-    from dynstore.recommend import serving_state, user_logits
+    from dynstore.serving.recommend import serving_state, user_logits
 
     state = serving_state(store.catalog, version)
     col = np.array(state.ids, np.int64)  # store row -> benchmark item index
@@ -579,7 +579,7 @@ def online_effect(store, split: Split, n_users: int = 200, seed: int = SEED) -> 
     """
     import polars as pl
 
-    from dynstore.recommend import recommend_many, similar_items
+    from dynstore.serving.recommend import recommend_many, similar_items
 
     rng = np.random.default_rng(seed)
     pu, pi = split.positives()
@@ -697,7 +697,7 @@ def store_labels(frame) -> tuple[np.ndarray, str, str]:
     """Labels of every row by the store's *default* rules (evaluated by DuckDB)."""
     import duckdb
 
-    from dynstore.config import DEFAULT_NEGATIVE, DEFAULT_POSITIVE
+    from dynstore.storage.config import DEFAULT_NEGATIVE, DEFAULT_POSITIVE
 
     con = duckdb.connect()
     con.register("interactions", frame.with_row_index("_row").to_arrow())
@@ -711,7 +711,7 @@ def store_labels(frame) -> tuple[np.ndarray, str, str]:
 def shop_events(user, item, ts_us, label, impression) -> tuple[np.ndarray, np.ndarray]:
     """What ``refresh`` trains on, for one period of the log: ``(keep, label)``.
 
-    As in :mod:`dynstore.refresh`: an impression is a shown-but-ignored event
+    As in :mod:`dynstore.versions.refresh`: an impression is a shown-but-ignored event
     (label 0) unless the same user has a positive on the same item at or after it
     (then it is dropped: the positive says it all); other rows are kept when the
     rules give them a label. Applied per period, so no test event decides anything

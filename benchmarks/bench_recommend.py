@@ -114,13 +114,13 @@ def generated_store(path, n_items: int, n_users: int, rng, *, history: int = 10,
 
 def exact_and_index(args, build, work, rng, torch) -> None:
     """All users through SQL against numpy; single-user latency."""
-    from dynstore.recommend import serving_state
+    from dynstore.serving.recommend import serving_state
 
     store = build(work / "s", args.items, args.users, index_min_items=args.items + 1)  # exact path
     con = store.connection()
     con.sql("SELECT recommend(1, 10)").fetchall()  # loads the version once per process
 
-    from dynstore.recommend import score_terms
+    from dynstore.serving.recommend import score_terms
 
     # The baselines get the same matrices dynstore serves from.
     state = serving_state(store.catalog)
@@ -241,9 +241,9 @@ def exact_and_index(args, build, work, rng, torch) -> None:
 def precisions(args, build, work, torch, k: int = 10) -> None:
     """All users through ``all_items_lists`` at each precision, the GEMM alone, plain
     half-precision lists; interleaved rounds, lists compared with fp32."""
-    from dynstore import precision as P
-    from dynstore.batch import all_users
-    from dynstore.recommend import all_items_lists, score_terms, serving_state
+    from dynstore.serving import precision as P
+    from dynstore.serving.score_all import all_users
+    from dynstore.serving.recommend import all_items_lists, score_terms, serving_state
 
     store = build(work / "p", args.items, args.users, index_min_items=args.items + 1)
     state = serving_state(store.catalog)
@@ -307,7 +307,7 @@ def index_latency(args, build, work, rng) -> None:
     """One user through the vector index at ``--index-items`` against exact scoring."""
     p = lambda xs, q: 1000 * float(np.percentile(xs, q))  # noqa: E731
     big = build(work / "big", args.index_items, 2000, index_min_items=args.index_items)
-    from dynstore.recommend import serving_state as ss
+    from dynstore.serving.recommend import serving_state as ss
 
     assert ss(big.catalog).index is not None, "no vector index was built"
     lat_ix, lat_ex, recall = [], [], []
@@ -335,7 +335,7 @@ def commit_cost(args, work, rng) -> None:
     import polars as pl
 
     import dynstore
-    import dynstore.serving as serving
+    from dynstore.serving import state as serving
 
     n_users = max(1, args.commit_interactions // 20)
     store = dynstore.init(work / "c", model=f"fake:{args.dim}")

@@ -79,8 +79,8 @@ def fill_cache(store) -> None:
     MiniLM: the state right after ``encode``, at no cost."""
     import numpy as np
 
-    from dynstore.semantic import item_docs
-    from dynstore.semcache import encoder_info, write_cache
+    from dynstore.data.semantic import item_docs
+    from dynstore.encoders.cache import encoder_info, write_cache
 
     enc_id, dim = encoder_info(store.catalog)
     hashes = sorted({h for h, _ in item_docs(store.catalog).values()})

@@ -46,7 +46,7 @@ def _rss_mb() -> float:
 def reader(path: str, until: float, out: str, seed: int) -> None:
     """Loop queries on one SqlSession until ``until``; write stats as JSON to ``out``."""
     import dynstore
-    from dynstore.session import SqlSession
+    from dynstore.sql.session import SqlSession
 
     rng = random.Random(seed)
     lat: list[float] = []
@@ -164,7 +164,7 @@ def sample(path: Path) -> dict:
     """Fragments and versions per dataset, and bytes on disk."""
     import lance
 
-    from dynstore.compaction import dataset_stats
+    from dynstore.data.compaction import dataset_stats
 
     out = {"t": time.time(), "bytes": 0, "datasets": {}}
     for uri in [*sorted((path / "tables").glob("*.lance")), path / "embeddings.lance", path / "versions.lance",

@@ -16,9 +16,9 @@ from typing import TYPE_CHECKING
 
 import click
 
-from .options import (LazyHelpOption, StoreCommand, format_options, is_store, json_option, new_store_argument,
+from dynstore.cli.options import (LazyHelpOption, StoreCommand, format_options, is_store, json_option, new_store_argument,
                       output_format, quiet_option, show_progress, store_argument)
-from .output import key_values, render, to_json
+from dynstore.cli.output import key_values, render, to_json
 
 if TYPE_CHECKING:  # pragma: no cover
     from dynstore.results import RefreshResult
@@ -29,9 +29,9 @@ EXIT_USER, EXIT_USAGE, EXIT_BUSY, EXIT_INTERRUPTED = 1, 2, 3, 130
 KINDS = ("interactions", "items", "users")
 SIZES = ("tiny", "small", "medium", "large")  # dynstore.samples.shop.SIZES (not imported: numpy)
 PRECISIONS = ("auto", "fp32", "bf16", "fp16", "int8")  # dynstore.encoders.PRECISIONS (not imported: numpy)
-ENGINES = ("local", "ray")  # dynstore.rayengine.ENGINES (not imported: pyarrow)
-DEFAULT_SINCE = "30d"  # dynstore.window.DEFAULT_SINCE (not imported: numpy)
-SCORE_PRECISIONS = ("fp32", "fp16", "bf16")  # dynstore.precision.PRECISIONS (not imported: numpy)
+ENGINES = ("local", "ray")  # dynstore.engines.ray.ENGINES (not imported: pyarrow)
+DEFAULT_SINCE = "30d"  # dynstore.versions.window.DEFAULT_SINCE (not imported: numpy)
+SCORE_PRECISIONS = ("fp32", "fp16", "bf16")  # dynstore.serving.precision.PRECISIONS (not imported: numpy)
 ENGINE_HELP = ("Where the work runs: local (this process) or ray (a Ray actor pool; $RAY_ADDRESS names the "
                "cluster, else a local one starts; needs pip install 'dynstore[ray]').")
 WORKERS_HELP = "Ray actors (default: one per GPU, else per CPU, of the cluster); --engine ray only."
@@ -46,7 +46,7 @@ def handle_errors(fn):
     def wrapper(*args, **kwargs):
         from dynstore.errors import DynstoreError, StoreBusy
 
-        from .repl import Interrupted
+        from dynstore.cli.repl import Interrupted
 
         try:
             return fn(*args, **kwargs)
@@ -77,7 +77,7 @@ def handle_errors(fn):
             # column, say) is the user's to fix: one line, no traceback
             if not type(exc).__module__.lstrip("_").startswith("duckdb"):
                 raise
-            from dynstore.session import error_message
+            from dynstore.sql.session import error_message
 
             click.echo(f"Error: {error_message(exc)}", err=True)
             sys.exit(EXIT_USER)
@@ -121,7 +121,7 @@ def _interrupted(exc: BaseException) -> bool:
 
 def _damage(kwargs: dict, exc: BaseException):
     """The store's damaged file behind ``exc`` (a StoreCorrupt naming it), or None."""
-    from dynstore.catalog import find_damage
+    from dynstore.storage.catalog import find_damage
     from dynstore.errors import StoreCorrupt
 
     if isinstance(exc, StoreCorrupt) or "store" not in kwargs:
@@ -130,7 +130,7 @@ def _damage(kwargs: dict, exc: BaseException):
 
 
 def _open(store: str, *, read_only: bool = False):
-    from .startup import import_arrow_quickly
+    from dynstore.cli.startup import import_arrow_quickly
 
     import_arrow_quickly()
     import dynstore
@@ -510,10 +510,10 @@ def sql(store: str, query, files, params, keep_going, read_only, fmt, as_json, q
       printf 'SELECT 1;\\nSELECT 2;\\n' | dynstore sql shop
       dynstore sql shop            # interactive: .tables, .schema items, .mode csv, .timer on
     """
-    from dynstore.session import SqlSession
+    from dynstore.sql.session import SqlSession
 
-    from .output import setting
-    from .repl import Repl
+    from dynstore.cli.output import setting
+    from dynstore.cli.repl import Repl
 
     if query is not None and files:
         raise click.UsageError("give QUERY or -f FILE, not both")
@@ -684,7 +684,7 @@ def inspect(store: str, fmt, as_json, quiet):
 
 
 def _finetune_steps_help() -> str:
-    from dynstore.encoders import finetune as ft
+    from dynstore.model import finetune as ft
 
     return (f"Fine-tuning steps of {ft.BATCH} events [default: one pass over the positives, at most "
             f"{ft.MAX_STEPS_CPU} on a CPU, {ft.MAX_STEPS_GPU} on a GPU].")
@@ -786,7 +786,7 @@ def versions(store: str, fmt, as_json, quiet):
       dynstore versions shop --format markdown
       dynstore versions shop --json | jq '.[0].metrics'
     """
-    from dynstore.registry import choices, headline_metrics
+    from dynstore.storage.registry import choices, headline_metrics
 
     with _open(store, read_only=True) as s:
         rows = s.versions()

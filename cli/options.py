@@ -20,7 +20,7 @@ from typing import Callable
 
 import click
 
-from .output import FORMATS
+from dynstore.cli.output import FORMATS
 
 __all__ = ["StoreCommand", "default_store", "store_argument", "new_store_argument", "format_options", "json_option",
            "output_format", "quiet_option", "show_progress", "is_store", "LazyHelpOption"]
@@ -158,7 +158,7 @@ class LazyHelpOption(click.Option):
     """An option whose help text is computed when help is shown.
 
     Used where the text quotes constants of a module that is expensive to
-    import (``dynstore.encoders.finetune`` imports numpy), so ``--help`` stays fast.
+    import (``dynstore.model.finetune`` imports numpy), so ``--help`` stays fast.
     """
 
     def __init__(self, *args, lazy_help: Callable[[], str], **kwargs):

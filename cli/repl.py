@@ -25,7 +25,7 @@ from typing import IO, Iterable, Iterator
 
 import click
 
-from .output import FORMATS, render, terminal_width
+from dynstore.cli.output import FORMATS, render, terminal_width
 
 __all__ = ["run_interruptibly", "Interrupted", "Repl", "script_chunks", "stdin_is_terminal"]
 
@@ -126,7 +126,7 @@ def script_chunks(lines: Iterable[str]) -> Iterator[tuple[int, str]]:
 
 
 class Repl:
-    """The prompt, and scripts, over a :class:`~dynstore.session.SqlSession`.
+    """The prompt, and scripts, over a :class:`~dynstore.sql.session.SqlSession`.
 
     ``max_width`` (None: the terminal's width when stdout is one) fits tables;
     ``keep_going`` lets a script run past a failing statement.
@@ -368,7 +368,7 @@ def _dot_usage(cmd: str, arg: str) -> str:
 def _damaged(path, exc: BaseException):
     """The store's damaged file behind a failed statement (a StoreCorrupt naming it and
     the way out), or None when Lance reported no damage."""
-    from dynstore.catalog import find_damage
+    from dynstore.storage.catalog import find_damage
     from dynstore.errors import StoreCorrupt
 
     return None if isinstance(exc, StoreCorrupt) else find_damage(path, exc)

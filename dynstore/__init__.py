@@ -16,11 +16,11 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from .errors import DynstoreError, StoreBusy, VersionNotFound
+from dynstore.errors import DynstoreError, StoreBusy, VersionNotFound
 
 if TYPE_CHECKING:  # pragma: no cover
-    from .functions import register_sql_function, sql_function
-    from .store import Store, connect, init
+    from dynstore.sql.functions import register_sql_function, sql_function
+    from dynstore.store import Store, connect, init
 
 __version__ = "0.1.0"
 
@@ -28,7 +28,7 @@ __version__ = "0.1.0"
 # stays cheap: duckdb, Lance and Arrow load with the first store opened,
 # torch and transformers only when a statement needs a vector.
 _LAZY = {"connect": "dynstore.store", "init": "dynstore.store", "Store": "dynstore.store",
-         "sql_function": "dynstore.functions", "register_sql_function": "dynstore.functions"}
+         "sql_function": "dynstore.sql.functions", "register_sql_function": "dynstore.sql.functions"}
 
 
 def __getattr__(name: str):

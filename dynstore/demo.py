@@ -8,12 +8,12 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
-from .errors import ConfigError, StoreExists
-from .formatting import table
+from dynstore.errors import ConfigError, StoreExists
+from dynstore.formatting import table
 
 if TYPE_CHECKING:  # pragma: no cover
-    from .results import RefreshResult
-    from .store import Store
+    from dynstore.results import RefreshResult
+    from dynstore.store import Store
 
 __all__ = ["run_demo"]
 
@@ -70,7 +70,7 @@ def run_demo(directory: str | None = None, *, size: str = "small", model: str = 
     """
     from dynstore.samples import shop
 
-    from .store import init
+    from dynstore.store import init
 
     t0 = time.perf_counter()
     if size not in shop.SIZES:

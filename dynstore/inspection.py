@@ -7,13 +7,13 @@ and what a ``refresh`` would do now. Reads only; loads no encoder.
 from __future__ import annotations
 
 
-from .catalog import TABLES, Catalog
-from .errors import error_message
-from .freshness import refresh_plan
-from .registry import headline_metrics, list_versions
-from .semcache import cache_dataset, encoder_info
-from .views import views_connection
-from .window import DEFAULT_SINCE
+from dynstore.storage.catalog import TABLES, Catalog
+from dynstore.errors import error_message
+from dynstore.versions.freshness import refresh_plan
+from dynstore.storage.registry import headline_metrics, list_versions
+from dynstore.encoders.cache import cache_dataset, encoder_info
+from dynstore.data.views import views_connection
+from dynstore.versions.window import DEFAULT_SINCE
 
 __all__ = ["inspect_store"]
 

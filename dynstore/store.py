@@ -1,4 +1,4 @@
-"""The store: the public façade over a :class:`~dynstore.catalog.Catalog`.
+"""The store: the public façade over a :class:`~dynstore.storage.catalog.Catalog`.
 
 ``init`` creates a store directory, ``connect`` opens one; every method of
 :class:`Store` checks that it may write, takes the writer lock of its kind and
@@ -18,23 +18,23 @@ os.environ.setdefault("LANCE_LOG", "error")  # Lance warns on every first write
 
 import duckdb
 
-from .catalog import TABLES, Catalog, is_init_leftover, open_catalog, unfinished_init
-from .config import CONFIG_NAME, StoreConfig
-from .encoders import check_precision, encoder_fingerprint, get_encoder
-from .errors import ConfigError, SqlError, StoreExists
-from .feedback import IMPRESSIONS_WAIT, impressions_table
-from .functions import check_write_calls
-from .inspection import inspect_store
-from .recommend import recommend
-from .results import (CompactResult, DeleteResult, EncodeResult, IngestResult, RefreshResult, RollbackResult,
+from dynstore.storage.catalog import TABLES, Catalog, is_init_leftover, open_catalog, unfinished_init
+from dynstore.storage.config import CONFIG_NAME, StoreConfig
+from dynstore.encoders import check_precision, encoder_fingerprint, get_encoder
+from dynstore.errors import ConfigError, SqlError, StoreExists
+from dynstore.data.feedback import IMPRESSIONS_WAIT, impressions_table
+from dynstore.sql.functions import check_write_calls
+from dynstore.inspection import inspect_store
+from dynstore.serving.recommend import recommend
+from dynstore.results import (CompactResult, DeleteResult, EncodeResult, IngestResult, RefreshResult, RollbackResult,
                       ScoreAllResult)
-from .registry import list_versions
-from .rules import validate_rules
-from .semcache import encoder_info, snapshot
-from .session import connection_state, follow, id_type_hint, open_connection
-from .storage import Storage, open_storage
-from .views import check_item_text
-from .window import DEFAULT_SINCE
+from dynstore.storage.registry import list_versions
+from dynstore.data.rules import validate_rules
+from dynstore.encoders.cache import encoder_info, snapshot
+from dynstore.sql.session import connection_state, follow, id_type_hint, open_connection
+from dynstore.storage.backend import Storage, open_storage
+from dynstore.data.views import check_item_text
+from dynstore.versions.window import DEFAULT_SINCE
 
 __all__ = ["connect", "init", "Store"]
 
@@ -245,7 +245,7 @@ class Store:
         by itself) to see later writes. Write functions (``log_impressions``)
         are refused here, since DuckDB may optimise away a call whose result a
         query does not use; run them through :meth:`sql`, a
-        :class:`~dynstore.session.SqlSession` or ``dynstore sql``, which check
+        :class:`~dynstore.sql.session.SqlSession` or ``dynstore sql``, which check
         where the call stands.
 
         Examples
@@ -318,7 +318,7 @@ class Store:
         :class:`~dynstore.errors.IngestError` naming file, row and column.
         ``dedupe`` (interactions): ``True`` skips rows already stored (equal
         in every column), a column name or list compares only those (an
-        ``event_id``); see :func:`dynstore.ingest.ingest`. Interactions more
+        ``event_id``); see :func:`dynstore.data.ingest.ingest`. Interactions more
         than a day after the ingest are refused unless ``allow_future``;
         ``label`` and names starting with ``__`` are reserved (rename them
         with ``mapping``). A glob pattern (``"day-*.csv"``) names every match.
@@ -335,10 +335,10 @@ class Store:
 
     def _ingest(self, kind: str, sources: list, *, wait: float = 2.0, **options: Any) -> IngestResult:
         """:meth:`ingest` under the table's writer lock (waiting up to ``wait`` seconds);
-        a first ingest also under the ``ids`` lock (see :func:`dynstore.ingest.ids_fixed`).
+        a first ingest also under the ``ids`` lock (see :func:`dynstore.data.ingest.ids_fixed`).
         Nothing is locked after the commit: it succeeds whole or fails with nothing stored."""
-        from .compaction import maybe_compact
-        from .ingest import ids_fixed, ingest
+        from dynstore.data.compaction import maybe_compact
+        from dynstore.data.ingest import ids_fixed, ingest
 
         cat = self.catalog.latest
         cat.require_writable("ingest")
@@ -353,7 +353,7 @@ class Store:
         """Delete the rows of ``kind`` matching the SQL condition ``where``, in one commit.
 
         A deleted item is never recommended again (at once) and leaves the
-        next version; see :mod:`dynstore.delete`.
+        next version; see :mod:`dynstore.data.delete`.
 
         Examples
         --------
@@ -363,7 +363,7 @@ class Store:
         >>> store.delete("users", "region = 'north'").deleted
         1
         """
-        from .delete import delete_rows
+        from dynstore.data.delete import delete_rows
 
         cat = self.catalog.latest
         cat.require_writable("delete")
@@ -414,16 +414,16 @@ class Store:
     def encode(self, *, all: bool = False, batch_size: int = 64, device: str | None = None,
                progress: bool = False, precision: str | None = None, engine: str = "local",
                workers: int | None = None) -> EncodeResult:
-        """Encode stale items (or every item with ``all=True``); see :mod:`dynstore.semantic`.
+        """Encode stale items (or every item with ``all=True``); see :mod:`dynstore.data.semantic`.
 
         ``precision`` (e.g. ``"int8"``), when given, first becomes the store's
         encoder precision (as ``configure(precision=...)``): an int8 encoder
         has its own id and cache, so every item is stale for it once.
         ``engine="ray"`` encodes on a Ray actor pool of ``workers`` actors
-        (default: one per GPU, else per CPU, of the cluster); see :mod:`dynstore.rayengine`.
+        (default: one per GPU, else per CPU, of the cluster); see :mod:`dynstore.engines.ray`.
         """
-        from .bootstrap import ensure_first_version
-        from .semantic import encode
+        from dynstore.versions.bootstrap import ensure_first_version
+        from dynstore.data.semantic import encode
 
         cat = self.catalog.latest
         cat.require_writable("encode")
@@ -439,7 +439,7 @@ class Store:
     def score_all(self, k: int = 100, *, engine: str = "local", workers: int | None = None,
                   precision: str = "fp32") -> ScoreAllResult:
         """Write every user's top-``k`` of the current version to the ``batch_recommendations``
-        table (one overwrite commit); see :mod:`dynstore.batch`. ``engine="ray"`` scores
+        table (one overwrite commit); see :mod:`dynstore.serving.score_all`. ``engine="ray"`` scores
         batches of users on a Ray actor pool of ``workers`` actors. ``precision="fp16"`` /
         ``"bf16"`` runs the product in half precision as a prefilter rescored in float32
         (the same lists; faster only on hardware with a half-precision GEMM).
@@ -454,7 +454,7 @@ class Store:
         >>> store.score_all(k=1).rows
         1
         """
-        from .batch import score_all
+        from dynstore.serving.score_all import score_all
 
         cat = self.catalog.latest
         cat.require_writable("score all users")
@@ -475,9 +475,9 @@ class Store:
                 progress: bool = False, device: str | None = None, tolerance: float | None = None,
                 use_negatives: bool = True, force: bool = False, refit: bool = True) -> RefreshResult:
         """Retrain from recent positives and negatives; the arguments are the fields of
-        :class:`~dynstore.refresh.RefreshOptions` (``tolerance=None``: its default; see
-        :func:`dynstore.refresh.refresh`)."""
-        from .refresh import REFRESH_FIELDS, RefreshOptions, refresh  # the write path: imported when used
+        :class:`~dynstore.versions.refresh.RefreshOptions` (``tolerance=None``: its default; see
+        :func:`dynstore.versions.refresh.refresh`)."""
+        from dynstore.versions.refresh import REFRESH_FIELDS, RefreshOptions, refresh  # the write path: imported when used
 
         given = {k: v for k, v in locals().items() if k in REFRESH_FIELDS}
         options = RefreshOptions(**{k: v for k, v in given.items() if not (k == "tolerance" and v is None)})
@@ -487,7 +487,7 @@ class Store:
             return refresh(cat, options)
 
     def log_impressions(self, user_id: Any, items: Iterable[Any]) -> int:
-        """Record that ``items`` were shown to ``user_id`` (see :mod:`dynstore.feedback`)."""
+        """Record that ``items`` were shown to ``user_id`` (see :mod:`dynstore.data.feedback`)."""
         self.catalog.require_writable("log impressions")
         table = impressions_table(user_id, list(items))
         if table.num_rows:
@@ -498,7 +498,7 @@ class Store:
     def compact(self, *, retain_seconds: float | None = None) -> CompactResult:
         """Merge small fragments, drop dataset versions superseded more than
         ``retain_seconds`` ago (config default: an hour) and orphans of killed
-        refreshes; see :mod:`dynstore.compaction`.
+        refreshes; see :mod:`dynstore.data.compaction`.
 
         Examples
         --------
@@ -506,7 +506,7 @@ class Store:
         >>> sorted(dynstore.init(tempfile.mkdtemp() + "/s", model="fake").compact().to_dict())
         ['bytes', 'datasets', 'encoders_removed', 'kept', 'orphans', 'reclaimed', 'retain_seconds', 'skipped']
         """
-        from .compaction import compact
+        from dynstore.data.compaction import compact
 
         cat = self.catalog.latest
         cat.require_writable("compact")
@@ -524,7 +524,7 @@ class Store:
 
     def rollback(self, version: int) -> RollbackResult:
         """Make an older version ``current`` again."""
-        from .versions import rollback
+        from dynstore.versions.embeddings import rollback
 
         cat = self.catalog.latest
         cat.require_writable("roll back")
@@ -534,8 +534,8 @@ class Store:
     def evaluate(self, *, version: int | None = None, k: int = 10, since: str | None = None) -> dict:
         """Recall@k, NDCG@k and AUC of ``version`` (default: current) on the newest 10% of
         all interactions (of the ``since`` window, e.g. ``"30d"``: only it is read), with the
-        ``"slice"`` judged; see :func:`dynstore.holdout.evaluate_version`."""
-        from .holdout import evaluate_version
+        ``"slice"`` judged; see :func:`dynstore.versions.holdout.evaluate_version`."""
+        from dynstore.versions.holdout import evaluate_version
 
         view = self.catalog if self.catalog.is_pinned else self.catalog.pinned()
         return evaluate_version(view, version=version, k=k, since=since)

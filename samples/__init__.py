@@ -19,14 +19,14 @@ from typing import TYPE_CHECKING
 __all__ = ["generate", "write"]
 
 if TYPE_CHECKING:
-    from .shop import generate, write
+    from dynstore.samples.shop import generate, write
 
 
 def __getattr__(name: str):
     # lazy re-export: importing .shop eagerly here would make
     # ``python -m dynstore.samples.shop`` warn about a double import
     if name in __all__:
-        from . import shop
+        from dynstore.samples import shop
 
         return getattr(shop, name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -86,7 +86,7 @@ def hold_lock():
     def hold(path, kind):
         code = (
             "import pathlib, time\n"
-            "from dynstore.lock import writer_lock\n"
+            "from dynstore.storage.locks import writer_lock\n"
             f"with writer_lock(pathlib.Path({str(path)!r}), {kind!r}):\n"
             "    print('held', flush=True)\n"
             "    time.sleep(60)\n"

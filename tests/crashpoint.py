@@ -98,7 +98,7 @@ def _tune(tune: str | None) -> None:
         # promoted, and its switch always happens
         import dataclasses
 
-        import dynstore.refresh as refresh
+        from dynstore.versions import refresh
 
         plain = refresh.refresh
         refresh.refresh = lambda catalog, opts=None: plain(
@@ -147,8 +147,8 @@ def serve() -> None:
 
     import dynstore.cli  # noqa: F401
     import dynstore.encoders  # noqa: F401
-    import dynstore.model  # noqa: F401
-    import dynstore.training  # noqa: F401
+    import dynstore.model.fusion  # noqa: F401
+    import dynstore.model.training  # noqa: F401
     # not dynstore.store: it imports pyarrow, whose import starts a thread
 
     out = sys.stdout

@@ -46,9 +46,9 @@ def check_store(path, *, users=(1, 2, 3), new_encoder: bool = False) -> dict:
     """Assert the store at ``path`` is whole; return a summary (counts, current version).
     ``new_encoder``: `config --model` changed the encoder; the current version may be
     one of the old encoder (it is served until a version of the new one exists)."""
-    from dynstore.semcache import encoder_info
-    from dynstore.registry import list_versions
-    from dynstore.versions import load_version
+    from dynstore.encoders.cache import encoder_info
+    from dynstore.storage.registry import list_versions
+    from dynstore.versions.embeddings import load_version
 
     with dynstore.connect(path) as s:
         assert not getattr(s.config, "switch_version", 0), "an encoder switch is left pending after resolution"

@@ -1,7 +1,10 @@
-"""The house rules of the code, checked by reading it (issue 12).
+"""The house rules of the code, checked by reading it (issues 12 and 25).
 
 * no import cycle between dynstore's modules (every ``import`` statement
-  counts, those inside functions too, so the graph cannot hide one);
+  counts, those inside functions and under ``if TYPE_CHECKING:`` too, so the
+  graph cannot hide one);
+* arrows between the wings point down only (:data:`WINGS`), and the top level
+  holds at most :data:`MAX_TOP_LEVEL` modules;
 * no module reaches another's private names (``from .x import _y``,
   ``obj._y`` on anything but ``self``/``cls``);
 * no function takes an untyped ``store`` or ``catalog``;
@@ -17,13 +20,22 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = ROOT / "dynstore"
-SOURCES = sorted(PACKAGE.rglob("*.py")) + sorted((ROOT / "cli").rglob("*.py"))
+SQL = ROOT / "sql"  # installed as dynstore.sql: the SQL wing
+LIBRARY = sorted(PACKAGE.rglob("*.py")) + sorted(SQL.rglob("*.py"))
+SOURCES = LIBRARY + sorted((ROOT / "cli").rglob("*.py"))
+
+#: The wings, bottom first: a module may import its own wing, the wings below
+#: it and the top-level helpers (:data:`HELPERS`); nothing above.
+WINGS = ["storage", "engines", "encoders", "data", "model", "versions", "serving", "sql"]
+#: Top-level modules every wing may use: they import no wing themselves.
+HELPERS = {"errors", "lazy", "memory", "formatting", "results", "sqltext"}
+MAX_TOP_LEVEL = 12
 
 #: ``name._attr`` uses that reach into a *third-party* library on purpose,
 #: each guarded by a test that fails when the library changes.
 THIRD_PARTY_PRIVATE = {
     # DuckDB's Arrow scan of a Lance dataset: filter push-down on dictionary
-    # columns and row estimates (dynstore/lancescan.py explains both)
+    # columns and row estimates (dynstore/storage/lancescan.py explains both)
     ("lancescan.py", "duckdb._sources"),
     ("lancescan.py", "module._serialize_expression"),
     ("lancescan.py", "serialize._dynstore"),
@@ -40,8 +52,8 @@ LONG: dict[str, str] = {}
 def _module_name(path: Path) -> str:
     rel = path.relative_to(ROOT)
     parts = list(rel.with_suffix("").parts)
-    if parts[0] == "cli":
-        parts = ["dynstore", "cli"] + parts[1:]
+    if parts[0] in ("cli", "sql"):
+        parts = ["dynstore", parts[0]] + parts[1:]
     if parts[-1] == "__init__":
         parts = parts[:-1]
     return ".".join(parts)
@@ -61,24 +73,21 @@ def _resolve(module: str, is_package: bool, node: ast.ImportFrom) -> list[str]:
     return ([] if node.module is None else [target]) + subs
 
 
-def _runtime_imports(tree: ast.AST):
-    """Import statements that run: those under ``if TYPE_CHECKING:`` only name types."""
-    skip: set[int] = set()
+def _imports(tree: ast.AST):
+    """Every import statement, type-only ones (``if TYPE_CHECKING:``) included:
+    a type names a dependency as much as a call does."""
     for node in ast.walk(tree):
-        if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test):
-            skip.update(id(n) for stmt in node.body for n in ast.walk(stmt))
-    for node in ast.walk(tree):
-        if isinstance(node, (ast.Import, ast.ImportFrom)) and id(node) not in skip:
+        if isinstance(node, (ast.Import, ast.ImportFrom)):
             yield node
 
 
 def _library_graph() -> dict[str, set[str]]:
-    modules = {_module_name(p): p for p in PACKAGE.rglob("*.py")}
+    modules = {_module_name(p): p for p in LIBRARY}
     graph: dict[str, set[str]] = {m: set() for m in modules}
     for name, path in modules.items():
         tree = ast.parse(path.read_text(encoding="utf-8"))
         is_pkg = path.name == "__init__.py"
-        for node in _runtime_imports(tree):
+        for node in _imports(tree):
             if isinstance(node, ast.ImportFrom):
                 targets = _resolve(name, is_pkg, node)
             else:
@@ -131,7 +140,66 @@ def test_no_import_cycles():
 def test_the_graph_sees_imports_inside_functions():
     graph = _library_graph()
     # store.py imports what it uses at the top; a lazy import would count the same
-    assert {"dynstore.catalog", "dynstore.session", "dynstore.refresh"} <= graph["dynstore.store"]
+    assert {"dynstore.storage.catalog", "dynstore.sql.session", "dynstore.versions.refresh"} <= graph["dynstore.store"]
+
+
+def _wing(module: str) -> str | None:
+    """The wing of ``dynstore.<wing>.x``; None for the top level (helpers and the façade)."""
+    parts = module.split(".")
+    return parts[1] if len(parts) > 2 or (len(parts) == 2 and parts[1] in WINGS) else None
+
+
+def _arrows_against_the_wings(graph: dict[str, set[str]]) -> list[str]:
+    rank = {w: i for i, w in enumerate(WINGS)}
+    bad = []
+    for src, targets in graph.items():
+        ws = _wing(src)
+        top_name = src.split(".")[1] if src.count(".") == 1 else None
+        for dst in sorted(targets):
+            wd = _wing(dst)
+            if wd is None:
+                if dst.split(".")[-1] in HELPERS or dst == "dynstore":
+                    if dst == "dynstore" and ws is not None:
+                        bad.append(f"{src} -> {dst}")  # the package's façade sits on top
+                    continue
+                if ws is not None or top_name in HELPERS:
+                    bad.append(f"{src} -> {dst}")  # a wing or a helper reaching the façade layer
+            elif ws is None:
+                if top_name in HELPERS:
+                    bad.append(f"{src} -> {dst}")  # helpers import no wing
+            elif rank[wd] > rank[ws]:
+                bad.append(f"{src} -> {dst}")
+    return bad
+
+
+def test_arrows_between_wings_point_down():
+    assert _arrows_against_the_wings(_library_graph()) == []
+
+
+def test_the_wing_check_finds_an_upward_arrow():
+    graph = {"dynstore.storage.catalog": {"dynstore.serving.state"}, "dynstore.serving.state": {"dynstore.storage.catalog"},
+             "dynstore.errors": {"dynstore.storage.catalog"}, "dynstore.store": {"dynstore.serving.state"}}
+    assert _arrows_against_the_wings(graph) == ["dynstore.storage.catalog -> dynstore.serving.state",
+                                               "dynstore.errors -> dynstore.storage.catalog"]
+
+
+def test_every_wing_says_what_it_owns_and_may_import():
+    for wing in WINGS:
+        init = (SQL if wing == "sql" else PACKAGE / wing) / "__init__.py"
+        doc = ast.get_docstring(ast.parse(init.read_text(encoding="utf-8"))) or ""
+        assert "May import" in doc or "may import" in doc, f"{init}: say what the wing may import"
+
+
+def test_the_top_level_is_small():
+    top = sorted(p.stem for p in PACKAGE.glob("*.py"))
+    assert len(top) <= MAX_TOP_LEVEL, top
+    wings = {p.name for p in PACKAGE.iterdir() if (p / "__init__.py").exists()}
+    assert wings == set(WINGS) - {"sql"}
+
+
+def test_type_only_imports_count():
+    tree = ast.parse("from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    from dynstore.store import Store\n")
+    assert [ast.unparse(n) for n in _imports(tree)][-1] == "from dynstore.store import Store"
 
 
 def test_cycle_finder_finds_a_cycle():
@@ -155,7 +223,7 @@ def test_the_library_never_imports_the_command_line():
     # the command line is not a module of the library graph: look at the import statements
     # themselves; `python -m dynstore` (dynstore/__main__.py) is the command line's entry point
     bad = {_module_name(p): sorted(t for t in _imported_names(p) if t == "dynstore.cli" or t.startswith("dynstore.cli."))
-           for p in PACKAGE.rglob("*.py") if p.name != "__main__.py"}
+           for p in LIBRARY if p.name != "__main__.py"}
     assert {m: d for m, d in bad.items() if d} == {}
 
 

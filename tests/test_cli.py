@@ -14,7 +14,7 @@ import pytest
 
 import dynstore
 from dynstore.cli import main
-from dynstore.config import CONFIG_NAME
+from dynstore.storage.config import CONFIG_NAME
 
 from dynstore.demo import DEMO_RULES as SHOP_RULES
 
@@ -386,12 +386,12 @@ def test_score_all_cli(runner, encoded):
 def test_cli_constants_mirror_the_library():
     """The CLI spells a few library constants out (importing them costs numpy/pyarrow at
     start-up); they must not drift apart."""
-    import dynstore.cli as cli
+    from dynstore import cli
     from dynstore.encoders import PRECISIONS
-    from dynstore.precision import PRECISIONS as SCORE_PRECISIONS
-    from dynstore.rayengine import ENGINES
+    from dynstore.serving.precision import PRECISIONS as SCORE_PRECISIONS
+    from dynstore.engines.ray import ENGINES
     from dynstore.samples.shop import SIZES
-    from dynstore.window import DEFAULT_SINCE
+    from dynstore.versions.window import DEFAULT_SINCE
 
     assert tuple(cli.PRECISIONS) == tuple(PRECISIONS) and tuple(cli.ENGINES) == tuple(ENGINES)
     assert tuple(cli.SIZES) == tuple(SIZES) and cli.DEFAULT_SINCE == DEFAULT_SINCE

@@ -9,7 +9,7 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from dynstore.compaction import dataset_stats
+from dynstore.data.compaction import dataset_stats
 
 
 def _table(store, name):

@@ -153,7 +153,7 @@ def id_stores(tmp_path_factory, shop_frames):
 
 @pytest.mark.parametrize("kind", ["int", "string"])
 def test_every_readme_sql_example_runs(id_stores, kind):
-    from dynstore.session import SqlSession
+    from dynstore.sql.session import SqlSession
 
     convert = _as_int_ids if kind == "int" else _as_string_ids
     with SqlSession(id_stores[kind]) as session:

@@ -35,7 +35,7 @@ MODULES = _modules_with_examples()
 
 def test_examples_are_found():
     # the store, the catalog and the refresh window all document themselves by example
-    assert {"dynstore.store", "dynstore.catalog", "dynstore.window"} <= set(MODULES)
+    assert {"dynstore.store", "dynstore.storage.catalog", "dynstore.versions.window"} <= set(MODULES)
 
 
 @pytest.mark.parametrize("name", MODULES)

@@ -76,7 +76,7 @@ def test_semantic_vector_read_only_does_not_write(loaded):
 
 def test_embed_is_vectorised_and_null_safe(encoded):
     calls = []
-    from dynstore.semcache import store_encoder
+    from dynstore.encoders.cache import store_encoder
 
     enc = store_encoder(encoded.catalog)
     original = enc.encode
@@ -171,7 +171,7 @@ def test_catalogue_vectors_read_from_the_cache_equal_the_lookups(encoded):
     dataset instead of holding its copy in memory) gives ``semantic_vectors``' numbers,
     for cached items, an item changed since the encode (encoded in memory), an unknown
     item, ids in any order, and a cache rewritten by upserts (deleted rows skipped)."""
-    from dynstore.semantic import CatalogueVectors, semantic_vectors
+    from dynstore.data.semantic import CatalogueVectors, semantic_vectors
 
     encoded.ingest("items", pl.DataFrame({"item_id": [3, 5], "title": ["changed text", "another change"]}))
     encoded.encode()  # upserts the cache: its dataset now has deleted rows
@@ -186,7 +186,7 @@ def test_catalogue_vectors_read_from_the_cache_equal_the_lookups(encoded):
     blocks = [got.block(a, min(a + 7, len(ids))) for a in range(0, len(ids), 7)]
     assert np.array_equal(np.vstack([b[0] for b in blocks]), want)
     assert np.array_equal(np.concatenate([b[1] for b in blocks]), found)
-    from dynstore.semantic import item_docs
+    from dynstore.data.semantic import item_docs
 
     docs = item_docs(cat)
     assert got.hashes.to_pylist() == [docs[i][0] if i in docs else None for i in ids]

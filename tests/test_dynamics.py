@@ -10,9 +10,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from dynstore.dynamics import DynamicSpec, ItemActivity, SegmentActivity, rule_half_life
-from dynstore.itemitem import ItemItem
-from dynstore.model import FusionModel, ModelConfig, TrainingData
+from dynstore.model.dynamics import DynamicSpec, ItemActivity, SegmentActivity, rule_half_life
+from dynstore.model.itemitem import ItemItem
+from dynstore.model.fusion import FusionModel, ModelConfig, TrainingData
 
 DAY = 86400
 
@@ -223,7 +223,7 @@ def _ingest_likes(store, user, items, when):
 
 
 def test_a_new_positive_moves_the_dynamic_feature_without_retraining(encoded):
-    from dynstore.recommend import serving_state
+    from dynstore.serving.recommend import serving_state
 
     state = serving_state(encoded.catalog)
     item = state.ids[int(np.argmin(state.bias))]  # the least popular item right now
@@ -238,8 +238,8 @@ def test_a_new_positive_moves_the_dynamic_feature_without_retraining(encoded):
 def test_training_and_serving_read_the_same_labelled_events(loaded):
     """One rule decides what counts: the labelled_events view, used by refresh and by
     serving (an impression followed by a click is not a negative; neutral events drop)."""
-    from dynstore.recommend import serving_state
-    from dynstore.window import labelled_events
+    from dynstore.serving.recommend import serving_state
+    from dynstore.versions.window import labelled_events
 
     loaded.encode()
     con = loaded.connection()
@@ -268,8 +268,8 @@ def test_segment_term_is_served(tmp_path):
         "ts": pa.array([t0 + dt.timedelta(hours=n) for n in range(len(rows))], pa.timestamp("us")),
         "value": [1.0] * len(rows)}))
     s.encode()
-    from dynstore.recommend import serving_state
-    from dynstore.versions import load_version
+    from dynstore.serving.recommend import serving_state
+    from dynstore.versions.embeddings import load_version
 
     lv = load_version(s.catalog)
     assert lv.model.segments == (2,)

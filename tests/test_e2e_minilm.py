@@ -45,7 +45,7 @@ def test_real_encoder_finetune(tmp_path, shop_frames):
     a new id, saved as safetensors, every item re-encoded with it."""
     from safetensors.numpy import load_file
 
-    from dynstore.semcache import store_encoder
+    from dynstore.encoders.cache import store_encoder
 
     store = dynstore.init(tmp_path / "s", **DEMO_RULES)
     for kind in ("users", "items", "interactions"):

@@ -648,7 +648,7 @@ def test_store_encode_precision_switches_cache_and_back(tiny_bert, tmp_path):
         switched = store.encode(precision="int8")
         assert switched.stale == 3 and switched.encoder == first.encoder + ":int8"
         assert store.config.precision == "int8"
-        from dynstore.config import CONFIG_NAME, StoreConfig
+        from dynstore.storage.config import CONFIG_NAME, StoreConfig
 
         assert StoreConfig.load(tmp_path / "s" / CONFIG_NAME).precision == "int8"
         assert store.encode().stale == 0

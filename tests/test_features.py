@@ -1,4 +1,4 @@
-"""Tests of dynstore.features (attribute feature vectors)."""
+"""Tests of dynstore.model.features (attribute feature vectors)."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from dynstore.features import FeatureSpec, stable_hash
+from dynstore.model.features import FeatureSpec, stable_hash
 
 
 def _table():
@@ -113,7 +113,7 @@ def test_hashing_for_high_cardinality_is_stable():
     assert X[0, stable_hash("brand3", 16)] == 1 and X[0].sum() == 1
     assert X[1, stable_hash("never-seen", 16)] == 1
     # stable across processes (Python's hash() is salted per process)
-    code = "from dynstore.features import stable_hash; print(stable_hash('brand3', 16))"
+    code = "from dynstore.model.features import stable_hash; print(stable_hash('brand3', 16))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          check=True).stdout.strip()
     assert int(out) == stable_hash("brand3", 16)

@@ -57,11 +57,11 @@ def _weights(path):
 
 
 def test_finetune_trains_last_layers_and_lowers_the_loss(bert_store, tiny_bert, tmp_path):
-    from dynstore.encoders.finetune import finetune_encoder
-    from dynstore.window import WindowData
-    from dynstore.semantic import item_docs
-    from dynstore.semcache import store_encoder
-    from dynstore.versions import load_version
+    from dynstore.model.finetune import finetune_encoder
+    from dynstore.versions.window import WindowData
+    from dynstore.data.semantic import item_docs
+    from dynstore.encoders.cache import store_encoder
+    from dynstore.versions.embeddings import load_version
 
     lv = load_version(bert_store.catalog)
     con = bert_store.connection()

@@ -1,7 +1,7 @@
 """Handing freed memory back between the stages of a build (dynstore.memory)."""
 from __future__ import annotations
 
-import dynstore.memory as memory
+from dynstore import memory
 
 
 def test_release_freed_trims_malloc_and_arrow(monkeypatch):

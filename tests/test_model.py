@@ -1,4 +1,4 @@
-"""Tests of dynstore.model (fusion + user model) and dynstore.metrics on planted problems."""
+"""Tests of dynstore.model.fusion (fusion + user model) and dynstore.model.metrics on planted problems."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from dynstore.metrics import auc, ndcg_at_k, recall_at_k, top_k, user_auc
-from dynstore.model import (
+from dynstore.model.metrics import auc, ndcg_at_k, recall_at_k, top_k, user_auc
+from dynstore.model.fusion import (
     FusionModel,
     ModelConfig,
     TrainingData,
@@ -111,7 +111,7 @@ def _popularity(tr):
 def test_evaluation_does_not_depend_on_its_batch_size(problem, trained, monkeypatch):
     """Batches are bounded by score cells (a million items: a few users each); the
     figures must be the same however the users are cut."""
-    import dynstore.evaluation as ev
+    from dynstore.model import evaluation as ev
 
     tr, (hu, hi, hl) = problem["train"], problem["hold"]
     whole = evaluate(trained[0], tr, hu, hi, hl, k=10, per_user=True)
@@ -404,7 +404,7 @@ def test_early_stopping_keeps_the_best_epoch(problem):
 def test_cooccurrence_equals_the_dense_product(case):
     """Item-item counts from each user's pairs equal ``X^T X`` of the binary matrix,
     repeated pairs included (they are one 1 in ``X``)."""
-    from dynstore.itemitem import cooccurrence
+    from dynstore.model.itemitem import cooccurrence
 
     n, pairs = case
     u = np.array([p[0] for p in pairs], np.int64)
@@ -417,8 +417,8 @@ def test_cooccurrence_equals_the_dense_product(case):
 def test_draw_ahead_thread_changes_nothing(problem, monkeypatch):
     """``Trainer.epoch`` computes the next batch's draws and point-in-time features in a
     second thread: the result is bit for bit that of drawing each batch in its step."""
-    from dynstore import training
-    from dynstore.dynamics import DynamicSpec
+    from dynstore.model import training
+    from dynstore.model.dynamics import DynamicSpec
 
     data = _small(problem)
     data.UK = (np.arange(data.UA.shape[0]) % 3)[:, None]  # one segment column, 3 segments
@@ -450,7 +450,7 @@ def test_trainer_rows_is_indexing_bit_for_bit(problem):
     """``Trainer.rows`` (``index_select``) gives ``x[idx]``'s values and, with repeated
     rows, its gradient bit for bit."""
     import torch
-    from dynstore import training
+    from dynstore.model import training
 
     data = _small(problem)
     m = FusionModel(D, data.A.shape[1], data.UA.shape[1], ModelConfig(epochs=0, **SMALL))
@@ -474,8 +474,8 @@ def test_training_with_rows_equals_training_with_indexing(problem, monkeypatch):
     """The trainer gathers rows with :meth:`Trainer.rows`; training with plain indexing
     instead (what it did before) gives the same parameters bit for bit, the segment and
     dynamic terms included."""
-    from dynstore import training
-    from dynstore.dynamics import DynamicSpec
+    from dynstore.model import training
+    from dynstore.model.dynamics import DynamicSpec
 
     data = _small(problem)
     data.UK = (np.arange(data.UA.shape[0]) % 3)[:, None]
@@ -530,7 +530,7 @@ def test_weighted_bag_sum_adds_each_bag_left_to_right(seed, longest, chunk, wtyp
     """The serving path's segment sum equals the plain loop over entries, bag by bag, in
     entry order: bit for bit, whatever the bags' lengths (empty bags included) and however
     the entries fall into chunks (a bag split by a chunk adds its two partial sums)."""
-    from dynstore.histories import weighted_bag_sum
+    from dynstore.model.histories import weighted_bag_sum
 
     rng = np.random.default_rng(seed)
     n_items, d, n_bags = int(rng.integers(1, 200)), int(rng.integers(1, 40)), int(rng.integers(1, 300))
@@ -557,8 +557,8 @@ def test_training_and_serving_compute_the_same_item_terms(problem):
     ``dynamic_bias``) compute the item side of one score equation: the fused vectors,
     the static bias with residuals, and the dynamic bias agree to float tolerance for a
     trained model with dynamic and segment terms."""
-    from dynstore import training
-    from dynstore.dynamics import DynamicSpec
+    from dynstore.model import training
+    from dynstore.model.dynamics import DynamicSpec
 
     data = _small(problem)
     data.UK = (np.arange(data.UA.shape[0]) % 3)[:, None]

@@ -174,7 +174,7 @@ def test_reader_keeps_its_snapshot_while_a_writer_ingests(built, tmp_path):
 
 
 def test_lease_excludes_a_second_writer_and_expires(bucket, tmp_path):
-    from dynstore.objectstore import Lease
+    from dynstore.storage.objectstore import Lease
 
     client, name = bucket
     uri = f"s3://{name}/shop"
@@ -202,7 +202,7 @@ def test_lease_excludes_a_second_writer_and_expires(bucket, tmp_path):
 
 
 def test_heartbeat_keeps_the_lease(bucket):
-    from dynstore.objectstore import Lease
+    from dynstore.storage.objectstore import Lease
 
     client, name = bucket
     held = Lease(client, name, "locks/x.lease", ttl=1.0)
@@ -222,7 +222,7 @@ def _users(d):
 def test_no_secret_in_the_store(built):
     client, name, _uri, _store = built
     with pytest.raises(DynstoreError, match="secret"):
-        from dynstore.config import StoreConfig
+        from dynstore.storage.config import StoreConfig
 
         StoreConfig.parse('format_version = 1\n[storage]\naws_secret_access_key = "x"\n', "t")
     objects = client.list_objects_v2(Bucket=name)["Contents"]
@@ -259,7 +259,7 @@ def test_local_stores_never_import_boto3(tmp_path):
             f"s.ingest('items', {str(tmp_path / 'items.csv')!r})\n"
             "s.sql('SELECT count(*) FROM items').fetchall()\n"
             "print(sorted(m for m in sys.modules if m.split('.')[0] in ('boto3', 'botocore')"
-            " or m == 'dynstore.objectstore'))\n")
+            " or m == 'dynstore.storage.objectstore'))\n")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "[]"

@@ -9,11 +9,11 @@ import polars as pl
 import pytest
 
 import dynstore
-from dynstore import precision as P
-from dynstore.batch import all_users
+from dynstore.serving import precision as P
+from dynstore.serving.score_all import all_users
 from dynstore.cli import main
 from dynstore.errors import DynstoreError
-from dynstore.recommend import all_items_lists, score_terms, serving_state
+from dynstore.serving.recommend import all_items_lists, score_terms, serving_state
 
 LOW = ["fp16", "bf16"]
 
@@ -92,7 +92,7 @@ def test_fallback_users_get_fp32_lists(big, monkeypatch):
         ok[::2] = False  # every other user "could not be bounded"
         return V, I, ok
 
-    monkeypatch.setattr("dynstore.recommend.prefiltered_topk", half_fail)
+    monkeypatch.setattr("dynstore.serving.recommend.prefiltered_topk", half_fail)
     assert _lists(big, "fp16", 10) == ref
 
 
@@ -122,9 +122,9 @@ def test_ray_actor_carries_precision(big):
     # the actor class runs as is outside Ray: what each actor does with its kwargs
     import pyarrow as pa
 
-    from dynstore.batch import UserScorer, score_users
-    from dynstore.registry import current_version
-    from dynstore.semcache import snapshot
+    from dynstore.serving.score_all import UserScorer, score_users
+    from dynstore.storage.registry import current_version
+    from dynstore.encoders.cache import snapshot
 
     view = big.catalog.pinned()
     version, users = current_version(view), all_users(view)

@@ -3,12 +3,12 @@ model, and the pooled choice of their weights."""
 
 import numpy as np
 
-from dynstore.dynamics import DynamicSpec
-from dynstore.histories import normalise
-from dynstore.itemitem import ItemItem, text_neighbours
-from dynstore.model import FusionModel, ModelConfig, TrainingData
-from dynstore.prior import ContentPrior
-from dynstore.selection import choose_terms, forward_cuts
+from dynstore.model.dynamics import DynamicSpec
+from dynstore.model.histories import normalise
+from dynstore.model.itemitem import ItemItem, text_neighbours
+from dynstore.model.fusion import FusionModel, ModelConfig, TrainingData
+from dynstore.model.prior import ContentPrior
+from dynstore.model.selection import choose_terms, forward_cuts
 
 
 def _blocks(V, A, rows):
@@ -138,7 +138,7 @@ def _drifting_data(seed: int = 0):
 def test_choices_report_gain_standard_error_and_users_over_pooled_cuts():
     data = _drifting_data()
     tr = data.ts < data.ts[1300]
-    from dynstore.selection import sub
+    from dynstore.model.selection import sub
 
     train = sub(data, tr)
     holdout = (data.user[~tr], data.item[~tr], data.label[~tr])
@@ -157,7 +157,7 @@ def test_choices_report_gain_standard_error_and_users_over_pooled_cuts():
 
 
 def test_refresh_reports_each_choice_with_gain_error_and_users(encoded):
-    from dynstore.registry import choices
+    from dynstore.storage.registry import choices
 
     out = encoded.refresh(since="all", epochs=1)
     sel = out.training["selection"]

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 
-from dynstore import precision as P
+from dynstore.serving import precision as P
 
 pytestmark = pytest.mark.skipif(P.quant_matrix(np.ones((2, 4), np.float32)) is None,
                                 reason="torch without fbgemm's int8 kernel (the float16 scan serves there)")
@@ -83,7 +83,7 @@ def test_kth_largest_bound_never_exceeds_the_kth_largest(seed, k, n, masked):
     """The prefilter's threshold is at most the k-th largest lower bound (so no row of
     the exact top-k is dropped), with -inf (seen items) and ties in the values; on a large
     catalogue with the top rows spread out it is the k-th largest itself."""
-    from dynstore.recommend import _kth_largest_bound
+    from dynstore.serving.recommend import _kth_largest_bound
 
     rng = np.random.default_rng(seed)
     v = rng.standard_normal(n).astype(np.float32)
@@ -106,7 +106,7 @@ def test_candidates_are_the_rows_that_reach_the_kth_lower_bound(seed, k, n, clus
     lower bound -- however the best rows cluster (a catalogue whose newest rows lead) --
     and they hold the exact top-k of any scores within the bounds; seen rows (B = -inf)
     never come back."""
-    from dynstore.recommend import _candidates, _score_bounds
+    from dynstore.serving.recommend import _candidates, _score_bounds
 
     rng = np.random.default_rng(seed)
     y = rng.standard_normal(n).astype(np.float32)

@@ -16,7 +16,7 @@ pytest.importorskip("ray.data", reason="the Ray engine needs ray[data]: pip inst
 import dynstore  # noqa: E402
 from dynstore.cli import main  # noqa: E402
 from dynstore.demo import DEMO_RULES  # noqa: E402
-from dynstore.semcache import cache_dataset  # noqa: E402
+from dynstore.encoders.cache import cache_dataset  # noqa: E402
 
 pytestmark = pytest.mark.ray
 

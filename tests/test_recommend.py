@@ -177,9 +177,9 @@ def test_string_ids_end_to_end(tmp_path):
 
 
 def test_vector_index_serves_large_catalogues(loaded, monkeypatch):
-    import dynstore.recommend as rec
+    from dynstore.serving import recommend as rec
 
-    from dynstore import vindex as versions
+    from dynstore.versions import index as versions
 
     loaded.configure(index_min_items=50)  # tiny threshold: the 80-item shop gets an index
     # Probing every partition, the inner-product search through the L2 index
@@ -207,8 +207,8 @@ def test_vector_index_records_its_settings_and_serves_them(tmp_path, monkeypatch
     import lance
 
     import dynstore
-    import dynstore.recommend as rec
-    from dynstore import vindex as versions
+    from dynstore.serving import recommend as rec
+    from dynstore.versions import index as versions
 
     monkeypatch.setattr(versions, "INDEX_PQ_MIN_ROWS", 1000)  # PQ on a small catalogue
     rng = np.random.default_rng(0)
@@ -250,7 +250,7 @@ def test_index_row_ids_map_to_rows(tmp_path):
     """Row ids from a search over several fragments decode to the ``row`` column."""
     import lance
 
-    from dynstore.serving import row_starts
+    from dynstore.serving.state import row_starts
 
     X = np.random.default_rng(0).standard_normal((1000, 8)).astype(np.float32)
     t = pa.table({"row": np.arange(1000), "vector": pa.FixedSizeListArray.from_arrays(pa.array(X.reshape(-1)), 8)})
@@ -276,8 +276,8 @@ def test_all_users_sql_equals_single_user_api(encoded):
 def test_low_precision_prefilter_gives_the_exact_lists(encoded, monkeypatch, scan):
     """The int8 (or float16) scan only narrows the candidates: the lists (and scores) are
     the float32 ones, for every user and k, including users whose positives are excluded."""
-    import dynstore.recommend as rec
-    from dynstore.precision import LowMatrix, QuantMatrix, quant_matrix
+    from dynstore.serving import recommend as rec
+    from dynstore.serving.precision import LowMatrix, QuantMatrix, quant_matrix
 
     if scan == "int8" and quant_matrix(np.ones((2, 2), np.float32)) is None:
         pytest.skip("torch without fbgemm's int8 kernel")
@@ -304,7 +304,7 @@ def test_examples_score_like_a_user_with_that_history(encoded, monkeypatch):
     every per-user term (here a stand-in item-item term that favours every seventh item)."""
     import datetime as dt
 
-    from dynstore.model import FusionModel
+    from dynstore.model.fusion import FusionModel
 
     def item_item(self, ptr, items, labels, n_items):
         return np.tile(np.where(np.arange(n_items) % 7 == 0, 3.0, 0.0), (len(ptr) - 1, 1)).astype(np.float32)

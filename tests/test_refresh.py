@@ -11,7 +11,7 @@ import pytest
 
 import dynstore
 from dynstore.errors import ConfigError
-from dynstore.window import labelled_events, parse_since
+from dynstore.versions.window import labelled_events, parse_since
 
 
 def test_parse_since_counts_back_from_newest():
@@ -137,7 +137,7 @@ def test_refresh_without_interactions_is_noop(store):
 def test_refresh_promotes_only_when_not_worse(tmp_path):
     """The registry follows the holdout comparison; a rejected version stays queryable."""
     from dynstore.demo import DEMO_RULES
-    from dynstore.refresh import TOLERANCE
+    from dynstore.versions.refresh import TOLERANCE
     from dynstore.samples import shop
 
     frames = shop.generate("small", seed=1)
@@ -182,7 +182,7 @@ def test_rejected_refresh_publishes_the_rule_over_a_stale_trained_version(encode
     """When the trained candidate loses and the rule beats what the store serves
     (here a trained version that learned to avoid popular items), the rule is
     published as the next version; a rejected refresh over the rule itself adds nothing."""
-    from dynstore.versions import build_version, load_version
+    from dynstore.versions.embeddings import build_version, load_version
 
     lv = load_version(encoded.catalog)
     bad = type(lv.model).from_state(*lv.model.state())
@@ -318,7 +318,7 @@ def test_registry_written_before_verdicts_still_reads(encoded):
     """A registry from before the verdict column: verdicts are inferred, the view works."""
     import lance
 
-    from dynstore.registry import registry_table
+    from dynstore.storage.registry import registry_table
 
     table = registry_table(encoded.catalog)
     old = table.drop_columns(["verdict"])
@@ -333,7 +333,7 @@ def test_eval_says_which_slice(encoded, runner):
     from dynstore.cli import main
 
     out = dynstore.connect(encoded.path).refresh(since="all", epochs=1)
-    from dynstore.holdout import evaluate_version
+    from dynstore.versions.holdout import evaluate_version
 
     ev = evaluate_version(encoded.catalog, version=out.version)
     sl = ev["slice"]
@@ -372,7 +372,7 @@ def test_store_methods_name_every_option_explicitly():
     refresh and the config accept: a new option cannot be forgotten in the façade."""
     import inspect
 
-    from dynstore.refresh import REFRESH_FIELDS
+    from dynstore.versions.refresh import REFRESH_FIELDS
     from dynstore.store import SETTABLE, Store
 
     for method, names in ((Store.refresh, REFRESH_FIELDS), (Store.configure, SETTABLE)):

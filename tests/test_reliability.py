@@ -62,7 +62,7 @@ def test_kill_9_during_ingest_leaves_last_commit(store, big_file):
 def test_kill_9_during_encode_resumes(loaded, monkeypatch):
     # Encode in a child that dies after the first committed chunk.
     code = (
-        "import os, sys, dynstore, dynstore.semantic as sem\n"
+        "import os, sys, dynstore, dynstore.data.semantic as sem\n"
         "sem.CHUNK = 16\n"
         "orig = sem.write_cache\n"
         "def boom(*a, **k):\n"

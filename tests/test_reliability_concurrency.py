@@ -1,6 +1,6 @@
 """A long-lived reader beside writers: never blocked, never a mixed answer.
 
-One reader process holds one connection (a :class:`~dynstore.session.SqlSession`,
+One reader process holds one connection (a :class:`~dynstore.sql.session.SqlSession`,
 what ``dynstore sql``'s prompt runs on, which follows the store between
 statements) and loops ``recommend``, a join, and two consistency checks while
 another process runs ``ingest`` (interactions, then new items), ``encode``, a
@@ -34,7 +34,7 @@ pytestmark = pytest.mark.slow
 READER = textwrap.dedent('''
     import json, os, random, sys, time
     import dynstore
-    from dynstore.session import SqlSession
+    from dynstore.sql.session import SqlSession
 
     path, stop = sys.argv[1], sys.argv[2]
     rng = random.Random(0)
@@ -119,7 +119,7 @@ def test_reader_beside_ingest_encode_refresh(encoded, tmp_path, shop_files):
 
 HOLDER = textwrap.dedent('''
     import sys, time
-    from dynstore.storage import open_storage
+    from dynstore.storage.backend import open_storage
     with open_storage(sys.argv[1]).lock(sys.argv[2], wait=30):
         print("held", flush=True)
         time.sleep(float(sys.argv[3]))

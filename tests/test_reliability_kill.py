@@ -352,9 +352,9 @@ def empty_template(tmp_path_factory):
 def test_kill_init(server, tmp_path):
     """A killed `init` leaves nothing, an unfinished store (which `init` finishes), or the
     whole store; never a store that opens half-made."""
-    from dynstore.catalog import unfinished_init
+    from dynstore.storage.catalog import unfinished_init
     from dynstore.errors import StoreNotFound
-    from dynstore.storage import LocalStorage
+    from dynstore.storage.backend import LocalStorage
 
     empty = tmp_path / "empty"
     empty.mkdir()
@@ -417,7 +417,7 @@ def test_kill_first_ingest(server, empty_template, shop_files, tmp_path):
 def test_kill_config_model(server, shop_template, tmp_path):
     """`config --model`: the config shows the old model with the old encoder's id and
     dimension, or the new model with the new ones; never a mix."""
-    from dynstore.semcache import encoder_info
+    from dynstore.encoders.cache import encoder_info
 
     loaded, _ = shop_template
     old = dynstore.connect(loaded, read_only=True).config

@@ -69,13 +69,13 @@ def test_busy_config_and_paused_registry_writer(uri):
     """The config lease held by another process: a first ingest (string ids) commits and
     succeeds. Then a registry writer whose lease expires while it is paused: the writer
     that takes over gets the next free number, and the paused one commits nothing."""
-    from dynstore.objectstore import Lease
-    from dynstore.registry import list_versions, next_version, registry_table, write_registry
+    from dynstore.storage.objectstore import Lease
+    from dynstore.storage.registry import list_versions, next_version, registry_table, write_registry
 
     import polars as pl
 
     store = dynstore.init(uri, model="fake")
-    code = ("import sys, time\nfrom dynstore.storage import open_storage\n"
+    code = ("import sys, time\nfrom dynstore.storage.backend import open_storage\n"
             "with open_storage(sys.argv[1]).lock('config', wait=30):\n"
             "    print('held', flush=True); time.sleep(60)\n")
     holder = subprocess.Popen([sys.executable, "-c", code, uri], stdout=subprocess.PIPE, text=True)

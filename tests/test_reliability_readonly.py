@@ -40,7 +40,7 @@ READER = textwrap.dedent('''
     except PermissionError:
         pass
     import dynstore
-    from dynstore.session import SqlSession
+    from dynstore.sql.session import SqlSession
     out = {}
     with dynstore.connect(path) as s:          # not even read_only=True: a plain reader
         out["api"] = [r["item_id"] for r in s.recommend(3, 5)]

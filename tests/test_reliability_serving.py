@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 import dynstore
-from dynstore.catalog import manifest_versions
+from dynstore.storage.catalog import manifest_versions
 from dynstore.cli import main
 from dynstore.errors import StoreCorrupt
 from store_checks import shop_store
@@ -54,7 +54,7 @@ def _one_line_error(result, *needles: str) -> str:
 
 
 def _latest_manifest(path: Path, dataset: str) -> Path:
-    from dynstore.storage import open_storage
+    from dynstore.storage.backend import open_storage
 
     found = manifest_versions(open_storage(path), dataset)
     return path / found[max(found)]
@@ -154,7 +154,7 @@ def test_out_of_memory_names_the_setting_that_bounds_it(runner, copy, monkeypatc
     import importlib
 
     # Store's write methods import their module when called: patch it there
-    module = importlib.import_module({"refresh": "dynstore.refresh", "score_all": "dynstore.batch"}[function])
+    module = importlib.import_module({"refresh": "dynstore.versions.refresh", "score_all": "dynstore.serving.score_all"}[function])
     monkeypatch.setattr(module, function, _huge)
     line = _one_line_error(_cli(runner, *[c.format(path=copy) for c in command]), "out of memory", setting)
     assert "nothing was committed" in line
@@ -180,14 +180,14 @@ def _duckdb_interrupt():
 @pytest.mark.parametrize("make", [_duckdb_interrupt, lambda: RuntimeError("Query interrupted")])
 def test_ctrl_c_in_a_deduplicating_ingest_exits_130(runner, copy, monkeypatch, shop_files, make):
     """What DuckDB turns a Ctrl-C into while ingest --dedupe runs its query: exit 130."""
-    import dynstore.ingest
+    import dynstore.data.ingest
 
     exc = make()
 
     def interrupted(*_args, **_kwargs):
         raise exc
 
-    monkeypatch.setattr(dynstore.ingest, "ingest", interrupted)
+    monkeypatch.setattr(dynstore.data.ingest, "ingest", interrupted)
     r = _cli(runner, "ingest", copy, "interactions", shop_files / "interactions.parquet", "--dedupe")
     assert r.exit_code == 130, (r.output, r.exception)
     assert r.output.strip() == "Interrupted"

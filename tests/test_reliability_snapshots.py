@@ -13,7 +13,7 @@ import numpy as np
 import polars as pl
 
 import dynstore
-from dynstore.session import SqlSession
+from dynstore.sql.session import SqlSession
 
 
 def _dynstore(*args):

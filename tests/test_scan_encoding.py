@@ -1,5 +1,5 @@
 """Storage encoding of interactions' strings: dictionary-encoded, filtered inside Lance,
-round-tripping over appends, compaction and older stores (see dynstore/lancescan.py)."""
+round-tripping over appends, compaction and older stores (see dynstore/storage/lancescan.py)."""
 from __future__ import annotations
 
 import lance
@@ -7,7 +7,7 @@ import polars as pl
 import pyarrow as pa
 
 import dynstore
-from dynstore.lancescan import DICT_STRING
+from dynstore.storage.lancescan import DICT_STRING
 
 
 def _rows(n, events, start=0, **extra):
@@ -141,8 +141,8 @@ def test_duckdb_plans_lance_scans_with_their_row_counts(store):
 
 
 def test_the_patched_third_party_names_are_where_the_patches_expect():
-    """Fails, not skips, when Lance or DuckDB moves a name dynstore patches (dynstore/lancescan.py)."""
-    from dynstore.lancescan import patch_targets
+    """Fails, not skips, when Lance or DuckDB moves a name dynstore patches (dynstore/storage/lancescan.py)."""
+    from dynstore.storage.lancescan import patch_targets
 
     assert patch_targets() == {"lance.dataset._serialize_expression": True,
                                "duckdb._sources.pyarrow.PyArrowDatasetSource.rows": True}

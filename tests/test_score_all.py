@@ -9,9 +9,9 @@ from pathlib import Path
 import polars as pl
 import pytest
 
-from dynstore.batch import all_users
+from dynstore.serving.score_all import all_users
 from dynstore.cli import main
-from dynstore.recommend import recommend_many
+from dynstore.serving.recommend import recommend_many
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -83,7 +83,7 @@ def test_no_version_is_a_user_error(runner, loaded):
 
 
 def test_ray_missing_is_one_line(runner, encoded, monkeypatch):
-    import dynstore.rayengine as re_
+    from dynstore.engines import ray as re_
 
     def no_ray(name):
         raise ImportError(f"No module named {name!r}")
@@ -96,7 +96,7 @@ def test_ray_missing_is_one_line(runner, encoded, monkeypatch):
 
 
 def test_importing_dynstore_never_imports_ray():
-    code = ("import sys, dynstore, dynstore.store, dynstore.batch, dynstore.semantic, dynstore.cli; "
+    code = ("import sys, dynstore, dynstore.store, dynstore.serving.score_all, dynstore.data.semantic, dynstore.cli; "
             "print('ray' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, check=True)
     assert out.stdout.strip() == "False"

@@ -8,16 +8,16 @@ import polars as pl
 import pytest
 
 import dynstore
-import dynstore.serving as serving
-from dynstore.recommend import recommend_many, user_logits
-from dynstore.serving import serving_state
-from dynstore.versions import load_version
+from dynstore.serving import state as serving
+from dynstore.serving.recommend import recommend_many, user_logits
+from dynstore.serving.state import serving_state
+from dynstore.versions.embeddings import load_version
 
 
 def _perturb(store, seed=0):
     """Give the served model non-zero weights on every term (dynamic, segment, item-item),
     so a mismatch in any of them shows."""
-    from dynstore.itemitem import ItemItem
+    from dynstore.model.itemitem import ItemItem
 
     lv = load_version(store.catalog)
     m = lv.model

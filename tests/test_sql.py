@@ -13,7 +13,7 @@ import pytest
 import dynstore
 from dynstore.cli import main
 from dynstore.errors import DynstoreError
-from dynstore.session import SqlSession
+from dynstore.sql.session import SqlSession
 
 LONG_QUERY = "SELECT count(*) FROM range(1000000000000) t(i) WHERE i % 7 = 3;"
 

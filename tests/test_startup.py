@@ -68,7 +68,7 @@ def test_init_records_the_encoder_identity(minilm_store):
     cfg = minilm_store.config
     assert cfg.encoder_id.startswith("hf:all-MiniLM-L6-v2:") and cfg.encoder_dim == 384 and cfg.encoder_fingerprint
     # a reader takes it from the config: no hashing, no loading
-    from dynstore import semcache as semantic
+    from dynstore.encoders import cache as semantic
 
     semantic._INFO.clear()
     with dynstore.connect(minilm_store.path, read_only=True) as reader:
@@ -77,8 +77,8 @@ def test_init_records_the_encoder_identity(minilm_store):
 
 def test_stale_fingerprint_is_not_trusted(store):
     """A recorded id whose fingerprint no longer matches (another model, edited config) is recomputed."""
-    from dynstore import semcache as semantic
-    from dynstore.config import CONFIG_NAME
+    from dynstore.encoders import cache as semantic
+    from dynstore.storage.config import CONFIG_NAME
 
     cfg_file = store.path / CONFIG_NAME
     cfg_file.write_text(cfg_file.read_text().replace('model = "fake"', 'model = "fake:8"'))
@@ -96,8 +96,8 @@ def test_vector_statement_loads_the_encoder_when_needed(encoded):
 # ----------------------------------------------------------------- issue 23 item 1, issue 25 item 4
 
 #: modules of the write path: a reader (recommend, SELECT ...) must import none of them
-WRITE_PATH = ("dynstore.ingest", "dynstore.training", "dynstore.compaction", "dynstore.encoders.finetune",
-              "dynstore.rayengine", "dynstore.refresh", "torch", "transformers")
+WRITE_PATH = ("dynstore.data.ingest", "dynstore.model.training", "dynstore.data.compaction", "dynstore.model.finetune",
+              "dynstore.engines.ray", "dynstore.versions.refresh", "torch", "transformers")
 
 # Runs the CLI in a fresh interpreter; reports which of ``watch`` it imported.
 _WATCH_PROBE = """
@@ -124,8 +124,8 @@ def _fill_cache_without_the_model(store) -> None:
     the state of a store right after `encode`, at no cost."""
     import numpy as np
 
-    from dynstore.semantic import item_docs
-    from dynstore.semcache import encoder_info, write_cache
+    from dynstore.data.semantic import item_docs
+    from dynstore.encoders.cache import encoder_info, write_cache
 
     enc_id, dim = encoder_info(store.catalog)
     hashes = sorted({h for h, _ in item_docs(store.catalog).values()})

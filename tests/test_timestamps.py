@@ -31,7 +31,7 @@ def test_a_stray_timestamp_does_not_end_the_default_window(encoded):
 
 
 def test_window_anchor_ignores_only_the_future(encoded):
-    from dynstore.window import newest_event
+    from dynstore.versions.window import newest_event
 
     con = encoded.connection()
     newest = con.sql("SELECT max(ts) FROM interactions").fetchall()[0][0]

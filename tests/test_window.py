@@ -8,8 +8,8 @@ import pytest
 from hypothesis import HealthCheck, example, given, settings, strategies as st
 
 import dynstore
-from dynstore.views import views_connection
-from dynstore.window import labelled_events
+from dynstore.data.views import views_connection
+from dynstore.versions.window import labelled_events
 
 T0 = dt.datetime(2025, 3, 1)
 EVENTS = ["impression", "click", "skip", "view"]

@@ -11,16 +11,18 @@ Three kinds of encoder are available through :func:`get_encoder`:
   encoder for tests and examples, which needs neither torch nor weights.
 
 Other encoders can be plugged in by name with :func:`register_encoder`;
-:func:`dynstore.encoders.finetune.finetune_encoder` (imported on its own: it
-is the write path) adapts a Hugging Face encoder to a store's feedback.
+:func:`dynstore.model.finetune.finetune_encoder` (the write path's, in
+the model wing) adapts a Hugging Face encoder to a store's feedback.
 
 One module per job: ``base`` (the protocol and argument checks),
 ``device``, ``fake``, ``files`` (ids from a model directory's files),
-``packed`` (the packed CPU forward pass), ``hf``, ``registry``,
-``finetune``; :mod:`dynstore.lazy` is the one way torch and transformers are
-imported).  Importing this package is cheap: torch and transformers are
-imported only when a real model is loaded or a device is probed, and
-``finetune`` (the write path's) only when its names are first used.
+``packed`` (the packed CPU forward pass), ``hf``, ``registry``, ``cache``
+(the semantic vectors already computed, per encoder and document hash);
+:mod:`dynstore.lazy` is the one way torch and transformers are imported.
+Importing this package is cheap: torch and transformers are imported only
+when a real model is loaded or a device is probed.
+
+May import: the top-level helpers and ``storage``.
 
 Examples
 --------
@@ -34,33 +36,13 @@ Examples
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
-from .base import PRECISIONS, Encoder, check_batch_size, check_precision
-from .device import probe_device
-from .fake import FakeEncoder
-from .files import hf_identity
-from .hf import HFEncoder
-from .registry import (DEFAULT_MODEL, encoder_fingerprint, encoder_identity, encoder_names, get_encoder,
+from dynstore.encoders.base import PRECISIONS, Encoder, check_batch_size, check_precision
+from dynstore.encoders.device import probe_device
+from dynstore.encoders.fake import FakeEncoder
+from dynstore.encoders.files import hf_identity
+from dynstore.encoders.hf import HFEncoder
+from dynstore.encoders.registry import (DEFAULT_MODEL, encoder_fingerprint, encoder_identity, encoder_names, get_encoder,
                        register_encoder, set_load_notice)
-
-if TYPE_CHECKING:  # pragma: no cover
-    from .finetune import FINETUNE_LAYERS, finetune_encoder
-
-#: names imported on first use: fine-tuning is the write path's, readers never pay for it
-_LAZY = {"finetune_encoder": "finetune", "FINETUNE_LAYERS": "finetune"}
-
-
-def __getattr__(name: str):
-    mod = _LAZY.get(name)
-    if mod is None:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    import importlib
-
-    value = getattr(importlib.import_module(f".{mod}", __name__), name)
-    globals()[name] = value
-    return value
-
 
 __all__ = [
     "DEFAULT_MODEL",

@@ -10,7 +10,7 @@ from typing import Any, Callable, Protocol, Sequence, runtime_checkable
 
 import numpy as np
 
-from ..errors import EncoderError
+from dynstore.errors import EncoderError
 
 __all__ = [
     "Encoder",

@@ -12,8 +12,8 @@ import threading
 import warnings
 from functools import lru_cache
 
-from ..errors import EncoderError
-from ..lazy import attempt_import
+from dynstore.errors import EncoderError
+from dynstore.lazy import attempt_import
 
 __all__ = ["probe_device", "cpu_runs_bf16", "cpu_threads"]
 

@@ -12,8 +12,8 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from ..errors import EncoderError
-from .base import check_batch_size, check_texts, clean_text
+from dynstore.errors import EncoderError
+from dynstore.encoders.base import check_batch_size, check_texts, clean_text
 
 __all__ = ["FakeEncoder"]
 

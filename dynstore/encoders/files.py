@@ -14,9 +14,9 @@ import re
 from pathlib import Path
 from typing import Any, Sequence
 
-from ..errors import EncoderError
-from .base import check_precision, id_suffix, one_line
-from ..lazy import attempt_import
+from dynstore.errors import EncoderError
+from dynstore.encoders.base import check_precision, id_suffix, one_line
+from dynstore.lazy import attempt_import
 
 __all__ = [
     "MINILM_LABEL",

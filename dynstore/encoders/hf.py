@@ -16,13 +16,13 @@ from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence
 
 import numpy as np
 
-from ..errors import EncoderError
-from .base import check_batch_size, check_max_length, check_precision, check_texts, clean_text, one_line
-from .device import cpu_runs_bf16, cpu_threads
-from .files import (check_is_encoder, hf_encoder_id, length_limits, read_json, read_st_modules,
+from dynstore.errors import EncoderError
+from dynstore.encoders.base import check_batch_size, check_max_length, check_precision, check_texts, clean_text, one_line
+from dynstore.encoders.device import cpu_runs_bf16, cpu_threads
+from dynstore.encoders.files import (check_is_encoder, hf_encoder_id, length_limits, read_json, read_st_modules,
                     weight_files)
-from ..lazy import attempt_import
-from .packed import CALIBRATION_TEXTS, PackedBert, packed_support, token_groups
+from dynstore.lazy import attempt_import
+from dynstore.encoders.packed import CALIBRATION_TEXTS, PackedBert, packed_support, token_groups
 
 if TYPE_CHECKING:  # pragma: no cover - typing only, keeps torch out of import time
     import torch

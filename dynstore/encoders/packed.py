@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any, Sequence
 
 import numpy as np
 
-from ..lazy import attempt_import
+from dynstore.lazy import attempt_import
 
 if TYPE_CHECKING:  # pragma: no cover - typing only, keeps torch out of import time
     import torch

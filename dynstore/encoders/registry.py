@@ -14,13 +14,13 @@ import threading
 from pathlib import Path
 from typing import Any, Callable
 
-from ..errors import EncoderError
-from .base import Encoder, check_max_length, check_precision, id_suffix
-from .device import probe_device
-from .fake import FakeEncoder
-from .files import MINILM_LABEL, files_fingerprint, hf_identity, weight_files
-from .hf import HFEncoder
-from ..lazy import attempt_import
+from dynstore.errors import EncoderError
+from dynstore.encoders.base import Encoder, check_max_length, check_precision, id_suffix
+from dynstore.encoders.device import probe_device
+from dynstore.encoders.fake import FakeEncoder
+from dynstore.encoders.files import MINILM_LABEL, files_fingerprint, hf_identity, weight_files
+from dynstore.encoders.hf import HFEncoder
+from dynstore.lazy import attempt_import
 
 __all__ = ["DEFAULT_MODEL", "register_encoder", "encoder_names", "get_encoder", "encoder_identity",
            "encoder_fingerprint", "set_load_notice"]

@@ -1,0 +1,299 @@
+"""Choosing the closed-form terms' weights with power: pooled forward-chained cuts.
+
+One holdout of a few dozen users cannot show a 10 % gain (the paired standard error of
+NDCG@10 per user is 0.02-0.03). So each weight is judged on several *forward-chained
+cuts* pooled together: the newest events after the training data (the fit's holdout)
+and ``CUT_FRACTIONS`` earlier cuts inside the training data -- each one trains the
+closed-form terms on the events before it and tests on the events from it to the next
+cut. Every user-period is one paired observation; the gain of a weight is the mean
+per-user NDCG@10 difference against the weight 0, with its standard error and the
+number of user-periods that judged it.
+
+Each term is judged on the users it affects:
+
+* the item-item weight ``gamma`` (:mod:`dynstore.model.itemitem`) on *returning* users (a
+  positive before the cut) -- new users have no co-occurrence to use; its grid is
+  ``GAMMA_STEPS`` times a calibration that puts the item-item scores on the scale of the
+  rest of the score (the spread of the top-10 logits of the model without it);
+* the content prior's weight ``beta`` (:mod:`dynstore.model.prior`) on *cold* items (no event
+  before the cut; ranked among themselves), provided the ranking of all items loses no
+  more than one standard error.
+
+A weight other than 0 is kept only when its pooled gain exceeds ``z`` standard errors.
+The learned parts of the model (trained on all the training data) are the same in
+every arm, so the comparison is about the closed-form term alone; the terms themselves
+are refitted on each cut's past only (an item-item fit on each cut keeps at most
+``CUT_MAX_ITEMS`` items: the cost of the solve grows with their cube).
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any, Iterator
+
+import numpy as np
+
+from dynstore.model.evaluation import holdout_positives, positives_log, seen_positives
+from dynstore.model.histories import build_histories
+from dynstore.model.itemitem import ItemItem
+from dynstore.model.metrics import ndcg_per_user, top_k
+from dynstore.model.spec import TrainingData
+from dynstore.model.prior import PRIOR_HALF_LIFE, ContentPrior, decayed_positives
+
+__all__ = ["Cut", "forward_cuts", "fit_closed_form", "choose_terms", "GAMMA_STEPS", "BETAS", "pooled"]
+
+#: earlier cuts, as quantiles of the training events' times
+CUT_FRACTIONS = (0.6, 0.7, 0.8, 0.9)
+#: item-item weights tried, in units of the calibration (0 is always tried)
+GAMMA_STEPS = (0.125, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0, 16.0, 32.0)
+#: content prior weights tried (0 is always tried)
+BETAS = (0.25, 0.5, 1.0, 2.0)
+#: items an item-item fit on a cut keeps at most
+CUT_MAX_ITEMS = 1500
+#: holdout users a cut judges at most (a seeded sample above)
+MAX_CUT_USERS = 1000
+#: the item-item model's ridge penalty and its pull toward the text similarity
+LAM, MU = 250.0, 250.0
+
+
+@dataclass
+class Cut:
+    """One forward-chained period: the events before it and the positives after."""
+
+    train: TrainingData
+    holdout: tuple  # (user, item, label)
+
+
+def forward_cuts(data: TrainingData, holdout: tuple, fractions=CUT_FRACTIONS) -> list[Cut]:
+    """The fit's own (``data``, ``holdout``) and the earlier cuts inside ``data``."""
+    cuts = []
+    ts = np.asarray(data.ts)
+    if ts.size:
+        bounds = sorted({int(np.quantile(ts, f, method="lower")) for f in fractions})
+        edges = bounds + [int(ts.max()) + 1]
+        for a, b in zip(edges[:-1], edges[1:]):
+            before, after = ts < a, (ts >= a) & (ts < b)
+            if before.any() and (data.label[after] == 1).any():
+                cuts.append(Cut(sub(data, before), (data.user[after], data.item[after], data.label[after])))
+    cuts.append(Cut(data, tuple(np.asarray(x) for x in holdout)))
+    return cuts
+
+
+def sub(data: TrainingData, rows: np.ndarray) -> TrainingData:
+    """``data`` restricted to the events ``rows`` (a mask)."""
+    return TrainingData(V=data.V, A=data.A, UA=data.UA, user=data.user[rows], item=data.item[rows],
+                        ts=data.ts[rows], label=data.label[rows], UK=data.UK)
+
+
+def fit_closed_form(model: Any, data: TrainingData, *, max_items: int | None = None) -> None:
+    """Fit ``model``'s closed-form terms on ``data``: the content prior (when the model
+    has a weight for it) and the text-regularised, time-decayed item-item model."""
+    n = data.V.shape[0]
+    if "beta" in model.params:
+        target = np.log1p(decayed_positives(data.item, data.ts, data.label, n, PRIOR_HALF_LIFE))
+        warm = np.bincount(data.item, minlength=n) > 0
+        model.prior = ContentPrior.fit(data.V, data.A, target, warm, seed=model.config.seed)
+        model.prior_item = model.prior.values(data.V, data.A)
+    if model.config.item_item:
+        pos = data.label == 1
+        h = model.config.time_decay_days
+        w = None
+        if h and pos.any():
+            ts = np.asarray(data.ts[pos], np.float64)
+            w = np.power(0.5, (ts.max() - ts) / 86400.0 / h)
+        model.item_item = ItemItem.fit(data.user[pos], data.item[pos], n, lam=LAM, mu=MU, V=data.V, weight=w,
+                                       **({} if max_items is None else {"max_items": max_items}))
+
+
+@contextmanager
+def closed_form_of(model: Any, data: TrainingData) -> Iterator[None]:
+    """``model`` with its closed-form terms fitted on ``data`` (a cut's past), restored after."""
+    saved = (model.prior, model.prior_item, model.item_item)
+    try:
+        fit_closed_form(model, data, max_items=CUT_MAX_ITEMS)
+        yield
+    finally:
+        model.prior, model.prior_item, model.item_item = saved
+
+
+@contextmanager
+def weights(model: Any, **values: float) -> Iterator[None]:
+    """``model.params[name] = value`` for each keyword while inside, restored after."""
+    saved = {k: model.params[k].copy() for k in values}
+    try:
+        for k, v in values.items():
+            model.params[k] = np.array([v], np.float32)
+        yield
+    finally:
+        model.params.update(saved)
+
+
+@dataclass
+class Parts:
+    """A cut's score split into the part without the closed-form terms and the terms at
+    weight 1, for the users it judges: ``S = base + gamma * ii + beta * prior``."""
+
+    users: np.ndarray      # the holdout users with a positive
+    base: np.ndarray       # [users, items]
+    ii: np.ndarray | float
+    prior: np.ndarray | float  # [items]: the prior after shrinkage
+    relevant: list         # holdout positives of each user
+    seen: list             # training positives of each user (never recommended again)
+    returning: np.ndarray  # bool per user: a positive before the cut
+    cold: np.ndarray       # bool per item: no event before the cut
+
+
+def parts(model: Any, cut: Cut) -> Parts:
+    """The pieces of ``model``'s score on ``cut`` (with its closed-form terms as fitted)."""
+    train = cut.train
+    n = train.V.shape[0]
+    hu, hi = holdout_positives(*cut.holdout, None)
+    users = np.unique(hu)
+    if users.size > MAX_CUT_USERS:  # bounds the [users, items] matrices of a cut
+        users = np.sort(np.random.default_rng(model.config.seed).choice(users, MAX_CUT_USERS, replace=False))
+    order = np.argsort(hu, kind="stable")
+    hu, hi = hu[order], hi[order]
+    lo, up = np.searchsorted(hu, users, "left"), np.searchsorted(hu, users, "right")
+    with weights(model, **{k: 0.0 for k in ("gamma", "beta") if k in model.params}):
+        base = model.score(train, users) if users.size else np.zeros((0, n), np.float32)
+    ii: np.ndarray | float = 0.0
+    if model.item_item is not None and "gamma" in model.params:
+        ptr, it, lab, _ = build_histories(users, train.user, train.item, train.label, train.ts)
+        with weights(model, gamma=1.0):
+            ii = model.item_item_bias(ptr, it, lab, n)
+    prior: np.ndarray | float = 0.0
+    if model.prior is not None and model.prior_item is not None:
+        npos = np.bincount(train.item[train.label == 1], minlength=n).astype(np.float64)
+        k = model.config.prior_k
+        prior = (model.prior_item * (k / (npos + k))).astype(np.float32)
+    pos_users = np.unique(train.user[train.label == 1])
+    return Parts(users, base, ii, prior, [hi[a:b] for a, b in zip(lo, up)],
+                 seen_positives(positives_log(train), users), np.isin(users, pos_users),
+                 np.bincount(train.item, minlength=n) == 0)
+
+
+def ndcg(p: Parts, gamma: float, beta: float, rows: np.ndarray, cold_only: bool = False) -> np.ndarray:
+    """Per-user NDCG@10 of the users ``rows`` (a mask) at these weights; ``cold_only``:
+    ranked among the cold items, judged on their cold positives."""
+    S = p.base[rows].copy()
+    if gamma:
+        S += gamma * p.ii[rows]
+    if beta:
+        S += beta * p.prior[None, :]
+    rel = [r for r, keep in zip(p.relevant, rows) if keep]
+    seen = [x for x, keep in zip(p.seen, rows) if keep]
+    if cold_only:
+        S[:, ~p.cold] = -np.inf
+        rel = [r[p.cold[r]] for r in rel]
+    return ndcg_per_user(top_k(S, 10, seen), rel, 10)
+
+
+def calibration(p: Parts) -> float:
+    """The item-item scores' scale against the rest of the score: median over the
+    returning users of the spread of the top-10 logits without the term, over that of the
+    item-item scores."""
+    rows = np.flatnonzero(p.returning)[:500]
+    n = p.base.shape[1]
+    if not rows.size or np.ndim(p.ii) != 2 or n <= 10:
+        return 1.0
+
+    def spread(M: np.ndarray) -> float:
+        top = np.sort(np.partition(M, n - 10, axis=1)[:, n - 10:], axis=1)
+        return float(np.median(top[:, -1] - top[:, 0]))
+
+    s_ii = spread(p.ii[rows])
+    return spread(p.base[rows]) / s_ii if s_ii > 0 else 1.0
+
+
+def pooled(diffs: list[np.ndarray]) -> tuple[float, float, int]:
+    """Mean, standard error and count of the pooled per-user differences."""
+    d = np.concatenate(diffs) if diffs else np.zeros(0)
+    if d.size < 2:
+        return (float(d.mean()) if d.size else 0.0), float("nan"), int(d.size)
+    return float(d.mean()), float(d.std(ddof=1) / np.sqrt(d.size)), int(d.size)
+
+
+def _num(x: float) -> float | None:
+    return round(float(x), 5) if np.isfinite(x) else None
+
+
+def report(grid: dict, chosen: float, z: float, cuts: int, **extra: Any) -> dict:
+    """What a choice records: the chosen value, its gain over 0 with the standard error
+    and the users (user-periods) that judged it, the cuts, and every value tried."""
+    n = next(iter(grid.values()))[2] if grid else 0
+    g = grid.get(chosen, (0.0, 0.0, n))
+    tried = max(grid, key=lambda v: grid[v][0]) if grid else None
+    return {"chosen": chosen, "gain": _num(g[0]), "se": _num(g[1]), "users": g[2], "cuts": cuts, "z": z,
+            # with nothing chosen, the gain above is 0: the best value tried says how close it came
+            "best_tried": None if tried is None else {"value": tried, "gain": _num(grid[tried][0]),
+                                                      "se": _num(grid[tried][1])},
+            "grid": {str(k): {"gain": _num(v[0]), "se": _num(v[1])} for k, v in grid.items()}, **extra}
+
+
+def best(grid: dict, z: float) -> float:
+    """The value with the largest gain among those clearly better than 0 (0 if none)."""
+    fine = [v for v, (g, se, n) in grid.items() if n > 1 and np.isfinite(se) and g > z * se and g > 0]
+    return max(fine, key=lambda v: (grid[v][0], -v)) if fine else 0.0
+
+
+class Grid:
+    """Per-user NDCG differences against weight 0, per value tried, pooled over cuts."""
+
+    def __init__(self, values):
+        self.diffs: dict = {v: [] for v in values}
+
+    def add(self, value: float, d: np.ndarray) -> None:
+        self.diffs[value].append(d)
+
+    def pooled(self) -> dict:
+        return {v: pooled(d) for v, d in self.diffs.items()}
+
+
+def judge_cut(p: Parts, gammas: Grid, betas: Grid, guard: Grid) -> None:
+    """Add one cut's per-user differences: ``gamma`` on its returning users, ``beta`` on
+    its cold items and, as a guard, on all items."""
+    if np.ndim(p.ii) == 2 and p.returning.any():
+        base = ndcg(p, 0.0, 0.0, p.returning)
+        for v in gammas.diffs:
+            gammas.add(v, ndcg(p, v, 0.0, p.returning) - base)
+    if np.ndim(p.prior) == 1 and p.users.size:
+        every = np.ones(p.users.size, bool)
+        base_cold, base_all = ndcg(p, 0.0, 0.0, every, True), ndcg(p, 0.0, 0.0, every)
+        for v in betas.diffs:
+            betas.add(v, ndcg(p, 0.0, v, every, True) - base_cold)
+            guard.add(v, ndcg(p, 0.0, v, every) - base_all)
+
+
+def choose_terms(model: Any, data: TrainingData, holdout: tuple, z: float) -> dict:
+    """Fit the closed-form terms on ``data`` and choose their weights on the pooled cuts
+    (one cut's score matrices at a time); returns what each choice records (see
+    :func:`report`): ``gamma`` on returning users, ``prior`` on cold items."""
+    fit_closed_form(model, data)
+    cuts = forward_cuts(data, holdout)
+    last = parts(model, cuts[-1])  # the fit's own cut: its terms are the model's
+    scale = calibration(last)
+    gammas = Grid([round(scale * s, 6) for s in GAMMA_STEPS])
+    betas, guard = Grid(BETAS), Grid(BETAS)
+    judge_cut(last, gammas, betas, guard)
+    del last
+    for cut in cuts[:-1]:
+        with closed_form_of(model, cut.train):
+            judge_cut(parts(model, cut), gammas, betas, guard)
+    out = {}
+    if "gamma" in model.params and model.item_item is not None:
+        grid = gammas.pooled()
+        chosen = best(grid, z)
+        model.params["gamma"] = np.array([chosen], np.float32)
+        out["gamma"] = report(grid, chosen, z, len(cuts), calibration=round(scale, 6), judged_on="returning users")
+    if "beta" in model.params and model.prior is not None:
+        grid, g_all = betas.pooled(), guard.pooled()
+        # cold items must not push warm ones out of the lists: on all items, no loss beyond
+        # one standard error (stricter than the gain's z: the lists of every user are at stake)
+        safe = {v: g for v, g in grid.items() if not (np.isfinite(g_all[v][1]) and g_all[v][0] < -g_all[v][1])}
+        chosen = best(safe, z)
+        model.params["beta"] = np.array([chosen], np.float32)
+        g = g_all.get(chosen, (0.0, 0.0, 0))
+        out["prior"] = report(grid, chosen, z, len(cuts), judged_on="cold items",
+                              all_items={"gain": _num(g[0]), "se": _num(g[1]), "users": g[2]})
+    return out

@@ -1,0 +1,8 @@
+"""Versions: writing, reading and choosing embedding versions.
+
+Owns a version's rows and parameters (safetensors), its vector index, version
+1 (the popularity rule), training windows, ``eval``'s holdout, the no-op
+decision and the ``refresh`` pipeline.
+May import: the top-level helpers, ``storage``, ``engines``, ``encoders``,
+``data`` and ``model``.
+"""
