@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import datetime as _dt
 import os
-from contextlib import nullcontext
 from dataclasses import replace
 from typing import Any, Iterable
 
@@ -22,7 +21,7 @@ from dynstore.storage.catalog import TABLES, Catalog, is_init_leftover, open_cat
 from dynstore.storage.config import CONFIG_NAME, StoreConfig
 from dynstore.encoders import check_precision, encoder_fingerprint, get_encoder
 from dynstore.errors import ConfigError, SqlError, StoreExists
-from dynstore.data.feedback import IMPRESSIONS_WAIT, impressions_table
+from dynstore.data.feedback import log_impressions
 from dynstore.sql.functions import check_write_calls
 from dynstore.inspection import inspect_store
 from dynstore.serving.recommend import recommend
@@ -333,21 +332,10 @@ class Store:
         sources = list(source) if isinstance(source, (list, tuple)) else [source]
         return self._ingest(kind, sources, mapping=mapping, fmt=format, dedupe=dedupe, allow_future=allow_future)
 
-    def _ingest(self, kind: str, sources: list, *, wait: float = 2.0, **options: Any) -> IngestResult:
-        """:meth:`ingest` under the table's writer lock (waiting up to ``wait`` seconds);
-        a first ingest also under the ``ids`` lock (see :func:`dynstore.data.ingest.ids_fixed`).
-        Nothing is locked after the commit: it succeeds whole or fails with nothing stored."""
-        from dynstore.data.compaction import maybe_compact
-        from dynstore.data.ingest import ids_fixed, ingest
+    def _ingest(self, kind: str, sources: list, **options: Any) -> IngestResult:
+        from dynstore.data.ingest import ingest_locked  # the write path: imported when used
 
-        cat = self.catalog.latest
-        cat.require_writable("ingest")
-        with cat.writing("ingest"), cat.lock(f"ingest-{kind}" if kind in TABLES else "ingest", wait=wait):
-            with nullcontext() if ids_fixed(cat, kind) else cat.lock("ids", wait=wait):
-                result = ingest(cat, kind, sources, **options)
-            if kind in TABLES:
-                maybe_compact(cat, kind)
-        return result
+        return ingest_locked(self.catalog, kind, sources, **options)
 
     def delete(self, kind: str, where: str, *, dry_run: bool = False) -> DeleteResult:
         """Delete the rows of ``kind`` matching the SQL condition ``where``, in one commit.
@@ -488,12 +476,7 @@ class Store:
 
     def log_impressions(self, user_id: Any, items: Iterable[Any]) -> int:
         """Record that ``items`` were shown to ``user_id`` (see :mod:`dynstore.data.feedback`)."""
-        self.catalog.require_writable("log impressions")
-        table = impressions_table(user_id, list(items))
-        if table.num_rows:
-            # many processes log at once: each waits its turn (bounded), never StoreBusy at once
-            self._ingest("interactions", [table], wait=IMPRESSIONS_WAIT)
-        return table.num_rows
+        return log_impressions(self.catalog, user_id, items)
 
     def compact(self, *, retain_seconds: float | None = None) -> CompactResult:
         """Merge small fragments, drop dataset versions superseded more than

@@ -291,6 +291,8 @@ def _user_vector(store: SqlHost, user_ids):
 @builtin("log_impressions", lambda s: [_uid(s), f"{_iid(s)}[]"], "BIGINT", side_effects=True)
 def _log_impressions(store: SqlHost, user_ids, item_lists):
     """Append one ``impression`` interaction per shown item; returns rows written."""
-    counts = [None if u is None or items is None else store.log_impressions(u, items)
+    from dynstore.data.feedback import log_impressions  # a write, routed to the data wing
+
+    counts = [None if u is None or items is None else log_impressions(store.catalog, u, items)
               for u, items in zip(_py(user_ids), _py(item_lists))]
     return pa.array(counts, pa.int64())

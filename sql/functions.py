@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import functools
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable, Protocol, Sequence
+from typing import Any, Callable, Protocol, Sequence
 
 import duckdb
 
@@ -40,8 +40,6 @@ class SqlHost(Protocol):
     def read_only(self) -> bool: ...
 
     def pinned(self) -> "SqlHost": ...
-
-    def log_impressions(self, user_id: Any, items: Iterable[Any]) -> int: ...
 
 
 @dataclass(frozen=True)

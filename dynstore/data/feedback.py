@@ -13,11 +13,14 @@ has stored its rows and a refused one stored none.
 from __future__ import annotations
 
 import datetime as _dt
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Iterable, Sequence
 
 import pyarrow as pa
 
-__all__ = ["impressions_table", "IMPRESSIONS_WAIT"]
+if TYPE_CHECKING:  # pragma: no cover
+    from dynstore.storage.catalog import Catalog
+
+__all__ = ["impressions_table", "log_impressions", "IMPRESSIONS_WAIT"]
 
 #: Seconds a ``log_impressions`` call waits for other writers of interactions
 #: (other processes logging, an ingest) before it gives up with ``StoreBusy``.
@@ -42,3 +45,19 @@ def impressions_table(user_id: Any, items: Sequence[Any], *, ts: _dt.datetime | 
         "event": ["impression"] * len(items),
         "value": pa.array([None] * len(items), pa.float64()),
     })
+
+
+def log_impressions(catalog: "Catalog", user_id: Any, items: Iterable[Any]) -> int:
+    """Record that ``items`` were shown to ``user_id``: one append to interactions,
+    waiting up to :data:`IMPRESSIONS_WAIT` seconds for other writers. Returns the
+    rows written (``None`` items are skipped). Used by
+    :meth:`Store.log_impressions <dynstore.Store.log_impressions>` and by the SQL
+    function ``log_impressions``."""
+    from dynstore.data.ingest import ingest_locked  # the write path: imported when a write happens
+
+    catalog.require_writable("log impressions")
+    table = impressions_table(user_id, list(items))
+    if table.num_rows:
+        ingest_locked(catalog, "interactions", [table], wait=IMPRESSIONS_WAIT)
+    return table.num_rows
+

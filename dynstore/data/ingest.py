@@ -981,3 +981,24 @@ def _rows_of(con, queries, id_col, value) -> str:
         if hits:
             return f"{src.label}: rows {' and '.join(str(h[0]) for h in hits)}"
     return queries[0][0].label
+
+
+def ingest_locked(catalog: Catalog, kind: str, sources: list, *, wait: float = 2.0, **options: Any) -> IngestResult:
+    """:func:`ingest` under the table's writer lock (waiting up to ``wait`` seconds);
+    a first ingest also under the ``ids`` lock (see :func:`ids_fixed`), then a
+    compaction when the table has too many fragments. Nothing is locked after the
+    commit: it succeeds whole or fails with nothing stored."""
+    from contextlib import nullcontext
+
+    from dynstore.data.compaction import maybe_compact
+    from dynstore.storage.catalog import TABLES
+
+    cat = catalog.latest
+    cat.require_writable("ingest")
+    with cat.writing("ingest"), cat.lock(f"ingest-{kind}" if kind in TABLES else "ingest", wait=wait):
+        with nullcontext() if ids_fixed(cat, kind) else cat.lock("ids", wait=wait):
+            result = ingest(cat, kind, sources, **options)
+        if kind in TABLES:
+            maybe_compact(cat, kind)
+    return result
+
