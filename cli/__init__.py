@@ -746,7 +746,7 @@ def _report_refresh(out: RefreshResult) -> None:
         click.echo(f"version {out.version}: {out.status}"
                    + (" (training did not clearly beat its start on the holdout: same weights)"
                       if out.kept_start else ""))
-    for name, m in (out.metrics or {}).items():
+    for name, m in (out.metrics.to_dict() if out.metrics else {}).items():
         if isinstance(m, dict):
             click.echo(f"  {name:<10} " + "  ".join(f"{k}={v:.4f}" for k, v in m.items() if isinstance(v, float)))
     if out.holdout:

@@ -32,7 +32,7 @@ from dataclasses import dataclass, field, fields
 from typing import Any, ClassVar
 
 __all__ = ["IngestResult", "EncodeResult", "RefreshResult", "DeleteResult", "CompactResult", "RollbackResult",
-           "ScoreAllResult", "Recommendation", "VersionRow", "Inspection", "Evaluation"]
+           "ScoreAllResult", "Recommendation", "VersionRow", "Inspection", "Evaluation", "Figures", "RefreshMetrics"]
 
 
 class _Result:
@@ -104,7 +104,8 @@ class RefreshResult(_Result):
     reason: str | None = None
     parent: int | None = None
     promoted: bool = False
-    metrics: dict[str, Any] | None = None
+    #: holdout figures of the candidate, the current version and the popularity rule
+    metrics: RefreshMetrics | None = None
     counts: dict[str, int] | None = None
     durations: dict[str, float] | None = None
     window: str | None = None
@@ -133,6 +134,8 @@ class RefreshResult(_Result):
                 out["version"] = self.version
             return out
         out = {name: getattr(self, name) for name in self._TRAINED}
+        if isinstance(self.metrics, RefreshMetrics):
+            out["metrics"] = self.metrics.to_dict()
         if self.reason is not None:  # "unchanged": why nothing was published
             out["reason"] = self.reason
         for name in ("published", "finetune"):
@@ -340,3 +343,53 @@ class Evaluation(_Row):
         """``{"version", "recall@k", "ndcg@k", "auc", "n_users", "slice"}``."""
         return {"version": self.version, f"recall@{self.k}": self.recall, f"ndcg@{self.k}": self.ndcg,
                 "auc": self.auc, "n_users": self.n_users, "slice": self.slice}
+
+
+@dataclass(frozen=True, eq=False)
+class Figures(_Row):
+    """One model's holdout figures: Recall@k, NDCG@k and AUC, means over the ``n_users`` users
+    with a relevant item; ``to_dict()`` names them ``recall@k``, ``ndcg@k``, ``auc``, ``n_users``.
+
+    >>> f = Figures.from_dict({"recall@10": 0.5, "ndcg@10": 0.25, "auc": 0.75, "n_users": 4})
+    >>> f.ndcg, f["ndcg@10"], f.k
+    (0.25, 0.25, 10)
+    """
+
+    recall: float
+    ndcg: float
+    auc: float
+    n_users: int
+    k: int = 10
+
+    @classmethod
+    def from_dict(cls, figures: Mapping[str, Any]) -> "Figures":
+        k = int(next(key for key in figures if key.startswith("recall@")).split("@", 1)[1])
+        return cls(recall=figures[f"recall@{k}"], ndcg=figures[f"ndcg@{k}"], auc=figures["auc"],
+                   n_users=figures["n_users"], k=k)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {f"recall@{self.k}": self.recall, f"ndcg@{self.k}": self.ndcg, "auc": self.auc,
+                "n_users": self.n_users}
+
+
+@dataclass(frozen=True, eq=False)
+class RefreshMetrics(_Row):
+    """:attr:`RefreshResult.metrics`: the candidate's, the current version's and the popularity
+    rule's :class:`Figures` on the refresh's holdout (``metrics.candidate.ndcg``; also
+    ``metrics["candidate"]["ndcg@10"]``, as before)."""
+
+    candidate: Figures
+    current: Figures
+    rule: Figures
+
+    def __getitem__(self, key: str) -> Any:
+        if key in ("candidate", "current", "rule"):
+            return getattr(self, key)
+        raise KeyError(key)
+
+    @classmethod
+    def from_dict(cls, metrics: Mapping[str, Mapping[str, Any]]) -> "RefreshMetrics":
+        return cls(**{name: Figures.from_dict(metrics[name]) for name in ("candidate", "current", "rule")})
+
+    def to_dict(self) -> dict[str, Any]:
+        return {name: getattr(self, name).to_dict() for name in ("candidate", "current", "rule")}

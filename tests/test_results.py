@@ -8,8 +8,8 @@ import json
 import pytest
 
 from dynstore.inspection import inspect_store
-from dynstore.results import (CompactResult, DeleteResult, EncodeResult, Evaluation, IngestResult, Inspection,
-                              Recommendation, RefreshResult, RollbackResult, VersionRow)
+from dynstore.results import (CompactResult, DeleteResult, EncodeResult, Evaluation, Figures, IngestResult,
+                              Inspection, Recommendation, RefreshMetrics, RefreshResult, RollbackResult, VersionRow)
 from dynstore.serving.recommend import recommend
 from dynstore.storage.registry import list_versions
 from dynstore.versions.holdout import evaluate_version
@@ -73,7 +73,11 @@ def test_the_reads_are_typed_and_their_dicts_unchanged(encoded, runner):
     from dynstore.cli import main
 
     store = encoded
-    store.refresh(since="all", epochs=1)
+    out = store.refresh(since="all", epochs=1)
+    assert isinstance(out.metrics, RefreshMetrics) and isinstance(out.metrics.rule, Figures)
+    assert out.metrics.candidate.ndcg == out.metrics["candidate"]["ndcg@10"] and out.metrics.current.k == 10
+    assert out.to_dict()["metrics"] == json.loads(json.dumps(out.to_dict()["metrics"]))  # plain dicts
+    assert list(out.to_dict()["metrics"]["rule"]) == ["recall@10", "ndcg@10", "auc", "n_users"]
     recs = store.recommend(3, 5)
     assert recs and all(isinstance(r, Recommendation) for r in recs)
     assert recs == recommend(store.catalog, 3, 5) and [dict(r) for r in recs] == recommend(store.catalog, 3, 5)
