@@ -51,7 +51,8 @@ def trained(tmp_path_factory, shop_files, shop_frames):
         con.close()
     data = window.all_events()
     tensors, meta = lv.model.state()
-    model = FusionModel.from_state(tensors, dict(meta, config=ModelConfig(epochs=3, seed=3).to_dict()))
+    model = FusionModel.from_state(tensors, dict(meta, config=ModelConfig(epochs=3, seed=3, max_history=12,
+                                                                           half_life=4.0).to_dict()))
     model.fit(data)
     assert model.item_item is not None and model.prior is not None and model.segments
     model.params["gamma"] = np.array([0.7], np.float32)
@@ -64,7 +65,10 @@ def trained(tmp_path_factory, shop_files, shop_frames):
     now = int(data.ts.max())
     last = np.full(len(window.user_ids), -1, np.int64)
     np.maximum.at(last, data.user, data.ts)
-    returning = [u for u in range(len(last)) if 0 <= last[u] < now and (data.user == u).sum() >= 5][:4]
+    # the busiest users: their histories are cut at max_history (impressions) and short_history (positives)
+    busiest = np.argsort(-np.bincount(data.user, minlength=len(last)), kind="stable")
+    returning = [int(u) for u in busiest if 0 <= last[u] < now][:4]
+    assert min(np.bincount(data.user)[returning]) > 12
     silent = [u for u in range(len(last)) if last[u] < 0 and window.UA[u].any()][:1]
     assert len(returning) == 4 and len(silent) == 1
     yield store, version, window, data, returning + silent
