@@ -56,7 +56,8 @@ if len(sys.argv) > 3:  # --hash: the served version's bits, to compare two trees
         h.update(item.encode()); h.update(np.asarray(vec, dtype=np.float32).tobytes()); h.update(np.float32(bias).tobytes())
     users = [r[0] for r in store.sql("SELECT DISTINCT user_id FROM interactions ORDER BY user_id LIMIT 50").fetchall()]
     for u in users:
-        h.update(json.dumps(store.recommend(u, k=10), sort_keys=True, default=str).encode())
+        # dict(r): the rows as plain dicts (typed rows since issue 25; the digest is the same)
+        h.update(json.dumps([dict(r) for r in store.recommend(u, k=10)], sort_keys=True, default=str).encode())
     digest = h.hexdigest()
 print(json.dumps({"sha256": digest, "events": frames["interactions"].height, "items": frames["items"].height,
                   "users": frames["users"].height, "generate_ingest_s": round(gen, 1),

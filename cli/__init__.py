@@ -447,13 +447,13 @@ def recommend(store: str, user_id, k, version, log_impressions, strict, fmt, as_
         if not _known_user(s, uid):
             _unknown_user(user_id, strict, quiet)
         recs = s.recommend(uid, k, version=version)
-        titles = _title_map(s, [r["item_id"] for r in recs])
+        titles = _title_map(s, [r.item_id for r in recs])
         columns = ["rank", "item_id", "score"] + (["title"] if titles is not None else [])
-        rows = [(n, r["item_id"], round(r["score"], 6)) + ((titles.get(r["item_id"]),) if titles is not None else ())
+        rows = [(n, r.item_id, round(r.score, 6)) + ((titles.get(r.item_id),) if titles is not None else ())
                 for n, r in enumerate(recs, 1)]
         click.echo(render(columns, rows, output_format(fmt, as_json)))
         if log_impressions:  # the list is shown even if logging it fails (a one-line error, exit non-zero)
-            s.log_impressions(uid, [r["item_id"] for r in recs])
+            s.log_impressions(uid, [r.item_id for r in recs])
 
 
 # -------------------------------------------------------------------------- sql
@@ -677,7 +677,7 @@ def inspect(store: str, fmt, as_json, quiet):
     """
     with _open(store, read_only=True) as s:
         out = s.inspect()
-    click.echo(key_values(out, output_format(fmt, as_json)))
+    click.echo(key_values(out.to_dict(), output_format(fmt, as_json)))
 
 
 # -------------------------------------------------------------------------- refresh
@@ -746,7 +746,7 @@ def _report_refresh(out: RefreshResult) -> None:
         click.echo(f"version {out.version}: {out.status}"
                    + (" (training did not clearly beat its start on the holdout: same weights)"
                       if out.kept_start else ""))
-    for name, m in (out.metrics or {}).items():
+    for name, m in (out.metrics.to_dict() if out.metrics else {}).items():
         if isinstance(m, dict):
             click.echo(f"  {name:<10} " + "  ".join(f"{k}={v:.4f}" for k, v in m.items() if isinstance(v, float)))
     if out.holdout:
@@ -789,7 +789,7 @@ def versions(store: str, fmt, as_json, quiet):
     from dynstore.storage.registry import choices, headline_metrics
 
     with _open(store, read_only=True) as s:
-        rows = s.versions()
+        rows = [r.to_dict() for r in s.versions()]
     fmt = output_format(fmt, as_json)
     if fmt in ("json", "jsonl"):
         click.echo(render(list(rows[0]) if rows else [], [list(r.values()) for r in rows], fmt))
@@ -861,11 +861,11 @@ def eval_(store: str, version, k, since, fmt, as_json, quiet):
     """
     with _open(store, read_only=True) as s:
         out = s.evaluate(version=version, k=k, since=since)
-    click.echo(key_values(out, output_format(fmt, as_json)))
-    sl = out["slice"]
+    click.echo(key_values(out.to_dict(), output_format(fmt, as_json)))
+    sl = out.slice
     _note(quiet or as_json or fmt != "table",
           f"note: judged on {sl['events']} events of {sl['users']} users from {sl['from']} to {sl['to']} (the newest "
-          f"{sl['share']:.0%} of {sl['of']}), {sl['trained_on_share']:.0%} of which version {out['version']} "
+          f"{sl['share']:.0%} of {sl['of']}), {sl['trained_on_share']:.0%} of which version {out.version} "
           "was trained on; refresh uses its own window and only unseen events, so its figures differ")
 
 

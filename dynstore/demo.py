@@ -146,8 +146,8 @@ def _retrain_across_the_drift(store: Store, paths: dict[str, Path], after_rows: 
     echo(f"\n== new interactions arrive ({after_rows} rows after the drift point)")
     store.ingest("interactions", paths["after"])
     ev = store.evaluate()
-    echo(f"version {ev['version']} on the newest slice, before retraining: "
-         f"ndcg@10={ev['ndcg@10']:.4f} recall@10={ev['recall@10']:.4f}")
+    echo(f"version {ev.version} on the newest slice, before retraining: "
+         f"ndcg@10={ev.ndcg:.4f} recall@10={ev.recall:.4f}")
     r2 = store.refresh(since="30d")
     echo("$ dynstore refresh --since 30d")
     echo(_metrics(r2))

@@ -1,9 +1,15 @@
-"""What the store's write methods return: frozen, typed results.
+"""What the store's methods return: frozen, typed results.
 
 Read them by attribute (``store.ingest(...).rows``); ``to_dict()`` gives the
 JSON-able dict that ``--json`` prints, with the keys in their documented
 order. Optional parts (``IngestResult.unknown_items``, ``EncodeResult.version``,
 ...) are ``None`` when absent and then left out of ``to_dict()``.
+
+The write methods' results are plain records. The reads (``recommend``,
+``versions``, ``inspect``, ``evaluate``) return :class:`Recommendation`,
+:class:`VersionRow`, :class:`Inspection` and :class:`Evaluation`, which also read
+as the dicts they used to be (``row["item_id"]``, ``keys()``, ``dict(row)``,
+``==`` a dict): their keys are ``to_dict()``'s.
 
 Examples
 --------
@@ -14,14 +20,19 @@ Examples
 Traceback (most recent call last):
 ...
 TypeError: 'DeleteResult' object is not subscriptable
+>>> rec = Recommendation(item_id=7, score=0.5)
+>>> rec.item_id, rec["score"], dict(rec), rec == {"item_id": 7, "score": 0.5}
+(7, 0.5, {'item_id': 7, 'score': 0.5}, True)
 """
 from __future__ import annotations
 
+import datetime as _dt
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field, fields
 from typing import Any, ClassVar
 
 __all__ = ["IngestResult", "EncodeResult", "RefreshResult", "DeleteResult", "CompactResult", "RollbackResult",
-           "ScoreAllResult"]
+           "ScoreAllResult", "Recommendation", "VersionRow", "Inspection", "Evaluation", "Figures", "RefreshMetrics"]
 
 
 class _Result:
@@ -93,7 +104,8 @@ class RefreshResult(_Result):
     reason: str | None = None
     parent: int | None = None
     promoted: bool = False
-    metrics: dict[str, Any] | None = None
+    #: holdout figures of the candidate, the current version and the popularity rule
+    metrics: RefreshMetrics | None = None
     counts: dict[str, int] | None = None
     durations: dict[str, float] | None = None
     window: str | None = None
@@ -122,6 +134,8 @@ class RefreshResult(_Result):
                 out["version"] = self.version
             return out
         out = {name: getattr(self, name) for name in self._TRAINED}
+        if isinstance(self.metrics, RefreshMetrics):
+            out["metrics"] = self.metrics.to_dict()
         if self.reason is not None:  # "unchanged": why nothing was published
             out["reason"] = self.reason
         for name in ("published", "finetune"):
@@ -204,3 +218,178 @@ class ScoreAllResult(_Result):
     precision: str = "fp32"
 
     _optional: ClassVar[tuple[str, ...]] = ("workers",)
+
+
+# ------------------------------------------------------------------------ reads
+
+
+class _Row(_Result, Mapping):
+    """A read result that also reads as the dict it replaces: ``row[key]``, ``keys()``,
+    ``items()``, ``get()``, ``in``, ``dict(row)`` and ``==`` with a mapping, over the keys
+    of ``to_dict()``. Unhashable, as a dict is."""
+
+    def __getitem__(self, key: str) -> Any:
+        return self.to_dict()[key]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.to_dict())
+
+    def __len__(self) -> int:
+        return len(self.to_dict())
+
+
+@dataclass(frozen=True, eq=False)
+class Recommendation(_Row):
+    """One item of :meth:`Store.recommend`'s list: the item and its score ``p_ui`` (best first)."""
+
+    item_id: Any
+    score: float
+
+    def __getitem__(self, key: str) -> Any:
+        if key in ("item_id", "score"):
+            return getattr(self, key)
+        raise KeyError(key)
+
+    def to_dict(self) -> dict[str, Any]:
+        """``{"item_id", "score"}``."""
+        return {"item_id": self.item_id, "score": self.score}
+
+
+@dataclass(frozen=True, eq=False)
+class VersionRow(_Row):
+    """One embedding version of :meth:`Store.versions` (the registry's row, newest first)."""
+
+    version: int
+    parent: int | None
+    #: where the version stands now: current, retired, candidate, rejected
+    status: str
+    created: _dt.datetime
+    encoder: str
+    alpha: float | None
+    train_window: str
+    #: events (train, holdout, by label), items and users of the window it was trained on
+    counts: dict[str, Any]
+    #: holdout figures (``candidate``, ``current``, ``rule`` ...) and training statistics (``train``)
+    metrics: dict[str, Any]
+    #: the data it was built from (``trained_until``, ``since`` ...)
+    snapshot: dict[str, Any]
+    #: what refresh decided when it was made: initial, promoted, passed, rejected, rule
+    verdict: str
+
+    @classmethod
+    def from_dict(cls, row: Mapping[str, Any]) -> "VersionRow":
+        return cls(**row)
+
+
+@dataclass(frozen=True, eq=False)
+class Inspection(_Row):
+    """What :meth:`Store.inspect` found: counts, sizes, encoder, versions, what refresh would do."""
+
+    store: str
+    format_version: int
+    created: str
+    id_types: dict[str, str]
+    bytes: int
+    #: per table: ``{"rows", "bytes", "fragments", "dataset_version", "columns"}``
+    tables: dict[str, dict[str, Any]]
+    encoder: dict[str, Any]
+    semantic_cache: dict[str, Any]
+    embeddings: dict[str, Any]
+    #: items that need ``encode`` (None when the item document fails: see ``document_error``)
+    items_stale: int | None
+    #: ``{"count", "current", "latest", "by_status"}``
+    versions: dict[str, Any]
+    #: the newest trained version (None before any refresh)
+    last_refresh: dict[str, Any] | None
+    #: ``{"since", "needed", "reason"}``
+    refresh: dict[str, Any]
+    document_error: str | None = None
+    #: what to run when items are stale
+    encode: str | None = None
+
+    _optional: ClassVar[tuple[str, ...]] = ("document_error", "encode")
+
+    @classmethod
+    def from_dict(cls, info: Mapping[str, Any]) -> "Inspection":
+        return cls(**info)
+
+
+@dataclass(frozen=True, eq=False)
+class Evaluation(_Row):
+    """:meth:`Store.evaluate`'s figures: Recall@k, NDCG@k and AUC of ``version`` (means over the
+    ``n_users`` users with a relevant item) and the ``slice`` judged. ``to_dict()`` names the
+    first two ``recall@k`` and ``ndcg@k`` (e.g. ``recall@10``), as ``dynstore eval`` prints them.
+
+    >>> e = Evaluation(version=2, k=5, recall=0.5, ndcg=0.25, auc=0.75, n_users=4, slice={})
+    >>> e.ndcg, e["ndcg@5"], list(e)
+    (0.25, 0.25, ['version', 'recall@5', 'ndcg@5', 'auc', 'n_users', 'slice'])
+    """
+
+    version: int
+    k: int
+    recall: float
+    ndcg: float
+    auc: float
+    n_users: int
+    #: which events were judged: ``{"events", "users", "from", "to", "share", "of", "trained_on_share", "scored"}``
+    slice: dict[str, Any]
+
+    @classmethod
+    def from_dict(cls, figures: Mapping[str, Any], k: int) -> "Evaluation":
+        return cls(version=figures["version"], k=k, recall=figures[f"recall@{k}"], ndcg=figures[f"ndcg@{k}"],
+                   auc=figures["auc"], n_users=figures["n_users"], slice=figures["slice"])
+
+    def to_dict(self) -> dict[str, Any]:
+        """``{"version", "recall@k", "ndcg@k", "auc", "n_users", "slice"}``."""
+        return {"version": self.version, f"recall@{self.k}": self.recall, f"ndcg@{self.k}": self.ndcg,
+                "auc": self.auc, "n_users": self.n_users, "slice": self.slice}
+
+
+@dataclass(frozen=True, eq=False)
+class Figures(_Row):
+    """One model's holdout figures: Recall@k, NDCG@k and AUC, means over the ``n_users`` users
+    with a relevant item; ``to_dict()`` names them ``recall@k``, ``ndcg@k``, ``auc``, ``n_users``.
+
+    >>> f = Figures.from_dict({"recall@10": 0.5, "ndcg@10": 0.25, "auc": 0.75, "n_users": 4})
+    >>> f.ndcg, f["ndcg@10"], f.k
+    (0.25, 0.25, 10)
+    """
+
+    recall: float
+    ndcg: float
+    auc: float
+    n_users: int
+    k: int = 10
+
+    @classmethod
+    def from_dict(cls, figures: Mapping[str, Any]) -> "Figures":
+        k = int(next(key for key in figures if key.startswith("recall@")).split("@", 1)[1])
+        return cls(recall=figures[f"recall@{k}"], ndcg=figures[f"ndcg@{k}"], auc=figures["auc"],
+                   n_users=figures["n_users"], k=k)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {f"recall@{self.k}": self.recall, f"ndcg@{self.k}": self.ndcg, "auc": self.auc,
+                "n_users": self.n_users}
+
+
+@dataclass(frozen=True, eq=False)
+class RefreshMetrics(_Row):
+    """:attr:`RefreshResult.metrics`: the candidate's, the current version's and the popularity
+    rule's :class:`Figures` on the refresh's holdout (``metrics.candidate.ndcg``; also
+    ``metrics["candidate"]["ndcg@10"]``, as before)."""
+
+    candidate: Figures
+    current: Figures
+    rule: Figures
+
+    def __getitem__(self, key: str) -> Any:
+        if key in ("candidate", "current", "rule"):
+            return getattr(self, key)
+        raise KeyError(key)
+
+    @classmethod
+    def from_dict(cls, metrics: Mapping[str, Mapping[str, Any]]) -> "RefreshMetrics":
+        return cls(**{name: Figures.from_dict(metrics[name]) for name in ("candidate", "current", "rule")})
+
+    def to_dict(self) -> dict[str, Any]:
+        return {name: getattr(self, name).to_dict() for name in ("candidate", "current", "rule")}

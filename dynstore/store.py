@@ -25,8 +25,9 @@ from dynstore.data.feedback import log_impressions
 from dynstore.sql.functions import check_write_calls
 from dynstore.inspection import inspect_store
 from dynstore.serving.recommend import recommend
-from dynstore.results import (CompactResult, DeleteResult, EncodeResult, IngestResult, RefreshResult, RollbackResult,
-                      ScoreAllResult)
+from dynstore.model.metrics import check_k
+from dynstore.results import (CompactResult, DeleteResult, EncodeResult, Evaluation, IngestResult, Inspection,
+                              Recommendation, RefreshResult, RollbackResult, ScoreAllResult, VersionRow)
 from dynstore.storage.registry import list_versions
 from dynstore.data.rules import validate_rules
 from dynstore.encoders.cache import encoder_info, snapshot
@@ -450,13 +451,15 @@ class Store:
             return score_all(cat, k=k, engine=engine, workers=workers, precision=precision)
 
     def recommend(self, user_id: Any, k: int = 10, *, version: int | None = None,
-                  candidates: Iterable[Any] | None = None, exact: bool = False) -> list[dict]:
-        """Top-``k`` items for ``user_id`` as ``[{"item_id", "score"}, ...]``, best first.
+                  candidates: Iterable[Any] | None = None, exact: bool = False) -> list[Recommendation]:
+        """Top-``k`` items for ``user_id``, best first: :class:`~dynstore.results.Recommendation`
+        rows (``.item_id``, ``.score``; they also read as ``{"item_id", "score"}`` dicts).
 
         Large catalogues are served from the version's vector index unless ``exact``.
         """
         view = self.catalog if self.catalog.is_pinned else self.catalog.pinned()  # one snapshot per call
-        return recommend(view, user_id, k, version=version, candidates=candidates, exact=exact)
+        return [Recommendation(r["item_id"], r["score"])
+                for r in recommend(view, user_id, k, version=version, candidates=candidates, exact=exact)]
 
     def refresh(self, *, since: str | None = DEFAULT_SINCE, epochs: int | None = None, promote: bool = True,
                 finetune_encoder: bool = False, finetune_steps: int | None = None, seed: int = 0,
@@ -496,14 +499,15 @@ class Store:
         with cat.writing("compact"):
             return compact(cat, retain_seconds=retain_seconds)
 
-    def inspect(self) -> dict:
+    def inspect(self) -> Inspection:
         """Counts, sizes, fragments, versions, encoder, stale items, last refresh and
-        what a refresh would do now (JSON-able); see :mod:`dynstore.inspection`."""
-        return inspect_store(self.catalog)
+        what a refresh would do now (:class:`~dynstore.results.Inspection`; ``to_dict()`` is
+        JSON-able); see :mod:`dynstore.inspection`."""
+        return Inspection.from_dict(inspect_store(self.catalog))
 
-    def versions(self) -> list[dict]:
-        """Every embedding version, newest first."""
-        return list_versions(self.catalog)
+    def versions(self) -> list[VersionRow]:
+        """Every embedding version, newest first (:class:`~dynstore.results.VersionRow`)."""
+        return [VersionRow.from_dict(r) for r in list_versions(self.catalog)]
 
     def rollback(self, version: int) -> RollbackResult:
         """Make an older version ``current`` again."""
@@ -514,14 +518,15 @@ class Store:
         with cat.writing("rollback"), cat.lock("refresh"):
             return rollback(cat, version)
 
-    def evaluate(self, *, version: int | None = None, k: int = 10, since: str | None = None) -> dict:
+    def evaluate(self, *, version: int | None = None, k: int = 10, since: str | None = None) -> Evaluation:
         """Recall@k, NDCG@k and AUC of ``version`` (default: current) on the newest 10% of
         all interactions (of the ``since`` window, e.g. ``"30d"``: only it is read), with the
-        ``"slice"`` judged; see :func:`dynstore.versions.holdout.evaluate_version`."""
+        ``"slice"`` judged (:class:`~dynstore.results.Evaluation`); see
+        :func:`dynstore.versions.holdout.evaluate_version`."""
         from dynstore.versions.holdout import evaluate_version
 
         view = self.catalog if self.catalog.is_pinned else self.catalog.pinned()
-        return evaluate_version(view, version=version, k=k, since=since)
+        return Evaluation.from_dict(evaluate_version(view, version=version, k=k, since=since), check_k(k))
 
 
 

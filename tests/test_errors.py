@@ -169,4 +169,4 @@ def test_kill_of_a_reader_is_harmless(encoded):
     proc.wait()
     assert sorted(p.name for p in (encoded.path / "locks").iterdir()) == locks
     assert encoded.recommend(1, 3)
-    assert json.dumps(encoded.inspect(), default=str)
+    assert json.dumps(encoded.inspect().to_dict(), default=str)

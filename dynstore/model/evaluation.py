@@ -12,8 +12,9 @@ from typing import Any, Callable
 
 import numpy as np
 
-from dynstore.model.histories import add_into, build_histories
+from dynstore.model.histories import build_histories
 from dynstore.model.metrics import ndcg_per_user, recall_at_k, top_k, user_auc
+from dynstore.model.score import logits, score_terms
 from dynstore.model.spec import TrainingData
 
 __all__ = ["evaluate", "scorer"]
@@ -28,7 +29,8 @@ def scorer(model: Any, data: TrainingData,
     """``users -> logits [len(users), n_items]`` of ``model`` (a
     :class:`~dynstore.model.fusion.FusionModel`), as serving would have scored the users of
     ``data`` just after its last event: histories and dynamic features from ``data``'s
-    events, item side computed once.
+    events, item side computed once, every term through the score equation
+    (:func:`dynstore.model.score.score_terms`, as serving).
 
     ``reuse_vectors`` fuses the item matrix into ``data.V`` (whose rows are then the
     fused vectors, not the semantic ones): one catalogue-sized matrix instead of two,
@@ -46,12 +48,10 @@ def scorer(model: Any, data: TrainingData,
 
     def score(users: np.ndarray) -> np.ndarray:
         ptr, it, lab, ts = build_histories(users, data.user, data.item, data.label, data.ts, order)
-        X = model.user_vectors(data.UA[users], ptr, it, lab, ts, Wf)
-        # summed in place, in the order of ``X @ Wf.T + bias + segment + item-item``:
-        # one [users, items] matrix alive instead of three
-        S = add_into(X @ Wf.T, bias[None, :])
-        S = add_into(S, model.segment_bias(table, data.UK[users]))
-        return add_into(S, model.item_item_bias(ptr, it, lab, n))
+        # the score equation as serving computes it (dynstore.model.score)
+        X, B = score_terms(model, Wf, bias, data.UA[users], (ptr, it, lab, ts),
+                           model.segment_bias(table, data.UK[users]))
+        return logits(X, Wf, B)
 
     return score
 

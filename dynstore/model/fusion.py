@@ -39,7 +39,8 @@ User side (computed at query time from the user's latest history -- no retrainin
   between history and candidates; chosen on the temporal validation slice of the
   MovieLens benchmark (NDCG@10 0.336 vs 0.328 without).
 
-Score: ``p_ui = sigmoid(w_i . x_u + b_i)``; serving ranks ``Wf @ x_u + bias``.
+Score: ``p_ui = sigmoid(w_i . x_u + b_i)`` plus the segment and item-item terms; the one
+equation, every term of it, is :mod:`dynstore.model.score`.
 
 Layout
 ------

@@ -31,6 +31,7 @@ import numpy as np
 from dynstore.lazy import attempt_import
 from dynstore.errors import DynstoreError
 from dynstore.model.metrics import MAX_K, check_k
+from dynstore.model.score import logits as score_logits, score_terms as model_terms
 from dynstore.storage.catalog import Catalog
 from dynstore.serving.precision import (QuantMatrix, check_precision, low_matrix, prefiltered_topk, quant_matrix, quant_scan,
                         round_up32)
@@ -51,37 +52,37 @@ def _histories(state: ServingState, user_ids: Sequence[Any]):
     return state.histories(rows)
 
 
-def user_vectors(state: ServingState, user_ids: Sequence[Any], histories=None) -> np.ndarray:
+def user_attributes(state: ServingState, user_ids: Sequence[Any]) -> np.ndarray:
+    """The users' attribute rows ``UA [m, fu]`` (zeros for users without attributes)."""
     _, attr = state.user_rows(user_ids)
-    hptr, hitem, hlab, hts = histories or _histories(state, user_ids)
     UA = np.zeros((len(user_ids), state.UA.shape[1]), np.float32)
     if state.UA.shape[1]:
         UA[attr >= 0] = state.UA[attr[attr >= 0]]
+    return UA
+
+
+def user_vectors(state: ServingState, user_ids: Sequence[Any], histories=None) -> np.ndarray:
+    hptr, hitem, hlab, hts = histories or _histories(state, user_ids)
+    UA = user_attributes(state, user_ids)
     return np.asarray(state.model.user_vectors(UA, hptr, hitem, hlab, hts, state.Wf), np.float32)
 
 
 def score_terms(state: ServingState, user_ids: Sequence[Any], hist=None) -> tuple[np.ndarray, np.ndarray]:
     """``(X [m, d], B)``: the users' vectors and everything else their score adds per item --
     the bias as of now (static + dynamic), the segment and the item-item terms -- as
-    ``B [m, n_items]``, or ``[n_items]`` when no term depends on the user. The logit of
-    item ``i`` is ``X @ Wf[i] + B[..., i]``: every term of the score, in one place."""
+    ``B [m, n_items]``, or ``[n_items]`` when no term depends on the user: the score
+    equation (:func:`dynstore.model.score.score_terms`) on what the serving state holds.
+    The logit of item ``i`` is ``X @ Wf[i] + B[..., i]``."""
     hist = hist if hist is not None else _histories(state, user_ids)
-    X = user_vectors(state, user_ids, hist)
-    extra = state.segment_bias(user_ids)
-    ii = state.model.item_item_bias(hist[0], hist[1], hist[2], len(state.ids))
-    extra = extra + ii if isinstance(ii, np.ndarray) or isinstance(extra, np.ndarray) else extra
-    if isinstance(extra, np.ndarray):
-        return X, (state.bias + extra).astype(np.float32, copy=False)
-    return X, state.bias if not extra else state.bias + np.float32(extra)
+    return model_terms(state.model, state.Wf, state.bias, user_attributes(state, user_ids), hist,
+                       state.segment_bias(user_ids))
 
 
 def user_logits(state: ServingState, user_ids: Sequence[Any], rows: np.ndarray | None = None) -> np.ndarray:
     """``w_i . x_u + b_i(now)`` plus the segment and item-item terms, for the users (all
     items, or ``rows``); see :func:`score_terms`."""
     X, B = score_terms(state, user_ids)
-    if rows is None:
-        return X @ state.Wf.T + B
-    return X @ state.Wf[rows].T + B[..., rows]
+    return score_logits(X, state.Wf, B, rows)
 
 
 def _probability(logits) -> np.ndarray:
@@ -495,9 +496,9 @@ def recommend_from_examples(catalog: Catalog, positive: Sequence[Any], negative:
     hist = (np.array([0, len(hist_item)], np.int64), hist_item,
             np.array([1] * len(pos) + [-1] * len(neg), np.int8), np.zeros(len(hist_item), np.int64))
     X, B = score_terms(state, [_NOBODY], hist)
-    logits = (X @ state.Wf.T + B).astype(np.float32, copy=False)
-    logits[0, hist_item] = -np.inf
-    val, idx = _topk(logits, k)
+    S = score_logits(X, state.Wf, B).astype(np.float32, copy=False)
+    S[0, hist_item] = -np.inf
+    val, idx = _topk(S, k)
     prob = _probability(val[0])
     return [{"item_id": state.ids[c], "score": float(p)} for c, p, v in zip(idx[0], prob, val[0]) if np.isfinite(v)]
 

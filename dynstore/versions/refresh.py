@@ -43,7 +43,7 @@ from dynstore.model.finetune import finetune_encoder
 from dynstore.versions.freshness import refresh_plan
 from dynstore.model.fusion import FusionModel, ModelConfig, TrainingData
 from dynstore.storage.registry import is_rule, list_versions, rule_window
-from dynstore.results import RefreshResult
+from dynstore.results import RefreshMetrics, RefreshResult
 from dynstore.data.semantic import encode, item_docs, semantic_vectors
 from dynstore.encoders.cache import snapshot, store_encoder
 from dynstore.versions.embeddings import LoadedVersion, build_version, load_version
@@ -312,7 +312,8 @@ class _Run:
         self.timings["total_s"] = round(time.perf_counter() - self.started, 3)
         out = {"version": number, "parent": p.current_version.version, "status": verdict.status,
                "promoted": verdict.status == "current",
-               "metrics": {"candidate": verdict.candidate, "current": verdict.current, "rule": verdict.rule},
+               "metrics": RefreshMetrics.from_dict({"candidate": verdict.candidate, "current": verdict.current,
+                                                    "rule": verdict.rule}),
                "counts": p.counts, "durations": self.timings, "window": p.window_label, "holdout": p.judged,
                "reasons": self.plan["reasons"],
                # training never clearly beat its start on the holdout and no closed-form

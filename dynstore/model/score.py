@@ -1,0 +1,64 @@
+"""The score equation: every term of a logit, in one place (numpy).
+
+::
+
+    logit(u, i) = x_u . w_i + b_i(t) + s_{u,i}(t) + gamma * ii_{u,i}
+
+* ``x_u`` -- the user vector from attributes and latest history
+  (:meth:`~dynstore.model.fusion.FusionModel.user_vectors`),
+* ``w_i`` and ``b_i(t)`` -- the fused item vector and its bias as of ``t``: static
+  (:meth:`~dynstore.model.fusion.FusionModel.item_side`) plus dynamic
+  (:meth:`~dynstore.model.fusion.FusionModel.dynamic_bias`),
+* ``s_{u,i}(t)`` -- what the user's segments picked lately
+  (:meth:`~dynstore.model.fusion.FusionModel.segment_bias`),
+* ``gamma * ii_{u,i}`` -- the item-item term from the user's positives
+  (:meth:`~dynstore.model.fusion.FusionModel.item_item_bias`).
+
+:func:`score_terms` is what serving (recommend, ``score``, score-all,
+``recommend_from_examples``: :func:`dynstore.serving.recommend.score_terms`) and
+evaluation (:func:`dynstore.model.evaluation.scorer`) compute; each supplies the item
+side and the segment term from what it holds (a version's rows and the live counts, or
+a training window's events). The trainer computes the terms it learns in torch
+(:class:`dynstore.model.training.Trainer`); ``tests/test_score.py`` checks that a trained
+store's training-time and serving-time terms agree.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from dynstore.model.histories import add_into
+
+__all__ = ["score_terms", "logits"]
+
+
+def score_terms(model: Any, Wf: np.ndarray, bias: np.ndarray, UA_rows: np.ndarray | None, hist: tuple,
+                segment: np.ndarray | float) -> tuple[np.ndarray, np.ndarray]:
+    """``(X [m, d], B)`` of ``model`` (a :class:`~dynstore.model.fusion.FusionModel`) for ``m``
+    users: their vectors and everything else their logit adds per item -- ``bias`` (the item
+    biases as of now, static + dynamic) plus the users' ``segment`` term and their item-item
+    term -- as ``B [m, n_items]``, or ``[n_items]`` when no term depends on the user.
+
+    ``hist`` is the users' CSR histories ``(ptr, item, label, ts)`` (rows of ``Wf``);
+    ``UA_rows`` their attribute rows (None: none). The logit of item ``i`` is
+    ``X @ Wf[i] + B[..., i]`` (:func:`logits`)."""
+    X = np.asarray(model.user_vectors(UA_rows, hist[0], hist[1], hist[2], hist[3], Wf), np.float32)
+    ii = model.item_item_bias(hist[0], hist[1], hist[2], Wf.shape[0])
+    extra = segment + ii if isinstance(ii, np.ndarray) or isinstance(segment, np.ndarray) else segment
+    if isinstance(extra, np.ndarray):
+        return X, (bias + extra).astype(np.float32, copy=False)
+    return X, bias if not extra else bias + np.float32(extra)
+
+
+def logits(X: np.ndarray, Wf: np.ndarray, B: np.ndarray, rows: np.ndarray | None = None) -> np.ndarray:
+    """``X @ Wf.T + B``: the logits of :func:`score_terms`' terms over every item (or ``rows``),
+    ``[m, n]``, the terms added in place (one ``[m, n]`` matrix alive beside ``B``).
+
+    >>> X = np.ones((1, 2), np.float32); Wf = np.eye(2, dtype=np.float32)
+    >>> logits(X, Wf, np.array([0.5, -1.0], np.float32)).tolist()
+    [[1.5, 0.0]]
+    """
+    if rows is None:
+        return add_into(X @ Wf.T, B)
+    return add_into(X @ Wf[rows].T, B[..., rows])

@@ -1,0 +1,143 @@
+"""One score equation: a trained model scores the same at training time and at serving time.
+
+A model is trained on the tiny sample shop (fake encoder) and written as a version; for a
+few users (returning ones and a user with attributes and no events) every term of the
+logit is computed three ways and compared to float tolerance:
+
+* serving -- :func:`dynstore.serving.recommend.score_terms` on the version's serving state;
+* the trainer (torch) -- :class:`~dynstore.model.training.Trainer`'s user, item and
+  segment terms, for a probe event of each user just after their history (the closed-form
+  terms, content prior and item-item, are fitted in numpy after the SGD and added here as
+  :mod:`dynstore.model.score` adds them);
+* evaluation -- :func:`dynstore.model.evaluation.scorer`, which judges early stopping, the
+  closed-form weights and ``dynstore eval``.
+"""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import dynstore
+from dynstore.data.views import views_connection
+from dynstore.demo import DEMO_RULES
+from dynstore.model import training
+from dynstore.model.evaluation import scorer
+from dynstore.model.fusion import FusionModel, ModelConfig, TrainingData
+from dynstore.serving.recommend import score_terms, user_logits
+from dynstore.serving.state import serving_state
+from dynstore.versions.embeddings import build_version, load_version
+from dynstore.versions.window import WindowData
+
+TOL = dict(rtol=1e-4, atol=1e-4)
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, shop_files, shop_frames):
+    """``(store, version, data, users)``: the tiny shop with a trained version (every term
+    weighted: the closed-form weights, chosen on a holdout by refresh, are set here)."""
+    store = dynstore.init(tmp_path_factory.mktemp("score") / "s", model="fake", **DEMO_RULES)
+    store.ingest("users", shop_files / "users.parquet")
+    users = shop_frames["users"]
+    store.ingest("users", users.head(1).with_columns(users["user_id"].head(1) * 0 + 10_000))  # no events
+    store.ingest("items", shop_files / "items.csv")
+    store.ingest("interactions", shop_files / "interactions.parquet")
+    store.encode()
+    cat = store.catalog
+    lv = load_version(cat)
+    con = views_connection(cat)
+    try:
+        window = WindowData(cat, lv, con, None)
+    finally:
+        con.close()
+    data = window.all_events()
+    tensors, meta = lv.model.state()
+    model = FusionModel.from_state(tensors, dict(meta, config=ModelConfig(epochs=3, seed=3, max_history=12,
+                                                                           half_life=4.0).to_dict()))
+    model.fit(data)
+    assert model.item_item is not None and model.prior is not None and model.segments
+    model.params["gamma"] = np.array([0.7], np.float32)
+    model.params["beta"] = np.array([0.4], np.float32)
+    version = build_version(cat, model, lv.item_spec, lv.user_spec, parent=lv.version, status="candidate",
+                            items=window.items, residuals=model.residuals)
+    served = load_version(cat, version).model
+    for name in ("U", "M", "u0", "theta", "theta_seg"):  # trained: every term carries weight
+        assert np.abs(served.params[name]).sum() > 0, name
+    now = int(data.ts.max())
+    last = np.full(len(window.user_ids), -1, np.int64)
+    np.maximum.at(last, data.user, data.ts)
+    # the busiest users: their histories are cut at max_history (impressions) and short_history (positives)
+    busiest = np.argsort(-np.bincount(data.user, minlength=len(last)), kind="stable")
+    returning = [int(u) for u in busiest if 0 <= last[u] < now][:4]
+    assert min(np.bincount(data.user)[returning]) > 12
+    silent = [u for u in range(len(last)) if last[u] < 0 and window.UA[u].any()][:1]
+    assert len(returning) == 4 and len(silent) == 1
+    yield store, version, window, data, returning + silent
+    store.close()
+
+
+def _probe_trainer(model: FusionModel, data: TrainingData, users: list[int], residuals: tuple):
+    """A trainer over ``data`` plus one probe event per user at the newest event's time:
+    with bags of one event, a probe's bag scores the user from their whole history, as
+    serving does now. The dynamic features are the data's own (the probes count nothing)."""
+    probe = TrainingData(V=data.V, A=data.A, UA=data.UA, UK=data.UK,
+                         user=np.r_[data.user, users], item=np.r_[data.item, np.zeros(len(users), np.int64)],
+                         ts=np.r_[data.ts, np.full(len(users), data.ts.max())],
+                         label=np.r_[data.label, np.zeros(len(users), np.int8)])
+    model = FusionModel.from_state(*model.state())
+    model.config.history_stride = 1
+    act = model.activity_of(data)
+    t = training.Trainer(model, probe, act, init_residuals=residuals)
+    first = t.bags.ev[t.bags.ptr[:-1]]
+    bags = np.flatnonzero(first >= data.user.size)
+    assert t.bags.user[bags].tolist() == sorted(users)
+    return t, bags, act
+
+
+def test_training_and_serving_scores_agree_on_every_term(trained):
+    store, version, window, data, users = trained
+    cat = store.catalog
+    state = serving_state(cat, version)
+    model = state.model
+    users = sorted(users)
+    ids = [window.user_ids[u] for u in users]
+    cols = np.array([state.row[i] for i in window.ids], np.int64)  # serving's column of each window item
+    n = len(window.ids)
+
+    # serving: the terms of the score equation
+    X_s, B_s = score_terms(state, ids)
+    L_s = user_logits(state, ids)[:, cols]
+    seg_s = state.segment_bias(ids)[:, cols]
+    hist = state.histories(state.user_rows(ids)[0])
+    ii_s = model.item_item_bias(hist[0], hist[1], hist[2], len(state.ids))[:, cols]
+    assert np.abs(seg_s).max() > 0 and np.abs(ii_s).max() > 0  # every term is there
+
+    # training time (torch): user, item and segment terms of the probes' bags
+    residuals = window.residuals_of(load_version(cat, version))
+    t, bags, act = _probe_trainer(model, data, users, residuals)
+    Rx, rbx = t.padded_residuals()
+    X_t, X0_t = t.user_terms(Rx, bags)
+    now = act.now()
+    feats = act.items.features(np.arange(n), now)
+    w_t, b_t = t.item_terms(Rx, rbx, np.arange(n), feats)
+    dr = t.draw(bags)
+    dr.pool = np.arange(n)
+    dr.seg_pool = np.ascontiguousarray(act.segments.key_features(dr.pool, now, dr.seg_keys))
+    _, seg_t = t.segment_terms(dr)
+    X_t, X0_t, w_t, b_t, seg_t = (x.detach().numpy() for x in (X_t, X0_t, w_t, b_t, seg_t))
+
+    np.testing.assert_allclose(X_t, X_s, **TOL)  # user vectors: history, attributes, u0, M
+    assert not np.allclose(X_t, X0_t)  # the returning users' histories count
+    np.testing.assert_allclose(w_t, state.Wf[cols], **TOL)
+    # the closed-form content prior is added after the SGD: numpy, as the item side adds it
+    prior = model.prior_shrink(feats, model.prior_weight() * model.prior.values(window.V, window.A))
+    assert np.abs(prior).max() > 0
+    np.testing.assert_allclose(b_t + prior, state.bias[cols], **TOL)
+    np.testing.assert_allclose(seg_t, seg_s, **TOL)
+    np.testing.assert_allclose(B_s[:, cols], state.bias[cols] + seg_s + ii_s, **TOL)
+    L_t = X_t @ w_t.T + b_t + prior + seg_t + ii_s
+    np.testing.assert_allclose(L_t, L_s, **TOL)
+
+    # evaluation: the same equation over the window's events
+    L_e = scorer(model, data, residuals)(np.array(users))
+    np.testing.assert_allclose(L_e, L_s, **TOL)
+
