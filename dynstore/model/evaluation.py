@@ -51,7 +51,7 @@ def scorer(model: Any, data: TrainingData,
         # one [users, items] matrix alive instead of three
         S = add_into(X @ Wf.T, bias[None, :])
         S = add_into(S, model.segment_bias(table, data.UK[users]))
-        return add_into(S, model.item_item_bias(ptr, it, lab, n))
+        return add_into(S, model.item_item_bias(ptr, it, lab, n, ts))
 
     return score
 

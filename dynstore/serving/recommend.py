@@ -68,7 +68,7 @@ def score_terms(state: ServingState, user_ids: Sequence[Any], hist=None) -> tupl
     hist = hist if hist is not None else _histories(state, user_ids)
     X = user_vectors(state, user_ids, hist)
     extra = state.segment_bias(user_ids)
-    ii = state.model.item_item_bias(hist[0], hist[1], hist[2], len(state.ids))
+    ii = state.model.item_item_bias(hist[0], hist[1], hist[2], len(state.ids), hist[3])
     extra = extra + ii if isinstance(ii, np.ndarray) or isinstance(extra, np.ndarray) else extra
     if isinstance(extra, np.ndarray):
         return X, (state.bias + extra).astype(np.float32, copy=False)
