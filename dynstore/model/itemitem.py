@@ -12,7 +12,9 @@ largest weights of each row) over at most ``max_items`` items with the most posi
 so it costs ``O(max_items^3)`` once per refresh and ``max_items * top_k`` numbers per
 version. In the fused score it enters standardised per user (divided by the
 root-mean-square of the user's co-occurrence scores) with one weight ``gamma``, chosen on
-refresh's holdout -- 0 where co-occurrence does not help (new users have none).
+refresh's pooled cuts -- 0 where co-occurrence does not help (new users have none); a
+user's positives may be weighted by recency (``scores(weight=...)``, see
+:meth:`dynstore.model.fusion.FusionModel.item_item_bias`).
 
 Examples
 --------

@@ -14,7 +14,8 @@ Each term is judged on the users it affects:
 * the item-item weight ``gamma`` (:mod:`dynstore.model.itemitem`) on *returning* users (a
   positive before the cut) -- new users have no co-occurrence to use; its grid is
   ``GAMMA_STEPS`` times a calibration that puts the item-item scores on the scale of the
-  rest of the score (the spread of the top-10 logits of the model without it);
+  rest of the score (the spread of the top-10 logits of the model without it), tried
+  with each history half-life of ``RECENCIES`` (:func:`choose_gamma`);
 * the content prior's weight ``beta`` (:mod:`dynstore.model.prior`) on *cold* items (no event
   before the cut; ranked among themselves), provided the ranking of all items loses no
   more than one standard error.
