@@ -116,6 +116,22 @@ def test_time_decay_weighs_recent_co_occurrences_more():
     assert s[2] > s[1]  # item 0's recent partner beats its old one
 
 
+def test_item_item_history_weighs_recent_likes_more_when_chosen():
+    # items 0-1 and 2-3 are liked together; a user liked 0 long ago, 2 just now
+    users, items = np.array([0, 0, 1, 1, 2, 2, 3, 3]), np.array([0, 1, 0, 1, 2, 3, 2, 3])
+    m = FusionModel.untrained(np.eye(4, 3, dtype=np.float32), np.zeros((4, 0), np.float32), 0, None,
+                              ModelConfig(), dynamic=DynamicSpec())
+    m.item_item = ItemItem.fit(users, items, 4, lam=0.5, min_positives=1)
+    m.params["gamma"] = np.ones(1, np.float32)
+    hist = (np.array([0, 2]), np.array([2, 0]), np.array([1, 1]), np.array([100, 1]))
+    alike = m.item_item_bias(*hist[:3], 4, hist[3])[0]
+    assert np.isclose(alike[1], alike[3])  # the whole history alike (the default)
+    m.config.item_item_recency = 1.0
+    recent = m.item_item_bias(*hist[:3], 4, hist[3])[0]
+    assert recent[3] > recent[1]  # the newest like's partner first
+    assert np.allclose(m.item_item_bias(*hist[:3], 4)[0], alike)  # no times: all alike
+
+
 def _drifting_data(seed: int = 0):
     """Users who like items of one text cluster, over time; cold items in each cluster."""
     rng = np.random.default_rng(seed)
@@ -161,7 +177,7 @@ def test_refresh_reports_each_choice_with_gain_error_and_users(encoded):
 
     out = encoded.refresh(since="all", epochs=1)
     sel = out.training["selection"]
-    assert set(sel) == {"gamma", "prior", "start"}
+    assert set(sel) == {"gamma", "recency", "prior", "start"}
     for c in sel.values():
         assert {"chosen", "gain", "se", "users", "cuts"} <= set(c)
     assert sel["gamma"]["cuts"] == 5 and sel["gamma"]["users"] > 0

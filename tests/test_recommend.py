@@ -306,7 +306,7 @@ def test_examples_score_like_a_user_with_that_history(encoded, monkeypatch):
 
     from dynstore.model.fusion import FusionModel
 
-    def item_item(self, ptr, items, labels, n_items):
+    def item_item(self, ptr, items, labels, n_items, ts=None):
         return np.tile(np.where(np.arange(n_items) % 7 == 0, 3.0, 0.0), (len(ptr) - 1, 1)).astype(np.float32)
 
     monkeypatch.setattr(FusionModel, "item_item_bias", item_item)

@@ -348,17 +348,29 @@ class FusionModel:
         theta = self.params["theta_seg"][self.key_columns()]  # [n_keys, width]
         return np.einsum("knf,kf->kn", F, theta).astype(np.float32)
 
-    def item_item_bias(self, hist_ptr, hist_item, hist_label, n_items: int) -> np.ndarray | float:
+    def item_item_bias(self, hist_ptr, hist_item, hist_label, n_items: int,
+                       hist_ts=None) -> np.ndarray | float:
         """``gamma`` times the users' standardised item-item scores from their positives
-        (0.0 without the component)."""
+        (0.0 without the component), each positive weighted ``0.5 ** (rank / h)`` by its
+        rank among the user's positives, most recent first (``h``: the config's
+        ``item_item_recency``; 0 or no ``hist_ts``: all alike)."""
         gamma = float(self.params.get("gamma", np.zeros(1))[0])
         if self.item_item is None or gamma == 0.0:
             return 0.0
-        labels = np.asarray(hist_label)
+        h = float(self.config.item_item_recency or 0.0)
+        weight = None
+        if h > 0 and hist_ts is not None:
+            user_of, items, labels = most_recent_first(hist_ptr, hist_item, hist_label, hist_ts)
+        else:
+            user_of, items, labels = entry_rows(hist_ptr), np.asarray(hist_item), np.asarray(hist_label)
         keep = labels == 1
-        user_of = entry_rows(hist_ptr)[keep]
-        ptr = np.concatenate([[0], np.cumsum(np.bincount(user_of, minlength=len(hist_ptr) - 1))])
-        return gamma * self.item_item.scores(ptr, np.asarray(hist_item)[keep], n_items)
+        user_of, items = user_of[keep], np.asarray(items, np.int64)[keep]
+        counts = np.bincount(user_of, minlength=len(hist_ptr) - 1)
+        ptr = np.concatenate([[0], np.cumsum(counts)])
+        if h > 0 and hist_ts is not None:
+            rank = np.arange(user_of.size) - ptr[user_of]
+            weight = np.power(0.5, rank / h).astype(np.float32)
+        return gamma * self.item_item.scores(ptr, items, n_items, weight)
 
     @staticmethod
     def segment_bias(table: np.ndarray | None, keys: np.ndarray) -> np.ndarray | float:

@@ -12,7 +12,9 @@ largest weights of each row) over at most ``max_items`` items with the most posi
 so it costs ``O(max_items^3)`` once per refresh and ``max_items * top_k`` numbers per
 version. In the fused score it enters standardised per user (divided by the
 root-mean-square of the user's co-occurrence scores) with one weight ``gamma``, chosen on
-refresh's holdout -- 0 where co-occurrence does not help (new users have none).
+refresh's pooled cuts -- 0 where co-occurrence does not help (new users have none); a
+user's positives may be weighted by recency (``scores(weight=...)``, see
+:meth:`dynstore.model.fusion.FusionModel.item_item_bias`).
 
 Examples
 --------
@@ -185,9 +187,11 @@ class ItemItem:
         val = np.concatenate([w[r][ok[r]] for r in order])
         return cls(ptr, col.astype(np.int64), val.astype(np.float32))
 
-    def scores(self, hist_ptr: np.ndarray, hist_item: np.ndarray, n_items: int) -> np.ndarray:
+    def scores(self, hist_ptr: np.ndarray, hist_item: np.ndarray, n_items: int,
+               weight: np.ndarray | None = None) -> np.ndarray:
         """``float32 [m, n_items]``: each user's summed weights from their positives
-        (``hist_*`` CSR of item rows), standardised per user (0 for users without any)."""
+        (``hist_*`` CSR of item rows; ``weight``: one per entry, else 1), standardised per
+        user (0 for users without any)."""
         hist_ptr = np.asarray(hist_ptr, np.int64)
         hist_item = np.asarray(hist_item, np.int64)
         m = hist_ptr.size - 1
@@ -200,7 +204,8 @@ class ItemItem:
         starts, ends = self.ptr[hist_item], self.ptr[hist_item + 1]
         lens = ends - starts
         idx, _ = ranges(starts, ends)
-        np.add.at(out, (np.repeat(user_of, lens), self.col[idx]), self.val[idx])
+        val = self.val[idx] if weight is None else self.val[idx] * np.repeat(np.asarray(weight, np.float32)[known], lens)
+        np.add.at(out, (np.repeat(user_of, lens), self.col[idx]), val)
         rms = np.sqrt((out ** 2).mean(axis=1, keepdims=True))
         return np.divide(out, rms, out=np.zeros_like(out), where=rms > 0)
 

@@ -44,7 +44,7 @@ def score_terms(model: Any, Wf: np.ndarray, bias: np.ndarray, UA_rows: np.ndarra
     ``UA_rows`` their attribute rows (None: none). The logit of item ``i`` is
     ``X @ Wf[i] + B[..., i]`` (:func:`logits`)."""
     X = np.asarray(model.user_vectors(UA_rows, hist[0], hist[1], hist[2], hist[3], Wf), np.float32)
-    ii = model.item_item_bias(hist[0], hist[1], hist[2], Wf.shape[0])
+    ii = model.item_item_bias(hist[0], hist[1], hist[2], Wf.shape[0], hist[3])
     extra = segment + ii if isinstance(ii, np.ndarray) or isinstance(segment, np.ndarray) else segment
     if isinstance(extra, np.ndarray):
         return X, (bias + extra).astype(np.float32, copy=False)

@@ -14,7 +14,8 @@ Each term is judged on the users it affects:
 * the item-item weight ``gamma`` (:mod:`dynstore.model.itemitem`) on *returning* users (a
   positive before the cut) -- new users have no co-occurrence to use; its grid is
   ``GAMMA_STEPS`` times a calibration that puts the item-item scores on the scale of the
-  rest of the score (the spread of the top-10 logits of the model without it);
+  rest of the score (the spread of the top-10 logits of the model without it), tried
+  with each history half-life of ``RECENCIES`` (:func:`choose_gamma`);
 * the content prior's weight ``beta`` (:mod:`dynstore.model.prior`) on *cold* items (no event
   before the cut; ranked among themselves), provided the ranking of all items loses no
   more than one standard error.
@@ -41,12 +42,15 @@ from dynstore.model.metrics import ndcg_per_user, top_k
 from dynstore.model.spec import TrainingData
 from dynstore.model.prior import PRIOR_HALF_LIFE, ContentPrior, decayed_positives
 
-__all__ = ["Cut", "forward_cuts", "fit_closed_form", "choose_terms", "GAMMA_STEPS", "BETAS", "pooled"]
+__all__ = ["Cut", "forward_cuts", "fit_closed_form", "choose_terms", "GAMMA_STEPS", "RECENCIES", "BETAS", "pooled"]
 
 #: earlier cuts, as quantiles of the training events' times
 CUT_FRACTIONS = (0.6, 0.7, 0.8, 0.9)
 #: item-item weights tried, in units of the calibration (0 is always tried)
 GAMMA_STEPS = (0.125, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0, 16.0, 32.0)
+#: half-lives (in positives, most recent first) of the item-item term's history weights
+#: tried with every ``gamma``; 0 weighs the whole history alike
+RECENCIES = (0.0, 50.0)
 #: content prior weights tried (0 is always tried)
 BETAS = (0.25, 0.5, 1.0, 2.0)
 #: items an item-item fit on a cut keeps at most
@@ -88,7 +92,7 @@ def sub(data: TrainingData, rows: np.ndarray) -> TrainingData:
 
 def fit_closed_form(model: Any, data: TrainingData, *, max_items: int | None = None) -> None:
     """Fit ``model``'s closed-form terms on ``data``: the content prior (when the model
-    has a weight for it) and the text-regularised, time-decayed item-item model."""
+    has a weight for it) and the text-regularised item-item model."""
     n = data.V.shape[0]
     if "beta" in model.params:
         target = np.log1p(decayed_positives(data.item, data.ts, data.label, n, PRIOR_HALF_LIFE))
@@ -96,13 +100,12 @@ def fit_closed_form(model: Any, data: TrainingData, *, max_items: int | None = N
         model.prior = ContentPrior.fit(data.V, data.A, target, warm, seed=model.config.seed)
         model.prior_item = model.prior.values(data.V, data.A)
     if model.config.item_item:
+        # binary X, as the EASE peer's: weighting each cell by its age (the training's
+        # time decay) cost returning users 9 % on Complete Journey and 43 % of the item-item
+        # term's own NDCG on MovieLens (docs/model.md); recency enters through the users'
+        # histories instead (ItemItem.scores)
         pos = data.label == 1
-        h = model.config.time_decay_days
-        w = None
-        if h and pos.any():
-            ts = np.asarray(data.ts[pos], np.float64)
-            w = np.power(0.5, (ts.max() - ts) / 86400.0 / h)
-        model.item_item = ItemItem.fit(data.user[pos], data.item[pos], n, lam=LAM, mu=MU, V=data.V, weight=w,
+        model.item_item = ItemItem.fit(data.user[pos], data.item[pos], n, lam=LAM, mu=MU, V=data.V,
                                        **({} if max_items is None else {"max_items": max_items}))
 
 
@@ -136,7 +139,7 @@ class Parts:
 
     users: np.ndarray      # the holdout users with a positive
     base: np.ndarray       # [users, items]
-    ii: np.ndarray | float
+    ii: dict               # recency half-life -> [users, items] item-item scores at weight 1
     prior: np.ndarray | float  # [items]: the prior after shrinkage
     relevant: list         # holdout positives of each user
     seen: list             # training positives of each user (never recommended again)
@@ -157,11 +160,17 @@ def parts(model: Any, cut: Cut) -> Parts:
     lo, up = np.searchsorted(hu, users, "left"), np.searchsorted(hu, users, "right")
     with weights(model, **{k: 0.0 for k in ("gamma", "beta") if k in model.params}):
         base = model.score(train, users) if users.size else np.zeros((0, n), np.float32)
-    ii: np.ndarray | float = 0.0
+    ii: dict = {}
     if model.item_item is not None and "gamma" in model.params:
-        ptr, it, lab, _ = build_histories(users, train.user, train.item, train.label, train.ts)
-        with weights(model, gamma=1.0):
-            ii = model.item_item_bias(ptr, it, lab, n)
+        ptr, it, lab, ts = build_histories(users, train.user, train.item, train.label, train.ts)
+        saved = model.config.item_item_recency
+        try:
+            for h in RECENCIES:
+                model.config.item_item_recency = h
+                with weights(model, gamma=1.0):
+                    ii[h] = model.item_item_bias(ptr, it, lab, n, ts)
+        finally:
+            model.config.item_item_recency = saved
     prior: np.ndarray | float = 0.0
     if model.prior is not None and model.prior_item is not None:
         npos = np.bincount(train.item[train.label == 1], minlength=n).astype(np.float64)
@@ -173,12 +182,14 @@ def parts(model: Any, cut: Cut) -> Parts:
                  np.bincount(train.item, minlength=n) == 0)
 
 
-def ndcg(p: Parts, gamma: float, beta: float, rows: np.ndarray, cold_only: bool = False) -> np.ndarray:
-    """Per-user NDCG@10 of the users ``rows`` (a mask) at these weights; ``cold_only``:
-    ranked among the cold items, judged on their cold positives."""
+def ndcg(p: Parts, gamma: float, beta: float, rows: np.ndarray, cold_only: bool = False,
+         recency: float = 0.0) -> np.ndarray:
+    """Per-user NDCG@10 of the users ``rows`` (a mask) at these weights (the item-item
+    scores of history half-life ``recency``); ``cold_only``: ranked among the cold items,
+    judged on their cold positives."""
     S = p.base[rows].copy()
     if gamma:
-        S += gamma * p.ii[rows]
+        S += gamma * p.ii[recency][rows]
     if beta:
         S += beta * p.prior[None, :]
     rel = [r for r, keep in zip(p.relevant, rows) if keep]
@@ -189,20 +200,20 @@ def ndcg(p: Parts, gamma: float, beta: float, rows: np.ndarray, cold_only: bool 
     return ndcg_per_user(top_k(S, 10, seen), rel, 10)
 
 
-def calibration(p: Parts) -> float:
+def calibration(p: Parts, recency: float = 0.0) -> float:
     """The item-item scores' scale against the rest of the score: median over the
     returning users of the spread of the top-10 logits without the term, over that of the
-    item-item scores."""
+    item-item scores (of history half-life ``recency``)."""
     rows = np.flatnonzero(p.returning)[:500]
     n = p.base.shape[1]
-    if not rows.size or np.ndim(p.ii) != 2 or n <= 10:
+    if not rows.size or np.ndim(p.ii.get(recency)) != 2 or n <= 10:
         return 1.0
 
     def spread(M: np.ndarray) -> float:
         top = np.sort(np.partition(M, n - 10, axis=1)[:, n - 10:], axis=1)
         return float(np.median(top[:, -1] - top[:, 0]))
 
-    s_ii = spread(p.ii[rows])
+    s_ii = spread(p.ii[recency][rows])
     return spread(p.base[rows]) / s_ii if s_ii > 0 else 1.0
 
 
@@ -250,13 +261,15 @@ class Grid:
         return {v: pooled(d) for v, d in self.diffs.items()}
 
 
-def judge_cut(p: Parts, gammas: Grid, betas: Grid, guard: Grid) -> None:
-    """Add one cut's per-user differences: ``gamma`` on its returning users, ``beta`` on
-    its cold items and, as a guard, on all items."""
-    if np.ndim(p.ii) == 2 and p.returning.any():
+def judge_cut(p: Parts, gammas: dict, betas: Grid, guard: Grid) -> None:
+    """Add one cut's per-user differences: ``gamma`` (a :class:`Grid` per history
+    half-life) on its returning users, ``beta`` on its cold items and, as a guard, on all
+    items."""
+    if p.ii and p.returning.any():
         base = ndcg(p, 0.0, 0.0, p.returning)
-        for v in gammas.diffs:
-            gammas.add(v, ndcg(p, v, 0.0, p.returning) - base)
+        for h, grid in gammas.items():
+            for v in grid.diffs:
+                grid.add(v, ndcg(p, v, 0.0, p.returning, recency=h) - base)
     if np.ndim(p.prior) == 1 and p.users.size:
         every = np.ones(p.users.size, bool)
         base_cold, base_all = ndcg(p, 0.0, 0.0, every, True), ndcg(p, 0.0, 0.0, every)
@@ -272,8 +285,8 @@ def choose_terms(model: Any, data: TrainingData, holdout: tuple, z: float) -> di
     fit_closed_form(model, data)
     cuts = forward_cuts(data, holdout)
     last = parts(model, cuts[-1])  # the fit's own cut: its terms are the model's
-    scale = calibration(last)
-    gammas = Grid([round(scale * s, 6) for s in GAMMA_STEPS])
+    scale = {h: calibration(last, h) for h in RECENCIES}
+    gammas = {h: Grid([round(scale[h] * s, 6) for s in GAMMA_STEPS]) for h in RECENCIES}
     betas, guard = Grid(BETAS), Grid(BETAS)
     judge_cut(last, gammas, betas, guard)
     del last
@@ -282,10 +295,7 @@ def choose_terms(model: Any, data: TrainingData, holdout: tuple, z: float) -> di
             judge_cut(parts(model, cut), gammas, betas, guard)
     out = {}
     if "gamma" in model.params and model.item_item is not None:
-        grid = gammas.pooled()
-        chosen = best(grid, z)
-        model.params["gamma"] = np.array([chosen], np.float32)
-        out["gamma"] = report(grid, chosen, z, len(cuts), calibration=round(scale, 6), judged_on="returning users")
+        out.update(choose_gamma(model, {h: g.pooled() for h, g in gammas.items()}, scale, z, len(cuts)))
     if "beta" in model.params and model.prior is not None:
         grid, g_all = betas.pooled(), guard.pooled()
         # cold items must not push warm ones out of the lists: on all items, no loss beyond
@@ -297,3 +307,19 @@ def choose_terms(model: Any, data: TrainingData, holdout: tuple, z: float) -> di
         out["prior"] = report(grid, chosen, z, len(cuts), judged_on="cold items",
                               all_items={"gain": _num(g[0]), "se": _num(g[1]), "users": g[2]})
     return out
+
+
+def choose_gamma(model: Any, grids: dict, scale: dict, z: float, cuts: int) -> dict:
+    """Set ``gamma`` and the history half-life ``item_item_recency``: the half-life whose
+    best clear gain (see :func:`best`) is largest, and that gain's weight. Records
+    ``gamma`` as :func:`report` does (the chosen half-life's grid) and ``recency``: each
+    half-life's best gain over weight 0."""
+    chosen = {h: best(g, z) for h, g in grids.items()}
+    gain = {h: (g[chosen[h]] if chosen[h] else (0.0, 0.0, next(iter(g.values()))[2])) for h, g in grids.items()}
+    h = max(RECENCIES, key=lambda r: (gain[r][0], -r))
+    model.params["gamma"] = np.array([chosen[h]], np.float32)
+    model.config.item_item_recency = float(h) if chosen[h] else 0.0
+    return {"gamma": report(grids[h], chosen[h], z, cuts, calibration=round(scale[h], 6),
+                            judged_on="returning users"),
+            "recency": report(gain, model.config.item_item_recency, z, cuts, unit="positives (half-life)",
+                              judged_on="returning users, each at its best gamma")}

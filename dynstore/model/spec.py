@@ -69,6 +69,10 @@ class ModelConfig:
     content_prior : bool
         Fit the closed-form content prior (:mod:`dynstore.model.prior`) with every version; its
         weight ``beta`` chosen on the cuts of a fit (0: not used).
+    item_item_recency : float
+        Half-life, in positives (rank 0 = the most recent), of a history entry's weight in
+        the item-item term: 0 weighs a user's whole history alike. Chosen by a fit among
+        ``selection.RECENCIES`` with ``gamma`` on the pooled cuts (see docs/model.md).
     prior_k : float
         The content prior keeps ``k / (n + k)`` of its weight after ``n`` positives of
         the item. 0.1: one positive leaves 9 %; with 10 the prior reordered warm items
@@ -111,6 +115,7 @@ class ModelConfig:
     item_item: bool = True
     content_prior: bool = True
     prior_k: float = 0.1
+    item_item_recency: float = 0.0
     start_z: float = 1.64
     dynamics_epochs: int = 2
     first_phase: tuple = ("theta", "theta_seg", "b0")

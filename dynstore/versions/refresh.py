@@ -251,6 +251,7 @@ class _Run:
         model.fit(p.data.all_events(), epochs=cand.stats["best_epoch"], device=self.device,
                   init_residuals=p.residuals)
         model.params.update(chosen)  # the closed-form terms' weights, chosen on the cuts
+        model.config.item_item_recency = cand.model.config.item_item_recency  # chosen with gamma
         self.timings["refit_s"] = round(time.perf_counter() - t, 3)
         return model
 
