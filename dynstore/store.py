@@ -24,8 +24,6 @@ from dynstore.encoders import check_precision, encoder_fingerprint, get_encoder
 from dynstore.errors import ConfigError, SqlError, StoreExists
 from dynstore.data.feedback import IMPRESSIONS_WAIT, impressions_table
 from dynstore.sql.functions import check_write_calls
-from dynstore.inspection import inspect_store
-from dynstore.serving.recommend import recommend
 from dynstore.results import (CompactResult, DeleteResult, EncodeResult, IngestResult, RefreshResult, RollbackResult,
                       ScoreAllResult)
 from dynstore.storage.registry import list_versions
@@ -34,7 +32,7 @@ from dynstore.encoders.cache import encoder_info, snapshot
 from dynstore.sql.session import connection_state, follow, id_type_hint, open_connection
 from dynstore.storage.backend import Storage, open_storage
 from dynstore.data.views import check_item_text
-from dynstore.versions.window import DEFAULT_SINCE
+from dynstore.versions import DEFAULT_SINCE
 
 __all__ = ["connect", "init", "Store"]
 
@@ -467,6 +465,8 @@ class Store:
 
         Large catalogues are served from the version's vector index unless ``exact``.
         """
+        from dynstore.serving.recommend import recommend
+
         view = self.catalog if self.catalog.is_pinned else self.catalog.pinned()  # one snapshot per call
         return recommend(view, user_id, k, version=version, candidates=candidates, exact=exact)
 
@@ -516,6 +516,8 @@ class Store:
     def inspect(self) -> dict:
         """Counts, sizes, fragments, versions, encoder, stale items, last refresh and
         what a refresh would do now (JSON-able); see :mod:`dynstore.inspection`."""
+        from dynstore.inspection import inspect_store
+
         return inspect_store(self.catalog)
 
     def versions(self) -> list[dict]:
