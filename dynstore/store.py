@@ -432,6 +432,7 @@ class Store:
                          workers=workers)
         with cat.writing("encode"):
             version = ensure_first_version(cat)
+        _keep_serving_snapshot(cat)
         return out if version is None else replace(out, version=version)
 
     def score_all(self, k: int = 100, *, engine: str = "local", workers: int | None = None,
@@ -484,7 +485,9 @@ class Store:
         cat = self.catalog.latest
         cat.require_writable("refresh")
         with cat.writing("refresh"), cat.lock("refresh"):
-            return refresh(cat, options)
+            result = refresh(cat, options)
+        _keep_serving_snapshot(cat)
+        return result
 
     def log_impressions(self, user_id: Any, items: Iterable[Any]) -> int:
         """Record that ``items`` were shown to ``user_id`` (see :mod:`dynstore.data.feedback`)."""
@@ -531,7 +534,9 @@ class Store:
         cat = self.catalog.latest
         cat.require_writable("roll back")
         with cat.writing("rollback"), cat.lock("refresh"):
-            return rollback(cat, version)
+            result = rollback(cat, version)
+        _keep_serving_snapshot(cat)
+        return result
 
     def evaluate(self, *, version: int | None = None, k: int = 10, since: str | None = None) -> dict:
         """Recall@k, NDCG@k and AUC of ``version`` (default: current) on the newest 10% of
@@ -542,6 +547,18 @@ class Store:
         view = self.catalog if self.catalog.is_pinned else self.catalog.pinned()
         return evaluate_version(view, version=version, k=k, since=since)
 
+
+
+def _keep_serving_snapshot(cat: Catalog) -> None:
+    """After a write that may change what ``recommend`` serves: the current version's serving
+    snapshot, so a new reader process starts without building it (a cache: a failure to
+    write one changes nothing but the next reader's start-up)."""
+    from dynstore.serving.state import keep_serving_snapshot
+
+    try:
+        keep_serving_snapshot(cat)
+    except OSError:  # disk full, a read-only file: the next reader builds the state itself
+        pass
 
 
 class _PinnedStore(Store):
