@@ -283,8 +283,15 @@ def _fragments(ds) -> dict:
         m = f.metadata
         # (_path: the public property costs ~1 ms a file in this Lance version)
         out[f.fragment_id] = (tuple(getattr(d, "_path", None) or d.path for d in m.files), m.physical_rows,
-                              str(m.deletion_file))
+                              _deletions(m.deletion_file))
     return out
+
+
+def _deletions(d) -> str:
+    """A fragment's deletion file, by its own id (its text names only the count deleted)."""
+    if d is None:
+        return "None"
+    return f"{getattr(d, 'id', '')}@{getattr(d, 'read_version', '')}:{d}"
 
 
 def _source(catalog: Catalog, version: int, items, users) -> tuple:
