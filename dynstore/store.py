@@ -21,7 +21,7 @@ import duckdb
 from dynstore.storage.catalog import TABLES, Catalog, is_init_leftover, open_catalog, unfinished_init
 from dynstore.storage.config import CONFIG_NAME, StoreConfig
 from dynstore.encoders import check_precision, encoder_fingerprint, get_encoder
-from dynstore.errors import ConfigError, SqlError, StoreExists
+from dynstore.errors import ConfigError, DynstoreError, SqlError, StoreExists
 from dynstore.data.feedback import IMPRESSIONS_WAIT, impressions_table
 from dynstore.sql.functions import check_write_calls
 from dynstore.results import (CompactResult, DeleteResult, EncodeResult, IngestResult, RefreshResult, RollbackResult,
@@ -557,7 +557,7 @@ def _keep_serving_snapshot(cat: Catalog) -> None:
 
     try:
         keep_serving_snapshot(cat)
-    except OSError:  # disk full, a read-only file: the next reader builds the state itself
+    except (OSError, DynstoreError, duckdb.Error):  # disk full; rules that do not bind: readers build (and say why)
         pass
 
 

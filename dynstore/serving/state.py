@@ -819,11 +819,12 @@ def _signature(ds) -> list:
 
 def _snapshot_key(catalog: Catalog, version: int, items, users) -> dict:
     """Everything but the interactions a snapshot of ``version`` was built from, JSON-able
-    (:func:`_source`, with the datasets' contents for their version numbers)."""
+    (:func:`_source`, with the datasets' contents for their version numbers: the version's
+    rows too, so a damaged or removed ``embeddings.lance`` is found as a build finds it)."""
     cfg = catalog.config
     return {"version": version, "encoder": encoder_info(catalog)[0], "positive": cfg.positive,
             "negative": cfg.negative, "items": _signature(items), "users": _signature(users),
-            "cache": _signature(cache_dataset(catalog))}
+            "cache": _signature(cache_dataset(catalog)), "embeddings": _signature(catalog.dataset("embeddings"))}
 
 
 def _same(a: Any, b: Any) -> bool:
@@ -915,8 +916,9 @@ def _state_of(catalog: Catalog, version: int, meta: dict, a: dict) -> ServingSta
                        a["hist_ts"], a["hist_us"])
         _segment_counts(model, counts, h, a["UK"], ua_row, len(ids))
     imp_pos = dict(zip(zip(a["imp_users"], a["imp_items"]), a["imp_us"].tolist()))
-    return ServingState(version, model, ids, row, a["Wf"], a["bias"],
+    # the biases are small: copies, writable as a build's are (torch warns on a read-only array)
+    return ServingState(version, model, ids, row, a["Wf"], a["bias"].copy(),
                         _Rows({u: n for n, u in enumerate(a["users"])}), a["ptr"], a["hist_item"], a["hist_label"],
                         a["hist_ts"], a["UA"], ua_row, a["UK"], a["pos_ptr"], a["pos_item"], index,
-                        int(meta["n_indexed"]), index_params, static_bias=a["static_bias"], counts=counts,
+                        int(meta["n_indexed"]), index_params, static_bias=a["static_bias"].copy(), counts=counts,
                         hist_us=a["hist_us"], imp_pos=imp_pos)
