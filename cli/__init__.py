@@ -385,13 +385,22 @@ def score_all(store: str, k, engine, workers, precision, as_json, quiet):
 # -------------------------------------------------------------------------- recommend
 
 
+# recommend reads titles and checks the user on the Lance tables themselves: a SQL
+# session (views, functions, macros) would cost it a tenth of its start-up
+
+
+def _lance_literal(value) -> str:
+    return str(int(value)) if isinstance(value, int) else "'" + str(value).replace("'", "''") + "'"
+
+
 def _title_map(s, ids):
-    cols = [r[0] for r in s.sql("DESCRIBE items").fetchall()]
-    name = next((c for c in ("title", "name") if c in cols), None)
+    items = s.catalog.dataset("items")
+    name = next((c for c in ("title", "name") if items is not None and c in items.schema.names), None)
     if not name or not ids:
         return None
-    rows = s.sql(f'SELECT item_id, "{name}" FROM items WHERE item_id IN (SELECT unnest(?))', [ids]).fetchall()
-    return dict(rows)
+    rows = items.to_table(columns=["item_id", name],
+                          filter=f"item_id IN ({', '.join(_lance_literal(i) for i in ids)})").to_pylist()
+    return {r["item_id"]: r[name] for r in rows}
 
 
 def _coerce_id(s, kind: str, raw: str):
@@ -405,8 +414,11 @@ def _coerce_id(s, kind: str, raw: str):
 
 def _known_user(s, uid) -> bool:
     """Whether ``uid`` is in users or has interactions."""
-    return bool(s.sql("SELECT EXISTS (SELECT 1 FROM users WHERE user_id = ?) "
-                      "OR EXISTS (SELECT 1 FROM interactions WHERE user_id = ?)", [uid, uid]).fetchall()[0][0])
+    for name in ("users", "interactions"):
+        ds = s.catalog.dataset(name)
+        if ds is not None and ds.count_rows(filter=f"user_id = {_lance_literal(uid)}"):
+            return True
+    return False
 
 
 def _unknown_user(user_id: str, strict: bool, quiet: bool) -> None:

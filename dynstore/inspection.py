@@ -13,7 +13,7 @@ from dynstore.versions.freshness import refresh_plan
 from dynstore.storage.registry import headline_metrics, list_versions
 from dynstore.encoders.cache import cache_dataset, encoder_info
 from dynstore.data.views import views_connection
-from dynstore.versions.window import DEFAULT_SINCE
+from dynstore.versions import DEFAULT_SINCE
 
 __all__ = ["inspect_store"]
 

@@ -20,12 +20,9 @@ import duckdb
 from dynstore.storage.catalog import TABLES, Catalog, is_init_leftover, open_catalog, unfinished_init
 from dynstore.storage.config import CONFIG_NAME, StoreConfig
 from dynstore.encoders import check_precision, encoder_fingerprint, get_encoder
-from dynstore.errors import ConfigError, SqlError, StoreExists
+from dynstore.errors import ConfigError, DynstoreError, SqlError, StoreExists
 from dynstore.data.feedback import log_impressions
 from dynstore.sql.functions import check_write_calls
-from dynstore.inspection import inspect_store
-from dynstore.serving.recommend import recommend
-from dynstore.model.metrics import check_k
 from dynstore.results import (CompactResult, DeleteResult, EncodeResult, Evaluation, IngestResult, Inspection,
                               Recommendation, RefreshResult, RollbackResult, ScoreAllResult, VersionRow)
 from dynstore.storage.registry import list_versions
@@ -34,7 +31,7 @@ from dynstore.encoders.cache import encoder_info, snapshot
 from dynstore.sql.session import connection_state, follow, id_type_hint, open_connection
 from dynstore.storage.backend import Storage, open_storage
 from dynstore.data.views import check_item_text
-from dynstore.versions.window import DEFAULT_SINCE
+from dynstore.versions import DEFAULT_SINCE
 
 __all__ = ["connect", "init", "Store"]
 
@@ -423,6 +420,7 @@ class Store:
                          workers=workers)
         with cat.writing("encode"):
             version = ensure_first_version(cat)
+        _keep_serving_snapshot(cat)
         return out if version is None else replace(out, version=version)
 
     def score_all(self, k: int = 100, *, engine: str = "local", workers: int | None = None,
@@ -457,6 +455,8 @@ class Store:
 
         Large catalogues are served from the version's vector index unless ``exact``.
         """
+        from dynstore.serving.recommend import recommend
+
         view = self.catalog if self.catalog.is_pinned else self.catalog.pinned()  # one snapshot per call
         return [Recommendation(r["item_id"], r["score"])
                 for r in recommend(view, user_id, k, version=version, candidates=candidates, exact=exact)]
@@ -475,7 +475,9 @@ class Store:
         cat = self.catalog.latest
         cat.require_writable("refresh")
         with cat.writing("refresh"), cat.lock("refresh"):
-            return refresh(cat, options)
+            result = refresh(cat, options)
+        _keep_serving_snapshot(cat)
+        return result
 
     def log_impressions(self, user_id: Any, items: Iterable[Any]) -> int:
         """Record that ``items`` were shown to ``user_id`` (see :mod:`dynstore.data.feedback`)."""
@@ -503,6 +505,8 @@ class Store:
         """Counts, sizes, fragments, versions, encoder, stale items, last refresh and
         what a refresh would do now (:class:`~dynstore.results.Inspection`; ``to_dict()`` is
         JSON-able); see :mod:`dynstore.inspection`."""
+        from dynstore.inspection import inspect_store
+
         return Inspection.from_dict(inspect_store(self.catalog))
 
     def versions(self) -> list[VersionRow]:
@@ -516,7 +520,9 @@ class Store:
         cat = self.catalog.latest
         cat.require_writable("roll back")
         with cat.writing("rollback"), cat.lock("refresh"):
-            return rollback(cat, version)
+            result = rollback(cat, version)
+        _keep_serving_snapshot(cat)
+        return result
 
     def evaluate(self, *, version: int | None = None, k: int = 10, since: str | None = None) -> Evaluation:
         """Recall@k, NDCG@k and AUC of ``version`` (default: current) on the newest 10% of
@@ -526,8 +532,22 @@ class Store:
         from dynstore.versions.holdout import evaluate_version
 
         view = self.catalog if self.catalog.is_pinned else self.catalog.pinned()
+        from dynstore.model.metrics import check_k
+
         return Evaluation.from_dict(evaluate_version(view, version=version, k=k, since=since), check_k(k))
 
+
+
+def _keep_serving_snapshot(cat: Catalog) -> None:
+    """After a write that may change what ``recommend`` serves: the current version's serving
+    snapshot, so a new reader process starts without building it (a cache: a failure to
+    write one changes nothing but the next reader's start-up)."""
+    from dynstore.serving.state import keep_serving_snapshot
+
+    try:
+        keep_serving_snapshot(cat)
+    except (OSError, DynstoreError, duckdb.Error):  # disk full; rules that do not bind: readers build (and say why)
+        pass
 
 
 class _PinnedStore(Store):

@@ -6,7 +6,9 @@ opens its first connection (importing this module registers nothing).
 Types depend on the store (its id types, its encoder's dimension), so they
 are given as callables of the store. Functions that take a user or item id
 are vectorised (Arrow in, Arrow out): ``SELECT recommend(user_id, 10) FROM
-users`` runs one matrix product per batch, not one per row.
+users`` runs one matrix product per batch, not one per row. Each function imports
+what it serves with when it first runs: a statement that calls none of them
+(``SELECT count(*) FROM items``) loads no serving module.
 """
 from __future__ import annotations
 
@@ -18,8 +20,6 @@ import pyarrow as pa
 
 from dynstore.sql.functions import SqlHost, register_sql_function, registered
 from dynstore.storage.registry import list_versions
-from dynstore.serving.recommend import recommend_from_examples, recommend_many, scores, serving_state, similar_items, user_vectors
-from dynstore.data.semantic import semantic_vectors
 from dynstore.encoders.cache import encoder_info, store_encoder
 
 
@@ -210,6 +210,8 @@ def _py(arr) -> list:
 
 @builtin("_dynstore_recommend", lambda s: [_uid(s), "BIGINT", "BIGINT"], _ranked)
 def _recommend(store: SqlHost, user_ids, ks, versions):
+    from dynstore.serving.recommend import recommend_many
+
     users, ks, versions = _py(user_ids), _py(ks), _py(versions)
     out: list[list[dict] | None] = [None] * len(users)
     groups: dict[tuple, list[int]] = {}
@@ -226,6 +228,8 @@ def _recommend(store: SqlHost, user_ids, ks, versions):
 @builtin("recommend_among", lambda s: [_uid(s), "BIGINT", f"{_iid(s)}[]"], _ranked)
 def _recommend_among(store: SqlHost, user_ids, ks, candidates):
     """Top-k restricted to candidate items: exactly k when k unseen candidates exist."""
+    from dynstore.serving.recommend import recommend_many
+
     users, ks, cands = _py(user_ids), _py(ks), _py(candidates)
     out: list[list[dict] | None] = [None] * len(users)
     groups: dict[tuple, list[int]] = {}
@@ -241,17 +245,23 @@ def _recommend_among(store: SqlHost, user_ids, ks, candidates):
 
 @builtin("score", lambda s: [_uid(s), _iid(s)], "DOUBLE")
 def _score(store: SqlHost, user_ids, item_ids):
+    from dynstore.serving.recommend import scores
+
     return pa.array(scores(store.catalog, _py(user_ids), _py(item_ids)), pa.float64())
 
 
 @builtin("similar_items", lambda s: [_iid(s), "BIGINT"], _ranked)
 def _similar(store: SqlHost, item_ids, ks):
+    from dynstore.serving.recommend import similar_items
+
     return _arrow_ranked(store, [None if i is None or k is None else similar_items(store.catalog, i, k)
                                  for i, k in zip(_py(item_ids), _py(ks))])
 
 
 @builtin("recommend_from_examples", lambda s: [f"{_iid(s)}[]", f"{_iid(s)}[]", "BIGINT"], _ranked)
 def _from_examples(store: SqlHost, positives, negatives, ks):
+    from dynstore.serving.recommend import recommend_from_examples
+
     return _arrow_ranked(store, [None if k is None else recommend_from_examples(store.catalog, p or [], n or [], k)
                                  for p, n, k in zip(_py(positives), _py(negatives), _py(ks))])
 
@@ -265,6 +275,8 @@ def _embed(store: SqlHost, texts):
 
 @builtin("semantic_vector", lambda s: [_iid(s)], _vec)
 def _semantic_vector(store: SqlHost, item_ids):
+    from dynstore.data.semantic import semantic_vectors
+
     ids = _py(item_ids)
     vecs, found = semantic_vectors(store.catalog, ids)
     return _vectors([v if ok else None for v, ok in zip(vecs, found)], _dim(store))
@@ -272,6 +284,8 @@ def _semantic_vector(store: SqlHost, item_ids):
 
 @builtin("_dynstore_item_vector", lambda s: [_iid(s), "BIGINT"], _fused)
 def _item_vector(store: SqlHost, item_ids, versions):
+    from dynstore.serving.state import serving_state
+
     ids, vers = _py(item_ids), _py(versions)
     out: list[np.ndarray | None] = []
     for i, v in zip(ids, vers):
@@ -283,6 +297,8 @@ def _item_vector(store: SqlHost, item_ids, versions):
 
 @builtin("user_vector", lambda s: [_uid(s)], _fused)
 def _user_vector(store: SqlHost, user_ids):
+    from dynstore.serving.recommend import serving_state, user_vectors
+
     ids = _py(user_ids)
     X = user_vectors(serving_state(store.catalog), [u for u in ids])
     return _vectors([None if u is None else x for u, x in zip(ids, X)], _fused_dim(store))

@@ -187,3 +187,16 @@ def test_read_path_imports_no_write_path(encoded):
                  ("sql", trained.path, "SELECT count(*) FROM items")):
         out, _, mods = _run_watching(WRITE_PATH, *args)
         assert out.strip() and mods == [], (args, mods)
+
+
+#: what serving needs and a plain SELECT does not: a statement that calls none of dynstore's
+#: functions imports none of them (the built-in functions import them when they first run)
+SERVING = ("dynstore.serving.recommend", "dynstore.serving.state", "dynstore.model.fusion",
+           "dynstore.versions.embeddings", "dynstore.versions.window", "dynstore.inspection")
+
+
+def test_plain_select_imports_no_serving_module(encoded):
+    out, _, mods = _run_watching(SERVING, "sql", encoded.path, "SELECT count(*) AS n FROM items")
+    assert "80" in out and mods == []
+    out, _, mods = _run_watching(SERVING, "sql", encoded.path, "SELECT len(recommend(1, 3)) AS n")
+    assert "3" in out and "dynstore.serving.recommend" in mods  # imported when the function runs

@@ -24,6 +24,7 @@ that into popularity within the user's segments.
 from __future__ import annotations
 
 import sys
+import warnings
 from typing import Any, Iterable, Sequence
 
 import numpy as np
@@ -421,7 +422,9 @@ def _blocked_topk(W: np.ndarray, X: np.ndarray, B: np.ndarray, r: np.ndarray, it
 
     n = W.shape[0]
     k = min(k, n)
-    Xt, Wt, Bt = torch.from_numpy(X), torch.from_numpy(W), torch.from_numpy(np.ascontiguousarray(B))
+    with warnings.catch_warnings():  # W mapped from a serving snapshot is read-only; it is only read here
+        warnings.filterwarnings("ignore", "The given NumPy array is not writable")
+        Xt, Wt, Bt = torch.from_numpy(X), torch.from_numpy(W), torch.from_numpy(np.ascontiguousarray(B))
     order = np.argsort(item, kind="stable")
     item_s, r_s = item[order], r[order]
     edges = np.searchsorted(item_s, np.arange(0, n + ITEM_BLOCK, ITEM_BLOCK))

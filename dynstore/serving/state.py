@@ -25,6 +25,7 @@ encodes, writes or locks.
 """
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field, replace
 from typing import Any, Sequence
 
@@ -36,11 +37,14 @@ from dynstore.data.rules import label_sql
 from dynstore.data.semantic import cached_vectors
 from dynstore.encoders.cache import cache_dataset, encoder_info
 from dynstore.sqltext import sql_text, statements
-from dynstore.versions.embeddings import load_version
+from dynstore.errors import DynstoreError, VersionNotFound
+from dynstore.storage.registry import current_version, list_versions
+from dynstore.serving.snapshot import read_snapshot, snapshot_meta, write_snapshot
+from dynstore.versions.embeddings import load_parameters, load_version, version_loaded
 from dynstore.data.views import views_connection
 from dynstore.versions.index import recorded_index_settings
 
-__all__ = ["ServingState", "serving_state", "MAX_OVERLAY"]
+__all__ = ["ServingState", "serving_state", "keep_serving_snapshot", "MAX_OVERLAY"]
 
 #: events in the overlay beyond which a state is rebuilt instead of advanced
 MAX_OVERLAY = 200_000
@@ -279,16 +283,36 @@ def _fragments(ds) -> dict:
         m = f.metadata
         # (_path: the public property costs ~1 ms a file in this Lance version)
         out[f.fragment_id] = (tuple(getattr(d, "_path", None) or d.path for d in m.files), m.physical_rows,
-                              str(m.deletion_file))
+                              _deletions(m.deletion_file))
     return out
 
 
-def _source(catalog: Catalog, lv, items, users) -> tuple:
+def _deletions(d) -> str:
+    """A fragment's deletion file, by its own id (its text names only the count deleted)."""
+    if d is None:
+        return "None"
+    return f"{getattr(d, 'id', '')}@{getattr(d, 'read_version', '')}:{d}"
+
+
+def _source(catalog: Catalog, version: int, items, users) -> tuple:
     """Everything but the interactions a state depends on: a change means a rebuild."""
     cache = cache_dataset(catalog)
+    emb = catalog.dataset("embeddings")
     cfg = catalog.config
-    return (lv.version, id(lv), items.version if items is not None else 0, users.version if users is not None else 0,
-            cache.version if cache is not None else 0, encoder_info(catalog)[0], cfg.positive, cfg.negative)
+    return (version, emb.version if emb is not None else 0, items.version if items is not None else 0,
+            users.version if users is not None else 0, cache.version if cache is not None else 0,
+            encoder_info(catalog)[0], cfg.positive, cfg.negative)
+
+
+def _serving_version(catalog: Catalog, version: int | None) -> int:
+    """``version``, or the current one; :class:`VersionNotFound` as :func:`load_version` says it."""
+    if version is None:
+        version = current_version(catalog)
+        if version is None:
+            raise VersionNotFound(f"{catalog.path}: no embedding version yet; run `dynstore encode` first")
+    elif not any(r["version"] == version for r in list_versions(catalog)):
+        raise VersionNotFound(f"no version {version} in {catalog.path}")
+    return int(version)
 
 
 def serving_state(catalog: Catalog, version: int | None = None) -> ServingState:
@@ -296,13 +320,15 @@ def serving_state(catalog: Catalog, version: int | None = None) -> ServingState:
 
     Cached per process: the same snapshot returns the same object; a snapshot
     that only appended interactions advances the last state (see the module
-    docstring); anything else rebuilds.
+    docstring); anything else rebuilds. A state of a version whose rows the
+    process has not loaded comes from the version's serving snapshot when that
+    still fits (see :func:`keep_serving_snapshot`).
     """
-    lv = load_version(catalog, version)
+    version = _serving_version(catalog, version)
     items = catalog.dataset("items")
     inter = catalog.dataset("interactions")
     users = catalog.dataset("users")
-    src = _source(catalog, lv, items, users)
+    src = _source(catalog, version, items, users)
     key = (src, inter.version if inter is not None else 0)
     states = catalog.memo.setdefault("serving_states", list)
     for k, st in states:
@@ -312,8 +338,10 @@ def serving_state(catalog: Catalog, version: int | None = None) -> ServingState:
     prior = next((st for k, st in reversed(states) if k[0] == src), None)
     if prior is not None and inter is not None:
         state = _advance(catalog, prior, inter)
+    if state is None and not version_loaded(catalog, version):  # (loaded: its rows are at hand)
+        state = _from_snapshot(catalog, version, items, inter, users)
     if state is None:
-        state = _build(catalog, lv, items, inter, users)
+        state = _build(catalog, load_version(catalog, version), items, inter, users)
     state.source.update(key=key, fragments=_fragments(inter))
     states.append((key, state))
     del states[:-3]  # the current state, a pinned older snapshot's, another version's
@@ -444,15 +472,20 @@ def _behaviour(lv, h: _Histories, UK: np.ndarray, ua_row: dict, static: np.ndarr
     now = act.now()
     C = act.items.counts(np.arange(n_items), now)
     counts = _Counts(lv.model.dynamic, now, C)
-    if lv.model.segments and UK.shape[0] and "theta_seg" in lv.model.params:
+    _segment_counts(lv.model, counts, h, UK, ua_row, n_items)
+    return counts, _with_dynamic(lv.model, static, C)
+
+
+def _segment_counts(model, counts: _Counts, h: _Histories, UK: np.ndarray, ua_row: dict, n_items: int) -> None:
+    """Index the events per segment key of their user, into ``counts`` (models with a segment term)."""
+    if model.segments and UK.shape[0] and "theta_seg" in model.params:
         keys = _event_keys(h.user_row, ua_row, UK, h.ptr)
-        n_keys = int(sum(lv.model.segments))
+        n_keys = int(sum(model.segments))
         r, c = np.nonzero(keys >= 0)
         # as SegmentActivity indexes them: each event counts in every segment of its user
         counts.seg_spec, counts.n_keys = SEGMENT_SPEC, n_keys
         counts.seg_base = ItemActivity(SEGMENT_SPEC, keys[r, c] * n_items + h.item[r], h.ts[r],
                                        h.label[r], max(n_keys, 1) * n_items)
-    return counts, _with_dynamic(lv.model, static, C)
 
 
 def _vector_index(catalog: Catalog, version: int) -> tuple[Any, dict]:
@@ -774,3 +807,118 @@ def _newest(state: ServingState) -> int:
         if ov[2].size:
             best = max(best, int(ov[2].max()))
     return best
+
+
+# ----------------------------------------------------------------------------- snapshots
+
+
+def _signature(ds) -> list:
+    """What identifies a dataset's rows, JSON-able: its fragments' files, rows and deletions."""
+    return [[fid, list(paths), rows, dele] for fid, (paths, rows, dele) in sorted(_fragments(ds).items())]
+
+
+def _snapshot_key(catalog: Catalog, version: int, items, users) -> dict:
+    """Everything but the interactions a snapshot of ``version`` was built from, JSON-able
+    (:func:`_source`, with the datasets' contents for their version numbers: the version's
+    rows too, so a damaged or removed ``embeddings.lance`` is found as a build finds it)."""
+    cfg = catalog.config
+    return {"version": version, "encoder": encoder_info(catalog)[0], "positive": cfg.positive,
+            "negative": cfg.negative, "items": _signature(items), "users": _signature(users),
+            "cache": _signature(cache_dataset(catalog)), "embeddings": _signature(catalog.dataset("embeddings"))}
+
+
+def _same(a: Any, b: Any) -> bool:
+    return json.dumps(a, sort_keys=True) == json.dumps(b, sort_keys=True)
+
+
+def keep_serving_snapshot(catalog: Catalog) -> bool:
+    """Write the current version's serving snapshot (``models/v<N>.serving.arrow``, see
+    :mod:`dynstore.serving.snapshot`) as of the latest commits, unless the one there
+    still fits them. Writers call it after they commit (refresh, encode, rollback);
+    False when nothing was written (no version, a read-only or remote store, up to date).
+
+    The state is built as a reader builds it; a reader uses the file only while the
+    version, items, users, semantic cache, encoder and rules are those it was built
+    from, and folds in interactions appended since (anything else: it builds).
+    """
+    if catalog.read_only or catalog.storage.local_dir("models") is None:
+        return False
+    view = catalog.latest.pinned()
+    version = current_version(view)
+    if version is None:
+        return False
+    items, inter, users = view.dataset("items"), view.dataset("interactions"), view.dataset("users")
+    key, frags = _snapshot_key(view, version, items, users), _signature(inter)
+    meta = snapshot_meta(view, version)
+    if meta is not None and _same(meta.get("key"), key) and _same(meta.get("interactions"), frags):
+        return False
+    state = _build(view, load_version(view, version), items, inter, users)
+    return write_snapshot(view, version, {"key": key, "interactions": frags, **_scalars(state)}, _arrays(state))
+
+
+def _scalars(state: ServingState) -> dict:
+    c = state.counts
+    return {"n_indexed": state.n_indexed, "now": None if c is None else int(c.now)}
+
+
+def _arrays(state: ServingState) -> dict[str, Any]:
+    """A built (never advanced) state's arrays, by name."""
+    served = np.zeros(len(state.ids), bool)
+    served[np.fromiter(state.row.values(), np.int64, len(state.row))] = True
+    pairs = list(state.imp_pos.items())
+    out = {"ids": state.ids, "served": served, "Wf": state.Wf, "bias": state.bias, "static_bias": state.static_bias,
+           "users": [u for u, _ in sorted(state.user_row.base.items(), key=lambda kv: kv[1])],
+           "ptr": state.ptr, "hist_item": state.hist_item, "hist_label": state.hist_label, "hist_ts": state.hist_ts,
+           "hist_us": state.hist_us, "UA": state.UA, "UK": state.UK,
+           "ua_users": [u for u, _ in sorted(state.ua_row.items(), key=lambda kv: kv[1])],
+           "pos_ptr": state.pos_ptr, "pos_item": state.pos_item,
+           "imp_users": [p[0][0] for p in pairs], "imp_items": [p[0][1] for p in pairs],
+           "imp_us": np.array([p[1] for p in pairs], np.int64)}
+    if state.counts is not None:
+        out["counts"] = state.counts.items
+    return out
+
+
+def _from_snapshot(catalog: Catalog, version: int, items, inter, users) -> ServingState | None:
+    """The state of ``version`` from its snapshot, when it fits this view (interactions
+    appended since folded in); None: no snapshot, or one that does not fit."""
+    got = read_snapshot(catalog, version)
+    if got is None:
+        return None
+    meta, arrays = got
+    if not _same(meta.get("key"), _snapshot_key(catalog, version, items, users)):
+        return None
+    try:
+        state = _state_of(catalog, version, meta, arrays)
+    except (DynstoreError, ValueError, KeyError, IndexError, TypeError):
+        return None  # parameters that do not fit: the build says why
+    if _same(meta.get("interactions"), _signature(inter)):
+        return state
+    if inter is None:
+        return None
+    state.source["fragments"] = {fid: (tuple(paths), rows, dele) for fid, paths, rows, dele in meta["interactions"]}
+    return _advance(catalog, state, inter)
+
+
+def _state_of(catalog: Catalog, version: int, meta: dict, a: dict) -> ServingState:
+    """A :class:`ServingState` of a snapshot's arrays (what :func:`_build` gave the writer)."""
+    model = load_parameters(catalog, version).model
+    ids, served = a["ids"], a["served"]
+    if len(ids) != served.size or a["Wf"].shape != (len(ids), model.d):
+        raise ValueError("the snapshot does not fit the version's parameters")
+    row = dict(zip(ids, range(len(ids)))) if served.all() else {ids[n]: n for n in np.flatnonzero(served).tolist()}
+    ua_row = {u: n for n, u in enumerate(a["ua_users"])}
+    index, index_params = _vector_index(catalog, version)
+    counts = None
+    if "counts" in a:
+        counts = _Counts(model.dynamic, int(meta["now"]), a["counts"])
+        h = _Histories({u: n for n, u in enumerate(a["users"])}, a["ptr"], a["hist_item"], a["hist_label"],
+                       a["hist_ts"], a["hist_us"])
+        _segment_counts(model, counts, h, a["UK"], ua_row, len(ids))
+    imp_pos = dict(zip(zip(a["imp_users"], a["imp_items"]), a["imp_us"].tolist()))
+    # the biases are small: copies, writable as a build's are (torch warns on a read-only array)
+    return ServingState(version, model, ids, row, a["Wf"], a["bias"].copy(),
+                        _Rows({u: n for n, u in enumerate(a["users"])}), a["ptr"], a["hist_item"], a["hist_label"],
+                        a["hist_ts"], a["UA"], ua_row, a["UK"], a["pos_ptr"], a["pos_item"], index,
+                        int(meta["n_indexed"]), index_params, static_bias=a["static_bias"].copy(), counts=counts,
+                        hist_us=a["hist_us"], imp_pos=imp_pos)

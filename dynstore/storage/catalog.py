@@ -289,17 +289,14 @@ class Catalog:
         >>> store.catalog.id_types()
         {'item': 'string'}
         """
-        found: dict[str, str] = {}
-        # a kind's own table first, then the interactions
-        for name, columns in (("users", ("user_id",)), ("items", ("item_id",)),
-                              ("interactions", ("user_id", "item_id"))):
-            ds = self.dataset(name)
-            if ds is None:
-                continue
-            schema = ds.schema
-            for col in columns:
-                if col[:-3] not in found and col in schema.names:
-                    found[col[:-3]] = _id_kind(schema.field(col).type)
+        tables = [self.dataset(name) for name in ("users", "items", "interactions")]
+        # a Lance schema costs ~2 ms a call and SQL types ask often: kept per opened
+        # dataset objects (held in the slot, so their ids stay theirs) and version
+        key = tuple((id(ds), ds.version) if ds is not None else None for ds in tables)
+        hit = self.memo.get("id_types")
+        if hit is None or hit[0] != key:
+            hit = self.memo.put("id_types", (key, _stored_id_types(tables), tables))
+        found = hit[1]
         return {**{k: v for k, v in self.config.id_types.items() if k not in found}, **found}
 
     def id_type(self, kind: str) -> str:
@@ -329,6 +326,20 @@ class Catalog:
                 raise
             raise StorageError(f"{self.path}: {what} could not write ({storage_reason(exc)}); the last commit "
                                "stands: free space or fix permissions, then run it again") from None
+
+
+def _stored_id_types(tables: list) -> dict[str, str]:
+    """The id kinds the schemas of ``[users, items, interactions]`` (None: absent) fix."""
+    found: dict[str, str] = {}
+    # a kind's own table first, then the interactions
+    for ds, columns in zip(tables, (("user_id",), ("item_id",), ("user_id", "item_id"))):
+        if ds is None:
+            continue
+        schema = ds.schema
+        for col in columns:
+            if col[:-3] not in found and col in schema.names:
+                found[col[:-3]] = _id_kind(schema.field(col).type)
+    return found
 
 
 def _id_kind(arrow_type) -> str:

@@ -6,3 +6,7 @@ decision and the ``refresh`` pipeline.
 May import: the top-level helpers, ``storage``, ``engines``, ``encoders``,
 ``data`` and ``model``.
 """
+
+#: refresh's window when none is given (here, not in ``window``: the API reads it without
+#: importing the training window's modules)
+DEFAULT_SINCE = "30d"

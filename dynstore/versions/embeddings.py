@@ -33,7 +33,7 @@ from dynstore.encoders.cache import encoder_info, record_encoder
 from dynstore.data.semantic import CatalogueVectors
 from dynstore.versions.index import build_index
 
-__all__ = ["build_version", "rollback", "load_version", "LoadedVersion", "load_parameters",
+__all__ = ["build_version", "rollback", "load_version", "version_loaded", "LoadedVersion", "load_parameters",
            "VersionParameters", "items_table", "users_table"]
 
 # items fused and written per batch of a version's rows: a batch's vectors, fused rows,
@@ -291,6 +291,12 @@ def load_version(catalog: Catalog, version: int | None = None) -> LoadedVersion:
         cache.pop(next(iter(cache)))
     cache[key] = loaded
     return loaded
+
+
+def version_loaded(catalog: Catalog, version: int) -> bool:
+    """Whether this process holds ``version`` as :func:`load_version` loaded it (rows read)."""
+    emb = catalog.dataset("embeddings")
+    return (int(version), emb.version if emb is not None else 0) in (catalog.memo.get("versions") or {})
 
 
 @dataclass

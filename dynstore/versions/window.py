@@ -17,13 +17,13 @@ from dynstore.model.dynamics import DynamicSpec, rule_half_life
 from dynstore.errors import ConfigError, DynstoreError
 from dynstore.model.fusion import FusionModel, ModelConfig, TrainingData
 from dynstore.data.semantic import CatalogueVectors
+from dynstore.versions import DEFAULT_SINCE
 from dynstore.versions.embeddings import items_table, users_table
 
 __all__ = ["TrainingWindow", "WindowData", "parse_since", "newest_event", "time_decay_days", "labelled_events",
            "HOLDOUT", "DEFAULT_SINCE"]
 
 HOLDOUT = 0.10  # the newest share of a window's events that judges a model
-DEFAULT_SINCE = "30d"  # refresh's window when none is given
 
 
 @dataclass(frozen=True)
