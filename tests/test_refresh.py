@@ -72,8 +72,6 @@ def test_second_refresh_without_new_data_is_noop(encoded, runner=None):
         assert third.version == again.version + 1
 
 
-@pytest.mark.xfail(reason="known gap (docs/known-gaps.md): with the content prior (issue 22), a retrain after an "
-                          "item change is not recognised as identical to the current version", strict=False)
 def test_refresh_publishes_no_version_identical_to_current(encoded, runner):
     """After an item change a retrain that ends where it started (same weights, rows and
     figures) says so and publishes nothing; --force publishes it anyway (issue 23)."""

@@ -399,6 +399,29 @@ def _item_pairs(tensors: dict, ids: list) -> set | None:
     return {(ids[r], ids[c], float(v)) for r, c, v in zip(rows.tolist(), col.tolist(), val.tolist())}
 
 
+def _same_prior_rows(p: Prepared, beta: float, new_t: dict, cur_t: dict) -> bool:
+    """Whether the per-item content prior (``cp_item``: one value per item row of the fit,
+    shrunk by the item's own positives when scored) serves as current's does, compared by
+    item id. Items of both must have equal values. An item added since current was built
+    has no value there, so current serves its whole prior (the same ``cp_`` weights, so the
+    same value: the item rows' check covers it); the new version shrinks it by the item's
+    positives, which is the same while it has none in the window, or where ``beta`` is 0."""
+    if ("cp_item" in new_t) != ("cp_item" in cur_t):
+        return False
+    if "cp_item" not in new_t:
+        return True
+    lv, data = p.current_version, p.data
+    new, cur = new_t["cp_item"], cur_t["cp_item"]
+    if len(new) != len(data.ids) or len(cur) != len(lv.ids):
+        return False  # not over these items: equal to nothing
+    rows = np.array([lv.row.get(i, -1) for i in data.ids], np.int64)
+    old = rows >= 0
+    if not np.array_equal(new[old], cur[rows[old]]):
+        return False
+    added = np.flatnonzero(~old)
+    return not beta or not np.isin(added, data.item[data.label == 1]).any()
+
+
 def _same_as_current(p: Prepared, verdict: Verdict, model: FusionModel, rules: dict, since: str | None) -> bool:
     """Whether publishing ``model`` would repeat the current version: built under the same
     rules, encoder and window, with equal parameters and metadata, equal holdout figures,
@@ -410,9 +433,11 @@ def _same_as_current(p: Prepared, verdict: Verdict, model: FusionModel, rules: d
     (new_t, new_meta), (cur_t, cur_meta) = model.state(), lv.model.state()
     if new_meta != cur_meta or new_t.keys() != cur_t.keys():
         return False
-    if not all(np.array_equal(new_t[k], cur_t[k]) for k in new_t if not k.startswith("ii_")):
+    if not all(np.array_equal(new_t[k], cur_t[k]) for k in new_t if not k.startswith("ii_") and k != "cp_item"):
         return False
     if _item_pairs(new_t, p.data.ids) != _item_pairs(cur_t, lv.ids):  # rows are items: compare by id
+        return False
+    if not _same_prior_rows(p, model.prior_weight(), new_t, cur_t):
         return False
     residuals = model.residuals if model.residuals is not None else p.residuals
     W, b = model.item_side(p.data.V, p.data.A, residuals)
