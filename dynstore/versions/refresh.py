@@ -190,7 +190,7 @@ class _Run:
             # so it does for a version of another encoder (other vectors, another width)
             current, residuals = rule, rule.residuals
         else:
-            current, residuals = lv.model, data.residuals_of(lv)
+            current, residuals = data.model_of(lv), data.residuals_of(lv)  # its item terms by id
         span_days = (train.ts.max() - train.ts.min()) / 86400.0 if len(train.ts) else 0.0
         config = ModelConfig(seed=opts.seed, use_negatives=opts.use_negatives,
                              time_decay_days=time_decay_days(span_days))
@@ -281,7 +281,7 @@ class _Run:
         v = p.current_version.version
         out = self._result(p, cand, verdict, model, v, None)
         return replace(out, status="unchanged", promoted=False, reason=(
-            f"the result is version {v} again (same weights, item rows and holdout figures): no new version "
+            f"the result is version {v} again (same weights, closed-form terms and item rows): no new version "
             "published; --force publishes one anyway"))
 
     def _rule_wins(self, p: Prepared, verdict: Verdict) -> bool:
@@ -424,11 +424,14 @@ def _same_prior_rows(p: Prepared, beta: float, new_t: dict, cur_t: dict) -> bool
 
 def _same_as_current(p: Prepared, verdict: Verdict, model: FusionModel, rules: dict, since: str | None) -> bool:
     """Whether publishing ``model`` would repeat the current version: built under the same
-    rules, encoder and window, with equal parameters and metadata, equal holdout figures,
-    and equal item rows (what serving uses now: the version's rows, and items added since
-    fused with its parameters)."""
+    rules, encoder and window, not rejected, with equal parameters and metadata, equal
+    closed-form terms and equal item rows (what serving uses now: the version's rows, and
+    items added since fused with its parameters). The holdout figures are not compared:
+    the verdict judged the candidate before its refit, its closed-form terms fitted on the
+    training part only, while current's were refitted on its whole window; with a prior or
+    item-item weight on, the figures differ although the refit ends where current is."""
     lv, snap = p.current_version, p.current_row.get("snapshot") or {}
-    if snap.get("rules") != rules or snap.get("since") != since or verdict.candidate != verdict.current:
+    if snap.get("rules") != rules or snap.get("since") != since or verdict.status == "rejected":
         return False
     (new_t, new_meta), (cur_t, cur_meta) = model.state(), lv.model.state()
     if new_meta != cur_meta or new_t.keys() != cur_t.keys():
