@@ -12,7 +12,8 @@ layers of MiniLM trained; the fine-tuned encoder then re-encodes every item (tha
 most of the cost on MovieLens' 9,742 documents).
 
 Run: ``python benchmarks/bench_finetune_quality.py --dataset completejourney --steps 20``
-(``--dataset movielens`` reads ``../shared/data/ml-latest-small``; ``--json OUT``).
+(``--dataset movielens`` reads ``../shared/data/ml-latest-small``; ``--rolling``: the five
+rolling-origin cuts of ``bench_quality.py`` instead, pooled; ``--json OUT``).
 """
 from __future__ import annotations
 
@@ -33,16 +34,25 @@ SEGMENTS = ("overall", "warm items", "cold items", "returning users", "new users
 
 
 def load(dataset: str, args) -> tuple:
-    """``(catalogue for the split, test split, store input)`` of ``dataset``."""
+    """``(catalogue, events, store input maker)`` of ``dataset``."""
     if dataset == "movielens":
         cat, events, _, _ = bq.build(Path(args.movielens))
-        make = bq.movielens_store_input
-    else:
-        cat, events, items, users, _ = bq.build_cj(args.cj_households, args.cj_products, args.seed)
-        make = bq.cj_store_input(items, users)
+        return cat, events, bq.movielens_store_input
+    cat, events, items, users, _ = bq.build_cj(args.cj_households, args.cj_products, args.seed)
+    return cat, events, bq.cj_store_input(items, users)
+
+
+def splits(cat, events, args):
+    """The single split, or (``--rolling``) bench_quality's five forward-chained cuts."""
     test = bq.temporal_split(events, cat.n_items, seed=args.seed)
-    cat = bq.for_split(cat, test)
-    return cat, test, make(test, cat)
+    if not args.rolling:
+        return [test]
+    ev = (test.user, test.item, test.ts, test.label)
+    out = []
+    for c in bq.ROLLING_CUTS:
+        end = int(len(test.ts) * (c + bq.ROLLING_SPAN))
+        out.append(bq.temporal_split(tuple(a[:end] for a in ev), cat.n_items, frac=c / (c + bq.ROLLING_SPAN)))
+    return out
 
 
 def paired(a: np.ndarray, b: np.ndarray) -> tuple[float, float]:
@@ -58,21 +68,29 @@ def main(argv=None) -> int:
     ap.add_argument("--cj-products", type=int, default=bq.CJ_PRODUCTS)
     ap.add_argument("--seed", type=int, default=bq.SEED)
     ap.add_argument("--steps", type=int, default=20, help="fine-tuning steps of 32 events")
+    ap.add_argument("--rolling", action="store_true",
+                    help="bench_quality's five forward-chained cuts, per-user values pooled (user-periods)")
     ap.add_argument("--json", help="write the results here")
     args = ap.parse_args(argv)
-    cat, test, data = load(args.dataset, args)
-    print(f"{args.dataset}: {cat.n_items} items, test {len(np.unique(test.test_user))} users, "
-          f"{int(test.cold.sum())} cold items", flush=True)
-    res, stats, secs = {}, {}, {}
-    for name, opts in (("without", {}), ("with", {"finetune_encoder": True, "finetune_steps": args.steps})):
-        stats[name] = {}
-        t0 = time.perf_counter()
-        score = bq.fit_dynstore_store(test, cat, data=data, refresh_options=opts, stats=stats[name])
-        res[name] = bq.evaluate_scorer(score, test, cat.n_items)
-        secs[name] = round(time.perf_counter() - t0, 1)
-        print(f"{name} --finetune-encoder: {secs[name]} s, status {stats[name]['status']}, kept_start "
-              f"{stats[name]['kept_start']}, durations {stats[name]['durations']}", flush=True)
-    out = {"dataset": args.dataset, "steps": args.steps, "seconds": secs, "refresh": stats, "segments": {}}
+    cat_all, events, make = load(args.dataset, args)
+    runs, stats, secs = {"without": [], "with": []}, {"without": [], "with": []}, {"without": [], "with": []}
+    for test in splits(cat_all, events, args):
+        cat = bq.for_split(cat_all, test)
+        data = make(test, cat)
+        print(f"{args.dataset}: {cat.n_items} items, test {len(np.unique(test.test_user))} users, "
+              f"{int(test.cold.sum())} cold items", flush=True)
+        for name, opts in (("without", {}), ("with", {"finetune_encoder": True, "finetune_steps": args.steps})):
+            st: dict = {}
+            t0 = time.perf_counter()
+            score = bq.fit_dynstore_store(test, cat, data=data, refresh_options=opts, stats=st)
+            runs[name].append(bq.evaluate_scorer(score, test, cat.n_items))
+            secs[name].append(round(time.perf_counter() - t0, 1))
+            stats[name].append(st)
+            print(f"{name} --finetune-encoder: {secs[name][-1]} s, status {st['status']}, kept_start "
+                  f"{st['kept_start']}, durations {st['durations']}", flush=True)
+    res = {name: bq.pool(r) for name, r in runs.items()}
+    out = {"dataset": args.dataset, "steps": args.steps, "rolling": args.rolling, "seconds": secs,
+           "refresh": stats if args.rolling else {k: v[0] for k, v in stats.items()}, "segments": {}}
     print(f"\n| segment (NDCG@10) | without | with | with - without (paired) | users |\n|---|---|---|---|---|")
     for seg in SEGMENTS:
         a, b = res["without"][seg]["per_user"]["ndcg"], res["with"][seg]["per_user"]["ndcg"]
