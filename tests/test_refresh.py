@@ -72,8 +72,6 @@ def test_second_refresh_without_new_data_is_noop(encoded, runner=None):
         assert third.version == again.version + 1
 
 
-@pytest.mark.xfail(reason="known gap (docs/known-gaps.md): with the content prior (issue 22), a retrain after an "
-                          "item change is not recognised as identical to the current version", strict=False)
 def test_refresh_publishes_no_version_identical_to_current(encoded, runner):
     """After an item change a retrain that ends where it started (same weights, rows and
     figures) says so and publishes nothing; --force publishes it anyway (issue 23)."""
@@ -93,6 +91,29 @@ def test_refresh_publishes_no_version_identical_to_current(encoded, runner):
     assert out["status"] == "unchanged" and out["version"] == 2 and not out["promoted"] and "again" in out["reason"]
     forced = encoded.refresh(since="all", epochs=1, force=True)
     assert forced.status != "noop" and forced.version == 3
+
+
+def test_no_version_identical_to_current_with_the_content_prior_on(encoded, monkeypatch):
+    """With the content prior's weight on, the prior's per-item rows are compared by item id:
+    an item added since (no events) is served its whole prior by either version."""
+    import dynstore.model.training as training
+
+    choose = training.choose_terms
+
+    def with_prior(model, *args):
+        out = choose(model, *args)
+        if model.prior is not None:
+            model.params["beta"] = np.array([0.5], np.float32)
+        return out
+
+    monkeypatch.setattr(training, "choose_terms", with_prior)
+    first = encoded.refresh(since="all", epochs=1)
+    assert first.status == "current"
+    encoded.ingest("items", pl.DataFrame({"item_id": [9003], "title": ["another new thing"]}))
+    encoded.encode()
+    again = encoded.refresh(since="all", epochs=1)
+    assert again.status == "unchanged" and again.version == first.version
+    assert encoded.versions()[0]["version"] == first.version
 
 
 def test_an_empty_window_fails_before_encoding(encoded, runner):
@@ -379,3 +400,24 @@ def test_store_methods_name_every_option_explicitly():
         params = inspect.signature(method).parameters
         assert all(p.kind is inspect.Parameter.KEYWORD_ONLY for n, p in params.items() if n != "self")
         assert set(params) - {"self"} == set(names)
+
+
+def test_current_model_over_the_window_matches_item_terms_by_id():
+    """The current version's item-item weights and prior rows follow the window's item order
+    (an ingest may reorder the items table); an item added since gets neither."""
+    from types import SimpleNamespace
+
+    from dynstore.model.fusion import FusionModel
+    from dynstore.model.itemitem import ItemItem
+    from dynstore.versions.window import WindowData
+
+    model = FusionModel(d=2, fa=0, fu=0)
+    model.item_item = ItemItem(np.array([0, 1, 2]), np.array([1, 0]), np.array([0.5, 0.25], np.float32))
+    model.prior_item = np.array([0.1, 0.2], np.float32)
+    lv = SimpleNamespace(model=model, ids=[1, 2], row={1: 0, 2: 1})
+    out = WindowData.model_of(SimpleNamespace(ids=[9001, 2, 1]), lv)
+    assert out.prior_item.tolist() == pytest.approx([0.0, 0.2, 0.1])
+    assert out.item_item.ptr.tolist() == [0, 0, 1, 2]
+    assert out.item_item.col.tolist() == [2, 1] and out.item_item.val.tolist() == [0.25, 0.5]
+    assert model.prior_item.tolist() == pytest.approx([0.1, 0.2]) and model.item_item.ptr.tolist() == [0, 1, 2]
+    assert WindowData.model_of(SimpleNamespace(ids=[1, 2, 9001]), lv) is model  # positions already match

@@ -190,7 +190,7 @@ class _Run:
             # so it does for a version of another encoder (other vectors, another width)
             current, residuals = rule, rule.residuals
         else:
-            current, residuals = lv.model, data.residuals_of(lv)
+            current, residuals = data.model_of(lv), data.residuals_of(lv)  # its item terms by id
         span_days = (train.ts.max() - train.ts.min()) / 86400.0 if len(train.ts) else 0.0
         config = ModelConfig(seed=opts.seed, use_negatives=opts.use_negatives,
                              time_decay_days=time_decay_days(span_days))
@@ -282,7 +282,7 @@ class _Run:
         v = p.current_version.version
         out = self._result(p, cand, verdict, model, v, None)
         return replace(out, status="unchanged", promoted=False, reason=(
-            f"the result is version {v} again (same weights, item rows and holdout figures): no new version "
+            f"the result is version {v} again (same weights, closed-form terms and item rows): no new version "
             "published; --force publishes one anyway"))
 
     def _rule_wins(self, p: Prepared, verdict: Verdict) -> bool:
@@ -401,20 +401,48 @@ def _item_pairs(tensors: dict, ids: list) -> set | None:
     return {(ids[r], ids[c], float(v)) for r, c, v in zip(rows.tolist(), col.tolist(), val.tolist())}
 
 
+def _same_prior_rows(p: Prepared, beta: float, new_t: dict, cur_t: dict) -> bool:
+    """Whether the per-item content prior (``cp_item``: one value per item row of the fit,
+    shrunk by the item's own positives when scored) serves as current's does, compared by
+    item id. Items of both must have equal values. An item added since current was built
+    has no value there, so current serves its whole prior (the same ``cp_`` weights, so the
+    same value: the item rows' check covers it); the new version shrinks it by the item's
+    positives, which is the same while it has none in the window, or where ``beta`` is 0."""
+    if ("cp_item" in new_t) != ("cp_item" in cur_t):
+        return False
+    if "cp_item" not in new_t:
+        return True
+    lv, data = p.current_version, p.data
+    new, cur = new_t["cp_item"], cur_t["cp_item"]
+    if len(new) != len(data.ids) or len(cur) != len(lv.ids):
+        return False  # not over these items: equal to nothing
+    rows = np.array([lv.row.get(i, -1) for i in data.ids], np.int64)
+    old = rows >= 0
+    if not np.array_equal(new[old], cur[rows[old]]):
+        return False
+    added = np.flatnonzero(~old)
+    return not beta or not np.isin(added, data.item[data.label == 1]).any()
+
+
 def _same_as_current(p: Prepared, verdict: Verdict, model: FusionModel, rules: dict, since: str | None) -> bool:
     """Whether publishing ``model`` would repeat the current version: built under the same
-    rules, encoder and window, with equal parameters and metadata, equal holdout figures,
-    and equal item rows (what serving uses now: the version's rows, and items added since
-    fused with its parameters)."""
+    rules, encoder and window, not rejected, with equal parameters and metadata, equal
+    closed-form terms and equal item rows (what serving uses now: the version's rows, and
+    items added since fused with its parameters). The holdout figures are not compared:
+    the verdict judged the candidate before its refit, its closed-form terms fitted on the
+    training part only, while current's were refitted on its whole window; with a prior or
+    item-item weight on, the figures differ although the refit ends where current is."""
     lv, snap = p.current_version, p.current_row.get("snapshot") or {}
-    if snap.get("rules") != rules or snap.get("since") != since or verdict.candidate != verdict.current:
+    if snap.get("rules") != rules or snap.get("since") != since or verdict.status == "rejected":
         return False
     (new_t, new_meta), (cur_t, cur_meta) = model.state(), lv.model.state()
     if new_meta != cur_meta or new_t.keys() != cur_t.keys():
         return False
-    if not all(np.array_equal(new_t[k], cur_t[k]) for k in new_t if not k.startswith("ii_")):
+    if not all(np.array_equal(new_t[k], cur_t[k]) for k in new_t if not k.startswith("ii_") and k != "cp_item"):
         return False
     if _item_pairs(new_t, p.data.ids) != _item_pairs(cur_t, lv.ids):  # rows are items: compare by id
+        return False
+    if not _same_prior_rows(p, model.prior_weight(), new_t, cur_t):
         return False
     residuals = model.residuals if model.residuals is not None else p.residuals
     W, b = model.item_side(p.data.V, p.data.A, residuals)

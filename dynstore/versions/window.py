@@ -6,6 +6,7 @@ labelled events of one snapshot as the rows a model trains and is judged on.
 """
 from __future__ import annotations
 
+import copy
 import datetime as _dt
 import re
 from dataclasses import dataclass
@@ -16,6 +17,7 @@ from dynstore.storage.catalog import Catalog
 from dynstore.model.dynamics import DynamicSpec, rule_half_life
 from dynstore.errors import ConfigError, DynstoreError
 from dynstore.model.fusion import FusionModel, ModelConfig, TrainingData
+from dynstore.model.itemitem import ItemItem
 from dynstore.data.semantic import CatalogueVectors
 from dynstore.versions import DEFAULT_SINCE
 from dynstore.versions.embeddings import items_table, users_table
@@ -190,6 +192,27 @@ class WindowData:
         return TrainingData(V=self.V, A=self.A, UA=self.UA, user=self.user, item=self.item,
                             ts=self.ts, label=self.label, UK=self.UK)
 
+    def model_of(self, lv) -> FusionModel:
+        """The version's model with its per-item terms (the item-item weights, the content
+        prior's rows) over this window's item rows, matched by id. The window lists the
+        items in the table's order, which an ingest may change; the version's terms follow
+        its own rows. Items added since get no item-item weights and no prior row (the
+        whole prior), as serving gives them; ``lv.model`` itself is left as it is."""
+        model = lv.model
+        rows = np.array([lv.row.get(i, -1) for i in self.ids], np.int64)
+        m = len(lv.ids)
+        if (model.item_item is None and model.prior_item is None) or (
+                rows.size >= m and np.array_equal(rows[:m], np.arange(m)) and (rows[m:] < 0).all()):
+            return model  # the version's rows first, in order: positions already match
+        out = copy.copy(model)
+        if model.prior_item is not None:
+            ok = (rows >= 0) & (rows < model.prior_item.size)
+            out.prior_item = np.zeros(rows.size, np.float32)
+            out.prior_item[ok] = model.prior_item[rows[ok]]
+        if model.item_item is not None:
+            out.item_item = _reindexed(model.item_item, rows)
+        return out
+
     def residuals_of(self, lv) -> tuple[np.ndarray, np.ndarray]:
         """The current version's per-item residuals, recovered from its rows."""
         base_w, base_b = lv.model.item_side(self.V, self.A, None)
@@ -201,3 +224,18 @@ class WindowData:
                 R[n] = lv.Wf[r] - base_w[n]
                 rb[n] = lv.bias[r] - base_b[n]
         return R, rb
+
+
+def _reindexed(ii: ItemItem, rows: np.ndarray) -> ItemItem:
+    """``ii``'s weights over new item rows: new row ``n`` is old row ``rows[n]`` (-1: none)."""
+    n_old = ii.ptr.size - 1
+    new_of_old = np.full(n_old, -1, np.int64)
+    ok = (rows >= 0) & (rows < n_old)
+    new_of_old[rows[ok]] = np.flatnonzero(ok)
+    r = new_of_old[np.repeat(np.arange(n_old), np.diff(ii.ptr))]
+    c = new_of_old[ii.col]
+    keep = (r >= 0) & (c >= 0)
+    order = np.argsort(r[keep], kind="stable")
+    ptr = np.zeros(rows.size + 1, np.int64)
+    np.cumsum(np.bincount(r[keep], minlength=rows.size), out=ptr[1:])
+    return ItemItem(ptr, c[keep][order], ii.val[keep][order])
