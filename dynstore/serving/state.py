@@ -37,10 +37,10 @@ from dynstore.data.rules import label_sql
 from dynstore.data.semantic import cached_vectors
 from dynstore.encoders.cache import cache_dataset, encoder_info
 from dynstore.sqltext import sql_text, statements
-from dynstore.errors import DynstoreError, VersionNotFound
-from dynstore.storage.registry import current_version, list_versions
+from dynstore.errors import DynstoreError
+from dynstore.storage.registry import current_version
 from dynstore.serving.snapshot import read_snapshot, snapshot_meta, write_snapshot
-from dynstore.versions.embeddings import load_parameters, load_version, version_loaded
+from dynstore.versions.embeddings import load_parameters, load_version, resolve_version, version_loaded
 from dynstore.data.views import views_connection
 from dynstore.versions.index import recorded_index_settings
 
@@ -304,17 +304,6 @@ def _source(catalog: Catalog, version: int, items, users) -> tuple:
             encoder_info(catalog)[0], cfg.positive, cfg.negative)
 
 
-def _serving_version(catalog: Catalog, version: int | None) -> int:
-    """``version``, or the current one; :class:`VersionNotFound` as :func:`load_version` says it."""
-    if version is None:
-        version = current_version(catalog)
-        if version is None:
-            raise VersionNotFound(f"{catalog.path}: no embedding version yet; run `dynstore encode` first")
-    elif not any(r["version"] == version for r in list_versions(catalog)):
-        raise VersionNotFound(f"no version {version} in {catalog.path}")
-    return int(version)
-
-
 def serving_state(catalog: Catalog, version: int | None = None) -> ServingState:
     """The serving state of ``version`` (default: current) as of the store's data.
 
@@ -324,7 +313,7 @@ def serving_state(catalog: Catalog, version: int | None = None) -> ServingState:
     process has not loaded comes from the version's serving snapshot when that
     still fits (see :func:`keep_serving_snapshot`).
     """
-    version = _serving_version(catalog, version)
+    version = resolve_version(catalog, version)
     items = catalog.dataset("items")
     inter = catalog.dataset("interactions")
     users = catalog.dataset("users")

@@ -267,16 +267,31 @@ class LoadedVersion:
     encoder: str = ""
 
 
+def current_or(catalog: Catalog, version: int | None) -> int:
+    """``version``, or the current one; :class:`VersionNotFound` before the first version."""
+    if version is None:
+        version = current_version(catalog)
+        if version is None:
+            raise VersionNotFound(f"{catalog.path}: no embedding version yet; run `dynstore encode` first")
+    return int(version)
+
+
+def resolve_version(catalog: Catalog, version: int | None) -> int:
+    """:func:`current_or`, checked against the registry: :class:`VersionNotFound` for a
+    version it does not list (the one rule of every reader of a version)."""
+    version = current_or(catalog, version)
+    if not any(r["version"] == version for r in list_versions(catalog)):
+        raise VersionNotFound(f"no version {version} in {catalog.path}")
+    return version
+
+
 def load_version(catalog: Catalog, version: int | None = None) -> LoadedVersion:
     """Load (and cache) ``version`` or the current one.
 
     A missing or damaged file of the version raises
     :class:`~dynstore.errors.StoreCorrupt` naming the file and the way out.
     """
-    if version is None:
-        version = current_version(catalog)
-        if version is None:
-            raise VersionNotFound(f"{catalog.path}: no embedding version yet; run `dynstore encode` first")
+    version = current_or(catalog, version)
     emb = catalog.dataset("embeddings")
     key = (int(version), emb.version if emb is not None else 0)
     cache = catalog.memo.setdefault("versions", dict)
@@ -317,13 +332,8 @@ def load_parameters(catalog: Catalog, version: int | None = None) -> VersionPara
     Raises :class:`~dynstore.errors.VersionNotFound` and
     :class:`~dynstore.errors.StoreCorrupt` as :func:`load_version` does.
     """
-    if version is None:
-        version = current_version(catalog)
-        if version is None:
-            raise VersionNotFound(f"{catalog.path}: no embedding version yet; run `dynstore encode` first")
-    if not any(r["version"] == version for r in list_versions(catalog)):
-        raise VersionNotFound(f"no version {version} in {catalog.path}")
-    model, item_spec, user_spec, broken = _read_parameters(catalog, int(version))
+    version = resolve_version(catalog, version)
+    model, item_spec, user_spec, broken = _read_parameters(catalog, version)
     if item_spec.width != model.fa or user_spec.width != model.fu:
         raise broken(f"models/v{version}.safetensors", f"its shapes (fa={model.fa}, fu={model.fu}) do not fit "
                      f"the features (fa={item_spec.width}, fu={user_spec.width})")
