@@ -416,7 +416,7 @@ def _same_prior_rows(p: Prepared, beta: float, new_t: dict, cur_t: dict) -> bool
     new, cur = new_t["cp_item"], cur_t["cp_item"]
     if len(new) != len(data.ids) or len(cur) != len(lv.ids):
         return False  # not over these items: equal to nothing
-    rows = np.array([lv.row.get(i, -1) for i in data.ids], np.int64)
+    rows = data.rows_in(lv)
     old = rows >= 0
     if not np.array_equal(new[old], cur[rows[old]]):
         return False
@@ -446,7 +446,7 @@ def _same_as_current(p: Prepared, verdict: Verdict, model: FusionModel, rules: d
         return False
     residuals = model.residuals if model.residuals is not None else p.residuals
     W, b = model.item_side(p.data.V, p.data.A, residuals)
-    rows = np.array([lv.row.get(i, -1) for i in p.data.ids], np.int64)
+    rows = p.data.rows_in(lv)
     old = rows >= 0
     served_w, served_b = np.empty_like(W), np.empty_like(b)
     served_w[old], served_b[old] = lv.Wf[rows[old]], lv.bias[rows[old]]

@@ -192,6 +192,13 @@ class WindowData:
         return TrainingData(V=self.V, A=self.A, UA=self.UA, user=self.user, item=self.item,
                             ts=self.ts, label=self.label, UK=self.UK)
 
+    def rows_in(self, lv) -> np.ndarray:
+        """Each window item's row in version ``lv`` (-1: not in it), computed once per version."""
+        cache = self.__dict__.setdefault("_rows_in", {})
+        if lv.version not in cache:
+            cache[lv.version] = version_rows(self.ids, lv)
+        return cache[lv.version]
+
     def model_of(self, lv) -> FusionModel:
         """The version's model with its per-item terms (the item-item weights, the content
         prior's rows) over this window's item rows, matched by id. The window lists the
@@ -199,7 +206,7 @@ class WindowData:
         its own rows. Items added since get no item-item weights and no prior row (the
         whole prior), as serving gives them; ``lv.model`` itself is left as it is."""
         model = lv.model
-        rows = np.array([lv.row.get(i, -1) for i in self.ids], np.int64)
+        rows = version_rows(self.ids, lv)
         m = len(lv.ids)
         if (model.item_item is None and model.prior_item is None) or (
                 rows.size >= m and np.array_equal(rows[:m], np.arange(m)) and (rows[m:] < 0).all()):
@@ -218,12 +225,16 @@ class WindowData:
         base_w, base_b = lv.model.item_side(self.V, self.A, None)
         R = np.zeros_like(base_w)
         rb = np.zeros(len(self.ids), np.float32)
-        for n, i in enumerate(self.ids):
-            r = lv.row.get(i)
-            if r is not None:
-                R[n] = lv.Wf[r] - base_w[n]
-                rb[n] = lv.bias[r] - base_b[n]
+        rows = self.rows_in(lv)
+        ok = np.flatnonzero(rows >= 0)
+        R[ok] = lv.Wf[rows[ok]] - base_w[ok]
+        rb[ok] = lv.bias[rows[ok]] - base_b[ok]
         return R, rb
+
+
+def version_rows(ids: list, lv) -> np.ndarray:
+    """The row of each of ``ids`` in version ``lv`` (-1: not in it)."""
+    return np.array([lv.row.get(i, -1) for i in ids], np.int64)
 
 
 def _reindexed(ii: ItemItem, rows: np.ndarray) -> ItemItem:
