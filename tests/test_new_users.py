@@ -127,22 +127,20 @@ def test_versions_without_the_column_load_and_bad_ones_are_refused(chosen):
     assert B.tolist() == [[1.0, 2.0], [5.0, 0.0]]
 
 
-def test_a_refresh_on_the_old_behaviour_keeps_theta(tmp_path):
-    """Nothing to gain (new users pick what regulars pick): refresh keeps ``theta``."""
-    rng = np.random.default_rng(1)
-    n = 1500
-    item = rng.choice(20, n, p=np.r_[np.full(5, 0.12), np.full(15, 0.4 / 15)])
-    user = np.where(rng.random(n) < 0.5, rng.integers(30, size=n), 1000 + np.arange(n))
-    ts = 1_700_000_000 + np.sort(rng.integers(200 * DAY, size=n))
+def test_a_refresh_where_new_users_follow_the_trend_keeps_theta(tmp_path):
+    """Nothing to gain (visitors pick this month's trend, as regulars do): refresh keeps ``theta``."""
+    items, inter = _frames()
+    month = ((inter["ts"].dt.epoch("s") - inter["ts"].dt.epoch("s").min()) // (30 * DAY)).cast(pl.Int64)
+    trend = 100 + 10 * month + pl.Series(np.random.default_rng(2).integers(TRENDING, size=inter.height))
+    inter = inter.with_columns(item_id=trend)  # everyone on the trend
     with dynstore.init(tmp_path / "s", model="fake", positive="event = 'click'") as store:
-        store.ingest("items", pl.DataFrame({"item_id": list(range(20)), "title": [f"thing {i}" for i in range(20)]}))
-        store.ingest("interactions", pl.DataFrame({"user_id": user, "item_id": item, "event": ["click"] * n})
-                     .with_columns(pl.from_epoch(pl.Series("ts", ts * 1_000_000), time_unit="us")))
+        store.ingest("items", items)
+        store.ingest("interactions", inter)
         store.encode()
         out = store.refresh(since="all", epochs=1)
         sel = out.training["selection"]["new_users"]
         assert sel["chosen"] == KEEP and sel["gain"] == 0.0 and sel["users"] > 50, sel
-        assert not sel["best_tried"]["gain"] > sel["z"] * sel["best_tried"]["se"]
+        assert sel["best_tried"]["gain"] < 0  # a long memory shows new users last month's trend
         assert load_version(store.catalog, out.version).model.theta_new is None
         assert serving_state(store.catalog, out.version).bias_new is None
         assert "new_users keep (best tried" in choices([r for r in store.versions()

@@ -62,6 +62,10 @@ RECENCIES = (0.0, 50.0)
 BETAS = (0.25, 0.5, 1.0, 2.0)
 #: the new users' bias left as everyone's (no ``theta_new``)
 KEEP = "keep"
+#: earlier cuts that judge the new users' bias alone (up to the first of ``CUT_FRACTIONS``):
+#: it needs no closed-form refit and scores only a cut's new users, so it can afford more
+#: periods -- and most users are new early in the data
+NEW_USER_FRACTIONS = (0.2, 0.3, 0.4, 0.5)
 #: items an item-item fit on a cut keeps at most
 CUT_MAX_ITEMS = 1500
 #: holdout users a cut judges at most (a seeded sample above)
@@ -80,16 +84,22 @@ class Cut:
 
 def forward_cuts(data: TrainingData, holdout: tuple, fractions=CUT_FRACTIONS) -> list[Cut]:
     """The fit's own (``data``, ``holdout``) and the earlier cuts inside ``data``."""
-    cuts = []
     ts = np.asarray(data.ts)
-    if ts.size:
-        bounds = sorted({int(np.quantile(ts, f, method="lower")) for f in fractions})
-        edges = bounds + [int(ts.max()) + 1]
-        for a, b in zip(edges[:-1], edges[1:]):
-            before, after = ts < a, (ts >= a) & (ts < b)
-            if before.any() and (data.label[after] == 1).any():
-                cuts.append(Cut(sub(data, before), (data.user[after], data.item[after], data.label[after])))
+    cuts = period_cuts(data, list(fractions) + [None]) if ts.size else []
     cuts.append(Cut(data, tuple(np.asarray(x) for x in holdout)))
+    return cuts
+
+
+def period_cuts(data: TrainingData, fractions: list) -> list[Cut]:
+    """A cut at each quantile ``fractions[j]`` of ``data``'s event times, tested on the events
+    up to the next one (None: the end of ``data``); periods without a positive are left out."""
+    ts = np.asarray(data.ts)
+    edges = sorted({int(ts.max()) + 1 if f is None else int(np.quantile(ts, f, method="lower")) for f in fractions})
+    cuts = []
+    for a, b in zip(edges[:-1], edges[1:]):
+        before, after = ts < a, (ts >= a) & (ts < b)
+        if before.any() and (data.label[after] == 1).any():
+            cuts.append(Cut(sub(data, before), (data.user[after], data.item[after], data.label[after])))
     return cuts
 
 
@@ -341,7 +351,10 @@ def choose_terms(model: Any, data: TrainingData, holdout: tuple, z: float) -> di
             judge_cut(parts(model, cut, thetas), gammas, betas, guard, news)
     out = {}
     if thetas:
-        out["new_users"] = choose_new_users(model, news.pooled(), thetas, z, len(cuts))
+        early = period_cuts(data, list(NEW_USER_FRACTIONS) + [CUT_FRACTIONS[0]])
+        for cut in early:
+            judge_new_users(model, cut, thetas, news)
+        out["new_users"] = choose_new_users(model, news.pooled(), thetas, z, len(cuts) + len(early))
     if "gamma" in model.params and model.item_item is not None:
         out.update(choose_gamma(model, {h: g.pooled() for h, g in gammas.items()}, scale, z, len(cuts)))
     if "beta" in model.params and model.prior is not None:
@@ -371,6 +384,30 @@ def choose_gamma(model: Any, grids: dict, scale: dict, z: float, cuts: int) -> d
                             judged_on="returning users"),
             "recency": report(gain, model.config.item_item_recency, z, cuts, unit="positives (half-life)",
                               judged_on="returning users, each at its best gamma")}
+
+
+def judge_new_users(model: Any, cut: Cut, thetas: dict, news: Grid) -> None:
+    """Add one cut's per-user differences of each new users' bias (:func:`new_shifts`) on its
+    new users alone, scored as in :func:`parts` (closed-form terms at weight 0: the item-item
+    term is zero without positives)."""
+    train = cut.train
+    hu, hi = holdout_positives(*cut.holdout, None)
+    users = np.unique(hu)
+    ptr, _, lab, _ = build_histories(users, train.user, train.item, train.label, train.ts)
+    users = users[new_users(ptr, lab)]
+    if users.size > MAX_CUT_USERS:
+        users = np.sort(np.random.default_rng(model.config.seed).choice(users, MAX_CUT_USERS, replace=False))
+    if not users.size:
+        return
+    with weights(model, **{k: 0.0 for k in ("gamma", "beta") if k in model.params}):
+        base = model.score(train, users)
+    order = np.argsort(hu, kind="stable")
+    hu, hi = hu[order], hi[order]
+    lo, up = np.searchsorted(hu, users, "left"), np.searchsorted(hu, users, "right")
+    relevant, none = [hi[a:b] for a, b in zip(lo, up)], [hi[:0]] * users.size  # no positive seen
+    ref = ndcg_per_user(top_k(base, 10, none), relevant, 10)
+    for name, shift in new_shifts(model, train, thetas).items():
+        news.add(name, ndcg_per_user(top_k(base + shift[None, :], 10, none), relevant, 10) - ref)
 
 
 def choose_new_users(model: Any, grid: dict, thetas: dict, z: float, cuts: int) -> dict:
