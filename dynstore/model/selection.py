@@ -22,7 +22,8 @@ Each term is judged on the users it affects:
 * the new users' bias ``theta_new`` on *new* users (no positive before the cut,
   :func:`dynstore.model.score.new_users`): keep ``theta`` or the popularity rule on
   positives decayed with a half-life longer than the rule's (:func:`new_user_candidates`);
-  users with a positive never see it, so no guard on them is needed.
+  users with a positive never see it, so no guard on them is needed. It is also judged
+  on ``NEW_USER_FRACTIONS`` earlier periods (:func:`judge_new_users`).
 
 A weight other than 0 is kept only when its pooled gain exceeds ``z`` standard errors.
 The learned parts of the model (trained on all the training data) are the same in
