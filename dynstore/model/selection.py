@@ -351,11 +351,6 @@ def choose_terms(model: Any, data: TrainingData, holdout: tuple, z: float) -> di
         with closed_form_of(model, cut.train):
             judge_cut(parts(model, cut, thetas), gammas, betas, guard, news)
     out = {}
-    if thetas:
-        early = period_cuts(data, list(NEW_USER_FRACTIONS) + [CUT_FRACTIONS[0]])
-        for cut in early:
-            judge_new_users(model, cut, thetas, news)
-        out["new_users"] = choose_new_users(model, news.pooled(), thetas, z, len(cuts) + len(early))
     if "gamma" in model.params and model.item_item is not None:
         out.update(choose_gamma(model, {h: g.pooled() for h, g in gammas.items()}, scale, z, len(cuts)))
     if "beta" in model.params and model.prior is not None:
@@ -368,6 +363,11 @@ def choose_terms(model: Any, data: TrainingData, holdout: tuple, z: float) -> di
         g = g_all.get(chosen, (0.0, 0.0, 0))
         out["prior"] = report(grid, chosen, z, len(cuts), judged_on="cold items",
                               all_items={"gain": _num(g[0]), "se": _num(g[1]), "users": g[2]})
+    if thetas:
+        early = period_cuts(data, list(NEW_USER_FRACTIONS) + [CUT_FRACTIONS[0]])
+        for cut in early:
+            judge_new_users(model, cut, thetas, news)
+        out["new_users"] = choose_new_users(model, news.pooled(), thetas, z, len(cuts) + len(early))
     return out
 
 
