@@ -346,6 +346,7 @@ def choose_terms(model: Any, data: TrainingData, holdout: tuple, z: float) -> di
     gammas = {h: Grid([round(scale[h] * s, 6) for s in GAMMA_STEPS]) for h in RECENCIES}
     betas, guard, news = Grid(BETAS), Grid(BETAS), Grid(thetas)
     judge_cut(last, gammas, betas, guard, news)
+    newest = {k: pooled(list(d)) for k, d in news.diffs.items()}  # the fit's own cut alone
     del last
     for cut in cuts[:-1]:
         with closed_form_of(model, cut.train):
@@ -367,7 +368,7 @@ def choose_terms(model: Any, data: TrainingData, holdout: tuple, z: float) -> di
         early = period_cuts(data, list(NEW_USER_FRACTIONS) + [CUT_FRACTIONS[0]])
         for cut in early:
             judge_new_users(model, cut, thetas, news)
-        out["new_users"] = choose_new_users(model, news.pooled(), thetas, z, len(cuts) + len(early))
+        out["new_users"] = choose_new_users(model, news.pooled(), thetas, z, len(cuts) + len(early), newest)
     return out
 
 
@@ -411,11 +412,17 @@ def judge_new_users(model: Any, cut: Cut, thetas: dict, news: Grid) -> None:
         news.add(name, ndcg_per_user(top_k(base + shift[None, :], 10, none), relevant, 10) - ref)
 
 
-def choose_new_users(model: Any, grid: dict, thetas: dict, z: float, cuts: int) -> dict:
+def choose_new_users(model: Any, grid: dict, thetas: dict, z: float, cuts: int, newest: dict) -> dict:
     """Set ``theta_new``: the candidate (:func:`new_user_candidates`) with the largest pooled
     gain on new users among those clearly better than keeping ``theta`` (gain above ``z``
-    standard errors), else None (``chosen`` ``"keep"``). Records it as :func:`report` does."""
+    standard errors), else None (``chosen`` ``"keep"``). Records it as :func:`report`
+    does, with the newest cut's figures alone (``newest``: the fit's holdout, which the
+    verdict judges too). No guard on the newest cut: it holds few new users (5-10 on
+    Complete Journey), and guards on it blocked choices there (docs/model.md)."""
     fine = [v for v, (g, se, n) in grid.items() if n > 1 and np.isfinite(se) and g > z * se and g > 0]
     chosen = max(fine, key=lambda v: grid[v][0]) if fine else KEEP
     model.theta_new = None if chosen == KEEP else thetas[chosen].copy()
-    return report(grid, chosen, z, cuts, judged_on="new users (no positive before the cut)")
+    shown = chosen if chosen != KEEP else max(grid, key=lambda v: grid[v][0])
+    g = newest[shown]
+    return report(grid, chosen, z, cuts, judged_on="new users (no positive before the cut)",
+                  newest_cut={"value": shown, "gain": _num(g[0]), "se": _num(g[1]), "users": g[2]})
