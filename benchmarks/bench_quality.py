@@ -487,9 +487,11 @@ def fit_dynstore(split: Split, cat: Catalogue, params: dict | None = None,
         st = model.fit(part, init_residuals=model.residuals,
                        holdout=(data.user[~tr], data.item[~tr], data.label[~tr]))
         chosen = {k: model.params[k] for k in ("gamma", "beta") if k in model.params}
+        theta_new = model.theta_new
         model = start()
         model.fit(data, epochs=st["best_epoch"], init_residuals=model.residuals)
         model.params.update(chosen)  # the closed-form weights chosen on the pooled cuts
+        model.theta_new = theta_new  # the new users' bias, chosen there too
         if stats is not None:
             stats.update(best_epoch=st["best_epoch"], gamma=st.get("gamma", {}).get("chosen"),
                          seconds=round(st["seconds"], 1))

@@ -141,3 +141,30 @@ def test_training_and_serving_scores_agree_on_every_term(trained):
     L_e = scorer(model, data, residuals)(np.array(users))
     np.testing.assert_allclose(L_e, L_s, **TOL)
 
+
+
+def test_the_new_users_bias_goes_through_the_same_equation(trained):
+    """A version with a new-user bias (``theta_new``, refresh's choice on the pooled cuts):
+    serving and evaluation give the user without events its logits, and returning users
+    theirs as without it."""
+    store, version, window, data, users = trained
+    cat = store.catalog
+    lv = load_version(cat, version)
+    model = lv.model
+    model.theta_new = model.new_user_rule(None)  # positives of all time
+    residuals = window.residuals_of(lv)
+    v2 = build_version(cat, model, lv.item_spec, lv.user_spec, parent=version, status="candidate",
+                       items=window.items, residuals=residuals)
+    served = load_version(cat, v2).model
+    np.testing.assert_array_equal(served.theta_new, model.theta_new)
+    users = sorted(users)
+    ids = [window.user_ids[u] for u in users]
+    cols = np.array([serving_state(cat, v2).row[i] for i in window.ids], np.int64)
+    L_s = user_logits(serving_state(cat, v2), ids)[:, cols]
+    L_e = scorer(served, data, residuals)(np.array(users))
+    np.testing.assert_allclose(L_e, L_s, **TOL)
+    L_0 = user_logits(serving_state(cat, version), ids)[:, cols]
+    silent = np.array([not (data.label[data.user == u] == 1).any() for u in users])
+    assert silent.sum() == 1
+    np.testing.assert_allclose(L_s[~silent], L_0[~silent], **TOL)  # returning users: as before
+    assert not np.allclose(L_s[silent], L_0[silent], **TOL)  # the new user: the long column

@@ -38,10 +38,13 @@ def scorer(model: Any, data: TrainingData,
     n = data.V.shape[0]
     Wf, bias = model.item_side(data.V, data.A, residuals, out=data.V if reuse_vectors else None)
     act = model.activity_of(data)
-    table = None
+    table, bias_new = None, None
     if act is not None:
         now = act.now()
-        bias = bias + model.dynamic_bias(act.items.features(np.arange(n), now))
+        F = act.items.features(np.arange(n), now)
+        if getattr(model, "theta_new", None) is not None:  # new users' own popularity column
+            bias_new = bias + model.dynamic_bias(F, new_users=True)
+        bias = bias + model.dynamic_bias(F)
         table = model.segment_table(act, np.arange(n), now)
 
     order = np.argsort(np.asarray(data.user, dtype=np.int64), kind="stable")  # once for every batch
@@ -50,7 +53,7 @@ def scorer(model: Any, data: TrainingData,
         ptr, it, lab, ts = build_histories(users, data.user, data.item, data.label, data.ts, order)
         # the score equation as serving computes it (dynstore.model.score)
         X, B = score_terms(model, Wf, bias, data.UA[users], (ptr, it, lab, ts),
-                           model.segment_bias(table, data.UK[users]))
+                           model.segment_bias(table, data.UK[users]), bias_new)
         return logits(X, Wf, B)
 
     return score

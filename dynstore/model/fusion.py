@@ -147,6 +147,11 @@ class FusionModel:
             self.params["theta"] = np.zeros(self.dynamic.width, np.float32)
             if self.segments:
                 self.params["theta_seg"] = np.zeros((len(self.segments), SEGMENT_SPEC.width), np.float32)
+        #: the new users' weights on the dynamic features (users with no positive in their
+        #: history, :func:`dynstore.model.score.new_users`): the popularity column refresh
+        #: chose for them on the pooled cuts (:func:`dynstore.model.selection.choose_new_users`);
+        #: None: they use ``theta`` as everyone does. Not trained, so kept out of ``params``.
+        self.theta_new: np.ndarray | None = None
         #: ``(R [n_items, d], rb [n_items])`` of the last fit (zero rows for items below
         #: ``min_history``), aligned with that fit's items; None before any fit
         self.residuals: tuple[np.ndarray, np.ndarray] | None = None
@@ -296,17 +301,27 @@ class FusionModel:
             memo[key] = self.activity(data.item, data.ts, data.label, data.V.shape[0], data.UK[data.user])
         return memo[key]
 
-    def dynamic_bias(self, features: np.ndarray | None) -> np.ndarray | float:
+    def dynamic_bias(self, features: np.ndarray | None, new_users: bool = False) -> np.ndarray | float:
         """``theta . f_i(t)``: the part of the bias that moves with behaviour.
 
         ``features`` is :meth:`ItemActivity.features` of the items at scoring time
-        (0.0 when the model has no dynamic features).
+        (0.0 when the model has no dynamic features). ``new_users``: the bias of users
+        with no positive yet, ``theta_new . f_i(t)`` (``theta`` when the model has no
+        ``theta_new``); the content prior is shrunk alike for everyone.
         """
         if self.dynamic is None or features is None:
             return 0.0
         F = np.asarray(features, np.float32)
-        out = (F @ self.params["theta"]).astype(np.float32)
+        theta = self.theta_new if new_users and self.theta_new is not None else self.params["theta"]
+        out = (F @ theta).astype(np.float32)
         return self.prior_shrink(F, out)
+
+    def new_user_rule(self, half_life: float | None) -> np.ndarray:
+        """``theta_new`` of the popularity rule on positives decayed with ``half_life``
+        (days; None: all time): 1 on that column, 0 elsewhere."""
+        theta = np.zeros(self.dynamic.width, np.float32)
+        theta[self.dynamic.index("pos", half_life)] = 1.0
+        return theta
 
     def prior_weight(self) -> float:
         """``beta``, the content prior's weight (0.0 without a fitted prior)."""
@@ -499,6 +514,8 @@ class FusionModel:
             tensors.update(self.prior.tensors())
             if self.prior_item is not None:
                 tensors["cp_item"] = np.ascontiguousarray(self.prior_item, dtype=np.float32)
+        if self.theta_new is not None:
+            tensors["theta_new"] = np.ascontiguousarray(self.theta_new, dtype=np.float32)
         meta = {
             "format": _FORMAT,
             "d": self.d,
@@ -529,6 +546,7 @@ class FusionModel:
         m.prior = ContentPrior.from_tensors(tensors)
         if m.prior is not None and "cp_item" in tensors:
             m.prior_item = np.asarray(tensors["cp_item"], np.float32).copy()
+        m.theta_new = cls.theta_new_of(tensors, m.dynamic)
         for k, v in m.params.items():
             if k not in tensors:
                 if k in ("M", "g_short", "gamma", "beta"):  # optional: earlier states had no such term
@@ -541,3 +559,13 @@ class FusionModel:
             m.params[k] = arr.reshape(v.shape).copy()
         return m
 
+    @staticmethod
+    def theta_new_of(tensors: dict, dynamic: DynamicSpec | None) -> np.ndarray | None:
+        """The state's ``theta_new`` (None when it has none: versions before the term)."""
+        if "theta_new" not in tensors:
+            return None
+        arr = np.asarray(tensors["theta_new"], dtype=np.float32).reshape(-1)
+        if dynamic is None or arr.size != dynamic.width:
+            raise ValueError(f"tensor 'theta_new' has shape {arr.shape}, expected "
+                             f"({0 if dynamic is None else dynamic.width},)")
+        return arr.copy()

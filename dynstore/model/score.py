@@ -8,7 +8,9 @@
   (:meth:`~dynstore.model.fusion.FusionModel.user_vectors`),
 * ``w_i`` and ``b_i(t)`` -- the fused item vector and its bias as of ``t``: static
   (:meth:`~dynstore.model.fusion.FusionModel.item_side`) plus dynamic
-  (:meth:`~dynstore.model.fusion.FusionModel.dynamic_bias`),
+  (:meth:`~dynstore.model.fusion.FusionModel.dynamic_bias`); for a *new* user (no
+  positive in their history: :func:`new_users`) the dynamic part uses the model's
+  ``theta_new`` when refresh chose one (the bias ``bias_new`` of :func:`score_terms`),
 * ``s_{u,i}(t)`` -- what the user's segments picked lately
   (:meth:`~dynstore.model.fusion.FusionModel.segment_bias`),
 * ``gamma * ii_{u,i}`` -- the item-item term from the user's positives
@@ -30,21 +32,51 @@ import numpy as np
 
 from dynstore.model.histories import add_into
 
-__all__ = ["score_terms", "logits"]
+__all__ = ["score_terms", "logits", "new_users"]
+
+
+def new_users(hist_ptr: np.ndarray, hist_label: np.ndarray) -> np.ndarray:
+    """``bool [m]``: which of ``m`` users (CSR histories ``hist_ptr``, ``hist_label``) are
+    *new* -- no positive in their history (impressions and dislikes alone do not count).
+    The one rule for who gets the new users' bias (``theta_new``): serving, evaluation
+    and refresh's choice of it (:mod:`dynstore.model.selection`) all ask here.
+
+    >>> new_users(np.array([0, 2, 2, 3]), np.array([0, 1, -1])).tolist()
+    [False, True, True]
+    """
+    ptr = np.asarray(hist_ptr, np.int64)
+    pos = np.concatenate([[0], np.cumsum(np.asarray(hist_label) == 1)])
+    return pos[ptr[1:]] == pos[ptr[:-1]]
+
+
+def user_bias(bias: np.ndarray, bias_new: np.ndarray | None, hist: tuple) -> np.ndarray:
+    """The item biases per user: ``bias`` (``[n]``) when no user is new, ``bias_new`` (``[n]``)
+    when all are, else ``[m, n]`` with the rows of new users (:func:`new_users`) taken from
+    ``bias_new``; a user with a positive always gets ``bias`` itself, bit for bit."""
+    if bias_new is None:
+        return bias
+    new = new_users(hist[0], hist[2])
+    if not new.any():
+        return bias
+    if new.all():
+        return bias_new
+    return np.where(new[:, None], bias_new[None, :], bias[None, :])
 
 
 def score_terms(model: Any, Wf: np.ndarray, bias: np.ndarray, UA_rows: np.ndarray | None, hist: tuple,
-                segment: np.ndarray | float) -> tuple[np.ndarray, np.ndarray]:
+                segment: np.ndarray | float, bias_new: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
     """``(X [m, d], B)`` of ``model`` (a :class:`~dynstore.model.fusion.FusionModel`) for ``m``
     users: their vectors and everything else their logit adds per item -- ``bias`` (the item
     biases as of now, static + dynamic) plus the users' ``segment`` term and their item-item
     term -- as ``B [m, n_items]``, or ``[n_items]`` when no term depends on the user.
 
     ``hist`` is the users' CSR histories ``(ptr, item, label, ts)`` (rows of ``Wf``);
-    ``UA_rows`` their attribute rows (None: none). The logit of item ``i`` is
-    ``X @ Wf[i] + B[..., i]`` (:func:`logits`)."""
+    ``UA_rows`` their attribute rows (None: none); ``bias_new`` the biases new users get
+    instead of ``bias`` (static + ``theta_new`` on the dynamic features; None: the model
+    has no ``theta_new``). The logit of item ``i`` is ``X @ Wf[i] + B[..., i]`` (:func:`logits`)."""
     X = np.asarray(model.user_vectors(UA_rows, hist[0], hist[1], hist[2], hist[3], Wf), np.float32)
     ii = model.item_item_bias(hist[0], hist[1], hist[2], Wf.shape[0], hist[3])
+    bias = user_bias(bias, bias_new, hist)
     extra = segment + ii if isinstance(ii, np.ndarray) or isinstance(segment, np.ndarray) else segment
     if isinstance(extra, np.ndarray):
         return X, (bias + extra).astype(np.float32, copy=False)

@@ -18,7 +18,12 @@ Each term is judged on the users it affects:
   with each history half-life of ``RECENCIES`` (:func:`choose_gamma`);
 * the content prior's weight ``beta`` (:mod:`dynstore.model.prior`) on *cold* items (no event
   before the cut; ranked among themselves), provided the ranking of all items loses no
-  more than one standard error.
+  more than one standard error;
+* the new users' bias ``theta_new`` on *new* users (no positive before the cut,
+  :func:`dynstore.model.score.new_users`): keep ``theta`` or the popularity rule on
+  positives decayed with a half-life longer than the rule's (:func:`new_user_candidates`);
+  users with a positive never see it, so no guard on them is needed. It is also judged
+  on ``NEW_USER_FRACTIONS`` earlier periods (:func:`judge_new_users`).
 
 A weight other than 0 is kept only when its pooled gain exceeds ``z`` standard errors.
 The learned parts of the model (trained on all the training data) are the same in
@@ -30,19 +35,22 @@ are refitted on each cut's past only (an item-item fit on each cut keeps at most
 from __future__ import annotations
 
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Iterator
 
 import numpy as np
 
+from dynstore.model.dynamics import DAY, rule_half_life
 from dynstore.model.evaluation import holdout_positives, positives_log, seen_positives
 from dynstore.model.histories import build_histories
 from dynstore.model.itemitem import ItemItem
 from dynstore.model.metrics import ndcg_per_user, top_k
 from dynstore.model.spec import TrainingData
 from dynstore.model.prior import PRIOR_HALF_LIFE, ContentPrior, decayed_positives
+from dynstore.model.score import new_users
 
-__all__ = ["Cut", "forward_cuts", "fit_closed_form", "choose_terms", "GAMMA_STEPS", "RECENCIES", "BETAS", "pooled"]
+__all__ = ["Cut", "forward_cuts", "fit_closed_form", "choose_terms", "GAMMA_STEPS", "RECENCIES", "BETAS", "pooled",
+           "new_user_candidates", "KEEP"]
 
 #: earlier cuts, as quantiles of the training events' times
 CUT_FRACTIONS = (0.6, 0.7, 0.8, 0.9)
@@ -53,6 +61,12 @@ GAMMA_STEPS = (0.125, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0, 16.0, 32.0)
 RECENCIES = (0.0, 50.0)
 #: content prior weights tried (0 is always tried)
 BETAS = (0.25, 0.5, 1.0, 2.0)
+#: the new users' bias left as everyone's (no ``theta_new``)
+KEEP = "keep"
+#: earlier cuts that judge the new users' bias alone (up to the first of ``CUT_FRACTIONS``):
+#: it needs no closed-form refit and scores only a cut's new users, so it can afford more
+#: periods -- and most users are new early in the data
+NEW_USER_FRACTIONS = (0.2, 0.3, 0.4, 0.5)
 #: items an item-item fit on a cut keeps at most
 CUT_MAX_ITEMS = 1500
 #: holdout users a cut judges at most (a seeded sample above)
@@ -71,16 +85,22 @@ class Cut:
 
 def forward_cuts(data: TrainingData, holdout: tuple, fractions=CUT_FRACTIONS) -> list[Cut]:
     """The fit's own (``data``, ``holdout``) and the earlier cuts inside ``data``."""
-    cuts = []
     ts = np.asarray(data.ts)
-    if ts.size:
-        bounds = sorted({int(np.quantile(ts, f, method="lower")) for f in fractions})
-        edges = bounds + [int(ts.max()) + 1]
-        for a, b in zip(edges[:-1], edges[1:]):
-            before, after = ts < a, (ts >= a) & (ts < b)
-            if before.any() and (data.label[after] == 1).any():
-                cuts.append(Cut(sub(data, before), (data.user[after], data.item[after], data.label[after])))
+    cuts = period_cuts(data, list(fractions) + [None]) if ts.size else []
     cuts.append(Cut(data, tuple(np.asarray(x) for x in holdout)))
+    return cuts
+
+
+def period_cuts(data: TrainingData, fractions: list) -> list[Cut]:
+    """A cut at each quantile ``fractions[j]`` of ``data``'s event times, tested on the events
+    up to the next one (None: the end of ``data``); periods without a positive are left out."""
+    ts = np.asarray(data.ts)
+    edges = sorted({int(ts.max()) + 1 if f is None else int(np.quantile(ts, f, method="lower")) for f in fractions})
+    cuts = []
+    for a, b in zip(edges[:-1], edges[1:]):
+        before, after = ts < a, (ts >= a) & (ts < b)
+        if before.any() and (data.label[after] == 1).any():
+            cuts.append(Cut(sub(data, before), (data.user[after], data.item[after], data.label[after])))
     return cuts
 
 
@@ -145,10 +165,13 @@ class Parts:
     seen: list             # training positives of each user (never recommended again)
     returning: np.ndarray  # bool per user: a positive before the cut
     cold: np.ndarray       # bool per item: no event before the cut
+    # new users' bias tried (name -> [items]): its difference from the model's own dynamic bias
+    new_shift: dict = field(default_factory=dict)
 
 
-def parts(model: Any, cut: Cut) -> Parts:
-    """The pieces of ``model``'s score on ``cut`` (with its closed-form terms as fitted)."""
+def parts(model: Any, cut: Cut, new_thetas: dict | None = None) -> Parts:
+    """The pieces of ``model``'s score on ``cut`` (with its closed-form terms as fitted);
+    ``new_thetas``: the new users' biases to try (name -> ``theta_new``)."""
     train = cut.train
     n = train.V.shape[0]
     hu, hi = holdout_positives(*cut.holdout, None)
@@ -176,18 +199,45 @@ def parts(model: Any, cut: Cut) -> Parts:
         npos = np.bincount(train.item[train.label == 1], minlength=n).astype(np.float64)
         k = model.config.prior_k
         prior = (model.prior_item * (k / (npos + k))).astype(np.float32)
-    pos_users = np.unique(train.user[train.label == 1])
+    ptr, _, lab, _ = build_histories(users, train.user, train.item, train.label, train.ts)
+    returning = ~new_users(ptr, lab)  # the rule serving uses
     return Parts(users, base, ii, prior, [hi[a:b] for a, b in zip(lo, up)],
-                 seen_positives(positives_log(train), users), np.isin(users, pos_users),
-                 np.bincount(train.item, minlength=n) == 0)
+                 seen_positives(positives_log(train), users), returning,
+                 np.bincount(train.item, minlength=n) == 0,
+                 new_shifts(model, train, new_thetas) if new_thetas and not returning.all() else {})
+
+
+def new_shifts(model: Any, train: TrainingData, thetas: dict) -> dict:
+    """name -> ``[items]``: what each ``theta_new`` of ``thetas`` changes in the dynamic bias
+    (``(theta_new - theta) . f_i``, the features as of the end of ``train``; the content
+    prior's shrinkage is the same in both and cancels)."""
+    act = model.activity_of(train)
+    F = act.items.features(np.arange(train.V.shape[0]), act.now())
+    own = F @ model.params["theta"]
+    return {k: (F @ th - own).astype(np.float32) for k, th in thetas.items()}
+
+
+def new_user_candidates(model: Any, data: TrainingData) -> dict:
+    """name (``pos@90d`` ...) -> ``theta_new``: the popularity rule on positives decayed with
+    each of the spec's half-lives longer than the rule's (:func:`rule_half_life` of the
+    span of ``data``; all time included). Empty without dynamic positives."""
+    spec = model.dynamic
+    if spec is None or "pos" not in spec.kinds or not np.asarray(data.ts).size:
+        return {}
+    rule = rule_half_life(spec, (float(np.max(data.ts)) - float(np.min(data.ts))) / DAY)
+    longer = [h for h in spec.half_lives if h is None or (rule is not None and h > rule)]
+    return {spec.names()[spec.index("pos", h)]: model.new_user_rule(h) for h in longer}
 
 
 def ndcg(p: Parts, gamma: float, beta: float, rows: np.ndarray, cold_only: bool = False,
-         recency: float = 0.0) -> np.ndarray:
+         recency: float = 0.0, shift: np.ndarray | None = None) -> np.ndarray:
     """Per-user NDCG@10 of the users ``rows`` (a mask) at these weights (the item-item
     scores of history half-life ``recency``); ``cold_only``: ranked among the cold items,
-    judged on their cold positives."""
+    judged on their cold positives; ``shift``: added to every item's score (a new users'
+    bias tried, :func:`new_shifts`)."""
     S = p.base[rows].copy()
+    if shift is not None:
+        S += shift[None, :]
     if gamma:
         S += gamma * p.ii[recency][rows]
     if beta:
@@ -261,10 +311,15 @@ class Grid:
         return {v: pooled(d) for v, d in self.diffs.items()}
 
 
-def judge_cut(p: Parts, gammas: dict, betas: Grid, guard: Grid) -> None:
+def judge_cut(p: Parts, gammas: dict, betas: Grid, guard: Grid, news: Grid | None = None) -> None:
     """Add one cut's per-user differences: ``gamma`` (a :class:`Grid` per history
     half-life) on its returning users, ``beta`` on its cold items and, as a guard, on all
-    items."""
+    items, the new users' biases (``news``) on its new users."""
+    if news is not None and p.new_shift:
+        new = ~p.returning
+        base = ndcg(p, 0.0, 0.0, new)
+        for name in news.diffs:
+            news.add(name, ndcg(p, 0.0, 0.0, new, shift=p.new_shift[name]) - base)
     if p.ii and p.returning.any():
         base = ndcg(p, 0.0, 0.0, p.returning)
         for h, grid in gammas.items():
@@ -283,16 +338,19 @@ def choose_terms(model: Any, data: TrainingData, holdout: tuple, z: float) -> di
     (one cut's score matrices at a time); returns what each choice records (see
     :func:`report`): ``gamma`` on returning users, ``prior`` on cold items."""
     fit_closed_form(model, data)
+    model.theta_new = None  # judged afresh: the cuts' base is everyone's bias
+    thetas = new_user_candidates(model, data)
     cuts = forward_cuts(data, holdout)
-    last = parts(model, cuts[-1])  # the fit's own cut: its terms are the model's
+    last = parts(model, cuts[-1], thetas)  # the fit's own cut: its terms are the model's
     scale = {h: calibration(last, h) for h in RECENCIES}
     gammas = {h: Grid([round(scale[h] * s, 6) for s in GAMMA_STEPS]) for h in RECENCIES}
-    betas, guard = Grid(BETAS), Grid(BETAS)
-    judge_cut(last, gammas, betas, guard)
+    betas, guard, news = Grid(BETAS), Grid(BETAS), Grid(thetas)
+    judge_cut(last, gammas, betas, guard, news)
+    newest = {k: pooled(list(d)) for k, d in news.diffs.items()}  # the fit's own cut alone
     del last
     for cut in cuts[:-1]:
         with closed_form_of(model, cut.train):
-            judge_cut(parts(model, cut), gammas, betas, guard)
+            judge_cut(parts(model, cut, thetas), gammas, betas, guard, news)
     out = {}
     if "gamma" in model.params and model.item_item is not None:
         out.update(choose_gamma(model, {h: g.pooled() for h, g in gammas.items()}, scale, z, len(cuts)))
@@ -306,6 +364,11 @@ def choose_terms(model: Any, data: TrainingData, holdout: tuple, z: float) -> di
         g = g_all.get(chosen, (0.0, 0.0, 0))
         out["prior"] = report(grid, chosen, z, len(cuts), judged_on="cold items",
                               all_items={"gain": _num(g[0]), "se": _num(g[1]), "users": g[2]})
+    if thetas:
+        early = period_cuts(data, list(NEW_USER_FRACTIONS) + [CUT_FRACTIONS[0]])
+        for cut in early:
+            judge_new_users(model, cut, thetas, news)
+        out["new_users"] = choose_new_users(model, news.pooled(), thetas, z, len(cuts) + len(early), newest)
     return out
 
 
@@ -323,3 +386,43 @@ def choose_gamma(model: Any, grids: dict, scale: dict, z: float, cuts: int) -> d
                             judged_on="returning users"),
             "recency": report(gain, model.config.item_item_recency, z, cuts, unit="positives (half-life)",
                               judged_on="returning users, each at its best gamma")}
+
+
+def judge_new_users(model: Any, cut: Cut, thetas: dict, news: Grid) -> None:
+    """Add one cut's per-user differences of each new users' bias (:func:`new_shifts`) on its
+    new users alone, scored as in :func:`parts` (closed-form terms at weight 0: the item-item
+    term is zero without positives)."""
+    train = cut.train
+    hu, hi = holdout_positives(*cut.holdout, None)
+    users = np.unique(hu)
+    ptr, _, lab, _ = build_histories(users, train.user, train.item, train.label, train.ts)
+    users = users[new_users(ptr, lab)]
+    if users.size > MAX_CUT_USERS:
+        users = np.sort(np.random.default_rng(model.config.seed).choice(users, MAX_CUT_USERS, replace=False))
+    if not users.size:
+        return
+    with weights(model, **{k: 0.0 for k in ("gamma", "beta") if k in model.params}):
+        base = model.score(train, users)
+    order = np.argsort(hu, kind="stable")
+    hu, hi = hu[order], hi[order]
+    lo, up = np.searchsorted(hu, users, "left"), np.searchsorted(hu, users, "right")
+    relevant, none = [hi[a:b] for a, b in zip(lo, up)], [hi[:0]] * users.size  # no positive seen
+    ref = ndcg_per_user(top_k(base, 10, none), relevant, 10)
+    for name, shift in new_shifts(model, train, thetas).items():
+        news.add(name, ndcg_per_user(top_k(base + shift[None, :], 10, none), relevant, 10) - ref)
+
+
+def choose_new_users(model: Any, grid: dict, thetas: dict, z: float, cuts: int, newest: dict) -> dict:
+    """Set ``theta_new``: the candidate (:func:`new_user_candidates`) with the largest pooled
+    gain on new users among those clearly better than keeping ``theta`` (gain above ``z``
+    standard errors), else None (``chosen`` ``"keep"``). Records it as :func:`report`
+    does, with the newest cut's figures alone (``newest``: the fit's holdout, which the
+    verdict judges too). No guard on the newest cut: it holds few new users (5-10 on
+    Complete Journey), and guards on it blocked choices there (docs/model.md)."""
+    fine = [v for v, (g, se, n) in grid.items() if n > 1 and np.isfinite(se) and g > z * se and g > 0]
+    chosen = max(fine, key=lambda v: grid[v][0]) if fine else KEEP
+    model.theta_new = None if chosen == KEEP else thetas[chosen].copy()
+    shown = chosen if chosen != KEEP else max(grid, key=lambda v: grid[v][0])
+    g = newest[shown]
+    return report(grid, chosen, z, cuts, judged_on="new users (no positive before the cut)",
+                  newest_cut={"value": shown, "gain": _num(g[0]), "se": _num(g[1]), "users": g[2]})

@@ -19,7 +19,9 @@ picked lately.
 Cold start: a user with no history and no attributes gets ``x_u = u0``,
 which ranks items by their bias plus ``w_i · u0`` (in the untrained version:
 recent popularity); with known attributes, ``U a_u`` and the segment term turn
-that into popularity within the user's segments.
+that into popularity within the user's segments. A user with no positive yet gets
+the version's new-user bias when refresh chose one (its own popularity column,
+``theta_new``: :func:`dynstore.model.score.new_users`).
 """
 from __future__ import annotations
 
@@ -76,7 +78,7 @@ def score_terms(state: ServingState, user_ids: Sequence[Any], hist=None) -> tupl
     The logit of item ``i`` is ``X @ Wf[i] + B[..., i]``."""
     hist = hist if hist is not None else _histories(state, user_ids)
     return model_terms(state.model, state.Wf, state.bias, user_attributes(state, user_ids), hist,
-                       state.segment_bias(user_ids))
+                       state.segment_bias(user_ids), state.bias_new)
 
 
 def user_logits(state: ServingState, user_ids: Sequence[Any], rows: np.ndarray | None = None) -> np.ndarray:

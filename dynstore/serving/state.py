@@ -129,6 +129,9 @@ class ServingState:
     n_indexed: int = 0      # rows [0, n_indexed) are in the index; later rows are new items
     index_params: dict = field(default_factory=dict)  # the index's recorded settings (versions.build_index)
     static_bias: np.ndarray | None = None  # the version's bias (new items fused, deleted -inf)
+    # new users' bias (static + theta_new . f_i, as of the newest event); None: the model has
+    # no theta_new, or there are no counts (then it equals ``bias``)
+    bias_new: np.ndarray | None = None
     counts: _Counts | None = None
     hist_us: np.ndarray | None = None      # event times in microseconds (supersession needs them)
     dead: np.ndarray | None = None         # base events dropped since (superseded impressions)
@@ -245,6 +248,8 @@ class ServingState:
             base[self.n_indexed:] = 0.0  # items added since: their whole bias is lift
             with np.errstate(invalid="ignore"):
                 lift = self.bias - base
+                if self.bias_new is not None:  # new users' bias: its lifted items too
+                    lift = np.maximum(lift, self.bias_new - base)
             lift = np.where(np.isfinite(lift), lift, -np.inf)
             if self.counts is not None and self.counts.seg_base is not None:
                 lift = lift + self.segment_rows(np.arange(self.counts.n_keys)).max(axis=0)
@@ -345,12 +350,12 @@ def _build(catalog: Catalog, lv, items, inter, users) -> ServingState:
     user_of = np.repeat(np.arange(h.ptr.size - 1), np.diff(h.ptr))
     pos_ptr = np.concatenate([[0], np.cumsum(np.bincount(user_of[pos], minlength=h.ptr.size - 1))])
     UA, UK, ua_row = _user_attributes(lv, users)
-    counts, final = _behaviour(lv, h, UK, ua_row, static, len(ids))
+    counts, final, final_new = _behaviour(lv, h, UK, ua_row, static, len(ids))
     index, index_params = _vector_index(catalog, lv.version)
     return ServingState(lv.version, lv.model, ids, row, np.ascontiguousarray(Wf, np.float32), final,
                         _Rows(h.user_row), h.ptr, h.item, h.label, h.ts, UA, ua_row, UK, pos_ptr, h.item[pos],
                         index, len(lv.ids), index_params,
-                        static_bias=static, counts=counts, hist_us=h.us, imp_pos=h.imp_pos)
+                        static_bias=static, counts=counts, hist_us=h.us, imp_pos=h.imp_pos, bias_new=final_new)
 
 
 def _item_rows(catalog: Catalog, lv, items) -> tuple[list, dict, np.ndarray, np.ndarray]:
@@ -453,16 +458,17 @@ def _user_attributes(lv, users) -> tuple[np.ndarray, np.ndarray, dict]:
 
 
 def _behaviour(lv, h: _Histories, UK: np.ndarray, ua_row: dict, static: np.ndarray,
-               n_items: int) -> tuple[_Counts | None, np.ndarray]:
-    """The behaviour counts as of the newest event, and the bias they give each item."""
+               n_items: int) -> tuple[_Counts | None, np.ndarray, np.ndarray | None]:
+    """The behaviour counts as of the newest event, and the bias they give each item (for
+    every user, and for new users when the model has ``theta_new``)."""
     if not h.item.size or lv.model.dynamic is None:
-        return None, static
+        return None, static, None
     act = lv.model.activity(h.item, h.ts, h.label, n_items)
     now = act.now()
     C = act.items.counts(np.arange(n_items), now)
     counts = _Counts(lv.model.dynamic, now, C)
     _segment_counts(lv.model, counts, h, UK, ua_row, n_items)
-    return counts, _with_dynamic(lv.model, static, C)
+    return counts, _with_dynamic(lv.model, static, C), _new_user_bias(lv.model, static, C)
 
 
 def _segment_counts(model, counts: _Counts, h: _Histories, UK: np.ndarray, ua_row: dict, n_items: int) -> None:
@@ -537,19 +543,27 @@ def _event_keys(user_row, ua_row, UK, ptr) -> np.ndarray:
     return np.where(krow[ev_user][:, None] >= 0, UK[np.maximum(krow[ev_user], 0)], -1)
 
 
-def _with_dynamic(model, static: np.ndarray, C: np.ndarray) -> np.ndarray:
-    """static + ``theta . log1p(counts)``, as ``ItemActivity.features`` feeds it.
+def _new_user_bias(model, static: np.ndarray, C: np.ndarray | None) -> np.ndarray | None:
+    """static + ``theta_new . log1p(counts)``: new users' bias (None without ``theta_new``)."""
+    if C is None or getattr(model, "theta_new", None) is None:
+        return None
+    return _with_dynamic(model, static, C, new_users=True)
+
+
+def _with_dynamic(model, static: np.ndarray, C: np.ndarray, new_users: bool = False) -> np.ndarray:
+    """static + ``theta . log1p(counts)``, as ``ItemActivity.features`` feeds it
+    (``theta_new`` for ``new_users``).
 
     Only the columns with a weight are computed: a zero column adds +0.0 either way,
     so the sum is the same to the bit.
     """
-    theta = model.params.get("theta")
+    theta = model.theta_new if new_users else model.params.get("theta")
     F = np.zeros(C.shape, np.float32)
     cols = np.flatnonzero(theta) if theta is not None else np.arange(C.shape[1])
     if model.prior_weight() and model.prior_column() is not None:  # the count that shrinks the prior
         cols = np.union1d(cols, [model.prior_column()])
     F[:, cols] = np.log1p(np.maximum(C[:, cols], 0.0))
-    return static + model.dynamic_bias(F)
+    return static + model.dynamic_bias(F, new_users=new_users)
 
 
 # ----------------------------------------------------------------------------- advancing
@@ -726,6 +740,7 @@ class _Fold:
                         _hot=None)
         if prior.counts is not None and (self.came or self.went):
             state.counts, state.bias = _update_counts(prior, state, self.came, self.went)
+            state.bias_new = _new_user_bias(prior.model, prior.static_bias, state.counts.items)
         return state
 
 
@@ -865,6 +880,8 @@ def _arrays(state: ServingState) -> dict[str, Any]:
            "imp_us": np.array([p[1] for p in pairs], np.int64)}
     if state.counts is not None:
         out["counts"] = state.counts.items
+    if state.bias_new is not None:
+        out["bias_new"] = state.bias_new
     return out
 
 
@@ -905,9 +922,12 @@ def _state_of(catalog: Catalog, version: int, meta: dict, a: dict) -> ServingSta
                        a["hist_ts"], a["hist_us"])
         _segment_counts(model, counts, h, a["UK"], ua_row, len(ids))
     imp_pos = dict(zip(zip(a["imp_users"], a["imp_items"]), a["imp_us"].tolist()))
+    bias_new = None
+    if counts is not None and model.theta_new is not None:  # a snapshot written before the term: computed
+        bias_new = a["bias_new"].copy() if "bias_new" in a else _new_user_bias(model, a["static_bias"], counts.items)
     # the biases are small: copies, writable as a build's are (torch warns on a read-only array)
     return ServingState(version, model, ids, row, a["Wf"], a["bias"].copy(),
                         _Rows({u: n for n, u in enumerate(a["users"])}), a["ptr"], a["hist_item"], a["hist_label"],
                         a["hist_ts"], a["UA"], ua_row, a["UK"], a["pos_ptr"], a["pos_item"], index,
                         int(meta["n_indexed"]), index_params, static_bias=a["static_bias"].copy(), counts=counts,
-                        hist_us=a["hist_us"], imp_pos=imp_pos)
+                        hist_us=a["hist_us"], imp_pos=imp_pos, bias_new=bias_new)

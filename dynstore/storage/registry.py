@@ -94,7 +94,8 @@ def choices(row: dict) -> str:
         if not isinstance(c, dict):
             continue
         shown, what = c, ""
-        if not c.get("chosen") and isinstance(c.get("best_tried"), dict):  # nothing chosen: how close it came
+        if c.get("chosen") in (None, 0, 0.0, "", "keep") and isinstance(c.get("best_tried"), dict):
+            # nothing chosen: how close it came
             shown, what = c["best_tried"], f"best tried {c['best_tried'].get('value')}: "
         gain, se = shown.get("gain"), shown.get("se")
         figures = f"{gain:+.4f}" if isinstance(gain, (int, float)) else "?"

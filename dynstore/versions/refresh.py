@@ -252,6 +252,7 @@ class _Run:
                   init_residuals=p.residuals)
         model.params.update(chosen)  # the closed-form terms' weights, chosen on the cuts
         model.config.item_item_recency = cand.model.config.item_item_recency  # chosen with gamma
+        model.theta_new = cand.model.theta_new  # the new users' bias, chosen on the cuts too
         self.timings["refit_s"] = round(time.perf_counter() - t, 3)
         return model
 
@@ -320,7 +321,8 @@ class _Run:
                # training never clearly beat its start on the holdout and no closed-form
                # term's weight changed: the version carries the start's parameters
                "kept_start": cand.stats.get("best_epoch") == -1 and all(
-                   _weight(model.params, k) == _weight(p.start[0], k) for k in CHOSEN),
+                   _weight(model.params, k) == _weight(p.start[0], k) for k in CHOSEN)
+               and _same_new_users(model, p.start[0]),
                "training": {k: cand.stats[k] for k in ("best_epoch", "epochs", "epoch_ndcg@10", "gamma", "selection")
                             if k in cand.stats}}
         if published is not None:
@@ -453,6 +455,14 @@ def _same_as_current(p: Prepared, verdict: Verdict, model: FusionModel, rules: d
     if not old.all():  # items added since: served fused with the version's parameters, no residual
         served_w[~old], served_b[~old] = lv.model.item_side(p.data.V[~old], p.data.A[~old], None)
     return bool(np.allclose(W, served_w, rtol=0, atol=1e-6) and np.allclose(b, served_b, rtol=0, atol=1e-6))
+
+
+def _same_new_users(model: FusionModel, start: dict) -> bool:
+    """Whether ``model``'s new-user bias (``theta_new``) is the start's (tensors)."""
+    before = start.get("theta_new")
+    if model.theta_new is None or before is None:
+        return model.theta_new is None and before is None
+    return bool(np.array_equal(model.theta_new, np.ravel(before)))
 
 
 def _weight(params: dict, name: str) -> float:
