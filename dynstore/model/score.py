@@ -2,7 +2,7 @@
 
 ::
 
-    logit(u, i) = x_u . w_i + b_i(t) + s_{u,i}(t) + gamma * ii_{u,i}
+    logit(u, i) = x_u . w_i + b_i(t) + s_{u,i}(t) + gamma * ii_{u,i} + delta * knn_{u,i}
 
 * ``x_u`` -- the user vector from attributes and latest history
   (:meth:`~dynstore.model.fusion.FusionModel.user_vectors`),
@@ -12,13 +12,15 @@
 * ``s_{u,i}(t)`` -- what the user's segments picked lately
   (:meth:`~dynstore.model.fusion.FusionModel.segment_bias`),
 * ``gamma * ii_{u,i}`` -- the item-item term from the user's positives
-  (:meth:`~dynstore.model.fusion.FusionModel.item_item_bias`).
+  (:meth:`~dynstore.model.fusion.FusionModel.item_item_bias`),
+* ``delta * knn_{u,i}`` -- the user-kNN term: what the most similar users of a pool
+  picked (:meth:`~dynstore.model.fusion.FusionModel.user_knn_bias`).
 
 :func:`score_terms` is what serving (recommend, ``score``, score-all,
 ``recommend_from_examples``: :func:`dynstore.serving.recommend.score_terms`) and
 evaluation (:func:`dynstore.model.evaluation.scorer`) compute; each supplies the item
-side and the segment term from what it holds (a version's rows and the live counts, or
-a training window's events). The trainer computes the terms it learns in torch
+side, the segment term and the user-kNN pool from what it holds (a version's rows, the
+live counts and positives, or a training window's events). The trainer computes the terms it learns in torch
 (:class:`dynstore.model.training.Trainer`); ``tests/test_score.py`` checks that a trained
 store's training-time and serving-time terms agree.
 """
@@ -34,17 +36,23 @@ __all__ = ["score_terms", "logits"]
 
 
 def score_terms(model: Any, Wf: np.ndarray, bias: np.ndarray, UA_rows: np.ndarray | None, hist: tuple,
-                segment: np.ndarray | float) -> tuple[np.ndarray, np.ndarray]:
+                segment: np.ndarray | float, pool: Any = None,
+                self_rows: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
     """``(X [m, d], B)`` of ``model`` (a :class:`~dynstore.model.fusion.FusionModel`) for ``m``
     users: their vectors and everything else their logit adds per item -- ``bias`` (the item
     biases as of now, static + dynamic) plus the users' ``segment`` term and their item-item
     term -- as ``B [m, n_items]``, or ``[n_items]`` when no term depends on the user.
 
     ``hist`` is the users' CSR histories ``(ptr, item, label, ts)`` (rows of ``Wf``);
-    ``UA_rows`` their attribute rows (None: none). The logit of item ``i`` is
+    ``UA_rows`` their attribute rows (None: none); ``pool`` the user-kNN term's neighbour
+    pool (a :class:`~dynstore.model.userknn.Pool` or a callable giving one; None: no such
+    term) and ``self_rows`` the users' own rows in it (-1: none). The logit of item ``i`` is
     ``X @ Wf[i] + B[..., i]`` (:func:`logits`)."""
     X = np.asarray(model.user_vectors(UA_rows, hist[0], hist[1], hist[2], hist[3], Wf), np.float32)
     ii = model.item_item_bias(hist[0], hist[1], hist[2], Wf.shape[0], hist[3])
+    knn = model.user_knn_bias(hist[0], hist[1], hist[2], Wf.shape[0], pool, self_rows)
+    if isinstance(knn, np.ndarray):
+        ii = ii + knn
     extra = segment + ii if isinstance(ii, np.ndarray) or isinstance(segment, np.ndarray) else segment
     if isinstance(extra, np.ndarray):
         return X, (bias + extra).astype(np.float32, copy=False)
