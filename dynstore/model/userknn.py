@@ -1,7 +1,7 @@
 """The user-kNN term: what the users most like this one picked (numpy only).
 
 A second personal signal beside the item-item term (:mod:`dynstore.model.itemitem`):
-user ``u``'s neighbours are the ``k`` users of a *pool* (every user's positives as the
+user ``u``'s neighbours are the ``k`` users (and any tied with the ``k``-th) of a *pool* (every user's positives as the
 scorer knows them: a training window's events, or the serving state's) whose sets of
 positives are most similar to ``u``'s by cosine on the binary user x item matrix
 ``X``; item ``i`` scores ``sum_v sim(u, v) X_vi`` over those neighbours, standardised
@@ -93,12 +93,11 @@ def _block(pool: Pool, qrow: np.ndarray, qitem: np.ndarray, m: int, k: int,
     sim = _similarities(pool, qrow, qitem, m)
     own = np.flatnonzero((self_rows >= 0) & (self_rows < pool.n_users))
     sim[own, self_rows[own]] = 0.0  # a user is not their own neighbour
-    kk = min(int(k), pool.n_users)
-    top = np.argpartition(-sim, kk - 1, axis=1)[:, :kk] if kk < pool.n_users else \
-        np.broadcast_to(np.arange(pool.n_users), (m, pool.n_users))
-    w = np.take_along_axis(sim, top, 1)
-    r, c = np.nonzero(w > 0)
-    v, w = top[r, c], w[r, c]
+    if int(k) < pool.n_users:  # the k most similar, and every user tied with the k-th (order-free)
+        kth = -np.partition(-sim, int(k) - 1, axis=1)[:, int(k) - 1:int(k)]
+        sim[sim < kth] = 0.0
+    r, v = np.nonzero(sim > 0)
+    w = sim[r, v]
     starts, ends = pool.ptr[v], pool.ptr[v + 1]
     idx, _ = ranges(starts, ends)
     lens = ends - starts
