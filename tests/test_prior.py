@@ -177,10 +177,11 @@ def test_refresh_reports_each_choice_with_gain_error_and_users(encoded):
 
     out = encoded.refresh(since="all", epochs=1)
     sel = out.training["selection"]
-    assert set(sel) == {"gamma", "recency", "prior", "start"}
+    assert set(sel) == {"gamma", "recency", "prior", "user_knn", "start"}
     for c in sel.values():
         assert {"chosen", "gain", "se", "users", "cuts"} <= set(c)
     assert sel["gamma"]["cuts"] == 5 and sel["gamma"]["users"] > 0
+    assert sel["user_knn"]["judged_on"] == "returning users" and sel["user_knn"]["users"] > 0
     row = next(r for r in encoded.versions() if r["version"] == out.version)
     assert row["metrics"]["train"]["selection"]["prior"]["judged_on"] == "cold items"
     assert choices(row).startswith("gamma ")

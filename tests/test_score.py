@@ -57,6 +57,7 @@ def trained(tmp_path_factory, shop_files, shop_frames):
     assert model.item_item is not None and model.prior is not None and model.segments
     model.params["gamma"] = np.array([0.7], np.float32)
     model.params["beta"] = np.array([0.4], np.float32)
+    model.params["delta"] = np.array([0.6], np.float32)
     version = build_version(cat, model, lv.item_spec, lv.user_spec, parent=lv.version, status="candidate",
                             items=window.items, residuals=model.residuals)
     served = load_version(cat, version).model
@@ -109,7 +110,11 @@ def test_training_and_serving_scores_agree_on_every_term(trained):
     seg_s = state.segment_bias(ids)[:, cols]
     hist = state.histories(state.user_rows(ids)[0])
     ii_s = model.item_item_bias(hist[0], hist[1], hist[2], len(state.ids))[:, cols]
-    assert np.abs(seg_s).max() > 0 and np.abs(ii_s).max() > 0  # every term is there
+    # the user-kNN term: neighbours from the serving state's positives (the window's, in
+    # evaluation: the same users in another order)
+    knn_s = model.user_knn_bias(hist[0], hist[1], hist[2], len(state.ids), state.knn_pool(),
+                                state.user_rows(ids)[0])[:, cols]
+    assert np.abs(seg_s).max() > 0 and np.abs(ii_s).max() > 0 and np.abs(knn_s).max() > 0  # every term is there
 
     # training time (torch): user, item and segment terms of the probes' bags
     residuals = window.residuals_of(load_version(cat, version))
@@ -133,11 +138,40 @@ def test_training_and_serving_scores_agree_on_every_term(trained):
     assert np.abs(prior).max() > 0
     np.testing.assert_allclose(b_t + prior, state.bias[cols], **TOL)
     np.testing.assert_allclose(seg_t, seg_s, **TOL)
-    np.testing.assert_allclose(B_s[:, cols], state.bias[cols] + seg_s + ii_s, **TOL)
-    L_t = X_t @ w_t.T + b_t + prior + seg_t + ii_s
+    np.testing.assert_allclose(B_s[:, cols], state.bias[cols] + seg_s + ii_s + knn_s, **TOL)
+    L_t = X_t @ w_t.T + b_t + prior + seg_t + ii_s + knn_s
     np.testing.assert_allclose(L_t, L_s, **TOL)
 
     # evaluation: the same equation over the window's events
     L_e = scorer(model, data, residuals)(np.array(users))
     np.testing.assert_allclose(L_e, L_s, **TOL)
 
+
+
+def test_user_knn_weight_is_kept_in_the_version_and_old_states_load_without_it(trained):
+    store, version, *_ = trained
+    served = load_version(store.catalog, version).model
+    assert float(served.params["delta"][0]) == pytest.approx(0.6)
+    tensors, meta = served.state()
+    tensors.pop("delta")  # a version written before the term
+    old = FusionModel.from_state(tensors, meta)
+    assert float(old.params["delta"][0]) == 0.0
+    hist = (np.array([0, 2]), np.array([0, 1]), np.array([1, 1], np.int8), np.zeros(2, np.int64))
+    assert old.user_knn_bias(*hist[:3], 5, lambda: pytest.fail("no pool needed at weight 0")) == 0.0
+
+
+def test_user_knn_scores_follow_similar_users_and_a_new_like():
+    from dynstore.model.userknn import Pool, user_knn_scores
+
+    # users 0-2 like items 0 and 1, user 0 also 2; users 3-4 like items 3 and 4, user 3 also 5
+    user = np.array([0, 0, 0, 1, 1, 2, 2, 3, 3, 3, 4, 4])
+    item = np.array([0, 1, 2, 0, 1, 0, 1, 3, 4, 5, 3, 4])
+    pool = Pool.of_events(user, item, np.ones(user.size, np.int8), 5, 6)
+    # user 1 (row 1 of the pool, left out of their own neighbours): item 2 from user 0, none of 3-5
+    s = user_knn_scores(pool, np.array([0, 2]), np.array([0, 1]), k=2, self_rows=np.array([1]))[0]
+    assert s[2] > 0 and np.all(s[3:] == 0)
+    # a new like of item 3 brings in the other group's item 5
+    s2 = user_knn_scores(pool, np.array([0, 3]), np.array([0, 1, 3]), k=4, self_rows=np.array([1]))[0]
+    assert s2[5] > 0
+    # a user with no positives scores 0 everywhere
+    assert not user_knn_scores(pool, np.array([0, 0]), np.zeros(0, np.int64), k=2).any()
