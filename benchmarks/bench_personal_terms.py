@@ -21,12 +21,16 @@ of the term, on the returning users) and ``w`` a small grid. Candidates (cheapes
 Prints, per candidate and weight, NDCG@10 pooled over the returning user-periods and over
 all user-periods, the paired gain over the base ± SE, and the ratio to EASE (the peer at
 the benchmark's validated lambda). The weight is the best in hindsight: an upper bound on
-what a pooled selection in refresh could choose.
+what a pooled selection in refresh could choose. The base includes the user-kNN term as
+refresh chooses it (``dynstore.model.userknn``); ``--user-knn 0`` measures on the store
+before it, ``--before`` adds that model as a paired row.
 
 Run (from the repository root; ~6 min on 2 cores)::
 
     nice python benchmarks/bench_personal_terms.py
     nice python benchmarks/bench_personal_terms.py --only attr uknn --cuts 2
+    nice python benchmarks/bench_personal_terms.py --user-knn 0     # on the store before the user-kNN term
+    nice python benchmarks/bench_personal_terms.py --only uknn --before   # the term as refresh chooses it
 """
 import argparse
 import sys
@@ -98,6 +102,23 @@ def uknn_term(X: ssp.csr_matrix, users: np.ndarray, k: int) -> np.ndarray:
     return standardise(np.asarray(ssp.csr_matrix(sim) @ X.todense()))
 
 
+def uknn_recent_term(X: ssp.csr_matrix, pu, pi, pts, users: np.ndarray, k: int, h: float) -> np.ndarray:
+    """User-kNN whose query weighs the user's positives ``0.5 ** (rank / h)`` (rank 0: newest)."""
+    ptr, hit, _, hts = build_histories(users, pu, pi, np.ones(pu.size, np.int8), pts)
+    rows = np.repeat(np.arange(users.size), np.diff(ptr))
+    order = np.lexsort((-hts, rows))
+    rank = np.empty(rows.size, np.int64)
+    rank[order] = np.arange(rows.size) - ptr[rows[order]]
+    Q = ssp.csr_matrix((np.power(0.5, rank / h), (rows, hit)), shape=(users.size, X.shape[1]))
+    norm = np.sqrt(np.asarray(X.sum(1)).ravel())
+    Xn = ssp.diags(1.0 / np.maximum(norm, 1e-9)) @ X
+    sim = np.asarray((Q @ Xn.T).todense(), np.float32)
+    sim[np.arange(users.size), users] = 0.0
+    thr = -np.partition(-sim, k - 1, axis=1)[:, k - 1:k]
+    sim[sim < thr] = 0.0
+    return standardise(np.asarray(ssp.csr_matrix(sim) @ X.todense()))
+
+
 def rp3_term(X: ssp.csr_matrix, users: np.ndarray, beta: float, top: int = 200) -> np.ndarray:
     du = np.asarray(X.sum(1)).ravel()
     di = np.asarray(X.sum(0)).ravel()
@@ -151,6 +172,9 @@ def terms(which, sp, items, users, n, n_users):
     if "uknn" in which:
         for k in (20, 50, 100, 200):
             out[f"uknn{k}"] = uknn_term(X, users, k)
+    if "uknnr" in which:  # recency-weighted queries (not in the default run)
+        for h in (10.0, 30.0):
+            out[f"uknn50 recent{h:g}"] = uknn_recent_term(X, pu, pi, pts, users, 50, h)
     if "rp3" in which:
         for beta in (0.5,):
             out[f"rp3b{beta}"] = rp3_term(X, users, beta)
@@ -167,6 +191,8 @@ def main(argv=None) -> None:
     ap.add_argument("--households", default=str(bq.CJ_HOUSEHOLDS))
     ap.add_argument("--user-knn", type=int, default=None,
                     help="the base model's user-kNN neighbours (0: the store before that term; default: as configured)")
+    ap.add_argument("--before", action="store_true",
+                    help="also a row of the model without the user-kNN term (user_knn 0), paired with the base")
     args = ap.parse_args(argv)
     cat, events, items, _, _ = bq.build_cj(bq._size(args.households), bq.CJ_PRODUCTS, bq.SEED)
     test = bq.temporal_split(events, cat.n_items, seed=bq.SEED)
@@ -193,6 +219,8 @@ def main(argv=None) -> None:
         params = {} if args.user_knn is None else {"user_knn": args.user_knn}
         base = np.asarray(bq.fit_dynstore(sp, csp, params, stats=stats)(users), np.float32)
         res.setdefault("base", []).append(ndcg(base))
+        if args.before:
+            res.setdefault("user_knn 0 (before)", []).append(ndcg(bq.fit_dynstore(sp, csp, {"user_knn": 0})(users)))
         t1 = time.time()
         n_users = int(max(sp.user.max(initial=0), users.max(initial=0))) + 1
         s_base = spread(base[ret])
