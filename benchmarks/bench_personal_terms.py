@@ -12,7 +12,9 @@ of the term, on the returning users) and ``w`` a small grid. Candidates (cheapes
   training positives whose ``col`` (department, category, brand, product type) is the
   item's; ``attr:all`` sums the four;
 * ``uknn<k>`` -- user-kNN: cosine similarity on the binary user x item matrix of
-  positives, the ``k`` most similar users' positives summed by similarity;
+  positives, the ``k`` most similar users' positives summed by similarity (ties with the
+  ``k``-th kept); ``uknn50 recent<h>`` (``--only uknnr``, not in the default run): the
+  query user's positives weighted ``0.5 ** (rank / h)``, newest first;
 * ``rp3b<beta>`` -- RP3beta: the 3-step random walk user-item-user-item, item popularity
   penalised by ``deg ** beta``, the 200 largest weights per item kept;
 * ``seq<L>`` -- short-term sequential: how often an item was bought within the next 10
@@ -25,7 +27,7 @@ what a pooled selection in refresh could choose. The base includes the user-kNN 
 refresh chooses it (``dynstore.model.userknn``); ``--user-knn 0`` measures on the store
 before it, ``--before`` adds that model as a paired row.
 
-Run (from the repository root; ~6 min on 2 cores)::
+Run (from the repository root; 1.5-4 min on 2 cores)::
 
     nice python benchmarks/bench_personal_terms.py
     nice python benchmarks/bench_personal_terms.py --only attr uknn --cuts 2
@@ -186,7 +188,8 @@ def terms(which, sp, items, users, n, n_users):
 
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--only", nargs="*", default=["attr", "uknn", "rp3", "seq"])
+    ap.add_argument("--only", nargs="*", default=["attr", "uknn", "rp3", "seq"],
+                    help="candidate families: attr uknn rp3 seq (and uknnr)")
     ap.add_argument("--cuts", type=int, default=len(bq.ROLLING_CUTS))
     ap.add_argument("--households", default=str(bq.CJ_HOUSEHOLDS))
     ap.add_argument("--user-knn", type=int, default=None,
