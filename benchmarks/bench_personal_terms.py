@@ -14,7 +14,9 @@ of the term, on the returning users) and ``w`` a small grid. Candidates (cheapes
 * ``uknn<k>`` -- user-kNN: cosine similarity on the binary user x item matrix of
   positives, the ``k`` most similar users' positives summed by similarity (ties with the
   ``k``-th kept); ``uknn50 recent<h>`` (``--only uknnr``, not in the default run): the
-  query user's positives weighted ``0.5 ** (rank / h)``, newest first;
+  query user's positives weighted ``0.5 ** (rank / h)``, newest first; ``uknn50 idf`` /
+  ``shrink10`` (``--only uknnv``): items weighted ``log(users / df)`` in the similarity,
+  or the cosine's denominator shrunk by 10;
 * ``rp3b<beta>`` -- RP3beta: the 3-step random walk user-item-user-item, item popularity
   penalised by ``deg ** beta``, the 200 largest weights per item kept;
 * ``seq<L>`` -- short-term sequential: how often an item was bought within the next 10
@@ -121,6 +123,21 @@ def uknn_recent_term(X: ssp.csr_matrix, pu, pi, pts, users: np.ndarray, k: int, 
     return standardise(np.asarray(ssp.csr_matrix(sim) @ X.todense()))
 
 
+def uknn_variant_term(X: ssp.csr_matrix, users: np.ndarray, k: int, idf: bool, shrink: float) -> np.ndarray:
+    """User-kNN with items weighted ``log(n_users / df)`` in the similarity (``idf``) and/or
+    the cosine's denominator shrunk by ``shrink`` (fewer overlaps count for less)."""
+    df = np.asarray(X.sum(0)).ravel()
+    w = np.log(X.shape[0] / np.maximum(df, 1)).astype(np.float32) if idf else np.ones(X.shape[1], np.float32)
+    Xw = X @ ssp.diags(w)
+    norm = np.sqrt(np.asarray(Xw.multiply(Xw).sum(1)).ravel())
+    dot = np.asarray((Xw[users] @ Xw.T).todense(), np.float32)
+    sim = dot / (norm[users][:, None] * norm[None, :] + shrink + 1e-9)
+    sim[np.arange(users.size), users] = 0.0
+    thr = -np.partition(-sim, k - 1, axis=1)[:, k - 1:k]
+    sim[sim < thr] = 0.0
+    return standardise(np.asarray(ssp.csr_matrix(sim) @ X.todense()))
+
+
 def rp3_term(X: ssp.csr_matrix, users: np.ndarray, beta: float, top: int = 200) -> np.ndarray:
     du = np.asarray(X.sum(1)).ravel()
     di = np.asarray(X.sum(0)).ravel()
@@ -177,6 +194,10 @@ def terms(which, sp, items, users, n, n_users):
     if "uknnr" in which:  # recency-weighted queries (not in the default run)
         for h in (10.0, 30.0):
             out[f"uknn50 recent{h:g}"] = uknn_recent_term(X, pu, pi, pts, users, 50, h)
+    if "uknnv" in which:  # similarity variants (not in the default run)
+        out["uknn50 idf"] = uknn_variant_term(X, users, 50, True, 0.0)
+        out["uknn50 shrink10"] = uknn_variant_term(X, users, 50, False, 10.0)
+        out["uknn50 idf shrink10"] = uknn_variant_term(X, users, 50, True, 10.0)
     if "rp3" in which:
         for beta in (0.5,):
             out[f"rp3b{beta}"] = rp3_term(X, users, beta)
@@ -189,7 +210,7 @@ def terms(which, sp, items, users, n, n_users):
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--only", nargs="*", default=["attr", "uknn", "rp3", "seq"],
-                    help="candidate families: attr uknn rp3 seq (and uknnr)")
+                    help="candidate families: attr uknn rp3 seq (and uknnr, uknnv)")
     ap.add_argument("--cuts", type=int, default=len(bq.ROLLING_CUTS))
     ap.add_argument("--households", default=str(bq.CJ_HOUSEHOLDS))
     ap.add_argument("--user-knn", type=int, default=None,
