@@ -35,6 +35,7 @@ Run (from the repository root; 1.5-4 min on 2 cores)::
     nice python benchmarks/bench_personal_terms.py --only attr uknn --cuts 2
     nice python benchmarks/bench_personal_terms.py --user-knn 0     # on the store before the user-kNN term
     nice python benchmarks/bench_personal_terms.py --only uknn --before   # the term as refresh chooses it
+    nice python benchmarks/bench_personal_terms.py --only --variants knnrecent10 iirecent50  # refit variants
 """
 import argparse
 import sys
@@ -48,6 +49,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_quality as bq  # noqa: E402
 import peers  # noqa: E402
 
+import dynstore.model.selection as selection  # noqa: E402
 from dynstore.model.histories import build_histories  # noqa: E402
 from dynstore.model.metrics import ndcg_per_user, top_k  # noqa: E402
 
@@ -207,6 +209,32 @@ def terms(which, sp, items, users, n, n_users):
     return out
 
 
+def variant(name: str) -> tuple[dict, tuple]:
+    """``(config fields, item-item half-lives refresh may choose)`` of a variant of the
+    personal terms: ``plain`` (the product), ``knnrecent<h>`` (the query user's positives
+    weighted ``0.5 ** (rank / h)`` in finding neighbours), ``iirecent<h>`` (the item-item
+    history half-life forced to ``h``); ``gamma`` and ``delta`` are chosen by the fit."""
+    if name.startswith("knnrecent"):
+        return {"user_knn_recency": float(name[len("knnrecent"):])}, selection.RECENCIES
+    if name.startswith("iirecent"):
+        return {}, (float(name[len("iirecent"):]),)
+    if name == "plain":
+        return {}, selection.RECENCIES
+    raise SystemExit(f"unknown variant {name!r}")
+
+
+def fit_variant(name: str, sp, csp):
+    """The model as refresh fits it, with variant ``name`` (:func:`variant`)."""
+    params, recencies = variant(name)
+    saved, selection.RECENCIES = selection.RECENCIES, recencies
+    try:
+        stats: dict = {}
+        score = bq.fit_dynstore(sp, csp, params, stats=stats)
+    finally:
+        selection.RECENCIES = saved
+    return score, stats
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--only", nargs="*", default=["attr", "uknn", "rp3", "seq"],
@@ -217,6 +245,9 @@ def main(argv=None) -> None:
                     help="the base model's user-kNN neighbours (0: the store before that term; default: as configured)")
     ap.add_argument("--before", action="store_true",
                     help="also a row of the model without the user-kNN term (user_knn 0), paired with the base")
+    ap.add_argument("--variants", nargs="*", default=[],
+                    help="rows of the model refit with a variant of its personal terms, paired with the base "
+                         "(knnrecent<h>, iirecent<h>: see variant())")
     args = ap.parse_args(argv)
     cat, events, items, _, _ = bq.build_cj(bq._size(args.households), bq.CJ_PRODUCTS, bq.SEED)
     test = bq.temporal_split(events, cat.n_items, seed=bq.SEED)
@@ -245,6 +276,10 @@ def main(argv=None) -> None:
         res.setdefault("base", []).append(ndcg(base))
         if args.before:
             res.setdefault("user_knn 0 (before)", []).append(ndcg(bq.fit_dynstore(sp, csp, {"user_knn": 0})(users)))
+        for v in args.variants:
+            score, vstats = fit_variant(v, sp, csp)
+            res.setdefault(f"variant {v}", []).append(ndcg(score(users)))
+            print(f"  {v}: gamma {vstats.get('gamma')}, delta {vstats.get('delta')}", flush=True)
         t1 = time.time()
         n_users = int(max(sp.user.max(initial=0), users.max(initial=0))) + 1
         s_base = spread(base[ret])

@@ -175,3 +175,44 @@ def test_user_knn_scores_follow_similar_users_and_a_new_like():
     assert s2[5] > 0
     # a user with no positives scores 0 everywhere
     assert not user_knn_scores(pool, np.array([0, 0]), np.zeros(0, np.int64), k=2).any()
+
+
+def test_user_knn_recency_is_served_as_evaluated_and_kept_in_the_version(trained):
+    """The query-side recency of the user-kNN term (``user_knn_recency``) goes through the
+    one equation: serving and evaluation agree with it on, and it moves the term."""
+    store, version, window, data, users = trained
+    state = serving_state(store.catalog, version)
+    model = state.model
+    ids = [window.user_ids[u] for u in sorted(users)]
+    cols = np.array([state.row[i] for i in window.ids], np.int64)
+    rows = state.user_rows(ids)[0]
+    hist = state.histories(rows)
+    n = len(state.ids)
+    plain = model.user_knn_bias(hist[0], hist[1], hist[2], n, state.knn_pool(), rows, hist[3])
+    model.config.user_knn_recency = 1.0
+    try:
+        recent = model.user_knn_bias(hist[0], hist[1], hist[2], n, state.knn_pool(), rows, hist[3])
+        assert not np.allclose(recent, plain)  # the newest positives pick other neighbours
+        L_s = user_logits(state, ids)[:, cols]
+        residuals = window.residuals_of(load_version(store.catalog, version))
+        np.testing.assert_allclose(scorer(model, data, residuals)(np.array(sorted(users))), L_s, **TOL)
+        tensors, meta = model.state()
+        assert FusionModel.from_state(tensors, meta).config.user_knn_recency == 1.0
+        old = dict(meta, config={k: v for k, v in meta["config"].items() if k != "user_knn_recency"})
+        assert FusionModel.from_state(tensors, old).config.user_knn_recency == 0.0  # versions before it
+    finally:
+        model.config.user_knn_recency = 0.0
+
+
+def test_user_knn_query_weights_follow_the_newest_like():
+    from dynstore.model.userknn import Pool, user_knn_scores
+
+    user = np.array([0, 0, 0, 1, 1, 1])  # user 0: items 0, 1, 2; user 1: items 3, 4, 5
+    item = np.array([0, 1, 2, 3, 4, 5])
+    pool = Pool.of_events(user, item, np.ones(user.size, np.int8), 2, 6)
+    ptr, hist = np.array([0, 3]), np.array([0, 1, 3])  # likes 0, 1, then 3 (listed newest last)
+    same = user_knn_scores(pool, ptr, hist, k=1)
+    np.testing.assert_array_equal(same, user_knn_scores(pool, ptr, hist, k=1, weight=np.ones(3)))
+    assert same[0, 2] > 0 and same[0, 5] == 0  # unweighted: user 0 (two shared items) is the neighbour
+    recent = user_knn_scores(pool, ptr, hist, k=1, weight=np.array([0.1, 0.1, 1.0]))
+    assert recent[0, 5] > 0 and recent[0, 2] == 0  # the newest like weighs most: user 1

@@ -376,18 +376,27 @@ class FusionModel:
         return gamma * self.item_item.scores(ptr, items, n_items, weight)
 
     def user_knn_bias(self, hist_ptr, hist_item, hist_label, n_items: int, pool: Any = None,
-                      self_rows: np.ndarray | None = None) -> np.ndarray | float:
+                      self_rows: np.ndarray | None = None, hist_ts=None) -> np.ndarray | float:
         """``delta`` times the users' standardised user-kNN scores (:mod:`dynstore.model.userknn`)
         from their positives, neighbours drawn from ``pool`` (a :class:`Pool`, or a callable
-        giving one: built only when the term is on); 0.0 without the term or a pool."""
+        giving one: built only when the term is on); 0.0 without the term or a pool. With
+        the config's ``user_knn_recency`` ``h`` > 0 (and ``hist_ts``) a positive weighs
+        ``0.5 ** (rank / h)`` in finding the neighbours, rank 0 the most recent."""
         delta = float(self.params.get("delta", np.zeros(1))[0])
         if delta == 0.0 or pool is None:
             return 0.0
         pool = pool() if callable(pool) else pool
-        keep = np.asarray(hist_label) == 1
-        user_of = entry_rows(hist_ptr)[keep]
+        h = float(getattr(self.config, "user_knn_recency", 0.0) or 0.0)
+        if h > 0 and hist_ts is not None:
+            user_of, items, labels = most_recent_first(hist_ptr, hist_item, hist_label, hist_ts)
+        else:
+            user_of, items, labels = entry_rows(hist_ptr), np.asarray(hist_item), np.asarray(hist_label)
+        keep = labels == 1
+        user_of, items = user_of[keep], np.asarray(items, np.int64)[keep]
         ptr = np.concatenate([[0], np.cumsum(np.bincount(user_of, minlength=len(hist_ptr) - 1))])
-        S = user_knn_scores(pool, ptr, np.asarray(hist_item, np.int64)[keep], self.config.user_knn, self_rows)
+        weight = np.power(0.5, (np.arange(user_of.size) - ptr[user_of]) / h).astype(np.float32) \
+            if h > 0 and hist_ts is not None else None
+        S = user_knn_scores(pool, ptr, items, self.config.user_knn, self_rows, weight)
         if S.shape[1] < n_items:  # items the pool does not know yet
             S = np.pad(S, ((0, 0), (0, n_items - S.shape[1])))
         return delta * S[:, :n_items]

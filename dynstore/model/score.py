@@ -50,7 +50,7 @@ def score_terms(model: Any, Wf: np.ndarray, bias: np.ndarray, UA_rows: np.ndarra
     ``X @ Wf[i] + B[..., i]`` (:func:`logits`)."""
     X = np.asarray(model.user_vectors(UA_rows, hist[0], hist[1], hist[2], hist[3], Wf), np.float32)
     ii = model.item_item_bias(hist[0], hist[1], hist[2], Wf.shape[0], hist[3])
-    knn = model.user_knn_bias(hist[0], hist[1], hist[2], Wf.shape[0], pool, self_rows)
+    knn = model.user_knn_bias(hist[0], hist[1], hist[2], Wf.shape[0], pool, self_rows, hist[3])
     if isinstance(knn, np.ndarray):
         ii = ii + knn
     extra = segment + ii if isinstance(ii, np.ndarray) or isinstance(segment, np.ndarray) else segment

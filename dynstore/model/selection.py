@@ -332,10 +332,10 @@ def knn_parts(model: Any, cut: Cut) -> tuple[np.ndarray, np.ndarray, list, list,
     lo, up = np.searchsorted(hu, users, "left"), np.searchsorted(hu, users, "right")
     with weights(model, delta=0.0):
         base = model.score(train, users) if users.size else np.zeros((0, n), np.float32)
-    ptr, it, lab, _ = build_histories(users, train.user, train.item, train.label, train.ts)
+    ptr, it, lab, ts = build_histories(users, train.user, train.item, train.label, train.ts)
     pool = Pool.of_events(train.user, train.item, train.label, train.UA.shape[0], n)
     with weights(model, delta=1.0):
-        knn = model.user_knn_bias(ptr, it, lab, n, pool, users)
+        knn = model.user_knn_bias(ptr, it, lab, n, pool, users, ts)
     return base, np.asarray(knn, np.float32), [hi[a:b] for a, b in zip(lo, up)], \
         seen_positives(positives_log(train), users), users
 

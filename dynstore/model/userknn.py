@@ -75,22 +75,24 @@ class Pool:
         return self.ptr.size - 1
 
 
-def _similarities(pool: Pool, qrow: np.ndarray, qitem: np.ndarray, m: int) -> np.ndarray:
-    """Cosine ``[m, pool users]`` of ``m`` query users (distinct pairs ``qrow, qitem``)."""
+def _similarities(pool: Pool, qrow: np.ndarray, qitem: np.ndarray, m: int, qw: np.ndarray) -> np.ndarray:
+    """Cosine ``[m, pool users]`` of ``m`` query users (distinct pairs ``qrow, qitem``, the
+    query side weighted ``qw``)."""
     known = qitem < pool.n_items
-    qrow, qitem = qrow[known], qitem[known]
+    qrow, qitem, qw = qrow[known], qitem[known], qw[known]
     starts, ends = pool.by_item_ptr[qitem], pool.by_item_ptr[qitem + 1]
     idx, _ = ranges(starts, ends)
     cell = np.repeat(qrow, ends - starts) * np.int64(pool.n_users) + pool.by_item_user[idx]
-    sim = np.bincount(cell, minlength=m * pool.n_users).astype(np.float32).reshape(m, pool.n_users)
-    qn = np.sqrt(np.bincount(qrow, minlength=m)).astype(np.float32)
+    sim = np.bincount(cell, weights=np.repeat(qw, ends - starts),
+                      minlength=m * pool.n_users).astype(np.float32).reshape(m, pool.n_users)
+    qn = np.sqrt(np.bincount(qrow, weights=qw.astype(np.float64) ** 2, minlength=m)).astype(np.float32)
     sim /= np.maximum(qn, 1e-12)[:, None] * np.maximum(pool.norm, 1e-12)[None, :]
     return sim
 
 
-def _block(pool: Pool, qrow: np.ndarray, qitem: np.ndarray, m: int, k: int,
+def _block(pool: Pool, qrow: np.ndarray, qitem: np.ndarray, qw: np.ndarray, m: int, k: int,
            self_rows: np.ndarray, out: np.ndarray) -> None:
-    sim = _similarities(pool, qrow, qitem, m)
+    sim = _similarities(pool, qrow, qitem, m, qw)
     own = np.flatnonzero((self_rows >= 0) & (self_rows < pool.n_users))
     sim[own, self_rows[own]] = 0.0  # a user is not their own neighbour
     if int(k) < pool.n_users:  # the k most similar, and every user tied with the k-th (order-free)
@@ -105,13 +107,30 @@ def _block(pool: Pool, qrow: np.ndarray, qitem: np.ndarray, m: int, k: int,
     out += np.bincount(cell, weights=np.repeat(w, lens), minlength=m * pool.n_items).reshape(m, pool.n_items)
 
 
+def _query_weights(hist_ptr: np.ndarray, hist_item: np.ndarray, n: int,
+                   weight: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """``(row, item, ptr, w)`` of the distinct (user, item) pairs, each with the largest
+    ``weight`` of its entries."""
+    key = entry_rows(hist_ptr) * np.int64(n) + np.asarray(hist_item, np.int64)
+    order = np.argsort(key, kind="stable")
+    key, w = key[order], np.asarray(weight, np.float32)[order]
+    first = np.flatnonzero(np.r_[True, key[1:] != key[:-1]]) if key.size else np.zeros(0, np.int64)
+    w = np.maximum.reduceat(w, first) if key.size else w
+    key = key[first]
+    row, it = key // n, key % n
+    ptr = np.concatenate([[0], np.cumsum(np.bincount(row, minlength=hist_ptr.size - 1))]).astype(np.int64)
+    return row, it, ptr, w
+
+
 def user_knn_scores(pool: Pool, hist_ptr: np.ndarray, hist_item: np.ndarray, k: int,
-                    self_rows: np.ndarray | None = None) -> np.ndarray:
+                    self_rows: np.ndarray | None = None, weight: np.ndarray | None = None) -> np.ndarray:
     """``float32 [m, pool.n_items]``: each user's neighbours' positives weighted by
     similarity, standardised per user (0 for users without positives or neighbours).
 
     ``hist_*``: the users' positives (CSR over item rows); ``self_rows``: each user's own
-    row in the pool (-1: none), left out of their neighbours."""
+    row in the pool (-1: none), left out of their neighbours; ``weight``: each history
+    entry's weight on the query side of the cosine (an item counts with its largest;
+    None: 1 each)."""
     hist_ptr = np.asarray(hist_ptr, np.int64)
     m = hist_ptr.size - 1
     n = pool.n_items
@@ -119,11 +138,16 @@ def user_knn_scores(pool: Pool, hist_ptr: np.ndarray, hist_item: np.ndarray, k: 
     if m == 0 or pool.n_users == 0 or int(k) < 1:
         return out
     self_rows = np.full(m, -1, np.int64) if self_rows is None else np.asarray(self_rows, np.int64)
-    row, item, ptr = _distinct(hist_ptr, np.asarray(hist_item, np.int64), max(n, int(np.max(hist_item, initial=-1)) + 1))
+    width = max(n, int(np.max(hist_item, initial=-1)) + 1)
+    if weight is None:
+        row, item, ptr = _distinct(hist_ptr, np.asarray(hist_item, np.int64), width)
+        qw = np.ones(row.size, np.float32)
+    else:
+        row, item, ptr, qw = _query_weights(hist_ptr, hist_item, width, weight)
     step = max(1, CELLS_PER_BLOCK // max(pool.n_users, n))
     for a in range(0, m, step):
         b = min(m, a + step)
         sel = slice(ptr[a], ptr[b])
-        _block(pool, row[sel] - a, item[sel], b - a, k, self_rows[a:b], out[a:b])
+        _block(pool, row[sel] - a, item[sel], qw[sel], b - a, k, self_rows[a:b], out[a:b])
     rms = np.sqrt((out ** 2).mean(axis=1, keepdims=True))
     return np.divide(out, rms, out=np.zeros_like(out), where=rms > 0)
