@@ -18,7 +18,9 @@ place (the lists the store served before the term, same refit otherwise).
 Variants (``--variants``): ``plain`` (the product), ``knnrecent<h>`` (the query user's
 positives weighted ``0.5 ** (rank / h)`` when finding neighbours, config
 ``user_knn_recency``; ``delta`` re-chosen by refresh with it), ``iirecent<h>`` (the
-item-item history half-life forced to ``h``, ``gamma`` and ``delta`` re-chosen on it).
+item-item history half-life forced to ``h``, ``gamma`` and ``delta`` re-chosen on it),
+``knnscale<f>`` (``delta`` tried only at ``f`` times its calibration); see
+``bench_personal_terms.variant``.
 
 Run (from the repository root; ~3-5 min per variant on 2 cores)::
 
@@ -35,7 +37,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_quality as bq  # noqa: E402
 
-import dynstore.model.selection as selection  # noqa: E402
+import bench_personal_terms as bpt  # noqa: E402
 import dynstore.versions.refresh as refresh_mod  # noqa: E402
 from dynstore.model.spec import ModelConfig  # noqa: E402
 from dynstore.serving.recommend import all_items_lists, score_terms  # noqa: E402
@@ -105,22 +107,30 @@ def breakdown(before: dict, after: dict, users: list, targets: dict, state) -> d
     return res
 
 
-def online(store, split, users: list, targets: dict, lists) -> dict:
+def per_user(before_state, after_state, users: list, targets: dict) -> tuple[np.ndarray, np.ndarray]:
+    """Per user: did the top-10 change, is X or a neighbour in it after the likes."""
+    b = all_items_lists(before_state, users, bq.K)
+    a = all_items_lists(after_state, users, bq.K)
+    changed = np.array([{r["item_id"] for r in x} != {r["item_id"] for r in y} for x, y in zip(a, b)], float)
+    hit = np.array([bool(targets[u] & {r["item_id"] for r in x}) for u, x in zip(users, a)], float)
+    return changed, hit
+
+
+def online(store, split, users: list, targets: dict) -> dict:
     before_state = serving_state(store.catalog)
     before = terms(before_state, users)
     out = ONLINE_EFFECT(store, split)
     after_state = serving_state(store.catalog)
     after = terms(after_state, users)
     out["terms"] = breakdown(before, after, users, targets, after_state)
+    out["per_user"] = per_user(before_state, after_state, users, targets)
     if float(after_state.model.params.get("delta", np.zeros(1))[0]) > 0:  # the same store, delta 0 in place
         saved = {id(s.model): (s.model, s.model.params["delta"].copy()) for s in (before_state, after_state)}
         for m, _ in saved.values():
             m.params["delta"] = np.zeros(1, np.float32)
-        b = all_items_lists(before_state, users, bq.K)
-        a = all_items_lists(after_state, users, bq.K)
+        changed, hit = per_user(before_state, after_state, users, targets)
         out["delta 0 in place"] = {
-            "top10_changed": float(np.mean([{r["item_id"] for r in x} != {r["item_id"] for r in y} for x, y in zip(a, b)])),
-            "similar_in_top10": float(np.mean([bool(targets[u] & {r["item_id"] for r in x}) for u, x in zip(users, a)])),
+            "top10_changed": float(changed.mean()), "similar_in_top10": float(hit.mean()),
             "terms": breakdown(terms(before_state, users), terms(after_state, users), users, targets, after_state)}
         for m, d in saved.values():
             m.params["delta"] = d
@@ -128,30 +138,24 @@ def online(store, split, users: list, targets: dict, lists) -> dict:
 
 
 def run_variant(name: str, test, cat, data) -> dict:
-    config, recencies = {}, selection.RECENCIES
-    if name.startswith("knnrecent"):
-        config["user_knn_recency"] = float(name[len("knnrecent"):])
-    elif name.startswith("iirecent"):
-        recencies = (float(name[len("iirecent"):]),)
-    elif name != "plain":
-        raise SystemExit(f"unknown variant {name!r}")
-    saved = refresh_mod.ModelConfig, selection.RECENCIES, bq.online_effect
+    config, constants = bpt.variant(name)
+    saved = refresh_mod.ModelConfig, bq.online_effect
     refresh_mod.ModelConfig = functools.partial(ModelConfig, **config)
-    selection.RECENCIES = recencies
     result: dict = {}
 
     def analyse(store, split):
         users, targets = pick(store, split)
-        result.update(online(store, split, users, targets, None))
+        result.update(online(store, split, users, targets))
         return {k: v for k, v in result.items() if not isinstance(v, dict)}
 
     bq.online_effect = analyse
     try:
         stats, full = {}, {}
-        score = bq.fit_dynstore_store(test, cat, stats=stats, data=data, full=full, online={})
+        with bpt.patched(constants):
+            score = bq.fit_dynstore_store(test, cat, stats=stats, data=data, full=full, online={})
         ev = bq.evaluate_scorer(score, test, cat.n_items)
     finally:
-        refresh_mod.ModelConfig, selection.RECENCIES, bq.online_effect = saved
+        refresh_mod.ModelConfig, bq.online_effect = saved
     sel = find(full, "selection") or {}
     return {"eval": ev, "online": result, "selection": sel, "stats": stats}
 
@@ -204,6 +208,10 @@ def main(argv=None) -> None:
             b = np.asarray(res[ref]["eval"][seg]["per_user"]["ndcg"])
             cells.append(f"{seg} {a.mean():.4f} ({paired(a, b)} vs {ref})")
         print(f"single split {name}: " + "; ".join(cells))
+        ch, hit = r["online"]["per_user"]
+        ch0, hit0 = res[ref]["online"]["per_user"]
+        print(f"online {name}: top-10 changed {ch.mean():.1%} ({paired(ch, ch0)} vs {ref}), "
+              f"X or a neighbour {hit.mean():.1%} ({paired(hit, hit0)} vs {ref})")
 
 
 if __name__ == "__main__":

@@ -209,29 +209,47 @@ def terms(which, sp, items, users, n, n_users):
     return out
 
 
-def variant(name: str) -> tuple[dict, tuple]:
-    """``(config fields, item-item half-lives refresh may choose)`` of a variant of the
-    personal terms: ``plain`` (the product), ``knnrecent<h>`` (the query user's positives
-    weighted ``0.5 ** (rank / h)`` in finding neighbours), ``iirecent<h>`` (the item-item
-    history half-life forced to ``h``); ``gamma`` and ``delta`` are chosen by the fit."""
-    if name.startswith("knnrecent"):
-        return {"user_knn_recency": float(name[len("knnrecent"):])}, selection.RECENCIES
-    if name.startswith("iirecent"):
-        return {}, (float(name[len("iirecent"):]),)
+def variant(name: str) -> tuple[dict, dict]:
+    """``(config fields, selection constants)`` of a variant of the personal terms:
+    ``plain`` (the product), ``knnrecent<h>`` (the query user's positives weighted
+    ``0.5 ** (rank / h)`` in finding neighbours), ``iirecent<h>`` (the item-item history
+    half-life forced to ``h``), ``iitie`` (the shortest half-life whose gain is within one
+SE of the best, ``selection.RECENCY_TIE``), ``knnscale<f>`` (``delta`` tried only at ``f`` times its
+    calibration); the weights are chosen by the fit as refresh does."""
+    for prefix, make in (("knnrecent", lambda v: ({"user_knn_recency": v}, {})),
+                         ("iirecent", lambda v: ({}, {"RECENCIES": (v,)})),
+                         ("knnscale", lambda v: ({}, {"DELTA_STEPS": (v,)}))):
+        if name.startswith(prefix):
+            return make(float(name[len(prefix):]))
+    if name == "iitie":  # the shortest half-life within one SE of the best (selection.RECENCY_TIE)
+        return {}, {"RECENCY_TIE": True}
     if name == "plain":
-        return {}, selection.RECENCIES
+        return {}, {"RECENCY_TIE": False}
     raise SystemExit(f"unknown variant {name!r}")
+
+
+class patched:
+    """Selection constants set for the duration of a ``with`` block."""
+
+    def __init__(self, constants: dict):
+        self.constants, self.saved = constants, {}
+
+    def __enter__(self):
+        for k, v in self.constants.items():
+            self.saved[k] = getattr(selection, k)
+            setattr(selection, k, v)
+
+    def __exit__(self, *exc):
+        for k, v in self.saved.items():
+            setattr(selection, k, v)
 
 
 def fit_variant(name: str, sp, csp):
     """The model as refresh fits it, with variant ``name`` (:func:`variant`)."""
-    params, recencies = variant(name)
-    saved, selection.RECENCIES = selection.RECENCIES, recencies
-    try:
-        stats: dict = {}
+    params, constants = variant(name)
+    stats: dict = {}
+    with patched(constants):
         score = bq.fit_dynstore(sp, csp, params, stats=stats)
-    finally:
-        selection.RECENCIES = saved
     return score, stats
 
 
@@ -247,7 +265,7 @@ def main(argv=None) -> None:
                     help="also a row of the model without the user-kNN term (user_knn 0), paired with the base")
     ap.add_argument("--variants", nargs="*", default=[],
                     help="rows of the model refit with a variant of its personal terms, paired with the base "
-                         "(knnrecent<h>, iirecent<h>: see variant())")
+                         "(knnrecent<h>, iirecent<h>, knnscale<f>: see variant())")
     args = ap.parse_args(argv)
     cat, events, items, _, _ = bq.build_cj(bq._size(args.households), bq.CJ_PRODUCTS, bq.SEED)
     test = bq.temporal_split(events, cat.n_items, seed=bq.SEED)

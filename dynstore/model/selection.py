@@ -52,6 +52,9 @@ GAMMA_STEPS = (0.125, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0, 16.0, 32.0)
 #: half-lives (in positives, most recent first) of the item-item term's history weights
 #: tried with every ``gamma``; 0 weighs the whole history alike
 RECENCIES = (0.0, 50.0)
+#: whether a history half-life whose best gain is within one standard error of the
+#: largest one is preferred, the shortest first (new likes move the list more)
+RECENCY_TIE = False
 #: user-kNN weights tried, in units of the calibration (0 is always tried)
 DELTA_STEPS = (0.125, 0.25, 0.5, 1.0, 2.0, 4.0)
 #: content prior weights tried (0 is always tried)
@@ -376,6 +379,9 @@ def choose_gamma(model: Any, grids: dict, scale: dict, z: float, cuts: int) -> d
     chosen = {h: best(g, z) for h, g in grids.items()}
     gain = {h: (g[chosen[h]] if chosen[h] else (0.0, 0.0, next(iter(g.values()))[2])) for h, g in grids.items()}
     h = max(RECENCIES, key=lambda r: (gain[r][0], -r))
+    close = [r for r in RECENCIES if r > 0 and chosen[r] and gain[r][0] >= gain[h][0] - gain[h][1]]
+    if RECENCY_TIE and close:  # as good within one SE, and more responsive to new likes
+        h = min(close)
     model.params["gamma"] = np.array([chosen[h]], np.float32)
     model.config.item_item_recency = float(h) if chosen[h] else 0.0
     return {"gamma": report(grids[h], chosen[h], z, cuts, calibration=round(scale[h], 6),
