@@ -52,9 +52,10 @@ GAMMA_STEPS = (0.125, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0, 16.0, 32.0)
 #: half-lives (in positives, most recent first) of the item-item term's history weights
 #: tried with every ``gamma``; 0 weighs the whole history alike
 RECENCIES = (0.0, 50.0)
-#: whether a history half-life whose best gain is within one standard error of the
-#: largest one is preferred, the shortest first (new likes move the list more)
-RECENCY_TIE = False
+#: a history half-life whose best gain is within one standard error of the largest is
+#: preferred, the shortest first: as good on the cuts, and new likes move the list more
+#: (docs/model.md, "Can the kNN gain be kept without losing the online effect?")
+RECENCY_TIE = True
 #: user-kNN weights tried, in units of the calibration (0 is always tried)
 DELTA_STEPS = (0.125, 0.25, 0.5, 1.0, 2.0, 4.0)
 #: content prior weights tried (0 is always tried)
@@ -373,7 +374,8 @@ def choose_delta(model: Any, cuts: list, fitted: list, z: float) -> dict:
 
 def choose_gamma(model: Any, grids: dict, scale: dict, z: float, cuts: int) -> dict:
     """Set ``gamma`` and the history half-life ``item_item_recency``: the half-life whose
-    best clear gain (see :func:`best`) is largest, and that gain's weight. Records
+    best clear gain (see :func:`best`) is largest -- or, with :data:`RECENCY_TIE`, the
+    shortest one within one standard error of that gain -- and its best weight. Records
     ``gamma`` as :func:`report` does (the chosen half-life's grid) and ``recency``: each
     half-life's best gain over weight 0."""
     chosen = {h: best(g, z) for h, g in grids.items()}
