@@ -22,7 +22,7 @@ item-item history half-life forced to ``h``, ``gamma`` and ``delta`` re-chosen o
 ``knnscale<f>`` (``delta`` tried only at ``f`` times its calibration); see
 ``bench_personal_terms.variant``.
 
-Run (from the repository root; ~3-5 min per variant on 2 cores)::
+Run (from the repository root; ~45 s per variant on 2 cores, 139 s for three)::
 
     nice python benchmarks/bench_online_terms.py --variants plain knnrecent10 iirecent50
 """

@@ -35,7 +35,7 @@ Run (from the repository root; 1.5-4 min on 2 cores)::
     nice python benchmarks/bench_personal_terms.py --only attr uknn --cuts 2
     nice python benchmarks/bench_personal_terms.py --user-knn 0     # on the store before the user-kNN term
     nice python benchmarks/bench_personal_terms.py --only uknn --before   # the term as refresh chooses it
-    nice python benchmarks/bench_personal_terms.py --only --variants knnrecent10 iirecent50  # refit variants
+    nice python benchmarks/bench_personal_terms.py --only --variants plain knnrecent30 iirecent50 --ref plain
 """
 import argparse
 import sys
@@ -216,9 +216,10 @@ def variant(name: str) -> tuple[dict, dict]:
     half-life forced to ``h``), ``iitie`` (the shortest half-life whose gain is within one
 SE of the best, ``selection.RECENCY_TIE``), ``knnscale<f>`` (``delta`` tried only at ``f`` times its
     calibration); the weights are chosen by the fit as refresh does."""
-    for prefix, make in (("knnrecent", lambda v: ({"user_knn_recency": v}, {})),
+    plain = {"RECENCY_TIE": False}  # the variants are changes of the plain user-kNN store
+    for prefix, make in (("knnrecent", lambda v: ({"user_knn_recency": v}, plain)),
                          ("iirecent", lambda v: ({}, {"RECENCIES": (v,)})),
-                         ("knnscale", lambda v: ({}, {"DELTA_STEPS": (v,)}))):
+                         ("knnscale", lambda v: ({}, {**plain, "DELTA_STEPS": (v,)}))):
         if name.startswith(prefix):
             return make(float(name[len(prefix):]))
     if name == "iitie":  # the shortest half-life within one SE of the best (selection.RECENCY_TIE)
@@ -263,6 +264,8 @@ def main(argv=None) -> None:
                     help="the base model's user-kNN neighbours (0: the store before that term; default: as configured)")
     ap.add_argument("--before", action="store_true",
                     help="also a row of the model without the user-kNN term (user_knn 0), paired with the base")
+    ap.add_argument("--ref", default=None,
+                    help="pair the gains with this variant's row instead of the base")
     ap.add_argument("--variants", nargs="*", default=[],
                     help="rows of the model refit with a variant of its personal terms, paired with the base "
                          "(knnrecent<h>, iirecent<h>, knnscale<f>: see variant())")
@@ -313,10 +316,10 @@ def main(argv=None) -> None:
               f"delta {stats.get('delta')}, "
               f"fit {t1 - t0:.0f}s, terms {time.time() - t1:.0f}s", flush=True)
     ret = np.concatenate(ret_mask)
-    b = np.concatenate(res["base"])
+    b = np.concatenate(res[f"variant {args.ref}"] if args.ref else res["base"])
     e = np.concatenate(res["EASE"])
     print(f"\n{len(ret_mask)} cuts, {ret.size} user-periods ({ret.sum()} returning). NDCG@10 pooled; "
-          f"gain = paired difference to the base (refresh's model) ± SE; ratio to EASE")
+          f"gain = paired difference to {args.ref or 'the base'} ± SE; ratio to EASE")
     print(f"{'row':22s} {'returning':>9s} {'gain ± SE':>18s} {'xEASE':>6s}   {'overall':>8s} {'gain ± SE':>18s} {'xEASE':>6s}")
     for k, v in res.items():
         x = np.concatenate(v)
