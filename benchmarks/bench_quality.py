@@ -486,7 +486,7 @@ def fit_dynstore(split: Split, cat: Catalogue, params: dict | None = None,
                             data.label[tr], UK=data.UK)
         st = model.fit(part, init_residuals=model.residuals,
                        holdout=(data.user[~tr], data.item[~tr], data.label[~tr]))
-        chosen = {k: model.params[k] for k in ("gamma", "beta") if k in model.params}
+        chosen = {k: model.params[k] for k in ("gamma", "beta", "delta") if k in model.params}
         theta_new = model.theta_new
         model = start()
         model.fit(data, epochs=st["best_epoch"], init_residuals=model.residuals)
@@ -494,6 +494,7 @@ def fit_dynstore(split: Split, cat: Catalogue, params: dict | None = None,
         model.theta_new = theta_new  # the new users' bias, chosen there too
         if stats is not None:
             stats.update(best_epoch=st["best_epoch"], gamma=st.get("gamma", {}).get("chosen"),
+                         delta=st.get("selection", {}).get("user_knn", {}).get("chosen"),
                          seconds=round(st["seconds"], 1))
     score = model.scorer(data, model.residuals)
     return lambda users: score(np.asarray(users))

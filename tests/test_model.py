@@ -386,7 +386,7 @@ def test_early_stopping_keeps_the_best_epoch(problem):
     tr, (hu, hi, hl) = problem["train"], problem["hold"]
     # a learning rate far too high for the last epochs to keep improving
     m = FusionModel(D, tr.A.shape[1], tr.UA.shape[1],
-                    ModelConfig(epochs=12, seed=0, item_item=False, **dict(SMALL, lr=0.2)))
+                    ModelConfig(epochs=12, seed=0, item_item=False, user_knn=0, **dict(SMALL, lr=0.2)))
     stats = m.fit(tr, holdout=(hu, hi, hl), patience=2)
     # [the start, after the behaviour weights alone, epoch 1, 2, ...]
     curve = stats["epoch_ndcg@10"]

@@ -177,11 +177,27 @@ def test_refresh_reports_each_choice_with_gain_error_and_users(encoded):
 
     out = encoded.refresh(since="all", epochs=1)
     sel = out.training["selection"]
-    assert set(sel) == {"gamma", "recency", "prior", "new_users", "start"}
+    assert set(sel) == {"gamma", "recency", "prior", "user_knn", "new_users", "start"}
     for c in sel.values():
         assert {"chosen", "gain", "se", "users", "cuts"} <= set(c)
     assert sel["gamma"]["cuts"] == 5 and sel["gamma"]["users"] > 0
     assert sel["new_users"]["judged_on"].startswith("new users") and sel["new_users"]["cuts"] > 5
+    assert sel["user_knn"]["judged_on"] == "returning users" and sel["user_knn"]["users"] > 0
     row = next(r for r in encoded.versions() if r["version"] == out.version)
     assert row["metrics"]["train"]["selection"]["prior"]["judged_on"] == "cold items"
     assert choices(row).startswith("gamma ")
+
+
+def test_the_shortest_history_half_life_within_one_error_of_the_best_is_chosen():
+    from dynstore.model import selection
+
+    def chosen(gain_50: float) -> float:
+        m = FusionModel(d=4, fa=2, fu=0)
+        grids = {0.0: {0.5: (0.0133, 0.0018, 900)}, 50.0: {1.0: (gain_50, 0.0018, 900)}}
+        out = selection.choose_gamma(m, grids, {0.0: 1.0, 50.0: 1.0}, 1.64, 5)
+        assert out["recency"]["chosen"] == m.config.item_item_recency
+        return m.config.item_item_recency
+
+    assert chosen(0.0130) == 50.0  # as good within one SE: the list follows new likes
+    assert chosen(0.0110) == 0.0   # worse by more than one SE: the whole history
+    assert chosen(0.0150) == 50.0  # better: chosen either way

@@ -57,6 +57,7 @@ def trained(tmp_path_factory, shop_files, shop_frames):
     assert model.item_item is not None and model.prior is not None and model.segments
     model.params["gamma"] = np.array([0.7], np.float32)
     model.params["beta"] = np.array([0.4], np.float32)
+    model.params["delta"] = np.array([0.6], np.float32)
     version = build_version(cat, model, lv.item_spec, lv.user_spec, parent=lv.version, status="candidate",
                             items=window.items, residuals=model.residuals)
     served = load_version(cat, version).model
@@ -109,7 +110,11 @@ def test_training_and_serving_scores_agree_on_every_term(trained):
     seg_s = state.segment_bias(ids)[:, cols]
     hist = state.histories(state.user_rows(ids)[0])
     ii_s = model.item_item_bias(hist[0], hist[1], hist[2], len(state.ids))[:, cols]
-    assert np.abs(seg_s).max() > 0 and np.abs(ii_s).max() > 0  # every term is there
+    # the user-kNN term: neighbours from the serving state's positives (the window's, in
+    # evaluation: the same users in another order)
+    knn_s = model.user_knn_bias(hist[0], hist[1], hist[2], len(state.ids), state.knn_pool(),
+                                state.user_rows(ids)[0])[:, cols]
+    assert np.abs(seg_s).max() > 0 and np.abs(ii_s).max() > 0 and np.abs(knn_s).max() > 0  # every term is there
 
     # training time (torch): user, item and segment terms of the probes' bags
     residuals = window.residuals_of(load_version(cat, version))
@@ -133,8 +138,8 @@ def test_training_and_serving_scores_agree_on_every_term(trained):
     assert np.abs(prior).max() > 0
     np.testing.assert_allclose(b_t + prior, state.bias[cols], **TOL)
     np.testing.assert_allclose(seg_t, seg_s, **TOL)
-    np.testing.assert_allclose(B_s[:, cols], state.bias[cols] + seg_s + ii_s, **TOL)
-    L_t = X_t @ w_t.T + b_t + prior + seg_t + ii_s
+    np.testing.assert_allclose(B_s[:, cols], state.bias[cols] + seg_s + ii_s + knn_s, **TOL)
+    L_t = X_t @ w_t.T + b_t + prior + seg_t + ii_s + knn_s
     np.testing.assert_allclose(L_t, L_s, **TOL)
 
     # evaluation: the same equation over the window's events
@@ -168,3 +173,73 @@ def test_the_new_users_bias_goes_through_the_same_equation(trained):
     assert silent.sum() == 1
     np.testing.assert_allclose(L_s[~silent], L_0[~silent], **TOL)  # returning users: as before
     assert not np.allclose(L_s[silent], L_0[silent], **TOL)  # the new user: the long column
+
+
+def test_user_knn_weight_is_kept_in_the_version_and_old_states_load_without_it(trained):
+    store, version, *_ = trained
+    served = load_version(store.catalog, version).model
+    assert float(served.params["delta"][0]) == pytest.approx(0.6)
+    tensors, meta = served.state()
+    tensors.pop("delta")  # a version written before the term
+    old = FusionModel.from_state(tensors, meta)
+    assert float(old.params["delta"][0]) == 0.0
+    hist = (np.array([0, 2]), np.array([0, 1]), np.array([1, 1], np.int8), np.zeros(2, np.int64))
+    assert old.user_knn_bias(*hist[:3], 5, lambda: pytest.fail("no pool needed at weight 0")) == 0.0
+
+
+def test_user_knn_scores_follow_similar_users_and_a_new_like():
+    from dynstore.model.userknn import Pool, user_knn_scores
+
+    # users 0-2 like items 0 and 1, user 0 also 2; users 3-4 like items 3 and 4, user 3 also 5
+    user = np.array([0, 0, 0, 1, 1, 2, 2, 3, 3, 3, 4, 4])
+    item = np.array([0, 1, 2, 0, 1, 0, 1, 3, 4, 5, 3, 4])
+    pool = Pool.of_events(user, item, np.ones(user.size, np.int8), 5, 6)
+    # user 1 (row 1 of the pool, left out of their own neighbours): item 2 from user 0, none of 3-5
+    s = user_knn_scores(pool, np.array([0, 2]), np.array([0, 1]), k=2, self_rows=np.array([1]))[0]
+    assert s[2] > 0 and np.all(s[3:] == 0)
+    # a new like of item 3 brings in the other group's item 5
+    s2 = user_knn_scores(pool, np.array([0, 3]), np.array([0, 1, 3]), k=4, self_rows=np.array([1]))[0]
+    assert s2[5] > 0
+    # a user with no positives scores 0 everywhere
+    assert not user_knn_scores(pool, np.array([0, 0]), np.zeros(0, np.int64), k=2).any()
+
+
+def test_user_knn_recency_is_served_as_evaluated_and_kept_in_the_version(trained):
+    """The query-side recency of the user-kNN term (``user_knn_recency``) goes through the
+    one equation: serving and evaluation agree with it on, and it moves the term."""
+    store, version, window, data, users = trained
+    state = serving_state(store.catalog, version)
+    model = state.model
+    ids = [window.user_ids[u] for u in sorted(users)]
+    cols = np.array([state.row[i] for i in window.ids], np.int64)
+    rows = state.user_rows(ids)[0]
+    hist = state.histories(rows)
+    n = len(state.ids)
+    plain = model.user_knn_bias(hist[0], hist[1], hist[2], n, state.knn_pool(), rows, hist[3])
+    model.config.user_knn_recency = 1.0
+    try:
+        recent = model.user_knn_bias(hist[0], hist[1], hist[2], n, state.knn_pool(), rows, hist[3])
+        assert not np.allclose(recent, plain)  # the newest positives pick other neighbours
+        L_s = user_logits(state, ids)[:, cols]
+        residuals = window.residuals_of(load_version(store.catalog, version))
+        np.testing.assert_allclose(scorer(model, data, residuals)(np.array(sorted(users))), L_s, **TOL)
+        tensors, meta = model.state()
+        assert FusionModel.from_state(tensors, meta).config.user_knn_recency == 1.0
+        old = dict(meta, config={k: v for k, v in meta["config"].items() if k != "user_knn_recency"})
+        assert FusionModel.from_state(tensors, old).config.user_knn_recency == 0.0  # versions before it
+    finally:
+        model.config.user_knn_recency = 0.0
+
+
+def test_user_knn_query_weights_follow_the_newest_like():
+    from dynstore.model.userknn import Pool, user_knn_scores
+
+    user = np.array([0, 0, 0, 1, 1, 1])  # user 0: items 0, 1, 2; user 1: items 3, 4, 5
+    item = np.array([0, 1, 2, 3, 4, 5])
+    pool = Pool.of_events(user, item, np.ones(user.size, np.int8), 2, 6)
+    ptr, hist = np.array([0, 3]), np.array([0, 1, 3])  # likes 0, 1, then 3 (listed newest last)
+    same = user_knn_scores(pool, ptr, hist, k=1)
+    np.testing.assert_array_equal(same, user_knn_scores(pool, ptr, hist, k=1, weight=np.ones(3)))
+    assert same[0, 2] > 0 and same[0, 5] == 0  # unweighted: user 0 (two shared items) is the neighbour
+    recent = user_knn_scores(pool, ptr, hist, k=1, weight=np.array([0.1, 0.1, 1.0]))
+    assert recent[0, 5] > 0 and recent[0, 2] == 0  # the newest like weighs most: user 1

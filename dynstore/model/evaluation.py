@@ -15,6 +15,7 @@ import numpy as np
 from dynstore.model.histories import build_histories
 from dynstore.model.metrics import ndcg_per_user, recall_at_k, top_k, user_auc
 from dynstore.model.score import logits, score_terms
+from dynstore.model.userknn import Pool
 from dynstore.model.spec import TrainingData
 
 __all__ = ["evaluate", "scorer"]
@@ -48,12 +49,19 @@ def scorer(model: Any, data: TrainingData,
         table = model.segment_table(act, np.arange(n), now)
 
     order = np.argsort(np.asarray(data.user, dtype=np.int64), kind="stable")  # once for every batch
+    pools: list = []
+
+    def pool() -> Pool:  # the user-kNN term's neighbours: every user's positives in data (once)
+        if not pools:
+            pools.append(Pool.of_events(data.user, data.item, data.label, data.UA.shape[0], n))
+        return pools[0]
 
     def score(users: np.ndarray) -> np.ndarray:
         ptr, it, lab, ts = build_histories(users, data.user, data.item, data.label, data.ts, order)
         # the score equation as serving computes it (dynstore.model.score)
         X, B = score_terms(model, Wf, bias, data.UA[users], (ptr, it, lab, ts),
-                           model.segment_bias(table, data.UK[users]), bias_new)
+                           model.segment_bias(table, data.UK[users]), bias_new,
+                           pool=pool, self_rows=np.asarray(users, np.int64))
         return logits(X, Wf, B)
 
     return score

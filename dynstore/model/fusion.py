@@ -76,6 +76,7 @@ from dynstore.model.histories import add_into, build_histories, entry_rows, hist
 from dynstore.model.itemitem import ItemItem
 from dynstore.model.spec import ModelConfig, TrainingData
 from dynstore.model.prior import ContentPrior
+from dynstore.model.userknn import user_knn_scores
 
 #: rows of :meth:`FusionModel.item_side` computed at once (a divisor of the 65,536-row
 #: batches a version is written in, so its rows and a recomputed item side agree)
@@ -101,7 +102,7 @@ class FusionModel:
     --------
     >>> m = FusionModel(d=4, fa=2, fu=0)
     >>> sorted(m.state()[0])
-    ['M', 'U', 'W', 'alpha', 'b0', 'ba', 'beta', 'bv', 'g_imp', 'g_neg', 'g_pos', 'g_short', 'gamma', 'theta', 'u0']
+    ['M', 'U', 'W', 'alpha', 'b0', 'ba', 'beta', 'bv', 'delta', 'g_imp', 'g_neg', 'g_pos', 'g_short', 'gamma', 'theta', 'u0']
     """
 
     def __init__(self, d: int, fa: int, fu: int, config: ModelConfig | None = None,
@@ -135,6 +136,8 @@ class FusionModel:
         }
         if self.config.item_item:
             self.params["gamma"] = np.zeros(1, np.float32)
+        if self.config.user_knn > 0:  # the user-kNN term's weight (dynstore.model.userknn)
+            self.params["delta"] = np.zeros(1, np.float32)
         #: the closed-form item-item component (set by :meth:`fit`), or None
         self.item_item: ItemItem | None = None
         if self.config.content_prior and self.dynamic is not None:
@@ -387,6 +390,32 @@ class FusionModel:
             weight = np.power(0.5, rank / h).astype(np.float32)
         return gamma * self.item_item.scores(ptr, items, n_items, weight)
 
+    def user_knn_bias(self, hist_ptr, hist_item, hist_label, n_items: int, pool: Any = None,
+                      self_rows: np.ndarray | None = None, hist_ts=None) -> np.ndarray | float:
+        """``delta`` times the users' standardised user-kNN scores (:mod:`dynstore.model.userknn`)
+        from their positives, neighbours drawn from ``pool`` (a :class:`Pool`, or a callable
+        giving one: built only when the term is on); 0.0 without the term or a pool. With
+        the config's ``user_knn_recency`` ``h`` > 0 (and ``hist_ts``) a positive weighs
+        ``0.5 ** (rank / h)`` in finding the neighbours, rank 0 the most recent."""
+        delta = float(self.params.get("delta", np.zeros(1))[0])
+        if delta == 0.0 or pool is None:
+            return 0.0
+        pool = pool() if callable(pool) else pool
+        h = float(getattr(self.config, "user_knn_recency", 0.0) or 0.0)
+        if h > 0 and hist_ts is not None:
+            user_of, items, labels = most_recent_first(hist_ptr, hist_item, hist_label, hist_ts)
+        else:
+            user_of, items, labels = entry_rows(hist_ptr), np.asarray(hist_item), np.asarray(hist_label)
+        keep = labels == 1
+        user_of, items = user_of[keep], np.asarray(items, np.int64)[keep]
+        ptr = np.concatenate([[0], np.cumsum(np.bincount(user_of, minlength=len(hist_ptr) - 1))])
+        weight = np.power(0.5, (np.arange(user_of.size) - ptr[user_of]) / h).astype(np.float32) \
+            if h > 0 and hist_ts is not None else None
+        S = user_knn_scores(pool, ptr, items, self.config.user_knn, self_rows, weight)
+        if S.shape[1] < n_items:  # items the pool does not know yet
+            S = np.pad(S, ((0, 0), (0, n_items - S.shape[1])))
+        return delta * S[:, :n_items]
+
     @staticmethod
     def segment_bias(table: np.ndarray | None, keys: np.ndarray) -> np.ndarray | float:
         """Per-user sum of ``table`` rows over the users' keys ``[m, columns]`` -> ``[m, n]``."""
@@ -549,7 +578,7 @@ class FusionModel:
         m.theta_new = cls.theta_new_of(tensors, m.dynamic)
         for k, v in m.params.items():
             if k not in tensors:
-                if k in ("M", "g_short", "gamma", "beta"):  # optional: earlier states had no such term
+                if k in ("M", "g_short", "gamma", "beta", "delta"):  # optional: earlier states had no such term
                     m.params[k] = np.zeros_like(v)
                     continue
                 raise ValueError(f"model state lacks tensor {k!r}")

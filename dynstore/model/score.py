@@ -2,7 +2,7 @@
 
 ::
 
-    logit(u, i) = x_u . w_i + b_i(t) + s_{u,i}(t) + gamma * ii_{u,i}
+    logit(u, i) = x_u . w_i + b_i(t) + s_{u,i}(t) + gamma * ii_{u,i} + delta * knn_{u,i}
 
 * ``x_u`` -- the user vector from attributes and latest history
   (:meth:`~dynstore.model.fusion.FusionModel.user_vectors`),
@@ -14,13 +14,15 @@
 * ``s_{u,i}(t)`` -- what the user's segments picked lately
   (:meth:`~dynstore.model.fusion.FusionModel.segment_bias`),
 * ``gamma * ii_{u,i}`` -- the item-item term from the user's positives
-  (:meth:`~dynstore.model.fusion.FusionModel.item_item_bias`).
+  (:meth:`~dynstore.model.fusion.FusionModel.item_item_bias`),
+* ``delta * knn_{u,i}`` -- the user-kNN term: what the most similar users of a pool
+  picked (:meth:`~dynstore.model.fusion.FusionModel.user_knn_bias`).
 
 :func:`score_terms` is what serving (recommend, ``score``, score-all,
 ``recommend_from_examples``: :func:`dynstore.serving.recommend.score_terms`) and
 evaluation (:func:`dynstore.model.evaluation.scorer`) compute; each supplies the item
-side and the segment term from what it holds (a version's rows and the live counts, or
-a training window's events). The trainer computes the terms it learns in torch
+side, the segment term and the user-kNN pool from what it holds (a version's rows, the
+live counts and positives, or a training window's events). The trainer computes the terms it learns in torch
 (:class:`dynstore.model.training.Trainer`); ``tests/test_score.py`` checks that a trained
 store's training-time and serving-time terms agree.
 """
@@ -64,7 +66,8 @@ def user_bias(bias: np.ndarray, bias_new: np.ndarray | None, hist: tuple) -> np.
 
 
 def score_terms(model: Any, Wf: np.ndarray, bias: np.ndarray, UA_rows: np.ndarray | None, hist: tuple,
-                segment: np.ndarray | float, bias_new: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+                segment: np.ndarray | float, bias_new: np.ndarray | None = None, pool: Any = None,
+                self_rows: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
     """``(X [m, d], B)`` of ``model`` (a :class:`~dynstore.model.fusion.FusionModel`) for ``m``
     users: their vectors and everything else their logit adds per item -- ``bias`` (the item
     biases as of now, static + dynamic) plus the users' ``segment`` term and their item-item
@@ -73,9 +76,15 @@ def score_terms(model: Any, Wf: np.ndarray, bias: np.ndarray, UA_rows: np.ndarra
     ``hist`` is the users' CSR histories ``(ptr, item, label, ts)`` (rows of ``Wf``);
     ``UA_rows`` their attribute rows (None: none); ``bias_new`` the biases new users get
     instead of ``bias`` (static + ``theta_new`` on the dynamic features; None: the model
-    has no ``theta_new``). The logit of item ``i`` is ``X @ Wf[i] + B[..., i]`` (:func:`logits`)."""
+    has no ``theta_new``); ``pool`` the user-kNN term's neighbour pool (a
+    :class:`~dynstore.model.userknn.Pool` or a callable giving one; None: no such term) and
+    ``self_rows`` the users' own rows in it (-1: none). The logit of item ``i`` is ``X @ Wf[i] + B[..., i]`` (:func:`logits`)."""
     X = np.asarray(model.user_vectors(UA_rows, hist[0], hist[1], hist[2], hist[3], Wf), np.float32)
     ii = model.item_item_bias(hist[0], hist[1], hist[2], Wf.shape[0], hist[3])
+    if pool is not None:
+        knn = model.user_knn_bias(hist[0], hist[1], hist[2], Wf.shape[0], pool, self_rows, hist[3])
+        if isinstance(knn, np.ndarray):
+            ii = ii + knn
     bias = user_bias(bias, bias_new, hist)
     extra = segment + ii if isinstance(ii, np.ndarray) or isinstance(segment, np.ndarray) else segment
     if isinstance(extra, np.ndarray):

@@ -48,9 +48,10 @@ from dynstore.model.metrics import ndcg_per_user, top_k
 from dynstore.model.spec import TrainingData
 from dynstore.model.prior import PRIOR_HALF_LIFE, ContentPrior, decayed_positives
 from dynstore.model.score import new_users
+from dynstore.model.userknn import Pool
 
-__all__ = ["Cut", "forward_cuts", "fit_closed_form", "choose_terms", "GAMMA_STEPS", "RECENCIES", "BETAS", "pooled",
-           "new_user_candidates", "KEEP"]
+__all__ = ["Cut", "forward_cuts", "fit_closed_form", "choose_terms", "GAMMA_STEPS", "DELTA_STEPS", "RECENCIES", "BETAS",
+           "pooled", "new_user_candidates", "KEEP"]
 
 #: earlier cuts, as quantiles of the training events' times
 CUT_FRACTIONS = (0.6, 0.7, 0.8, 0.9)
@@ -59,6 +60,12 @@ GAMMA_STEPS = (0.125, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0, 16.0, 32.0)
 #: half-lives (in positives, most recent first) of the item-item term's history weights
 #: tried with every ``gamma``; 0 weighs the whole history alike
 RECENCIES = (0.0, 50.0)
+#: a history half-life whose best gain is within one standard error of the largest is
+#: preferred, the shortest first: as good on the cuts, and new likes move the list more
+#: (docs/model.md, "Can the kNN gain be kept without losing the online effect?")
+RECENCY_TIE = True
+#: user-kNN weights tried, in units of the calibration (0 is always tried)
+DELTA_STEPS = (0.125, 0.25, 0.5, 1.0, 2.0, 4.0)
 #: content prior weights tried (0 is always tried)
 BETAS = (0.25, 0.5, 1.0, 2.0)
 #: the new users' bias left as everyone's (no ``theta_new``)
@@ -181,7 +188,8 @@ def parts(model: Any, cut: Cut, new_thetas: dict | None = None) -> Parts:
     order = np.argsort(hu, kind="stable")
     hu, hi = hu[order], hi[order]
     lo, up = np.searchsorted(hu, users, "left"), np.searchsorted(hu, users, "right")
-    with weights(model, **{k: 0.0 for k in ("gamma", "beta") if k in model.params}):
+    # every closed-form term off: gamma and beta are judged on the rest, delta after them
+    with weights(model, **{k: 0.0 for k in ("gamma", "beta", "delta") if k in model.params}):
         base = model.score(train, users) if users.size else np.zeros((0, n), np.float32)
     ii: dict = {}
     if model.item_item is not None and "gamma" in model.params:
@@ -348,9 +356,11 @@ def choose_terms(model: Any, data: TrainingData, holdout: tuple, z: float) -> di
     judge_cut(last, gammas, betas, guard, news)
     newest = {k: pooled(list(d)) for k, d in news.diffs.items()}  # the fit's own cut alone
     del last
+    fitted = []  # each earlier cut's closed-form terms, for the user-kNN pass
     for cut in cuts[:-1]:
         with closed_form_of(model, cut.train):
             judge_cut(parts(model, cut, thetas), gammas, betas, guard, news)
+            fitted.append((model.prior, model.prior_item, model.item_item))
     out = {}
     if "gamma" in model.params and model.item_item is not None:
         out.update(choose_gamma(model, {h: g.pooled() for h, g in gammas.items()}, scale, z, len(cuts)))
@@ -364,6 +374,8 @@ def choose_terms(model: Any, data: TrainingData, holdout: tuple, z: float) -> di
         g = g_all.get(chosen, (0.0, 0.0, 0))
         out["prior"] = report(grid, chosen, z, len(cuts), judged_on="cold items",
                               all_items={"gain": _num(g[0]), "se": _num(g[1]), "users": g[2]})
+    if "delta" in model.params:
+        out["user_knn"] = choose_delta(model, cuts, fitted, z)
     if thetas:
         early = period_cuts(data, list(NEW_USER_FRACTIONS) + [CUT_FRACTIONS[0]])
         for cut in early:
@@ -372,14 +384,70 @@ def choose_terms(model: Any, data: TrainingData, holdout: tuple, z: float) -> di
     return out
 
 
+def knn_parts(model: Any, cut: Cut) -> tuple[np.ndarray, np.ndarray, list, list, np.ndarray]:
+    """``(base, knn, relevant, seen, returning)`` of a cut's returning users: the score with
+    every other term at its chosen weight and the user-kNN term at weight 1 (neighbours:
+    the cut's past)."""
+    train = cut.train
+    n = train.V.shape[0]
+    hu, hi = holdout_positives(*cut.holdout, None)
+    users = np.unique(hu)
+    users = users[np.isin(users, train.user[train.label == 1])]  # returning users only
+    if users.size > MAX_CUT_USERS:
+        users = np.sort(np.random.default_rng(model.config.seed).choice(users, MAX_CUT_USERS, replace=False))
+    order = np.argsort(hu, kind="stable")
+    hu, hi = hu[order], hi[order]
+    lo, up = np.searchsorted(hu, users, "left"), np.searchsorted(hu, users, "right")
+    with weights(model, delta=0.0):
+        base = model.score(train, users) if users.size else np.zeros((0, n), np.float32)
+    ptr, it, lab, ts = build_histories(users, train.user, train.item, train.label, train.ts)
+    pool = Pool.of_events(train.user, train.item, train.label, train.UA.shape[0], n)
+    with weights(model, delta=1.0):
+        knn = model.user_knn_bias(ptr, it, lab, n, pool, users, ts)
+    return base, np.asarray(knn, np.float32), [hi[a:b] for a, b in zip(lo, up)], \
+        seen_positives(positives_log(train), users), users
+
+
+def choose_delta(model: Any, cuts: list, fitted: list, z: float) -> dict:
+    """Set the user-kNN weight ``delta``, judged on returning users over the pooled cuts on
+    top of every other term at its chosen weight (each earlier cut with its own closed-form
+    terms, ``fitted``); its grid is ``DELTA_STEPS`` times the calibration ``gamma`` uses."""
+    grid, scale = None, 1.0
+    saved = (model.prior, model.prior_item, model.item_item)
+    try:
+        for cut, terms in [(cuts[-1], saved)] + list(zip(cuts[:-1], fitted)):
+            model.prior, model.prior_item, model.item_item = terms
+            base, knn, rel, seen, _ = knn_parts(model, cut)
+            if not base.shape[0]:
+                continue
+            if grid is None:  # the fit's own cut (first) calibrates
+                p = Parts(np.zeros(0), base, {0.0: knn}, 0.0, rel, seen, np.ones(base.shape[0], bool), np.zeros(0))
+                scale = calibration(p)
+                grid = Grid([round(scale * s, 6) for s in DELTA_STEPS])
+            zero = ndcg_per_user(top_k(base, 10, seen), rel, 10)
+            for v in grid.diffs:
+                grid.add(v, ndcg_per_user(top_k(base + np.float32(v) * knn, 10, seen), rel, 10) - zero)
+    finally:
+        model.prior, model.prior_item, model.item_item = saved
+    pooled_grid = grid.pooled() if grid is not None else {}
+    chosen = best(pooled_grid, z)
+    model.params["delta"] = np.array([chosen], np.float32)
+    return report(pooled_grid, chosen, z, len(cuts), calibration=round(scale, 6), neighbours=model.config.user_knn,
+                  judged_on="returning users")
+
+
 def choose_gamma(model: Any, grids: dict, scale: dict, z: float, cuts: int) -> dict:
     """Set ``gamma`` and the history half-life ``item_item_recency``: the half-life whose
-    best clear gain (see :func:`best`) is largest, and that gain's weight. Records
+    best clear gain (see :func:`best`) is largest -- or, with :data:`RECENCY_TIE`, the
+    shortest one within one standard error of that gain -- and its best weight. Records
     ``gamma`` as :func:`report` does (the chosen half-life's grid) and ``recency``: each
     half-life's best gain over weight 0."""
     chosen = {h: best(g, z) for h, g in grids.items()}
     gain = {h: (g[chosen[h]] if chosen[h] else (0.0, 0.0, next(iter(g.values()))[2])) for h, g in grids.items()}
     h = max(RECENCIES, key=lambda r: (gain[r][0], -r))
+    close = [r for r in RECENCIES if r > 0 and chosen[r] and gain[r][0] >= gain[h][0] - gain[h][1]]
+    if RECENCY_TIE and close:  # as good within one SE, and more responsive to new likes
+        h = min(close)
     model.params["gamma"] = np.array([chosen[h]], np.float32)
     model.config.item_item_recency = float(h) if chosen[h] else 0.0
     return {"gamma": report(grids[h], chosen[h], z, cuts, calibration=round(scale[h], 6),

@@ -73,6 +73,13 @@ class ModelConfig:
         Half-life, in positives (rank 0 = the most recent), of a history entry's weight in
         the item-item term: 0 weighs a user's whole history alike. Chosen by a fit among
         ``selection.RECENCIES`` with ``gamma`` on the pooled cuts (see docs/model.md).
+    user_knn : int
+        Neighbours of the user-kNN term (:mod:`dynstore.model.userknn`; 0: no such term); its
+        weight ``delta`` chosen on the pooled cuts of a fit, on top of the item-item term.
+    user_knn_recency : float
+        Half-life, in positives (rank 0 = the most recent), of a positive's weight on the
+        query side when the user-kNN term finds a user's neighbours; 0 weighs them alike.
+        Measured against the online effect, not chosen by refresh (docs/model.md).
     prior_k : float
         The content prior keeps ``k / (n + k)`` of its weight after ``n`` positives of
         the item. 0.1: one positive leaves 9 %; with 10 the prior reordered warm items
@@ -116,6 +123,8 @@ class ModelConfig:
     content_prior: bool = True
     prior_k: float = 0.1
     item_item_recency: float = 0.0
+    user_knn: int = 50
+    user_knn_recency: float = 0.0
     start_z: float = 1.64
     dynamics_epochs: int = 2
     first_phase: tuple = ("theta", "theta_seg", "b0")

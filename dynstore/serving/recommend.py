@@ -72,13 +72,14 @@ def user_vectors(state: ServingState, user_ids: Sequence[Any], histories=None) -
 
 def score_terms(state: ServingState, user_ids: Sequence[Any], hist=None) -> tuple[np.ndarray, np.ndarray]:
     """``(X [m, d], B)``: the users' vectors and everything else their score adds per item --
-    the bias as of now (static + dynamic), the segment and the item-item terms -- as
+    the bias as of now (static + dynamic), the segment, item-item and user-kNN terms -- as
     ``B [m, n_items]``, or ``[n_items]`` when no term depends on the user: the score
     equation (:func:`dynstore.model.score.score_terms`) on what the serving state holds.
     The logit of item ``i`` is ``X @ Wf[i] + B[..., i]``."""
-    hist = hist if hist is not None else _histories(state, user_ids)
+    rows, _ = state.user_rows(user_ids)
+    hist = hist if hist is not None else state.histories(rows)
     return model_terms(state.model, state.Wf, state.bias, user_attributes(state, user_ids), hist,
-                       state.segment_bias(user_ids), state.bias_new)
+                       state.segment_bias(user_ids), state.bias_new, state.knn_pool, rows)
 
 
 def user_logits(state: ServingState, user_ids: Sequence[Any], rows: np.ndarray | None = None) -> np.ndarray:

@@ -33,6 +33,7 @@ import numpy as np
 
 from dynstore.storage.catalog import Catalog
 from dynstore.model.dynamics import KIND_LABELS, SEGMENT_SPEC, ItemActivity
+from dynstore.model.userknn import Pool
 from dynstore.data.rules import label_sql
 from dynstore.data.semantic import cached_vectors
 from dynstore.encoders.cache import cache_dataset, encoder_info
@@ -142,6 +143,7 @@ class ServingState:
     source: dict = field(default_factory=dict)   # what the state was built from (see _source)
     _seg_rows: dict = field(default_factory=dict)
     _hot: Any = None
+    _knn: Any = None        # the user-kNN pool over the base positives (built on first use; see knn_pool)
     # single-user int8 / float16 prefilter over Wf (see recommend._scan_matrix); shared by the states
     # advanced from this one, which keep Wf
     prefilter: dict = field(default_factory=dict)
@@ -235,6 +237,13 @@ class ServingState:
                 np.add.at(counts, item[start:][sel], sign[start:][sel, None] * contrib)
         c.seg_cache[k] = (c.now, len(c.delta[0]) if c.delta else 0, counts)
         return counts
+
+    def knn_pool(self) -> Pool:
+        """The user-kNN term's neighbours: the base users' positives (rows of the histories),
+        indexed once per base and shared by the states advanced from it."""
+        if self._knn is None:
+            self._knn = Pool.build(self.pos_ptr, self.pos_item, self.Wf.shape[0])
+        return self._knn
 
     @property
     def hot(self) -> np.ndarray | None:

@@ -55,7 +55,7 @@ __all__ = ["refresh", "RefreshOptions"]
 TOLERANCE = 0.01   # relative NDCG@10 drop still promoted
 MIN_EVAL_USERS = 30  # users with a positive needed to judge on the events current never saw
 #: weights chosen on the pooled cuts (:mod:`dynstore.model.selection`) that the refit keeps
-CHOSEN = ("gamma", "beta")
+CHOSEN = ("gamma", "beta", "delta")
 
 
 @dataclass(frozen=True)
@@ -466,7 +466,7 @@ def _same_new_users(model: FusionModel, start: dict) -> bool:
 
 
 def _weight(params: dict, name: str) -> float:
-    """A closed-form term's weight (``gamma``, ``beta``) in a parameter dict (0 without one)."""
+    """A closed-form term's weight (``gamma``, ``beta``, ``delta``) in a parameter dict (0 without one)."""
     return float(np.ravel(params.get(name, [0.0]))[0])
 
 
