@@ -201,3 +201,24 @@ def test_the_shortest_history_half_life_within_one_error_of_the_best_is_chosen()
     assert chosen(0.0130) == 50.0  # as good within one SE: the list follows new likes
     assert chosen(0.0110) == 0.0   # worse by more than one SE: the whole history
     assert chosen(0.0150) == 50.0  # better: chosen either way
+
+
+def test_user_knn_is_not_tried_above_its_user_bound():
+    """Above ``user_knn_max_users`` users with a positive, refresh leaves ``delta`` at 0 and
+    says why (the term's cost grows with users x users); at or below it, the term is judged."""
+    data = _drifting_data()
+    tr = data.ts < data.ts[1300]
+    from dynstore.model.selection import knn_users, sub
+
+    train = sub(data, tr)
+    holdout = (data.user[~tr], data.item[~tr], data.label[~tr])
+    n = knn_users(train)
+    capped = FusionModel.untrained(data.V, data.A, 0, None, ModelConfig(user_knn_max_users=n - 1),
+                                   dynamic=DynamicSpec())
+    capped.params["delta"][:] = 1.0  # a weight left from an earlier version is reset
+    out = choose_terms(capped, train, holdout, 1.64)["user_knn"]
+    assert out["chosen"] == 0.0 and float(capped.params["delta"][0]) == 0.0
+    assert out["skipped"].startswith(f"{n} users") and out["grid"] == {}
+    free = FusionModel.untrained(data.V, data.A, 0, None, ModelConfig(user_knn_max_users=n), dynamic=DynamicSpec())
+    judged = choose_terms(free, train, holdout, 1.64)["user_knn"]
+    assert "skipped" not in judged and judged["grid"] and judged["users"] > 0

@@ -375,7 +375,8 @@ def choose_terms(model: Any, data: TrainingData, holdout: tuple, z: float) -> di
         out["prior"] = report(grid, chosen, z, len(cuts), judged_on="cold items",
                               all_items={"gain": _num(g[0]), "se": _num(g[1]), "users": g[2]})
     if "delta" in model.params:
-        out["user_knn"] = choose_delta(model, cuts, fitted, z)
+        out["user_knn"] = choose_delta(model, cuts, fitted, z) if knn_affordable(model, data) else \
+            skip_delta(model, data, z, len(cuts))
     if thetas:
         early = period_cuts(data, list(NEW_USER_FRACTIONS) + [CUT_FRACTIONS[0]])
         for cut in early:
@@ -406,6 +407,25 @@ def knn_parts(model: Any, cut: Cut) -> tuple[np.ndarray, np.ndarray, list, list,
         knn = model.user_knn_bias(ptr, it, lab, n, pool, users, ts)
     return base, np.asarray(knn, np.float32), [hi[a:b] for a, b in zip(lo, up)], \
         seen_positives(positives_log(train), users), users
+
+
+def knn_users(data: TrainingData) -> int:
+    """Users with a positive in ``data``: the user-kNN term's pool."""
+    return int(np.unique(data.user[data.label == 1]).size)
+
+
+def knn_affordable(model: Any, data: TrainingData) -> bool:
+    """Whether refresh tries the user-kNN term: its pool has at most
+    ``config.user_knn_max_users`` users (its cost grows with users x users)."""
+    return knn_users(data) <= model.config.user_knn_max_users
+
+
+def skip_delta(model: Any, data: TrainingData, z: float, cuts: int) -> dict:
+    """``delta`` left at 0, not tried: the pool is above ``config.user_knn_max_users``."""
+    model.params["delta"] = np.zeros(1, np.float32)
+    return report({}, 0.0, z, cuts, neighbours=model.config.user_knn, judged_on="returning users",
+                  skipped=f"{knn_users(data)} users with a positive > user_knn_max_users "
+                          f"{model.config.user_knn_max_users}")
 
 
 def choose_delta(model: Any, cuts: list, fitted: list, z: float) -> dict:

@@ -80,6 +80,10 @@ class ModelConfig:
         Half-life, in positives (rank 0 = the most recent), of a positive's weight on the
         query side when the user-kNN term finds a user's neighbours; 0 weighs them alike.
         Measured against the online effect, not chosen by refresh (docs/model.md).
+    user_knn_max_users : int
+        Refresh tries the user-kNN term only while at most this many users have a
+        positive: its cost grows with users x users (``benchmarks/bench_userknn.py``); above
+        it ``delta`` stays 0 and serving pays nothing.
     prior_k : float
         The content prior keeps ``k / (n + k)`` of its weight after ``n`` positives of
         the item. 0.1: one positive leaves 9 %; with 10 the prior reordered warm items
@@ -125,6 +129,7 @@ class ModelConfig:
     item_item_recency: float = 0.0
     user_knn: int = 50
     user_knn_recency: float = 0.0
+    user_knn_max_users: int = 20_000
     start_z: float = 1.64
     dynamics_epochs: int = 2
     first_phase: tuple = ("theta", "theta_seg", "b0")
