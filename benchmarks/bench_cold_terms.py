@@ -21,7 +21,8 @@ standard deviation instead). Candidates, for cold item ``i`` and the user's trai
 Prints, per candidate and weight, NDCG@10 pooled over the cold-item user-periods
 (candidates: cold items only, as ``bench_quality``) and over all user-periods, each with
 the paired gain over the base ± SE. The weight is the best in hindsight: an upper bound
-on what a pooled selection in refresh could choose.
+on what a pooled selection in refresh could choose; the last block chooses it without
+hindsight (on the earlier cuts pooled, applied at the next: :func:`forward`).
 
 Run (from the repository root; data as for bench_quality)::
 
@@ -42,7 +43,7 @@ from dynstore.model.fusion import FusionModel  # noqa: E402
 from dynstore.model.histories import build_histories  # noqa: E402
 from dynstore.model.metrics import ndcg_per_user, top_k  # noqa: E402
 
-WEIGHTS = (0.25, 0.5, 1.0, 2.0, 4.0, 8.0)
+WEIGHTS = (0.25, 0.5, 1.0, 2.0, 4.0, 8.0, 16.0, 32.0)
 AGGS = ("sum", "max", "top3")
 SHIFTS = ("z", "le0")  # z: zero mean per user; le0: shifted so that its largest value is 0
 
@@ -169,6 +170,41 @@ def main(argv=None) -> None:
         so = do.std(ddof=1) / np.sqrt(do.size)
         print(f"{k:22s} {xc.mean():7.4f} {dc.mean():+8.4f} ±{sc:.4f}  {dc.mean() / max(sc, 1e-12):5.2f}   "
               f"{xo.mean():7.4f} {do.mean():+8.4f} ±{so:.4f}")
+    forward(res)
+
+
+def forward(res: dict) -> None:
+    """Per candidate family, the weight chosen on the earlier cuts pooled (largest cold-item
+    gain whose overall gain is not below -1 SE; 0 when none is positive), applied at the
+    next cut: cuts 2..N pooled, paired with the base -- what a pooled selection in refresh
+    would have served, without hindsight."""
+    n_cuts = len(res["base"])
+    if n_cuts < 2:
+        return
+    fams = sorted({k.rsplit(" w", 1)[0] for k in res if k != "base"})
+    print(f"\nforward-chained choice (weight chosen on cuts < k, applied at cut k; cuts 2..{n_cuts} pooled)")
+    for fam in fams:
+        rows = {float(k.rsplit(" w", 1)[1]): v for k, v in res.items() if k.startswith(fam + " w")}
+        got_c, got_o, base_c, base_o, picks = [], [], [], [], []
+        for k in range(1, n_cuts):
+            bc = np.concatenate([res["base"][j][0] for j in range(k)])
+            bo = np.concatenate([res["base"][j][1] for j in range(k)])
+            best, best_gain = None, 0.0
+            for w, v in rows.items():
+                dc = np.concatenate([v[j][0] for j in range(k)]) - bc
+                do = np.concatenate([v[j][1] for j in range(k)]) - bo
+                if do.mean() < -do.std(ddof=1) / np.sqrt(do.size) or dc.mean() <= best_gain:
+                    continue
+                best, best_gain = w, dc.mean()
+            picks.append(best or 0)
+            pick = res["base"][k] if best is None else rows[best][k]
+            got_c.append(pick[0]); got_o.append(pick[1])
+            base_c.append(res["base"][k][0]); base_o.append(res["base"][k][1])
+        dc = np.concatenate(got_c) - np.concatenate(base_c)
+        do = np.concatenate(got_o) - np.concatenate(base_o)
+        sc, so = dc.std(ddof=1) / np.sqrt(dc.size), do.std(ddof=1) / np.sqrt(do.size)
+        print(f"{fam:18s} picks {picks}: cold {np.concatenate(got_c).mean():.4f} {dc.mean():+.4f} ±{sc:.4f} "
+              f"({dc.size}), overall {do.mean():+.4f} ±{so:.4f} ({do.size})")
 
 
 if __name__ == "__main__":

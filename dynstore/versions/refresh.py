@@ -55,7 +55,7 @@ __all__ = ["refresh", "RefreshOptions"]
 TOLERANCE = 0.01   # relative NDCG@10 drop still promoted
 MIN_EVAL_USERS = 30  # users with a positive needed to judge on the events current never saw
 #: weights chosen on the pooled cuts (:mod:`dynstore.model.selection`) that the refit keeps
-CHOSEN = ("gamma", "beta", "delta")
+CHOSEN = ("gamma", "beta", "delta", "eta")
 
 
 @dataclass(frozen=True)
