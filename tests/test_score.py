@@ -281,3 +281,33 @@ def test_user_knn_query_weights_follow_the_newest_like():
     assert same[0, 2] > 0 and same[0, 5] == 0  # unweighted: user 0 (two shared items) is the neighbour
     recent = user_knn_scores(pool, ptr, hist, k=1, weight=np.array([0.1, 0.1, 1.0]))
     assert recent[0, 5] > 0 and recent[0, 2] == 0  # the newest like weighs most: user 1
+
+
+def test_the_text_neighbour_weight_is_judged_as_the_plain_equation_would():
+    """Refresh's shortcut for ``eta`` (cold columns only; on all items only the users whose
+    list holds a cold item) gives the per-user differences of the full score, every arm."""
+    from dynstore.model import selection as sel
+
+    rng = np.random.default_rng(0)
+    m, n = 60, 80
+    cold = rng.random(n) < 0.3
+    base = rng.normal(size=(m, n)).astype(np.float32)
+    base[:, cold] -= 1.0
+    prior = np.where(cold, rng.normal(size=n), 0).astype(np.float32)
+    cn = np.zeros((m, n), np.float32)
+    cn[:, cold] = -np.abs(rng.normal(size=(m, cold.sum())))
+    rel = [rng.choice(n, rng.integers(0, 4), replace=False) for _ in range(m)]
+    seen = [rng.choice(n, 3, replace=False) for _ in range(m)]
+    p = sel.Parts(np.arange(m), base, {}, prior, rel, seen, np.ones(m, bool), cold, {}, cn)
+    etas = sel.Etas(p)
+    etas.judge(p)
+    every = np.ones(m, bool)
+    moved = 0
+    for b in etas.scale:
+        for v in etas.cold[b].diffs:
+            full_cold = sel.ndcg(p, 0, b, every, True, eta=v) - sel.ndcg(p, 0, b, every, True)
+            full_all = sel.ndcg(p, 0, b, every, eta=v) - sel.ndcg(p, 0, b, every)
+            np.testing.assert_allclose(etas.cold[b].diffs[v][0], full_cold)
+            np.testing.assert_allclose(etas.every[b].diffs[v][0], full_all)
+            moved += int(np.abs(full_cold).sum() > 0)
+    assert moved > 0

@@ -351,12 +351,35 @@ class Etas:
         self.cold = {b: Grid([round(sc * s, 6) for s in ETA_STEPS]) for b, sc in self.scale.items()}
         self.every = {b: Grid(list(g.diffs)) for b, g in self.cold.items()}
 
-    def judge(self, p: "Parts", every: np.ndarray) -> None:
+    def judge(self, p: "Parts") -> None:
+        """One cut's differences, as :func:`ndcg` would give them, computed on what the term
+        can change: the cold columns (cold items ranked among themselves) and, on all items,
+        the users whose list holds a cold item (the term only lowers cold items: the others'
+        lists stay as they are, difference 0)."""
+        cold = np.flatnonzero(p.cold)
+        col = np.full(p.cold.size, -1, np.int64)
+        col[cold] = np.arange(cold.size)
+        seen_c = [col[x][col[x] >= 0] for x in p.seen]
+        rel_c = [col[r][col[r] >= 0] for r in p.relevant]
+        has = np.array([r.size > 0 for r in p.relevant], bool)
+        at = np.cumsum(has) - 1  # a user's place among those judged on all items
+        cn_c = p.cn[:, cold]
         for b in self.scale:
-            base_cold, base_all = ndcg(p, 0.0, b, every, True), ndcg(p, 0.0, b, every)
+            S = p.base + (np.float32(b) * p.prior[None, :] if b and np.ndim(p.prior) == 1 else 0.0)
+            ranked = top_k(S, 10, p.seen)
+            hit = ((ranked >= 0) & p.cold[np.maximum(ranked, 0)]).any(1)
+            rows = np.flatnonzero(hit)
+            seen_h, rel_h = [p.seen[r] for r in rows], [p.relevant[r] for r in rows]
+            base_h = ndcg_per_user(ranked[rows], rel_h, 10)
+            Sc = S[:, cold]
+            base_cold = ndcg_per_user(top_k(Sc, 10, seen_c), rel_c, 10)
             for v in self.cold[b].diffs:
-                self.cold[b].add(v, ndcg(p, 0.0, b, every, True, eta=v) - base_cold)
-                self.every[b].add(v, ndcg(p, 0.0, b, every, eta=v) - base_all)
+                self.cold[b].add(v, ndcg_per_user(top_k(Sc + np.float32(v) * cn_c, 10, seen_c), rel_c, 10) - base_cold)
+                d = np.zeros(int(has.sum()))
+                if rows.size:
+                    new = ndcg_per_user(top_k(S[rows] + np.float32(v) * p.cn[rows], 10, seen_h), rel_h, 10)
+                    d[at[rows[has[rows]]]] = new - base_h
+                self.every[b].add(v, d)
 
 
 def cold_calibration(p: "Parts", beta: float) -> float:
@@ -403,7 +426,7 @@ def judge_cut(p: Parts, gammas: dict, betas: Grid, guard: Grid, news: Grid | Non
             betas.add(v, ndcg(p, 0.0, v, every, True) - base_cold)
             guard.add(v, ndcg(p, 0.0, v, every) - base_all)
         if etas is not None and np.ndim(p.cn) == 2:
-            etas.judge(p, every)
+            etas.judge(p)
 
 
 def choose_terms(model: Any, data: TrainingData, holdout: tuple, z: float) -> dict:
