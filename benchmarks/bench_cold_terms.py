@@ -26,8 +26,12 @@ hindsight (on the earlier cuts pooled, applied at the next: :func:`forward`).
 
 Run (from the repository root; data as for bench_quality)::
 
-    nice python benchmarks/bench_cold_terms.py cj
-    nice python benchmarks/bench_cold_terms.py ml [--cuts 3]
+    nice python benchmarks/bench_cold_terms.py cj --before    # docs/model.md's table (2-4 min)
+    nice python benchmarks/bench_cold_terms.py ml --before [--cuts 3]
+
+``--before`` empties the store's own text-neighbour weight grid (``eta`` 0), the model
+these candidates were measured on before the term was built; without it the base is the
+store as it is now (its ``eta`` chosen per cut).
 """
 import argparse
 import sys
@@ -38,6 +42,8 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_quality as bq  # noqa: E402
+
+import dynstore.model.selection as selection  # noqa: E402
 
 from dynstore.model.fusion import FusionModel  # noqa: E402
 from dynstore.model.histories import build_histories  # noqa: E402
@@ -111,8 +117,13 @@ def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("dataset", choices=("cj", "ml"))
     ap.add_argument("--cuts", type=int, default=len(bq.ROLLING_CUTS))
+    ap.add_argument("--before", action="store_true",
+                    help="the base without the store's own text-neighbour term (its weight grid emptied: eta 0), "
+                         "as docs/model.md's table was measured")
     ap.add_argument("--ml-path", default=str(bq.ROOT.parent / "shared/data/ml-latest-small"))
     args = ap.parse_args(argv)
+    if args.before:
+        selection.ETA_STEPS = ()
     cat, test = load(args.dataset, args.ml_path)
     ev = (test.user, test.item, test.ts, test.label)
     n = cat.n_items
