@@ -30,8 +30,9 @@ Run (from the repository root; data as for bench_quality)::
     nice python benchmarks/bench_cold_terms.py ml --before [--cuts 3]
 
 ``--before`` empties the store's own text-neighbour weight grid (``eta`` 0), the model
-these candidates were measured on before the term was built; without it the base is the
-store as it is now (its ``eta`` chosen per cut).
+these candidates were measured on before the term was built, and adds the row "store's
+eta as chosen" (the model with the term, its weight chosen as refresh does, paired);
+without it the base is the store as it is now (its ``eta`` chosen per cut).
 """
 import argparse
 import sys
@@ -122,6 +123,7 @@ def main(argv=None) -> None:
                          "as docs/model.md's table was measured")
     ap.add_argument("--ml-path", default=str(bq.ROOT.parent / "shared/data/ml-latest-small"))
     args = ap.parse_args(argv)
+    eta_steps = selection.ETA_STEPS
     if args.before:
         selection.ETA_STEPS = ()
     cat, test = load(args.dataset, args.ml_path)
@@ -151,6 +153,11 @@ def main(argv=None) -> None:
         with capture() as cap:
             base = np.asarray(bq.fit_dynstore(sp, csp)(users), np.float32)
         res.setdefault("base", []).append(score(base))
+        if args.before:  # the store with its own term, as refresh chooses its weight, paired
+            selection.ETA_STEPS = eta_steps
+            stats: dict = {}
+            res.setdefault("store's eta as chosen", []).append(score(bq.fit_dynstore(sp, csp, stats=stats)(users)))
+            selection.ETA_STEPS = ()
         Wf, _ = cap.model.item_side(csp.V, csp.A, cap.residuals)
         ptr, hit, _, _ = build_histories(users, pu, pi, np.ones(pu.size, np.int8), np.zeros(pu.size, np.int64))
         s_base = spread(base[ret][:, cold_idx])
@@ -192,7 +199,7 @@ def forward(res: dict) -> None:
     n_cuts = len(res["base"])
     if n_cuts < 2:
         return
-    fams = sorted({k.rsplit(" w", 1)[0] for k in res if k != "base"})
+    fams = sorted({k.rsplit(" w", 1)[0] for k in res if " w" in k})
     print(f"\nforward-chained choice (weight chosen on cuts < k, applied at cut k; cuts 2..{n_cuts} pooled)")
     for fam in fams:
         rows = {float(k.rsplit(" w", 1)[1]): v for k, v in res.items() if k.startswith(fam + " w")}
