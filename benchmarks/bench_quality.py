@@ -486,7 +486,7 @@ def fit_dynstore(split: Split, cat: Catalogue, params: dict | None = None,
                             data.label[tr], UK=data.UK)
         st = model.fit(part, init_residuals=model.residuals,
                        holdout=(data.user[~tr], data.item[~tr], data.label[~tr]))
-        chosen = {k: model.params[k] for k in ("gamma", "beta", "delta") if k in model.params}
+        chosen = {k: model.params[k] for k in ("gamma", "beta", "delta", "eta") if k in model.params}
         theta_new = model.theta_new
         model = start()
         model.fit(data, epochs=st["best_epoch"], init_residuals=model.residuals)

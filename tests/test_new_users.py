@@ -120,6 +120,9 @@ def test_versions_without_the_column_load_and_bad_ones_are_refused(chosen):
         def item_item_bias(self, *a):
             return 0.0
 
+        def cold_neighbour_bias(self, *a):
+            return 0.0
+
     hist = (np.array([0, 1, 1]), np.array([0]), np.array([1]), np.array([0]))
     bias, bias_new = np.array([1.0, 2.0], np.float32), np.array([5.0, 0.0], np.float32)
     assert model_terms(Flat(), np.eye(1, 2, dtype=np.float32).T, bias, None, hist, 0.0)[1] is bias

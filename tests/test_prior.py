@@ -177,12 +177,13 @@ def test_refresh_reports_each_choice_with_gain_error_and_users(encoded):
 
     out = encoded.refresh(since="all", epochs=1)
     sel = out.training["selection"]
-    assert set(sel) == {"gamma", "recency", "prior", "user_knn", "new_users", "start"}
+    assert set(sel) == {"gamma", "recency", "prior", "cold_neighbours", "user_knn", "new_users", "start"}
     for c in sel.values():
         assert {"chosen", "gain", "se", "users", "cuts"} <= set(c)
     assert sel["gamma"]["cuts"] == 5 and sel["gamma"]["users"] > 0
     assert sel["new_users"]["judged_on"].startswith("new users") and sel["new_users"]["cuts"] > 5
     assert sel["user_knn"]["judged_on"] == "returning users" and sel["user_knn"]["users"] > 0
+    assert sel["cold_neighbours"]["judged_on"] == "cold items" and "all_items" in sel["cold_neighbours"]
     row = next(r for r in encoded.versions() if r["version"] == out.version)
     assert row["metrics"]["train"]["selection"]["prior"]["judged_on"] == "cold items"
     assert choices(row).startswith("gamma ")

@@ -58,6 +58,9 @@ def trained(tmp_path_factory, shop_files, shop_frames):
     model.params["gamma"] = np.array([0.7], np.float32)
     model.params["beta"] = np.array([0.4], np.float32)
     model.params["delta"] = np.array([0.6], np.float32)
+    model.params["eta"] = np.array([0.5], np.float32)
+    assert model.cold_items is not None  # the fit's items without events, and every fourth one
+    model.cold_items = model.cold_items | (np.arange(model.cold_items.size) % 4 == 0)
     version = build_version(cat, model, lv.item_spec, lv.user_spec, parent=lv.version, status="candidate",
                             items=window.items, residuals=model.residuals)
     served = load_version(cat, version).model
@@ -114,7 +117,9 @@ def test_training_and_serving_scores_agree_on_every_term(trained):
     # evaluation: the same users in another order)
     knn_s = model.user_knn_bias(hist[0], hist[1], hist[2], len(state.ids), state.knn_pool(),
                                 state.user_rows(ids)[0])[:, cols]
+    cn_s = model.cold_neighbour_bias(hist[0], hist[1], hist[2], state.Wf)[:, cols]
     assert np.abs(seg_s).max() > 0 and np.abs(ii_s).max() > 0 and np.abs(knn_s).max() > 0  # every term is there
+    assert np.abs(cn_s).max() > 0 and (cn_s <= 0).all()
 
     # training time (torch): user, item and segment terms of the probes' bags
     residuals = window.residuals_of(load_version(cat, version))
@@ -138,8 +143,8 @@ def test_training_and_serving_scores_agree_on_every_term(trained):
     assert np.abs(prior).max() > 0
     np.testing.assert_allclose(b_t + prior, state.bias[cols], **TOL)
     np.testing.assert_allclose(seg_t, seg_s, **TOL)
-    np.testing.assert_allclose(B_s[:, cols], state.bias[cols] + seg_s + ii_s + knn_s, **TOL)
-    L_t = X_t @ w_t.T + b_t + prior + seg_t + ii_s + knn_s
+    np.testing.assert_allclose(B_s[:, cols], state.bias[cols] + seg_s + ii_s + knn_s + cn_s, **TOL)
+    L_t = X_t @ w_t.T + b_t + prior + seg_t + ii_s + knn_s + cn_s
     np.testing.assert_allclose(L_t, L_s, **TOL)
 
     # evaluation: the same equation over the window's events
@@ -185,6 +190,39 @@ def test_user_knn_weight_is_kept_in_the_version_and_old_states_load_without_it(t
     assert float(old.params["delta"][0]) == 0.0
     hist = (np.array([0, 2]), np.array([0, 1]), np.array([1, 1], np.int8), np.zeros(2, np.int64))
     assert old.user_knn_bias(*hist[:3], 5, lambda: pytest.fail("no pool needed at weight 0")) == 0.0
+
+
+def test_cold_neighbour_term_is_kept_in_the_version_and_old_states_load_without_it(trained):
+    store, version, *_ = trained
+    served = load_version(store.catalog, version).model
+    assert float(served.params["eta"][0]) == pytest.approx(0.5)
+    assert served.cold_items is not None and served.cold_items[::4].all()
+    tensors, meta = served.state()
+    for k in ("eta", "cn_cold"):  # a version written before the term
+        tensors.pop(k)
+    old = FusionModel.from_state(tensors, meta)
+    assert float(old.params["eta"][0]) == 0.0 and old.cold_items is None
+    hist = (np.array([0, 2]), np.array([0, 1]), np.array([1, 1], np.int8))
+    assert old.cold_neighbour_bias(*hist, np.eye(5, dtype=np.float32)) == 0.0
+
+
+def test_cold_neighbour_scores_rank_cold_items_by_their_nearest_like():
+    """A cold item near one of the user's likes comes first among the cold items (score 0,
+    the others below); warm items and a user without likes get nothing; a new like near
+    another cold item moves that one up."""
+    from dynstore.model.coldtext import neighbour_scores
+
+    Wf = np.array([[1, 0, 0], [0, 1, 0], [0, 0, 1],  # warm: 0, 1, 2
+                   [0.1, 1, 0], [0, 0.2, 1], [1, 1, 1]], np.float32)  # cold: 3, 4, 5 (and 6: added later)
+    Wf = np.vstack([Wf, [[1, 0.1, 0]]]).astype(np.float32)
+    cold = np.array([False, False, False, True, True, True])
+    ptr, item, label = np.array([0, 2, 3, 3]), np.array([1, 0, 2]), np.array([1, -1, 1])
+    S = neighbour_scores(Wf, cold, ptr, item, label)
+    assert S.shape == (3, 7) and (S[:, :3] == 0).all() and (S[2] == 0).all()  # user 2: no likes
+    assert S[0, 3] == 0 and (S[0, 4:] < 0).all()  # likes item 1 (the dislike of 0 does not count)
+    assert S[1, 4] == 0 and S[1, 3] < 0  # likes item 2
+    S2 = neighbour_scores(Wf, cold, np.array([0, 3]), np.array([1, 0, 0]), np.array([1, -1, 1]))
+    assert S2[0, 6] == 0 and S[0, 6] < 0  # a new like of item 0: item 6 (added after the mask) on top
 
 
 def test_user_knn_scores_follow_similar_users_and_a_new_like():
@@ -243,3 +281,33 @@ def test_user_knn_query_weights_follow_the_newest_like():
     assert same[0, 2] > 0 and same[0, 5] == 0  # unweighted: user 0 (two shared items) is the neighbour
     recent = user_knn_scores(pool, ptr, hist, k=1, weight=np.array([0.1, 0.1, 1.0]))
     assert recent[0, 5] > 0 and recent[0, 2] == 0  # the newest like weighs most: user 1
+
+
+def test_the_text_neighbour_weight_is_judged_as_the_plain_equation_would():
+    """Refresh's shortcut for ``eta`` (cold columns only; on all items only the users whose
+    list holds a cold item) gives the per-user differences of the full score, every arm."""
+    from dynstore.model import selection as sel
+
+    rng = np.random.default_rng(0)
+    m, n = 60, 80
+    cold = rng.random(n) < 0.3
+    base = rng.normal(size=(m, n)).astype(np.float32)
+    base[:, cold] -= 1.0
+    prior = np.where(cold, rng.normal(size=n), 0).astype(np.float32)
+    cn = np.zeros((m, n), np.float32)
+    cn[:, cold] = -np.abs(rng.normal(size=(m, cold.sum())))
+    rel = [rng.choice(n, rng.integers(0, 4), replace=False) for _ in range(m)]
+    seen = [rng.choice(n, 3, replace=False) for _ in range(m)]
+    p = sel.Parts(np.arange(m), base, {}, prior, rel, seen, np.ones(m, bool), cold, {}, cn)
+    etas = sel.Etas(p)
+    etas.judge(p)
+    every = np.ones(m, bool)
+    moved = 0
+    for b in etas.scale:
+        for v in etas.cold[b].diffs:
+            full_cold = sel.ndcg(p, 0, b, every, True, eta=v) - sel.ndcg(p, 0, b, every, True)
+            full_all = sel.ndcg(p, 0, b, every, eta=v) - sel.ndcg(p, 0, b, every)
+            np.testing.assert_allclose(etas.cold[b].diffs[v][0], full_cold)
+            np.testing.assert_allclose(etas.every[b].diffs[v][0], full_all)
+            moved += int(np.abs(full_cold).sum() > 0)
+    assert moved > 0

@@ -69,6 +69,7 @@ from typing import Any, Callable
 
 import numpy as np
 
+from dynstore.model.coldtext import neighbour_scores
 from dynstore.model.dynamics import (SEGMENT_SPEC, Activity, DynamicSpec, ItemActivity, SegmentActivity,
                        popularity_prior)
 from dynstore.model.evaluation import evaluate, scorer
@@ -102,7 +103,7 @@ class FusionModel:
     --------
     >>> m = FusionModel(d=4, fa=2, fu=0)
     >>> sorted(m.state()[0])
-    ['M', 'U', 'W', 'alpha', 'b0', 'ba', 'beta', 'bv', 'delta', 'g_imp', 'g_neg', 'g_pos', 'g_short', 'gamma', 'theta', 'u0']
+    ['M', 'U', 'W', 'alpha', 'b0', 'ba', 'beta', 'bv', 'delta', 'eta', 'g_imp', 'g_neg', 'g_pos', 'g_short', 'gamma', 'theta', 'u0']
     """
 
     def __init__(self, d: int, fa: int, fu: int, config: ModelConfig | None = None,
@@ -142,6 +143,11 @@ class FusionModel:
         self.item_item: ItemItem | None = None
         if self.config.content_prior and self.dynamic is not None:
             self.params["beta"] = np.zeros(1, np.float32)
+            # the cold items' text-neighbour term's weight (dynstore.model.coldtext)
+            self.params["eta"] = np.zeros(1, np.float32)
+        #: items without events in the last closed-form fit (bool ``[n]``; items past it count
+        #: as cold): the columns of the text-neighbour term; None before any fit
+        self.cold_items: np.ndarray | None = None
         #: the closed-form content prior (:mod:`dynstore.model.prior`, set by :meth:`fit`), or
         #: None; ``prior_item`` is its value for each item of that fit, in their order
         self.prior: ContentPrior | None = None
@@ -390,6 +396,15 @@ class FusionModel:
             weight = np.power(0.5, rank / h).astype(np.float32)
         return gamma * self.item_item.scores(ptr, items, n_items, weight)
 
+    def cold_neighbour_bias(self, hist_ptr, hist_item, hist_label, Wf: np.ndarray) -> np.ndarray | float:
+        """``eta`` times the users' text-neighbour scores of the cold items
+        (:func:`dynstore.model.coldtext.neighbour_scores` on the fused vectors ``Wf``; 0.0
+        without the term or before a fit)."""
+        eta = float(self.params.get("eta", np.zeros(1))[0])
+        if eta == 0.0 or self.cold_items is None:
+            return 0.0
+        return eta * neighbour_scores(Wf, self.cold_items, hist_ptr, hist_item, hist_label)
+
     def user_knn_bias(self, hist_ptr, hist_item, hist_label, n_items: int, pool: Any = None,
                       self_rows: np.ndarray | None = None, hist_ts=None) -> np.ndarray | float:
         """``delta`` times the users' standardised user-kNN scores (:mod:`dynstore.model.userknn`)
@@ -539,6 +554,8 @@ class FusionModel:
         tensors = {k: np.ascontiguousarray(v, dtype=np.float32) for k, v in self.params.items()}
         if self.item_item is not None:
             tensors.update(self.item_item.tensors())
+        if self.cold_items is not None:
+            tensors["cn_cold"] = np.ascontiguousarray(self.cold_items, dtype=np.float32)
         if self.prior is not None:
             tensors.update(self.prior.tensors())
             if self.prior_item is not None:
@@ -576,9 +593,11 @@ class FusionModel:
         if m.prior is not None and "cp_item" in tensors:
             m.prior_item = np.asarray(tensors["cp_item"], np.float32).copy()
         m.theta_new = cls.theta_new_of(tensors, m.dynamic)
+        if "cn_cold" in tensors:
+            m.cold_items = np.asarray(tensors["cn_cold"]) > 0.5
         for k, v in m.params.items():
             if k not in tensors:
-                if k in ("M", "g_short", "gamma", "beta", "delta"):  # optional: earlier states had no such term
+                if k in ("M", "g_short", "gamma", "beta", "delta", "eta"):  # optional: earlier states had no such term
                     m.params[k] = np.zeros_like(v)
                     continue
                 raise ValueError(f"model state lacks tensor {k!r}")

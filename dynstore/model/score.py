@@ -2,7 +2,7 @@
 
 ::
 
-    logit(u, i) = x_u . w_i + b_i(t) + s_{u,i}(t) + gamma * ii_{u,i} + delta * knn_{u,i}
+    logit(u, i) = x_u . w_i + b_i(t) + s_{u,i}(t) + gamma * ii_{u,i} + delta * knn_{u,i} + eta * cn_{u,i}
 
 * ``x_u`` -- the user vector from attributes and latest history
   (:meth:`~dynstore.model.fusion.FusionModel.user_vectors`),
@@ -16,7 +16,9 @@
 * ``gamma * ii_{u,i}`` -- the item-item term from the user's positives
   (:meth:`~dynstore.model.fusion.FusionModel.item_item_bias`),
 * ``delta * knn_{u,i}`` -- the user-kNN term: what the most similar users of a pool
-  picked (:meth:`~dynstore.model.fusion.FusionModel.user_knn_bias`).
+  picked (:meth:`~dynstore.model.fusion.FusionModel.user_knn_bias`),
+* ``eta * cn_{u,i}`` -- on cold items only, how close each is in text to the user's
+  positives (:meth:`~dynstore.model.fusion.FusionModel.cold_neighbour_bias`).
 
 :func:`score_terms` is what serving (recommend, ``score``, score-all,
 ``recommend_from_examples``: :func:`dynstore.serving.recommend.score_terms`) and
@@ -85,6 +87,9 @@ def score_terms(model: Any, Wf: np.ndarray, bias: np.ndarray, UA_rows: np.ndarra
         knn = model.user_knn_bias(hist[0], hist[1], hist[2], Wf.shape[0], pool, self_rows, hist[3])
         if isinstance(knn, np.ndarray):
             ii = ii + knn
+    cn = model.cold_neighbour_bias(hist[0], hist[1], hist[2], Wf)
+    if isinstance(cn, np.ndarray):
+        ii = ii + cn
     bias = user_bias(bias, bias_new, hist)
     extra = segment + ii if isinstance(ii, np.ndarray) or isinstance(segment, np.ndarray) else segment
     if isinstance(extra, np.ndarray):

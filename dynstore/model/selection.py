@@ -68,6 +68,11 @@ RECENCY_TIE = True
 DELTA_STEPS = (0.125, 0.25, 0.5, 1.0, 2.0, 4.0)
 #: content prior weights tried (0 is always tried)
 BETAS = (0.25, 0.5, 1.0, 2.0)
+#: the cold items' text-neighbour weights tried, in units of their calibration (0 is always
+#: tried; on Complete Journey's rolling cuts the gain still grew at 32, docs/model.md)
+ETA_STEPS = (1.0, 4.0, 16.0, 64.0)
+#: the closed-form terms' weights (zero in a cut's base score: each is judged on the rest)
+CLOSED = ("gamma", "beta", "delta", "eta")
 #: the new users' bias left as everyone's (no ``theta_new``)
 KEEP = "keep"
 #: earlier cuts that judge the new users' bias alone (up to the first of ``CUT_FRACTIONS``):
@@ -126,6 +131,8 @@ def fit_closed_form(model: Any, data: TrainingData, *, max_items: int | None = N
         warm = np.bincount(data.item, minlength=n) > 0
         model.prior = ContentPrior.fit(data.V, data.A, target, warm, seed=model.config.seed)
         model.prior_item = model.prior.values(data.V, data.A)
+    if "eta" in model.params:  # the text-neighbour term's columns: items without events
+        model.cold_items = np.bincount(data.item, minlength=n)[:n] == 0
     if model.config.item_item:
         # binary X, as the EASE peer's: weighting each cell by its age (the training's
         # time decay) cost returning users 9 % on Complete Journey and 43 % of the item-item
@@ -139,12 +146,12 @@ def fit_closed_form(model: Any, data: TrainingData, *, max_items: int | None = N
 @contextmanager
 def closed_form_of(model: Any, data: TrainingData) -> Iterator[None]:
     """``model`` with its closed-form terms fitted on ``data`` (a cut's past), restored after."""
-    saved = (model.prior, model.prior_item, model.item_item)
+    saved = (model.prior, model.prior_item, model.item_item, model.cold_items)
     try:
         fit_closed_form(model, data, max_items=CUT_MAX_ITEMS)
         yield
     finally:
-        model.prior, model.prior_item, model.item_item = saved
+        model.prior, model.prior_item, model.item_item, model.cold_items = saved
 
 
 @contextmanager
@@ -174,6 +181,8 @@ class Parts:
     cold: np.ndarray       # bool per item: no event before the cut
     # new users' bias tried (name -> [items]): its difference from the model's own dynamic bias
     new_shift: dict = field(default_factory=dict)
+    # the cold items' text-neighbour term at weight 1 ([users, items]; 0.0: none)
+    cn: np.ndarray | float = 0.0
 
 
 def parts(model: Any, cut: Cut, new_thetas: dict | None = None) -> Parts:
@@ -189,7 +198,7 @@ def parts(model: Any, cut: Cut, new_thetas: dict | None = None) -> Parts:
     hu, hi = hu[order], hi[order]
     lo, up = np.searchsorted(hu, users, "left"), np.searchsorted(hu, users, "right")
     # every closed-form term off: gamma and beta are judged on the rest, delta after them
-    with weights(model, **{k: 0.0 for k in ("gamma", "beta", "delta") if k in model.params}):
+    with weights(model, **{k: 0.0 for k in CLOSED if k in model.params}):
         base = model.score(train, users) if users.size else np.zeros((0, n), np.float32)
     ii: dict = {}
     if model.item_item is not None and "gamma" in model.params:
@@ -207,12 +216,23 @@ def parts(model: Any, cut: Cut, new_thetas: dict | None = None) -> Parts:
         npos = np.bincount(train.item[train.label == 1], minlength=n).astype(np.float64)
         k = model.config.prior_k
         prior = (model.prior_item * (k / (npos + k))).astype(np.float32)
-    ptr, _, lab, _ = build_histories(users, train.user, train.item, train.label, train.ts)
+    ptr, it, lab, _ = build_histories(users, train.user, train.item, train.label, train.ts)
     returning = ~new_users(ptr, lab)  # the rule serving uses
     return Parts(users, base, ii, prior, [hi[a:b] for a, b in zip(lo, up)],
                  seen_positives(positives_log(train), users), returning,
                  np.bincount(train.item, minlength=n) == 0,
-                 new_shifts(model, train, new_thetas) if new_thetas and not returning.all() else {})
+                 new_shifts(model, train, new_thetas) if new_thetas and not returning.all() else {},
+                 cold_neighbours(model, train, (ptr, it, lab)))
+
+
+def cold_neighbours(model: Any, train: TrainingData, hist: tuple) -> np.ndarray | float:
+    """The text-neighbour term of the cold items at weight 1 for a cut's users (histories
+    ``hist``), on the item side as :func:`parts` scores it (0.0 without the term)."""
+    if "eta" not in model.params or model.cold_items is None or hist[0].size < 2:
+        return 0.0
+    Wf, _ = model.item_side(train.V, train.A, None)
+    with weights(model, eta=1.0):
+        return model.cold_neighbour_bias(hist[0], hist[1], hist[2], Wf)
 
 
 def new_shifts(model: Any, train: TrainingData, thetas: dict) -> dict:
@@ -238,7 +258,7 @@ def new_user_candidates(model: Any, data: TrainingData) -> dict:
 
 
 def ndcg(p: Parts, gamma: float, beta: float, rows: np.ndarray, cold_only: bool = False,
-         recency: float = 0.0, shift: np.ndarray | None = None) -> np.ndarray:
+         recency: float = 0.0, shift: np.ndarray | None = None, eta: float = 0.0) -> np.ndarray:
     """Per-user NDCG@10 of the users ``rows`` (a mask) at these weights (the item-item
     scores of history half-life ``recency``); ``cold_only``: ranked among the cold items,
     judged on their cold positives; ``shift``: added to every item's score (a new users'
@@ -250,6 +270,8 @@ def ndcg(p: Parts, gamma: float, beta: float, rows: np.ndarray, cold_only: bool 
         S += gamma * p.ii[recency][rows]
     if beta:
         S += beta * p.prior[None, :]
+    if eta:
+        S += np.float32(eta) * p.cn[rows]
     rel = [r for r, keep in zip(p.relevant, rows) if keep]
     seen = [x for x, keep in zip(p.seen, rows) if keep]
     if cold_only:
@@ -319,10 +341,74 @@ class Grid:
         return {v: pooled(d) for v, d in self.diffs.items()}
 
 
-def judge_cut(p: Parts, gammas: dict, betas: Grid, guard: Grid, news: Grid | None = None) -> None:
+class Etas:
+    """The text-neighbour weight's grids, one per content prior weight ``b`` tried (0
+    included): ``eta = step * scale[b]`` on top of ``b * prior``, judged on cold items
+    (``cold``) and, as a guard, on all items (``every``), against ``eta = 0``."""
+
+    def __init__(self, p: "Parts"):
+        self.scale = {b: cold_calibration(p, b) for b in (0.0,) + BETAS}
+        self.cold = {b: Grid([round(sc * s, 6) for s in ETA_STEPS]) for b, sc in self.scale.items()}
+        self.every = {b: Grid(list(g.diffs)) for b, g in self.cold.items()}
+
+    def judge(self, p: "Parts") -> None:
+        """One cut's differences, as :func:`ndcg` would give them, computed on what the term
+        can change: the cold columns (cold items ranked among themselves) and, on all items,
+        the users whose list holds a cold item (the term only lowers cold items: the others'
+        lists stay as they are, difference 0)."""
+        cold = np.flatnonzero(p.cold)
+        col = np.full(p.cold.size, -1, np.int64)
+        col[cold] = np.arange(cold.size)
+        seen_c = [col[x][col[x] >= 0] for x in p.seen]
+        rel_c = [col[r][col[r] >= 0] for r in p.relevant]
+        has = np.array([r.size > 0 for r in p.relevant], bool)
+        at = np.cumsum(has) - 1  # a user's place among those judged on all items
+        cn_c = p.cn[:, cold]
+        for b in self.scale:
+            S = p.base + (np.float32(b) * p.prior[None, :] if b and np.ndim(p.prior) == 1 else 0.0)
+            ranked = top_k(S, 10, p.seen)
+            hit = ((ranked >= 0) & p.cold[np.maximum(ranked, 0)]).any(1)
+            rows = np.flatnonzero(hit)
+            seen_h, rel_h = [p.seen[r] for r in rows], [p.relevant[r] for r in rows]
+            base_h = ndcg_per_user(ranked[rows], rel_h, 10)
+            Sc = S[:, cold]
+            base_cold = ndcg_per_user(top_k(Sc, 10, seen_c), rel_c, 10)
+            for v in self.cold[b].diffs:
+                self.cold[b].add(v, ndcg_per_user(top_k(Sc + np.float32(v) * cn_c, 10, seen_c), rel_c, 10) - base_cold)
+                d = np.zeros(int(has.sum()))
+                if rows.size:
+                    new = ndcg_per_user(top_k(S[rows] + np.float32(v) * p.cn[rows], 10, seen_h), rel_h, 10)
+                    d[at[rows[has[rows]]]] = new - base_h
+                self.every[b].add(v, d)
+
+
+def cold_calibration(p: "Parts", beta: float) -> float:
+    """The text-neighbour term's scale against the rest of the cold items' score (with the
+    prior at ``beta``): median over the users with a positive of the spread of their top-10
+    cold logits, over the per-user standard deviation of the term (1 where it varies)."""
+    cold = np.flatnonzero(p.cold)
+    rows = np.flatnonzero(p.returning)[:500]
+    if np.ndim(p.cn) != 2 or cold.size <= 10 or not rows.size:
+        return 1.0
+    S = p.base[np.ix_(rows, cold)] + (beta * p.prior[cold][None, :] if np.ndim(p.prior) == 1 else 0.0)
+    top = np.sort(np.partition(S, cold.size - 10, axis=1)[:, cold.size - 10:], axis=1)
+    sd = float(np.median(p.cn[np.ix_(rows, cold)].std(1)))
+    return float(np.median(top[:, -1] - top[:, 0])) / sd if sd > 0 else 1.0
+
+
+def guarded(grid: dict, g_all: dict, z: float) -> float:
+    """The best clear gain (:func:`best`) among the values that lose nothing on all items
+    beyond one standard error (stricter than the gain's z: every user's list is at stake)."""
+    safe = {v: g for v, g in grid.items() if not (np.isfinite(g_all[v][1]) and g_all[v][0] < -g_all[v][1])}
+    return best(safe, z)
+
+
+def judge_cut(p: Parts, gammas: dict, betas: Grid, guard: Grid, news: Grid | None = None,
+              etas: Etas | None = None) -> None:
     """Add one cut's per-user differences: ``gamma`` (a :class:`Grid` per history
     half-life) on its returning users, ``beta`` on its cold items and, as a guard, on all
-    items, the new users' biases (``news``) on its new users."""
+    items, the new users' biases (``news``) on its new users, the text-neighbour weight
+    (``etas``) as ``beta``."""
     if news is not None and p.new_shift:
         new = ~p.returning
         base = ndcg(p, 0.0, 0.0, new)
@@ -339,6 +425,8 @@ def judge_cut(p: Parts, gammas: dict, betas: Grid, guard: Grid, news: Grid | Non
         for v in betas.diffs:
             betas.add(v, ndcg(p, 0.0, v, every, True) - base_cold)
             guard.add(v, ndcg(p, 0.0, v, every) - base_all)
+        if etas is not None and np.ndim(p.cn) == 2:
+            etas.judge(p)
 
 
 def choose_terms(model: Any, data: TrainingData, holdout: tuple, z: float) -> dict:
@@ -353,27 +441,28 @@ def choose_terms(model: Any, data: TrainingData, holdout: tuple, z: float) -> di
     scale = {h: calibration(last, h) for h in RECENCIES}
     gammas = {h: Grid([round(scale[h] * s, 6) for s in GAMMA_STEPS]) for h in RECENCIES}
     betas, guard, news = Grid(BETAS), Grid(BETAS), Grid(thetas)
-    judge_cut(last, gammas, betas, guard, news)
+    etas = Etas(last) if np.ndim(last.cn) == 2 else None
+    judge_cut(last, gammas, betas, guard, news, etas)
     newest = {k: pooled(list(d)) for k, d in news.diffs.items()}  # the fit's own cut alone
     del last
     fitted = []  # each earlier cut's closed-form terms, for the user-kNN pass
     for cut in cuts[:-1]:
         with closed_form_of(model, cut.train):
-            judge_cut(parts(model, cut, thetas), gammas, betas, guard, news)
-            fitted.append((model.prior, model.prior_item, model.item_item))
+            judge_cut(parts(model, cut, thetas), gammas, betas, guard, news, etas)
+            fitted.append((model.prior, model.prior_item, model.item_item, model.cold_items))
     out = {}
     if "gamma" in model.params and model.item_item is not None:
         out.update(choose_gamma(model, {h: g.pooled() for h, g in gammas.items()}, scale, z, len(cuts)))
     if "beta" in model.params and model.prior is not None:
         grid, g_all = betas.pooled(), guard.pooled()
-        # cold items must not push warm ones out of the lists: on all items, no loss beyond
-        # one standard error (stricter than the gain's z: the lists of every user are at stake)
-        safe = {v: g for v, g in grid.items() if not (np.isfinite(g_all[v][1]) and g_all[v][0] < -g_all[v][1])}
-        chosen = best(safe, z)
+        # cold items must not push warm ones out of the lists (:func:`guarded`)
+        chosen = guarded(grid, g_all, z)
         model.params["beta"] = np.array([chosen], np.float32)
         g = g_all.get(chosen, (0.0, 0.0, 0))
         out["prior"] = report(grid, chosen, z, len(cuts), judged_on="cold items",
                               all_items={"gain": _num(g[0]), "se": _num(g[1]), "users": g[2]})
+    if "eta" in model.params:
+        out["cold_neighbours"] = choose_eta(model, etas, z, len(cuts))
     if "delta" in model.params:
         out["user_knn"] = choose_delta(model, cuts, fitted, z) if knn_affordable(model, data) else \
             skip_delta(model, data, z, len(cuts))
@@ -383,6 +472,22 @@ def choose_terms(model: Any, data: TrainingData, holdout: tuple, z: float) -> di
             judge_new_users(model, cut, thetas, news)
         out["new_users"] = choose_new_users(model, news.pooled(), thetas, z, len(cuts) + len(early), newest)
     return out
+
+
+def choose_eta(model: Any, etas: Etas | None, z: float, cuts: int) -> dict:
+    """Set the text-neighbour weight ``eta`` on top of the chosen ``beta``: judged on cold
+    items over the pooled cuts, guarded on all items (:func:`guarded`); 0 without cold items."""
+    if etas is None:
+        model.params["eta"] = np.zeros(1, np.float32)
+        return report({}, 0.0, z, cuts, judged_on="cold items", skipped="no cold items or no user with a positive")
+    b = float(model.params["beta"][0]) if "beta" in model.params else 0.0
+    b = min(etas.scale, key=lambda x: abs(x - b))
+    grid, g_all = etas.cold[b].pooled(), etas.every[b].pooled()
+    chosen = guarded(grid, g_all, z)
+    model.params["eta"] = np.array([chosen], np.float32)
+    g = g_all.get(chosen, (0.0, 0.0, 0))
+    return report(grid, chosen, z, cuts, judged_on="cold items", calibration=round(etas.scale[b], 6), beta=b,
+                  all_items={"gain": _num(g[0]), "se": _num(g[1]), "users": g[2]})
 
 
 def knn_parts(model: Any, cut: Cut) -> tuple[np.ndarray, np.ndarray, list, list, np.ndarray]:
@@ -433,10 +538,10 @@ def choose_delta(model: Any, cuts: list, fitted: list, z: float) -> dict:
     top of every other term at its chosen weight (each earlier cut with its own closed-form
     terms, ``fitted``); its grid is ``DELTA_STEPS`` times the calibration ``gamma`` uses."""
     grid, scale = None, 1.0
-    saved = (model.prior, model.prior_item, model.item_item)
+    saved = (model.prior, model.prior_item, model.item_item, model.cold_items)
     try:
         for cut, terms in [(cuts[-1], saved)] + list(zip(cuts[:-1], fitted)):
-            model.prior, model.prior_item, model.item_item = terms
+            model.prior, model.prior_item, model.item_item, model.cold_items = terms
             base, knn, rel, seen, _ = knn_parts(model, cut)
             if not base.shape[0]:
                 continue
@@ -448,7 +553,7 @@ def choose_delta(model: Any, cuts: list, fitted: list, z: float) -> dict:
             for v in grid.diffs:
                 grid.add(v, ndcg_per_user(top_k(base + np.float32(v) * knn, 10, seen), rel, 10) - zero)
     finally:
-        model.prior, model.prior_item, model.item_item = saved
+        model.prior, model.prior_item, model.item_item, model.cold_items = saved
     pooled_grid = grid.pooled() if grid is not None else {}
     chosen = best(pooled_grid, z)
     model.params["delta"] = np.array([chosen], np.float32)

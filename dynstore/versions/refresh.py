@@ -55,7 +55,7 @@ __all__ = ["refresh", "RefreshOptions"]
 TOLERANCE = 0.01   # relative NDCG@10 drop still promoted
 MIN_EVAL_USERS = 30  # users with a positive needed to judge on the events current never saw
 #: weights chosen on the pooled cuts (:mod:`dynstore.model.selection`) that the refit keeps
-CHOSEN = ("gamma", "beta", "delta")
+CHOSEN = ("gamma", "beta", "delta", "eta")
 
 
 @dataclass(frozen=True)
@@ -426,6 +426,23 @@ def _same_prior_rows(p: Prepared, beta: float, new_t: dict, cur_t: dict) -> bool
     return not beta or not np.isin(added, data.item[data.label == 1]).any()
 
 
+def _same_cold_rows(p: Prepared, eta: float, new_t: dict, cur_t: dict) -> bool:
+    """Whether the text-neighbour term's cold items (``cn_cold``, one flag per item row of the
+    fit) serve as current's do, compared by item id: items of both must agree, and an item
+    added since current was built is cold there (past its mask), so it must be cold here.
+    With ``eta`` 0 the flags change nothing."""
+    if ("cn_cold" in new_t) != ("cn_cold" in cur_t):
+        return False
+    if "cn_cold" not in new_t or not eta:
+        return True
+    lv, new, cur = p.current_version, new_t["cn_cold"], cur_t["cn_cold"]
+    if len(new) != len(p.data.ids) or len(cur) != len(lv.ids):
+        return False  # not over these items: equal to nothing
+    rows = p.data.rows_in(lv)
+    old = rows >= 0
+    return bool(np.array_equal(new[old], cur[rows[old]]) and (new[~old] > 0.5).all())
+
+
 def _same_as_current(p: Prepared, verdict: Verdict, model: FusionModel, rules: dict, since: str | None) -> bool:
     """Whether publishing ``model`` would repeat the current version: built under the same
     rules, encoder and window, not rejected, with equal parameters and metadata, equal
@@ -440,7 +457,10 @@ def _same_as_current(p: Prepared, verdict: Verdict, model: FusionModel, rules: d
     (new_t, new_meta), (cur_t, cur_meta) = model.state(), lv.model.state()
     if new_meta != cur_meta or new_t.keys() != cur_t.keys():
         return False
-    if not all(np.array_equal(new_t[k], cur_t[k]) for k in new_t if not k.startswith("ii_") and k != "cp_item"):
+    if not all(np.array_equal(new_t[k], cur_t[k]) for k in new_t
+               if not k.startswith("ii_") and k not in ("cp_item", "cn_cold")):
+        return False
+    if not _same_cold_rows(p, _weight(new_t, "eta"), new_t, cur_t):
         return False
     if _item_pairs(new_t, p.data.ids) != _item_pairs(cur_t, lv.ids):  # rows are items: compare by id
         return False
@@ -466,7 +486,7 @@ def _same_new_users(model: FusionModel, start: dict) -> bool:
 
 
 def _weight(params: dict, name: str) -> float:
-    """A closed-form term's weight (``gamma``, ``beta``, ``delta``) in a parameter dict (0 without one)."""
+    """A closed-form term's weight (``gamma``, ``beta``, ``delta``, ``eta``) in a parameter dict (0 without one)."""
     return float(np.ravel(params.get(name, [0.0]))[0])
 
 
