@@ -25,7 +25,6 @@ orig = bq.load_movielens
 bq.load_movielens = lambda p: (*orig(p)[:2], None)
 cat, events, how, spec = bq.build(Path(os.environ.get("MOVIELENS", "/work/shared/data/ml-latest-small")))
 test = bq.temporal_split(events, cat.n_items, seed=0)
-ev = (test.user, test.item, test.ts, test.label)
 K = 10
 SEGS = ["overall", "warm items", "cold items", "returning users", "new users"]
 per = {v: {s: [] for s in SEGS} for v in variants}
@@ -51,8 +50,7 @@ def seg_scores(S, sp):
     return res
 cuts = bq.ROLLING_CUTS[:ncuts]
 for c in cuts:
-    end = int(len(test.ts) * (c + bq.ROLLING_SPAN))
-    sp = bq.temporal_split(tuple(a[:end] for a in ev), cat.n_items, frac=c / (c + bq.ROLLING_SPAN))
+    sp = bq.rolling_split(test, cat.n_items, c)
     for v, params in variants.items():
         t0 = time.perf_counter(); st = {}
         from dynstore.model import selection as sel

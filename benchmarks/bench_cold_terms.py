@@ -127,13 +127,11 @@ def main(argv=None) -> None:
     if args.before:
         selection.ETA_STEPS = ()
     cat, test = load(args.dataset, args.ml_path)
-    ev = (test.user, test.item, test.ts, test.label)
     n = cat.n_items
     res: dict = {}  # name -> [(cold per-user ndcg, overall per-user ndcg)] per cut
     for c in bq.ROLLING_CUTS[:args.cuts]:
         t0 = time.time()
-        end = int(len(test.ts) * (c + bq.ROLLING_SPAN))
-        sp = bq.temporal_split(tuple(a[:end] for a in ev), n, frac=c / (c + bq.ROLLING_SPAN))
+        sp = bq.rolling_split(test, n, c)
         csp = bq.for_split(cat, sp)
         pu, pi = sp.positives()
         users = np.unique(sp.test_user)

@@ -47,11 +47,9 @@ def splits(cat, events, args):
     test = bq.temporal_split(events, cat.n_items, seed=args.seed)
     if not args.rolling:
         return [test]
-    ev = (test.user, test.item, test.ts, test.label)
     out = []
     for c in bq.ROLLING_CUTS:
-        end = int(len(test.ts) * (c + bq.ROLLING_SPAN))
-        out.append(bq.temporal_split(tuple(a[:end] for a in ev), cat.n_items, frac=c / (c + bq.ROLLING_SPAN)))
+        out.append(bq.rolling_split(test, cat.n_items, c))
     return out
 
 

@@ -57,13 +57,11 @@ def main(ds: str, variants: dict) -> None:
         cat, events, *_ = bq.build(Path("/work/shared/data/ml-latest-small") if len(sys.argv) < 4 else Path(sys.argv[3]))
         lam_peer = 500.0
     test = bq.temporal_split(events, cat.n_items, seed=0)
-    ev = (test.user, test.item, test.ts, test.label)
     n = cat.n_items
     res: dict = {}
     for c in bq.ROLLING_CUTS:
         t0 = time.time()
-        end = int(len(test.ts) * (c + bq.ROLLING_SPAN))
-        sp = bq.temporal_split(tuple(a[:end] for a in ev), n, frac=c / (c + bq.ROLLING_SPAN))
+        sp = bq.rolling_split(test, n, c)
         csp = bq.for_split(cat, sp)
         pu, pi = sp.positives()
         ru = np.unique(sp.test_user)

@@ -272,14 +272,12 @@ def main(argv=None) -> None:
     args = ap.parse_args(argv)
     cat, events, items, _, _ = bq.build_cj(bq._size(args.households), bq.CJ_PRODUCTS, bq.SEED)
     test = bq.temporal_split(events, cat.n_items, seed=bq.SEED)
-    ev = (test.user, test.item, test.ts, test.label)
     n = cat.n_items
     res: dict = {}  # name -> list of (ndcg all users per cut)
     ret_mask: list = []
     for c in bq.ROLLING_CUTS[:args.cuts]:
         t0 = time.time()
-        end = int(len(test.ts) * (c + bq.ROLLING_SPAN))
-        sp = bq.temporal_split(tuple(a[:end] for a in ev), n, frac=c / (c + bq.ROLLING_SPAN))
+        sp = bq.rolling_split(test, n, c)
         csp = bq.for_split(cat, sp)
         pu, pi = sp.positives()
         users = np.unique(sp.test_user)

@@ -1225,6 +1225,14 @@ ROLLING_CUTS = (0.55, 0.62, 0.69, 0.76, 0.83)
 ROLLING_SPAN = 0.08
 
 
+def rolling_split(test: Split, n_items: int, cut: float) -> Split:
+    """The rolling cut at ``cut`` of ``test``'s events: train on the events before it, test
+    on the next ``ROLLING_SPAN`` (what :func:`rolling` and the rolling benchmarks judge on)."""
+    ev = (test.user, test.item, test.ts, test.label)
+    end = int(len(test.ts) * (cut + ROLLING_SPAN))
+    return temporal_split(tuple(a[:end] for a in ev), n_items, frac=cut / (cut + ROLLING_SPAN))
+
+
 def rolling(cat: Catalogue, test: Split, chosen: dict, log, args,
             store_input: Callable | None = None) -> dict:
     """The same comparison at five earlier cuts of the training period (train on the
@@ -1247,12 +1255,10 @@ def rolling(cat: Catalogue, test: Split, chosen: dict, log, args,
     if store_input is None or args.model_rows:
         methods["dynstore model"] = lambda s, c: fit_dynstore(s, c)
         methods["- rule alone"] = lambda s, c: fit_dynstore(s, c, {"rule": True})
-    ev = (test.user, test.item, test.ts, test.label)
     runs: dict = {m: [] for m in methods}
     for c in ROLLING_CUTS:
         t0 = time.perf_counter()
-        end = int(len(test.ts) * (c + ROLLING_SPAN))
-        sp = temporal_split(tuple(a[:end] for a in ev), n, frac=c / (c + ROLLING_SPAN))
+        sp = rolling_split(test, n, c)
         csp = for_split(cat, sp)
         for name, fit in methods.items():
             try:

@@ -381,19 +381,8 @@ class FusionModel:
         gamma = float(self.params.get("gamma", np.zeros(1))[0])
         if self.item_item is None or gamma == 0.0:
             return 0.0
-        h = float(self.config.item_item_recency or 0.0)
-        weight = None
-        if h > 0 and hist_ts is not None:
-            user_of, items, labels = most_recent_first(hist_ptr, hist_item, hist_label, hist_ts)
-        else:
-            user_of, items, labels = entry_rows(hist_ptr), np.asarray(hist_item), np.asarray(hist_label)
-        keep = labels == 1
-        user_of, items = user_of[keep], np.asarray(items, np.int64)[keep]
-        counts = np.bincount(user_of, minlength=len(hist_ptr) - 1)
-        ptr = np.concatenate([[0], np.cumsum(counts)])
-        if h > 0 and hist_ts is not None:
-            rank = np.arange(user_of.size) - ptr[user_of]
-            weight = np.power(0.5, rank / h).astype(np.float32)
+        ptr, items, weight = recent_positives(hist_ptr, hist_item, hist_label, hist_ts,
+                                              float(self.config.item_item_recency or 0.0))
         return gamma * self.item_item.scores(ptr, items, n_items, weight)
 
     def cold_neighbour_bias(self, hist_ptr, hist_item, hist_label, Wf: np.ndarray) -> np.ndarray | float:
@@ -416,16 +405,8 @@ class FusionModel:
         if delta == 0.0 or pool is None:
             return 0.0
         pool = pool() if callable(pool) else pool
-        h = float(getattr(self.config, "user_knn_recency", 0.0) or 0.0)
-        if h > 0 and hist_ts is not None:
-            user_of, items, labels = most_recent_first(hist_ptr, hist_item, hist_label, hist_ts)
-        else:
-            user_of, items, labels = entry_rows(hist_ptr), np.asarray(hist_item), np.asarray(hist_label)
-        keep = labels == 1
-        user_of, items = user_of[keep], np.asarray(items, np.int64)[keep]
-        ptr = np.concatenate([[0], np.cumsum(np.bincount(user_of, minlength=len(hist_ptr) - 1))])
-        weight = np.power(0.5, (np.arange(user_of.size) - ptr[user_of]) / h).astype(np.float32) \
-            if h > 0 and hist_ts is not None else None
+        ptr, items, weight = recent_positives(hist_ptr, hist_item, hist_label, hist_ts,
+                                              float(getattr(self.config, "user_knn_recency", 0.0) or 0.0))
         S = user_knn_scores(pool, ptr, items, self.config.user_knn, self_rows, weight)
         if S.shape[1] < n_items:  # items the pool does not know yet
             S = np.pad(S, ((0, 0), (0, n_items - S.shape[1])))
@@ -617,3 +598,21 @@ class FusionModel:
             raise ValueError(f"tensor 'theta_new' has shape {arr.shape}, expected "
                              f"({0 if dynamic is None else dynamic.width},)")
         return arr.copy()
+
+
+def recent_positives(hist_ptr, hist_item, hist_label, hist_ts, h: float):
+    """``(ptr, items, weight)``: the users' positives as a CSR and, with a half-life ``h`` > 0
+    (in positives) and ``hist_ts``, each one's weight ``0.5 ** (rank / h)``, rank 0 the most
+    recent (listed first); else in history order with ``weight`` None. What the item-item
+    and user-kNN terms read from a history."""
+    recent = h > 0 and hist_ts is not None
+    if recent:
+        user_of, items, labels = most_recent_first(hist_ptr, hist_item, hist_label, hist_ts)
+    else:
+        user_of, items, labels = entry_rows(hist_ptr), np.asarray(hist_item), np.asarray(hist_label)
+    keep = labels == 1
+    user_of, items = user_of[keep], np.asarray(items, np.int64)[keep]
+    ptr = np.concatenate([[0], np.cumsum(np.bincount(user_of, minlength=len(hist_ptr) - 1))])
+    if not recent:
+        return ptr, items, None
+    return ptr, items, np.power(0.5, (np.arange(user_of.size) - ptr[user_of]) / h).astype(np.float32)
